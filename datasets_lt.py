@@ -1,0 +1,663 @@
+"""Long-tailed data for every script of this project: loading, subsets, and a fast GPU input pipeline.
+
+The only module the method scripts share. Part 1 loads a split into memory as uint8 arrays and chooses
+the seeded long-tailed subsets of Yang & Xu 2020 (§3, App. D) and Liu et al. 2022 (§2); part 2 (below
+it) keeps those arrays on the GPU and augments whole batches there.
+
+    python datasets_lt.py --dataset cifar10 --rho 0.01 --download      # print the subset a run trains on
+
+Conventions: `rho` is tail/head in (0, 1] (the papers' "imbalance ratio 100" is rho = 0.01); class 0 is
+the head class unless `class_order` says otherwise; every random choice takes an explicit seed, so the
+same seed gives the same images in every script.
+"""
+import argparse
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch
+import torchvision
+from torchvision import transforms
+
+
+class DataError(Exception):
+    """A problem with the user's data or data arguments; scripts print it as one line and exit 2."""
+
+
+# Paper 1 (App. D) and the LDAM-DRW code: images in the head class, and SVHN's rotated class order
+# (digit 1 is the head, digit 0 the tail), as the authors' imbalance_svhn.py did.
+N_MAX = {"cifar10": 5000, "cifar100": 500, "svhn": 1000}
+CLASS_ORDER = {"svhn": [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "stl10": 10}
+DATASETS = ("cifar10", "cifar100", "svhn", "stl10", "folder")
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def check_rho(rho, name="rho"):
+    if not 0 < rho <= 1:
+        hint = f" (the papers' imbalance ratio {rho:g} is --{name.replace('_', '-')} {1 / rho:g})" if rho > 1 else ""
+        raise DataError(f"--{name.replace('_', '-')} must be in (0, 1] as tail/head, got {rho:g}{hint}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading a split
+# ---------------------------------------------------------------------------------------------------
+
+def load_split(dataset, root, train, download=False):
+    """Load one split into memory: (uint8 images N×H×W×3, int64 labels, class names).
+
+    `train` is True (training split), False (test split) or a split name: "extra" for SVHN,
+    "unlabeled" for STL-10 (labels are then -1). `folder` reads root/{train,test}/<class>/* with
+    classes sorted by name; every image must have the same size.
+    """
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset '{dataset}'; choose one of {', '.join(DATASETS)}")
+    split = train if isinstance(train, str) else ("train" if train else "test")
+    if dataset == "folder":
+        return _load_folder(root, split)
+    splits = {"cifar10": ("train", "test"), "cifar100": ("train", "test"), "svhn": ("train", "test", "extra"),
+              "stl10": ("train", "test", "unlabeled")}[dataset]
+    if split not in splits:
+        raise DataError(f"{dataset} has no split '{split}'; it has {', '.join(splits)}")
+    try:
+        if dataset in ("cifar10", "cifar100"):
+            cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
+            ds = cls(root, train=split == "train", download=download)
+            return ds.data, np.asarray(ds.targets, dtype=np.int64), list(ds.classes)
+        if dataset == "svhn":
+            ds = torchvision.datasets.SVHN(root, split=split, download=download)
+            return (np.ascontiguousarray(ds.data.transpose(0, 2, 3, 1)), ds.labels.astype(np.int64),
+                    [str(d) for d in range(10)])
+        ds = torchvision.datasets.STL10(root, split=split, download=download)
+        names = getattr(ds, "classes", [str(c) for c in range(10)])
+        return np.ascontiguousarray(ds.data.transpose(0, 2, 3, 1)), ds.labels.astype(np.int64), list(names)
+    except RuntimeError as e:
+        if "not found or corrupted" not in str(e):
+            raise
+        how = ("pass --download on a machine with internet access" if not download else
+               "the download did not produce the expected files")
+        raise DataError(f"{dataset} ({split}) not found under '{root}': {how}, or point --data-root at a "
+                        f"folder that holds it") from None
+    except OSError as e:  # urllib's errors when offline with download=True
+        raise DataError(f"could not download {dataset} to '{root}' ({e.__class__.__name__}: {e}); "
+                        f"on an offline machine copy the files there and drop --download") from None
+
+
+def _load_folder(root, split):
+    path = os.path.join(root, split)
+    if not os.path.isdir(path):
+        raise DataError(f"--dataset folder needs '{path}/<class>/<image>' (a {split} split), "
+                        f"but '{path}' does not exist")
+    try:
+        ds = torchvision.datasets.ImageFolder(path)
+    except FileNotFoundError as e:
+        raise DataError(f"no images under '{path}': {e}") from None
+    images, first = [], None
+    for file, _ in ds.samples:
+        img = np.asarray(ds.loader(file), dtype=np.uint8)
+        if first is None:
+            first = (img.shape, file)
+        elif img.shape != first[0]:
+            raise DataError(f"images in '{path}' differ in size ({first[1]}: {first[0][1]}x{first[0][0]}, "
+                            f"{file}: {img.shape[1]}x{img.shape[0]}); resize them to one size first")
+        images.append(img)
+    labels = np.asarray(ds.targets, dtype=np.int64)
+    return np.stack(images), labels, list(ds.classes)
+
+
+def mean_std(dataset, train_images=None):
+    """Normalisation: the recipe's constants (REFERENCE §2), or per-channel statistics of the training
+    split for folder / STL-10 data."""
+    if dataset in ("cifar10", "cifar100"):
+        return CIFAR_MEAN, CIFAR_STD
+    if dataset == "svhn":
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    if dataset in ("imagenet_lt", "inat"):
+        return IMAGENET_MEAN, IMAGENET_STD
+    x = torch.as_tensor(train_images).reshape(-1, 3).double() / 255
+    return tuple(x.mean(0).tolist()), tuple(x.std(0).tolist())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Long-tailed subsets (REFERENCE §1)
+# ---------------------------------------------------------------------------------------------------
+
+def lt_counts(n_max, num_classes, rho, imb_type="exp"):
+    """Images per class, head first. exp: int(n_max·rho^(i/(C-1))); step: half n_max, half int(n_max·rho)."""
+    check_rho(rho)
+    if imb_type == "exp":
+        if num_classes == 1:
+            return [int(n_max)]
+        return [int(n_max * rho ** (i / (num_classes - 1.0))) for i in range(num_classes)]
+    if imb_type == "step":
+        half = num_classes // 2
+        return [int(n_max)] * half + [int(n_max * rho)] * (num_classes - half)
+    raise DataError(f"unknown imbalance type '{imb_type}'; choose exp or step")
+
+
+def _by_class(labels, num_classes):
+    return [np.flatnonzero(labels == c) for c in range(num_classes)]
+
+
+def _num_classes(labels):
+    return int(labels.max()) + 1 if len(labels) else 0
+
+
+def make_long_tailed(labels, rho, imb_type="exp", seed=0, n_max=None, class_order=None):
+    """Indices (into `labels`) of the seeded long-tailed subset.
+
+    The class class_order[i] keeps lt_counts(...)[i] images: its indices are shuffled by one
+    np.random.RandomState(seed), class after class, and the first k kept, which is the LDAM-DRW
+    code's IMBALANCECIFAR10 rule. n_max defaults to the size of the smallest class.
+    """
+    labels = np.asarray(labels)
+    C = _num_classes(labels)
+    groups = _by_class(labels, C)
+    n_max = min(len(g) for g in groups) if n_max is None else n_max
+    counts = lt_counts(n_max, C, rho, imb_type)
+    order = list(range(C)) if class_order is None else list(class_order)
+    if sorted(order) != list(range(C)):
+        raise DataError(f"class_order must be a permutation of 0..{C - 1}")
+    if min(counts) < 1:
+        raise DataError(f"rho={rho:g} leaves the tail class with {min(counts)} images (n_max={n_max}); "
+                        f"use a larger rho")
+    rng = np.random.RandomState(seed)
+    keep = []
+    for c, k in zip(order, counts):
+        if len(groups[c]) < k:
+            raise DataError(f"class {c} has {len(groups[c])} images but the profile asks for {k}; "
+                            f"lower n_max")
+        idx = groups[c].copy()
+        rng.shuffle(idx)
+        keep.append(idx[:k])
+    return np.sort(np.concatenate(keep))
+
+
+def balanced_subset(labels, n_total, seed=0):
+    """Paper 2's balanced control: n_total images split as evenly as possible over the classes
+    (the first n_total mod C classes get one more), drawn per class with the seed."""
+    labels = np.asarray(labels)
+    C = _num_classes(labels)
+    groups = _by_class(labels, C)
+    per = [n_total // C + (c < n_total % C) for c in range(C)]
+    if min(per) < 1:
+        raise DataError(f"a balanced subset of {n_total} images leaves a class empty ({C} classes)")
+    rng = np.random.RandomState(seed)
+    keep = []
+    for g, k in zip(groups, per):
+        if len(g) < k:
+            raise DataError(f"balanced subset needs {k} images per class, a class has only {len(g)}")
+        idx = g.copy()
+        rng.shuffle(idx)
+        keep.append(idx[:k])
+    return np.sort(np.concatenate(keep))
+
+
+def downsample(indices, labels, ratio, seed=0):
+    """Paper 2's size sweep: keep int(ratio·n_c) of each class's images in `indices`, so the class
+    profile is kept. A class left empty is an error."""
+    if not 0 < ratio <= 1:
+        raise DataError(f"subsample ratio must be in (0, 1], got {ratio:g}")
+    indices = np.asarray(indices)
+    sub = np.asarray(labels)[indices]
+    rng = np.random.RandomState(seed)
+    keep = []
+    for c in np.unique(sub):
+        idx = indices[sub == c].copy()
+        k = int(len(idx) * ratio)
+        if k < 1:
+            raise DataError(f"subsampling by {ratio:g} leaves class {c} empty ({len(idx)} images); "
+                            f"use a larger ratio or rho")
+        rng.shuffle(idx)
+        keep.append(idx[:k])
+    return np.sort(np.concatenate(keep))
+
+
+def carve_val(indices, labels, frac, seed=0):
+    """Class-stratified validation split of a training subset: (train_indices, val_indices).
+
+    Each class gives round(frac·n_c) images, at least one and never all of them."""
+    indices = np.asarray(indices)
+    if frac == 0:
+        return indices, indices[:0]
+    if not 0 < frac < 1:
+        raise DataError(f"--val-frac must be in [0, 1), got {frac:g}")
+    sub = np.asarray(labels)[indices]
+    rng = np.random.RandomState(seed)
+    train, val = [], []
+    for c in np.unique(sub):
+        idx = indices[sub == c].copy()
+        if len(idx) < 2:
+            raise DataError(f"class {c} has {len(idx)} training image(s): too few to carve a validation split")
+        k = min(max(1, int(round(frac * len(idx)))), len(idx) - 1)
+        rng.shuffle(idx)
+        val.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def shot_groups(train_counts):
+    """Boolean class masks: many (>100 training images), medium (20–100), few (<20)."""
+    n = np.asarray(train_counts)
+    return {"many": n > 100, "medium": (n >= 20) & (n <= 100), "few": n < 20}
+
+
+def unlabeled_pool(pool_labels, n_labeled, mult=5, rho_u=1.0, imb_type="exp", seed=0,
+                   irrelevant=None, relevance=1.0):
+    """Choose paper 1's extra unlabeled set D_U: (pool indices, irrelevant picks, report).
+
+    `pool_labels` are the TRUE labels of the candidate images, used only to choose them (the
+    experimenter's control); training sees pseudo-labels. |D_U| = mult·n_labeled, split over the
+    classes by the exp (or step) profile with ratio rho_u rescaled to keep the total, as in the
+    authors' get_img_num_per_cls_unlabeled. With relevance r < 1 (paper 1 Fig. 2), only r·|D_U|
+    comes from the pool and the rest is drawn uniformly from `irrelevant` (an array of whatever ids
+    the caller uses for images outside the task); the second return value holds those picks.
+    A class the pool cannot fill is capped, with a warning that says by how much.
+    """
+    check_rho(rho_u, "rho_u")
+    if not 0 <= relevance <= 1:
+        raise DataError(f"relevance must be in [0, 1], got {relevance:g}")
+    pool_labels = np.asarray(pool_labels)
+    C = _num_classes(pool_labels)
+    total = int(round(mult * n_labeled))
+    n_rel = int(round(relevance * total))
+    base = lt_counts(n_rel // C, C, rho_u, imb_type)
+    want = [int(b * n_rel / max(sum(base), 1)) for b in base]
+    rng = np.random.RandomState(seed)
+    chosen, got = [], []
+    for g, k in zip(_by_class(pool_labels, C), want):
+        idx = g.copy()
+        rng.shuffle(idx)
+        chosen.append(idx[:k])
+        got.append(min(k, len(idx)))
+    short = [f"class {c}: {w - g}" for c, (w, g) in enumerate(zip(want, got)) if g < w]
+    if short:
+        warnings.warn(f"the unlabeled pool cannot supply D_U: {sum(want)} relevant images asked, "
+                      f"{sum(got)} supplied ({sum(want) - sum(got)} short; {', '.join(short)}); capped",
+                      stacklevel=2)
+    n_irr = total - n_rel
+    irr = np.zeros(0, dtype=np.int64)
+    if n_irr:
+        if irrelevant is None or len(irrelevant) == 0:
+            raise DataError(f"relevance {relevance:g} needs {n_irr} irrelevant images, none were given")
+        if len(irrelevant) < n_irr:
+            warnings.warn(f"only {len(irrelevant)} irrelevant images for the {n_irr} asked; capped", stacklevel=2)
+        irr = np.sort(rng.permutation(np.asarray(irrelevant))[:n_irr])
+    report = {"requested": total, "requested_per_class": want, "supplied_per_class": got,
+              "relevant": int(sum(got)), "irrelevant": int(len(irr))}
+    return np.sort(np.concatenate(chosen)).astype(np.int64), irr, report
+
+
+# ---------------------------------------------------------------------------------------------------
+# ImageNet-LT / iNaturalist text lists
+# ---------------------------------------------------------------------------------------------------
+
+def imagenet_transform(train, size=224):
+    """The decoupling (Kang et al. 2020) / paper 1 ImageNet-LT transforms: train = RandomResizedCrop,
+    flip, ColorJitter(0.4, 0.4, 0.4, 0); test = Resize(256/224·size), CenterCrop(size)."""
+    norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    if train:
+        return transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                   transforms.ColorJitter(0.4, 0.4, 0.4, 0), transforms.ToTensor(), norm])
+    return transforms.Compose([transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size),
+                               transforms.ToTensor(), norm])
+
+
+class FileListDataset(torch.utils.data.Dataset):
+    """Images listed in a text file, one `relative/path label` per line (ImageNet-LT, iNaturalist).
+
+    For a DataLoader with workers; `transform` defaults to imagenet_transform(train).
+    """
+
+    def __init__(self, root, list_file, train=True, transform=None):
+        self.root = root
+        self.transform = imagenet_transform(train) if transform is None else transform
+        if not os.path.isfile(list_file):
+            raise DataError(f"image list '{list_file}' does not exist")
+        self.samples = []
+        with open(list_file) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                parts = line.rsplit(maxsplit=1)
+                if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
+                    raise DataError(f"{list_file}:{n}: expected 'relative/path label', got '{line.strip()}'")
+                self.samples.append((parts[0], int(parts[1])))
+        if not self.samples:
+            raise DataError(f"image list '{list_file}' is empty")
+        first = os.path.join(root, self.samples[0][0])
+        if not os.path.isfile(first):
+            raise DataError(f"'{first}' (first entry of {list_file}) does not exist: check --data-root")
+        self.labels = np.asarray([s[1] for s in self.samples], dtype=np.int64)
+        self.num_classes = int(self.labels.max()) + 1
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        return self.transform(torchvision.datasets.folder.pil_loader(os.path.join(self.root, path))), label
+
+
+# ---------------------------------------------------------------------------------------------------
+# Part 2: GPU input pipeline. uint8 images live on the device (CIFAR-10's 50,000 train images take
+# 154 MB); whole chunks of an epoch are augmented there with per-sample random parameters drawn from
+# the same distributions as the torchvision transforms the authors used (REFERENCE §2, §5, §6).
+# ---------------------------------------------------------------------------------------------------
+
+def to_device(images, device):
+    """uint8 N×H×W×3 array → contiguous uint8 N×3×H×W tensor on `device`."""
+    return torch.as_tensor(np.asarray(images)).to(device).permute(0, 3, 1, 2).contiguous()
+
+
+def normalize(x, mean, std):
+    """uint8 or [0, 1] float N×3×H×W → (x/255 − mean)/std, as ToTensor() + Normalize(mean, std)."""
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+# ----- supervised: RandomCrop(32, padding=4) + RandomHorizontalFlip() ---------------------------------
+
+def crop_flip(x, top, left, flip, padding=4):
+    """Crop an H×W window at (top, left) of each zero-padded image, then mirror where `flip`.
+
+    One gather on uint8; equal to torchvision's pad → crop → hflip for the same parameters."""
+    B, C, H, W = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    cols = torch.arange(W, device=x.device)
+    cols = left[:, None] + torch.where(flip[:, None], W - 1 - cols, cols)            # B×W
+    rows = top[:, None] + torch.arange(H, device=x.device)                            # B×H
+    flat = (rows[:, :, None] * (W + 2 * padding) + cols[:, None, :]).view(B, 1, H * W)
+    out = padded.reshape(B, C, -1).gather(2, flat.expand(B, C, H * W))
+    return out.view(B, C, H, W)
+
+
+def random_crop_flip(x, generator, padding=4):
+    """RandomCrop(H, padding) + RandomHorizontalFlip(0.5): offsets uniform in {0..2·padding}."""
+    B, dev = x.shape[0], x.device
+    top = torch.randint(0, 2 * padding + 1, (B,), generator=generator, device=dev)
+    left = torch.randint(0, 2 * padding + 1, (B,), generator=generator, device=dev)
+    flip = torch.rand(B, generator=generator, device=dev) < 0.5
+    return crop_flip(x, top, left, flip, padding)
+
+
+# ----- self-supervised: RandomResizedCrop, flip, ColorJitter, RandomGrayscale, GaussianBlur ----------
+
+def sample_resized_crop(n, height, width, generator, device, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop.get_params for n images at once: (top, left, h, w) integer tensors.
+
+    torchvision's rule: up to 10 tries of area ~ U(scale)·H·W and log aspect ~ U(log ratio), w and h
+    rounded, the first box that fits is kept at a uniform position; else a centred crop of the
+    whole image with its aspect clamped to `ratio`."""
+    tries = 10
+    area = height * width * torch.empty(n, tries, device=device).uniform_(*scale, generator=generator)
+    log_r = torch.empty(n, tries, device=device).uniform_(np.log(ratio[0]), np.log(ratio[1]),
+                                                          generator=generator)
+    aspect = torch.exp(log_r)
+    w = torch.round(torch.sqrt(area * aspect)).long()
+    h = torch.round(torch.sqrt(area / aspect)).long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.argmax(fits.int(), dim=1, keepdim=True)         # index of the first fitting try
+    w, h, ok = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(1)
+    # Fallback box (torchvision: whole image, aspect clamped to the ratio range, centred).
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        fw, fh = int(round(height * ratio[1])), height
+    else:
+        fw, fh = width, height
+    w, h = torch.where(ok, w, fw), torch.where(ok, h, fh)
+    u = torch.rand(n, 2, generator=generator, device=device)       # uniform integer positions
+    top = torch.where(ok, (u[:, 0] * (height - h + 1)).long().clamp_max(height - h), (height - fh) // 2)
+    left = torch.where(ok, (u[:, 1] * (width - w + 1)).long().clamp_max(width - w), (width - fw) // 2)
+    return top, left, h, w
+
+
+def resized_crop(x, top, left, h, w, size, flip=None):
+    """Crop box (top, left, h, w) of each image, resized to size×size by bilinear interpolation
+    (half-pixel centres, edges clamped to the box, as torch.nn.functional.interpolate with
+    align_corners=False), mirrored where `flip`. uint8 in, float in [0, 1] out.
+
+    No antialiasing: for a box larger than `size` (downscaling) torchvision/PIL would low-pass
+    filter first. The CIFAR recipes resize 32×32 boxes of 32×32 images to 32, never downscaling."""
+    B, C, H, W = x.shape
+    u = torch.arange(size, device=x.device, dtype=torch.float32) + 0.5
+
+    def axis(start, length, mirror):
+        src = u[None, :] * (length[:, None].float() / size) - 0.5                  # B×size, in the box
+        if mirror is not None:
+            src = torch.where(mirror[:, None], src.flip(1), src)
+        src = src.clamp(min=0)
+        i0 = src.floor().long()
+        i1 = torch.minimum(i0 + 1, length[:, None] - 1)
+        frac = src - i0
+        i0 = torch.minimum(i0, length[:, None] - 1)
+        return start[:, None] + i0, start[:, None] + i1, frac
+
+    y0, y1, fy = axis(top, h, None)
+    x0, x1, fx = axis(left, w, flip)
+    flat = x.reshape(B, C, H * W)
+
+    def take(rows, cols):
+        idx = (rows[:, :, None] * W + cols[:, None, :]).view(B, 1, -1).expand(B, C, -1)
+        return flat.gather(2, idx).view(B, C, size, size).float()
+
+    fx, fy = fx[:, None, None, :], fy[:, None, :, None]
+    top_row = take(y0, x0) * (1 - fx) + take(y0, x1) * fx
+    bottom_row = take(y1, x0) * (1 - fx) + take(y1, x1) * fx
+    return (top_row * (1 - fy) + bottom_row * fy) / 255
+
+
+def _gray(x):
+    """ITU-R 601 luma, the weights of torchvision's rgb_to_grayscale."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _blend(x, other, factor):
+    return (factor.view(-1, 1, 1, 1) * x + (1 - factor.view(-1, 1, 1, 1)) * other).clamp_(0, 1)
+
+
+def adjust_brightness(x, f):
+    return _blend(x, torch.zeros_like(x), f)
+
+
+def adjust_contrast(x, f):
+    return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), f)
+
+
+def adjust_saturation(x, f):
+    return _blend(x, _gray(x), f)
+
+
+def adjust_hue(x, f):
+    """Rotate the hue of each image by f ∈ [−0.5, 0.5] turns (RGB → HSV → RGB)."""
+    r, g, b = x.unbind(1)
+    v, _ = x.max(1)
+    c = v - x.min(1)[0]
+    safe_c = torch.where(c > 0, c, torch.ones_like(c))
+    s = torch.where(v > 0, c / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v))
+    hue = torch.where(v == r, (g - b) / safe_c,
+                      torch.where(v == g, 2 + (b - r) / safe_c, 4 + (r - g) / safe_c))
+    hue = torch.where(c > 0, hue, torch.zeros_like(hue)) / 6
+    hue = torch.remainder(hue + f.view(-1, 1, 1), 1.0) * 6
+    # Hexcone HSV → RGB: channel n ∈ {5, 3, 1} for R, G, B is v − v·s·clamp(min(k, 4 − k), 0, 1).
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    k = torch.remainder(n + hue.unsqueeze(1), 6)
+    return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def color_jitter(x, factors, order):
+    """ColorJitter with per-image factors (B×4: brightness, contrast, saturation, hue) applied in a
+    per-image order (B×4, a permutation of 0..3 per row), as torchvision's ColorJitter does."""
+    for slot in range(4):
+        out = x
+        for op, fn in enumerate(JITTER_OPS):
+            use = order[:, slot] == op
+            out = torch.where(use.view(-1, 1, 1, 1), fn(x, factors[:, op]), out)
+        x = out
+    return x
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Separable Gaussian blur with a per-image sigma and reflect padding, as torchvision's
+    gaussian_blur(img, [k, k], [sigma, sigma])."""
+    B, C, H, W = x.shape
+    half = (kernel_size - 1) / 2
+    t = torch.linspace(-half, half, kernel_size, device=x.device)
+    k = torch.exp(-0.5 * (t[None, :] / sigma[:, None]) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)                     # (B·C)×k
+    p = kernel_size // 2
+    y = torch.nn.functional.pad(x.reshape(1, B * C, H, W), (p, p, p, p), mode="reflect")
+    y = torch.nn.functional.conv2d(y, k.view(B * C, 1, 1, kernel_size), groups=B * C)
+    y = torch.nn.functional.conv2d(y, k.view(B * C, 1, kernel_size, 1), groups=B * C)
+    return y.view(B, C, H, W)
+
+
+def sample_jitter(n, generator, device, jitter=(0.4, 0.4, 0.4, 0.1)):
+    """ColorJitter.get_params for n images: factors (n×4) uniform in [1 − b, 1 + b], [1 − c, 1 + c],
+    [1 − s, 1 + s], [−h, h], and a uniformly random order of the four ops per image."""
+    bri, con, sat, hue = jitter
+    u = torch.rand(n, 4, generator=generator, device=device)
+    lo = torch.tensor([1 - bri, 1 - con, 1 - sat, -hue], device=device)
+    factors = lo + u * torch.tensor([2 * bri, 2 * con, 2 * sat, 2 * hue], device=device)
+    order = torch.rand(n, 4, generator=generator, device=device).argsort(1)
+    return factors, order
+
+
+def ssl_augment(x, generator, size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8,
+                p_gray=0.2, blur=False, blur_kernel=None):
+    """One SimSiam / MoCo v2 view of each uint8 image, float in [0, 1]:
+    RandomResizedCrop(size, scale, ratio=(3/4, 4/3)) → RandomHorizontalFlip() →
+    RandomApply(ColorJitter(*jitter), p_jitter) → RandomGrayscale(p_gray) →
+    [RandomApply(GaussianBlur(σ ∈ [0.1, 2]), 0.5) if blur]. Flip commutes with the colour ops and
+    the symmetric blur, so it is done inside the crop."""
+    B, dev = x.shape[0], x.device
+    top, left, h, w = sample_resized_crop(B, x.shape[2], x.shape[3], generator, dev, scale)
+    flip = torch.rand(B, generator=generator, device=dev) < 0.5
+    out = resized_crop(x, top, left, h, w, size, flip)
+    factors, order = sample_jitter(B, generator, dev, jitter)
+    apply = torch.rand(B, generator=generator, device=dev) < p_jitter
+    out = torch.where(apply.view(-1, 1, 1, 1), color_jitter(out, factors, order), out)
+    gray = torch.rand(B, generator=generator, device=dev) < p_gray
+    out = torch.where(gray.view(-1, 1, 1, 1), _gray(out).expand_as(out), out)
+    if blur:
+        k = blur_kernel or (int(0.1 * size) // 2 * 2 + 1)      # SimCLR's convention: ~10% of the side
+        sigma = torch.empty(B, device=dev).uniform_(0.1, 2.0, generator=generator)
+        use = torch.rand(B, generator=generator, device=dev) < 0.5
+        out = torch.where(use.view(-1, 1, 1, 1), gaussian_blur(out, sigma, k), out)
+    return out
+
+
+# ----- batches ----------------------------------------------------------------------------------------
+
+def balanced_sample_weights(labels):
+    """Per-image weight 1/n_y: with replacement, every class is equally likely per draw
+    (the Resample / DRS rules and cRT)."""
+    labels = torch.as_tensor(np.asarray(labels))
+    counts = torch.bincount(labels).double()
+    return (1.0 / counts)[labels]
+
+
+class GPULoader:
+    """Batches of a device-resident uint8 dataset: normalised float, augmented on the device.
+
+        loader = GPULoader(images, labels, 128, mean, std, device, augment="crop_flip", seed=0)
+        for x, y, idx in loader.epoch(e):                     # or loader.epoch(e, weights=w)
+            ...
+
+    augment: None (test transform), "crop_flip" (supervised CIFAR recipe) or "ssl" (`views`
+    independent views, x is then a list). Each epoch's order and augmentation are drawn from a
+    generator seeded by (seed, epoch), so a resumed run sees exactly the batches it would have.
+    `weights` (per image) switches from a permutation to drawing len(dataset) images with
+    replacement, as torch's WeightedRandomSampler. Augmentation runs on chunks of `chunk` images
+    (rounded to whole batches) to cut kernel launches.
+    """
+
+    def __init__(self, images, labels, batch_size, mean, std, device, augment=None, shuffle=None,
+                 drop_last=False, seed=0, views=2, size=None, blur=False, chunk=8192):
+        if augment not in (None, "crop_flip", "ssl"):
+            raise ValueError(f"augment must be None, 'crop_flip' or 'ssl', got {augment!r}")
+        self.device = torch.device(device)
+        self.images = images if torch.is_tensor(images) else to_device(images, self.device)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).to(self.device)
+        self.batch_size, self.mean, self.std = batch_size, mean, std
+        self.augment, self.views, self.blur = augment, views, blur
+        self.shuffle = augment is not None if shuffle is None else shuffle
+        self.drop_last, self.seed = drop_last, seed
+        self.size = size or self.images.shape[-1]
+        self.chunk = max(1, chunk // batch_size) * batch_size
+
+    def __len__(self):
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _augment(self, x, g):
+        if self.augment == "crop_flip":
+            return normalize(random_crop_flip(x, g), self.mean, self.std)
+        if self.augment == "ssl":
+            return [normalize(ssl_augment(x, g, self.size, blur=self.blur), self.mean, self.std)
+                    for _ in range(self.views)]
+        return normalize(x, self.mean, self.std)
+
+    def epoch(self, epoch, weights=None):
+        n = len(self.labels)
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.seed * 100_003 + epoch)
+        if weights is not None:
+            w = torch.as_tensor(weights, dtype=torch.double).to(self.device)
+            order = torch.multinomial(w, n, replacement=True, generator=g)
+        elif self.shuffle:
+            order = torch.randperm(n, generator=g, device=self.device)
+        else:
+            order = torch.arange(n, device=self.device)
+        end = len(self) * self.batch_size if self.drop_last else n
+        for start in range(0, end, self.chunk):
+            idx = order[start:min(start + self.chunk, end)]
+            x, y = self._augment(self.images[idx], g), self.labels[idx]
+            for b in range(0, len(idx), self.batch_size):
+                sl = slice(b, b + self.batch_size)
+                yield ([v[sl] for v in x] if isinstance(x, list) else x[sl]), y[sl], idx[sl]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line: show the subset a run would train on
+# ---------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Print the long-tailed training subset for a dataset and seed.")
+    p.add_argument("--dataset", default="cifar10", choices=DATASETS)
+    p.add_argument("--data-root", default="./data")
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--rho", type=float, default=0.01, help="tail/head ratio in (0, 1]; 1 = balanced")
+    p.add_argument("--imb-type", default="exp", choices=("exp", "step"))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        check_rho(args.rho)
+        images, labels, names = load_split(args.dataset, args.data_root, True, args.download)
+        idx = make_long_tailed(labels, args.rho, args.imb_type, args.seed, N_MAX.get(args.dataset),
+                               CLASS_ORDER.get(args.dataset))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    counts = np.bincount(labels[idx], minlength=len(names))
+    groups = shot_groups(counts)
+    print(f"{args.dataset} train: {len(labels)} images {images.shape[1]}x{images.shape[2]}, "
+          f"long-tailed subset ({args.imb_type}, rho={args.rho:g}, seed={args.seed}): {len(idx)} images")
+    for c, name in enumerate(names):
+        group = next(g for g, mask in groups.items() if mask[c])
+        print(f"  {c:3d} {name:<20s} {counts[c]:6d}  {group}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""datasets_lt.py part 1: loaders on fake files in the real formats, long-tailed subsets, errors."""
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import datasets_lt as D
+from conftest import ROOT, run_script, write_file_list, write_folder
+
+
+# ----- class counts (REFERENCE §1) -----------------------------------------------------------------
+
+@pytest.mark.parametrize("n_max,C,rho,imb,total", [
+    (5000, 10, 0.01, "exp", 12406), (5000, 10, 0.02, "exp", 13996), (5000, 10, 0.1, "exp", 20431),
+    (5000, 10, 0.01, "step", 25250), (500, 100, 0.01, "exp", 10847), (500, 100, 0.02, "exp", 12608),
+    (500, 100, 0.1, "exp", 19573), (1000, 10, 0.01, "exp", 2478), (5000, 10, 1.0, "exp", 50000)])
+def test_lt_counts_totals(n_max, C, rho, imb, total):
+    assert sum(D.lt_counts(n_max, C, rho, imb)) == total
+
+
+def test_lt_counts_cifar10_profile():
+    assert D.lt_counts(5000, 10, 0.01) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert D.lt_counts(5000, 10, 0.01, "step") == [5000] * 5 + [50] * 5
+
+
+@pytest.mark.parametrize("rho", [0, -0.5, 100, 1.01])
+def test_rho_outside_unit_interval_is_an_error(rho):
+    with pytest.raises(D.DataError, match="must be in"):
+        D.lt_counts(5000, 10, rho)
+
+
+def test_rho_error_converts_the_papers_ratio():
+    with pytest.raises(D.DataError, match=r"100 is --rho 0\.01"):
+        D.check_rho(100)
+
+
+def test_unknown_imbalance_type():
+    with pytest.raises(D.DataError, match="exp or step"):
+        D.lt_counts(5000, 10, 0.1, "linear")
+
+
+# ----- long-tailed subsets on CIFAR-10-sized label arrays ------------------------------------------
+
+@pytest.fixture(scope="module")
+def cifar10_labels():
+    return np.random.default_rng(0).permutation(np.repeat(np.arange(10), 5000))
+
+
+@pytest.mark.parametrize("rho,imb,total", [(0.01, "exp", 12406), (0.02, "exp", 13996), (0.1, "exp", 20431),
+                                           (0.01, "step", 25250)])
+def test_make_long_tailed_exact_counts(cifar10_labels, rho, imb, total):
+    idx = D.make_long_tailed(cifar10_labels, rho, imb, seed=0, n_max=5000)
+    assert len(idx) == total and len(np.unique(idx)) == total
+    assert np.bincount(cifar10_labels[idx]).tolist() == D.lt_counts(5000, 10, rho, imb)
+
+
+def test_make_long_tailed_cifar100_count():
+    labels = np.repeat(np.arange(100), 500)
+    assert len(D.make_long_tailed(labels, 0.01, "exp", 3, n_max=500)) == 10847
+
+
+def test_same_seed_same_subset_other_seed_other_subset(cifar10_labels):
+    a = D.make_long_tailed(cifar10_labels, 0.01, seed=1)
+    assert np.array_equal(a, D.make_long_tailed(cifar10_labels, 0.01, seed=1))
+    b = D.make_long_tailed(cifar10_labels, 0.01, seed=2)
+    assert len(a) == len(b) and not np.array_equal(a, b)
+    assert np.bincount(cifar10_labels[b], minlength=10).min() > 0
+
+
+def test_svhn_rotated_class_order():
+    labels = np.repeat(np.arange(10), 1200)
+    idx = D.make_long_tailed(labels, 0.01, seed=0, n_max=D.N_MAX["svhn"], class_order=D.CLASS_ORDER["svhn"])
+    counts = np.bincount(labels[idx])
+    assert len(idx) == 2478 and counts[1] == 1000 and counts[0] == 10 and counts[9] == 16
+
+
+def test_make_long_tailed_needs_enough_images():
+    with pytest.raises(D.DataError, match="class 0 has 20 images"):
+        D.make_long_tailed(np.repeat(np.arange(10), 20), 0.01, n_max=5000)
+
+
+def test_balanced_subset_same_n(cifar10_labels):
+    idx = D.balanced_subset(cifar10_labels, 12406, seed=0)
+    counts = np.bincount(cifar10_labels[idx])
+    assert len(idx) == 12406 and counts.max() - counts.min() == 1 and counts.tolist()[:7] == [1241] * 6 + [1240]
+    assert not np.array_equal(idx, D.balanced_subset(cifar10_labels, 12406, seed=1))
+
+
+@pytest.mark.parametrize("ratio", [0.75, 0.5, 0.25, 0.125])
+def test_downsample_keeps_profile(cifar10_labels, ratio):
+    lt = D.make_long_tailed(cifar10_labels, 0.01, seed=0)
+    sub = D.downsample(lt, cifar10_labels, ratio, seed=0)
+    assert set(sub) <= set(lt)
+    assert np.bincount(cifar10_labels[sub]).tolist() == [int(n * ratio) for n in D.lt_counts(5000, 10, 0.01)]
+
+
+def test_downsample_empty_class_is_an_error():
+    labels = np.repeat(np.arange(3), [40, 10, 3])
+    with pytest.raises(D.DataError, match="leaves class 2 empty"):
+        D.downsample(np.arange(len(labels)), labels, 0.25)
+
+
+def test_carve_val_is_stratified_and_disjoint(cifar10_labels):
+    lt = D.make_long_tailed(cifar10_labels, 0.01, seed=0)
+    train, val = D.carve_val(lt, cifar10_labels, 0.1, seed=0)
+    assert len(np.intersect1d(train, val)) == 0 and np.array_equal(np.sort(np.r_[train, val]), lt)
+    assert np.bincount(cifar10_labels[val]).tolist() == [round(0.1 * n) for n in D.lt_counts(5000, 10, 0.01)]
+    t0, v0 = D.carve_val(lt, cifar10_labels, 0.0)
+    assert np.array_equal(t0, lt) and len(v0) == 0
+
+
+def test_shot_groups_boundaries():
+    g = D.shot_groups([500, 101, 100, 20, 19, 1])
+    assert g["many"].tolist() == [True, True, False, False, False, False]
+    assert g["medium"].tolist() == [False, False, True, True, False, False]
+    assert g["few"].tolist() == [False, False, False, False, True, True]
+
+
+def test_unlabeled_pool_profile_and_cap(cifar10_labels):
+    lt = D.make_long_tailed(cifar10_labels, 0.01, seed=0)
+    rest = np.setdiff1d(np.arange(len(cifar10_labels)), lt)
+    assert len(rest) == 37594
+    with pytest.warns(UserWarning, match="cannot supply D_U") as w:
+        idx, irr, rep = D.unlabeled_pool(cifar10_labels[rest], len(lt), 5, rho_u=1.0, seed=0)
+    assert rep["requested"] == 62030 and rep["requested_per_class"] == [6203] * 10
+    assert rep["supplied_per_class"][0] == 0 and rep["supplied_per_class"][9] == 4950
+    assert str(62030 - rep["relevant"]) + " short" in str(w[0].message)
+    assert len(idx) == rep["relevant"] and len(irr) == 0
+    # A request the pool can meet: exact per-class profile, no warning, true labels match.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        idx, _, rep = D.unlabeled_pool(cifar10_labels, 2000, 5, rho_u=0.1, seed=0)
+    assert np.bincount(cifar10_labels[idx]).tolist() == rep["requested_per_class"]
+    assert 9990 <= sum(rep["requested_per_class"]) <= 10000
+    assert rep["requested_per_class"][0] > 4 * rep["requested_per_class"][9]
+
+
+def test_unlabeled_pool_relevance_mix():
+    labels = np.repeat(np.arange(4), 500)
+    irrelevant = np.arange(10_000, 10_600)
+    idx, irr, rep = D.unlabeled_pool(labels, 200, 5, 1.0, seed=0, irrelevant=irrelevant, relevance=0.6)
+    assert len(idx) == 600 and len(irr) == 400 and set(irr) <= set(irrelevant)
+    with pytest.raises(D.DataError, match="irrelevant"):
+        D.unlabeled_pool(labels, 200, 5, 1.0, relevance=0.5)
+
+
+# ----- loaders on fake files in the real formats ---------------------------------------------------
+
+def test_load_cifar10(fake_cifar10):
+    root, data = fake_cifar10
+    for train, split in ((True, "train"), (False, "test")):
+        x, y, names = D.load_split("cifar10", root, train)
+        assert x.dtype == np.uint8 and x.shape == (len(data[split][1]), 32, 32, 3) and y.dtype == np.int64
+        assert np.array_equal(x, data[split][0]) and np.array_equal(y, data[split][1])
+    assert names == [f"class{c:03d}" for c in range(10)]
+
+
+def test_load_cifar100(fake_cifar100):
+    root, data = fake_cifar100
+    x, y, names = D.load_split("cifar100", root, True)
+    assert np.array_equal(x, data["train"][0]) and np.array_equal(y, data["train"][1]) and len(names) == 100
+
+
+def test_load_svhn_all_splits(fake_svhn):
+    root, data = fake_svhn
+    for train, split in ((True, "train"), (False, "test"), ("extra", "extra")):
+        x, y, _ = D.load_split("svhn", root, train)
+        assert np.array_equal(x, data[split][0]) and np.array_equal(y, data[split][1])
+    assert (y == 0).sum() == 12                                   # digit 0 is stored as 10 on disk
+
+
+def test_load_stl10(fake_stl10):
+    root, data = fake_stl10
+    x, y, names = D.load_split("stl10", root, False)
+    assert x.shape == (10, 96, 96, 3) and np.array_equal(x, data["test"][0]) and np.array_equal(y, data["test"][1])
+    assert names[0] == "stl0"
+    x, y, _ = D.load_split("stl10", root, "unlabeled")
+    assert np.array_equal(x, data["unlabeled"][0]) and (y == -1).all()
+
+
+def test_load_folder(fake_folder):
+    root, data = fake_folder
+    x, y, names = D.load_split("folder", root, True)
+    assert names == ["ant", "bee", "cat"]
+    assert np.array_equal(x, data["train"][0]) and np.array_equal(y, data["train"][1])
+    assert np.bincount(y).tolist() == [4, 5, 6]
+
+
+def test_folder_without_test_split(tmp_path):
+    write_folder(tmp_path, splits=("train",))
+    with pytest.raises(D.DataError, match="test"):
+        D.load_split("folder", tmp_path, False)
+
+
+def test_folder_mixed_sizes(tmp_path):
+    write_folder(tmp_path, splits=("train",))
+    write_folder(tmp_path / "x", splits=("train",), size=24)
+    (tmp_path / "x" / "train" / "ant" / "0000.png").rename(tmp_path / "train" / "ant" / "big.png")
+    with pytest.raises(D.DataError, match="differ in size"):
+        D.load_split("folder", tmp_path, True)
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "svhn", "stl10"])
+def test_missing_data_offline_says_what_to_pass(tmp_path, dataset):
+    with pytest.raises(D.DataError) as e:
+        D.load_split(dataset, tmp_path / "nothing", True)
+    msg = str(e.value)
+    assert "--download" in msg and "--data-root" in msg and "\n" not in msg
+
+
+def test_unknown_dataset_and_split(tmp_path):
+    with pytest.raises(D.DataError, match="unknown dataset 'mnist'"):
+        D.load_split("mnist", tmp_path, True)
+    with pytest.raises(D.DataError, match="no split 'extra'"):
+        D.load_split("cifar10", tmp_path, "extra")
+
+
+def test_download_without_network_is_a_data_error(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+
+    def offline(*a, **k):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    with pytest.raises(D.DataError, match="could not download cifar10"):
+        D.load_split("cifar10", tmp_path, True, download=True)
+
+
+def test_mean_std_folder_from_training_images(fake_folder):
+    root, data = fake_folder
+    x = data["train"][0]
+    mean, std = D.mean_std("folder", x)
+    assert np.allclose(mean, x.reshape(-1, 3).mean(0) / 255) and np.allclose(std, (x.reshape(-1, 3) / 255).std(0, ddof=1))
+    assert D.mean_std("cifar10") == (D.CIFAR_MEAN, D.CIFAR_STD)
+
+
+# ----- file lists (ImageNet-LT / iNaturalist) ------------------------------------------------------
+
+def test_file_list_dataset(tmp_path):
+    lst = write_file_list(tmp_path)
+    ds = D.FileListDataset(tmp_path, lst, train=True)
+    assert len(ds) == 12 and ds.num_classes == 3 and np.bincount(ds.labels).tolist() == [4, 4, 4]
+    x, y = ds[5]
+    assert x.shape == (3, 224, 224) and y == 1
+    loader = torch.utils.data.DataLoader(D.FileListDataset(tmp_path, lst, train=False), batch_size=4, num_workers=2)
+    xb, yb = next(iter(loader))
+    assert xb.shape == (4, 3, 224, 224) and yb.tolist() == [0, 0, 0, 0]
+
+
+def test_file_list_errors(tmp_path):
+    lst = write_file_list(tmp_path)
+    with pytest.raises(D.DataError, match="does not exist: check --data-root"):
+        D.FileListDataset(tmp_path / "elsewhere", lst)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("images/n00000/0.jpg 0\nimages/n00000/1.jpg\n")
+    with pytest.raises(D.DataError, match="bad.txt:2"):
+        D.FileListDataset(tmp_path, bad)
+
+
+# ----- command line and imports --------------------------------------------------------------------
+
+def test_cli_prints_the_subset(fake_folder):
+    root, _ = fake_folder
+    r = run_script("datasets_lt.py", "--dataset", "folder", "--data-root", root, "--rho", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert "long-tailed subset (exp, rho=0.5, seed=0): 8 images" in r.stdout   # n_max 4: 4 + int(4·0.5^½) + int(4·0.5)
+
+
+@pytest.mark.parametrize("args,msg", [(["--rho", "100"], "--rho 0.01"),
+                                      (["--dataset", "cifar10"], "--download")])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, msg):
+    r = run_script("datasets_lt.py", "--data-root", tmp_path, *args)
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_imports_only_torch_torchvision_numpy_scipy():
+    code = ("import sys; import torch, torchvision, numpy, scipy, scipy.io; before = set(sys.modules); "
+            "import datasets_lt; new = {m.split('.')[0] for m in set(sys.modules) - before}; "
+            "print(sorted(new - set(sys.stdlib_module_names) - {'datasets_lt'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
