@@ -93,9 +93,12 @@ def write_stl10(root, per_class_train=2, per_class_test=1, n_unlabeled=4, seed=0
 
 
 def write_folder(root, classes=("cat", "ant", "bee"), per_class=(6, 4, 5), per_class_test=2, size=32,
-                 splits=("train", "test"), seed=0):
-    """root/{train,test}/<class>/<n>.png (lossless); classes come back sorted by name."""
+                 splits=("train", "test"), seed=0, easy=False):
+    """root/{train,test}/<class>/<n>.png (lossless); classes come back sorted by name.
+
+    easy=True: each class has its own colour (plus noise), so a network can learn it in a few epochs."""
     rng = np.random.default_rng(seed)
+    palette = rng.integers(30, 226, (len(classes), 3))
     out = {}
     for split in splits:
         images, labels = [], []
@@ -105,6 +108,8 @@ def write_folder(root, classes=("cat", "ant", "bee"), per_class=(6, 4, 5), per_c
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 img = _images(rng, 1, size)[0]
+                if easy:
+                    img = np.clip(palette[c] + (img.astype(int) - 128) // 4, 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(d / f"{i:04d}.png")
                 images.append(img)
                 labels.append(c)

@@ -1,0 +1,519 @@
+"""Supervised long-tailed training: CE / Focal / LDAM × None / Reweight / Resample / DRW / DRS.
+
+Paper 1 (Yang & Xu 2020), §4.2 and Table 2, whose baselines are Cao et al. 2019 (LDAM-DRW) and Cui et
+al. 2019 (class-balanced loss). Every row of Table 2 without SSP is one `--loss` × `--rule`; "+SSP" is
+`--pretrained` with a self-supervised checkpoint (rotation_ssp.py, moco_ssp.py, simsiam_rwsam.py).
+
+    python ldam_drw.py --rho 0.01 --gpu 0                          # Table 2 LDAM-DRW, CIFAR-10-LT ρ=100
+    python ldam_drw.py --rho 0.01 --loss ce --rule none            # CE;  --rule reweight: CB-CE
+    python ldam_drw.py --rho 0.01 --loss ce --rule drs             # CE-DRS (never released by the authors)
+    python ldam_drw.py --rho 0.01 --pretrained runs/rotation_ssp-cifar10-0.01-0/last.pt   # + SSP
+    python ldam_drw.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01        # CIFAR-10 JPEG copy
+    python ldam_drw.py --dataset imagenet_lt --data-root IMNET --train-list ImageNet_LT_train.txt \\
+        --test-list ImageNet_LT_test.txt --arch resnet10                                # 90 epochs, cosine
+    python ldam_drw.py --rho 0.01 --epochs 2 --gpu -1                                  # CPU smoke run
+
+Recipe (REFERENCE §2): ResNet-32, SGD lr 0.1, momentum 0.9, wd 2e-4, batch 128, 200 epochs, linear
+warm-up over 5 epochs, lr ×0.01 at 80% and again at 90% of the epochs (160 and 180 of 200); random crop
+32 with 4-pixel zero padding + horizontal flip. LDAM: margins ∝ n_c^(-1/4), largest 0.5, s = 30, cosine
+classifier. Focal γ = 1. Class-balanced weights with β = 0.9999. Deferred rules switch at 80%.
+Paper numbers (CIFAR-10-LT ρ=100, top-1 error, lossless data, best epoch): CE 29.64, CB-CE 27.63, Focal
+29.62, CE-DRW 24.94, LDAM-DRW 22.97. On the JPEG copy of CIFAR-10 the authors' code gives, at the last
+epoch, CE 34.6 and LDAM-DRW 29.3.
+
+Deliberate differences from the paper and the authors' code:
+1. The deferred switch (DRW, DRS) and the lr decays scale with --epochs (80% / 90%), not epochs 160/180.
+2. DRS is implemented: plain sampling until the switch, class-balanced sampling after it.
+3. The final report is the last epoch; with --val-frac > 0 also the epoch best on a validation split
+   carved from the training subset. The authors reported the best epoch on the test set.
+4. The focal term (1 − p) is clamped at 0, so γ < 1 stays finite when the CE rounds slightly below 0.
+5. Data and crop/flip live on the GPU (datasets_lt.GPULoader); the distribution is torchvision's.
+6. --pretrained loads only the backbone, reports matched / missing / unexpected keys and fails unless
+   every backbone tensor was found; the authors' loader silently loaded nothing.
+7. ImageNet-LT / iNaturalist: torchvision ResNet-10/50, 90 epochs, lr 0.2 with a cosine schedule,
+   wd 5e-4, batch 128, no warm-up (Kang et al. 2020's recipe at this batch size), DataLoader input.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import datasets_lt as D
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Supervised long-tailed training (paper 1, Table 2).")
+    # --- shared flags (same names, order, defaults and help in every script) ---
+    p.add_argument("--dataset", default="cifar10",
+                   choices=["cifar10", "cifar100", "svhn", "folder", "imagenet_lt", "inat"])
+    p.add_argument("--data-root", default="./data", help="dataset folder")
+    p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    p.add_argument("--rho", type=float, default=0.01, help="tail/head ratio in (0, 1]; 1 = balanced")
+    p.add_argument("--imb-type", default="exp", choices=["exp", "step"])
+    p.add_argument("--gpu", type=int, default=0, help="GPU index; -1 = CPU")
+    p.add_argument("--epochs", type=int, default=None, help="default: 200 (CIFAR, SVHN), 90 (ImageNet-LT, iNat)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=None, help="default: 0.1 (CIFAR, SVHN), 0.2 (ImageNet-LT, iNat)")
+    p.add_argument("--wd", type=float, default=None, help="default: 2e-4 (CIFAR, SVHN), 5e-4 (ImageNet-LT, iNat)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="default: runs/<script>-<dataset>-<rho>-<seed>")
+    p.add_argument("--resume", default=None, help="continue the run saved in this last.pt")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--val-frac", type=float, default=0.0,
+                   help="validation split carved from the training subset; 0 = report last epoch only")
+    # --- this method ---
+    p.add_argument("--loss", default="ldam", choices=["ce", "focal", "ldam"])
+    p.add_argument("--rule", default="drw", choices=["none", "reweight", "resample", "drw", "drs"])
+    p.add_argument("--pretrained", default=None, help="backbone checkpoint to fine-tune from (+SSP)")
+    p.add_argument("--arch", default=None, choices=["resnet32", "resnet10", "resnet50"],
+                   help="default: resnet32 (CIFAR, SVHN, folder), resnet10 (ImageNet-LT), resnet50 (iNat)")
+    p.add_argument("--train-list", default=None, help="ImageNet-LT / iNat: 'relative/path label' list")
+    p.add_argument("--test-list", default=None, help="ImageNet-LT / iNat: test list")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers (ImageNet-LT / iNat only)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--warmup", type=int, default=None, help="linear warm-up epochs; default 5 (CIFAR), 0 (ImageNet)")
+    p.add_argument("--beta", type=float, default=0.9999, help="class-balanced weights: effective-number β")
+    p.add_argument("--gamma", type=float, default=1.0, help="focal loss γ")
+    p.add_argument("--max-m", type=float, default=0.5, help="LDAM: largest margin")
+    p.add_argument("--s", type=float, default=30.0, help="LDAM: logit scale")
+    p.add_argument("--compile", action="store_true", help="torch.compile(mode='reduce-overhead'): CUDA graphs")
+    p.add_argument("--strict-fp32", action="store_true", help="disable TF32 in cuDNN convolutions and matmuls")
+    p.error = fail                                         # one line and exit 2, not the usage text
+    args = p.parse_args(argv)
+    large = args.dataset in ("imagenet_lt", "inat")
+    for name, cifar, imagenet in (("epochs", 200, 90), ("lr", 0.1, 0.2), ("wd", 2e-4, 5e-4), ("warmup", 5, 0),
+                                  ("arch", "resnet32", "resnet10" if args.dataset == "imagenet_lt" else "resnet50")):
+        if getattr(args, name) is None:
+            setattr(args, name, imagenet if large else cifar)
+    args.schedule = "cosine" if large else "step"
+    if args.out is None:
+        args.out = os.path.join("runs", f"ldam_drw-{args.dataset}-{args.rho:g}-{args.seed}")
+    return args
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def fmt(v):
+    return f"{v:6.2f}" if v is not None else f"{'-':>6}"
+
+
+# === shared: resnet32 (identical in every script that uses it) ===
+class BasicBlock(nn.Module):
+    """3×3 conv → BN → ReLU → 3×3 conv → BN, plus a parameter-free shortcut (He et al.'s option A:
+    subsample by 2 and zero-pad the new channels)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.extra = cout - cin
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if self.extra:
+            x = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.extra // 2, self.extra // 2))
+        return F.relu(out + x)
+
+
+class NormedLinear(nn.Module):
+    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+
+    def forward(self, x):
+        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
+
+
+class ResNet32(nn.Module):
+    """CIFAR ResNet-32: 16-channel stem, 3 stages × 5 basic blocks (16, 32, 64), global pool, `fc`."""
+
+    def __init__(self, num_classes, cosine=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        widths, cin = (16, 32, 64), 16
+        for i, w in enumerate(widths):
+            blocks = [BasicBlock(cin if b == 0 else w, w, 2 if (i and b == 0) else 1) for b in range(5)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            cin = w
+        self.fc = NormedLinear(64, num_classes) if cosine else nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def features(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+# === end shared: resnet32 ===
+
+
+def build_model(arch, num_classes, cosine):
+    if arch == "resnet32":
+        return ResNet32(num_classes, cosine)
+    block, layers = ((torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]) if arch == "resnet10" else
+                     (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]))
+    model = torchvision.models.resnet.ResNet(block, layers, num_classes=num_classes)
+    if cosine:
+        model.fc = NormedLinear(model.fc.in_features, num_classes)
+    return model
+
+
+# === shared: checkpoints (identical in every script) ===
+HEAD_PREFIXES = ("fc.",)
+
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"checkpoint '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
+        fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
+    return ckpt
+
+
+def load_backbone(model, arch, path):
+    """Copy every backbone tensor of the checkpoint at `path` into `model`; the head stays as it is.
+
+    Prints matched / missing / unexpected counts; fails unless every backbone key of `model` was found
+    with the right shape."""
+    ckpt = load_checkpoint(path)
+    if ckpt["arch"] != arch:
+        fail(f"'{path}' holds a {ckpt['arch']} backbone but this run trains {arch}; pre-train the same "
+             f"architecture or pass --arch {ckpt['arch']}")
+    src = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    own = model.state_dict()
+    backbone = [k for k in own if not k.startswith(HEAD_PREFIXES)]
+    matched = [k for k in backbone if k in src and src[k].shape == own[k].shape]
+    missing = [k for k in own if k not in matched]
+    unexpected = [k for k in src if k not in own]
+    skipped = [k for k in src if k in own and k not in matched]
+    names = lambda keys: ", ".join(keys[:4]) + (", …" if len(keys) > 4 else "") or "-"
+    print(f"loaded backbone from {path}: {len(matched)} tensors matched, {len(missing)} missing "
+          f"({names(missing)}), {len(unexpected)} unexpected ({names(unexpected)}), {len(skipped)} not loaded "
+          f"({names(skipped)})")
+    bad = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
+    if bad:
+        fail(f"'{path}' lacks {len(bad)} backbone tensors of {arch} (first: {bad[0]}); it is not a "
+             f"{arch} backbone of this project")
+    own.update({k: src[k] for k in matched})
+    model.load_state_dict(own)
+    return ckpt
+# === end shared: checkpoints ===
+
+
+# ----- losses (REFERENCE §2) -----------------------------------------------------------------------
+
+def class_balanced_weights(counts, beta):
+    """Cui et al. 2019, Eq. (3): w_c ∝ (1 − β) / (1 − β^{n_c}), normalised to sum to C."""
+    n = torch.as_tensor(counts, dtype=torch.float64)
+    w = (1 - beta) / (1 - beta ** n)
+    return (w / w.sum() * len(n)).float()
+
+
+def ldam_margins(counts, max_m):
+    """Cao et al. 2019, Eq. (13): Δ_c = C / n_c^{1/4}, C chosen so the largest margin is max_m."""
+    m = torch.as_tensor(counts, dtype=torch.float64) ** -0.25
+    return (m * (max_m / m.max())).float()
+
+
+def ce_loss(logits, y, weight):
+    """(Weighted) mean cross-entropy: Σ w_y·CE / Σ w_y, as nn.CrossEntropyLoss(weight)."""
+    return F.cross_entropy(logits, y, weight=weight)
+
+
+def focal_loss(logits, y, weight, gamma):
+    """Lin et al. 2017 as in the LDAM-DRW code: mean over the batch of (1 − p)^γ · w_y·CE, p = e^{−w_y·CE}."""
+    return focal_term(F.cross_entropy(logits, y, weight=weight, reduction="none"), gamma).mean()
+
+
+def focal_term(ce, gamma):
+    """(1 − e^{−CE})^γ · CE; a CE rounded to just below 0 gives 0, not NaN, for γ < 1."""
+    return (1 - torch.exp(-ce)).clamp(min=0) ** gamma * ce
+
+
+def ldam_loss(cosines, y, weight, margins, s):
+    """Cao et al. 2019, Eq. (10): subtract Δ_y from the true-class cosine, scale all by s, (weighted) CE."""
+    shifted = cosines - F.one_hot(y, cosines.shape[1]) * margins[y].unsqueeze(1)
+    return F.cross_entropy(s * shifted, y, weight=weight)
+
+
+def lr_at(epoch, args):
+    """Learning rate of 0-based `epoch`: CIFAR step schedule with warm-up, or cosine (ImageNet)."""
+    e = epoch + 1
+    if e <= args.warmup:
+        return args.lr * e / args.warmup
+    if args.schedule == "cosine":
+        return 0.5 * args.lr * (1 + math.cos(math.pi * epoch / args.epochs))
+    if e > int(0.9 * args.epochs):
+        return args.lr * 1e-4
+    if e > int(0.8 * args.epochs):
+        return args.lr * 1e-2
+    return args.lr
+
+
+# === shared: evaluate (identical in every script) ===
+@torch.no_grad()
+def evaluate(model, batches, num_classes, train_counts, amp=False):
+    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means."""
+    model.eval()
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    total = torch.zeros(num_classes, dtype=torch.long)
+    for x, y, _ in batches:
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+            pred = model(x).argmax(1)
+        y = y.to(pred.device)
+        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
+        total += torch.bincount(y, minlength=num_classes).cpu()
+    per_class = (correct.double() / total.clamp(min=1)).tolist()
+    seen = total > 0
+    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
+              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
+              "per_class": [round(100 * a, 2) for a in per_class]}
+    for group, mask in D.shot_groups(train_counts).items():
+        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
+        result[group] = 100 * float(np.mean(accs)) if accs else None
+    return result
+# === end shared: evaluate ===
+
+
+# ----- data ----------------------------------------------------------------------------------------
+
+def build_data(args, device):
+    """Training / validation / test batches and the training class counts."""
+    if args.dataset in ("imagenet_lt", "inat"):
+        return build_list_data(args, device)
+    train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
+    test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
+    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.seed, D.N_MAX.get(args.dataset),
+                             D.CLASS_ORDER.get(args.dataset))
+    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.seed)
+    mean, std = D.mean_std(args.dataset, train_x)
+    C = len(names)
+    counts = np.bincount(train_y[idx], minlength=C).tolist()
+    train = D.GPULoader(train_x[idx], train_y[idx], args.batch_size, mean, std, device, augment="crop_flip",
+                        seed=args.seed)
+    test = D.GPULoader(test_x, test_y, 1000, mean, std, device)
+    val = D.GPULoader(train_x[val_idx], train_y[val_idx], 1000, mean, std, device) if len(val_idx) else None
+    return train, val, test, counts, C
+
+
+class ListBatches:
+    """DataLoader over a FileListDataset with GPULoader's interface: epoch(e, weights) → (x, y, idx)."""
+
+    def __init__(self, dataset, indices, batch_size, train, seed, workers, device):
+        self.dataset, self.indices, self.train, self.seed, self.device = dataset, indices, train, seed, device
+        self.labels = torch.as_tensor(dataset.labels[indices])
+        self.kw = dict(batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                       persistent_workers=workers > 0)
+
+    def __len__(self):
+        return -(-len(self.indices) // self.kw["batch_size"])
+
+    def epoch(self, epoch, weights=None):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        if weights is not None:
+            sampler = torch.utils.data.WeightedRandomSampler(weights, len(self.indices), generator=g)
+        elif self.train:
+            sampler = torch.utils.data.RandomSampler(range(len(self.indices)), generator=g)
+        else:
+            sampler = range(len(self.indices))
+        order = torch.as_tensor(list(sampler))
+        sub = torch.utils.data.Subset(self.dataset, [int(self.indices[i]) for i in order])
+        for b, (x, y) in enumerate(torch.utils.data.DataLoader(sub, **self.kw)):
+            idx = order[b * self.kw["batch_size"]:(b + 1) * self.kw["batch_size"]]
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
+
+
+def build_list_data(args, device):
+    if not args.train_list or not args.test_list:
+        fail(f"--dataset {args.dataset} needs --train-list and --test-list ('relative/path label' files)")
+    train_ds = D.FileListDataset(args.data_root, args.train_list, train=True)
+    test_ds = D.FileListDataset(args.data_root, args.test_list, train=False)
+    C = max(train_ds.num_classes, test_ds.num_classes)
+    idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.seed)
+    counts = np.bincount(train_ds.labels[idx], minlength=C).tolist()
+    train = ListBatches(train_ds, idx, args.batch_size, True, args.seed, args.workers, device)
+    test = ListBatches(test_ds, np.arange(len(test_ds)), 256, False, args.seed, args.workers, device)
+    val = None
+    if len(val_idx):
+        val_ds = D.FileListDataset(args.data_root, args.train_list, train=False)
+        val = ListBatches(val_ds, val_idx, 256, False, args.seed, args.workers, device)
+    return train, val, test, counts, C
+
+
+# ----- main ----------------------------------------------------------------------------------------
+
+def setup_device(args):
+    if args.gpu >= 0 and not torch.cuda.is_available():
+        print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
+        args.gpu = -1
+    device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 else "cpu")
+    for flag in ("amp", "compile"):
+        if getattr(args, flag) and device.type != "cuda":
+            print(f"warning: --{flag} needs CUDA; ignored on the CPU", file=sys.stderr)
+            setattr(args, flag, False)
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    return device
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if ckpt.get("script") != "ldam_drw.py":
+            fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not ldam_drw.py; "
+                 f"use --pretrained to start from its backbone")
+        keep = {k: getattr(args, k) for k in ("gpu", "resume", "workers")}
+        args = argparse.Namespace(**{**ckpt["args"], **keep})
+        print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
+    try:
+        D.check_rho(args.rho)
+        if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+            fail("--epochs, --batch-size and --lr must be positive")
+        if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
+            fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, "
+                 f"or pass another --out")
+        device = setup_device(args)
+        torch.manual_seed(args.seed)
+        train, val, test, counts, C = build_data(args, device)
+    except D.DataError as e:
+        fail(str(e))
+
+    model = build_model(args.arch, C, cosine=args.loss == "ldam").to(device)
+    if args.pretrained and not args.resume:
+        load_backbone(model, args.arch, args.pretrained)
+        print(f"classifier re-initialised ({'cosine' if args.loss == 'ldam' else 'linear'}, {C} classes)")
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
+                                fused=device.type == "cuda")
+    start, best = 0, None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, best = ckpt["epoch"], ckpt.get("best")
+    step_model = torch.compile(model, mode="reduce-overhead") if args.compile else model
+
+    cb_weights = class_balanced_weights(counts, args.beta).to(device)
+    margins = ldam_margins(counts, args.max_m).to(device)
+    sample_weights = D.balanced_sample_weights(train.labels.cpu())
+    switch = int(0.8 * args.epochs)                       # DRW / DRS: deferred by 80% of the run
+
+    os.makedirs(args.out, exist_ok=True)
+    if ckpt is None:
+        meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
+        open(os.path.join(args.out, "metrics.jsonl"), "w").close()
+    else:                                                  # drop epochs logged after the checkpoint
+        with open(os.path.join(args.out, "metrics.jsonl")) as f:
+            lines = [l for l in f if json.loads(l)["epoch"] <= start]
+        with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
+            f.writelines(lines)
+    print(f"{args.dataset} rho={args.rho:g} ({args.imb_type}): {sum(counts)} training images {counts[:3]}…"
+          f"{counts[-1]}, loss={args.loss} rule={args.rule}, {args.arch}, {args.epochs} epochs on {device}")
+    print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'train':>6} {'test':>6} {'many':>6} {'med':>6} {'few':>6} "
+          f"{'val':>6} {'s':>6}")
+
+    t_run = time.time()
+    for epoch in range(start, args.epochs):
+        t0 = time.time()
+        lr = lr_at(epoch, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        deferred = epoch >= switch
+        weight = cb_weights if args.rule == "reweight" or (args.rule == "drw" and deferred) else None
+        resample = args.rule == "resample" or (args.rule == "drs" and deferred)
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        hits = torch.zeros((), device=device, dtype=torch.long)
+        first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        seen = 0
+        for step, (x, y, _) in enumerate(train.epoch(epoch, sample_weights if resample else None)):
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                logits = step_model(x).float()
+            if args.loss == "ce":
+                loss = ce_loss(logits, y, weight)
+            elif args.loss == "focal":
+                loss = focal_loss(logits, y, weight, args.gamma)
+            else:
+                loss = ldam_loss(logits, y, weight, margins, args.s)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            loss_sum += loss.detach() * len(y)
+            hits += (logits.argmax(1) == y).sum()
+            seen += len(y)
+        if first_bad.item() >= 0:
+            print(f"error: loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}; stopped, "
+                  f"{args.out}/last.pt still holds epoch {epoch}", file=sys.stderr)
+            sys.exit(1)
+        test_m = evaluate(model, test.epoch(0), C, counts, args.amp)
+        val_m = evaluate(model, val.epoch(0), C, counts, args.amp) if val else None
+        if val_m and (best is None or val_m["top1"] > best["val_top1"]):
+            best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
+        row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
+               "test": test_m, "val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0}
+        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
+              f"{fmt(test_m['many'])} {fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_top1'])} "
+              f"{row['seconds']:6.2f}", flush=True)
+        state = {"script": "ldam_drw.py", "arch": args.arch, "model": model.state_dict(), "epoch": epoch + 1,
+                 "optimizer": optimizer.state_dict(), "args": vars(args), "class_counts": counts, "best": best,
+                 "rng": {"torch": torch.get_rng_state()}}
+        save_atomic(state, os.path.join(args.out, "last.pt"))
+
+    if start >= args.epochs:
+        test_m = evaluate(model, test.epoch(0), C, counts, args.amp)
+    with open(os.path.join(args.out, "metrics.jsonl")) as f:
+        seconds = [json.loads(l)["seconds"] for l in f]
+    final = {"script": "ldam_drw.py", "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type,
+             "loss": args.loss, "rule": args.rule, "pretrained": args.pretrained, "seed": args.seed,
+             "epochs": args.epochs, "class_counts": counts, "last": test_m,
+             "test_error": 100 - test_m["top1"], "best_on_val": best,
+             "seconds_per_epoch": float(np.median(seconds)), "wall_seconds": time.time() - t_run}
+    with open(os.path.join(args.out, "final.json"), "w") as f:
+        json.dump(final, f, indent=1)
+    print(f"last epoch: test error {final['test_error']:.2f}% (many {fmt(test_m['many'])}, medium "
+          f"{fmt(test_m['medium'])}, few {fmt(test_m['few'])})"
+          + (f"; best on validation: epoch {best['epoch']}, test error {100 - best['test']['top1']:.2f}%"
+             if best else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""ldam_drw.py: losses and weights by hand, the schedule, every loss × rule, learning, resume, loading."""
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import datasets_lt as D
+import ldam_drw as L
+from conftest import ROOT, run_script, write_file_list, write_folder
+
+CIFAR10_LT = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+
+
+# ----- losses, weights, margins --------------------------------------------------------------------
+
+def test_ldam_margins():
+    m = L.ldam_margins(CIFAR10_LT, 0.5)
+    assert m[-1].item() == pytest.approx(0.5) and m.argmax().item() == 9
+    assert m[0].item() == pytest.approx(0.5 * 0.01 ** 0.25, rel=1e-6)          # (50/5000)^{1/4} · 0.5
+    assert m[4].item() == pytest.approx(0.5 * (50 / 645) ** 0.25, rel=1e-6)
+
+
+def test_class_balanced_weights_by_hand():
+    w = L.class_balanced_weights([1, 2], beta=0.5)       # (1−β)/(1−β^n): 1 and 2/3, rescaled to sum 2
+    assert w.tolist() == pytest.approx([1.2, 0.8])
+    w = L.class_balanced_weights(CIFAR10_LT, 0.9999)
+    assert w.sum().item() == pytest.approx(10) and (w[1:] > w[:-1]).all()
+    assert (w[9] / w[0]).item() == pytest.approx((1 - 0.9999 ** 5000) / (1 - 0.9999 ** 50), rel=1e-5)
+    assert L.class_balanced_weights(CIFAR10_LT, 0.0).tolist() == [1.0] * 10     # DRW before the switch
+
+
+def test_ldam_loss_by_hand():
+    cos = torch.tensor([[0.5, 0.2], [0.1, 0.3]])
+    y = torch.tensor([0, 1])
+    loss = L.ldam_loss(cos, y, None, torch.tensor([0.1, 0.3]), 30.0)
+    # sample 1 (y=0): logits 30·(0.4, 0.2) = (12, 6); sample 2 (y=1): 30·(0.1, 0.0) = (3, 0)
+    expected = (math.log1p(math.exp(-6)) + math.log1p(math.exp(3))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    w = torch.tensor([1.0, 3.0])
+    weighted = L.ldam_loss(cos, y, w, torch.tensor([0.1, 0.3]), 30.0)
+    assert weighted.item() == pytest.approx((math.log1p(math.exp(-6)) + 3 * math.log1p(math.exp(3))) / 4, rel=1e-6)
+
+
+def test_focal_loss_by_hand_and_finite():
+    logits, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])
+    ce = F.cross_entropy(logits, y, reduction="none")
+    p = torch.exp(-ce)
+    assert L.focal_loss(logits, y, None, 1.0).item() == pytest.approx(((1 - p) * ce).mean().item())
+    assert L.focal_loss(logits, y, None, 0.0).item() == pytest.approx(ce.mean().item())
+    term = L.focal_term(torch.tensor([-1e-7, 0.0, 0.3]), 0.5)
+    assert torch.isfinite(term).all() and term[0] == 0
+    assert torch.isnan((1 - torch.exp(-torch.tensor(-1e-7))) ** 0.5)          # what the clamp prevents
+
+
+def test_lr_schedule_scales_with_epochs():
+    a = L.parse_args([])
+    assert (a.epochs, a.lr, a.wd, a.batch_size, a.loss, a.rule, a.arch) == (200, 0.1, 2e-4, 128, "ldam", "drw", "resnet32")
+    lrs = [L.lr_at(e, a) for e in range(200)]
+    assert lrs[0] == pytest.approx(0.02) and lrs[4] == pytest.approx(0.1) and lrs[159] == 0.1
+    assert lrs[160] == pytest.approx(1e-3) and lrs[179] == pytest.approx(1e-3) and lrs[180] == pytest.approx(1e-5)
+    b = L.parse_args(["--epochs", "100"])
+    assert L.lr_at(79, b) == 0.1 and L.lr_at(80, b) == pytest.approx(1e-3) and L.lr_at(90, b) == pytest.approx(1e-5)
+    c = L.parse_args(["--dataset", "imagenet_lt"])
+    assert (c.epochs, c.lr, c.arch, c.schedule) == (90, 0.2, "resnet10", "cosine")
+    assert L.lr_at(0, c) == 0.2 and L.lr_at(45, c) == pytest.approx(0.1)
+
+
+def test_resnet32_shape_and_size():
+    m = L.ResNet32(10)
+    assert m(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert sum(p.numel() for p in m.parameters()) == pytest.approx(0.46e6, rel=0.02)
+    assert len([k for k in m.state_dict() if not k.startswith("fc.")]) == 186
+
+
+# ----- runs on fake data ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def easy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("easy")
+    write_folder(root, classes=tuple("abcde"), per_class=(40,) * 5, per_class_test=8, easy=True)
+    return root
+
+
+def _run(out, root, *extra):
+    L.main(["--dataset", "folder", "--data-root", str(root), "--gpu", "-1", "--out", str(out), *map(str, extra)])
+    return json.loads((out / "final.json").read_text())
+
+
+@pytest.mark.parametrize("loss", ["ce", "focal", "ldam"])
+@pytest.mark.parametrize("rule", ["none", "reweight", "resample", "drw", "drs"])
+def test_every_loss_and_rule_runs(tmp_path, easy, loss, rule):
+    final = _run(tmp_path, easy, "--rho", "0.2", "--epochs", 2, "--batch-size", 16, "--loss", loss, "--rule", rule)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert final["class_counts"] == [40, 26, 17, 11, 8] and final["loss"] == loss and final["rule"] == rule
+
+
+def test_learning_beats_chance(tmp_path, easy):
+    final = _run(tmp_path, easy, "--rho", "0.5", "--epochs", 8, "--batch-size", 16, "--loss", "ce",
+                 "--rule", "none", "--lr", 0.05)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert final["last"]["top1"] >= 60                                           # chance: 20%
+
+
+def test_val_split_and_best_on_val(tmp_path, easy):
+    final = _run(tmp_path, easy, "--rho", "0.5", "--epochs", 2, "--batch-size", 16, "--val-frac", 0.2)
+    lt = D.lt_counts(40, 5, 0.5)
+    assert final["class_counts"] == [n - round(0.2 * n) for n in lt]
+    assert final["best_on_val"]["epoch"] in (1, 2)
+    best_row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[final["best_on_val"]["epoch"] - 1])
+    assert final["best_on_val"]["test"] == best_row["test"]
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path, easy):
+    args = ["--dataset", "folder", "--data-root", easy, "--gpu", "-1", "--rho", "0.5", "--epochs", 5,
+            "--batch-size", 16, "--rule", "drs"]
+    _run(tmp_path / "whole", easy, *args[6:])
+    proc = subprocess.Popen([sys.executable, "ldam_drw.py", *map(str, args), "--out", tmp_path / "killed"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["epoch"]
+    assert 1 <= killed_at < 5, "the run finished before it could be killed"
+    r = run_script("ldam_drw.py", "--resume", tmp_path / "killed" / "last.pt", "--gpu", "-1")
+    assert r.returncode == 0, r.stderr
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["model"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3, 4, 5]
+
+
+# ----- --pretrained --------------------------------------------------------------------------------
+
+def _rotation_style_checkpoint(path, arch="resnet32"):
+    """What rotation_ssp.py saves: a ResNet-32 with a 4-way pretext head named fc."""
+    torch.manual_seed(123)
+    model = L.ResNet32(4)
+    for t in model.state_dict().values():
+        if t.is_floating_point():
+            t.normal_()
+    torch.save({"script": "rotation_ssp.py", "arch": arch, "model": model.state_dict(), "epoch": 200}, path)
+    return model.state_dict()
+
+
+def test_load_backbone_copies_every_backbone_tensor(tmp_path, capsys):
+    src = _rotation_style_checkpoint(tmp_path / "rot.pt")
+    torch.manual_seed(0)
+    model = L.ResNet32(10, cosine=True)
+    head = model.fc.weight.detach().clone()
+    L.load_backbone(model, "resnet32", tmp_path / "rot.pt")
+    own = model.state_dict()
+    assert all(torch.equal(own[k], src[k]) for k in own if not k.startswith("fc."))
+    assert torch.equal(own["fc.weight"], head)
+    assert "186 tensors matched, 1 missing (fc.weight), 1 unexpected (fc.bias), 1 not loaded (fc.weight)" in capsys.readouterr().out
+
+
+def test_pretrained_run_starts_from_the_checkpoint(tmp_path, easy):
+    _rotation_style_checkpoint(tmp_path / "rot.pt")
+    r = run_script("ldam_drw.py", "--dataset", "folder", "--data-root", easy, "--gpu", "-1", "--epochs", 1,
+                   "--batch-size", 16, "--rho", "0.5", "--out", tmp_path / "ft", "--pretrained", tmp_path / "rot.pt")
+    assert r.returncode == 0, r.stderr
+    assert "186 tensors matched" in r.stdout and "classifier re-initialised (cosine" in r.stdout
+
+
+@pytest.mark.parametrize("kind", ["arch", "keys", "garbage"])
+def test_mismatched_checkpoint_fails_loudly(tmp_path, easy, kind):
+    path = tmp_path / "bad.pt"
+    if kind == "arch":
+        _rotation_style_checkpoint(path, arch="resnet18")
+    elif kind == "keys":
+        sd = {k: v for k, v in L.ResNet32(4).state_dict().items() if not k.startswith("layer3.4")}
+        torch.save({"arch": "resnet32", "model": sd}, path)
+    else:
+        path.write_bytes(b"not a checkpoint")
+    r = run_script("ldam_drw.py", "--dataset", "folder", "--data-root", easy, "--gpu", "-1", "--epochs", 1,
+                   "--rho", "0.5", "--out", tmp_path / "x", "--pretrained", path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert {"arch": "resnet18 backbone", "keys": "lacks 12 backbone tensors", "garbage": "not a checkpoint"}[kind] in r.stderr
+
+
+# ----- bad input -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,msg", [(["--rho", "100"], "--rho 0.01"), (["--loss", "hinge"], "invalid choice"),
+                                      (["--rule", "sometimes"], "invalid choice")])
+def test_bad_flags_one_line_exit_2(tmp_path, easy, args, msg):
+    r = run_script("ldam_drw.py", "--dataset", "folder", "--data-root", easy, "--gpu", "-1", "--out", tmp_path / "o", *args)
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_resume_of_another_scripts_checkpoint(tmp_path):
+    _rotation_style_checkpoint(tmp_path / "rot.pt")
+    r = run_script("ldam_drw.py", "--resume", tmp_path / "rot.pt", "--gpu", "-1")
+    assert r.returncode == 2 and "written by rotation_ssp.py" in r.stderr
+
+
+def test_existing_run_is_not_overwritten(tmp_path, easy):
+    _run(tmp_path, easy, "--rho", "0.5", "--epochs", 1, "--batch-size", 16)
+    before = (tmp_path / "last.pt").read_bytes()
+    r = run_script("ldam_drw.py", "--dataset", "folder", "--data-root", easy, "--gpu", "-1", "--out", tmp_path)
+    assert r.returncode == 2 and "--resume" in r.stderr and (tmp_path / "last.pt").read_bytes() == before
+
+
+def test_imagenet_lt_file_lists(tmp_path):
+    lst = write_file_list(tmp_path, num_classes=3, per_class=4)
+    final = _run(tmp_path / "run", tmp_path, "--dataset", "imagenet_lt", "--train-list", lst, "--test-list", lst,
+                 "--arch", "resnet10", "--epochs", 1, "--batch-size", 6, "--workers", 0, "--loss", "ce")
+    assert final["class_counts"] == [4, 4, 4] and 0 <= final["last"]["top1"] <= 100
