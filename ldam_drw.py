@@ -326,6 +326,7 @@ def build_data(args, device):
     return train, val, test, counts, C
 
 
+# === shared: list_batches (identical in every script that uses it) ===
 class ListBatches:
     """DataLoader over a FileListDataset with GPULoader's interface: epoch(e, weights) → (x, y, idx)."""
 
@@ -351,6 +352,7 @@ class ListBatches:
         for b, (x, y) in enumerate(torch.utils.data.DataLoader(sub, **self.kw)):
             idx = order[b * self.kw["batch_size"]:(b + 1) * self.kw["batch_size"]]
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
+# === end shared: list_batches ===
 
 
 def build_list_data(args, device):

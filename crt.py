@@ -1,0 +1,564 @@
+"""Classifier re-training (cRT) on a frozen backbone: Kang et al. 2020, "Decoupling representation and
+classifier for long-tailed recognition", §4; the strongest baseline of paper 1 (Yang & Xu 2020,
+Tables 3–4, where "cRT + SSP" is cRT on top of a self-supervised initialisation).
+
+Take any backbone checkpoint of this project (an ldam_drw.py run, rotation_ssp.py, moco_ssp.py,
+simsiam_rwsam.py), freeze it, re-initialise the linear classifier, and train only the classifier with
+class-balanced sampling (every class equally likely per draw) on the same long-tailed training subset.
+
+    python crt.py --ckpt runs/ldam_drw-cifar10-0.01-0/last.pt --gpu 0          # CE → CE + cRT
+    python crt.py --ckpt runs/ldam_drw-imagenet_lt-1-0/last.pt --train-list ImageNet_LT_train.txt \\
+        --test-list ImageNet_LT_test.txt                                      # ImageNet-LT recipe
+    python crt.py --ckpt runs/ldam_drw-cifar10-0.01-0/last.pt --bn train --augment   # the original's BN
+    python crt.py --ckpt runs/ce20/last.pt --gpu -1                           # CPU
+
+The data flags (--dataset, --data-root, --rho, --imb-type, --seed, --val-frac, --train-list,
+--test-list) default to the values the checkpoint was trained with, so the classifier is re-trained
+on exactly the images the backbone saw.
+
+Recipe (REFERENCE §7, Kang et al. on ImageNet-LT): SGD momentum 0.9, batch 512, lr 0.2 with a cosine
+schedule over 10 epochs, wd 5e-4, each epoch len(train set) class-balanced draws with replacement.
+The same recipe is the default on CIFAR, SVHN and folders: with cached 64-d features 10 epochs of
+CIFAR-10-LT take well under a second. Paper 1, Table 3 (ImageNet-LT, ResNet-10 / ResNet-50 error):
+cRT 58.2 / 52.7, cRT + SSP 56.0 / 51.2 (approximately; see the paper's table).
+
+Deliberate differences from Kang et al.'s code:
+1. --bn frozen (default): the backbone runs in eval mode, so BatchNorm uses and keeps its running
+   statistics. The original kept the backbone in train mode, so BN statistics of the "frozen" backbone
+   were re-estimated under class-balanced batches; --bn train reproduces that.
+2. With --bn frozen and no --augment (default) the features are computed once, with the test
+   transform, and the classifier is trained on the cached features. The original recomputed features
+   with training augmentation every step; --augment does that (crop/flip on CIFAR-like data, the
+   ImageNet training transform for file lists).
+3. Class-balanced sampling draws classes with equal probability by weighting each image with 1/n_y
+   and drawing with replacement (torch.multinomial), the same distribution over classes as the
+   original ClassAwareSampler, which cycles through a shuffled list per class.
+4. After training every backbone tensor is compared with its value before (parameters always, BN
+   buffers too under --bn frozen), as facebookresearch's linear-evaluation sanity check does.
+5. The report is the last epoch; with a validation split (--val-frac) also the best-on-validation
+   epoch. The test set never picks an epoch.
+6. No --resume: the whole stage takes seconds (cached features) to minutes (ImageNet with --augment);
+   rerun it. last.pt (backbone + new classifier, written after every epoch) loads like any checkpoint.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import datasets_lt as D
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Classifier re-training on a frozen backbone (Kang et al. 2020).")
+    # --- shared flags (data flags default to the checkpoint's values) ---
+    p.add_argument("--dataset", default=None,
+                   choices=["cifar10", "cifar100", "svhn", "folder", "imagenet_lt", "inat"])
+    p.add_argument("--data-root", default=None, help="dataset folder")
+    p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    p.add_argument("--rho", type=float, default=None, help="tail/head ratio in (0, 1]; 1 = balanced")
+    p.add_argument("--imb-type", default=None, choices=["exp", "step"])
+    p.add_argument("--gpu", type=int, default=0, help="GPU index; -1 = CPU")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--lr", type=float, default=0.2)
+    p.add_argument("--wd", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", default=None, help="default: runs/<script>-<dataset>-<rho>-<seed>")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--val-frac", type=float, default=None,
+                   help="validation split carved from the training subset; 0 = report last epoch only")
+    # --- this method ---
+    p.add_argument("--ckpt", required=True, help="backbone checkpoint of this project")
+    p.add_argument("--bn", default="frozen", choices=["frozen", "train"],
+                   help="frozen: backbone in eval mode; train: BN statistics keep updating (original cRT)")
+    p.add_argument("--augment", action="store_true", help="training augmentation; recompute features every step")
+    p.add_argument("--train-list", default=None, help="ImageNet-LT / iNat: 'relative/path label' list")
+    p.add_argument("--test-list", default=None, help="ImageNet-LT / iNat: test list")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers (ImageNet-LT / iNat only)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.error = fail
+    return p.parse_args(argv)
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def fmt(v):
+    return f"{v:6.2f}" if v is not None else f"{'-':>6}"
+
+
+# === shared: resnet32 (identical in every script that uses it) ===
+class BasicBlock(nn.Module):
+    """3×3 conv → BN → ReLU → 3×3 conv → BN, plus a parameter-free shortcut (He et al.'s option A:
+    subsample by 2 and zero-pad the new channels)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.extra = cout - cin
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if self.extra:
+            x = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.extra // 2, self.extra // 2))
+        return F.relu(out + x)
+
+
+class NormedLinear(nn.Module):
+    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+
+    def forward(self, x):
+        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
+
+
+class ResNet32(nn.Module):
+    """CIFAR ResNet-32: 16-channel stem, 3 stages × 5 basic blocks (16, 32, 64), global pool, `fc`."""
+
+    def __init__(self, num_classes, cosine=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        widths, cin = (16, 32, 64), 16
+        for i, w in enumerate(widths):
+            blocks = [BasicBlock(cin if b == 0 else w, w, 2 if (i and b == 0) else 1) for b in range(5)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            cin = w
+        self.fc = NormedLinear(64, num_classes) if cosine else nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def features(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+# === end shared: resnet32 ===
+
+
+# === shared: resnet18 (identical in every script that uses it) ===
+class ResBlock(nn.Module):
+    """Basic block of the CIFAR ResNet-18: two 3×3 convs with BN, and a 1×1 conv + BN shortcut where
+    the shape changes."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR ResNet-18 (REFERENCE §6): 3×3 stride-1 stem, no max-pool, stages of two blocks with 64,
+    128, 256 and 512 channels, global pool, 512-d feature, classifier `fc`."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        cin = 64
+        for i, (w, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2))):
+            setattr(self, f"layer{i + 1}", nn.Sequential(ResBlock(cin, w, stride), ResBlock(w, w, 1)))
+            cin = w
+        self.fc = nn.Linear(512, num_classes)
+
+    def features(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+# === end shared: resnet18 ===
+
+
+def build_backbone(arch):
+    """The architecture named in a checkpoint, with `fc` as its (to be replaced) head."""
+    if arch == "resnet32":
+        return ResNet32(1)
+    if arch == "resnet18":
+        return ResNet18(1)
+    if arch in ("resnet10", "resnet50"):
+        block, layers = ((torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]) if arch == "resnet10" else
+                         (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]))
+        return torchvision.models.resnet.ResNet(block, layers, num_classes=1)
+    fail(f"unknown architecture '{arch}' in the checkpoint")
+
+
+# === shared: checkpoints (identical in every script) ===
+HEAD_PREFIXES = ("fc.",)
+
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"checkpoint '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
+        fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
+    return ckpt
+
+
+def load_backbone(model, arch, path):
+    """Copy every backbone tensor of the checkpoint at `path` into `model`; the head stays as it is.
+
+    Prints matched / missing / unexpected counts; fails unless every backbone key of `model` was found
+    with the right shape."""
+    ckpt = load_checkpoint(path)
+    if ckpt["arch"] != arch:
+        fail(f"'{path}' holds a {ckpt['arch']} backbone but this run trains {arch}; pre-train the same "
+             f"architecture or pass --arch {ckpt['arch']}")
+    src = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    own = model.state_dict()
+    backbone = [k for k in own if not k.startswith(HEAD_PREFIXES)]
+    matched = [k for k in backbone if k in src and src[k].shape == own[k].shape]
+    missing = [k for k in own if k not in matched]
+    unexpected = [k for k in src if k not in own]
+    skipped = [k for k in src if k in own and k not in matched]
+    names = lambda keys: ", ".join(keys[:4]) + (", …" if len(keys) > 4 else "") or "-"
+    print(f"loaded backbone from {path}: {len(matched)} tensors matched, {len(missing)} missing "
+          f"({names(missing)}), {len(unexpected)} unexpected ({names(unexpected)}), {len(skipped)} not loaded "
+          f"({names(skipped)})")
+    bad = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
+    if bad:
+        fail(f"'{path}' lacks {len(bad)} backbone tensors of {arch} (first: {bad[0]}); it is not a "
+             f"{arch} backbone of this project")
+    own.update({k: src[k] for k in matched})
+    model.load_state_dict(own)
+    return ckpt
+# === end shared: checkpoints ===
+
+
+# === shared: evaluate (identical in every script) ===
+@torch.no_grad()
+def evaluate(model, batches, num_classes, train_counts, amp=False):
+    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means."""
+    model.eval()
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    total = torch.zeros(num_classes, dtype=torch.long)
+    for x, y, _ in batches:
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+            pred = model(x).argmax(1)
+        y = y.to(pred.device)
+        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
+        total += torch.bincount(y, minlength=num_classes).cpu()
+    per_class = (correct.double() / total.clamp(min=1)).tolist()
+    seen = total > 0
+    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
+              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
+              "per_class": [round(100 * a, 2) for a in per_class]}
+    for group, mask in D.shot_groups(train_counts).items():
+        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
+        result[group] = 100 * float(np.mean(accs)) if accs else None
+    return result
+# === end shared: evaluate ===
+
+
+# ----- the method ----------------------------------------------------------------------------------
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def check_unchanged(model, before, buffers=True):
+    """Sanity check (facebookresearch linear-eval style): the frozen backbone must not have moved."""
+    params = {name for name, _ in model.named_parameters()}
+    for k, v in model.state_dict().items():
+        if (k in params or buffers) and not torch.equal(v, before[k]):
+            raise RuntimeError(f"backbone tensor '{k}' changed during cRT; the backbone is not frozen")
+
+
+class Features:
+    """Cached features as GPULoader-like batches: epoch(e, weights) → (features, labels, idx)."""
+
+    def __init__(self, feats, labels, batch_size, seed):
+        self.feats, self.labels, self.batch_size, self.seed = feats, labels, batch_size, seed
+
+    def epoch(self, epoch, weights=None):
+        n = len(self.labels)
+        if weights is not None:
+            g = torch.Generator(device=self.feats.device).manual_seed(self.seed * 100_003 + epoch)
+            order = torch.multinomial(weights.to(self.feats.device, torch.double), n, replacement=True, generator=g)
+        else:
+            order = torch.arange(n, device=self.feats.device)
+        for b in range(0, n, self.batch_size):
+            idx = order[b:b + self.batch_size]
+            yield self.feats[idx], self.labels[idx], idx
+
+
+@torch.no_grad()
+def extract(backbone, batches, amp):
+    backbone.eval()
+    feats, labels = [], []
+    for x, y, _ in batches:
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+            feats.append(backbone(x).float())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+class Classifier(nn.Module):
+    """Frozen backbone + new linear head; `cached=True` means inputs are already features."""
+
+    def __init__(self, backbone, head, cached):
+        super().__init__()
+        self.backbone, self.head, self.cached = backbone, head, cached
+
+    def forward(self, x):
+        return self.head(x if self.cached else self.backbone(x))
+
+
+# ----- data ----------------------------------------------------------------------------------------
+
+def build_data(args, device):
+    """Training / validation / test batches (raw images) and the training class counts."""
+    if args.dataset in ("imagenet_lt", "inat"):
+        if not args.train_list or not args.test_list:
+            fail(f"--dataset {args.dataset} needs --train-list and --test-list ('relative/path label' files)")
+        train_ds = D.FileListDataset(args.data_root, args.train_list, train=args.augment)
+        test_ds = D.FileListDataset(args.data_root, args.test_list, train=False)
+        C = max(train_ds.num_classes, test_ds.num_classes)
+        idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.seed)
+        counts = np.bincount(train_ds.labels[idx], minlength=C).tolist()
+        train = ListBatches(train_ds, idx, args.batch_size, True, args.seed, args.workers, device)
+        test = ListBatches(test_ds, np.arange(len(test_ds)), 256, False, args.seed, args.workers, device)
+        val = None
+        if len(val_idx):
+            val = ListBatches(D.FileListDataset(args.data_root, args.train_list, train=False), val_idx, 256,
+                              False, args.seed, args.workers, device)
+        plain = train if not args.augment else ListBatches(
+            D.FileListDataset(args.data_root, args.train_list, train=False), idx, 256, False, args.seed,
+            args.workers, device)
+        return train, plain, val, test, counts, C
+    train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
+    test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
+    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.seed, D.N_MAX.get(args.dataset),
+                             D.CLASS_ORDER.get(args.dataset))
+    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.seed)
+    mean, std = D.mean_std(args.dataset, train_x)
+    C = len(names)
+    counts = np.bincount(train_y[idx], minlength=C).tolist()
+    train = D.GPULoader(train_x[idx], train_y[idx], args.batch_size, mean, std, device,
+                        augment="crop_flip" if args.augment else None, shuffle=True, seed=args.seed)
+    plain = D.GPULoader(train.images, train_y[idx], 1000, mean, std, device)
+    test = D.GPULoader(test_x, test_y, 1000, mean, std, device)
+    val = D.GPULoader(train_x[val_idx], train_y[val_idx], 1000, mean, std, device) if len(val_idx) else None
+    return train, plain, val, test, counts, C
+
+
+# === shared: list_batches (identical in every script that uses it) ===
+class ListBatches:
+    """DataLoader over a FileListDataset with GPULoader's interface: epoch(e, weights) → (x, y, idx)."""
+
+    def __init__(self, dataset, indices, batch_size, train, seed, workers, device):
+        self.dataset, self.indices, self.train, self.seed, self.device = dataset, indices, train, seed, device
+        self.labels = torch.as_tensor(dataset.labels[indices])
+        self.kw = dict(batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                       persistent_workers=workers > 0)
+
+    def __len__(self):
+        return -(-len(self.indices) // self.kw["batch_size"])
+
+    def epoch(self, epoch, weights=None):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        if weights is not None:
+            sampler = torch.utils.data.WeightedRandomSampler(weights, len(self.indices), generator=g)
+        elif self.train:
+            sampler = torch.utils.data.RandomSampler(range(len(self.indices)), generator=g)
+        else:
+            sampler = range(len(self.indices))
+        order = torch.as_tensor(list(sampler))
+        sub = torch.utils.data.Subset(self.dataset, [int(self.indices[i]) for i in order])
+        for b, (x, y) in enumerate(torch.utils.data.DataLoader(sub, **self.kw)):
+            idx = order[b * self.kw["batch_size"]:(b + 1) * self.kw["batch_size"]]
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
+# === end shared: list_batches ===
+
+
+# ----- main ----------------------------------------------------------------------------------------
+
+def setup_device(args):
+    if args.gpu >= 0 and not torch.cuda.is_available():
+        print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
+        args.gpu = -1
+    device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 else "cpu")
+    if args.amp and device.type != "cuda":
+        print("warning: --amp needs CUDA; ignored on the CPU", file=sys.stderr)
+        args.amp = False
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    return device
+
+
+def previous_classifier(ckpt, C):
+    """The checkpoint's own classifier, when it is one for this task (a supervised run): for the
+    'before' column."""
+    if ckpt.get("script") not in ("ldam_drw.py", "self_training.py"):
+        return None
+    model = build_backbone(ckpt["arch"])
+    head = ckpt["model"].get("fc.weight")
+    if head is None or head.shape[0] != C:
+        return None
+    cosine = "fc.bias" not in ckpt["model"]
+    in_features = head.shape[1]
+    model.fc = NormedLinear(in_features, C) if cosine else nn.Linear(in_features, C)
+    model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["model"].items()})
+    return model
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    source = load_checkpoint(args.ckpt)
+    trained = source.get("args", {})
+    for name, default in (("dataset", "cifar10"), ("data_root", "./data"), ("rho", 0.01), ("imb_type", "exp"),
+                          ("seed", 0), ("val_frac", 0.0), ("train_list", None), ("test_list", None)):
+        if getattr(args, name) is None:
+            setattr(args, name, trained.get(name, default))
+    if args.out is None:
+        args.out = os.path.join("runs", f"crt-{args.dataset}-{args.rho:g}-{args.seed}")
+    try:
+        D.check_rho(args.rho)
+        if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+            fail("--epochs, --batch-size and --lr must be positive")
+        if os.path.exists(os.path.join(args.out, "last.pt")):
+            fail(f"{args.out} already holds a run; pass another --out")
+        device = setup_device(args)
+        torch.manual_seed(args.seed)
+        train, plain, val, test, counts, C = build_data(args, device)
+    except D.DataError as e:
+        fail(str(e))
+
+    backbone = build_backbone(source["arch"])
+    load_backbone(backbone, source["arch"], args.ckpt)
+    feat_dim = backbone.fc.weight.shape[1]
+    backbone.fc = nn.Identity()
+    backbone = backbone.to(device).requires_grad_(False)
+    before_model = previous_classifier(source, C)
+    before = evaluate(before_model.to(device), test.epoch(0), C, counts, args.amp) if before_model else None
+    frozen = snapshot(backbone)
+
+    cached = args.bn == "frozen" and not args.augment
+    t0 = time.time()
+    if cached:                                            # features once, test transform, BN in eval mode
+        train_f, train_l = extract(backbone, plain.epoch(0), args.amp)
+        test_f, test_l = extract(backbone, test.epoch(0), args.amp)
+        train_b = Features(train_f, train_l, args.batch_size, args.seed)
+        test_b = Features(test_f, test_l, 1000, args.seed)
+        val_b = Features(*extract(backbone, val.epoch(0), args.amp), 1000, args.seed) if val else None
+    else:
+        train_b, test_b, val_b = train, test, val
+    feature_seconds = time.time() - t0
+
+    head = nn.Linear(feat_dim, C).to(device)
+    model = Classifier(backbone, head, cached)
+    optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    best = None
+    labels = train.labels if not cached else train_l
+    weights = D.balanced_sample_weights(labels.cpu())
+
+    os.makedirs(args.out, exist_ok=True)
+    meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
+    open(os.path.join(args.out, "metrics.jsonl"), "w").close()
+    print(f"cRT on {source['arch']} from {args.ckpt} ({source.get('script', '?')}): {args.dataset} rho={args.rho:g}, "
+          f"{sum(counts)} training images, bn={args.bn}, {'cached features' if cached else 'features every step'}"
+          f" ({feature_seconds:.1f} s), {args.epochs} epochs on {device}")
+    print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'test':>6} {'many':>6} {'med':>6} {'few':>6} {'val':>6} {'s':>6}")
+
+    t_run = time.time()
+    for epoch in range(args.epochs):
+        t_ep = time.time()
+        lr = 0.5 * args.lr * (1 + math.cos(math.pi * epoch / args.epochs))   # cosine, per epoch
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        backbone.train(args.bn == "train")
+        head.train()
+        loss_sum, seen = torch.zeros((), device=device), 0
+        for x, y, _ in train_b.epoch(epoch, weights):
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and not cached):
+                logits = model(x).float()
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(y)
+            seen += len(y)
+        test_m = evaluate(model, test_b.epoch(0), C, counts, args.amp)
+        val_m = evaluate(model, val_b.epoch(0), C, counts, args.amp) if val_b else None
+        if val_m and (best is None or val_m["top1"] > best["val_top1"]):
+            best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
+        row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "test": test_m,
+               "val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t_ep}
+        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(test_m['top1'])} {fmt(test_m['many'])} "
+              f"{fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_top1'])} {row['seconds']:6.2f}",
+              flush=True)
+        ckpt = {"script": "crt.py", "arch": source["arch"],
+                "model": {**backbone.state_dict(), **{f"fc.{k}": v for k, v in head.state_dict().items()}},
+                "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "args": vars(args),
+                "class_counts": counts, "best": best, "rng": {"torch": torch.get_rng_state()}}
+        save_atomic(ckpt, os.path.join(args.out, "last.pt"))
+
+    try:
+        check_unchanged(backbone, frozen, buffers=args.bn == "frozen")
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    final = {"script": "crt.py", "ckpt": args.ckpt, "ckpt_script": source.get("script"), "arch": source["arch"],
+             "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type, "seed": args.seed, "bn": args.bn,
+             "augment": args.augment, "cached_features": cached, "epochs": args.epochs, "class_counts": counts,
+             "before": before, "last": test_m, "test_error": 100 - test_m["top1"], "best_on_val": best,
+             "feature_seconds": feature_seconds, "wall_seconds": time.time() - t_run}
+    with open(os.path.join(args.out, "final.json"), "w") as f:
+        json.dump(final, f, indent=1)
+    print(f"{'':13}{'top1':>7} {'mean/cls':>8} {'many':>6} {'med':>6} {'few':>6}")
+    for name, m in (("before cRT", before), ("after cRT", test_m)):
+        if m:
+            print(f"{name:<13}{m['top1']:7.2f} {m['mean_class_acc']:8.2f} {fmt(m['many'])} {fmt(m['medium'])} "
+                  f"{fmt(m['few'])}")
+    print(f"backbone unchanged ({'parameters and BN buffers' if args.bn == 'frozen' else 'parameters'}); "
+          f"test error {final['test_error']:.2f}%")
+
+
+if __name__ == "__main__":
+    main()

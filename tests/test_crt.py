@@ -1,0 +1,111 @@
+"""crt.py: class-balanced sampling, a frozen backbone, and a re-trained classifier that helps the tail."""
+import json
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+import crt
+import datasets_lt as D
+import ldam_drw
+from conftest import run_script, write_folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A CE ResNet-32 trained on imbalanced easy data (counts 40, 22, 12, 7, 4): a usable backbone."""
+    root = tmp_path_factory.mktemp("easy")
+    write_folder(root, classes=tuple("abcde"), per_class=(40,) * 5, per_class_test=8, easy=True)
+    out = root / "ce"
+    ldam_drw.main(["--dataset", "folder", "--data-root", str(root), "--gpu", "-1", "--out", str(out),
+                   "--rho", "0.1", "--epochs", "12", "--batch-size", "16", "--lr", "0.05", "--loss", "ce",
+                   "--rule", "none"])
+    return root, out / "last.pt"
+
+
+def _crt(tmp_path, ckpt, *extra):
+    crt.main(["--ckpt", str(ckpt), "--gpu", "-1", "--out", str(tmp_path / "crt"), "--batch-size", "32",
+              *map(str, extra)])
+    return json.loads((tmp_path / "crt" / "final.json").read_text())
+
+
+def test_balanced_sampling_draws_classes_uniformly():
+    labels = torch.as_tensor(np.repeat(np.arange(5), [200, 100, 50, 25, 5]))
+    feats = torch.zeros(len(labels), 3)
+    batches = crt.Features(feats, labels, 64, seed=0)
+    w = D.balanced_sample_weights(labels)
+    drawn = torch.cat([torch.cat([y for _, y, _ in batches.epoch(e, w)]) for e in range(20)])
+    assert len(drawn) == 20 * 380
+    assert scipy.stats.chisquare(torch.bincount(drawn, minlength=5).numpy()).pvalue > 1e-3
+    plain = torch.cat([y for _, y, _ in batches.epoch(0)])
+    assert torch.equal(plain, labels)
+
+
+def test_crt_raises_tail_accuracy_of_a_head_biased_classifier(tmp_path, trained):
+    _, ckpt = trained
+    state = torch.load(ckpt, weights_only=True)
+    state["model"]["fc.bias"][:2] += 6.0                       # push every prediction towards the head
+    torch.save(state, tmp_path / "biased.pt")
+    final = _crt(tmp_path, tmp_path / "biased.pt")
+    before, after = final["before"], final["last"]
+    assert final["cached_features"] and final["class_counts"] == [40, 22, 12, 7, 4]
+    tail_before, tail_after = np.mean(before["per_class"][2:]), np.mean(after["per_class"][2:])
+    assert tail_before < 50 and tail_after > tail_before + 20
+    assert after["few"] > before["few"]
+
+
+def test_backbone_unchanged_and_the_check_catches_a_change(tmp_path, trained):
+    _, ckpt = trained
+    _crt(tmp_path, ckpt, "--epochs", 2)
+    src = torch.load(ckpt, weights_only=True)["model"]
+    out = torch.load(tmp_path / "crt" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(out[k], v) for k, v in src.items() if not k.startswith("fc."))
+    assert out["fc.weight"].shape == src["fc.weight"].shape and not torch.equal(out["fc.weight"], src["fc.weight"])
+    model = ldam_drw.ResNet32(5)
+    before = crt.snapshot(model)
+    crt.check_unchanged(model, before)
+    model.layer2[1].bn1.running_mean += 0.1
+    with pytest.raises(RuntimeError, match="layer2.1.bn1.running_mean"):
+        crt.check_unchanged(model, before)
+    crt.check_unchanged(model, before, buffers=False)          # --bn train: only parameters are checked
+
+
+def test_bn_train_updates_statistics_but_not_weights(tmp_path, trained):
+    _, ckpt = trained
+    final = _crt(tmp_path, ckpt, "--bn", "train", "--epochs", 2)
+    assert not final["cached_features"]
+    src = torch.load(ckpt, weights_only=True)["model"]
+    out = torch.load(tmp_path / "crt" / "last.pt", weights_only=True)["model"]
+    assert not torch.equal(out["bn1.running_mean"], src["bn1.running_mean"])
+    assert torch.equal(out["layer3.4.conv2.weight"], src["layer3.4.conv2.weight"])
+
+
+def test_augmented_features_every_step(tmp_path, trained):
+    _, ckpt = trained
+    final = _crt(tmp_path, ckpt, "--augment", "--epochs", 2)
+    assert not final["cached_features"] and final["bn"] == "frozen" and 0 <= final["last"]["top1"] <= 100
+
+
+def test_self_supervised_checkpoint_has_no_before(tmp_path, trained):
+    _, ckpt = trained
+    state = torch.load(ckpt, weights_only=True)
+    state["script"] = "rotation_ssp.py"
+    state["model"]["fc.weight"] = torch.zeros(4, 64)
+    state["model"]["fc.bias"] = torch.zeros(4)
+    torch.save(state, tmp_path / "rot.pt")
+    final = _crt(tmp_path, tmp_path / "rot.pt", "--epochs", 2)
+    assert final["before"] is None and final["ckpt_script"] == "rotation_ssp.py"
+
+
+@pytest.mark.parametrize("kind", ["missing", "arch"])
+def test_bad_checkpoint_one_line_exit_2(tmp_path, trained, kind):
+    _, ckpt = trained
+    path = tmp_path / "nothing.pt"
+    if kind == "arch":
+        state = torch.load(ckpt, weights_only=True)
+        state["arch"] = "vit_b16"
+        torch.save(state, path)
+    r = run_script("crt.py", "--ckpt", path, "--gpu", "-1", "--out", tmp_path / "o")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert {"missing": "does not exist", "arch": "unknown architecture 'vit_b16'"}[kind] in r.stderr
