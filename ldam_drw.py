@@ -232,6 +232,7 @@ def load_backbone(model, arch, path):
 
 # ----- losses (REFERENCE §2) -----------------------------------------------------------------------
 
+# === shared: class_balance (identical in every script that uses it) ===
 def class_balanced_weights(counts, beta):
     """Cui et al. 2019, Eq. (3): w_c ∝ (1 − β) / (1 − β^{n_c}), normalised to sum to C."""
     n = torch.as_tensor(counts, dtype=torch.float64)
@@ -243,6 +244,7 @@ def ldam_margins(counts, max_m):
     """Cao et al. 2019, Eq. (13): Δ_c = C / n_c^{1/4}, C chosen so the largest margin is max_m."""
     m = torch.as_tensor(counts, dtype=torch.float64) ** -0.25
     return (m * (max_m / m.max())).float()
+# === end shared: class_balance ===
 
 
 def ce_loss(logits, y, weight):
@@ -266,6 +268,7 @@ def ldam_loss(cosines, y, weight, margins, s):
     return F.cross_entropy(s * shifted, y, weight=weight)
 
 
+# === shared: lr_schedule (identical in every script that uses it) ===
 def lr_at(epoch, args):
     """Learning rate of 0-based `epoch`: CIFAR step schedule with warm-up, or cosine (ImageNet)."""
     e = epoch + 1
@@ -278,6 +281,7 @@ def lr_at(epoch, args):
     if e > int(0.8 * args.epochs):
         return args.lr * 1e-2
     return args.lr
+# === end shared: lr_schedule ===
 
 
 # === shared: evaluate (identical in every script) ===

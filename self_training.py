@@ -1,0 +1,578 @@
+"""Self-training with extra unlabeled data: paper 1 (Yang & Xu 2020), §2.2–3, Table 1, Figs. 2–3.
+
+Imbalanced labels are valuable: (a) train a classifier on the long-tailed labeled set D_L, (b) let it
+pseudo-label an extra unlabeled set D_U (hard argmax, eval mode, test transform), (c) train a fresh
+model on D_L ∪ D_U with the same recipe. Paper 1 minimises L(D_L) + ω·L(D_U) (§3); the authors' code
+merges both into one shuffled set, which is ω = 1.
+
+    python self_training.py --rho 0.01 --gpu 0                          # LDAM-DRW base + D_U, rho_U = 1
+    python self_training.py --rho 0.01 --loss ce --rule none            # CE
+    python self_training.py --rho 0.01 --base runs/ldam_drw-cifar10-0.01-0/last.pt   # reuse a base model
+    python self_training.py --dataset svhn --rho 0.01                   # D_U from SVHN's extra split
+    python self_training.py --rho 0.02 --rho-u 0.02 --irrelevant-classes 8,9 --relevance 0.6   # Fig. 2
+    python self_training.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01 --epochs 2 --gpu -1  # CPU
+
+The unlabeled pool. The authors drew D_U from 80 Million Tiny Images, which its creators withdrew in
+2020, so their script cannot be run today. Here D_U comes from data that exists: by default the
+training images of the same dataset that are not in D_L (CIFAR, folders), SVHN's `extra` split, or
+any `--unlabeled-root DIR` laid out as DIR/<class>/* (classes named like the task's are relevant, any
+other class is irrelevant). |D_U| = --unlabeled-mult · |D_L| (paper: 5), split over classes with ratio
+--rho-u; which images enter each class is chosen with the TRUE labels (the experimenter's control),
+training sees only pseudo-labels. For CIFAR-10 at rho 0.01 the pool holds 37,594 images and class 0
+none at all, so D_U@5x (62,030) is capped and the script says by how much per class.
+
+Paper numbers (CIFAR-10-LT ρ=100, top-1 error, 80M TI pool, lossless): CE 29.64 → 17.48 and LDAM-DRW
+22.97 → 14.96 with D_U@5x, ρ_U = 1. Our default pool is smaller and in-distribution; expect less.
+
+Deliberate differences from the paper and the authors' code:
+1. D_U comes from existing data (above), capped with a warning when the pool is short.
+2. --omega weights each unlabeled example's loss by ω (ω = 1, the default, is the authors' merged set;
+   ω = 0 drops D_U and is exactly ldam_drw.py on D_L). With ω ≠ 1 the batch loss is
+   Σ c_i w_{y_i} ℓ_i / Σ c_i w_{y_i} for CE / LDAM and mean(c_i · focal_i) for focal, c_i ∈ {1, ω}.
+3. --threshold keeps only pseudo-labels whose softmax confidence reaches it (off by default, as in
+   the paper; for LDAM the confidence is softmax(s · cosine), the training logits).
+4. Class counts for LDAM margins, DRW weights and re-sampling include the pseudo-labels, as the
+   authors did; --labeled-counts uses D_L's counts only.
+5. Data relevance (Fig. 2): --irrelevant-classes removes those classes from the task (D_L, test set,
+   labels renumbered) and uses their training images as the irrelevant part of D_U; --relevance r
+   keeps r·|D_U| relevant images. The paper's irrelevant images came from other 80M TI classes.
+6. Every stage reports on the balanced test set at the last epoch; model selection, where wanted,
+   uses --val-frac (a split of D_L), never the test set.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+
+import math
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import datasets_lt as D
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Self-training with extra unlabeled data (paper 1, §2-3).")
+    # --- shared flags (same names, order, defaults and help in every script) ---
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "svhn", "folder"])
+    p.add_argument("--data-root", default="./data", help="dataset folder")
+    p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    p.add_argument("--rho", type=float, default=0.01, help="tail/head ratio in (0, 1]; 1 = balanced")
+    p.add_argument("--imb-type", default="exp", choices=["exp", "step"])
+    p.add_argument("--gpu", type=int, default=0, help="GPU index; -1 = CPU")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--wd", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="default: runs/<script>-<dataset>-<rho>-<seed>")
+    p.add_argument("--resume", default=None, help="continue the run saved in this last.pt")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--val-frac", type=float, default=0.0,
+                   help="validation split carved from the training subset; 0 = report last epoch only")
+    # --- this method ---
+    p.add_argument("--loss", default="ldam", choices=["ce", "focal", "ldam"])
+    p.add_argument("--rule", default="drw", choices=["none", "reweight", "resample", "drw", "drs"])
+    p.add_argument("--base", default=None, help="base classifier (an ldam_drw.py last.pt) instead of stage (a)")
+    p.add_argument("--unlabeled-root", default=None, help="image folder DIR/<class>/* to draw D_U from")
+    p.add_argument("--unlabeled-mult", type=float, default=5.0, help="|D_U| / |D_L| (paper: 5)")
+    p.add_argument("--rho-u", type=float, default=1.0, help="class ratio of D_U, tail/head in (0, 1]")
+    p.add_argument("--relevance", type=float, default=1.0, help="fraction of D_U from the task's classes")
+    p.add_argument("--irrelevant-classes", default=None, help="comma-separated classes held out as irrelevant")
+    p.add_argument("--omega", type=float, default=1.0, help="weight of the unlabeled loss (1 = merged set)")
+    p.add_argument("--threshold", type=float, default=None, help="keep pseudo-labels with confidence ≥ this")
+    p.add_argument("--labeled-counts", action="store_true", help="LDAM/DRW/resampling from D_L counts only")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--warmup", type=int, default=5, help="linear warm-up epochs")
+    p.add_argument("--beta", type=float, default=0.9999, help="class-balanced weights: effective-number β")
+    p.add_argument("--gamma", type=float, default=1.0, help="focal loss γ")
+    p.add_argument("--max-m", type=float, default=0.5, help="LDAM: largest margin")
+    p.add_argument("--s", type=float, default=30.0, help="LDAM: logit scale")
+    p.error = fail
+    args = p.parse_args(argv)
+    args.schedule, args.arch = "step", "resnet32"
+    if args.out is None:
+        args.out = os.path.join("runs", f"self_training-{args.dataset}-{args.rho:g}-{args.seed}")
+    return args
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def fmt(v):
+    return f"{v:6.2f}" if v is not None else f"{'-':>6}"
+
+
+# === shared: resnet32 (identical in every script that uses it) ===
+class BasicBlock(nn.Module):
+    """3×3 conv → BN → ReLU → 3×3 conv → BN, plus a parameter-free shortcut (He et al.'s option A:
+    subsample by 2 and zero-pad the new channels)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.extra = cout - cin
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if self.extra:
+            x = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.extra // 2, self.extra // 2))
+        return F.relu(out + x)
+
+
+class NormedLinear(nn.Module):
+    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+
+    def forward(self, x):
+        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
+
+
+class ResNet32(nn.Module):
+    """CIFAR ResNet-32: 16-channel stem, 3 stages × 5 basic blocks (16, 32, 64), global pool, `fc`."""
+
+    def __init__(self, num_classes, cosine=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        widths, cin = (16, 32, 64), 16
+        for i, w in enumerate(widths):
+            blocks = [BasicBlock(cin if b == 0 else w, w, 2 if (i and b == 0) else 1) for b in range(5)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            cin = w
+        self.fc = NormedLinear(64, num_classes) if cosine else nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def features(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+# === end shared: resnet32 ===
+
+
+# === shared: checkpoints (identical in every script) ===
+HEAD_PREFIXES = ("fc.",)
+
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"checkpoint '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
+        fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
+    return ckpt
+
+
+def load_backbone(model, arch, path):
+    """Copy every backbone tensor of the checkpoint at `path` into `model`; the head stays as it is.
+
+    Prints matched / missing / unexpected counts; fails unless every backbone key of `model` was found
+    with the right shape."""
+    ckpt = load_checkpoint(path)
+    if ckpt["arch"] != arch:
+        fail(f"'{path}' holds a {ckpt['arch']} backbone but this run trains {arch}; pre-train the same "
+             f"architecture or pass --arch {ckpt['arch']}")
+    src = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    own = model.state_dict()
+    backbone = [k for k in own if not k.startswith(HEAD_PREFIXES)]
+    matched = [k for k in backbone if k in src and src[k].shape == own[k].shape]
+    missing = [k for k in own if k not in matched]
+    unexpected = [k for k in src if k not in own]
+    skipped = [k for k in src if k in own and k not in matched]
+    names = lambda keys: ", ".join(keys[:4]) + (", …" if len(keys) > 4 else "") or "-"
+    print(f"loaded backbone from {path}: {len(matched)} tensors matched, {len(missing)} missing "
+          f"({names(missing)}), {len(unexpected)} unexpected ({names(unexpected)}), {len(skipped)} not loaded "
+          f"({names(skipped)})")
+    bad = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
+    if bad:
+        fail(f"'{path}' lacks {len(bad)} backbone tensors of {arch} (first: {bad[0]}); it is not a "
+             f"{arch} backbone of this project")
+    own.update({k: src[k] for k in matched})
+    model.load_state_dict(own)
+    return ckpt
+# === end shared: checkpoints ===
+
+
+# === shared: class_balance (identical in every script that uses it) ===
+def class_balanced_weights(counts, beta):
+    """Cui et al. 2019, Eq. (3): w_c ∝ (1 − β) / (1 − β^{n_c}), normalised to sum to C."""
+    n = torch.as_tensor(counts, dtype=torch.float64)
+    w = (1 - beta) / (1 - beta ** n)
+    return (w / w.sum() * len(n)).float()
+
+
+def ldam_margins(counts, max_m):
+    """Cao et al. 2019, Eq. (13): Δ_c = C / n_c^{1/4}, C chosen so the largest margin is max_m."""
+    m = torch.as_tensor(counts, dtype=torch.float64) ** -0.25
+    return (m * (max_m / m.max())).float()
+# === end shared: class_balance ===
+
+
+# ----- losses with a per-example weight c_i (1 for D_L, ω for D_U) ----------------------------------
+
+def weighted_ce(logits, y, weight, c):
+    """Σ c_i w_{y_i} CE_i / Σ c_i w_{y_i}; c = None is nn.CrossEntropyLoss(weight), as in ldam_drw.py."""
+    if c is None:
+        return F.cross_entropy(logits, y, weight=weight)
+    ce = F.cross_entropy(logits, y, reduction="none")
+    w = c if weight is None else c * weight[y]
+    return (w * ce).sum() / w.sum()
+
+
+def weighted_focal(logits, y, weight, c, gamma):
+    """mean(c_i · (1 − p_i)^γ · w_{y_i} CE_i), p_i = e^{−w_{y_i} CE_i}, as ldam_drw.py's focal_loss."""
+    ce = F.cross_entropy(logits, y, weight=weight, reduction="none")
+    term = (1 - torch.exp(-ce)).clamp(min=0) ** gamma * ce
+    return (term if c is None else c * term).mean()
+
+
+def weighted_ldam(cosines, y, weight, c, margins, s):
+    """Cao et al. 2019, Eq. (10), with the same weighting as weighted_ce."""
+    shifted = cosines - F.one_hot(y, cosines.shape[1]) * margins[y].unsqueeze(1)
+    return weighted_ce(s * shifted, y, weight, c)
+
+
+# === shared: lr_schedule (identical in every script that uses it) ===
+def lr_at(epoch, args):
+    """Learning rate of 0-based `epoch`: CIFAR step schedule with warm-up, or cosine (ImageNet)."""
+    e = epoch + 1
+    if e <= args.warmup:
+        return args.lr * e / args.warmup
+    if args.schedule == "cosine":
+        return 0.5 * args.lr * (1 + math.cos(math.pi * epoch / args.epochs))
+    if e > int(0.9 * args.epochs):
+        return args.lr * 1e-4
+    if e > int(0.8 * args.epochs):
+        return args.lr * 1e-2
+    return args.lr
+# === end shared: lr_schedule ===
+
+
+# === shared: evaluate (identical in every script) ===
+@torch.no_grad()
+def evaluate(model, batches, num_classes, train_counts, amp=False):
+    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means."""
+    model.eval()
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    total = torch.zeros(num_classes, dtype=torch.long)
+    for x, y, _ in batches:
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+            pred = model(x).argmax(1)
+        y = y.to(pred.device)
+        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
+        total += torch.bincount(y, minlength=num_classes).cpu()
+    per_class = (correct.double() / total.clamp(min=1)).tolist()
+    seen = total > 0
+    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
+              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
+              "per_class": [round(100 * a, 2) for a in per_class]}
+    for group, mask in D.shot_groups(train_counts).items():
+        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
+        result[group] = 100 * float(np.mean(accs)) if accs else None
+    return result
+# === end shared: evaluate ===
+
+
+# ----- data: D_L, the pool, D_U ---------------------------------------------------------------------
+
+def build_data(args):
+    """D_L, the test set and the candidate pool of D_U (images with their TRUE labels, used only to
+    choose D_U and to report pseudo-label accuracy)."""
+    train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
+    test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
+    irr = [int(c) for c in args.irrelevant_classes.split(",")] if args.irrelevant_classes else []
+    if any(not 0 <= c < len(names) for c in irr) or len(set(irr)) >= len(names) - 1:
+        raise D.DataError(f"--irrelevant-classes must name distinct classes in 0..{len(names) - 1} and leave "
+                          f"at least two for the task")
+    task = [c for c in range(len(names)) if c not in irr]
+    renumber = np.full(len(names), -1)
+    renumber[task] = np.arange(len(task))
+    in_task = np.flatnonzero(renumber[train_y] >= 0)
+    y_task = renumber[train_y[in_task]]
+    lab = in_task[D.make_long_tailed(y_task, args.rho, args.imb_type, args.seed, D.N_MAX.get(args.dataset),
+                                     D.CLASS_ORDER.get(args.dataset) if not irr else None)]
+    lab, val = D.carve_val(lab, renumber[train_y], args.val_frac, args.seed)
+    test_keep = renumber[test_y] >= 0
+    data = {"names": [names[c] for c in task], "mean_std": D.mean_std(args.dataset, train_x),
+            "x_l": train_x[lab], "y_l": renumber[train_y[lab]], "x_val": train_x[val], "y_val": renumber[train_y[val]],
+            "x_test": test_x[test_keep], "y_test": renumber[test_y[test_keep]]}
+    if args.unlabeled_root:
+        root = os.path.abspath(args.unlabeled_root)
+        px, py, pnames = D.load_split("folder", os.path.dirname(root), os.path.basename(root))
+        to_task = np.array([data["names"].index(n) if n in data["names"] else -1 for n in pnames])
+        py = to_task[py]
+        data["pool_x"], data["pool_y"] = px[py >= 0], py[py >= 0]
+        data["irr_x"] = px[py < 0]
+    elif args.dataset == "svhn":
+        px, py, _ = D.load_split("svhn", args.data_root, "extra", args.download)
+        py = renumber[py]
+        data["pool_x"], data["pool_y"], data["irr_x"] = px[py >= 0], py[py >= 0], px[py < 0]
+    else:
+        rest = np.setdiff1d(np.arange(len(train_y)), np.concatenate([lab, val]))
+        relevant = rest[renumber[train_y[rest]] >= 0]
+        data["pool_x"], data["pool_y"] = train_x[relevant], renumber[train_y[relevant]]
+        data["irr_x"] = train_x[rest[renumber[train_y[rest]] < 0]]
+    return data
+
+
+def choose_unlabeled(args, data):
+    """D_U: (images, true labels with -1 for irrelevant images, report)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rel, irr, report = D.unlabeled_pool(data["pool_y"], len(data["y_l"]), args.unlabeled_mult, args.rho_u,
+                                            args.imb_type, args.seed, np.arange(len(data["irr_x"])), args.relevance)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    report["capped"] = [str(w.message) for w in caught]
+    x_u = np.concatenate([data["pool_x"][rel], data["irr_x"][irr]])
+    y_u = np.concatenate([data["pool_y"][rel], np.full(len(irr), -1)])
+    return x_u, y_u, report
+
+
+@torch.no_grad()
+def pseudo_label(model, x_u, mean, std, device, scale):
+    """Stage (b): hard argmax of the base model (eval mode, test transform) and its softmax confidence."""
+    model.eval()
+    preds, confs = [], []
+    for x, _, _ in D.GPULoader(x_u, np.zeros(len(x_u), dtype=np.int64), 1000, mean, std, device).epoch(0):
+        prob = F.softmax(scale * model(x).float(), dim=1)
+        conf, pred = prob.max(1)
+        preds.append(pred)
+        confs.append(conf)
+    return torch.cat(preds).cpu().numpy(), torch.cat(confs).cpu().numpy()
+
+
+# ----- training (shared by stage (a) and stage (c)) -------------------------------------------------
+
+def fit(args, stage, x, y, c, counts, data, device, out, ckpt=None):
+    """Train a fresh ResNet-32 on (x, y) with per-example loss weights c, the ldam_drw.py recipe.
+
+    Writes metrics.jsonl and last.pt (after every epoch) in `out`; returns (model, last test metrics)."""
+    mean, std = data["mean_std"]
+    C = len(data["names"])
+    groups = np.bincount(data["y_l"], minlength=C)             # many/medium/few by labeled counts
+    torch.manual_seed(args.seed)
+    model = ResNet32(C, cosine=args.loss == "ldam").to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
+                                fused=device.type == "cuda")
+    train = D.GPULoader(x, y, args.batch_size, mean, std, device, augment="crop_flip", seed=args.seed)
+    test = D.GPULoader(data["x_test"], data["y_test"], 1000, mean, std, device)
+    val = D.GPULoader(data["x_val"], data["y_val"], 1000, mean, std, device) if len(data["y_val"]) else None
+    c = None if c is None else torch.as_tensor(c, dtype=torch.float32, device=device)
+    cb_weights = class_balanced_weights(counts, args.beta).to(device)
+    margins = ldam_margins(counts, args.max_m).to(device)
+    # Re-sampling weights 1/n_y from `counts` (pseudo-labels included unless --labeled-counts).
+    sample_weights = 1.0 / torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)[torch.as_tensor(y)]
+    switch = int(0.8 * args.epochs)
+    start, best = 0, None
+    os.makedirs(out, exist_ok=True)
+    if ckpt is not None and ckpt.get("stage") == stage:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, best = ckpt["epoch"], ckpt.get("best")
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            lines = [l for l in f if json.loads(l)["epoch"] <= start]
+        with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+            f.writelines(lines)
+    else:
+        open(os.path.join(out, "metrics.jsonl"), "w").close()
+    print(f"stage {stage}: {len(y)} training images, counts {[int(n) for n in counts]}, "
+          f"loss={args.loss} rule={args.rule}, {args.epochs} epochs on {device}")
+    print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'train':>6} {'test':>6} {'many':>6} {'med':>6} {'few':>6} "
+          f"{'val':>6} {'s':>6}")
+    test_m = None
+    for epoch in range(start, args.epochs):
+        t0 = time.time()
+        lr = lr_at(epoch, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        deferred = epoch >= switch
+        weight = cb_weights if args.rule == "reweight" or (args.rule == "drw" and deferred) else None
+        resample = args.rule == "resample" or (args.rule == "drs" and deferred)
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        hits = torch.zeros((), device=device, dtype=torch.long)
+        first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        seen = 0
+        for step, (xb, yb, idx) in enumerate(train.epoch(epoch, sample_weights if resample else None)):
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                logits = model(xb).float()
+            cb = None if c is None else c[idx]
+            if args.loss == "ce":
+                loss = weighted_ce(logits, yb, weight, cb)
+            elif args.loss == "focal":
+                loss = weighted_focal(logits, yb, weight, cb, args.gamma)
+            else:
+                loss = weighted_ldam(logits, yb, weight, cb, margins, args.s)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            loss_sum += loss.detach() * len(yb)
+            hits += (logits.argmax(1) == yb).sum()
+            seen += len(yb)
+        if first_bad.item() >= 0:
+            print(f"error: loss is not finite at stage {stage}, epoch {epoch + 1}, step {first_bad.item() + 1}; "
+                  f"stopped, {out}/last.pt still holds epoch {epoch}", file=sys.stderr)
+            sys.exit(1)
+        test_m = evaluate(model, test.epoch(0), C, groups, args.amp)
+        val_m = evaluate(model, val.epoch(0), C, groups, args.amp) if val else None
+        if val_m and (best is None or val_m["top1"] > best["val_top1"]):
+            best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
+        row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
+               "test": test_m, "val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0}
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
+              f"{fmt(test_m['many'])} {fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_top1'])} "
+              f"{row['seconds']:6.2f}", flush=True)
+        state = {"script": "self_training.py", "stage": stage, "arch": "resnet32", "model": model.state_dict(),
+                 "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "args": vars(args),
+                 "class_counts": [int(n) for n in counts], "best": best, "rng": {"torch": torch.get_rng_state()}}
+        save_atomic(state, os.path.join(out, "last.pt"))
+    if test_m is None:
+        test_m = evaluate(model, test.epoch(0), C, groups, args.amp)
+    return model, test_m, best
+
+
+# ----- main ----------------------------------------------------------------------------------------
+
+def setup_device(args):
+    if args.gpu >= 0 and not torch.cuda.is_available():
+        print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
+        args.gpu = -1
+    device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 else "cpu")
+    if args.amp and device.type != "cuda":
+        print("warning: --amp needs CUDA; ignored on the CPU", file=sys.stderr)
+        args.amp = False
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    return device
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if ckpt.get("script") != "self_training.py":
+            fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not self_training.py")
+        keep = {k: getattr(args, k) for k in ("gpu", "resume")}
+        args = argparse.Namespace(**{**ckpt["args"], **keep})
+        print(f"resuming {args.out} in stage {ckpt['stage']} after epoch {ckpt['epoch']}")
+    try:
+        D.check_rho(args.rho)
+        D.check_rho(args.rho_u, "rho_u")
+        if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.omega < 0 or args.unlabeled_mult < 0:
+            fail("--epochs, --batch-size, --lr must be positive and --omega, --unlabeled-mult non-negative")
+        for held in (os.path.join(args.out, "last.pt"), os.path.join(args.out, "base", "last.pt")):
+            if not args.resume and os.path.exists(held):
+                fail(f"{args.out} already holds a run: continue it with --resume {held}, or pass another --out")
+        device = setup_device(args)
+        data = build_data(args)
+        x_u, y_u_true, pool_report = choose_unlabeled(args, data)
+    except D.DataError as e:
+        fail(str(e))
+    os.makedirs(args.out, exist_ok=True)
+    if ckpt is None:
+        meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
+    C = len(data["names"])
+    counts_l = np.bincount(data["y_l"], minlength=C)
+    mean, std = data["mean_std"]
+    t_run = time.time()
+
+    # Stage (a): the base classifier on D_L.
+    base_ckpt = None
+    if args.base:
+        base_ckpt = load_checkpoint(args.base)
+        if base_ckpt.get("arch") != "resnet32" or base_ckpt["model"].get("fc.weight", torch.empty(0)).shape[:1] != (C,):
+            fail(f"'{args.base}' is not a ResNet-32 classifier with {C} classes (an ldam_drw.py run on this task)")
+        base = ResNet32(C, cosine="fc.bias" not in base_ckpt["model"]).to(device)
+        base.load_state_dict({k.removeprefix("module."): v for k, v in base_ckpt["model"].items()})
+        base_loss = (base_ckpt.get("args") or {}).get("loss", "ce")
+        base_m = evaluate(base, D.GPULoader(data["x_test"], data["y_test"], 1000, mean, std, device).epoch(0),
+                          C, counts_l, args.amp)
+    elif ckpt is not None and ckpt["stage"] == "self_training":
+        base_ckpt = load_checkpoint(os.path.join(args.out, "base", "last.pt"))
+        base = ResNet32(C, cosine=args.loss == "ldam").to(device)
+        base.load_state_dict(base_ckpt["model"])
+        base_loss = args.loss
+        base_m = evaluate(base, D.GPULoader(data["x_test"], data["y_test"], 1000, mean, std, device).epoch(0),
+                          C, counts_l, args.amp)
+    else:
+        base, base_m, _ = fit(args, "base", data["x_l"], data["y_l"], None, counts_l, data, device,
+                              os.path.join(args.out, "base"), ckpt)
+        base_loss = args.loss
+
+    # Stage (b): pseudo-labels for D_U.
+    pseudo, conf = pseudo_label(base, x_u, mean, std, device, args.s if base_loss == "ldam" else 1.0)
+    keep = np.ones(len(x_u), bool) if args.threshold is None else conf >= args.threshold
+    relevant = y_u_true >= 0
+    per_class = [float(100 * np.mean(pseudo[relevant & (y_u_true == k)] == k))
+                 if np.any(relevant & (y_u_true == k)) else None for k in range(C)]
+    pl_report = {"n": int(len(x_u)), "kept": int(keep.sum()),
+                 "accuracy": float(100 * np.mean(pseudo[relevant] == y_u_true[relevant])) if relevant.any() else None,
+                 "accuracy_per_true_class": per_class,
+                 "true_counts": np.bincount(y_u_true[relevant], minlength=C).tolist(),
+                 "pseudo_counts": np.bincount(pseudo[keep], minlength=C).tolist(),
+                 "irrelevant": int((~relevant).sum())}
+    torch.save({"pseudo_labels": torch.as_tensor(pseudo), "confidence": torch.as_tensor(conf),
+                "kept": torch.as_tensor(keep)}, os.path.join(args.out, "pseudo_labels.pt"))
+    acc = pl_report["accuracy"]
+    print(f"D_U: {len(x_u)} images ({pl_report['irrelevant']} irrelevant), {keep.sum()} pseudo-labels kept, "
+          f"pseudo-label accuracy on the relevant ones: {fmt(acc)}%")
+
+    # Stage (c): a fresh model on D_L ∪ D_U, the unlabeled term weighted by ω.
+    use_u = args.omega > 0
+    x = np.concatenate([data["x_l"], x_u[keep]]) if use_u else data["x_l"]
+    y = np.concatenate([data["y_l"], pseudo[keep]]) if use_u else data["y_l"]
+    c = None if not use_u or args.omega == 1 else np.concatenate([np.ones(len(data["y_l"])), np.full(keep.sum(), args.omega)])
+    counts = counts_l if args.labeled_counts or not use_u else np.bincount(y, minlength=C)
+    resume_c = ckpt if ckpt is not None and ckpt["stage"] == "self_training" else None
+    _, test_m, best = fit(args, "self_training", x, y, c, counts, data, device, args.out, resume_c)
+
+    final = {"script": "self_training.py", "dataset": args.dataset, "rho": args.rho, "rho_u": args.rho_u,
+             "loss": args.loss, "rule": args.rule, "omega": args.omega, "seed": args.seed, "epochs": args.epochs,
+             "labeled_counts": counts_l.tolist(), "training_counts": [int(n) for n in counts],
+             "unlabeled": {**pool_report, "pseudo_labels": pl_report}, "base": base_m, "last": test_m,
+             "base_error": 100 - base_m["top1"], "test_error": 100 - test_m["top1"], "best_on_val": best,
+             "wall_seconds": time.time() - t_run}
+    with open(os.path.join(args.out, "final.json"), "w") as f:
+        json.dump(final, f, indent=1)
+    print(f"test error: base {final['base_error']:.2f}% → self-trained {final['test_error']:.2f}% "
+          f"(many {fmt(test_m['many'])}, medium {fmt(test_m['medium'])}, few {fmt(test_m['few'])})")
+
+
+if __name__ == "__main__":
+    main()
