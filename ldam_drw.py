@@ -8,6 +8,7 @@ al. 2019 (class-balanced loss). Every row of Table 2 without SSP is one `--loss`
     python ldam_drw.py --rho 0.01 --loss ce --rule none            # CE;  --rule reweight: CB-CE
     python ldam_drw.py --rho 0.01 --loss ce --rule drs             # CE-DRS (never released by the authors)
     python ldam_drw.py --rho 0.01 --pretrained runs/rotation_ssp-cifar10-0.01-0/last.pt   # + SSP
+    python ldam_drw.py --rho 0.01 --arch resnet18 --pretrained runs/simsiam_rwsam-cifar10-0.01-0/last.pt
     python ldam_drw.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01        # CIFAR-10 JPEG copy
     python ldam_drw.py --dataset imagenet_lt --data-root IMNET --train-list ImageNet_LT_train.txt \\
         --test-list ImageNet_LT_test.txt --arch resnet10                                # 90 epochs, cosine
@@ -74,8 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--loss", default="ldam", choices=["ce", "focal", "ldam"])
     p.add_argument("--rule", default="drw", choices=["none", "reweight", "resample", "drw", "drs"])
     p.add_argument("--pretrained", default=None, help="backbone checkpoint to fine-tune from (+SSP)")
-    p.add_argument("--arch", default=None, choices=["resnet32", "resnet10", "resnet50"],
-                   help="default: resnet32 (CIFAR, SVHN, folder), resnet10 (ImageNet-LT), resnet50 (iNat)")
+    p.add_argument("--arch", default=None, choices=["resnet32", "resnet18", "resnet10", "resnet50"],
+                   help="default: resnet32 (CIFAR, SVHN, folder), resnet10 (ImageNet-LT), resnet50 (iNat); "
+                        "resnet18 = CIFAR ResNet-18 of simsiam_rwsam.py / moco_ssp.py")
     p.add_argument("--train-list", default=None, help="ImageNet-LT / iNat: 'relative/path label' list")
     p.add_argument("--test-list", default=None, help="ImageNet-LT / iNat: test list")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers (ImageNet-LT / iNat only)")
@@ -167,9 +169,58 @@ class ResNet32(nn.Module):
 # === end shared: resnet32 ===
 
 
+# === shared: resnet18 (identical in every script that uses it) ===
+class ResBlock(nn.Module):
+    """Basic block of the CIFAR ResNet-18: two 3×3 convs with BN, and a 1×1 conv + BN shortcut where
+    the shape changes."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR ResNet-18 (REFERENCE §6): 3×3 stride-1 stem, no max-pool, stages of two blocks with 64,
+    128, 256 and 512 channels, global pool, 512-d feature, classifier `fc`."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        cin = 64
+        for i, (w, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2))):
+            setattr(self, f"layer{i + 1}", nn.Sequential(ResBlock(cin, w, stride), ResBlock(w, w, 1)))
+            cin = w
+        self.fc = nn.Linear(512, num_classes)
+
+    def features(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+# === end shared: resnet18 ===
+
+
 def build_model(arch, num_classes, cosine):
     if arch == "resnet32":
         return ResNet32(num_classes, cosine)
+    if arch == "resnet18":                                # CIFAR ResNet-18: fine-tuning SimSiam / MoCo
+        model = ResNet18(num_classes)
+        if cosine:
+            model.fc = NormedLinear(512, num_classes)
+        return model
     block, layers = ((torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]) if arch == "resnet10" else
                      (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]))
     model = torchvision.models.resnet.ResNet(block, layers, num_classes=num_classes)

@@ -217,3 +217,17 @@ def test_imagenet_lt_file_lists(tmp_path):
     final = _run(tmp_path / "run", tmp_path, "--dataset", "imagenet_lt", "--train-list", lst, "--test-list", lst,
                  "--arch", "resnet10", "--epochs", 1, "--batch-size", 6, "--workers", 0, "--loss", "ce")
     assert final["class_counts"] == [4, 4, 4] and 0 <= final["last"]["top1"] <= 100
+
+
+def test_resnet18_fine_tunes_a_cifar_resnet18_backbone(tmp_path, easy):
+    torch.manual_seed(5)
+    src = L.ResNet18(10)
+    sd = {k: v for k, v in src.state_dict().items() if not k.startswith("fc.")}
+    sd["projector.0.weight"] = torch.zeros(2048, 512)                  # an SSL head: reported as unexpected
+    torch.save({"script": "simsiam_rwsam.py", "arch": "resnet18", "model": sd}, tmp_path / "ssl.pt")
+    model = L.build_model("resnet18", 5, cosine=True)
+    L.load_backbone(model, "resnet18", tmp_path / "ssl.pt")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items() if not k.startswith("projector"))
+    final = _run(tmp_path / "run", easy, "--rho", "0.5", "--epochs", 1, "--batch-size", 16, "--arch", "resnet18",
+                 "--pretrained", tmp_path / "ssl.pt")
+    assert final["class_counts"] == D.lt_counts(40, 5, 0.5)
