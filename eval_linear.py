@@ -1,0 +1,695 @@
+"""Linear probe of a frozen backbone on the full balanced training set, and paper 2's relative gap Δ.
+
+Paper 2 (Liu et al. 2022, "Self-supervised learning is more robust to dataset imbalance"): §2.1
+"In-domain (ID) evaluation", §2.2, App. A.1 "Evaluation", and Eq. (1) (§2.3). A backbone pre-trained
+on n images with imbalance ratio r, by any script of this project (supervised: ldam_drw.py; self-
+supervised: rotation_ssp.py, moco_ssp.py, simsiam_rwsam.py), is frozen; a C-way linear classifier is
+trained on top of it on the full balanced training split of the same dataset (CIFAR-10: all 50,000
+images), and its test top-1 is A(n, r). Eq. (1): Δ(n, r) = (A(n, 1) − A(n, r)) / A(n, 1), the accuracy
+lost by imbalanced pre-training relative to balanced pre-training with the same n, for self-supervised
+(Δ^SSL) and supervised (Δ^SL) backbones separately.
+
+    python eval_linear.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --gpu 0    # ID probe, 100 epochs
+    python eval_linear.py --ckpt runs/ldam_drw-cifar10-0.01-0/last.pt --val-frac 0.1   # + best epoch on validation
+    python eval_linear.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --augment   # crop/flip, backbone each step
+    python eval_linear.py --ckpt runs/moco_ssp-imagenet_lt-1-0/last.pt --data-root IMNET \\
+        --train-list ImageNet_train.txt --test-list ImageNet_val.txt                    # ImageNet ID probe
+    python eval_linear.py --gap runs/eval_linear-*/final.json                           # Δ table, Eq. (1)
+    python eval_linear.py --ckpt runs/ldam_drw-cifar10-0.01-0/last.pt --epochs 2 --gpu -1   # CPU smoke run
+
+Recipe (REFERENCE §8): the backbone is loaded completely or not at all, put in eval mode (BatchNorm uses
+its running statistics) and never updated; the head `fc` starts at N(0, 0.01²) with bias 0; SGD lr 30,
+momentum 0.9, wd 0, batch 256, 100 epochs, lr ×0.1 at 60% and 80% of the epochs (60 and 80 of 100),
+cross-entropy. Input, by default: no augmentation, so every training, validation and test image goes
+through the backbone once (eval mode, torch.no_grad) and the head trains on the cached features on the
+device: the 100 epochs are then only head updates. --augment: random crop with 4-pixel zero padding +
+horizontal flip (CIFAR-size data; RandomResizedCrop(224) + flip for file lists), and the frozen
+backbone runs on every training batch, still in eval mode; test and validation features are cached
+either way. Normalisation: datasets_lt.mean_std of the probe's dataset (folder: from its training
+images). Sanity check: every backbone tensor (parameters and BatchNorm buffers) is copied before
+probing and compared bit for bit afterwards.
+Outputs in --out: args.json, metrics.jsonl, last.pt (backbone + trained head, written once at the end),
+final.json (last-epoch top-1 and per-class accuracy, best on validation, and the pre-training metadata
+the Δ table pairs runs by: script, SSL or supervised, dataset, n, r).
+Paper numbers: Table 1(a), CIFAR-10 linear probe accuracy (%), SimSiam ResNet-18, r = 0.01: step 84.3
+(balanced at equal n 85.8, +rwSAM 85.6), exp 81.4 (balanced 82.0, +rwSAM 82.7). Table 2 (ImageNet ID,
+n = 116K, r = 0.004): MoCo v2 50.4 → 49.5 (Δ^SSL = 1.8%), supervised 54.3 → 52.9 (Δ^SL = 2.6%).
+Speed target (one H200; not measured yet): a CIFAR ResNet-18 probe on the 50,000 CIFAR-10 training
+images, 100 epochs, in under 60 s. final.json records the feature and per-epoch seconds.
+
+Deliberate differences from the paper and the authors' code:
+1. Model selection: the last epoch is reported; with --val-frac > 0 a class-stratified validation split
+   carved from the training split picks the best epoch (its test accuracy is reported beside the last).
+   The authors reported the best of the 100 epochs on the test set.
+2. Batch 256 at lr 30 (MoCo's linear-classification recipe, REFERENCE §8); App. A.1 states lr 30 with
+   batch 4096 (--batch-size 4096 for that).
+3. Default input without augmentation and with cached features (fast, deterministic); --augment gives
+   the crop/flip variant.
+4. The probe's training set is always the full training split of the checkpoint's dataset, whatever
+   subset pre-training used. ImageNet needs the full-ImageNet lists passed explicitly: the list stored
+   in an ImageNet-LT checkpoint is the long-tailed one and is never used.
+5. No --rho, --imb-type or --resume (shared flags of the training scripts): the probe data has no
+   imbalance, and a probe is short enough to rerun. --dataset and --data-root default to the
+   checkpoint's.
+6. Δ (Eq. 1) averages A over all result files of the same method, evaluation, n and r (the paper: 3
+   evaluation seeds), and pairs balanced with imbalanced runs only at exactly equal n.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision import transforms
+
+import datasets_lt as D
+
+CIFAR_ARCHS = ("resnet32", "resnet18")
+IMAGENET_ARCHS = ("resnet10", "resnet50")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Linear probe of a frozen backbone (paper 2, §2.1) and the "
+                                            "relative gap Δ of Eq. (1).")
+    # --- shared flags (names and order of every script; the data default to the checkpoint's, and
+    # --rho, --imb-type and --resume do not apply: the probe always trains on the full balanced split) ---
+    p.add_argument("--dataset", default=None,
+                   choices=["cifar10", "cifar100", "svhn", "folder", "imagenet_lt", "inat"],
+                   help="default: the checkpoint's pre-training dataset")
+    p.add_argument("--data-root", default=None, help="dataset folder; default: the checkpoint's")
+    p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    p.add_argument("--gpu", type=int, default=0, help="GPU index; -1 = CPU")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=30.0)
+    p.add_argument("--wd", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="default: runs/eval_linear-<checkpoint's run folder>-<seed>")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--val-frac", type=float, default=0.0,
+                   help="validation split carved from the training subset; 0 = report last epoch only")
+    # --- this method ---
+    p.add_argument("--ckpt", default=None, help="checkpoint of any script of this project; its backbone is probed")
+    p.add_argument("--gap", nargs="+", default=None, metavar="FINAL_JSON",
+                   help="print the Δ table of Eq. (1) from final.json files of eval_linear.py / eval_ood.py")
+    p.add_argument("--augment", action="store_true",
+                   help="crop/flip the training images and run the frozen backbone every step "
+                        "(default: features computed once, no augmentation)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--train-list", default=None, help="ImageNet / iNat: 'relative/path label' list of the "
+                                                      "full balanced training set")
+    p.add_argument("--test-list", default=None, help="ImageNet / iNat: test list")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers (file lists only)")
+    p.add_argument("--tag", default=None,
+                   help="method name in the Δ table; default: the pre-training script (+ its --opt)")
+    p.add_argument("--strict-fp32", action="store_true", help="disable TF32 in cuDNN convolutions and matmuls")
+    p.error = fail                                         # one line and exit 2, not the usage text
+    args = p.parse_args(argv)
+    if (args.ckpt is None) == (args.gap is None):
+        fail("pass --ckpt PATH to probe a checkpoint, or --gap FINAL_JSON ... for the Δ table (not both)")
+    if args.ckpt and args.out is None:
+        run = os.path.basename(os.path.dirname(os.path.abspath(args.ckpt)))
+        args.out = os.path.join("runs", f"eval_linear-{run}-{args.seed}")
+    return args
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def fmt(v):
+    return f"{v:6.2f}" if v is not None else f"{'-':>6}"
+
+
+# === shared: resnet32 (identical in every script that uses it) ===
+class BasicBlock(nn.Module):
+    """3×3 conv → BN → ReLU → 3×3 conv → BN, plus a parameter-free shortcut (He et al.'s option A:
+    subsample by 2 and zero-pad the new channels)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.extra = cout - cin
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if self.extra:
+            x = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.extra // 2, self.extra // 2))
+        return F.relu(out + x)
+
+
+class NormedLinear(nn.Module):
+    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+
+    def forward(self, x):
+        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
+
+
+class ResNet32(nn.Module):
+    """CIFAR ResNet-32: 16-channel stem, 3 stages × 5 basic blocks (16, 32, 64), global pool, `fc`."""
+
+    def __init__(self, num_classes, cosine=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        widths, cin = (16, 32, 64), 16
+        for i, w in enumerate(widths):
+            blocks = [BasicBlock(cin if b == 0 else w, w, 2 if (i and b == 0) else 1) for b in range(5)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            cin = w
+        self.fc = NormedLinear(64, num_classes) if cosine else nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def features(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+# === end shared: resnet32 ===
+
+
+# === shared: resnet18 (identical in every script that uses it) ===
+class ResBlock(nn.Module):
+    """Basic block of the CIFAR ResNet-18: two 3×3 convs with BN, and a 1×1 conv + BN shortcut where
+    the shape changes."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR ResNet-18 (REFERENCE §6): 3×3 stride-1 stem, no max-pool, stages of two blocks with 64,
+    128, 256 and 512 channels, global pool, 512-d feature, classifier `fc`."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        cin = 64
+        for i, (w, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2))):
+            setattr(self, f"layer{i + 1}", nn.Sequential(ResBlock(cin, w, stride), ResBlock(w, w, 1)))
+            cin = w
+        self.fc = nn.Linear(512, num_classes)
+
+    def features(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+# === end shared: resnet18 ===
+
+
+def build_backbone(arch, num_classes):
+    """The checkpoint's architecture with a fresh `fc` for num_classes; torchvision ResNet-10/50 are built
+    as ldam_drw.py builds them, from random weights (never torchvision's pre-trained ones)."""
+    if arch == "resnet32":
+        return ResNet32(num_classes)
+    if arch == "resnet18":
+        return ResNet18(num_classes)
+    if arch not in IMAGENET_ARCHS:
+        fail(f"unknown architecture '{arch}' in the checkpoint; this script knows "
+             f"{', '.join(CIFAR_ARCHS + IMAGENET_ARCHS)}")
+    block, layers = ((torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]) if arch == "resnet10" else
+                     (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]))
+    return torchvision.models.resnet.ResNet(block, layers, num_classes=num_classes)
+
+
+# === shared: checkpoints (identical in every script) ===
+HEAD_PREFIXES = ("fc.",)
+
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"checkpoint '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
+        fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
+    return ckpt
+
+
+def load_backbone(model, arch, path):
+    """Copy every backbone tensor of the checkpoint at `path` into `model`; the head stays as it is.
+
+    Prints matched / missing / unexpected counts; fails unless every backbone key of `model` was found
+    with the right shape."""
+    ckpt = load_checkpoint(path)
+    if ckpt["arch"] != arch:
+        fail(f"'{path}' holds a {ckpt['arch']} backbone but this run trains {arch}; pre-train the same "
+             f"architecture or pass --arch {ckpt['arch']}")
+    src = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    own = model.state_dict()
+    backbone = [k for k in own if not k.startswith(HEAD_PREFIXES)]
+    matched = [k for k in backbone if k in src and src[k].shape == own[k].shape]
+    missing = [k for k in own if k not in matched]
+    unexpected = [k for k in src if k not in own]
+    skipped = [k for k in src if k in own and k not in matched]
+    names = lambda keys: ", ".join(keys[:4]) + (", …" if len(keys) > 4 else "") or "-"
+    print(f"loaded backbone from {path}: {len(matched)} tensors matched, {len(missing)} missing "
+          f"({names(missing)}), {len(unexpected)} unexpected ({names(unexpected)}), {len(skipped)} not loaded "
+          f"({names(skipped)})")
+    bad = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
+    if bad:
+        fail(f"'{path}' lacks {len(bad)} backbone tensors of {arch} (first: {bad[0]}); it is not a "
+             f"{arch} backbone of this project")
+    own.update({k: src[k] for k in matched})
+    model.load_state_dict(own)
+    return ckpt
+# === end shared: checkpoints ===
+
+
+# === shared: evaluate (identical in every script) ===
+@torch.no_grad()
+def evaluate(model, batches, num_classes, train_counts, amp=False):
+    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means."""
+    model.eval()
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    total = torch.zeros(num_classes, dtype=torch.long)
+    for x, y, _ in batches:
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+            pred = model(x).argmax(1)
+        y = y.to(pred.device)
+        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
+        total += torch.bincount(y, minlength=num_classes).cpu()
+    per_class = (correct.double() / total.clamp(min=1)).tolist()
+    seen = total > 0
+    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
+              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
+              "per_class": [round(100 * a, 2) for a in per_class]}
+    for group, mask in D.shot_groups(train_counts).items():
+        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
+        result[group] = 100 * float(np.mean(accs)) if accs else None
+    return result
+# === end shared: evaluate ===
+
+
+# === shared: linear_probe (identical in eval_linear.py and eval_ood.py) ===
+def backbone_features(model, x):
+    """The input of the classifier `fc`: the globally pooled feature of the backbone (64-d ResNet-32,
+    512-d ResNet-18 / ResNet-10, 2048-d ResNet-50)."""
+    if isinstance(model, torchvision.models.ResNet):
+        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
+        return torch.flatten(model.avgpool(x), 1)
+    return model.features(x)
+
+
+def backbone_state(model):
+    """A copy of every backbone tensor: parameters and BatchNorm buffers (running statistics, counters)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIXES)}
+
+
+def sanity_check(model, before):
+    """Every backbone tensor is bit-identical to the copy `before` (the check of MoCo's linear
+    classification script); raises AssertionError naming what changed."""
+    now = model.state_dict()
+    changed = [k for k, v in before.items() if not torch.equal(now[k], v)]
+    assert not changed, (f"the frozen backbone changed during probing: {len(changed)} tensors differ "
+                         f"(first: {changed[0]})")
+
+
+@torch.no_grad()
+def extract_features(model, batches, amp=False):
+    """Backbone features of every image of `batches`, in order, in eval mode: (float32 N×d, labels)."""
+    model.eval()
+    feats, labels = [], []
+    for x, y, _ in batches.epoch(0):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+            feats.append(backbone_features(model, x).float())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+class FeatureBatches:
+    """Cached features with GPULoader's interface: epoch(e) → (features, labels, indices), in a
+    permutation drawn from a generator seeded by (seed, epoch) when `shuffle`."""
+
+    def __init__(self, feats, labels, batch_size, shuffle=False, seed=0):
+        self.feats, self.labels, self.batch_size, self.shuffle, self.seed = feats, labels, batch_size, shuffle, seed
+
+    def __len__(self):
+        return -(-len(self.labels) // self.batch_size)
+
+    def epoch(self, epoch):
+        n, dev = len(self.labels), self.feats.device
+        if self.shuffle:
+            g = torch.Generator(device=dev)
+            g.manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(n, generator=g, device=dev)
+        else:
+            order = torch.arange(n, device=dev)
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            yield self.feats[idx], self.labels[idx], idx
+
+
+def probe_lr(epoch, args):
+    """Learning rate of 0-based `epoch`: ×0.1 at 60% and again at 80% of the epochs (REFERENCE §8:
+    epochs 60 and 80 of 100)."""
+    return args.lr * 0.1 ** ((epoch >= int(0.6 * args.epochs)) + (epoch >= int(0.8 * args.epochs)))
+
+
+def probe_batches(images, labels, test_images, test_labels, num_classes, mean, std, args):
+    """Batches for a probe on device-resident uint8 images (N×3×H×W) with numpy labels:
+    (train_plain, train_augmented or None, val or None, test, training class counts). The validation
+    split is carved class-stratified from the training split, never from the test set."""
+    idx, val_idx = D.carve_val(np.arange(len(labels)), labels, args.val_frac, args.seed)
+    dev = images.device
+    train_x = images[torch.as_tensor(idx, device=dev)]
+    plain = D.GPULoader(train_x, labels[idx], 1024, mean, std, dev)
+    aug = (D.GPULoader(train_x, labels[idx], args.batch_size, mean, std, dev, augment="crop_flip", seed=args.seed)
+           if args.augment else None)
+    val = (D.GPULoader(images[torch.as_tensor(val_idx, device=dev)], labels[val_idx], 1024, mean, std, dev)
+           if len(val_idx) else None)
+    test = D.GPULoader(test_images, test_labels, 1024, mean, std, dev)
+    return plain, aug, val, test, np.bincount(labels[idx], minlength=num_classes).tolist()
+
+
+def linear_probe(model, plain, aug, val, test, num_classes, counts, args):
+    """Paper 2 §2.1, ID evaluation: train only `model.fc` (re-initialised N(0, 0.01²), bias 0) on the
+    frozen backbone in eval mode. Without `aug` the features of `plain` are computed once and the head
+    trains on them; with `aug` the backbone runs on every augmented batch. Validation and test features
+    are always cached. Logs one row per epoch to <out>/metrics.jsonl; returns (last-epoch test metrics,
+    best epoch on validation or None, timings). Ends with the sanity check on every backbone tensor."""
+    before = backbone_state(model)
+    model.eval()
+    model.requires_grad_(False)
+    head = model.fc
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    head.requires_grad_(True)
+    t0 = time.time()
+    train = None if aug is not None else FeatureBatches(*extract_features(model, plain, args.amp),
+                                                        args.batch_size, True, args.seed)
+    test_f = FeatureBatches(*extract_features(model, test, args.amp), 4096)
+    val_f = FeatureBatches(*extract_features(model, val, args.amp), 4096) if val is not None else None
+    feature_seconds = time.time() - t0
+    optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
+                                fused=head.weight.is_cuda)
+    print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'train':>6} {'test':>6} {'val':>6} {'s':>6}")
+    best, seconds = None, []
+    for epoch in range(args.epochs):
+        t1 = time.time()
+        lr = probe_lr(epoch, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        dev = head.weight.device
+        loss_sum = torch.zeros((), device=dev)
+        hits = torch.zeros((), device=dev, dtype=torch.long)
+        first_bad = torch.full((), -1, device=dev, dtype=torch.long)
+        seen = 0
+        for step, (x, y, _) in enumerate(train.epoch(epoch) if train is not None else aug.epoch(epoch)):
+            if train is None:
+                with torch.no_grad(), torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
+                    x = backbone_features(model, x).float()
+            logits = head(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            loss_sum += loss.detach() * len(y)
+            hits += (logits.argmax(1) == y).sum()
+            seen += len(y)
+        if first_bad.item() >= 0:
+            print(f"error: probe loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1} (lr {lr:g}); "
+                  f"try a smaller --lr", file=sys.stderr)
+            sys.exit(1)
+        test_m = evaluate(head, test_f.epoch(0), num_classes, counts)
+        val_m = evaluate(head, val_f.epoch(0), num_classes, counts) if val_f is not None else None
+        if val_m and (best is None or val_m["top1"] > best["val_top1"]):
+            best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
+        seconds.append(time.time() - t1)
+        row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
+               "test": test_m, "val_top1": val_m["top1"] if val_m else None, "seconds": seconds[-1]}
+        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{epoch + 1:5d} {lr:8.4f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
+              f"{fmt(row['val_top1'])} {row['seconds']:6.2f}", flush=True)
+    sanity_check(model, before)
+    timing = {"feature_seconds": feature_seconds, "seconds_per_epoch": float(np.median(seconds)),
+              "probe_seconds": time.time() - t0}
+    return test_m, best, timing
+# === end shared: linear_probe ===
+
+
+# === shared: list_batches (identical in every script that uses it) ===
+class ListBatches:
+    """DataLoader over a FileListDataset with GPULoader's interface: epoch(e, weights) → (x, y, idx)."""
+
+    def __init__(self, dataset, indices, batch_size, train, seed, workers, device):
+        self.dataset, self.indices, self.train, self.seed, self.device = dataset, indices, train, seed, device
+        self.labels = torch.as_tensor(dataset.labels[indices])
+        self.kw = dict(batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                       persistent_workers=workers > 0)
+
+    def __len__(self):
+        return -(-len(self.indices) // self.kw["batch_size"])
+
+    def epoch(self, epoch, weights=None):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        if weights is not None:
+            sampler = torch.utils.data.WeightedRandomSampler(weights, len(self.indices), generator=g)
+        elif self.train:
+            sampler = torch.utils.data.RandomSampler(range(len(self.indices)), generator=g)
+        else:
+            sampler = range(len(self.indices))
+        order = torch.as_tensor(list(sampler))
+        sub = torch.utils.data.Subset(self.dataset, [int(self.indices[i]) for i in order])
+        for b, (x, y) in enumerate(torch.utils.data.DataLoader(sub, **self.kw)):
+            idx = order[b * self.kw["batch_size"]:(b + 1) * self.kw["batch_size"]]
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
+# === end shared: list_batches ===
+
+
+# === shared: pretrain_meta (identical in eval_linear.py and eval_ood.py) ===
+SSL_SCRIPTS = ("rotation_ssp.py", "moco_ssp.py", "simsiam_rwsam.py")
+SUPERVISED_SCRIPTS = ("ldam_drw.py", "self_training.py", "crt.py")
+
+
+def pretrain_meta(ckpt, path, tag=None):
+    """What paper 2's Δ (Eq. 1) needs to pair runs: the pre-training method (script, plus its --opt
+    where it has one: SimSiam with SGD, SAM or rwSAM) and whether it was self-supervised, its dataset,
+    n (images it trained on) and imbalance ratio r (1 = balanced)."""
+    a = ckpt.get("args") or {}
+    script = ckpt.get("script") or "unknown"
+    counts = ckpt.get("class_counts")
+    rho = a.get("rho")
+    method = tag or script.removesuffix(".py") + (f"+{a['opt']}" if a.get("opt") else "")
+    return {"checkpoint": os.path.abspath(path), "script": script, "method": method,
+            "kind": "SSL" if script in SSL_SCRIPTS else "SL" if script in SUPERVISED_SCRIPTS else "?",
+            "arch": ckpt["arch"], "dataset": a.get("dataset"), "rho": rho, "imb_type": a.get("imb_type"),
+            "balanced": bool(a.get("balanced")), "r": 1.0 if a.get("balanced") else rho,
+            "n": int(sum(counts)) if counts else None, "seed": a.get("seed"), "epoch": ckpt.get("epoch")}
+# === end shared: pretrain_meta ===
+
+
+# ----- data ----------------------------------------------------------------------------------------
+
+def build_data(args, device):
+    """The probe's batches over the full training split: (train_plain, train_aug, val, test, counts, C)."""
+    if args.dataset in ("imagenet_lt", "inat"):
+        return build_list_data(args, device)
+    train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
+    test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
+    mean, std = D.mean_std(args.dataset, train_x)
+    C = len(names)
+    batches = probe_batches(D.to_device(train_x, device), train_y, D.to_device(test_x, device), test_y, C,
+                            mean, std, args)
+    return (*batches, C)
+
+
+def build_list_data(args, device):
+    if not args.train_list or not args.test_list:
+        fail(f"--dataset {args.dataset}: the probe trains on the full balanced training set, not the "
+             f"long-tailed list of pre-training; pass --train-list (e.g. all 1.28M ImageNet training "
+             f"images) and --test-list")
+    train_ds = D.FileListDataset(args.data_root, args.train_list, train=False)
+    test_ds = D.FileListDataset(args.data_root, args.test_list, train=False)
+    C = max(train_ds.num_classes, test_ds.num_classes)
+    idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.seed)
+    make = lambda ds, i, bs, shuffle: ListBatches(ds, i, bs, shuffle, args.seed, args.workers, device)
+    plain = make(train_ds, idx, 256, False)
+    aug = None
+    if args.augment:
+        crop_flip = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                                        transforms.ToTensor(), transforms.Normalize(D.IMAGENET_MEAN, D.IMAGENET_STD)])
+        aug = make(D.FileListDataset(args.data_root, args.train_list, transform=crop_flip), idx, args.batch_size, True)
+    val = make(train_ds, val_idx, 256, False) if len(val_idx) else None
+    test = make(test_ds, np.arange(len(test_ds)), 256, False)
+    return plain, aug, val, test, np.bincount(train_ds.labels[idx], minlength=C).tolist(), C
+
+
+# ----- the Δ table, Eq. (1) ------------------------------------------------------------------------
+
+def read_result(path):
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"cannot read '{path}' ({e.__class__.__name__}: {e})")
+    if not isinstance(result, dict) or "pretrain" not in result or "last" not in result or "eval" not in result:
+        fail(f"'{path}' is not a final.json of eval_linear.py or eval_ood.py (no 'eval', 'pretrain' and 'last')")
+    return result
+
+
+def gap_rows(results):
+    """Paper 2, Eq. (1): Δ(n, r) = (A(n, 1) − A(n, r)) / A(n, 1) for every evaluation, method, dataset
+    and n that has both a balanced (r = 1) and an imbalanced run; A is the last-epoch test top-1,
+    averaged over the runs of each (…, n, r). Returns (rows, keys that found no partner)."""
+    groups = defaultdict(lambda: defaultdict(list))
+    rows, unpaired = [], []
+    for res in results:
+        m = res["pretrain"]
+        key = (res["eval"], m["kind"], m["method"], m["dataset"], m["n"])
+        if m["n"] is None or m["r"] is None:
+            unpaired.append(key)
+            continue
+        groups[key][(m["r"], m["imb_type"] if m["r"] != 1 else None)].append(res["last"]["top1"])
+    for key, by_r in groups.items():
+        balanced = [acc for (r, _), accs in by_r.items() if r == 1 for acc in accs]
+        imbalanced = {k: v for k, v in by_r.items() if k[0] != 1}
+        if not balanced or not imbalanced:
+            unpaired.append(key)
+            continue
+        a1 = float(np.mean(balanced))
+        for (r, imb_type), accs in imbalanced.items():
+            ar = float(np.mean(accs))
+            rows.append({"eval": key[0], "kind": key[1], "method": key[2], "dataset": key[3], "n": key[4],
+                         "r": r, "imb_type": imb_type, "A_balanced": a1, "A_imbalanced": ar,
+                         "delta": (a1 - ar) / a1, "runs_balanced": len(balanced), "runs_imbalanced": len(accs)})
+    rows.sort(key=lambda x: (x["eval"], x["kind"], x["method"], str(x["dataset"]), -x["n"], -x["r"]))
+    return rows, unpaired
+
+
+def print_gap(paths):
+    rows, unpaired = gap_rows([read_result(p) for p in paths])
+    for key in unpaired:
+        print(f"note: eval={key[0]} method={key[2]} dataset={key[3]} n={key[4]} has no balanced/imbalanced "
+              f"partner of equal n (or n or r is unknown); left out", file=sys.stderr)
+    if not rows:
+        fail("no pair of runs with the same evaluation, method, dataset and n, one balanced (r = 1) and one "
+             "imbalanced; Δ needs both")
+    print(f"{'evaluation':<18} {'kind':<4} {'method':<16} {'dataset':<10} {'n':>8} {'r':>7} {'imb':<4} "
+          f"{'A(n,1)':>7} {'A(n,r)':>7} {'Δ %':>7} {'runs':>5}")
+    for x in rows:
+        runs = f"{x['runs_balanced']}+{x['runs_imbalanced']}"
+        print(f"{x['eval']:<18} {x['kind']:<4} {x['method']:<16} {str(x['dataset']):<10} {x['n']:8d} "
+              f"{x['r']:7.4g} {str(x['imb_type']):<4} {x['A_balanced']:7.2f} {x['A_imbalanced']:7.2f} "
+              f"{100 * x['delta']:7.2f} {runs:>5}")
+    return rows
+
+
+# ----- main ----------------------------------------------------------------------------------------
+
+def setup_device(args):
+    if args.gpu >= 0 and not torch.cuda.is_available():
+        print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
+        args.gpu = -1
+    device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 else "cpu")
+    if args.amp and device.type != "cuda":
+        print("warning: --amp needs CUDA; ignored on the CPU", file=sys.stderr)
+        args.amp = False
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    return device
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.gap:
+        print_gap(args.gap)
+        return
+    ckpt = load_checkpoint(args.ckpt)
+    stored = ckpt.get("args") or {}
+    args.dataset = args.dataset or stored.get("dataset")
+    args.data_root = args.data_root or stored.get("data_root")
+    if args.dataset is None or args.data_root is None:
+        fail(f"'{args.ckpt}' does not say which data it was trained on; pass --dataset and --data-root")
+    arch = ckpt["arch"]
+    try:
+        if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.wd < 0:
+            fail("--epochs, --batch-size and --lr must be positive, --wd not negative")
+        if os.path.exists(os.path.join(args.out, "final.json")):
+            fail(f"{args.out} already holds a probe; pass another --out")
+        device = setup_device(args)
+        torch.manual_seed(args.seed)
+        plain, aug, val, test, counts, C = build_data(args, device)
+    except D.DataError as e:
+        fail(str(e))
+    model = build_backbone(arch, C).to(device)
+    load_backbone(model, arch, args.ckpt)
+    meta = pretrain_meta(ckpt, args.ckpt, args.tag)
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump({**vars(args), "pretrain": meta, "torch": torch.__version__, "cuda": torch.version.cuda,
+                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}, f, indent=1)
+    shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
+    open(os.path.join(args.out, "metrics.jsonl"), "w").close()
+    print(f"linear probe of {arch} from {meta['script']} ({meta['kind']}, pre-trained on {meta['dataset']} "
+          f"n={meta['n']} r={meta['r']}) on {args.dataset}: {sum(counts)} training images, {C} classes, "
+          f"{'crop/flip, backbone every step' if args.augment else 'cached features'}, {args.epochs} epochs "
+          f"on {device}")
+
+    t_run = time.time()
+    last, best, timing = linear_probe(model, plain, aug, val, test, C, counts, args)
+    print("sanity check passed: every backbone tensor (parameters and BatchNorm buffers) is unchanged")
+    save_atomic({"script": "eval_linear.py", "arch": arch, "model": model.state_dict(), "epoch": args.epochs,
+                 "args": vars(args), "class_counts": counts, "pretrain": meta}, os.path.join(args.out, "last.pt"))
+    final = {"script": "eval_linear.py", "eval": f"linear:{args.dataset}", "dataset": args.dataset,
+             "pretrain": meta, "augment": args.augment, "seed": args.seed, "epochs": args.epochs, "lr": args.lr,
+             "batch_size": args.batch_size, "class_counts": counts, "last": last, "top1": last["top1"],
+             "per_class": last["per_class"], "best_on_val": best, "sanity_check": "passed",
+             **timing, "wall_seconds": time.time() - t_run}
+    with open(os.path.join(args.out, "final.json"), "w") as f:
+        json.dump(final, f, indent=1)
+    print(f"last epoch: test top-1 {last['top1']:.2f}%, mean per-class {last['mean_class_acc']:.2f}%"
+          + (f"; best on validation: epoch {best['epoch']}, test top-1 {best['test']['top1']:.2f}%" if best else "")
+          + f" ({timing['feature_seconds']:.1f} s features, {timing['probe_seconds']:.1f} s in all)")
+
+
+if __name__ == "__main__":
+    main()

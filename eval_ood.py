@@ -1,0 +1,765 @@
+"""Out-of-domain evaluation of a pre-trained backbone: STL-10 linear probe, or fine-tuning on image folders.
+
+Paper 2 (Liu et al. 2022, "Self-supervised learning is more robust to dataset imbalance"): §2.1
+"Out-of-domain (OOD) evaluation", §2.2 "Datasets", App. A.1 "Evaluation", Table 1(b) and Table 2.
+Representations pre-trained on CIFAR-10 are judged by a linear probe on STL-10 (App. A.1: "we use STL-10
+as the downstream target tasks and perform linear probe"); representations pre-trained on ImageNet are
+fine-tuned, backbone and a new linear head together, on CUB-200, Stanford Cars, Oxford Pets and FGVC
+Aircraft, and A^OOD(n, r) is the mean test top-1 over the four. Δ (Eq. 1) of these runs: eval_linear.py
+--gap on their final.json files.
+
+    python eval_ood.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --target stl10 --data-root ./data
+    python eval_ood.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --target stl10 --stl-size 96
+    python eval_ood.py --ckpt runs/moco_ssp-imagenet_lt-1-0/last.pt --target folder --data-root CUB_200_2011_split
+    python eval_ood.py --ckpt runs/moco_ssp-imagenet_lt-1-0/last.pt --target aircraft --data-root ./data --download
+    python eval_ood.py --ckpt runs/moco_ssp-imagenet_lt-1-0/last.pt --target pets --data-root ./data --download
+    python eval_ood.py --ckpt runs/moco_ssp-imagenet_lt-1-0/last.pt --target cars --data-root ./data
+    python eval_ood.py --ckpt runs/ldam_drw-cifar10-0.01-0/last.pt --target stl10 --epochs 2 --gpu -1   # CPU smoke run
+
+Which protocol runs follows from the checkpoint's architecture:
+- CIFAR backbones (resnet32, resnet18) → linear probe, the code path of eval_linear.py (copied in the
+  shared linear_probe region): frozen backbone in eval mode, features computed once (no augmentation;
+  --augment for crop/flip with the backbone run every step), head SGD lr 30, momentum 0.9, wd 0, batch
+  256, 100 epochs, lr ×0.1 at 60% and 80%; a sanity check compares every backbone tensor before and
+  after. Targets: --target stl10 (all 5,000 labelled training images rather than the ten predefined
+  1,000-image folds, and the 8,000 test images) or --target folder (root/{train,test}/<class>/*, one
+  image size, fed as stored).
+  STL-10 resolution, default --stl-size 32: every 96×96 image is resized once to 32×32 by bilinear
+  interpolation with antialiasing (torch.nn.functional.interpolate(..., antialias=True), the filter
+  PIL's resize uses when shrinking) and rounded back to uint8, so the backbone sees the scale it was
+  trained at; --stl-size 96 feeds the images as they are (the CIFAR ResNets are fully convolutional
+  with a global pool; 9× the compute). Normalisation: per-channel statistics of the (resized) STL-10
+  training images, datasets_lt.mean_std's rule for STL-10.
+- ImageNet backbones (resnet10, resnet50) → full fine-tuning: a new linear head at lr 0.1 and the
+  backbone at 0.1× that (0.01), SGD momentum 0.9, 150 epochs (App. A.1: "initial learning rate 0.1 …
+  150 epochs in total"), cosine decay per epoch, wd 1e-4, batch 64, BatchNorm in train mode; input
+  datasets_lt.imagenet_transform (train: RandomResizedCrop(224), flip, ColorJitter(0.4, 0.4, 0.4);
+  test: Resize(256), CenterCrop(224)), DataLoader with workers. Targets: --target folder (any
+  root/{train,test}/<class>/* tree, e.g. CUB-200 split by its train_test_split.txt; torchvision has no
+  CUB class), or torchvision's FGVCAircraft (--target aircraft: trainval/test, 100 variants),
+  OxfordIIITPet (pets: trainval/test, 37 breeds) and StanfordCars (cars: train/test, 196 models; its
+  download link is dead, so the files must already be in --data-root).
+The backbone is built from random weights and takes every tensor from --ckpt: a checkpoint that lacks
+any backbone tensor, or holds another architecture, ends the run with one line and exit code 2.
+Outputs in --out: args.json, metrics.jsonl, last.pt (written once at the end), final.json (last-epoch
+top-1, per-class accuracy, best on validation, pre-training metadata for the Δ table).
+Paper numbers: Table 1(b), fine-tuning of MoCo v2 ResNet-50 pre-trained on ImageNet-LT: CUB 69.9, Cars
+88.4, Aircraft 82.9, Pets 80.1, mean 80.3 (balanced at equal n: 80.2; +rwSAM 81.4). Table 2 (ImageNet
+OOD, n = 116K): MoCo v2 80.3 balanced → 80.2 at r = 0.004, supervised 76.6 → 75.5. Figure 2(c) gives
+the CIFAR-10 → STL-10 curves only as a plot.
+
+Deliberate differences from the paper and the authors' code:
+1. The paper states only "initial learning rate 0.1" and 150 epochs for fine-tuning. The backbone's
+   0.1× learning rate, the cosine schedule, wd 1e-4, batch 64 and the augmentation are this project's
+   choices (flags change all but the augmentation).
+2. No fallback: the authors' fine-tuning started silently from torchvision's supervised ImageNet weights
+   when the checkpoint's keys did not match; here the weights come from --ckpt or the run stops.
+3. STL-10 code is new (the authors released none): resolution and normalisation as described above.
+4. Model selection: the last epoch is reported; with --val-frac > 0 a class-stratified validation split
+   carved from the target's training split picks the best epoch. The authors selected on the test set.
+5. No --dataset, --rho, --imb-type or --resume: --target names the data, and runs are short enough to
+   rerun (fine-tuning is the longest: 150 epochs of a few thousand images).
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import datasets_lt as D
+
+CIFAR_ARCHS = ("resnet32", "resnet18")
+IMAGENET_ARCHS = ("resnet10", "resnet50")
+# torchvision dataset class, (training split, test split), extra keyword arguments
+TORCHVISION_TARGETS = {
+    "aircraft": (torchvision.datasets.FGVCAircraft, ("trainval", "test"), {"annotation_level": "variant"}),
+    "pets": (torchvision.datasets.OxfordIIITPet, ("trainval", "test"), {"target_types": "category"}),
+    "cars": (torchvision.datasets.StanfordCars, ("train", "test"), {}),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Out-of-domain evaluation (paper 2, §2.1): STL-10 linear probe "
+                                            "or fine-tuning on image folders.")
+    # --- shared flags (names and order of every script; --target replaces --dataset, and --rho,
+    # --imb-type and --resume do not apply) ---
+    p.add_argument("--data-root", default="./data", help="target dataset folder")
+    p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    p.add_argument("--gpu", type=int, default=0, help="GPU index; -1 = CPU")
+    p.add_argument("--epochs", type=int, default=None, help="default: 100 (probe), 150 (fine-tuning)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 256 (probe), 64 (fine-tuning)")
+    p.add_argument("--lr", type=float, default=None, help="default: 30 (probe), 0.1 (fine-tuning, the new head)")
+    p.add_argument("--wd", type=float, default=None, help="default: 0 (probe), 1e-4 (fine-tuning)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="default: runs/eval_ood-<target>-<checkpoint's run folder>-<seed>")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--val-frac", type=float, default=0.0,
+                   help="validation split carved from the training subset; 0 = report last epoch only")
+    # --- this method ---
+    p.add_argument("--ckpt", required=True, help="checkpoint of any script of this project")
+    p.add_argument("--target", required=True, choices=["stl10", "folder", "aircraft", "pets", "cars"],
+                   help="stl10 / folder for CIFAR backbones (linear probe); folder / aircraft / pets / cars for "
+                        "ImageNet backbones (fine-tuning)")
+    p.add_argument("--stl-size", type=int, default=32, choices=[32, 96],
+                   help="STL-10 resolution: 32 = resize 96→32 (antialiased bilinear), 96 = as stored")
+    p.add_argument("--augment", action="store_true",
+                   help="probe: crop/flip the training images and run the frozen backbone every step")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--backbone-lr-mult", type=float, default=0.1, help="fine-tuning: backbone lr = this × --lr")
+    p.add_argument("--size", type=int, default=224, help="fine-tuning: crop size of datasets_lt.imagenet_transform")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers (fine-tuning)")
+    p.add_argument("--tag", default=None,
+                   help="method name in the Δ table; default: the pre-training script (+ its --opt)")
+    p.add_argument("--strict-fp32", action="store_true", help="disable TF32 in cuDNN convolutions and matmuls")
+    p.error = fail                                         # one line and exit 2, not the usage text
+    args = p.parse_args(argv)
+    if args.out is None:
+        run = os.path.basename(os.path.dirname(os.path.abspath(args.ckpt)))
+        args.out = os.path.join("runs", f"eval_ood-{args.target}-{run}-{args.seed}")
+    return args
+
+
+def set_protocol_defaults(args, arch):
+    """Probe for CIFAR backbones, fine-tuning for ImageNet ones; fills the defaults of each."""
+    if arch in CIFAR_ARCHS:
+        if args.target not in ("stl10", "folder"):
+            fail(f"--target {args.target} is for ImageNet backbones (fine-tuning at {args.size} px); a {arch} "
+                 f"is probed on --target stl10 or a folder of small images")
+        args.protocol, defaults = "probe", (("epochs", 100), ("batch_size", 256), ("lr", 30.0), ("wd", 0.0))
+    elif arch in IMAGENET_ARCHS:
+        if args.target == "stl10":
+            fail(f"--target stl10 is the protocol for CIFAR backbones; an ImageNet {arch} is fine-tuned on "
+                 f"--target folder, aircraft, pets or cars")
+        args.protocol, defaults = "finetune", (("epochs", 150), ("batch_size", 64), ("lr", 0.1), ("wd", 1e-4))
+    else:
+        fail(f"unknown architecture '{arch}' in the checkpoint; this script knows "
+             f"{', '.join(CIFAR_ARCHS + IMAGENET_ARCHS)}")
+    for name, value in defaults:
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def fmt(v):
+    return f"{v:6.2f}" if v is not None else f"{'-':>6}"
+
+
+# === shared: resnet32 (identical in every script that uses it) ===
+class BasicBlock(nn.Module):
+    """3×3 conv → BN → ReLU → 3×3 conv → BN, plus a parameter-free shortcut (He et al.'s option A:
+    subsample by 2 and zero-pad the new channels)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.extra = cout - cin
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if self.extra:
+            x = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.extra // 2, self.extra // 2))
+        return F.relu(out + x)
+
+
+class NormedLinear(nn.Module):
+    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+
+    def forward(self, x):
+        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
+
+
+class ResNet32(nn.Module):
+    """CIFAR ResNet-32: 16-channel stem, 3 stages × 5 basic blocks (16, 32, 64), global pool, `fc`."""
+
+    def __init__(self, num_classes, cosine=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        widths, cin = (16, 32, 64), 16
+        for i, w in enumerate(widths):
+            blocks = [BasicBlock(cin if b == 0 else w, w, 2 if (i and b == 0) else 1) for b in range(5)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            cin = w
+        self.fc = NormedLinear(64, num_classes) if cosine else nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def features(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+# === end shared: resnet32 ===
+
+
+# === shared: resnet18 (identical in every script that uses it) ===
+class ResBlock(nn.Module):
+    """Basic block of the CIFAR ResNet-18: two 3×3 convs with BN, and a 1×1 conv + BN shortcut where
+    the shape changes."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR ResNet-18 (REFERENCE §6): 3×3 stride-1 stem, no max-pool, stages of two blocks with 64,
+    128, 256 and 512 channels, global pool, 512-d feature, classifier `fc`."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        cin = 64
+        for i, (w, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2))):
+            setattr(self, f"layer{i + 1}", nn.Sequential(ResBlock(cin, w, stride), ResBlock(w, w, 1)))
+            cin = w
+        self.fc = nn.Linear(512, num_classes)
+
+    def features(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+# === end shared: resnet18 ===
+
+
+def build_backbone(arch, num_classes):
+    """The checkpoint's architecture with a fresh `fc` for num_classes; torchvision ResNet-10/50 are built
+    as ldam_drw.py builds them, from random weights (never torchvision's pre-trained ones)."""
+    if arch == "resnet32":
+        return ResNet32(num_classes)
+    if arch == "resnet18":
+        return ResNet18(num_classes)
+    block, layers = ((torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]) if arch == "resnet10" else
+                     (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]))
+    return torchvision.models.resnet.ResNet(block, layers, num_classes=num_classes)
+
+
+# === shared: checkpoints (identical in every script) ===
+HEAD_PREFIXES = ("fc.",)
+
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"checkpoint '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
+        fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
+    return ckpt
+
+
+def load_backbone(model, arch, path):
+    """Copy every backbone tensor of the checkpoint at `path` into `model`; the head stays as it is.
+
+    Prints matched / missing / unexpected counts; fails unless every backbone key of `model` was found
+    with the right shape."""
+    ckpt = load_checkpoint(path)
+    if ckpt["arch"] != arch:
+        fail(f"'{path}' holds a {ckpt['arch']} backbone but this run trains {arch}; pre-train the same "
+             f"architecture or pass --arch {ckpt['arch']}")
+    src = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    own = model.state_dict()
+    backbone = [k for k in own if not k.startswith(HEAD_PREFIXES)]
+    matched = [k for k in backbone if k in src and src[k].shape == own[k].shape]
+    missing = [k for k in own if k not in matched]
+    unexpected = [k for k in src if k not in own]
+    skipped = [k for k in src if k in own and k not in matched]
+    names = lambda keys: ", ".join(keys[:4]) + (", …" if len(keys) > 4 else "") or "-"
+    print(f"loaded backbone from {path}: {len(matched)} tensors matched, {len(missing)} missing "
+          f"({names(missing)}), {len(unexpected)} unexpected ({names(unexpected)}), {len(skipped)} not loaded "
+          f"({names(skipped)})")
+    bad = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
+    if bad:
+        fail(f"'{path}' lacks {len(bad)} backbone tensors of {arch} (first: {bad[0]}); it is not a "
+             f"{arch} backbone of this project")
+    own.update({k: src[k] for k in matched})
+    model.load_state_dict(own)
+    return ckpt
+# === end shared: checkpoints ===
+
+
+# === shared: evaluate (identical in every script) ===
+@torch.no_grad()
+def evaluate(model, batches, num_classes, train_counts, amp=False):
+    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means."""
+    model.eval()
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    total = torch.zeros(num_classes, dtype=torch.long)
+    for x, y, _ in batches:
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+            pred = model(x).argmax(1)
+        y = y.to(pred.device)
+        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
+        total += torch.bincount(y, minlength=num_classes).cpu()
+    per_class = (correct.double() / total.clamp(min=1)).tolist()
+    seen = total > 0
+    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
+              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
+              "per_class": [round(100 * a, 2) for a in per_class]}
+    for group, mask in D.shot_groups(train_counts).items():
+        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
+        result[group] = 100 * float(np.mean(accs)) if accs else None
+    return result
+# === end shared: evaluate ===
+
+
+# === shared: linear_probe (identical in eval_linear.py and eval_ood.py) ===
+def backbone_features(model, x):
+    """The input of the classifier `fc`: the globally pooled feature of the backbone (64-d ResNet-32,
+    512-d ResNet-18 / ResNet-10, 2048-d ResNet-50)."""
+    if isinstance(model, torchvision.models.ResNet):
+        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
+        return torch.flatten(model.avgpool(x), 1)
+    return model.features(x)
+
+
+def backbone_state(model):
+    """A copy of every backbone tensor: parameters and BatchNorm buffers (running statistics, counters)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIXES)}
+
+
+def sanity_check(model, before):
+    """Every backbone tensor is bit-identical to the copy `before` (the check of MoCo's linear
+    classification script); raises AssertionError naming what changed."""
+    now = model.state_dict()
+    changed = [k for k, v in before.items() if not torch.equal(now[k], v)]
+    assert not changed, (f"the frozen backbone changed during probing: {len(changed)} tensors differ "
+                         f"(first: {changed[0]})")
+
+
+@torch.no_grad()
+def extract_features(model, batches, amp=False):
+    """Backbone features of every image of `batches`, in order, in eval mode: (float32 N×d, labels)."""
+    model.eval()
+    feats, labels = [], []
+    for x, y, _ in batches.epoch(0):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+            feats.append(backbone_features(model, x).float())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+class FeatureBatches:
+    """Cached features with GPULoader's interface: epoch(e) → (features, labels, indices), in a
+    permutation drawn from a generator seeded by (seed, epoch) when `shuffle`."""
+
+    def __init__(self, feats, labels, batch_size, shuffle=False, seed=0):
+        self.feats, self.labels, self.batch_size, self.shuffle, self.seed = feats, labels, batch_size, shuffle, seed
+
+    def __len__(self):
+        return -(-len(self.labels) // self.batch_size)
+
+    def epoch(self, epoch):
+        n, dev = len(self.labels), self.feats.device
+        if self.shuffle:
+            g = torch.Generator(device=dev)
+            g.manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(n, generator=g, device=dev)
+        else:
+            order = torch.arange(n, device=dev)
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            yield self.feats[idx], self.labels[idx], idx
+
+
+def probe_lr(epoch, args):
+    """Learning rate of 0-based `epoch`: ×0.1 at 60% and again at 80% of the epochs (REFERENCE §8:
+    epochs 60 and 80 of 100)."""
+    return args.lr * 0.1 ** ((epoch >= int(0.6 * args.epochs)) + (epoch >= int(0.8 * args.epochs)))
+
+
+def probe_batches(images, labels, test_images, test_labels, num_classes, mean, std, args):
+    """Batches for a probe on device-resident uint8 images (N×3×H×W) with numpy labels:
+    (train_plain, train_augmented or None, val or None, test, training class counts). The validation
+    split is carved class-stratified from the training split, never from the test set."""
+    idx, val_idx = D.carve_val(np.arange(len(labels)), labels, args.val_frac, args.seed)
+    dev = images.device
+    train_x = images[torch.as_tensor(idx, device=dev)]
+    plain = D.GPULoader(train_x, labels[idx], 1024, mean, std, dev)
+    aug = (D.GPULoader(train_x, labels[idx], args.batch_size, mean, std, dev, augment="crop_flip", seed=args.seed)
+           if args.augment else None)
+    val = (D.GPULoader(images[torch.as_tensor(val_idx, device=dev)], labels[val_idx], 1024, mean, std, dev)
+           if len(val_idx) else None)
+    test = D.GPULoader(test_images, test_labels, 1024, mean, std, dev)
+    return plain, aug, val, test, np.bincount(labels[idx], minlength=num_classes).tolist()
+
+
+def linear_probe(model, plain, aug, val, test, num_classes, counts, args):
+    """Paper 2 §2.1, ID evaluation: train only `model.fc` (re-initialised N(0, 0.01²), bias 0) on the
+    frozen backbone in eval mode. Without `aug` the features of `plain` are computed once and the head
+    trains on them; with `aug` the backbone runs on every augmented batch. Validation and test features
+    are always cached. Logs one row per epoch to <out>/metrics.jsonl; returns (last-epoch test metrics,
+    best epoch on validation or None, timings). Ends with the sanity check on every backbone tensor."""
+    before = backbone_state(model)
+    model.eval()
+    model.requires_grad_(False)
+    head = model.fc
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    head.requires_grad_(True)
+    t0 = time.time()
+    train = None if aug is not None else FeatureBatches(*extract_features(model, plain, args.amp),
+                                                        args.batch_size, True, args.seed)
+    test_f = FeatureBatches(*extract_features(model, test, args.amp), 4096)
+    val_f = FeatureBatches(*extract_features(model, val, args.amp), 4096) if val is not None else None
+    feature_seconds = time.time() - t0
+    optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
+                                fused=head.weight.is_cuda)
+    print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'train':>6} {'test':>6} {'val':>6} {'s':>6}")
+    best, seconds = None, []
+    for epoch in range(args.epochs):
+        t1 = time.time()
+        lr = probe_lr(epoch, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        dev = head.weight.device
+        loss_sum = torch.zeros((), device=dev)
+        hits = torch.zeros((), device=dev, dtype=torch.long)
+        first_bad = torch.full((), -1, device=dev, dtype=torch.long)
+        seen = 0
+        for step, (x, y, _) in enumerate(train.epoch(epoch) if train is not None else aug.epoch(epoch)):
+            if train is None:
+                with torch.no_grad(), torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
+                    x = backbone_features(model, x).float()
+            logits = head(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            loss_sum += loss.detach() * len(y)
+            hits += (logits.argmax(1) == y).sum()
+            seen += len(y)
+        if first_bad.item() >= 0:
+            print(f"error: probe loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1} (lr {lr:g}); "
+                  f"try a smaller --lr", file=sys.stderr)
+            sys.exit(1)
+        test_m = evaluate(head, test_f.epoch(0), num_classes, counts)
+        val_m = evaluate(head, val_f.epoch(0), num_classes, counts) if val_f is not None else None
+        if val_m and (best is None or val_m["top1"] > best["val_top1"]):
+            best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
+        seconds.append(time.time() - t1)
+        row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
+               "test": test_m, "val_top1": val_m["top1"] if val_m else None, "seconds": seconds[-1]}
+        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{epoch + 1:5d} {lr:8.4f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
+              f"{fmt(row['val_top1'])} {row['seconds']:6.2f}", flush=True)
+    sanity_check(model, before)
+    timing = {"feature_seconds": feature_seconds, "seconds_per_epoch": float(np.median(seconds)),
+              "probe_seconds": time.time() - t0}
+    return test_m, best, timing
+# === end shared: linear_probe ===
+
+
+# === shared: list_batches (identical in every script that uses it) ===
+class ListBatches:
+    """DataLoader over a FileListDataset with GPULoader's interface: epoch(e, weights) → (x, y, idx)."""
+
+    def __init__(self, dataset, indices, batch_size, train, seed, workers, device):
+        self.dataset, self.indices, self.train, self.seed, self.device = dataset, indices, train, seed, device
+        self.labels = torch.as_tensor(dataset.labels[indices])
+        self.kw = dict(batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                       persistent_workers=workers > 0)
+
+    def __len__(self):
+        return -(-len(self.indices) // self.kw["batch_size"])
+
+    def epoch(self, epoch, weights=None):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        if weights is not None:
+            sampler = torch.utils.data.WeightedRandomSampler(weights, len(self.indices), generator=g)
+        elif self.train:
+            sampler = torch.utils.data.RandomSampler(range(len(self.indices)), generator=g)
+        else:
+            sampler = range(len(self.indices))
+        order = torch.as_tensor(list(sampler))
+        sub = torch.utils.data.Subset(self.dataset, [int(self.indices[i]) for i in order])
+        for b, (x, y) in enumerate(torch.utils.data.DataLoader(sub, **self.kw)):
+            idx = order[b * self.kw["batch_size"]:(b + 1) * self.kw["batch_size"]]
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
+# === end shared: list_batches ===
+
+
+# === shared: pretrain_meta (identical in eval_linear.py and eval_ood.py) ===
+SSL_SCRIPTS = ("rotation_ssp.py", "moco_ssp.py", "simsiam_rwsam.py")
+SUPERVISED_SCRIPTS = ("ldam_drw.py", "self_training.py", "crt.py")
+
+
+def pretrain_meta(ckpt, path, tag=None):
+    """What paper 2's Δ (Eq. 1) needs to pair runs: the pre-training method (script, plus its --opt
+    where it has one: SimSiam with SGD, SAM or rwSAM) and whether it was self-supervised, its dataset,
+    n (images it trained on) and imbalance ratio r (1 = balanced)."""
+    a = ckpt.get("args") or {}
+    script = ckpt.get("script") or "unknown"
+    counts = ckpt.get("class_counts")
+    rho = a.get("rho")
+    method = tag or script.removesuffix(".py") + (f"+{a['opt']}" if a.get("opt") else "")
+    return {"checkpoint": os.path.abspath(path), "script": script, "method": method,
+            "kind": "SSL" if script in SSL_SCRIPTS else "SL" if script in SUPERVISED_SCRIPTS else "?",
+            "arch": ckpt["arch"], "dataset": a.get("dataset"), "rho": rho, "imb_type": a.get("imb_type"),
+            "balanced": bool(a.get("balanced")), "r": 1.0 if a.get("balanced") else rho,
+            "n": int(sum(counts)) if counts else None, "seed": a.get("seed"), "epoch": ckpt.get("epoch")}
+# === end shared: pretrain_meta ===
+
+
+# ----- data ----------------------------------------------------------------------------------------
+
+def resize_images(x, size, chunk=1024):
+    """uint8 N×3×H×W → uint8 N×3×size×size: bilinear with antialiasing (PIL's low-pass filter when
+    shrinking), rounded to the nearest integer."""
+    out = torch.empty(len(x), 3, size, size, dtype=torch.uint8, device=x.device)
+    for s in range(0, len(x), chunk):
+        y = F.interpolate(x[s:s + chunk].float(), size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False)
+        out[s:s + chunk] = y.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def probe_data(args, device):
+    """STL-10 or a folder of same-size images on the device: (train_plain, train_aug, val, test, counts, C)."""
+    dataset = "stl10" if args.target == "stl10" else "folder"
+    train_x, train_y, names = D.load_split(dataset, args.data_root, True, args.download)
+    test_x, test_y, _ = D.load_split(dataset, args.data_root, False, args.download)
+    train_t, test_t = D.to_device(train_x, device), D.to_device(test_x, device)
+    if dataset == "stl10" and args.stl_size != train_t.shape[-1]:
+        train_t, test_t = resize_images(train_t, args.stl_size), resize_images(test_t, args.stl_size)
+    mean, std = D.mean_std(dataset, train_t.permute(0, 2, 3, 1).cpu())
+    C = len(names)
+    return (*probe_batches(train_t, train_y, test_t, test_y, C, mean, std, args), C)
+
+
+def finetune_data(args, device):
+    """Training / validation / test batches of a fine-tuning target through a DataLoader:
+    (train, val, test, counts, C). The validation split reads the training images with the test transform;
+    every dataset gets the `labels` array ListBatches reads."""
+    train_tf, test_tf = D.imagenet_transform(True, args.size), D.imagenet_transform(False, args.size)
+    if args.target == "folder":
+        paths = [os.path.join(args.data_root, split) for split in ("train", "test")]
+        for path in paths:
+            if not os.path.isdir(path):
+                raise D.DataError(f"--target folder needs '{path}/<class>/<image>', but '{path}' does not exist")
+        try:
+            train_ds, val_ds, test_ds = (torchvision.datasets.ImageFolder(path, tf) for path, tf in
+                                         ((paths[0], train_tf), (paths[0], test_tf), (paths[1], test_tf)))
+        except FileNotFoundError as e:
+            raise D.DataError(f"no images under '{args.data_root}': {e}") from None
+        if train_ds.classes != test_ds.classes:
+            raise D.DataError(f"'{paths[0]}' and '{paths[1]}' hold different class folders")
+        labels, test_labels, names = train_ds.targets, test_ds.targets, train_ds.classes
+    else:
+        cls, (train_split, test_split), kw = TORCHVISION_TARGETS[args.target]
+        try:
+            train_ds = cls(args.data_root, split=train_split, transform=train_tf, download=args.download, **kw)
+            val_ds = cls(args.data_root, split=train_split, transform=test_tf, **kw)
+            test_ds = cls(args.data_root, split=test_split, transform=test_tf, download=args.download, **kw)
+        except (RuntimeError, ValueError) as e:
+            how = "pass --download on a machine with internet access, or " if args.target != "cars" else ""
+            raise D.DataError(f"{cls.__name__} not found under '{args.data_root}' ({str(e).splitlines()[0]}): "
+                              f"{how}point --data-root at a folder that holds it") from None
+        labels, test_labels, names = target_labels(train_ds), target_labels(test_ds), list(train_ds.classes)
+    train_ds.labels = val_ds.labels = labels = np.asarray(labels, dtype=np.int64)
+    test_ds.labels = np.asarray(test_labels, dtype=np.int64)
+    C = len(names)
+    idx, val_idx = D.carve_val(np.arange(len(labels)), labels, args.val_frac, args.seed)
+    make = lambda ds, i, bs, train: ListBatches(ds, i, bs, train, args.seed, args.workers, device)
+    train = make(train_ds, idx, args.batch_size, True)
+    val = make(val_ds, val_idx, 256, False) if len(val_idx) else None
+    test = make(test_ds, np.arange(len(test_ds.labels)), 256, False)
+    return train, val, test, np.bincount(labels[idx], minlength=C).tolist(), C
+
+
+def target_labels(ds):
+    """Labels of a torchvision FGVCAircraft / OxfordIIITPet (`_labels`) or StanfordCars (`_samples`)
+    without decoding an image."""
+    if hasattr(ds, "_labels"):
+        return list(ds._labels)
+    return [label for _, label in ds._samples]
+
+
+# ----- fine-tuning ---------------------------------------------------------------------------------
+
+def finetune_lr(epoch, args):
+    """Cosine decay per epoch from --lr (the new head; paper 2 App. A.1: initial lr 0.1)."""
+    return 0.5 * args.lr * (1 + math.cos(math.pi * epoch / args.epochs))
+
+
+def finetune(model, train, val, test, num_classes, counts, args):
+    """Paper 2 §2.1, OOD evaluation: fine-tune the backbone φ and a randomly initialised head θ together
+    on the target; the backbone's learning rate is --backbone-lr-mult × the head's. Logs one row per epoch
+    to <out>/metrics.jsonl; returns (last-epoch test metrics, best epoch on validation or None, s/epoch)."""
+    device = next(model.parameters()).device
+    backbone = [p for name, p in model.named_parameters() if not name.startswith(HEAD_PREFIXES)]
+    optimizer = torch.optim.SGD([{"params": backbone, "lr_mult": args.backbone_lr_mult},
+                                 {"params": model.fc.parameters(), "lr_mult": 1.0}],
+                                lr=args.lr, momentum=args.momentum, weight_decay=args.wd, fused=device.type == "cuda")
+    print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'train':>6} {'test':>6} {'val':>6} {'s':>6}")
+    best, seconds = None, []
+    for epoch in range(args.epochs):
+        t0 = time.time()
+        lr = finetune_lr(epoch, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        hits = torch.zeros((), device=device, dtype=torch.long)
+        first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        seen = 0
+        for step, (x, y, _) in enumerate(train.epoch(epoch)):
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                logits = model(x).float()
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            loss_sum += loss.detach() * len(y)
+            hits += (logits.argmax(1) == y).sum()
+            seen += len(y)
+        if first_bad.item() >= 0:
+            print(f"error: loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}; stopped, nothing "
+                  f"saved", file=sys.stderr)
+            sys.exit(1)
+        test_m = evaluate(model, test.epoch(0), num_classes, counts, args.amp)
+        val_m = evaluate(model, val.epoch(0), num_classes, counts, args.amp) if val is not None else None
+        if val_m and (best is None or val_m["top1"] > best["val_top1"]):
+            best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
+        seconds.append(time.time() - t0)
+        row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
+               "test": test_m, "val_top1": val_m["top1"] if val_m else None, "seconds": seconds[-1]}
+        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
+              f"{fmt(row['val_top1'])} {row['seconds']:6.2f}", flush=True)
+    return test_m, best, {"seconds_per_epoch": float(np.median(seconds))}
+
+
+# ----- main ----------------------------------------------------------------------------------------
+
+def setup_device(args):
+    if args.gpu >= 0 and not torch.cuda.is_available():
+        print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
+        args.gpu = -1
+    device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 else "cpu")
+    if args.amp and device.type != "cuda":
+        print("warning: --amp needs CUDA; ignored on the CPU", file=sys.stderr)
+        args.amp = False
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    return device
+
+
+def eval_name(args):
+    if args.protocol == "probe":
+        return f"stl10@{args.stl_size}" if args.target == "stl10" else \
+            f"probe:{os.path.basename(os.path.normpath(args.data_root))}"
+    name = args.target if args.target != "folder" else os.path.basename(os.path.normpath(args.data_root))
+    return f"finetune:{name}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ckpt = load_checkpoint(args.ckpt)
+    arch = ckpt["arch"]
+    set_protocol_defaults(args, arch)
+    try:
+        if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.wd < 0 or args.backbone_lr_mult < 0:
+            fail("--epochs, --batch-size and --lr must be positive, --wd and --backbone-lr-mult not negative")
+        if os.path.exists(os.path.join(args.out, "final.json")):
+            fail(f"{args.out} already holds a result; pass another --out")
+        device = setup_device(args)
+        torch.manual_seed(args.seed)
+        if args.protocol == "probe":
+            plain, aug, val, test, counts, C = probe_data(args, device)
+        else:
+            train, val, test, counts, C = finetune_data(args, device)
+    except D.DataError as e:
+        fail(str(e))
+    torch.manual_seed(args.seed)
+    model = build_backbone(arch, C).to(device)
+    load_backbone(model, arch, args.ckpt)
+    meta = pretrain_meta(ckpt, args.ckpt, args.tag)
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump({**vars(args), "pretrain": meta, "torch": torch.__version__, "cuda": torch.version.cuda,
+                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}, f, indent=1)
+    shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
+    open(os.path.join(args.out, "metrics.jsonl"), "w").close()
+    what = (f"linear probe ({'crop/flip, backbone every step' if args.augment else 'cached features'}"
+            f"{f', STL-10 at {args.stl_size} px' if args.target == 'stl10' else ''})" if args.protocol == "probe" else
+            f"fine-tuning (head lr {args.lr:g}, backbone lr {args.lr * args.backbone_lr_mult:g}, {args.size} px)")
+    print(f"{what} of {arch} from {meta['script']} ({meta['kind']}, pre-trained on {meta['dataset']} n={meta['n']} "
+          f"r={meta['r']}) on {args.target}: {sum(counts)} training images, {C} classes, {args.epochs} epochs on "
+          f"{device}")
+
+    t_run = time.time()
+    if args.protocol == "probe":
+        last, best, timing = linear_probe(model, plain, aug, val, test, C, counts, args)
+        print("sanity check passed: every backbone tensor (parameters and BatchNorm buffers) is unchanged")
+    else:
+        last, best, timing = finetune(model, train, val, test, C, counts, args)
+    save_atomic({"script": "eval_ood.py", "arch": arch, "model": model.state_dict(), "epoch": args.epochs,
+                 "args": vars(args), "class_counts": counts, "pretrain": meta}, os.path.join(args.out, "last.pt"))
+    final = {"script": "eval_ood.py", "eval": eval_name(args), "target": args.target, "protocol": args.protocol,
+             "stl_size": args.stl_size if args.target == "stl10" else None, "pretrain": meta,
+             "augment": args.augment, "seed": args.seed, "epochs": args.epochs, "lr": args.lr,
+             "batch_size": args.batch_size, "wd": args.wd, "class_counts": counts, "last": last,
+             "top1": last["top1"], "per_class": last["per_class"], "best_on_val": best,
+             "sanity_check": "passed" if args.protocol == "probe" else None, **timing,
+             "wall_seconds": time.time() - t_run}
+    with open(os.path.join(args.out, "final.json"), "w") as f:
+        json.dump(final, f, indent=1)
+    print(f"last epoch: test top-1 {last['top1']:.2f}%, mean per-class {last['mean_class_acc']:.2f}%"
+          + (f"; best on validation: epoch {best['epoch']}, test top-1 {best['test']['top1']:.2f}%" if best else ""))
+
+
+if __name__ == "__main__":
+    main()
