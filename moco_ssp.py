@@ -1,0 +1,776 @@
+"""MoCo v2 self-supervised pre-training on the long-tailed training images, on one GPU or many.
+
+Paper 1 (Yang & Xu 2020), §4.2 "Self-Supervised Imbalanced Learning": the self-supervised pre-training
+(SSP) of ImageNet-LT and iNaturalist 2018 (Tables 3–4) is MoCo, labels abandoned, then any long-tail
+method starts from the checkpoint. Paper 2 (Liu et al. 2022), §2.1–2.2 and App. A.1: MoCo v2 is the
+self-supervised method whose representations are compared after balanced and imbalanced pre-training
+(Table 2, Figs. 1–2). The method is He et al. 2020 (MoCo: Eq. (1) InfoNCE, Eq. (2) momentum update,
+Algorithm 1's queue, §3.3 shuffle-BN) with Chen et al. 2020's v2 changes (MLP head, τ = 0.2, blur,
+cosine schedule). Recipe: REFERENCE §5.
+
+    python moco_ssp.py --rho 0.01 --gpu 0                      # CIFAR-10-LT ρ=100, ResNet-18, batch 512
+    python moco_ssp.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01 --amp   # CIFAR-10 JPEG copy
+    python moco_ssp.py --dataset imagenet_lt --data-root IMNET --train-list ImageNet_LT_train.txt \\
+        --rho 1                                                # ResNet-50, batch 256, queue 65,536, 1 GPU
+    torchrun --nproc_per_node 8 moco_ssp.py --dataset imagenet_lt --data-root IMNET \\
+        --train-list ImageNet_LT_train.txt --rho 1             # the same run on 8 GPUs, real shuffle-BN
+    python moco_ssp.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01 --arch resnet10 \\
+        --epochs 1 --batch-size 128 --gpu -1 --out runs/moco-cpu                     # CPU smoke run
+    python -m torch.distributed.run --standalone --nproc_per_node 2 moco_ssp.py --dataset folder \\
+        --data-root .data/cifar10_jpg --rho 0.01 --arch resnet10 --epochs 1 --batch-size 128 --gpu -1 \\
+        --out runs/moco-cpu-ddp                                # the same with 2 CPU processes (gloo)
+    python crt.py --ckpt runs/moco_ssp-cifar10-0.01-0/last.pt                  # then: cRT + SSP
+    python eval_linear.py --ckpt runs/moco_ssp-cifar10-0.01-0/last.pt          # or paper 2's linear probe
+    python ldam_drw.py --dataset imagenet_lt --data-root IMNET --train-list ImageNet_LT_train.txt \\
+        --test-list ImageNet_LT_test.txt --arch resnet50 --pretrained runs/moco_ssp-imagenet_lt-1-0/last.pt
+
+Recipe (REFERENCE §5): query and key encoders (ResNet backbone + MLP head feature → feature → ReLU →
+128), key encoder θ_k ← 0.999·θ_k + 0.001·θ_q, queue of K negatives (65,536 for ImageNet-LT / iNat),
+temperature 0.2, SGD momentum 0.9, wd 1e-4, lr 0.03 per 256 images (linear scaling) with a per-epoch
+cosine schedule, 200 epochs. Views: RandomResizedCrop(scale 0.2–1), ColorJitter(0.4, 0.4, 0.4, 0.1)
+with p 0.8, grayscale p 0.2, horizontal flip, and Gaussian blur σ ∈ [0.1, 2] with p 0.5 on ImageNet
+only. --batch-size is the global batch (all processes together).
+CIFAR-size data (cifar10/100, svhn, folder): CIFAR ResNet-18 (REFERENCE §6, the backbone of
+simsiam_rwsam.py), batch 512 as paper 2's CIFAR recipe (REFERENCE §6, 0.03 per 256 at batch 512) and
+the MoCo authors' single-GPU CIFAR demo, so lr 0.06; queue 4096 (the demo's; a third of CIFAR-10-LT
+ρ=0.01's 12,406 images), lowered to the largest multiple of the batch up to half the training set
+when the set is smaller (SVHN-LT: 1024); views on the GPU (datasets_lt.GPULoader(augment="ssl")).
+ImageNet-LT / iNat (file lists): torchvision ResNet-50 (ResNet-10 with --arch resnet10), batch 256,
+views by torchvision transforms in DataLoader workers.
+Paper numbers: paper 1 Table 3 (ImageNet-LT top-1 error, ResNet-10 / ResNet-50): cRT 58.2 / 52.7 →
+cRT + SSP 56.8 / 48.7; CE (Uniform) 65.2 / 61.6 → 64.1 / 54.4. Table 4 (iNat, ResNet-50): cRT 34.8 →
+31.9. Paper 2 Table 2 (ImageNet linear probe, n = 116K): MoCo v2 50.4 balanced, 49.5 ImageNet-LT.
+Speed target (one H200, not measurable on the CPU-only machine this was written on): CIFAR-10-LT
+ρ=0.01, ResNet-18, batch 512, ≤ 0.5 s per epoch.
+
+Shuffle-BN (MoCo §3.3): each GPU of the authors' DDP run normalises its own 32 images, and the key
+batch is shuffled across GPUs first, so a query and its key never share BatchNorm statistics (which
+would let the pair be recognised from the statistics instead of the image). Under torchrun this script
+does the same: keys' images are gathered from all processes, permuted by a seeded permutation broadcast
+from rank 0, each process encodes its slice, keys are gathered and un-permuted. On one device
+--bn-splits S (default 8) emulates S processes: every BatchNorm of both encoders normalises each of S
+contiguous sub-batches with its own statistics, and the key batch is permuted before the split. The
+split is a reshape (the batch is reordered once so that sub-batch s is rows s, s+S, …, and each BN
+folds the S sub-batches into channels: one batch_norm call, as the MoCo CIFAR demo's SplitBatchNorm);
+running statistics are the mean over the sub-batches. So one process with --bn-splits W trains the
+same model, step for step, as W processes with --bn-splits 1 (the tests check this on CPU).
+
+Outputs in --out (under torchrun written by rank 0 alone): args.json, metrics.jsonl, last.pt (every epoch,
+atomically), final.json and a copy of this script. The checkpoint's "model" is the query encoder:
+backbone tensors under the names every script uses (conv1.*, bn1.*, layer1.* …), so ldam_drw.py
+--pretrained, crt.py and eval_linear.py load it, and the projection head under head.* (reported as
+unexpected by those loaders). The key encoder ("key_model"), the queue ("queue") and its pointer
+("queue_ptr") are stored beside it, so --resume continues the same run: same keys, same negatives,
+and per-epoch seeded data and shuffles.
+
+Deliberate differences from the papers and the authors' code (facebookresearch/moco main_moco.py):
+1. One process on one device works (the authors' code needs DDP): shuffle-BN is emulated with BN
+   sub-batches, see above. Under torchrun, real shuffle-BN, as the authors'.
+2. Paper 2 trained ImageNet-LT for 300 epochs at lr 0.025 (App. A.1); the default is MoCo v2's 200
+   epochs at 0.03 per 256 (REFERENCE §5). Pass --epochs 300 --lr 0.025 for paper 2's run.
+3. The queue is checked at start: a multiple of the global batch (so the pointer wraps exactly) and
+   smaller than the training set (one as large would hold an earlier key of every query's own image).
+4. A monitor the authors did not have on ImageNet: a weighted kNN classifier (k = 200, τ = 0.1, Wu et al.
+   2018, as the MoCo CIFAR demo) on the backbone features of the training images, scored on the test
+   split every --knn-every epochs (CIFAR-size data only). It is the only use of labels; training never
+   sees them. With --val-frac the validation images are left out of pre-training and scored too.
+5. CIFAR-size views are made on the GPU (datasets_lt.ssl_augment): the same distributions as
+   torchvision's transforms, but no antialiasing (CIFAR crops are only ever upscaled) and no blur
+   (REFERENCE §5: ImageNet only).
+6. Under torchrun only the query encoder is wrapped in DDP (the authors wrapped the whole MoCo module,
+   so rank 0's key-encoder buffers and queue were broadcast every step): the queue is identical on
+   every process by construction, and the key encoder's BN running statistics, which training never
+   uses (the key encoder always runs in train mode), are per process; the checkpoint holds rank 0's.
+7. ImageNet blur: torchvision's GaussianBlur with a kernel of 10% of the crop (23 px at 224); the
+   authors used PIL's ImageFilter.GaussianBlur(radius=σ). For σ ≤ 2 both cover ±3σ.
+8. Resume needs the same number of processes: --bn-splits and the sharding depend on it.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms import v2
+
+import datasets_lt as D
+
+LARGE = ("imagenet_lt", "inat")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="MoCo v2 self-supervised pre-training (paper 1 §4.2, paper 2 §2).")
+    # --- shared flags (names and order of every script; defaults and help are MoCo v2's, REFERENCE §5:
+    # the supervised scripts' "default: 0.1 (CIFAR, SVHN)" would be wrong here) ---
+    p.add_argument("--dataset", default="cifar10",
+                   choices=["cifar10", "cifar100", "svhn", "folder", "imagenet_lt", "inat"])
+    p.add_argument("--data-root", default="./data", help="dataset folder")
+    p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    p.add_argument("--rho", type=float, default=0.01, help="tail/head ratio in (0, 1]; 1 = balanced")
+    p.add_argument("--imb-type", default="exp", choices=["exp", "step"])
+    p.add_argument("--gpu", type=int, default=0, help="GPU index; -1 = CPU (under torchrun: the local rank's GPU)")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch over all processes; default: 512 (CIFAR-size data), 256 (ImageNet-LT, iNat)")
+    p.add_argument("--lr", type=float, default=None, help="default: 0.03 × batch / 256")
+    p.add_argument("--wd", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="default: runs/<script>-<dataset>-<rho>-<seed>")
+    p.add_argument("--resume", default=None, help="continue the run saved in this last.pt")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--val-frac", type=float, default=0.0,
+                   help="validation split carved from the training subset; 0 = report last epoch only")
+    # --- this method ---
+    p.add_argument("--arch", default=None, choices=["resnet18", "resnet10", "resnet50"],
+                   help="default: resnet18 (CIFAR ResNet-18: CIFAR, SVHN, folder), resnet50 (ImageNet-LT, iNat)")
+    p.add_argument("--queue", type=int, default=None,
+                   help="negatives K; a multiple of the global batch, smaller than the training set; default: "
+                        "65536 (ImageNet-LT, iNat), else 4096 or the largest multiple of the batch ≤ half the set")
+    p.add_argument("--moco-m", type=float, default=0.999, help="key encoder momentum m of MoCo Eq. (2)")
+    p.add_argument("--moco-t", type=float, default=0.2, help="InfoNCE temperature τ")
+    p.add_argument("--moco-dim", type=int, default=128, help="embedding width (output of the MLP head)")
+    p.add_argument("--bn-splits", type=int, default=None,
+                   help="BN sub-batches per process (shuffle-BN emulation); default: 8 alone, 1 under torchrun")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--train-list", default=None, help="ImageNet-LT / iNat: 'relative/path label' list")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers per process (ImageNet-LT / iNat only)")
+    p.add_argument("--knn-every", type=int, default=None,
+                   help="kNN monitor every N epochs and at the last (0 = off); default: 10, off for ImageNet-LT / iNat")
+    p.add_argument("--knn-k", type=int, default=200)
+    p.add_argument("--knn-t", type=float, default=0.1)
+    p.add_argument("--strict-fp32", action="store_true", help="disable TF32 in cuDNN convolutions and matmuls")
+    p.error = fail                                         # one line and exit 2, not the usage text
+    args = p.parse_args(argv)
+    large = args.dataset in LARGE
+    for name, small, imagenet in (("batch_size", 512, 256), ("arch", "resnet18", "resnet50"), ("knn_every", 10, 0)):
+        if getattr(args, name) is None:
+            setattr(args, name, imagenet if large else small)
+    if args.lr is None:
+        args.lr = 0.03 * args.batch_size / 256              # linear scaling rule (Goyal et al.), REFERENCE §5
+    if args.out is None:
+        args.out = os.path.join("runs", f"moco_ssp-{args.dataset}-{args.rho:g}-{args.seed}")
+    return args
+
+
+def fail(msg):
+    if int(os.environ.get("RANK", "0")) == 0:             # under torchrun every process fails alike: say it once
+        print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def fmt(v):
+    return f"{v:6.2f}" if v is not None else f"{'-':>6}"
+
+
+# === shared: resnet18 (identical in every script that uses it) ===
+class ResBlock(nn.Module):
+    """Basic block of the CIFAR ResNet-18: two 3×3 convs with BN, and a 1×1 conv + BN shortcut where
+    the shape changes."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR ResNet-18 (REFERENCE §6): 3×3 stride-1 stem, no max-pool, stages of two blocks with 64,
+    128, 256 and 512 channels, global pool, 512-d feature, classifier `fc`."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        cin = 64
+        for i, (w, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2))):
+            setattr(self, f"layer{i + 1}", nn.Sequential(ResBlock(cin, w, stride), ResBlock(w, w, 1)))
+            cin = w
+        self.fc = nn.Linear(512, num_classes)
+
+    def features(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+# === end shared: resnet18 ===
+
+
+# === shared: checkpoints (identical in every script) ===
+HEAD_PREFIXES = ("fc.",)
+
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"checkpoint '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
+        fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
+    return ckpt
+
+
+def load_backbone(model, arch, path):
+    """Copy every backbone tensor of the checkpoint at `path` into `model`; the head stays as it is.
+
+    Prints matched / missing / unexpected counts; fails unless every backbone key of `model` was found
+    with the right shape."""
+    ckpt = load_checkpoint(path)
+    if ckpt["arch"] != arch:
+        fail(f"'{path}' holds a {ckpt['arch']} backbone but this run trains {arch}; pre-train the same "
+             f"architecture or pass --arch {ckpt['arch']}")
+    src = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    own = model.state_dict()
+    backbone = [k for k in own if not k.startswith(HEAD_PREFIXES)]
+    matched = [k for k in backbone if k in src and src[k].shape == own[k].shape]
+    missing = [k for k in own if k not in matched]
+    unexpected = [k for k in src if k not in own]
+    skipped = [k for k in src if k in own and k not in matched]
+    names = lambda keys: ", ".join(keys[:4]) + (", …" if len(keys) > 4 else "") or "-"
+    print(f"loaded backbone from {path}: {len(matched)} tensors matched, {len(missing)} missing "
+          f"({names(missing)}), {len(unexpected)} unexpected ({names(unexpected)}), {len(skipped)} not loaded "
+          f"({names(skipped)})")
+    bad = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
+    if bad:
+        fail(f"'{path}' lacks {len(bad)} backbone tensors of {arch} (first: {bad[0]}); it is not a "
+             f"{arch} backbone of this project")
+    own.update({k: src[k] for k in matched})
+    model.load_state_dict(own)
+    return ckpt
+# === end shared: checkpoints ===
+
+
+# === shared: evaluate (identical in every script) ===
+@torch.no_grad()
+def evaluate(model, batches, num_classes, train_counts, amp=False):
+    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means."""
+    model.eval()
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    total = torch.zeros(num_classes, dtype=torch.long)
+    for x, y, _ in batches:
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+            pred = model(x).argmax(1)
+        y = y.to(pred.device)
+        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
+        total += torch.bincount(y, minlength=num_classes).cpu()
+    per_class = (correct.double() / total.clamp(min=1)).tolist()
+    seen = total > 0
+    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
+              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
+              "per_class": [round(100 * a, 2) for a in per_class]}
+    for group, mask in D.shot_groups(train_counts).items():
+        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
+        result[group] = 100 * float(np.mean(accs)) if accs else None
+    return result
+# === end shared: evaluate ===
+
+
+# ----- encoders ------------------------------------------------------------------------------------
+
+def build_backbone(arch):
+    """The backbone with its classifier `fc` replaced by the identity, and its feature width."""
+    if arch == "resnet18":
+        net = ResNet18()
+    else:
+        block, layers = ((torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]) if arch == "resnet10" else
+                         (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]))
+        net = torchvision.models.resnet.ResNet(block, layers)
+    width = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, width
+
+
+class Encoder(nn.Module):
+    """Backbone + MoCo v2 projection head (Chen et al. 2020, §2; REFERENCE §5): fc (feature → feature) →
+    ReLU → fc (feature → dim); 2048 → 2048 → 128 for ResNet-50, 512 → 512 → 128 for ResNet-18.
+    Returns the unit-length float32 embedding."""
+
+    def __init__(self, arch, dim):
+        super().__init__()
+        self.backbone, width = build_backbone(arch)
+        self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim))
+
+    def forward(self, x):
+        return F.normalize(self.head(self.backbone(x)).float(), dim=1)
+
+
+def contract_state(encoder):
+    """The project's checkpoint layout: backbone tensors at the top level, the head under `head.`."""
+    return {k.removeprefix("backbone."): v for k, v in encoder.state_dict().items()}
+
+
+def load_contract_state(encoder, state):
+    encoder.load_state_dict({k if k.startswith("head.") else f"backbone.{k}": v for k, v in state.items()})
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d that, in training, normalises `splits` groups of the batch separately: rows s, s+S,
+    s+2S, … form group s. The groups are folded into the channel axis, (N, C) → (N/S, S·C), so one
+    batch_norm call computes S·C statistics (the MoCo CIFAR demo's SplitBatchNorm). Running statistics
+    are the mean of the groups' updates. Same state_dict keys as BatchNorm2d."""
+
+    def __init__(self, bn, splits):
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        self.load_state_dict(bn.state_dict())
+        self.splits = splits
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        N, C, H, W = x.shape
+        S = self.splits
+        mean, var = self.running_mean.repeat(S), self.running_var.repeat(S)
+        out = F.batch_norm(x.view(N // S, S * C, H, W), mean, var, self.weight.repeat(S), self.bias.repeat(S),
+                           True, self.momentum, self.eps)
+        with torch.no_grad():
+            self.running_mean.copy_(mean.view(S, C).mean(0))
+            self.running_var.copy_(var.view(S, C).mean(0))
+            self.num_batches_tracked.add_(1)
+        return out.view(N, C, H, W)
+
+
+def split_batchnorm(module, splits):
+    """Replace every BatchNorm2d of `module` by a SplitBatchNorm with the same weights and statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, SplitBatchNorm(child, splits))
+        else:
+            split_batchnorm(child, splits)
+    return module
+
+
+def split_forward(encoder, x, splits):
+    """encoder(x) with BN statistics per contiguous sub-batch: chunk s (rows s·b … s·b + b − 1) is moved
+    to rows s, s+S, …, SplitBatchNorm's group s, and the outputs are moved back."""
+    if splits == 1:
+        return encoder(x)
+    x = x.unflatten(0, (splits, -1)).transpose(0, 1).flatten(0, 1)
+    return encoder(x).unflatten(0, (-1, splits)).transpose(0, 1).flatten(0, 1)
+
+
+# ----- the method ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def momentum_update(key, query, m):
+    """MoCo Eq. (2): θ_k ← m·θ_k + (1 − m)·θ_q, parameters only (buffers are the key encoder's own)."""
+    kp, qp = list(key.parameters()), [p.detach() for p in query.parameters()]
+    torch._foreach_mul_(kp, m)
+    torch._foreach_add_(kp, qp, alpha=1 - m)
+
+
+def info_nce(q, k, queue, t):
+    """MoCo Eq. (1): −log exp(q·k₊/τ) / (exp(q·k₊/τ) + Σ_queue exp(q·k/τ)), as cross-entropy over the
+    logits [q·k₊, q·queue] / τ with the positive at index 0. Returns (mean loss, logits)."""
+    l_pos = (q * k).sum(1, keepdim=True)
+    l_neg = q @ queue.t()
+    logits = torch.cat([l_pos, l_neg], dim=1) / t
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device)), logits
+
+
+@torch.no_grad()
+def enqueue(queue, keys, ptr):
+    """MoCo Algorithm 1: enqueue this batch's keys, dequeue the oldest (they occupy rows ptr …); the
+    queue is a ring, its size a multiple of the batch. Returns the new pointer."""
+    queue[ptr:ptr + len(keys)] = keys
+    return (ptr + len(keys)) % len(queue)
+
+
+def gather(x, world):
+    """Concatenation over the processes in rank order (no gradient), the authors' concat_all_gather."""
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def shuffle_order(n, generator, device, world):
+    """The key batch's permutation for shuffle-BN: drawn from the epoch's seeded generator, rank 0's copy
+    broadcast to every process (MoCo §3.3)."""
+    perm = torch.randperm(n, generator=generator, device=device)
+    if world > 1:
+        dist.broadcast(perm, 0)
+    return perm
+
+
+@torch.no_grad()
+def shuffled_keys(encoder_k, x, perm, splits, rank, world):
+    """Keys of the whole global batch under shuffle-BN (MoCo §3.3), in the original order.
+
+    The global batch's key views are gathered, permuted by `perm`; process r encodes rows perm[r·b …
+    (r+1)·b − 1] (split into `splits` BN groups); the keys are gathered and un-permuted."""
+    x_all = gather(x, world)
+    mine = perm.view(world, -1)[rank]
+    k = split_forward(encoder_k, x_all[mine], splits)
+    return gather(k, world)[torch.argsort(perm)]
+
+
+def lr_at(epoch, args):
+    """Per-epoch cosine schedule of MoCo v2 (the authors' adjust_learning_rate with --cos), 0-based epoch."""
+    return 0.5 * args.lr * (1 + math.cos(math.pi * epoch / args.epochs))
+
+
+def stream_seed(*key):
+    """A seed for one random stream (e.g. the shuffles of one epoch), independent of the data loader's."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+
+
+def check_queue(K, B, n):
+    """Fail unless the queue holds a whole number of global batches and fewer keys than there are images."""
+    if B > n:
+        fail(f"--batch-size {B} is larger than the {n} training images; lower it")
+    valid = [B * m for m in range(1, (n - 1) // B + 1)]
+    if K <= 0 or K % B or K >= n:
+        shown = ", ".join(map(str, valid[:4])) + (f", …, {valid[-1]}" if len(valid) > 4 else "")
+        fail(f"--queue {K} must be a multiple of the global batch {B} and smaller than the {n} training images; "
+             + (f"use one of {shown}" if valid else "lower --batch-size"))
+
+
+def default_queue(args, n):
+    if args.dataset in LARGE:
+        return 65536
+    fit = args.batch_size * ((n // 2) // args.batch_size)
+    return min(4096, fit) if fit else args.batch_size
+
+
+class KNN(nn.Module):
+    """Weighted kNN on unit-length backbone features (Wu et al. 2018; the MoCo CIFAR demo's monitor):
+    class score = Σ over the k most cosine-similar bank images of that class of exp(similarity / t)."""
+
+    def __init__(self, backbone, bank, bank_labels, num_classes, k, t):
+        super().__init__()
+        self.backbone, self.bank, self.bank_labels = backbone, bank, bank_labels
+        self.num_classes, self.k, self.t = num_classes, min(k, len(bank)), t
+
+    def forward(self, x):
+        f = F.normalize(self.backbone(x).float(), dim=1)
+        sim, idx = (f @ self.bank.t()).topk(self.k, dim=1)
+        scores = torch.zeros(len(x), self.num_classes, device=x.device)
+        return scores.scatter_add_(1, self.bank_labels[idx], (sim / self.t).exp())
+
+
+@torch.no_grad()
+def knn_eval(backbone, bank_batches, batches, num_classes, counts, args):
+    backbone.eval()
+    feats, labels = [], []
+    for x, y, _ in bank_batches:
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
+            feats.append(F.normalize(backbone(x).float(), dim=1))
+        labels.append(y)
+    knn = KNN(backbone, torch.cat(feats), torch.cat(labels), num_classes, args.knn_k, args.knn_t)
+    return evaluate(knn, batches, num_classes, counts, args.amp)
+
+
+# ----- data ----------------------------------------------------------------------------------------
+
+class ShardedViews:
+    """Two GPU-augmented views of each global batch of a GPULoader (seeded by (seed, epoch)); process r of
+    W keeps rows r·b … (r+1)·b − 1. Every process draws the same global batch, so the processes read
+    disjoint shards of one permutation (DistributedSampler's contract) and together see exactly the
+    images and views that one process with the same global batch sees."""
+
+    def __init__(self, loader, rank, world):
+        self.loader, self.rank, self.world = loader, rank, world
+
+    def __len__(self):
+        return len(self.loader)
+
+    def epoch(self, epoch):
+        for views, y, idx in self.loader.epoch(epoch):
+            b = len(y) // self.world
+            sl = slice(self.rank * b, (self.rank + 1) * b)
+            yield [v[sl] for v in views], y[sl], idx[sl]
+
+
+class TwoViews:
+    """MoCo v2's ImageNet augmentation (REFERENCE §5, the authors' main_moco.py --aug-plus), twice."""
+
+    def __init__(self, size):
+        self.t = v2.Compose([
+            v2.RandomResizedCrop(size, scale=(0.2, 1.0)),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=int(0.1 * size) // 2 * 2 + 1, sigma=(0.1, 2.0))], p=0.5),
+            v2.RandomHorizontalFlip(),
+            v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(D.IMAGENET_MEAN, D.IMAGENET_STD)])
+
+    def __call__(self, img):
+        return [self.t(img), self.t(img)]
+
+
+class ListViews:
+    """Two views of listed images per step, this process's share, with DistributedSampler (one permutation
+    seeded by (seed, epoch) on every process, each keeps every W-th index; set_epoch each epoch). Worker
+    seeds (and, without workers, this process's RNG) come from (seed, epoch, rank), so a resumed run draws
+    the same augmentations with the same --workers."""
+
+    def __init__(self, dataset, indices, batch_size, seed, workers, device, rank, world):
+        self.subset = torch.utils.data.Subset(dataset, [int(i) for i in indices])
+        self.sampler = torch.utils.data.DistributedSampler(self.subset, num_replicas=world, rank=rank, shuffle=True,
+                                                           seed=seed, drop_last=True)
+        self.batch_size, self.seed, self.workers, self.device, self.rank = batch_size, seed, workers, device, rank
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size
+
+    def epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+        s = stream_seed(self.seed, epoch, 2, self.rank)
+        torch.manual_seed(s)
+        loader = torch.utils.data.DataLoader(self.subset, self.batch_size, sampler=self.sampler, drop_last=True,
+                                             num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(s))
+        for views, y in loader:
+            yield [v.to(self.device, non_blocking=True) for v in views], y.to(self.device, non_blocking=True), None
+
+
+def build_data(args, device, rank, world):
+    """Training views (this process's share), kNN bank / validation / test batches (None for file lists),
+    class counts, number of classes and number of training images."""
+    if args.dataset in LARGE:
+        if not args.train_list:
+            fail(f"--dataset {args.dataset} needs --train-list ('relative/path label' file)")
+        ds = D.FileListDataset(args.data_root, args.train_list, train=True, transform=TwoViews(224))
+        idx, _ = D.carve_val(np.arange(len(ds)), ds.labels, args.val_frac, args.seed)
+        counts = np.bincount(ds.labels[idx], minlength=ds.num_classes).tolist()
+        train = ListViews(ds, idx, args.batch_size // world, args.seed, args.workers, device, rank, world)
+        return train, None, None, None, counts, ds.num_classes, len(idx)
+    train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
+    test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
+    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.seed, D.N_MAX.get(args.dataset),
+                             D.CLASS_ORDER.get(args.dataset))
+    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.seed)
+    mean, std = D.mean_std(args.dataset, train_x)
+    C = len(names)
+    counts = np.bincount(train_y[idx], minlength=C).tolist()
+    loader = D.GPULoader(train_x[idx], train_y[idx], args.batch_size, mean, std, device, augment="ssl", views=2,
+                         blur=False, drop_last=True, seed=args.seed)
+    bank = D.GPULoader(loader.images, train_y[idx], 1000, mean, std, device)
+    test = D.GPULoader(test_x, test_y, 1000, mean, std, device)
+    val = D.GPULoader(train_x[val_idx], train_y[val_idx], 1000, mean, std, device) if len(val_idx) else None
+    return ShardedViews(loader, rank, world), bank, val, test, counts, C, len(idx)
+
+
+# ----- main ----------------------------------------------------------------------------------------
+
+def setup_device(args, local_rank, world):
+    if args.gpu >= 0 and not torch.cuda.is_available():
+        print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
+        args.gpu = -1
+    index = local_rank if world > 1 else args.gpu
+    device = torch.device(f"cuda:{index}" if args.gpu >= 0 else "cpu")
+    if args.amp and device.type != "cuda":
+        print("warning: --amp needs CUDA; ignored on the CPU", file=sys.stderr)
+        args.amp = False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    return device
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    log = print if rank == 0 else (lambda *a, **k: None)
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if ckpt.get("script") != "moco_ssp.py":
+            fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not moco_ssp.py; "
+                 f"start a new pre-training run with another --out")
+        keep = {k: getattr(args, k) for k in ("gpu", "resume", "workers")}
+        args = argparse.Namespace(**{**ckpt["args"], **keep})
+        if args.world_size != world:
+            fail(f"'{args.resume}' was trained by {args.world_size} process(es) but this is {world}; resume it with "
+                 f"the same number (torchrun --nproc_per_node {args.world_size}, or no torchrun for 1)")
+        log(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
+    else:
+        args.world_size = world
+        if args.bn_splits is None:
+            args.bn_splits = 8 if world == 1 else 1
+    try:
+        D.check_rho(args.rho)
+        if min(args.epochs, args.batch_size, args.bn_splits, args.moco_dim) < 1 or args.lr <= 0:
+            fail("--epochs, --batch-size, --bn-splits, --moco-dim and --lr must be positive")
+        if not 0 <= args.moco_m < 1 or args.moco_t <= 0 or args.knn_every < 0:
+            fail("--moco-m must be in [0, 1), --moco-t positive and --knn-every 0 or more")
+        if args.batch_size % world:
+            fail(f"--batch-size {args.batch_size} (global) must be divisible by the {world} processes")
+        b = args.batch_size // world
+        if b % args.bn_splits:
+            fail(f"--bn-splits {args.bn_splits} must divide the {b} images each process encodes per step")
+        if args.dataset in LARGE and args.knn_every:
+            fail(f"the kNN monitor needs in-memory data; for {args.dataset} pass --knn-every 0 and probe the "
+                 f"checkpoint with eval_linear.py")
+        if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
+            fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, "
+                 f"or pass another --out")
+        device = setup_device(args, int(os.environ.get("LOCAL_RANK", "0")), world)
+        torch.manual_seed(args.seed)
+        train, bank, val, test, counts, C, n = build_data(args, device, rank, world)
+    except D.DataError as e:
+        fail(str(e))
+    if args.queue is None:
+        args.queue = default_queue(args, n)
+    check_queue(args.queue, args.batch_size, n)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+
+    encoder_q = Encoder(args.arch, args.moco_dim)
+    encoder_k = Encoder(args.arch, args.moco_dim)
+    if args.bn_splits > 1:
+        split_batchnorm(encoder_q, args.bn_splits)
+        split_batchnorm(encoder_k, args.bn_splits)
+    encoder_q, encoder_k = encoder_q.to(device), encoder_k.to(device)
+    queue = F.normalize(torch.randn(args.queue, args.moco_dim, generator=torch.Generator().manual_seed(args.seed)),
+                        dim=1).to(device)
+    optimizer = torch.optim.SGD(encoder_q.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
+                                fused=device.type == "cuda")
+    start, ptr = 0, 0
+    if ckpt is not None:
+        load_contract_state(encoder_q, ckpt["model"])
+        load_contract_state(encoder_k, ckpt["key_model"])
+        queue.copy_(ckpt["queue"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, ptr = ckpt["epoch"], ckpt["queue_ptr"]
+    else:
+        encoder_k.load_state_dict(encoder_q.state_dict())  # θ_k starts as θ_q (MoCo Algorithm 1)
+    encoder_k.requires_grad_(False)
+    model = encoder_q
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(encoder_q, device_ids=[device.index] if device.type == "cuda"
+                                                    else None)
+
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        if ckpt is None:
+            meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+            with open(os.path.join(args.out, "args.json"), "w") as f:
+                json.dump(meta, f, indent=1)
+            shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
+            open(os.path.join(args.out, "metrics.jsonl"), "w").close()
+        else:                                              # drop epochs logged after the checkpoint
+            with open(os.path.join(args.out, "metrics.jsonl")) as f:
+                lines = [l for l in f if json.loads(l)["epoch"] <= start]
+            with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
+                f.writelines(lines)
+    log(f"{args.dataset} rho={args.rho:g} ({args.imb_type}): {n} training images {counts[:3]}…{counts[-1]}, labels "
+        f"unused (kNN monitor only); MoCo v2 {args.arch}, batch {args.batch_size} = {world} process(es) × {b} "
+        f"in {args.bn_splits} BN split(s), queue {args.queue}, m={args.moco_m:g}, τ={args.moco_t:g}, lr "
+        f"{args.lr:g}, {args.epochs} epochs on {device}")
+    log("pos: % of queries whose positive key beats all queue keys; knn / many / med / few / val: weighted kNN "
+        "top-1 on backbone features")
+    log(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'pos':>6} {'knn':>6} {'many':>6} {'med':>6} {'few':>6} {'val':>6} "
+        f"{'s':>6}")
+
+    t_run, knn_m = time.time(), None
+    for epoch in range(start, args.epochs):
+        t0 = time.time()
+        lr = lr_at(epoch, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        encoder_q.train()
+        encoder_k.train()
+        g = torch.Generator(device=device)
+        g.manual_seed(stream_seed(args.seed, epoch, 1))
+        stats = torch.zeros(2, device=device)             # loss sum, queries whose positive ranks first
+        first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        seen = 0
+        for step, (views, _, _) in enumerate(train.epoch(epoch)):
+            x_q, x_k = views
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                q = split_forward(model, x_q, args.bn_splits)
+                with torch.no_grad():
+                    momentum_update(encoder_k, encoder_q, args.moco_m)
+                    perm = shuffle_order(len(x_k) * world, g, device, world)
+                    keys = shuffled_keys(encoder_k, x_k, perm, args.bn_splits, rank, world)
+            loss, logits = info_nce(q, keys[rank * b:(rank + 1) * b], queue, args.moco_t)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            ptr = enqueue(queue, keys, ptr)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            stats += torch.stack([loss.detach() * len(q), (logits.argmax(1) == 0).sum().float()])
+            seen += len(q) * world
+        if world > 1:
+            dist.all_reduce(stats)
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
+        if first_bad.item() >= 0:
+            log(f"error: loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}; stopped, "
+                f"{args.out}/last.pt still holds epoch {epoch}", file=sys.stderr)
+            sys.exit(1)
+        if rank != 0:
+            continue
+        last = epoch + 1 == args.epochs
+        monitor = args.knn_every and ((epoch + 1) % args.knn_every == 0 or last)
+        knn_m = knn_eval(encoder_q.backbone, bank.epoch(0), test.epoch(0), C, counts, args) if monitor else None
+        val_m = knn_eval(encoder_q.backbone, bank.epoch(0), val.epoch(0), C, counts, args) if monitor and val else None
+        loss_sum, pos = stats.tolist()
+        row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / seen, "pos_top1": 100 * pos / seen,
+               "knn_test": knn_m, "knn_val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0}
+        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        m = knn_m or {}
+        print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['pos_top1'])} {fmt(m.get('top1'))} "
+              f"{fmt(m.get('many'))} {fmt(m.get('medium'))} {fmt(m.get('few'))} {fmt(row['knn_val_top1'])} "
+              f"{row['seconds']:6.2f}", flush=True)
+        state = {"script": "moco_ssp.py", "arch": args.arch, "model": contract_state(encoder_q),
+                 "key_model": contract_state(encoder_k), "queue": queue, "queue_ptr": ptr, "epoch": epoch + 1,
+                 "optimizer": optimizer.state_dict(), "args": vars(args), "class_counts": counts,
+                 "rng": {"torch": torch.get_rng_state()}}
+        save_atomic(state, os.path.join(args.out, "last.pt"))
+
+    if rank == 0:
+        with open(os.path.join(args.out, "metrics.jsonl")) as f:
+            rows = [json.loads(l) for l in f]
+        ckpt_path = os.path.join(args.out, "last.pt")
+        final = {"script": "moco_ssp.py", "arch": args.arch, "dataset": args.dataset, "rho": args.rho,
+                 "imb_type": args.imb_type, "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size,
+                 "processes": world, "bn_splits": args.bn_splits, "queue": args.queue, "class_counts": counts,
+                 "final_loss": rows[-1]["loss"], "final_pos_top1": rows[-1]["pos_top1"],
+                 "knn_test": rows[-1]["knn_test"], "knn_val_top1": rows[-1]["knn_val_top1"], "checkpoint": ckpt_path,
+                 "next": [f"python crt.py --ckpt {ckpt_path}", f"python eval_linear.py --ckpt {ckpt_path}"],
+                 "seconds_per_epoch": float(np.median([r["seconds"] for r in rows])),
+                 "wall_seconds": time.time() - t_run}
+        with open(os.path.join(args.out, "final.json"), "w") as f:
+            json.dump(final, f, indent=1)
+        knn = rows[-1]["knn_test"]
+        print(f"done: {ckpt_path} (loss {final['final_loss']:.4f}"
+              + (f", kNN test top-1 {knn['top1']:.2f}%" if knn else "") + f"); next: {final['next'][0]}")
+    if world > 1:
+        dist.barrier()                                     # leaving while another process still works hangs gloo
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
