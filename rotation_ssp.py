@@ -1,0 +1,477 @@
+"""Rotation self-supervised pre-training (SSP) on the long-tailed training images, labels unused.
+
+Paper 1 (Yang & Xu 2020), §4.2 "Self-Supervised Imbalanced Learning" and the "+ SSP" rows of Table 2:
+abandon the labels, pre-train the classifier's network by predicting which of four rotations (0°, 90°,
+180°, 270°; Gidaris et al. 2018) was applied to each image of the same long-tailed training set, then
+train any long-tail method from that initialisation. This script is the first stage; ldam_drw.py
+--pretrained is the second. Recipe: REFERENCE §4 (pretext) and §2 (optimiser, schedule, augmentation).
+
+    python rotation_ssp.py --rho 0.01 --gpu 0                     # → runs/rotation_ssp-cifar10-0.01-0/last.pt
+    python ldam_drw.py --rho 0.01 --pretrained runs/rotation_ssp-cifar10-0.01-0/last.pt           # LDAM-DRW + SSP
+    python ldam_drw.py --rho 0.01 --loss ce --rule drw --pretrained runs/rotation_ssp-cifar10-0.01-0/last.pt
+    python ldam_drw.py --rho 0.01 --loss ce --rule reweight --pretrained runs/rotation_ssp-cifar10-0.01-0/last.pt
+    python rotation_ssp.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01      # CIFAR-10 JPEG copy
+    python rotation_ssp.py --rho 0.01 --epochs 2 --gpu -1                                # CPU smoke run
+
+Fine-tune with the same --dataset, --rho, --imb-type, --seed and --val-frac as the pre-training, so that
+both stages see the same images; the last line of a run prints that command.
+
+Recipe: ResNet-32 with a 4-way linear head `fc`; SGD lr 0.1, momentum 0.9, wd 2e-4, batch 128, 200
+epochs, linear warm-up over 5 epochs, lr ×0.01 at 80% and again at 90% of the epochs; random crop 32
+with 4-pixel zero padding + horizontal flip, then one rotation per image; plain cross-entropy on the
+rotation label. The log reports "rotation accuracy (pretext)": every test image under all four
+rotations. It measures the pretext task only; the class labels of the test images are used to break it
+down by class, never for training.
+Paper numbers (CIFAR-10-LT ρ=100, top-1 test error %, lossless data, after fine-tuning from this
+checkpoint): LDAM-DRW 22.97 → 22.17, CE-DRW 24.94 → 23.04, CB-CE 27.63 → 23.47. The paper reports no
+pretext accuracy. Neither the pretext accuracy nor the fine-tuned errors have been measured on a GPU
+with this script yet.
+
+Rotation labels and the data distribution: every epoch visits each training image once (a permutation)
+and gives it exactly one rotation. A batch's labels are a random permutation of the repeated pattern
+0, 1, 2, 3 started at a random phase, so a batch of B holds exactly B/4 of each rotation when 4 divides
+B, and, for every image and every batch size, its rotation is uniform over the four and independent of
+the image and its class. The distribution of (image, rotation) pairs is therefore the same as with an
+independent uniform draw per image; balancing removes only the multinomial noise of the label counts
+within a batch. The long tail of the inputs is left as it is (the head class still supplies 5000 of the
+12,406 CIFAR-10-LT images); the four pretext classes are balanced. Gidaris et al. put all four
+rotations of each image into a batch; paper 1's code, and this script, give each image one per epoch.
+
+Deliberate differences from the paper and the authors' code (pretrain_rot.py, utils.rotation):
+1. Architecture: ResNet-32 with the pretext head named `fc`, so the checkpoint's backbone keys are
+   exactly those ldam_drw.py fine-tunes. The authors' pre-training defaulted to an ImageNet ResNet-50,
+   whose fixed 7×7 average pool fails on the 1×1 maps a 32×32 image leaves.
+2. Loading: the authors' pre-training saved keys with a `module.` prefix (DataParallel) and their
+   fine-tuning loaded them with strict=False, which loaded nothing without a word. ldam_drw.py
+   --pretrained strips the prefix, reports matched / missing / unexpected keys and fails unless every
+   backbone tensor is found.
+3. Exactly balanced batches: the authors permuted B + 4 pattern entries and dropped 4, so their batches
+   were only nearly balanced; here the phase and the permutation are drawn per batch from a generator
+   seeded by (seed, epoch), so a resumed run draws the same rotations.
+4. Schedule: the decays scale with --epochs (80% / 90%) and the second one happens; the authors'
+   schedule never reached its ×0.0001 branch.
+5. Evaluation: every test image under all four rotations, reported per rotation and per class; the
+   authors scored one random rotation per test image. Pre-training keeps the last epoch (no selection);
+   with --val-frac > 0 the validation images are left out of pre-training, as ldam_drw.py leaves them
+   out of training, and their pretext accuracy is logged.
+6. Data, crop/flip and rotation run on the GPU (datasets_lt.GPULoader, then torch.rot90 on the
+   normalised batch, as the authors rotated normalised tensors); the distributions are torchvision's.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import datasets_lt as D
+
+ARCH = "resnet32"
+ROTATIONS = 4
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Rotation self-supervised pre-training (paper 1, §4.2).")
+    # --- shared flags (same names, order, defaults and help in every script) ---
+    p.add_argument("--dataset", default="cifar10",
+                   choices=["cifar10", "cifar100", "svhn", "folder", "imagenet_lt", "inat"])
+    p.add_argument("--data-root", default="./data", help="dataset folder")
+    p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    p.add_argument("--rho", type=float, default=0.01, help="tail/head ratio in (0, 1]; 1 = balanced")
+    p.add_argument("--imb-type", default="exp", choices=["exp", "step"])
+    p.add_argument("--gpu", type=int, default=0, help="GPU index; -1 = CPU")
+    p.add_argument("--epochs", type=int, default=None, help="default: 200 (CIFAR, SVHN), 90 (ImageNet-LT, iNat)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=None, help="default: 0.1 (CIFAR, SVHN), 0.2 (ImageNet-LT, iNat)")
+    p.add_argument("--wd", type=float, default=None, help="default: 2e-4 (CIFAR, SVHN), 5e-4 (ImageNet-LT, iNat)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="default: runs/<script>-<dataset>-<rho>-<seed>")
+    p.add_argument("--resume", default=None, help="continue the run saved in this last.pt")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--val-frac", type=float, default=0.0,
+                   help="validation split carved from the training subset; 0 = report last epoch only")
+    # --- this method ---
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--warmup", type=int, default=5, help="linear warm-up epochs")
+    p.add_argument("--compile", action="store_true", help="torch.compile(mode='reduce-overhead'): CUDA graphs")
+    p.add_argument("--strict-fp32", action="store_true", help="disable TF32 in cuDNN convolutions and matmuls")
+    p.error = fail                                         # one line and exit 2, not the usage text
+    args = p.parse_args(argv)
+    if args.dataset in ("imagenet_lt", "inat"):
+        fail(f"rotation_ssp.py pre-trains on CIFAR-size images; paper 1 pre-trains {args.dataset} with MoCo "
+             f"(moco_ssp.py)")
+    for name, default in (("epochs", 200), ("lr", 0.1), ("wd", 2e-4)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    args.schedule = "step"                                 # REFERENCE §2: the CIFAR schedule of ldam_drw.py
+    if args.out is None:
+        args.out = os.path.join("runs", f"rotation_ssp-{args.dataset}-{args.rho:g}-{args.seed}")
+    return args
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def fmt(v):
+    return f"{v:6.2f}" if v is not None else f"{'-':>6}"
+
+
+# === shared: resnet32 (identical in every script that uses it) ===
+class BasicBlock(nn.Module):
+    """3×3 conv → BN → ReLU → 3×3 conv → BN, plus a parameter-free shortcut (He et al.'s option A:
+    subsample by 2 and zero-pad the new channels)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.extra = cout - cin
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if self.extra:
+            x = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.extra // 2, self.extra // 2))
+        return F.relu(out + x)
+
+
+class NormedLinear(nn.Module):
+    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+
+    def forward(self, x):
+        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
+
+
+class ResNet32(nn.Module):
+    """CIFAR ResNet-32: 16-channel stem, 3 stages × 5 basic blocks (16, 32, 64), global pool, `fc`."""
+
+    def __init__(self, num_classes, cosine=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        widths, cin = (16, 32, 64), 16
+        for i, w in enumerate(widths):
+            blocks = [BasicBlock(cin if b == 0 else w, w, 2 if (i and b == 0) else 1) for b in range(5)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            cin = w
+        self.fc = NormedLinear(64, num_classes) if cosine else nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def features(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+# === end shared: resnet32 ===
+
+
+# === shared: checkpoints (identical in every script) ===
+HEAD_PREFIXES = ("fc.",)
+
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"checkpoint '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
+        fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
+    return ckpt
+
+
+def load_backbone(model, arch, path):
+    """Copy every backbone tensor of the checkpoint at `path` into `model`; the head stays as it is.
+
+    Prints matched / missing / unexpected counts; fails unless every backbone key of `model` was found
+    with the right shape."""
+    ckpt = load_checkpoint(path)
+    if ckpt["arch"] != arch:
+        fail(f"'{path}' holds a {ckpt['arch']} backbone but this run trains {arch}; pre-train the same "
+             f"architecture or pass --arch {ckpt['arch']}")
+    src = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    own = model.state_dict()
+    backbone = [k for k in own if not k.startswith(HEAD_PREFIXES)]
+    matched = [k for k in backbone if k in src and src[k].shape == own[k].shape]
+    missing = [k for k in own if k not in matched]
+    unexpected = [k for k in src if k not in own]
+    skipped = [k for k in src if k in own and k not in matched]
+    names = lambda keys: ", ".join(keys[:4]) + (", …" if len(keys) > 4 else "") or "-"
+    print(f"loaded backbone from {path}: {len(matched)} tensors matched, {len(missing)} missing "
+          f"({names(missing)}), {len(unexpected)} unexpected ({names(unexpected)}), {len(skipped)} not loaded "
+          f"({names(skipped)})")
+    bad = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
+    if bad:
+        fail(f"'{path}' lacks {len(bad)} backbone tensors of {arch} (first: {bad[0]}); it is not a "
+             f"{arch} backbone of this project")
+    own.update({k: src[k] for k in matched})
+    model.load_state_dict(own)
+    return ckpt
+# === end shared: checkpoints ===
+
+
+# ----- the pretext task (paper 1 §4.2; Gidaris et al. 2018) ----------------------------------------
+
+def rotation_labels(n, generator, device):
+    """Rotation class (k: k·90°) of each of n images: a random permutation of the pattern 0, 1, 2, 3, 0, …
+    started at a random phase. Exactly n/4 of each class when 4 divides n; every position is uniform
+    over the four classes for any n (the random phase decides which classes get the extra images)."""
+    phase = torch.randint(ROTATIONS, (1,), generator=generator, device=device)
+    return (torch.randperm(n, generator=generator, device=device) + phase) % ROTATIONS
+
+
+def rotate(x, k):
+    """Turn image i of the N×C×H×W batch `x` by k[i]·90° counter-clockwise (torch.rot90 over H, W, the
+    direction of the authors' code and of torchvision's rotate). H must equal W."""
+    out = x
+    for r in range(1, ROTATIONS):
+        out = torch.where((k == r).view(-1, 1, 1, 1), torch.rot90(x, r, (2, 3)), out)
+    return out.contiguous()                                # rot90's transposed strides slow the convolutions
+
+
+def rotation_seed(seed, epoch):
+    """Seed of the rotation generator of one epoch, independent of the loader's (seed, epoch) stream."""
+    return int(np.random.SeedSequence([seed, epoch, 90]).generate_state(1)[0])
+
+
+# === shared: lr_schedule (identical in every script that uses it) ===
+def lr_at(epoch, args):
+    """Learning rate of 0-based `epoch`: CIFAR step schedule with warm-up, or cosine (ImageNet)."""
+    e = epoch + 1
+    if e <= args.warmup:
+        return args.lr * e / args.warmup
+    if args.schedule == "cosine":
+        return 0.5 * args.lr * (1 + math.cos(math.pi * epoch / args.epochs))
+    if e > int(0.9 * args.epochs):
+        return args.lr * 1e-4
+    if e > int(0.8 * args.epochs):
+        return args.lr * 1e-2
+    return args.lr
+# === end shared: lr_schedule ===
+
+
+@torch.no_grad()
+def rotation_accuracy(model, batches, num_classes, train_counts, amp=False):
+    """Rotation accuracy (pretext) with every image under all four rotations: overall, per rotation, per
+    class and many/medium/few-shot means. Class labels only sort the results."""
+    model.eval()
+    hits, total = None, None
+    for x, y, _ in batches:
+        if hits is None:
+            hits = torch.zeros(ROTATIONS, num_classes, dtype=torch.long, device=x.device)
+            total = torch.zeros(num_classes, dtype=torch.long, device=x.device)
+        y = y.to(x.device)
+        for r in range(ROTATIONS):
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+                pred = model(torch.rot90(x, r, (2, 3)).contiguous()).argmax(1)
+            hits[r] += torch.bincount(y[pred == r], minlength=num_classes)
+        total += torch.bincount(y, minlength=num_classes)
+    hits, total = hits.cpu().double(), total.cpu().double()
+    seen = total > 0
+    per_class = (hits.sum(0) / (ROTATIONS * total.clamp(min=1))).tolist()
+    result = {"top1": 100 * hits.sum().item() / (ROTATIONS * total.sum().item()),
+              "per_rotation": [100 * h / total.sum().item() for h in hits.sum(1).tolist()],
+              "per_class": [round(100 * a, 2) for a in per_class]}
+    for group, mask in D.shot_groups(train_counts).items():
+        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
+        result[group] = 100 * float(np.mean(accs)) if accs else None
+    return result
+
+
+# ----- data ----------------------------------------------------------------------------------------
+
+def build_data(args, device):
+    """The training subset of ldam_drw.py (the same calls, so the same seed selects the same images), with
+    its labels replaced by zeros: §4.2 abandons them. Returns train / validation / test batches, the
+    training class counts (recorded in the checkpoint) and the number of classes."""
+    train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
+    test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
+    for split, x in (("training", train_x), ("test", test_x)):
+        if x.shape[1] != x.shape[2]:
+            raise D.DataError(f"rotation needs square images, but the {split} images are {x.shape[2]}x{x.shape[1]}; "
+                              f"crop or resize them to a square first")
+    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.seed, D.N_MAX.get(args.dataset),
+                             D.CLASS_ORDER.get(args.dataset))
+    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.seed)
+    mean, std = D.mean_std(args.dataset, train_x)
+    C = len(names)
+    counts = np.bincount(train_y[idx], minlength=C).tolist()
+    train = D.GPULoader(train_x[idx], np.zeros(len(idx), dtype=np.int64), args.batch_size, mean, std, device,
+                        augment="crop_flip", seed=args.seed)
+    test = D.GPULoader(test_x, test_y, 1000, mean, std, device)
+    val = D.GPULoader(train_x[val_idx], train_y[val_idx], 1000, mean, std, device) if len(val_idx) else None
+    return train, val, test, counts, C
+
+
+def finetune_command(args):
+    cmd = (f"python ldam_drw.py --dataset {args.dataset} --data-root {args.data_root} --rho {args.rho:g} "
+           f"--imb-type {args.imb_type} --seed {args.seed}")
+    if args.val_frac:
+        cmd += f" --val-frac {args.val_frac:g}"
+    return cmd + f" --pretrained {os.path.join(args.out, 'last.pt')}"
+
+
+# ----- main ----------------------------------------------------------------------------------------
+
+def setup_device(args):
+    if args.gpu >= 0 and not torch.cuda.is_available():
+        print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
+        args.gpu = -1
+    device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 else "cpu")
+    for flag in ("amp", "compile"):
+        if getattr(args, flag) and device.type != "cuda":
+            print(f"warning: --{flag} needs CUDA; ignored on the CPU", file=sys.stderr)
+            setattr(args, flag, False)
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    return device
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if ckpt.get("script") != "rotation_ssp.py":
+            fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not rotation_ssp.py; "
+                 f"start a new pre-training run with another --out")
+        keep = {k: getattr(args, k) for k in ("gpu", "resume")}
+        args = argparse.Namespace(**{**ckpt["args"], **keep})
+        print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
+    try:
+        D.check_rho(args.rho)
+        if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+            fail("--epochs, --batch-size and --lr must be positive")
+        if args.warmup < 0:
+            fail("--warmup must be 0 or more epochs")
+        if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
+            fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, "
+                 f"or pass another --out")
+        device = setup_device(args)
+        torch.manual_seed(args.seed)
+        train, val, test, counts, C = build_data(args, device)
+    except D.DataError as e:
+        fail(str(e))
+
+    model = ResNet32(ROTATIONS).to(device)                 # 4-way rotation classifier, linear head `fc`
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
+                                fused=device.type == "cuda")
+    start = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start = ckpt["epoch"]
+    step_model = torch.compile(model, mode="reduce-overhead") if args.compile else model
+
+    os.makedirs(args.out, exist_ok=True)
+    if ckpt is None:
+        meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
+        open(os.path.join(args.out, "metrics.jsonl"), "w").close()
+    else:                                                  # drop epochs logged after the checkpoint
+        with open(os.path.join(args.out, "metrics.jsonl")) as f:
+            lines = [l for l in f if json.loads(l)["epoch"] <= start]
+        with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
+            f.writelines(lines)
+    print(f"{args.dataset} rho={args.rho:g} ({args.imb_type}): {sum(counts)} training images {counts[:3]}…"
+          f"{counts[-1]}, labels unused; rotation pretext (4-way), {ARCH}, {args.epochs} epochs on {device}")
+    print("train / test / val: rotation accuracy (pretext, %); test: every test image under all 4 rotations, "
+          "many / med / few: its class groups")
+    print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'train':>6} {'test':>6} {'many':>6} {'med':>6} {'few':>6} "
+          f"{'val':>6} {'s':>6}")
+
+    t_run = time.time()
+    test_m = None
+    for epoch in range(start, args.epochs):
+        t0 = time.time()
+        lr = lr_at(epoch, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        g = torch.Generator(device=device)
+        g.manual_seed(rotation_seed(args.seed, epoch))
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        hits = torch.zeros((), device=device, dtype=torch.long)
+        first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        seen = 0
+        for step, (x, _, _) in enumerate(train.epoch(epoch)):
+            k = rotation_labels(len(x), g, device)
+            x = rotate(x, k)                               # after crop/flip, as REFERENCE §4
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                logits = step_model(x).float()
+            loss = F.cross_entropy(logits, k)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            loss_sum += loss.detach() * len(k)
+            hits += (logits.argmax(1) == k).sum()
+            seen += len(k)
+        if first_bad.item() >= 0:
+            print(f"error: loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}; stopped, "
+                  f"{args.out}/last.pt still holds epoch {epoch}", file=sys.stderr)
+            sys.exit(1)
+        test_m = rotation_accuracy(model, test.epoch(0), C, counts, args.amp)
+        val_m = rotation_accuracy(model, val.epoch(0), C, counts, args.amp) if val else None
+        row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen,
+               "train_rotation_acc": 100 * hits.item() / seen, "test_rotation_pretext": test_m,
+               "val_rotation_acc": val_m["top1"] if val_m else None, "seconds": time.time() - t0}
+        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_rotation_acc'])} {fmt(test_m['top1'])} "
+              f"{fmt(test_m['many'])} {fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_rotation_acc'])} "
+              f"{row['seconds']:6.2f}", flush=True)
+        state = {"script": "rotation_ssp.py", "arch": ARCH, "model": model.state_dict(), "epoch": epoch + 1,
+                 "optimizer": optimizer.state_dict(), "args": vars(args), "class_counts": counts, "best": None,
+                 "rng": {"torch": torch.get_rng_state()}}
+        save_atomic(state, os.path.join(args.out, "last.pt"))
+
+    if test_m is None:
+        test_m = rotation_accuracy(model, test.epoch(0), C, counts, args.amp)
+    with open(os.path.join(args.out, "metrics.jsonl")) as f:
+        rows = [json.loads(l) for l in f]
+    final = {"script": "rotation_ssp.py", "arch": ARCH, "dataset": args.dataset, "rho": args.rho,
+             "imb_type": args.imb_type, "seed": args.seed, "epochs": args.epochs, "class_counts": counts,
+             "rotation_accuracy_pretext": test_m, "val_rotation_accuracy_pretext": rows[-1]["val_rotation_acc"],
+             "final_loss": rows[-1]["loss"], "checkpoint": os.path.join(args.out, "last.pt"),
+             "finetune": finetune_command(args), "seconds_per_epoch": float(np.median([r["seconds"] for r in rows])),
+             "wall_seconds": time.time() - t_run}
+    with open(os.path.join(args.out, "final.json"), "w") as f:
+        json.dump(final, f, indent=1)
+    per_rot = ", ".join(f"{90 * r}° {a:.1f}" for r, a in enumerate(test_m["per_rotation"]))
+    print(f"last epoch: rotation accuracy (pretext) on the test images, each under all 4 rotations: "
+          f"{test_m['top1']:.2f}% ({per_rot}; chance 25%)")
+    print(f"fine-tune from it: {final['finetune']}")
+
+
+if __name__ == "__main__":
+    main()
