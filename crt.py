@@ -59,7 +59,7 @@ import datasets_lt as D
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Classifier re-training on a frozen backbone (Kang et al. 2020).")
-    # --- shared flags (data flags default to the checkpoint's values) ---
+    # --- shared flags (same names and order in every script; data flags default to the checkpoint's) ---
     p.add_argument("--dataset", default=None,
                    choices=["cifar10", "cifar100", "svhn", "folder", "imagenet_lt", "inat"])
     p.add_argument("--data-root", default=None, help="dataset folder")

@@ -78,7 +78,7 @@ ROTATIONS = 4
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Rotation self-supervised pre-training (paper 1, §4.2).")
-    # --- shared flags (same names, order, defaults and help in every script) ---
+    # --- shared flags (same names and order in every script; defaults and help are this method's) ---
     p.add_argument("--dataset", default="cifar10",
                    choices=["cifar10", "cifar100", "svhn", "folder", "imagenet_lt", "inat"])
     p.add_argument("--data-root", default="./data", help="dataset folder")

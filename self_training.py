@@ -58,7 +58,7 @@ import datasets_lt as D
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Self-training with extra unlabeled data (paper 1, §2-3).")
-    # --- shared flags (same names, order, defaults and help in every script) ---
+    # --- shared flags (same names and order in every script; defaults and help are this method's) ---
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "svhn", "folder"])
     p.add_argument("--data-root", default="./data", help="dataset folder")
     p.add_argument("--download", action="store_true", help="download the dataset if it is missing")

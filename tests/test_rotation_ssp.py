@@ -79,7 +79,7 @@ def test_same_training_images_as_ldam_drw(easy, extra):
 
 def _shared_flags(script):
     text = (ROOT / script).read_text()
-    start = text.index("    # --- shared flags (same names, order, defaults and help in every script) ---")
+    start = text.index("    # --- shared flags")
     return text[start:text.index("    # --- this method ---", start)]
 
 

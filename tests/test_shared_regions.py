@@ -142,3 +142,43 @@ def test_unbalanced_markers_are_reported(tmp_path, text, message):
     problems, _ = check_shared_regions(tmp_path)
     assert any(message in p for p in problems), problems
 
+
+
+# ----- the shared command-line flags (CONVENTIONS: "shared flags first, same names, order") ----------
+
+SHARED_FLAGS = ["--dataset", "--data-root", "--download", "--rho", "--imb-type", "--gpu", "--epochs", "--batch-size",
+                "--lr", "--wd", "--seed", "--out", "--resume", "--amp", "--val-frac"]
+FLAG = re.compile(r'add_argument\("(--[a-z0-9-]+)"')
+
+
+def check_shared_flags(path):
+    """Problems with one script's flags: the block after '# --- shared flags' must name shared flags only,
+    in the shared order (a script may leave out the ones that do not apply), and the method's own flags
+    after '# --- this method ---' must not reuse a shared name."""
+    text = Path(path).read_text()
+    if "# --- shared flags" not in text:
+        return []
+    shared_part, _, method_part = text.split("# --- shared flags", 1)[1].partition("# --- this method ---")
+    names = FLAG.findall(shared_part)
+    problems = [f"{path}: '{n}' is not a shared flag" for n in names if n not in SHARED_FLAGS]
+    order = [SHARED_FLAGS.index(n) for n in names if n in SHARED_FLAGS]
+    if order != sorted(order):
+        problems.append(f"{path}: shared flags out of order: {' '.join(names)}")
+    problems += [f"{path}: method flag '{n}' reuses a shared name" for n in FLAG.findall(method_part) if n in SHARED_FLAGS]
+    return problems
+
+
+def test_repository_shared_flags_keep_names_and_order():
+    scripts = [p for p in sorted(ROOT.glob("*.py")) if "# --- shared flags" in p.read_text()]
+    assert len(scripts) >= 5
+    problems = [p for s in scripts for p in check_shared_flags(s)]
+    assert not problems, "\n".join(problems)
+
+
+def test_flag_check_catches_order_and_reuse(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text('    # --- shared flags\n    p.add_argument("--seed")\n    p.add_argument("--gpu")\n'
+                   '    p.add_argument("--temperature")\n    # --- this method ---\n    p.add_argument("--lr")\n')
+    problems = check_shared_flags(bad)
+    assert any("out of order" in p for p in problems) and any("'--temperature' is not" in p for p in problems)
+    assert any("'--lr' reuses" in p for p in problems)
