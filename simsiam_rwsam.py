@@ -1,0 +1,835 @@
+"""SimSiam with SAM and label-free reweighted SAM (rwSAM) on long-tailed data.
+
+Paper 2 (Liu, HaoChen, Gaidon & Ma, ICLR 2022, "Self-supervised learning is more robust to dataset
+imbalance"): §2.2 and App. A.1 (datasets), §4 Eq. (2)–(3) (SAM, reweighted SAM), §4 "Assigning weight
+with kernel density estimation", App. C.1 and Algorithm 1 (the two stages; ρ = 5, α = 1.2 on CIFAR-10-LT),
+Table 1(a) (accuracy and the pre-training generalization gap). SimSiam: Chen & He 2021; SAM: Foret et al.
+2021. Recipe: REFERENCE §6. Labels are never used for training or for the weights; they only label the
+monitors (kNN accuracy, per-class gap) and the KDE diagnostic.
+
+    python simsiam_rwsam.py --rho 0.01 --gpu 0            # SimSiam (stage 1) → KDE weights → SimSiam + rwSAM
+    python simsiam_rwsam.py --rho 0.01 --opt sgd          # SimSiam              (Table 1(a), exp column)
+    python simsiam_rwsam.py --rho 0.01 --opt sam          # SimSiam + SAM
+    python simsiam_rwsam.py --rho 0.01 --opt sgd --balanced              # SimSiam, balanced (same n)
+    python simsiam_rwsam.py --rho 0.01 --imb-type step                    # the step column
+    python simsiam_rwsam.py --rho 0.1 --subsample 0.25 --opt sgd         # §2.2 size sweep
+    python simsiam_rwsam.py --rho 0.01 --stage1 runs/simsiam_rwsam-cifar10-0.01-0-sgd/last.pt   # reuse stage 1
+    python simsiam_rwsam.py --rho 0.01 --epochs 1600                     # the authors' LT length
+    torchrun --nproc_per_node 4 simsiam_rwsam.py --rho 0.01              # DDP, --batch-size is global
+    python simsiam_rwsam.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01    # CIFAR-10 JPEG copy
+    python simsiam_rwsam.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01 --subsample 0.125 \\
+        --batch-size 64 --stage1-epochs 1 --epochs 1 --knn-every -1 --gpu -1  # CPU smoke, ~10 min on 2 cores
+    python eval_linear.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0-rwsam/last.pt --gpu 0    # the paper's probe
+
+Outputs go to runs/simsiam_rwsam-<dataset>-<rho>-<seed>-<opt>[-step][-balanced][-sub<r>]/. With --opt
+rwsam, stage1.pt is the plain SimSiam model after stage 1 (the "SimSiam" row, same data and seed; its
+args say --opt sgd, so evaluation scripts label it SimSiam) and last.pt the rwSAM model. Both are
+backbone checkpoints of the project (backbone keys at the top level, heads under projector. and
+predictor.) for eval_linear.py, eval_ood.py, crt.py and any ResNet-18 fine-tuning.
+Paper numbers (CIFAR-10 lossless, linear probe on the full balanced training set, test accuracy %):
+exp rho 0.01: SimSiam 81.4, +SAM 82.1, balanced 82.0, +rwSAM 82.7; step rho 0.01: 84.3 / 84.7 / 85.8 /
+85.6; generalization gap (held-out − training SimSiam loss) frequent / rare: SimSiam 0.035 / 0.081,
++rwSAM 0.037 / 0.066. Speed targets on one H200 (not measured yet): SimSiam ≤ 0.5 s / epoch at rho 0.01,
+batch 512; rwSAM ≤ 2× that.
+
+Recipe: CIFAR ResNet-18 (3×3 stem, no max-pool, 512-d feature); projector 512→2048 (BN, ReLU) → 2048
+(BN without affine); predictor 2048→512 (BN, ReLU) → 2048; loss ½·D(p1, sg z2) + ½·D(p2, sg z1), D the
+negative cosine. SGD lr 0.06 per 512 images (linear scaling), momentum 0.9, wd 5e-4, cosine per epoch,
+800 epochs, drop_last; per view RandomResizedCrop(32, 0.2–1), flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8,
+grayscale p 0.2, on the GPU (datasets_lt.ssl_augment).
+
+rwSAM, exactly Algorithm 1:
+  stage 1 (lines 3–7): plain SimSiam for --stage1-epochs (default --epochs), or --stage1 PATH.
+  line 8: features f_i = stage-1 backbone in eval mode, test transform, L2-normalised (SimSiam's loss and
+    the kNN monitor see only directions; the raw norm varies with image contrast, not with class
+    frequency). density_i = (1/n)·Σ_j exp(−‖f_i − f_j‖²/(2h²)) over all n training examples, j = i
+    included as in the paper's sum, in float64 row chunks (n = 50,000 needs chunk × n memory, not n²).
+    w_i = density_i^(−α), rescaled to mean 1: a constant factor in L_w does not change the perturbation
+    ε = ρ·∇L_w/‖∇L_w‖ (nor its --adaptive form), it only keeps the logged weights readable.
+    h (--bandwidth, not reported in the paper): default the median of ‖f_i − f_j‖ over 10,000 pairs
+    (i uniform, j uniform among the other n − 1) drawn by a CPU torch.Generator seeded with --seed (the
+    median heuristic; torch.median, i.e. the lower middle value). Weights go to kde_weights.pt and into
+    every later checkpoint with the dataset indices they belong to.
+  stage 2 (lines 9–14): φ continues from the stage-1 model (Algorithm 1 never re-initialises φ) with a
+    fresh optimiser and a new cosine schedule of --epochs epochs. Each step: ℓ_i = per-example SimSiam
+    loss; ε = ρ·∇L_w(φ)/‖∇L_w(φ)‖₂ with L_w = mean_i(w_i·ℓ_i) (line 12, p = q = 2, one global norm
+    over all parameters); φ ← φ − η·∇L(φ + ε) with L the plain mean loss (line 13), the gradient taken
+    at φ + ε and applied at φ (weight decay at φ). BatchNorm running statistics change in the first
+    pass only.
+--opt sam is the same step with w ≡ 1 (Eq. (2)); --opt sgd is SimSiam.
+
+Monitors (no test-set selection): every --knn-every epochs and at the end of each stage, weighted kNN
+(k = 200, cosine, temperature 0.1, votes exp(sim/0.1), Wu et al. 2018) on L2-normalised backbone features:
+queries are a class-stratified --knn-val-frac split of the FULL training split (all 50,000 CIFAR-10
+images, so queries may include pre-training images, as the linear probe's training set does), the rest of
+it is the memory bank. Collapse meter: z_std = std over the batch of L2-normalised projector outputs,
+mean over the 2048 channels (Chen & He Fig. 2: ≈ 1/√2048 = 0.022 healthy, 0 collapsed). Generalization gap
+(Table 1(a)), at the end of each stage: mean per-example SimSiam loss (eval mode, one seeded pair of
+views per image) on held-out images minus on the training images, averaged per class, then over the
+frequent half of the classes (the first C//2 of the long-tail profile: the head classes of step and exp)
+and over the rare half. Held-out images are the test split: CIFAR-10's head classes have no training
+image left outside a rho 0.01 subset. The gap is reported, never used to choose anything. The kept
+model is the last epoch; final.json also names the epoch with the best kNN accuracy. --knn-every -1
+turns every monitor off (the CPU smoke run: the gap alone embeds the 10,000 test images twice).
+
+DDP (torchrun): one process per GPU (NCCL; gloo on the CPU), --batch-size is the global batch and is
+split evenly. Every rank draws the same seeded permutation per epoch and takes its slice of each global
+batch (the union is the single-process batch); augmentation draws from a per-rank seed. BatchNorm is
+SyncBatchNorm on CUDA (statistics over the global batch, as on one GPU; Chen & He use SyncBN) and
+per-rank on the CPU. SAM's first forward/backward runs under no_sync(): each rank perturbs along its own
+gradient, as Foret et al. advise (their m-sharpness; fewer all-reduces); the second backward is
+all-reduced. The KDE runs on rank 0 and the weights are broadcast. Rank 0 writes every file.
+
+Deliberate differences from the paper and the authors' code (Liuhong99/Imbalanced-SSL, cifar/):
+1. The weights are label-free KDE weights computed here. The authors' main_sam_exp.py weighted by the
+   ground-truth label (w = 1.2^y) and main_sam_weight.py read a weight file the repository lacks.
+2. The weighted loss weights. The authors' SimSiamLossRe ignores the weights in its default
+   'simplified' mode, so their "rwSAM" ran as plain adaptive SAM.
+3. SAM radius: the paper's ρ = 5 (App. C.1, after Algorithm 1) with its ℓ2 form (p = q = 2), i.e.
+   ‖ε‖₂ = ρ. The authors' code ran ρ = 0.5 with ASAM forced on (argparse type=bool turns any value of
+   --adaptive into True), where ρ bounds ‖ε/|w|‖₂ instead; --adaptive --sam-rho 0.5 reproduces that.
+   ρ = 5 is two orders above Foret et al.'s CIFAR radius (0.05); the paper gives it without comment.
+4. BatchNorm running statistics are updated in the first pass only (buffers restored after the
+   second); the authors' SAM updated them at the perturbed weights too.
+5. No test-set selection: the authors kept the checkpoint with the best 1-NN accuracy on the CIFAR-10
+   test set (on 2048-d projector outputs); this script keeps the last epoch and monitors kNN on a
+   validation split of the training data (k = 200, T = 0.1, backbone features).
+6. Stage 2 starts from the stage-1 model, as Algorithm 1 reads; the authors' main_sam_weight.py built a
+   fresh model. --stage2-init scratch does that.
+7. lr 0.06 per 512 (REFERENCE §6, SimSiam-91's command); the authors' scripts default to 0.05. Cosine
+   per epoch from epoch 0 (their schedule started at epoch 1 and ended at lr 0).
+8. Data: seeded subsets of datasets_lt (same images in every script) instead of the authors' fixed .npy
+   arrays; augmentation on the GPU, same distributions as torchvision. Linear layers followed by
+   BatchNorm have no bias (BN removes it; the authors' layers had one that only weight decay moved).
+9. Runs on one GPU, the CPU, or under torchrun (the authors' code was single-GPU).
+"""
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import datasets_lt as D
+
+ARCH = "resnet18"
+SUBSAMPLE = (1.0, 0.75, 0.5, 0.25, 0.125)
+KDE_PAIRS = 10_000
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="SimSiam + SAM / label-free reweighted SAM (paper 2, §4, Algorithm 1).")
+    # --- shared flags (same names and order in every script; defaults and help are this method's) ---
+    p.add_argument("--dataset", default="cifar10",
+                   choices=["cifar10", "cifar100", "svhn", "folder", "imagenet_lt", "inat"])
+    p.add_argument("--data-root", default="./data", help="dataset folder")
+    p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    p.add_argument("--rho", type=float, default=0.01, help="tail/head ratio in (0, 1]; 1 = balanced")
+    p.add_argument("--imb-type", default="exp", choices=["exp", "step"])
+    p.add_argument("--gpu", type=int, default=0, help="GPU index; -1 = CPU")
+    p.add_argument("--epochs", type=int, default=800,
+                   help="SimSiam epochs (rwSAM: stage 2); the authors ran 1600 for the long-tailed tables")
+    p.add_argument("--batch-size", type=int, default=512, help="global batch (split across torchrun processes)")
+    p.add_argument("--lr", type=float, default=None, help="default: 0.06 · batch-size / 512")
+    p.add_argument("--wd", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None,
+                   help="default: runs/<script>-<dataset>-<rho>-<seed>-<opt>[-step][-balanced][-sub<r>]")
+    p.add_argument("--resume", default=None, help="continue the run saved in this last.pt")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--val-frac", type=float, default=0.0,
+                   help="validation split carved from the training subset; 0 = report last epoch only")
+    # --- this method ---
+    p.add_argument("--opt", default="rwsam", choices=["sgd", "sam", "rwsam"],
+                   help="sgd: SimSiam; sam: + SAM; rwsam: stage 1 SimSiam, KDE weights, stage 2 rwSAM")
+    p.add_argument("--sam-rho", type=float, default=5.0, help="SAM radius ρ (paper 2 App. C.1: 5 on CIFAR-10-LT)")
+    p.add_argument("--adaptive", action="store_true", help="ASAM: element-wise |w| scaling of the perturbation")
+    p.add_argument("--alpha", type=float, default=1.2, help="rwSAM weight exponent: w = density^(-α)")
+    p.add_argument("--bandwidth", type=float, default=None,
+                   help="KDE bandwidth h; default: median distance between normalised stage-1 features")
+    p.add_argument("--stage1", default=None, help="rwSAM: take stage 1 from this checkpoint instead of training it")
+    p.add_argument("--stage1-epochs", type=int, default=None, help="rwSAM stage-1 epochs; default: --epochs")
+    p.add_argument("--stage2-init", default="stage1", choices=["stage1", "scratch"],
+                   help="rwSAM stage 2 starts from the stage-1 model (Algorithm 1) or from a fresh one")
+    p.add_argument("--balanced", action="store_true",
+                   help="class-balanced subset with the same number of images as the long-tailed one")
+    p.add_argument("--subsample", type=float, default=1.0, choices=SUBSAMPLE,
+                   help="keep this fraction of every class (paper 2's size sweep)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--knn-every", type=int, default=10,
+                   help="kNN every N epochs and at the end of each stage (gap: at stage ends); 0: only at the ends; "
+                        "-1: no monitors")
+    p.add_argument("--knn-k", type=int, default=200)
+    p.add_argument("--knn-t", type=float, default=0.1, help="kNN vote temperature")
+    p.add_argument("--knn-val-frac", type=float, default=0.1,
+                   help="kNN queries: this class-stratified fraction of the full training split")
+    p.add_argument("--strict-fp32", action="store_true", help="disable TF32 in cuDNN convolutions and matmuls")
+    p.error = fail                                         # one line and exit 2, not the usage text
+    args = p.parse_args(argv)
+    if args.dataset in ("imagenet_lt", "inat"):
+        fail(f"simsiam_rwsam.py runs paper 2's CIFAR recipe (ResNet-18 on small images held on the device); "
+             f"--dataset {args.dataset} is not supported")
+    if args.lr is None:
+        args.lr = 0.06 * args.batch_size / 512
+    if args.out is None:
+        tags = (["step"] if args.imb_type == "step" else []) + (["balanced"] if args.balanced else []) + \
+               ([f"sub{args.subsample:g}"] if args.subsample < 1 else [])
+        args.out = os.path.join("runs", "-".join(["simsiam_rwsam", args.dataset, f"{args.rho:g}", str(args.seed),
+                                                  args.opt, *tags]))
+    return args
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def fmt(v, width=6, digits=2):
+    return f"{v:{width}.{digits}f}" if v is not None else f"{'-':>{width}}"
+
+
+# === shared: resnet18 (identical in every script that uses it) ===
+class ResBlock(nn.Module):
+    """Basic block of the CIFAR ResNet-18: two 3×3 convs with BN, and a 1×1 conv + BN shortcut where
+    the shape changes."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR ResNet-18 (REFERENCE §6): 3×3 stride-1 stem, no max-pool, stages of two blocks with 64,
+    128, 256 and 512 channels, global pool, 512-d feature, classifier `fc`."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        cin = 64
+        for i, (w, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2))):
+            setattr(self, f"layer{i + 1}", nn.Sequential(ResBlock(cin, w, stride), ResBlock(w, w, 1)))
+            cin = w
+        self.fc = nn.Linear(512, num_classes)
+
+    def features(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+# === end shared: resnet18 ===
+
+
+class SimSiam(ResNet18):
+    """Chen & He 2021 on the CIFAR ResNet-18 (REFERENCE §6). The backbone's tensors keep their top-level
+    names (what every script of the project loads); the heads live under projector. and predictor.
+    `fc` is dropped: SimSiam has no classifier."""
+
+    def __init__(self, dim=2048, pred_dim=512):
+        super().__init__()
+        self.fc = nn.Identity()
+        self.projector = nn.Sequential(nn.Linear(512, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
+                                       nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim, affine=False))
+        self.predictor = nn.Sequential(nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim),
+                                       nn.ReLU(inplace=True), nn.Linear(pred_dim, dim))
+
+    def forward(self, x1, x2):
+        z1, z2 = self.projector(self.features(x1)), self.projector(self.features(x2))
+        return z1, z2, self.predictor(z1), self.predictor(z2)
+
+
+# === shared: checkpoints (identical in every script) ===
+HEAD_PREFIXES = ("fc.",)
+
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"checkpoint '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
+        fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
+    return ckpt
+
+
+def load_backbone(model, arch, path):
+    """Copy every backbone tensor of the checkpoint at `path` into `model`; the head stays as it is.
+
+    Prints matched / missing / unexpected counts; fails unless every backbone key of `model` was found
+    with the right shape."""
+    ckpt = load_checkpoint(path)
+    if ckpt["arch"] != arch:
+        fail(f"'{path}' holds a {ckpt['arch']} backbone but this run trains {arch}; pre-train the same "
+             f"architecture or pass --arch {ckpt['arch']}")
+    src = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    own = model.state_dict()
+    backbone = [k for k in own if not k.startswith(HEAD_PREFIXES)]
+    matched = [k for k in backbone if k in src and src[k].shape == own[k].shape]
+    missing = [k for k in own if k not in matched]
+    unexpected = [k for k in src if k not in own]
+    skipped = [k for k in src if k in own and k not in matched]
+    names = lambda keys: ", ".join(keys[:4]) + (", …" if len(keys) > 4 else "") or "-"
+    print(f"loaded backbone from {path}: {len(matched)} tensors matched, {len(missing)} missing "
+          f"({names(missing)}), {len(unexpected)} unexpected ({names(unexpected)}), {len(skipped)} not loaded "
+          f"({names(skipped)})")
+    bad = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
+    if bad:
+        fail(f"'{path}' lacks {len(bad)} backbone tensors of {arch} (first: {bad[0]}); it is not a "
+             f"{arch} backbone of this project")
+    own.update({k: src[k] for k in matched})
+    model.load_state_dict(own)
+    return ckpt
+# === end shared: checkpoints ===
+
+
+# ----- SimSiam loss, SAM and rwSAM -----------------------------------------------------------------
+
+def simsiam_loss(z1, z2, p1, p2):
+    """Per-example ℓ_i = ½·D(p1, sg z2) + ½·D(p2, sg z1), D = negative cosine (Chen & He Eq. (1)–(2))."""
+    def d(p, z):
+        return -F.cosine_similarity(p.float(), z.detach().float(), dim=1)
+    return 0.5 * d(p1, z2) + 0.5 * d(p2, z1)
+
+
+def forward_loss(model, x1, x2, amp):
+    """Per-example losses and the collapse meter (std over the batch of normalised z1, channel mean)."""
+    with torch.autocast(x1.device.type, torch.bfloat16, enabled=amp):
+        z1, z2, p1, p2 = model(x1, x2)
+    z_std = F.normalize(z1.detach().float(), dim=1).std(0).mean()
+    return simsiam_loss(z1, z2, p1, p2), z_std
+
+
+def sam_perturbation(params, grads, rho, adaptive):
+    """ε of paper 2 Algorithm 1 line 12 with p = q = 2: ρ·g/‖g‖₂, one norm over all parameters (Foret
+    et al. Eq. (2)). adaptive (ASAM, Kwon et al. 2021, as the SAM code the authors used): ρ·w²·g/‖|w|·g‖₂."""
+    if adaptive:
+        scaled = torch._foreach_mul(grads, torch._foreach_abs(params))
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(scaled)))
+        return torch._foreach_mul(torch._foreach_mul(scaled, torch._foreach_abs(params)), rho / (norm + 1e-12))
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    return torch._foreach_mul(grads, rho / (norm + 1e-12))
+
+
+def bn_buffers(model):
+    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+
+
+def train_step(model, optimizer, x1, x2, opt, rho=0.0, adaptive=False, weights=None, amp=False):
+    """One update; returns (mean loss at w, mean loss of the second pass, z_std) as device tensors.
+
+    sgd: w ← step(∇L(w)). sam / rwsam (paper 2 Eq. (3), Algorithm 1 lines 12–13): ε from ∇L_w(w) with
+    L_w = mean(w_i·ℓ_i) (w ≡ 1 for sam), then the optimiser steps at w with ∇L(w + ε) of the plain mean
+    loss. The first pass runs without DDP's gradient all-reduce; BN buffers keep the first pass's update."""
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    optimizer.zero_grad(set_to_none=True)
+    if opt == "sgd":
+        loss, z_std = forward_loss(model, x1, x2, amp)
+        loss.mean().backward()
+        optimizer.step()
+        return loss.detach().mean(), loss.detach().mean(), z_std
+    quiet = model.no_sync() if net is not model else contextlib.nullcontext()
+    with quiet:
+        loss, z_std = forward_loss(model, x1, x2, amp)
+        (loss if weights is None else weights * loss).mean().backward()
+    live = [p for p in net.parameters() if p.grad is not None]
+    with torch.no_grad():
+        e = sam_perturbation(live, [p.grad for p in live], rho, adaptive)
+        at_w = [p.detach().clone() for p in live]
+        buffers = bn_buffers(net)
+        first_pass_stats = [b.clone() for b in buffers]
+        torch._foreach_add_(live, e)                                # w + ε
+    optimizer.zero_grad(set_to_none=True)
+    loss2, _ = forward_loss(model, x1, x2, amp)
+    loss2.mean().backward()                                         # ∇L(w + ε), all-reduced under DDP
+    with torch.no_grad():
+        torch._foreach_copy_(live, at_w)
+        torch._foreach_copy_(buffers, first_pass_stats)
+    optimizer.step()
+    return loss.detach().mean(), loss2.detach().mean(), z_std
+
+
+def median_distance(feats, pairs=KDE_PAIRS, seed=0):
+    """Median of ‖f_i − f_j‖ over `pairs` random pairs, i uniform and j uniform among the others."""
+    n = len(feats)
+    g = torch.Generator().manual_seed(seed)
+    i = torch.randint(0, n, (pairs,), generator=g)
+    j = (i + torch.randint(1, n, (pairs,), generator=g)) % n
+    i, j = i.to(feats.device), j.to(feats.device)
+    return (feats[i] - feats[j]).norm(dim=1).median().item()
+
+
+def kde_weights(feats, alpha, bandwidth=None, seed=0, chunk=2048):
+    """Paper 2 §4 and Algorithm 1 line 8: w_i = ((1/n)·Σ_j K(f_i − f_j, h))^(−α), Gaussian K.
+
+    density_i = mean_j exp(−‖f_i − f_j‖²/(2h²)) over all n rows of `feats` (j = i included), computed in
+    float64 by chunks of rows; K's constant (2πh²)^(−d/2) is dropped and the weights rescaled to mean 1,
+    which changes no perturbation. Returns (weights float32, density float64, h)."""
+    f = feats.double()
+    n = len(f)
+    if n < 2:
+        raise D.DataError(f"the KDE needs at least 2 training images, got {n}")
+    h = median_distance(f, seed=seed) if bandwidth is None else float(bandwidth)
+    if not h > 0:
+        raise D.DataError("every stage-1 feature is the same (a collapsed representation): the KDE bandwidth "
+                          "is 0; pass --bandwidth or train stage 1 longer")
+    sq = (f * f).sum(1)
+    density = torch.empty(n, dtype=torch.float64, device=f.device)
+    for s in range(0, n, chunk):
+        d2 = (sq[s:s + chunk, None] + sq[None, :] - 2 * f[s:s + chunk] @ f.T).clamp_(min=0)
+        density[s:s + chunk] = torch.exp(-d2 / (2 * h * h)).mean(1)
+    log_w = -alpha * density.log()
+    weights = torch.exp(log_w - torch.logsumexp(log_w, 0)) * n
+    return weights.float(), density, h
+
+
+@torch.no_grad()
+def embed(model, loader, amp=False):
+    """L2-normalised backbone features and labels of a GPULoader's images, in order (eval mode)."""
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    for x, y, _ in loader.epoch(0):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+            f = model.features(x)
+        feats.append(F.normalize(f.float(), dim=1))
+        labels.append(y)
+    model.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def weights_from_training_set(model, loader, alpha, bandwidth, seed, amp=False):
+    """Algorithm 1 line 8 on the training subset; the loader's labels are not read."""
+    feats, _ = embed(model, loader, amp)
+    return kde_weights(feats, alpha, bandwidth, seed)
+
+
+# ----- monitors ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def knn_top1(mem_f, mem_y, q_f, q_y, num_classes, k=200, t=0.1, chunk=1024):
+    """Weighted kNN (Wu et al. 2018): the k most cosine-similar memory features vote for their class with
+    weight exp(sim/t); top-1 % over the queries."""
+    k = min(k, len(mem_f))
+    correct = 0
+    for s in range(0, len(q_f), chunk):
+        sim, i = (q_f[s:s + chunk] @ mem_f.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device, dtype=sim.dtype)
+        votes.scatter_add_(1, mem_y[i], (sim / t).exp())
+        correct += (votes.argmax(1) == q_y[s:s + chunk]).sum().item()
+    return 100.0 * correct / len(q_f)
+
+
+@torch.no_grad()
+def class_mean_loss(model, loader, num_classes, amp=False):
+    """Mean per-example SimSiam loss per class, eval mode, the loader's seeded views (NaN: no image)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(num_classes, dtype=torch.float64)
+    count = torch.zeros(num_classes, dtype=torch.float64)
+    for (x1, x2), y, _ in loader.epoch(0):
+        loss, _ = forward_loss(model, x1, x2, amp)
+        total += torch.bincount(y, weights=loss.double(), minlength=num_classes).cpu()
+        count += torch.bincount(y, minlength=num_classes).cpu().double()
+    model.train(was_training)
+    return (total / count).tolist()
+
+
+def generalization_gap(train_loss, heldout_loss, frequent, rare):
+    """Paper 2 Table 1(a): held-out minus training pre-training loss, class means averaged per group."""
+    out = {}
+    for name, classes in (("frequent", frequent), ("rare", rare)):
+        tr = float(np.nanmean([train_loss[c] for c in classes]))
+        ho = float(np.nanmean([heldout_loss[c] for c in classes]))
+        out[name] = {"gap": ho - tr, "train_loss": tr, "heldout_loss": ho}
+    return out
+
+
+# ----- data ----------------------------------------------------------------------------------------
+
+def training_subset(train_y, args):
+    """Dataset indices of the pre-training images and of the --val-frac images left out of them.
+
+    Paper 2 §2.2 / App. A.1: the exp or step long-tailed subset, downsampled per class by --subsample;
+    --balanced replaces it by a class-balanced subset of the same size."""
+    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.seed, D.N_MAX.get(args.dataset),
+                             D.CLASS_ORDER.get(args.dataset))
+    if args.subsample < 1:
+        idx = D.downsample(idx, train_y, args.subsample, args.seed)
+    if args.balanced:
+        idx = D.balanced_subset(train_y, len(idx), args.seed)
+    return D.carve_val(idx, train_y, args.val_frac, args.seed)
+
+
+def ssl_batches(images, batch_size, mean, std, epoch, seed, rank=0, world=1, chunk=8192):
+    """This process's part of every full global batch of one epoch: ([view1, view2], positions).
+
+    All ranks draw the same permutation from (seed, epoch) and take their contiguous slice of each
+    global batch, so the union over ranks is the one-process batch. Rank 0 augments with the same
+    generator (with one process this is datasets_lt.GPULoader(augment="ssl", drop_last=True) exactly);
+    every other rank re-seeds it with its own seed."""
+    n, dev = images.shape[0], images.device
+    g = torch.Generator(device=dev)
+    g.manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g, device=dev)
+    steps, local = n // batch_size, batch_size // world
+    mine = order[:steps * batch_size].view(steps, world, local)[:, rank].reshape(-1)
+    if rank:
+        g.manual_seed((seed * 100_003 + epoch) * 1009 + rank)
+    step = max(1, chunk // local) * local
+    for start in range(0, len(mine), step):
+        idx = mine[start:start + step]
+        x = images[idx]
+        views = [D.normalize(D.ssl_augment(x, g, images.shape[-1]), mean, std) for _ in range(2)]
+        for b in range(0, len(idx), local):
+            yield [v[b:b + local] for v in views], idx[b:b + local]
+
+
+def build_data(args, device, rank):
+    """Everything the run reads: training images (device, uint8), eval loaders, monitor sets."""
+    train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
+    test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
+    C = len(names)
+    idx, val_idx = training_subset(train_y, args)
+    mean, std = D.mean_std(args.dataset, train_x)
+    full = D.to_device(train_x, device)
+    sel = torch.as_tensor(idx, device=device)
+    data = argparse.Namespace(names=names, C=C, idx=idx, val_idx=val_idx, mean=mean, std=std,
+                              counts=np.bincount(train_y[idx], minlength=C).tolist(), labels=train_y[idx])
+    data.images = full[sel]
+    data.train_eval = D.GPULoader(data.images, train_y[idx], 1024, mean, std, device)
+    order = D.CLASS_ORDER.get(args.dataset, list(range(C)))
+    data.frequent, data.rare = order[:C // 2], order[C // 2:]
+    if rank == 0:
+        mem, queries = D.carve_val(np.arange(len(train_y)), train_y, args.knn_val_frac, args.seed)
+        pick = lambda i: full[torch.as_tensor(i, device=device)]
+        data.knn_mem = D.GPULoader(pick(mem), train_y[mem], 1024, mean, std, device)
+        data.knn_query = D.GPULoader(pick(queries), train_y[queries], 1024, mean, std, device)
+        data.gap_train = D.GPULoader(data.images, train_y[idx], 1024, mean, std, device, augment="ssl",
+                                     shuffle=False, seed=args.seed)
+        data.gap_heldout = D.GPULoader(test_x, test_y, 1024, mean, std, device, augment="ssl", shuffle=False,
+                                       seed=args.seed)
+    return data
+
+
+# ----- main ----------------------------------------------------------------------------------------
+
+def dist_env():
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def setup_device(args, local_rank, world):
+    if args.gpu >= 0 and not torch.cuda.is_available():
+        print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
+        args.gpu = -1
+    index = local_rank if world > 1 else args.gpu
+    device = torch.device(f"cuda:{index}" if args.gpu >= 0 else "cpu")
+    if args.amp and device.type != "cuda":
+        print("warning: --amp needs CUDA; ignored on the CPU", file=sys.stderr)
+        args.amp = False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def check_args(args, world):
+    D.check_rho(args.rho)
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+        fail("--epochs, --batch-size and --lr must be positive")
+    if args.batch_size % world or args.batch_size // world < 2:
+        fail(f"--batch-size {args.batch_size} must split into at least 2 images on each of {world} processes")
+    if args.sam_rho < 0 or args.alpha < 0 or (args.bandwidth is not None and args.bandwidth <= 0):
+        fail("--sam-rho and --alpha must be >= 0 and --bandwidth > 0")
+    if args.knn_k < 1 or args.knn_t <= 0 or not 0 < args.knn_val_frac < 1:
+        fail("--knn-k must be >= 1, --knn-t > 0 and --knn-val-frac in (0, 1)")
+    if args.stage1 and args.opt != "rwsam":
+        fail("--stage1 is the first stage of rwSAM; pass --opt rwsam or drop --stage1")
+    if args.stage1 and args.stage1_epochs is not None:
+        fail("--stage1 replaces stage 1, so --stage1-epochs has nothing to do; drop one of them")
+    if args.stage1_epochs is not None and args.stage1_epochs < 1:
+        fail("--stage1-epochs must be positive")
+
+
+def load_stage1(args):
+    """--stage1 PATH: its backbone (checked and reported by the shared loader), and its heads when stage 2
+    continues from it."""
+    backbone = ResNet18()
+    ckpt = load_backbone(backbone, ARCH, args.stage1)
+    state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    full = None
+    if args.stage2_init == "stage1":
+        want = SimSiam().state_dict()
+        bad = [k for k in want if k not in state or state[k].shape != want[k].shape]
+        if bad:
+            fail(f"'{args.stage1}' lacks the SimSiam heads ({bad[0]}, …) that stage 2 continues from; "
+                 f"pass --stage2-init scratch to use only its backbone for the weights")
+        full = {k: state[k] for k in want}
+    return backbone, full
+
+
+def init_state(seed):
+    torch.manual_seed(seed)
+    return SimSiam().state_dict()
+
+
+def lr_at(epoch, epochs, base):
+    """Cosine per epoch (0-based) over one stage."""
+    return 0.5 * base * (1 + math.cos(math.pi * epoch / epochs))
+
+
+def make_optimizer(model, args, device):
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
+                           fused=device.type == "cuda")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, local_rank = dist_env()
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if ckpt.get("script") != "simsiam_rwsam.py":
+            fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not simsiam_rwsam.py; "
+                 f"use --stage1 to start rwSAM from its backbone")
+        keep = {k: getattr(args, k) for k in ("gpu", "resume")}
+        args = argparse.Namespace(**{**ckpt["args"], **keep})
+        if rank == 0:
+            print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
+    try:
+        check_args(args, world)
+    except D.DataError as e:
+        fail(str(e))
+    if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
+        fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, or pass another --out")
+    stage1_backbone = stage1_full = None
+    if args.stage1 and (ckpt is None or ckpt.get("kde_weights") is None):
+        stage1_backbone, stage1_full = load_stage1(args) if rank == 0 else load_stage1_quiet(args)
+    device = setup_device(args, local_rank, world)
+    try:
+        data = build_data(args, device, rank)
+    except D.DataError as e:
+        fail(str(e))
+    n = len(data.idx)
+    if n < args.batch_size:
+        fail(f"the training subset has {n} images, fewer than one batch of {args.batch_size}; lower --batch-size")
+
+    e1 = (args.stage1_epochs or args.epochs) if args.opt == "rwsam" and not args.stage1 else 0
+    total = e1 + args.epochs
+
+    def phase(g):
+        """(optimiser rule, epoch within the stage, epochs of the stage) of 0-based global epoch g."""
+        return ("sgd", g, e1) if g < e1 else (args.opt, g - e1, args.epochs)
+
+    torch.manual_seed(args.seed)
+    model = SimSiam().to(device)
+    optimizer = make_optimizer(model, args, device)
+    start, kde, best, summary = 0, None, None, {}
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, kde, best, summary = ckpt["epoch"], ckpt.get("kde_weights"), ckpt.get("best"), ckpt.get("summary", {})
+    net = model
+    if world > 1:
+        if device.type == "cuda":
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    weights = kde["weights"].to(device) if kde is not None else None
+
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        if ckpt is None:
+            meta = {**vars(args), "world_size": world, "torch": torch.__version__, "cuda": torch.version.cuda,
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+            with open(os.path.join(args.out, "args.json"), "w") as f:
+                json.dump(meta, f, indent=1)
+            shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
+            open(os.path.join(args.out, "metrics.jsonl"), "w").close()
+        else:                                              # drop epochs logged after the checkpoint
+            with open(os.path.join(args.out, "metrics.jsonl")) as f:
+                lines = [l for l in f if json.loads(l)["epoch"] <= start]
+            with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
+                f.writelines(lines)
+        plan = (f"stage 1 SimSiam {e1} epochs, then rwSAM {args.epochs}" if e1 else
+                f"rwSAM {args.epochs} epochs after --stage1 {args.stage1}" if args.opt == "rwsam" else
+                f"{'SimSiam' if args.opt == 'sgd' else 'SimSiam + SAM'} {args.epochs} epochs")
+        print(f"{args.dataset} rho={args.rho:g} ({args.imb_type}{', balanced' if args.balanced else ''}"
+              f"{f', subsample {args.subsample:g}' if args.subsample < 1 else ''}): {n} training images "
+              f"{data.counts}; {plan}; batch {args.batch_size} on {world} × {device}, lr {args.lr:g}"
+              + (f", SAM ρ={args.sam_rho:g}{' adaptive' if args.adaptive else ''}" if args.opt != "sgd" else ""))
+        print(f"{'epoch':>5} {'opt':>5} {'lr':>8} {'loss':>8} {'z_std':>7} {'knn':>6} {'s':>6}")
+
+    def save(state_name, g, **recipe):
+        state = {"script": "simsiam_rwsam.py", "arch": ARCH, "model": net.state_dict(), "epoch": g,
+                 "optimizer": optimizer.state_dict(), "args": {**vars(args), **recipe}, "class_counts": data.counts,
+                 "rng": {"torch": torch.get_rng_state()}, "kde_weights": kde, "best": best, "summary": summary}
+        save_atomic(state, os.path.join(args.out, state_name))
+
+    def stage_end(name, knn_now):
+        """kNN and generalization gap of the model as it stands (rank 0), stored under summary[name]."""
+        gap = generalization_gap(class_mean_loss(net, data.gap_train, data.C, args.amp),
+                                 class_mean_loss(net, data.gap_heldout, data.C, args.amp), data.frequent, data.rare)
+        summary[name] = {"knn_top1": knn_now, "gap": gap}
+        print(f"{name}: kNN {fmt(knn_now)}%, generalization gap frequent {gap['frequent']['gap']:.4f}, "
+              f"rare {gap['rare']['gap']:.4f}")
+
+    t_run = time.time()
+    for g in range(start, total):
+        opt, e, epochs = phase(g)
+        if opt == "rwsam" and kde is None:                 # Algorithm 1 line 8, then stage 2 from line 9
+            try:
+                kde = begin_stage2(args, data, net, stage1_backbone, stage1_full, device, rank, world)
+            except D.DataError as err:
+                fail(str(err))
+            weights = kde["weights"].to(device)
+            if rank == 0:
+                torch.save(kde, os.path.join(args.out, "kde_weights.pt"))
+            optimizer = make_optimizer(net, args, device)
+        t0 = time.time()
+        lr = lr_at(e, epochs, args.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        sums = torch.zeros(3, device=device, dtype=torch.float64)
+        first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        steps = 0
+        for step, ((x1, x2), pos) in enumerate(ssl_batches(data.images, args.batch_size, data.mean, data.std, g,
+                                                           args.seed, rank, world)):
+            w = weights[pos] if opt == "rwsam" else None
+            loss, loss2, z_std = train_step(model, optimizer, x1, x2, opt, args.sam_rho, args.adaptive, w, args.amp)
+            bad = ~(torch.isfinite(loss) & torch.isfinite(loss2))
+            first_bad = torch.where((first_bad < 0) & bad, step, first_bad)
+            sums += torch.stack([loss, loss2, z_std]).double()
+            steps += 1
+        if world > 1:
+            dist.all_reduce(sums)
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
+            sums /= world
+        if first_bad.item() >= 0:
+            if rank == 0:
+                print(f"error: loss is not finite at epoch {g + 1}, step {first_bad.item() + 1}; stopped, "
+                      f"{args.out}/last.pt still holds epoch {g}", file=sys.stderr)
+            sys.exit(1)
+        seconds = time.time() - t0
+        loss_avg, loss2_avg, z_avg = (sums / steps).tolist()
+        if rank == 0:
+            last_of_stage = e + 1 == epochs
+            knn_now, t_knn = None, time.time()
+            if args.knn_every >= 0 and (last_of_stage or (args.knn_every and (e + 1) % args.knn_every == 0)):
+                mem_f, mem_y = embed(net, data.knn_mem, args.amp)
+                q_f, q_y = embed(net, data.knn_query, args.amp)
+                knn_now = knn_top1(mem_f, mem_y, q_f, q_y, data.C, args.knn_k, args.knn_t)
+                if g >= e1 and (best is None or knn_now > best["knn_top1"]):
+                    best = {"epoch": g + 1, "knn_top1": knn_now}
+            row = {"epoch": g + 1, "opt": opt, "stage_epoch": e + 1, "lr": lr, "loss": loss_avg,
+                   "loss_perturbed": loss2_avg if opt != "sgd" else None, "z_std": z_avg, "knn_top1": knn_now,
+                   "seconds": seconds, "knn_seconds": time.time() - t_knn}
+            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{g + 1:5d} {opt:>5} {lr:8.5f} {loss_avg:8.4f} {z_avg:7.4f} {fmt(knn_now)} {seconds:6.2f}",
+                  flush=True)
+            if last_of_stage and args.knn_every >= 0:
+                stage_end("stage1" if g < e1 else "final", knn_now)
+            save("last.pt", g + 1)
+            if g + 1 == e1:
+                save("stage1.pt", g + 1, opt="sgd", epochs=e1, stage1_epochs=None, stage1_of=args.out)
+
+    if rank == 0:
+        with open(os.path.join(args.out, "metrics.jsonl")) as f:
+            rows = [json.loads(l) for l in f]
+        per_epoch = {o: float(np.median([r["seconds"] for r in rows if r["opt"] == o]))
+                     for o in sorted({r["opt"] for r in rows})}
+        final = {"script": "simsiam_rwsam.py", "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type,
+                 "balanced": args.balanced, "subsample": args.subsample, "opt": args.opt, "sam_rho": args.sam_rho,
+                 "adaptive": args.adaptive, "alpha": args.alpha, "seed": args.seed, "epochs": args.epochs,
+                 "stage1_epochs": e1, "stage1": args.stage1, "stage2_init": args.stage2_init, "world_size": world,
+                 "n_train": n, "class_counts": data.counts, "last": summary.get("final"),
+                 "stage1_result": summary.get("stage1"), "best_knn_on_val": best,
+                 "kde": None if kde is None else {k: kde[k] for k in ("bandwidth", "alpha", "source",
+                                                                      "per_class_mean_weight")},
+                 "checkpoint": os.path.join(args.out, "last.pt"), "seconds_per_epoch": per_epoch,
+                 "wall_seconds": time.time() - t_run}
+        with open(os.path.join(args.out, "final.json"), "w") as f:
+            json.dump(final, f, indent=1)
+        last = summary.get("final") or {}
+        knn = last.get("knn_top1")
+        print(f"done: {args.out}/last.pt" + (f"; kNN (validation split) {knn:.2f}%" if knn is not None else "")
+              + (f"; stage 1 (SimSiam) in {args.out}/stage1.pt" if e1 else ""))
+    if world > 1:
+        # DDP's reducer must not hold the last reference to a gloo group: freeing the group there (with
+        # the GIL held) can deadlock against a worker thread still releasing the barrier's tensors.
+        dist.barrier()
+        del model
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def load_stage1_quiet(args):
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        return load_stage1(args)
+
+
+def begin_stage2(args, data, net, stage1_backbone, stage1_full, device, rank, world):
+    """Algorithm 1 line 8 (KDE weights from the stage-1 features, rank 0, broadcast), then the model stage 2
+    starts from: the stage-1 model as it stands (line 9 keeps φ), --stage1's, or a fresh one."""
+    source = "stage 1 of this run" if stage1_backbone is None else args.stage1
+    weights = torch.empty(len(data.idx), device=device)
+    kde = None
+    if rank == 0:
+        feature_net = net if stage1_backbone is None else stage1_backbone.to(device)
+        w, density, h = weights_from_training_set(feature_net, data.train_eval, args.alpha, args.bandwidth,
+                                                  args.seed, args.amp)
+        weights.copy_(w)
+        labels = np.asarray(data.labels)
+        w_np = w.cpu().numpy()
+        per_class = [float(w_np[labels == c].mean()) if (labels == c).any() else None for c in range(data.C)]
+        kde = {"weights": w.cpu(), "density": density.cpu(), "indices": torch.as_tensor(data.idx),
+               "bandwidth": h, "alpha": args.alpha, "source": source, "per_class_mean_weight": per_class}
+        print(f"KDE weights from {source}: h = {h:.4f}, α = {args.alpha:g}, weights {w.min().item():.3f}–"
+              f"{w.max().item():.3f} (mean 1); mean weight per class (labels read only for this line): "
+              + " ".join(f"{v:.2f}" if v is not None else "-" for v in per_class))
+    if world > 1:
+        dist.broadcast(weights, 0)
+    if kde is None:
+        kde = {"weights": weights.cpu()}
+    if args.stage2_init == "scratch":
+        net.load_state_dict(init_state(args.seed))
+    elif stage1_full is not None:
+        net.load_state_dict(stage1_full)
+    return kde
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,458 @@
+"""simsiam_rwsam.py: the SAM / rwSAM step against its definition, BatchNorm statistics, KDE weights,
+the kNN monitor, data subsets, runs (one process and torchrun with gloo), resume and bad input.
+
+Runs use 8×8 fake images (a CIFAR ResNet-18 handles them: layer4 sees 1×1) so that a SAM step of
+ResNet-18 takes a fraction of a second on a busy 2-core machine, and one thread per process: with two
+OpenMP threads on a machine shared with other work, ResNet-18 on the CPU ran about 10× slower.
+"""
+import copy
+import gc
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+import datasets_lt as D
+import simsiam_rwsam as S
+from conftest import ROOT, run_script, write_folder
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"                          # subprocesses and spawned workers
+    yield
+    torch.set_num_threads(threads)
+    if env is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
+
+
+class Tiny(nn.Module):
+    """A SimSiam-shaped model small enough to differentiate by hand: forward(x1, x2) → z1, z2, p1, p2."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Flatten(), nn.Linear(12, 6))
+        self.projector = nn.Sequential(nn.Linear(6, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8))
+        self.predictor = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 8))
+
+    def forward(self, x1, x2):
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        return z1, z2, self.predictor(z1), self.predictor(z2)
+
+
+def _tiny_batch(seed=0, n=6):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 2, 2, generator=g), torch.randn(n, 3, 2, 2, generator=g)
+
+
+def _sgd(model, lr=0.5, wd=5e-4):
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+
+
+def _expected_sam_params(model, x1, x2, rho, lr, wd, weights=None):
+    """Paper 2 Algorithm 1 lines 12–13 written out with autograd: ε = ρ·∇L_w/‖∇L_w‖₂ over all parameters,
+    then the first SGD step (zero momentum buffer) at w with ∇L(w + ε) of the unweighted mean loss."""
+    m = copy.deepcopy(model)
+    params = list(m.parameters())
+    per_example = S.simsiam_loss(*m(x1, x2))
+    lw = (per_example * (1.0 if weights is None else weights)).mean()
+    g = torch.autograd.grad(lw, params)
+    norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
+    with torch.no_grad():
+        for p, gi in zip(params, g):
+            p += rho * gi / norm
+    g2 = torch.autograd.grad(S.simsiam_loss(*m(x1, x2)).mean(), params)
+    return [p0.detach() - lr * (gi + wd * p0.detach()) for p0, gi in zip(model.parameters(), g2)]
+
+
+# ----- loss, SAM, rwSAM ----------------------------------------------------------------------------
+
+def test_simsiam_loss_by_hand_and_stop_gradient():
+    g = torch.Generator().manual_seed(0)
+    z1, z2, p1, p2 = (torch.randn(5, 7, generator=g, requires_grad=True) for _ in range(4))
+    loss = S.simsiam_loss(z1, z2, p1, p2)
+    cos = lambda a, b: (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    assert torch.allclose(loss, -0.5 * cos(p1, z2) - 0.5 * cos(p2, z1), atol=1e-6)
+    loss.mean().backward()
+    assert z1.grad is None and z2.grad is None and p1.grad is not None
+
+
+def test_model_layout_is_the_project_backbone():
+    m = S.SimSiam()
+    own = m.state_dict()
+    backbone = [k for k in S.ResNet18().state_dict() if not k.startswith("fc.")]
+    heads = [k for k in own if k not in backbone]
+    assert all(k in own for k in backbone) and all(k.startswith(("projector.", "predictor.")) for k in heads)
+    assert [tuple(l.weight.shape) for l in m.projector if isinstance(l, nn.Linear)] == [(2048, 512), (2048, 2048)]
+    assert [tuple(l.weight.shape) for l in m.predictor if isinstance(l, nn.Linear)] == [(512, 2048), (2048, 512)]
+    assert not m.projector[-1].affine and isinstance(m.predictor[-1], nn.Linear)
+    z1, z2, p1, p2 = m(torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8))
+    assert z1.shape == p2.shape == (3, 2048)
+
+
+def test_sam_with_rho_zero_is_the_sgd_step():
+    torch.manual_seed(0)
+    a = Tiny()
+    b = copy.deepcopy(a)
+    x1, x2 = _tiny_batch()
+    opt_a, opt_b = _sgd(a), _sgd(b)
+    S.train_step(a, opt_a, x1, x2, "sam", rho=0.0)
+    S.train_step(b, opt_b, x1, x2, "sgd")
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), Tiny().parameters()))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(opt_a.state[pa]["momentum_buffer"], opt_b.state[pb]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_rwsam_with_equal_weights_is_sam(adaptive):
+    torch.manual_seed(1)
+    a = Tiny()
+    b = copy.deepcopy(a)
+    x1, x2 = _tiny_batch(1)
+    S.train_step(a, _sgd(a), x1, x2, "rwsam", rho=0.7, adaptive=adaptive, weights=torch.full((6,), 2.5))
+    S.train_step(b, _sgd(b), x1, x2, "sam", rho=0.7, adaptive=adaptive)
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_sam_and_rwsam_steps_match_algorithm_1_and_weights_change_the_step():
+    torch.manual_seed(2)
+    base = Tiny()
+    x1, x2 = _tiny_batch(2)
+    w = torch.tensor([6.0, 0.1, 0.1, 0.1, 0.1, 6.0])
+    results = {}
+    for name, weights in (("sam", None), ("rwsam", w)):
+        m = copy.deepcopy(base)
+        S.train_step(m, _sgd(m), x1, x2, name, rho=0.7, weights=weights)
+        expected = _expected_sam_params(base, x1, x2, 0.7, 0.5, 5e-4, weights)
+        assert all(torch.allclose(p, e, atol=1e-6) for p, e in zip(m.parameters(), expected))
+        results[name] = [p.detach() for p in m.parameters()]
+    gap = max((p - q).abs().max().item() for p, q in zip(results["sam"], results["rwsam"]))
+    step = max((p - q.detach()).abs().max().item() for p, q in zip(results["sam"], base.parameters()))
+    assert gap > 0.01 * step                                     # the weights moved the perturbation point
+
+
+def test_perturbation_by_hand():
+    params = [torch.tensor([1.0, -2.0]), torch.tensor([[3.0]])]
+    grads = [torch.tensor([3.0, 0.0]), torch.tensor([[-4.0]])]
+    e = S.sam_perturbation(params, grads, 2.0, adaptive=False)          # ‖g‖ = 5
+    assert torch.allclose(e[0], torch.tensor([1.2, 0.0])) and torch.allclose(e[1], torch.tensor([[-1.6]]))
+    e = S.sam_perturbation(params, grads, 2.0, adaptive=True)           # |w|·g = (3, 0, -12), norm √153
+    n = math.sqrt(153)
+    assert torch.allclose(e[0], torch.tensor([2.0 * 1 * 3 / n, 0.0]))
+    assert torch.allclose(e[1], torch.tensor([[2.0 * 9 * -4 / n]]))
+
+
+def test_batchnorm_statistics_change_in_the_first_pass_only():
+    torch.manual_seed(3)
+    m = S.SimSiam()
+    one_pass = copy.deepcopy(m)
+    x1, x2 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    before = [b.clone() for b in S.bn_buffers(m)]
+    S.train_step(m, _sgd(m, lr=0.05), x1, x2, "sam", rho=5.0)
+    with torch.no_grad():
+        one_pass(x1, x2)
+    after, expected = S.bn_buffers(m), S.bn_buffers(one_pass)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    assert all(torch.equal(a, e) for a, e in zip(after, expected))
+    assert any(not torch.equal(p, q) for p, q in zip(m.parameters(), one_pass.parameters()))
+
+
+# ----- KDE weights ---------------------------------------------------------------------------------
+
+def test_kde_by_hand_in_chunks():
+    f = torch.randn(23, 3, generator=torch.Generator().manual_seed(4))
+    w, density, h = S.kde_weights(f, alpha=1.2, bandwidth=0.8, chunk=7)
+    x = f.double().numpy()
+    d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    ref = np.exp(-d2 / (2 * 0.8 ** 2)).mean(1)
+    assert h == 0.8 and np.allclose(density.numpy(), ref, rtol=1e-10)
+    ref_w = ref ** -1.2
+    assert np.allclose(w.numpy(), ref_w / ref_w.mean(), rtol=1e-5) and w.mean().item() == pytest.approx(1, rel=1e-6)
+
+
+def test_kde_gives_isolated_points_larger_weights():
+    g = torch.Generator().manual_seed(5)
+    cluster = 0.1 * torch.randn(40, 2, generator=g)
+    far = torch.tensor([[5.0, 5.0], [-5.0, 5.0], [5.0, -5.0]])
+    sparse = torch.tensor([[1.0, 0.0], [1.05, 0.0]])                # two points away from the cluster
+    w, _, _ = S.kde_weights(torch.cat([cluster, sparse, far]), alpha=1.2)
+    assert w[-3:].min() > w[40:42].max() > w[:40].max()
+
+
+def test_median_bandwidth():
+    assert S.median_distance(torch.eye(6, dtype=torch.float64)) == pytest.approx(math.sqrt(2))
+    assert S.median_distance(torch.tensor([[0.0, 0.0], [3.0, 4.0]])) == pytest.approx(5.0)
+    f = torch.randn(50, 4, generator=torch.Generator().manual_seed(6))
+    assert S.median_distance(f, seed=1) == S.median_distance(f, seed=1)
+
+
+def test_kde_weights_read_features_not_labels():
+    torch.manual_seed(7)
+    model = S.SimSiam()
+    images = torch.randint(0, 256, (30, 3, 8, 8), dtype=torch.uint8)
+    labels = np.repeat(np.arange(3), 10)
+    scrambled = np.random.default_rng(0).permutation(labels)
+    a = S.weights_from_training_set(model, D.GPULoader(images, labels, 7, MEAN, STD, "cpu"), 1.2, None, 0)
+    b = S.weights_from_training_set(model, D.GPULoader(images, scrambled, 7, MEAN, STD, "cpu"), 1.2, None, 0)
+    assert torch.equal(a[0], b[0]) and a[2] == b[2]
+    assert a[0].std() > 0
+
+
+# ----- monitors and data ---------------------------------------------------------------------------
+
+def test_knn_weighted_vote_by_hand():
+    unit = lambda a: torch.tensor([[math.cos(a), math.sin(a)]])
+    mem = torch.cat([unit(0.1), unit(0.2), unit(-0.2)])
+    mem_y = torch.tensor([0, 1, 1])
+    q, q_y = unit(0.0), torch.tensor([1])
+    # k = 3, t = 0.1: class 1 gets 2·e^{cos 0.2 / 0.1} = e^{10.49} > class 0's e^{cos 0.1 / 0.1} = e^{9.95}
+    assert S.knn_top1(mem, mem_y, q, q_y, 2, k=3, t=0.1) == 100.0
+    assert S.knn_top1(mem, mem_y, q, q_y, 2, k=1, t=0.1) == 0.0          # 1-NN: class 0
+    assert S.knn_top1(mem, mem_y, q, q_y, 2, k=3, t=0.01) == 0.0         # sharp votes: class 0 wins
+
+
+def test_generalization_gap_groups():
+    gap = S.generalization_gap([0.1, 0.2, 0.3, 0.4], [0.15, 0.25, 0.5, float("nan")], [0, 1], [2, 3])
+    assert gap["frequent"]["gap"] == pytest.approx(0.05) and gap["rare"]["gap"] == pytest.approx(0.5 - 0.35)
+
+
+def test_paper_2_subsets():
+    labels = np.repeat(np.arange(10), 5000)
+    sizes = {}
+    for flags in ([], ["--balanced"], ["--imb-type", "step"], ["--subsample", "0.125"],
+                  ["--subsample", "0.125", "--balanced"]):
+        idx, val = S.training_subset(labels, S.parse_args(["--rho", "0.01", *flags]))
+        counts = np.bincount(labels[idx], minlength=10)
+        sizes[" ".join(flags)] = (len(idx), counts.min(), counts.max())
+        assert len(val) == 0 and len(np.unique(idx)) == len(idx)
+    assert sizes[""] == (12406, 50, 5000) and sizes["--balanced"] == (12406, 1240, 1241)
+    assert sizes["--imb-type step"] == (25250, 50, 5000)
+    small = sum(int(c * 0.125) for c in D.lt_counts(5000, 10, 0.01))
+    assert sizes["--subsample 0.125"] == (small, 6, 625)
+    assert sizes["--subsample 0.125 --balanced"][0] == small
+
+
+def test_ssl_batches_are_gpuloader_batches_and_shard_across_ranks():
+    images = torch.randint(0, 256, (37, 3, 8, 8), dtype=torch.uint8)
+    ref = list(D.GPULoader(images, np.zeros(37), 8, MEAN, STD, "cpu", augment="ssl", drop_last=True,
+                           seed=3).epoch(5))
+    mine = list(S.ssl_batches(images, 8, MEAN, STD, 5, 3))
+    assert len(mine) == len(ref) == 4
+    for (views, idx), (ref_views, _, ref_idx) in zip(mine, ref):
+        assert torch.equal(idx, ref_idx) and all(torch.equal(a, b) for a, b in zip(views, ref_views))
+    ranks = [list(S.ssl_batches(images, 8, MEAN, STD, 5, 3, rank=r, world=2)) for r in (0, 1)]
+    for b, (_, ref_idx) in enumerate(mine):
+        assert torch.equal(torch.cat([ranks[0][b][1], ranks[1][b][1]]), ref_idx)
+    assert not torch.equal(ranks[0][0][0][0], ranks[1][0][0][0])
+
+
+# ----- DDP: first pass per rank, second pass all-reduced ------------------------------------------
+
+def _ddp_worker(rank, port):
+    store = dist.TCPStore("127.0.0.1", port, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    torch.manual_seed(0)
+    base = Tiny()
+    model = nn.parallel.DistributedDataParallel(copy.deepcopy(base))
+    x1, x2 = _tiny_batch(10 + rank)
+    seen = []
+    perturb = S.sam_perturbation
+
+    def record(params, grads, rho, adaptive):
+        e = perturb(params, grads, rho, adaptive)
+        seen.append(torch.cat([t.flatten() for t in e]))
+        return e
+
+    S.sam_perturbation = record
+    S.train_step(model, _sgd(model.module, wd=0.0), x1, x2, "sam", rho=0.7)
+    # ε from this rank's own gradient (no all-reduce in the first pass)
+    m = copy.deepcopy(base)
+    g = torch.autograd.grad(S.simsiam_loss(*m(x1, x2)).mean(), list(m.parameters()))
+    norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
+    assert torch.allclose(seen[0], torch.cat([0.7 * gi.flatten() / norm for gi in g]), atol=1e-6)
+    # the update averages the ranks' gradients at their own w + ε
+    with torch.no_grad():
+        for p, gi in zip(m.parameters(), g):
+            p += 0.7 * gi / norm
+    g2 = torch.cat([t.flatten() for t in torch.autograd.grad(S.simsiam_loss(*m(x1, x2)).mean(),
+                                                               list(m.parameters()))])
+    dist.all_reduce(g2)
+    w0 = torch.cat([p.detach().flatten() for p in base.parameters()])
+    now = torch.cat([p.detach().flatten() for p in model.module.parameters()])
+    assert torch.allclose(now, w0 - 0.5 * g2 / 2, atol=1e-6)
+    from_rank0 = seen[0].clone()
+    dist.broadcast(from_rank0, src=0)
+    if rank == 1:
+        assert not torch.allclose(from_rank0, seen[0])             # the two ranks perturbed differently
+    dist.barrier()
+    del model                                    # as simsiam_rwsam.main: the reducer must not free the group
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def test_ddp_sam_first_pass_is_per_rank_second_is_synced():
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)   # outlives both workers
+    mp.spawn(_ddp_worker, args=(store.port,), nprocs=2)
+
+
+# ----- runs ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fake")
+    write_folder(root, classes=tuple("abcde"), per_class=(8,) * 5, per_class_test=2, size=8, easy=True)
+    return root
+
+
+def _args(root, out, *extra):
+    return ["--dataset", "folder", "--data-root", str(root), "--gpu", "-1", "--rho", "0.5", "--batch-size", "8",
+            "--out", str(out), *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def rwsam_run(data, tmp_path_factory):
+    """The 2-epoch CPU smoke run: 1 epoch of SimSiam (stage 1), KDE weights, 1 epoch of rwSAM."""
+    out = tmp_path_factory.mktemp("run") / "rwsam"
+    S.main(_args(data, out, "--stage1-epochs", 1, "--epochs", 1))
+    return out
+
+
+def _model(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_smoke_run_outputs(rwsam_run):
+    out = rwsam_run
+    assert {"args.json", "metrics.jsonl", "last.pt", "stage1.pt", "kde_weights.pt", "final.json",
+            "simsiam_rwsam.py"} <= set(os.listdir(out))
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["opt"], r["stage_epoch"]) for r in rows] == [(1, "sgd", 1), (2, "rwsam", 1)]
+    assert all(math.isfinite(r["loss"]) and r["z_std"] > 0 and r["knn_top1"] is not None for r in rows)
+    assert rows[1]["loss_perturbed"] is not None and rows[0]["loss_perturbed"] is None
+    final = json.loads((out / "final.json").read_text())
+    assert final["class_counts"] == [8, 6, 5, 4, 4] and final["n_train"] == 27
+    for result in (final["last"], final["stage1_result"]):
+        assert set(result["gap"]) == {"frequent", "rare"} and 0 <= result["knn_top1"] <= 100
+    assert final["best_knn_on_val"]["epoch"] == 2 and final["kde"]["alpha"] == 1.2
+
+
+def test_checkpoints_follow_the_contract(rwsam_run, capsys):
+    last = torch.load(rwsam_run / "last.pt", weights_only=True)
+    stage1 = torch.load(rwsam_run / "stage1.pt", weights_only=True)
+    assert (last["script"], last["arch"], last["epoch"], stage1["epoch"]) == ("simsiam_rwsam.py", "resnet18", 2, 1)
+    assert {"model", "optimizer", "args", "class_counts", "rng", "kde_weights"} <= set(last)
+    assert stage1["kde_weights"] is None and (stage1["args"]["opt"], stage1["args"]["epochs"]) == ("sgd", 1)
+    assert last["args"]["opt"] == "rwsam"
+    kde = torch.load(rwsam_run / "kde_weights.pt", weights_only=True)
+    assert torch.equal(kde["weights"], last["kde_weights"]["weights"]) and len(kde["weights"]) == 27
+    assert kde["weights"].mean().item() == pytest.approx(1, rel=1e-5) and kde["bandwidth"] > 0
+    labels = np.asarray([c for c, n in enumerate([8] * 5) for _ in range(n)])
+    assert torch.equal(kde["indices"], torch.as_tensor(S.training_subset(labels, S.parse_args(
+        ["--dataset", "folder", "--rho", "0.5"]))[0]))
+    backbone = S.ResNet18()
+    S.load_backbone(backbone, "resnet18", rwsam_run / "last.pt")
+    own = backbone.state_dict()
+    assert all(torch.equal(own[k], last["model"][k]) for k in own if not k.startswith("fc."))
+    heads = len([k for k in S.SimSiam().state_dict() if k.startswith(("projector.", "predictor."))])
+    report = capsys.readouterr().out
+    assert f"{len(own) - 2} tensors matched, 2 missing (fc.weight, fc.bias), {heads} unexpected" in report
+
+
+def test_stage_2_continues_from_stage_1(rwsam_run):
+    last, stage1 = _model(rwsam_run / "last.pt"), _model(rwsam_run / "stage1.pt")
+    init = S.init_state(0)
+    dist_to = lambda ref: sum((last[k].float() - ref[k].float()).norm() ** 2 for k in last if "running" not in k)
+    assert dist_to(stage1) < dist_to(init)
+
+
+def test_resume_at_the_stage_boundary_equals_the_whole_run(rwsam_run, tmp_path):
+    """A run stopped after stage 1 resumes with the KDE and stage 2 and ends where the whole run ended."""
+    state = torch.load(rwsam_run / "stage1.pt", weights_only=True)       # last.pt after epoch 1, with the
+    run_args = torch.load(rwsam_run / "last.pt", weights_only=True)["args"]   # run's args, not stage 1's
+    state["args"] = {**run_args, "out": str(tmp_path)}
+    torch.save(state, tmp_path / "last.pt")
+    first = (rwsam_run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "metrics.jsonl").write_text("".join(first))                  # the second line is dropped
+    S.main(["--resume", str(tmp_path / "last.pt"), "--gpu", "-1"])
+    a, b = _model(rwsam_run / "last.pt"), _model(tmp_path / "last.pt")
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    assert [json.loads(l)["epoch"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_stage1_from_a_checkpoint_gives_the_same_weights(rwsam_run, data, tmp_path, capsys):
+    S.main(_args(data, tmp_path, "--stage1", rwsam_run / "stage1.pt", "--epochs", 1, "--knn-every", -1))
+    assert "tensors matched" in capsys.readouterr().out
+    a = torch.load(rwsam_run / "kde_weights.pt", weights_only=True)
+    b = torch.load(tmp_path / "kde_weights.pt", weights_only=True)
+    assert torch.equal(a["weights"], b["weights"]) and a["bandwidth"] == b["bandwidth"]
+    assert b["source"] == str(rwsam_run / "stage1.pt")
+
+
+def test_stage2_from_scratch_takes_only_the_backbone(data, tmp_path, capsys):
+    torch.save({"script": "crt.py", "arch": "resnet18", "model": S.ResNet18().state_dict()}, tmp_path / "r18.pt")
+    with pytest.raises(SystemExit) as e:
+        S.main(_args(data, tmp_path / "a", "--stage1", tmp_path / "r18.pt", "--epochs", 1))
+    assert e.value.code == 2 and "--stage2-init scratch" in capsys.readouterr().err
+    S.main(_args(data, tmp_path / "b", "--stage1", tmp_path / "r18.pt", "--stage2-init", "scratch", "--epochs", 1,
+                 "--knn-every", -1))
+    last, init = _model(tmp_path / "b" / "last.pt"), S.init_state(0)
+    r18 = torch.load(tmp_path / "r18.pt", weights_only=True)["model"]
+    dist_to = lambda ref: sum((last[k].float() - ref[k].float()).norm() ** 2 for k in r18 if k in last
+                              and "running" not in k)
+    assert dist_to(init) < dist_to(r18)
+
+
+def test_torchrun_two_processes_on_cpu(data, tmp_path):
+    r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, "simsiam_rwsam.py",
+                   *_args(data, tmp_path, "--stage1-epochs", 1, "--epochs", 1, "--knn-every", -1), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("done:") == 1                                     # rank 0 alone reports and writes
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["opt"] for r in rows] == ["sgd", "rwsam"] and all(math.isfinite(r["loss"]) for r in rows)
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert final["world_size"] == 2 and final["n_train"] == 27
+    kde = torch.load(tmp_path / "kde_weights.pt", weights_only=True)
+    assert len(kde["weights"]) == 27
+
+
+# ----- bad input -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--rho", "100"], "--rho 0.01"),
+    (["--opt", "adam"], "invalid choice"),
+    (["--subsample", "0.3"], "invalid choice"),
+    (["--sam-rho", "-1"], "--sam-rho"),
+    (["--opt", "sam", "--stage1", "x.pt"], "--opt rwsam"),
+    (["--stage1", "missing.pt"], "does not exist"),
+    (["--dataset", "imagenet_lt"], "not supported"),
+    (["--batch-size", "64"], "lower --batch-size"),
+])
+def test_bad_input_one_line_exit_2(data, tmp_path, capsys, extra, msg):
+    with pytest.raises(SystemExit) as e:
+        S.main(_args(data, tmp_path / "o", *extra))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_error_and_no_overwrite(rwsam_run, data):
+    before = (rwsam_run / "last.pt").read_bytes()
+    r = run_script("simsiam_rwsam.py", *_args(data, rwsam_run))
+    assert r.returncode == 2 and "--resume" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (rwsam_run / "last.pt").read_bytes() == before
+    torch.save({"script": "ldam_drw.py", "arch": "resnet32", "model": {}}, rwsam_run.parent / "other.pt")
+    r = run_script("simsiam_rwsam.py", "--resume", rwsam_run.parent / "other.pt", "--gpu", "-1")
+    assert r.returncode == 2 and "written by ldam_drw.py" in r.stderr
