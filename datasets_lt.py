@@ -563,7 +563,7 @@ def ssl_augment(x, generator, size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1
 def balanced_sample_weights(labels):
     """Per-image weight 1/n_y: with replacement, every class is equally likely per draw
     (the Resample / DRS rules and cRT)."""
-    labels = torch.as_tensor(np.asarray(labels))
+    labels = labels if torch.is_tensor(labels) else torch.as_tensor(np.asarray(labels))
     counts = torch.bincount(labels).double()
     return (1.0 / counts)[labels]
 
@@ -589,7 +589,8 @@ class GPULoader:
             raise ValueError(f"augment must be None, 'crop_flip' or 'ssl', got {augment!r}")
         self.device = torch.device(device)
         self.images = images if torch.is_tensor(images) else to_device(images, self.device)
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).to(self.device)
+        labels = labels if torch.is_tensor(labels) else torch.as_tensor(np.asarray(labels))
+        self.labels = labels.long().to(self.device)
         self.batch_size, self.mean, self.std = batch_size, mean, std
         self.augment, self.views, self.blur = augment, views, blur
         self.shuffle = augment is not None if shuffle is None else shuffle

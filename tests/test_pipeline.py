@@ -212,3 +212,12 @@ def test_loader_ssl_views(data):
     loader = _loader(data, augment="ssl", views=2)
     (v1, v2), y, idx = next(loader.epoch(0))
     assert v1.shape == v2.shape == (64, 3, 32, 32) and not torch.allclose(v1, v2)
+
+
+def test_loader_and_weights_accept_tensors(data):
+    labels = torch.as_tensor(data[1])
+    assert torch.equal(D.balanced_sample_weights(labels), D.balanced_sample_weights(data[1]))
+    a = [i for _, _, i in _loader(data).epoch(1)]
+    b = [i for _, _, i in D.GPULoader(torch.as_tensor(data[0]).permute(0, 3, 1, 2).contiguous(), labels, 64,
+                                      D.CIFAR_MEAN, D.CIFAR_STD, "cpu", augment="crop_flip", seed=3).epoch(1)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
