@@ -31,8 +31,9 @@ Deliberate differences from the paper and the authors' code:
 5. Data and crop/flip live on the GPU (datasets_lt.GPULoader); the distribution is torchvision's.
 6. --pretrained loads only the backbone, reports matched / missing / unexpected keys and fails unless
    every backbone tensor was found; the authors' loader silently loaded nothing.
-7. ImageNet-LT / iNaturalist: torchvision ResNet-10/50, 90 epochs, lr 0.2 with a cosine schedule,
-   wd 5e-4, batch 128, no warm-up (Kang et al. 2020's recipe at this batch size), DataLoader input.
+7. ImageNet-LT / iNaturalist: torchvision ResNet-10/50, 90 epochs, lr 0.2 with a cosine schedule and
+   wd 5e-4 as Kang et al. 2020, but batch 128 (theirs was 512: --batch-size 512), no warm-up,
+   DataLoader input.
 """
 import argparse
 import json
