@@ -29,7 +29,6 @@ class DataError(Exception):
 # (digit 1 is the head, digit 0 the tail), as the authors' imbalance_svhn.py did.
 N_MAX = {"cifar10": 5000, "cifar100": 500, "svhn": 1000}
 CLASS_ORDER = {"svhn": [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]}
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "stl10": 10}
 DATASETS = ("cifar10", "cifar100", "svhn", "stl10", "folder")
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)

@@ -17,11 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
-import torch.nn.functional as F
 
 import datasets_lt as D
 import simsiam_rwsam as S
-from conftest import ROOT, run_script, write_folder
+from conftest import run_script, write_folder
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
