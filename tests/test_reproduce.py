@@ -1,0 +1,112 @@
+"""reproduce.sh: every README row is run, commands parse and chain, the table is the mean ± std it says."""
+import importlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+from conftest import ROOT, write_folder
+
+ROWS = ["ce", "cb-ce", "focal", "cb-focal", "ce-drw", "ce-drs", "ldam", "ldam-drw",
+        "ce+ssp", "cb-ce+ssp", "focal+ssp", "cb-focal+ssp", "ce-drw+ssp", "ce-drs+ssp", "ldam+ssp", "ldam-drw+ssp",
+        "ce+st", "ldam-drw+st", "ce+crt", "simsiam", "simsiam+sam", "simsiam-balanced", "simsiam+rwsam", "moco"]
+NEEDS = ("--pretrained", "--base", "--ckpt", "--stage1")
+
+
+def reproduce(*args, **env):
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED="1", **env)
+    return subprocess.run(["bash", "reproduce.sh", *args], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=900)
+
+
+def flag(argv, name):
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+def test_dry_run_runs_every_row_with_commands_that_parse_and_chain():
+    p = reproduce("--dry-run", SEEDS="0 1", RUNS="R")
+    assert p.returncode == 0, p.stderr
+    stage, made, outs = 0, {}, []
+    for line in p.stdout.splitlines():
+        if line.startswith("# stage"):
+            stage += 1
+            continue
+        python, script, *argv = shlex.split(line)
+        assert python == sys.executable and flag(argv, "--gpu") == "0"
+        importlib.import_module(script[:-3]).parse_args(argv)      # SystemExit on an unknown flag or value
+        for name in NEEDS:
+            needed = flag(argv, name)
+            if needed:                                               # produced by an earlier stage
+                assert needed.endswith("/last.pt") and made.get(needed[:-len("/last.pt")], stage) < stage, line
+        out = flag(argv, "--out")
+        assert out not in made, f"two runs write {out}"
+        made[out] = stage
+        outs.append(out)
+    rows = {o.split("/")[1] for o in outs if not o.startswith("R/pretrain/")}
+    assert rows == set(ROWS)
+    for row in ROWS:
+        assert {f"R/{row}/s0", f"R/{row}/s1"} <= set(outs)
+
+
+def test_rows_select_only_the_runs_they_need():
+    p = reproduce("--dry-run", "ldam-drw+ssp", SEEDS="3", RUNS="R")
+    assert p.returncode == 0, p.stderr
+    outs = [flag(shlex.split(l), "--out") for l in p.stdout.splitlines() if not l.startswith("#")]
+    assert outs == ["R/pretrain/rotation/s3", "R/ldam-drw+ssp/s3"]
+    bad = reproduce("--dry-run", "ldam_drw")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown row 'ldam_drw'" in bad.stderr
+
+
+def test_table_is_mean_and_sample_std_of_the_seeds(tmp_path):
+    def final(row, seed, **values):
+        d = tmp_path / row / f"s{seed}"
+        d.mkdir(parents=True)
+        (d / "final.json").write_text(json.dumps(values))
+    for seed, (err, secs) in enumerate([(30.0, 60), (32.0, 120), (34.0, 90)]):
+        final("ce", seed, test_error=err, wall_seconds=secs)
+    final("simsiam", 0, top1=80.25, wall_seconds=30)
+    p = reproduce("table", RUNS=str(tmp_path), RHO="0.01")
+    assert p.returncode == 0, p.stderr
+    lines = {l.split(" | ")[0][2:]: l for l in p.stdout.splitlines() if l.count(" | ") == 4}
+    assert lines["ce"] == "| ce | error % | 29.64 | 32.00 ± 2.00 (3 seeds) | 1.5 |"
+    assert lines["simsiam"] == "| simsiam | probe acc. % | 81.4 | 80.25 (1 seed) | 0.5 |"
+    assert lines["ldam-drw+ssp"] == "| ldam-drw+ssp | error % | 22.17 | not run | — |"
+    p = reproduce("table", RUNS=str(tmp_path), RHO="0.1")
+    assert "| ce | error % | 13.61 | 32.00 ± 2.00 (3 seeds) | 1.5 |" in p.stdout
+
+
+def test_failed_run_is_reported_and_its_dependents_skipped(tmp_path):
+    p = reproduce("ce+crt", SEEDS="0", GPU="-1", RUNS=str(tmp_path / "runs"),
+                  DATA=f"--dataset folder --data-root {tmp_path / 'missing'}")
+    assert p.returncode == 1
+    assert f"FAILED {tmp_path}/runs/ce/s0" in p.stdout
+    assert f"skipped {tmp_path}/runs/ce+crt/s0: {tmp_path}/runs/ce/s0/last.pt is missing" in p.stdout
+    assert "error:" in (tmp_path / "runs" / "ce" / "s0" / "log.txt").read_text()
+
+
+def test_pipeline_on_fake_data_then_rerun_skips_and_resumes(tmp_path):
+    write_folder(tmp_path / "data", per_class=(40, 30, 20), per_class_test=6, easy=True)
+    env = dict(DATA=f"--dataset folder --data-root {tmp_path / 'data'}", RHO="0.5", SEEDS="0", JOBS="2",
+               GPU="-1", RUNS=str(tmp_path / "runs"), ARGS="--epochs 1",
+               ARGS_simsiam_rwsam="--batch-size 16 --knn-every -1")
+    rows = ["ce+crt", "ce+ssp", "simsiam+rwsam"]
+    p = reproduce(*rows, **env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    runs = tmp_path / "runs"
+    for d in ["ce", "pretrain/rotation", "pretrain/simsiam", "pretrain/simsiam+rwsam", *rows]:
+        assert (runs / d / "s0" / "final.json").exists(), d
+
+    ce = json.loads((runs / "ce" / "s0" / "final.json").read_text())
+    (runs / "ce" / "s0" / "final.json").unlink()                   # last.pt stays: continued with --resume
+    p = reproduce(*rows, **env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("done already") == 6
+    assert f"--resume {runs}/ce/s0/last.pt" in p.stdout
+    again = json.loads((runs / "ce" / "s0" / "final.json").read_text())
+    assert again["test_error"] == ce["test_error"] and again["epochs"] == 1
+
+    table = reproduce("table", RUNS=str(runs), RHO="0.5").stdout
+    for row in rows:
+        line = next(l for l in table.splitlines() if l.startswith(f"| {row} |"))
+        assert "(1 seed)" in line, line
