@@ -267,14 +267,16 @@ def load_backbone(model, arch, path):
 
 # === shared: evaluate (identical in every script) ===
 @torch.no_grad()
-def evaluate(model, batches, num_classes, train_counts, amp=False):
-    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means."""
+def evaluate(model, batches, num_classes, train_counts):
+    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
+
+    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
+    index, i.e. to the head classes."""
     model.eval()
     correct = torch.zeros(num_classes, dtype=torch.long)
     total = torch.zeros(num_classes, dtype=torch.long)
     for x, y, _ in batches:
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
-            pred = model(x).argmax(1)
+        pred = model(x).argmax(1)
         y = y.to(pred.device)
         correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
         total += torch.bincount(y, minlength=num_classes).cpu()
@@ -418,6 +420,11 @@ def setup_device(args):
         print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
         args.gpu = -1
     device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 else "cpu")
+    if device.type == "cuda":
+        if args.gpu >= torch.cuda.device_count():
+            fail(f"--gpu {args.gpu}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+        # DataLoader pin-memory threads run on the current device, which is cuda:0 unless set here
+        torch.cuda.set_device(device)
     if args.amp and device.type != "cuda":
         print("warning: --amp needs CUDA; ignored on the CPU", file=sys.stderr)
         args.amp = False
@@ -470,7 +477,7 @@ def main(argv=None):
     backbone.fc = nn.Identity()
     backbone = backbone.to(device).requires_grad_(False)
     before_model = previous_classifier(source, C)
-    before = evaluate(before_model.to(device), test.epoch(0), C, counts, args.amp) if before_model else None
+    before = evaluate(before_model.to(device), test.epoch(0), C, counts) if before_model else None
     frozen = snapshot(backbone)
 
     cached = args.bn == "frozen" and not args.augment
@@ -522,8 +529,8 @@ def main(argv=None):
             optimizer.step()
             loss_sum += loss.detach() * len(y)
             seen += len(y)
-        test_m = evaluate(model, test_b.epoch(0), C, counts, args.amp)
-        val_m = evaluate(model, val_b.epoch(0), C, counts, args.amp) if val_b else None
+        test_m = evaluate(model, test_b.epoch(0), C, counts)
+        val_m = evaluate(model, val_b.epoch(0), C, counts) if val_b else None
         if val_m and (best is None or val_m["top1"] > best["val_top1"]):
             best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "test": test_m,

@@ -587,7 +587,7 @@ class GPULoader:
         if augment not in (None, "crop_flip", "ssl"):
             raise ValueError(f"augment must be None, 'crop_flip' or 'ssl', got {augment!r}")
         self.device = torch.device(device)
-        self.images = images if torch.is_tensor(images) else to_device(images, self.device)
+        self.images = images.to(self.device) if torch.is_tensor(images) else to_device(images, self.device)
         labels = labels if torch.is_tensor(labels) else torch.as_tensor(np.asarray(labels))
         self.labels = labels.long().to(self.device)
         self.batch_size, self.mean, self.std = batch_size, mean, std

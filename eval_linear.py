@@ -300,14 +300,16 @@ def load_backbone(model, arch, path):
 
 # === shared: evaluate (identical in every script) ===
 @torch.no_grad()
-def evaluate(model, batches, num_classes, train_counts, amp=False):
-    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means."""
+def evaluate(model, batches, num_classes, train_counts):
+    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
+
+    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
+    index, i.e. to the head classes."""
     model.eval()
     correct = torch.zeros(num_classes, dtype=torch.long)
     total = torch.zeros(num_classes, dtype=torch.long)
     for x, y, _ in batches:
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
-            pred = model(x).argmax(1)
+        pred = model(x).argmax(1)
         y = y.to(pred.device)
         correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
         total += torch.bincount(y, minlength=num_classes).cpu()
@@ -631,6 +633,10 @@ def setup_device(args):
         print("warning: --amp needs CUDA; ignored on the CPU", file=sys.stderr)
         args.amp = False
     if device.type == "cuda":
+        if args.gpu >= torch.cuda.device_count():
+            fail(f"--gpu {args.gpu}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+        # DataLoader pin-memory threads run on the current device, which is cuda:0 unless set here
+        torch.cuda.set_device(device)
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True

@@ -324,14 +324,16 @@ def load_backbone(model, arch, path):
 
 # === shared: evaluate (identical in every script) ===
 @torch.no_grad()
-def evaluate(model, batches, num_classes, train_counts, amp=False):
-    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means."""
+def evaluate(model, batches, num_classes, train_counts):
+    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
+
+    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
+    index, i.e. to the head classes."""
     model.eval()
     correct = torch.zeros(num_classes, dtype=torch.long)
     total = torch.zeros(num_classes, dtype=torch.long)
     for x, y, _ in batches:
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
-            pred = model(x).argmax(1)
+        pred = model(x).argmax(1)
         y = y.to(pred.device)
         correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
         total += torch.bincount(y, minlength=num_classes).cpu()
@@ -665,8 +667,8 @@ def finetune(model, train, val, test, num_classes, counts, args):
             print(f"error: loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}; stopped, nothing "
                   f"saved", file=sys.stderr)
             sys.exit(1)
-        test_m = evaluate(model, test.epoch(0), num_classes, counts, args.amp)
-        val_m = evaluate(model, val.epoch(0), num_classes, counts, args.amp) if val is not None else None
+        test_m = evaluate(model, test.epoch(0), num_classes, counts)
+        val_m = evaluate(model, val.epoch(0), num_classes, counts) if val is not None else None
         if val_m and (best is None or val_m["top1"] > best["val_top1"]):
             best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
         seconds.append(time.time() - t0)
@@ -690,6 +692,10 @@ def setup_device(args):
         print("warning: --amp needs CUDA; ignored on the CPU", file=sys.stderr)
         args.amp = False
     if device.type == "cuda":
+        if args.gpu >= torch.cuda.device_count():
+            fail(f"--gpu {args.gpu}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+        # DataLoader pin-memory threads run on the current device, which is cuda:0 unless set here
+        torch.cuda.set_device(device)
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True

@@ -338,14 +338,16 @@ def lr_at(epoch, args):
 
 # === shared: evaluate (identical in every script) ===
 @torch.no_grad()
-def evaluate(model, batches, num_classes, train_counts, amp=False):
-    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means."""
+def evaluate(model, batches, num_classes, train_counts):
+    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
+
+    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
+    index, i.e. to the head classes."""
     model.eval()
     correct = torch.zeros(num_classes, dtype=torch.long)
     total = torch.zeros(num_classes, dtype=torch.long)
     for x, y, _ in batches:
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
-            pred = model(x).argmax(1)
+        pred = model(x).argmax(1)
         y = y.to(pred.device)
         correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
         total += torch.bincount(y, minlength=num_classes).cpu()
@@ -434,12 +436,15 @@ def setup_device(args):
     if args.gpu >= 0 and not torch.cuda.is_available():
         print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
         args.gpu = -1
+    if args.gpu >= torch.cuda.device_count() > 0:
+        fail(f"--gpu {args.gpu}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
     device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 else "cpu")
     for flag in ("amp", "compile"):
         if getattr(args, flag) and device.type != "cuda":
             print(f"warning: --{flag} needs CUDA; ignored on the CPU", file=sys.stderr)
             setattr(args, flag, False)
     if device.type == "cuda":
+        torch.cuda.set_device(device)              # the DataLoader pins on the current device, not ours
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
@@ -540,8 +545,8 @@ def main(argv=None):
             print(f"error: loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}; stopped, "
                   f"{args.out}/last.pt still holds epoch {epoch}", file=sys.stderr)
             sys.exit(1)
-        test_m = evaluate(model, test.epoch(0), C, counts, args.amp)
-        val_m = evaluate(model, val.epoch(0), C, counts, args.amp) if val else None
+        test_m = evaluate(model, test.epoch(0), C, counts)
+        val_m = evaluate(model, val.epoch(0), C, counts) if val else None
         if val_m and (best is None or val_m["top1"] > best["val_top1"]):
             best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
@@ -557,7 +562,7 @@ def main(argv=None):
         save_atomic(state, os.path.join(args.out, "last.pt"))
 
     if start >= args.epochs:
-        test_m = evaluate(model, test.epoch(0), C, counts, args.amp)
+        test_m = evaluate(model, test.epoch(0), C, counts)
     with open(os.path.join(args.out, "metrics.jsonl")) as f:
         seconds = [json.loads(l)["seconds"] for l in f]
     final = {"script": "ldam_drw.py", "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type,

@@ -268,14 +268,16 @@ def load_backbone(model, arch, path):
 
 # === shared: evaluate (identical in every script) ===
 @torch.no_grad()
-def evaluate(model, batches, num_classes, train_counts, amp=False):
-    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means."""
+def evaluate(model, batches, num_classes, train_counts):
+    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
+
+    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
+    index, i.e. to the head classes."""
     model.eval()
     correct = torch.zeros(num_classes, dtype=torch.long)
     total = torch.zeros(num_classes, dtype=torch.long)
     for x, y, _ in batches:
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
-            pred = model(x).argmax(1)
+        pred = model(x).argmax(1)
         y = y.to(pred.device)
         correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
         total += torch.bincount(y, minlength=num_classes).cpu()
@@ -470,7 +472,10 @@ class KNN(nn.Module):
 
     def forward(self, x):
         f = F.normalize(self.backbone(x).float(), dim=1)
-        sim, idx = (f @ self.bank.t()).topk(self.k, dim=1)
+        # float32 even inside an autocast region: bf16 resolves a cosine near 1 only to 2^-8, which ties
+        # and reorders the k nearest bank images
+        with torch.autocast(x.device.type, enabled=False):
+            sim, idx = (f @ self.bank.t()).topk(self.k, dim=1)
         scores = torch.zeros(len(x), self.num_classes, device=x.device)
         return scores.scatter_add_(1, self.bank_labels[idx], (sim / self.t).exp())
 
@@ -479,12 +484,11 @@ class KNN(nn.Module):
 def knn_eval(backbone, bank_batches, batches, num_classes, counts, args):
     backbone.eval()
     feats, labels = [], []
-    for x, y, _ in bank_batches:
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
-            feats.append(F.normalize(backbone(x).float(), dim=1))
+    for x, y, _ in bank_batches:                  # float32, as the queries in evaluate()
+        feats.append(F.normalize(backbone(x).float(), dim=1))
         labels.append(y)
     knn = KNN(backbone, torch.cat(feats), torch.cat(labels), num_classes, args.knn_k, args.knn_t)
-    return evaluate(knn, batches, num_classes, counts, args.amp)
+    return evaluate(knn, batches, num_classes, counts)
 
 
 # ----- data ----------------------------------------------------------------------------------------
@@ -589,6 +593,8 @@ def setup_device(args, local_rank, world):
         print("warning: --amp needs CUDA; ignored on the CPU", file=sys.stderr)
         args.amp = False
     if device.type == "cuda":
+        if index >= torch.cuda.device_count():
+            fail(f"--gpu {index}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
         torch.cuda.set_device(device)
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
     torch.backends.cudnn.benchmark = False

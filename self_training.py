@@ -277,14 +277,16 @@ def lr_at(epoch, args):
 
 # === shared: evaluate (identical in every script) ===
 @torch.no_grad()
-def evaluate(model, batches, num_classes, train_counts, amp=False):
-    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means."""
+def evaluate(model, batches, num_classes, train_counts):
+    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
+
+    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
+    index, i.e. to the head classes."""
     model.eval()
     correct = torch.zeros(num_classes, dtype=torch.long)
     total = torch.zeros(num_classes, dtype=torch.long)
     for x, y, _ in batches:
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
-            pred = model(x).argmax(1)
+        pred = model(x).argmax(1)
         y = y.to(pred.device)
         correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
         total += torch.bincount(y, minlength=num_classes).cpu()
@@ -360,6 +362,8 @@ def choose_unlabeled(args, data):
 def pseudo_label(model, x_u, mean, std, device, scale):
     """Stage (b): hard argmax of the base model (eval mode, test transform) and its softmax confidence."""
     model.eval()
+    if not len(x_u):                                          # --unlabeled-mult 0: nothing to label, no batch
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
     preds, confs = [], []
     for x, _, _ in D.GPULoader(x_u, np.zeros(len(x_u), dtype=np.int64), 1000, mean, std, device).epoch(0):
         prob = F.softmax(scale * model(x).float(), dim=1)
@@ -442,8 +446,8 @@ def fit(args, stage, x, y, c, counts, data, device, out, ckpt=None):
             print(f"error: loss is not finite at stage {stage}, epoch {epoch + 1}, step {first_bad.item() + 1}; "
                   f"stopped, {out}/last.pt still holds epoch {epoch}", file=sys.stderr)
             sys.exit(1)
-        test_m = evaluate(model, test.epoch(0), C, groups, args.amp)
-        val_m = evaluate(model, val.epoch(0), C, groups, args.amp) if val else None
+        test_m = evaluate(model, test.epoch(0), C, groups)
+        val_m = evaluate(model, val.epoch(0), C, groups) if val else None
         if val_m and (best is None or val_m["top1"] > best["val_top1"]):
             best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
@@ -458,7 +462,7 @@ def fit(args, stage, x, y, c, counts, data, device, out, ckpt=None):
                  "class_counts": [int(n) for n in counts], "best": best, "rng": {"torch": torch.get_rng_state()}}
         save_atomic(state, os.path.join(out, "last.pt"))
     if test_m is None:
-        test_m = evaluate(model, test.epoch(0), C, groups, args.amp)
+        test_m = evaluate(model, test.epoch(0), C, groups)
     return model, test_m, best
 
 
@@ -469,6 +473,11 @@ def setup_device(args):
         print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
         args.gpu = -1
     device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 else "cpu")
+    if device.type == "cuda":
+        if args.gpu >= torch.cuda.device_count():
+            fail(f"--gpu {args.gpu}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+        # anything that uses the current device stays on --gpu rather than opening a context on cuda:0
+        torch.cuda.set_device(device)
     if args.amp and device.type != "cuda":
         print("warning: --amp needs CUDA; ignored on the CPU", file=sys.stderr)
         args.amp = False
@@ -522,14 +531,14 @@ def main(argv=None):
         base.load_state_dict({k.removeprefix("module."): v for k, v in base_ckpt["model"].items()})
         base_loss = (base_ckpt.get("args") or {}).get("loss", "ce")
         base_m = evaluate(base, D.GPULoader(data["x_test"], data["y_test"], 1000, mean, std, device).epoch(0),
-                          C, counts_l, args.amp)
+                          C, counts_l)
     elif ckpt is not None and ckpt["stage"] == "self_training":
         base_ckpt = load_checkpoint(os.path.join(args.out, "base", "last.pt"))
         base = ResNet32(C, cosine=args.loss == "ldam").to(device)
         base.load_state_dict(base_ckpt["model"])
         base_loss = args.loss
         base_m = evaluate(base, D.GPULoader(data["x_test"], data["y_test"], 1000, mean, std, device).epoch(0),
-                          C, counts_l, args.amp)
+                          C, counts_l)
     else:
         base, base_m, _ = fit(args, "base", data["x_l"], data["y_l"], None, counts_l, data, device,
                               os.path.join(args.out, "base"), ckpt)

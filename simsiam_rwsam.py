@@ -556,12 +556,15 @@ def setup_device(args, local_rank, world):
         print("warning: --amp needs CUDA; ignored on the CPU", file=sys.stderr)
         args.amp = False
     if device.type == "cuda":
+        if index >= torch.cuda.device_count():
+            fail(f"--gpu {index}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
         torch.cuda.set_device(device)
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
     return device
 
 

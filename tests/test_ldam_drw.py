@@ -230,3 +230,37 @@ def test_resnet18_fine_tunes_a_cifar_resnet18_backbone(tmp_path, easy):
     final = _run(tmp_path / "run", easy, "--rho", "0.5", "--epochs", 1, "--batch-size", 16, "--arch", "resnet18",
                  "--pretrained", tmp_path / "ssl.pt")
     assert final["class_counts"] == D.lt_counts(40, 5, 0.5)
+
+
+def test_compiled_run_saves_the_modules_own_keys(tmp_path, easy, monkeypatch):
+    """--compile (CUDA only) trains through torch.compile's wrapper; the checkpoint must still hold the
+    module's keys (no '_orig_mod.' prefix) so that --resume and the other scripts' --pretrained load it.
+    On the CPU the wrapper is compiled with the eager backend and kept on past setup_device."""
+    real_compile, real_setup, modes = torch.compile, L.setup_device, []
+
+    def eager_compile(model, mode=None):
+        modes.append(mode)
+        return real_compile(model, backend="eager")
+
+    def keep_compile(args):
+        device = real_setup(args)
+        args.compile = True
+        return device
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    monkeypatch.setattr(L, "setup_device", keep_compile)
+    _run(tmp_path / "run", easy, "--rho", "0.5", "--epochs", 1, "--batch-size", 16, "--compile")
+    assert modes == ["reduce-overhead"]
+    sd = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    assert list(sd) == list(L.build_model("resnet32", 5, cosine=True).state_dict())
+    L.main(["--resume", str(tmp_path / "run" / "last.pt"), "--gpu", "-1"])
+    torch._dynamo.reset()
+
+
+def test_gpu_index_beyond_the_machine_is_one_line_exit_2(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as e:
+        L.setup_device(L.parse_args(["--gpu", "3"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--gpu 3: this machine has 1 GPU(s)" in err and len(err.strip().splitlines()) == 1

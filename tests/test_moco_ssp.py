@@ -128,6 +128,20 @@ def test_encoder_keys_are_the_backbone_contract(arch, width, reference):
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), enc.state_dict().values()))
 
 
+def test_knn_similarities_stay_float32_under_autocast():
+    """--amp wraps the kNN monitor in bf16 autocast (CUDA); CPU autocast also lowers matmul to bf16, so it
+    checks that the votes are the float32 ones."""
+    torch.manual_seed(0)
+    bank = nn.functional.normalize(torch.randn(300, 64), dim=1)
+    knn = M.KNN(nn.Identity(), bank, torch.randint(0, 4, (300,)), 4, 20, 0.1)
+    x = bank[:50] + 0.05 * torch.randn(50, 64)
+    expected = knn(x)
+    with torch.autocast("cpu", torch.bfloat16):
+        scores = knn(x)
+    assert scores.dtype == torch.float32
+    assert torch.allclose(scores, expected, rtol=1e-6)
+
+
 def test_queue_checks():
     assert M.default_queue(M.parse_args([]), 12406) == 4096                      # CIFAR-10-LT rho 0.01
     assert M.default_queue(M.parse_args(["--dataset", "svhn"]), 2478) == 1024    # ≤ half of SVHN-LT

@@ -155,3 +155,9 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, data):
 def test_bad_input(tmp_path, data, args, msg):
     r = run_script("self_training.py", *_args(data, tmp_path / "st", *args))
     assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_empty_unlabeled_set_trains_on_d_l(tmp_path, data):
+    S.main(_args(data, tmp_path / "st", "--base", data / "base" / "last.pt", "--unlabeled-mult", 0, "--epochs", 1))
+    final = _final(tmp_path / "st")
+    assert final["unlabeled"]["pseudo_labels"]["n"] == 0 and final["training_counts"] == final["labeled_counts"]
