@@ -497,12 +497,14 @@ JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 def color_jitter(x, factors, order):
     """ColorJitter with per-image factors (B×4: brightness, contrast, saturation, hue) applied in a
-    per-image order (B×4, a permutation of 0..3 per row), as torchvision's ColorJitter does."""
+    per-image order (B×4, a permutation of 0..3 per row), as torchvision's ColorJitter does. In each
+    of the four slots every op runs only on the images that have it there: 4 op evaluations per image,
+    not 16."""
     for slot in range(4):
-        out = x
+        out = torch.empty_like(x)
         for op, fn in enumerate(JITTER_OPS):
-            use = order[:, slot] == op
-            out = torch.where(use.view(-1, 1, 1, 1), fn(x, factors[:, op]), out)
+            idx = (order[:, slot] == op).nonzero().squeeze(1)
+            out.index_copy_(0, idx, fn(x.index_select(0, idx), factors[idx, op]))
         x = out
     return x
 

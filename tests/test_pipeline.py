@@ -102,6 +102,21 @@ def test_color_jitter_applies_ops_in_the_given_order(batch):
     assert not torch.allclose(out[0], out[1], atol=1e-3)          # order matters, so it was honoured
 
 
+def test_color_jitter_with_random_orders_equals_op_by_op(batch):
+    """Many images with sampled factors and orders (some ops absent from some slots) against applying
+    torchvision's ops one image at a time."""
+    xf = batch.float() / 255
+    factors, orders = D.sample_jitter(len(xf), torch.Generator().manual_seed(3), "cpu")
+    out = D.color_jitter(xf, factors, orders)
+    fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for b in range(len(xf)):
+        ref = xf[b]
+        for op in orders[b].tolist():
+            ref = fns[op](ref, float(factors[b, op]))
+        assert torch.allclose(out[b], ref, atol=1e-5)
+    assert torch.equal(D.color_jitter(xf[:1], factors[:1], orders[:1]), out[:1])
+
+
 def test_grayscale_and_blur_match_torchvision(batch):
     xf = batch.float() / 255
     assert torch.allclose(D._gray(xf), TF.rgb_to_grayscale(xf), atol=1e-6)
