@@ -436,14 +436,14 @@ def setup_device(args):
     if args.gpu >= 0 and not torch.cuda.is_available():
         print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
         args.gpu = -1
-    if args.gpu >= torch.cuda.device_count() > 0:
-        fail(f"--gpu {args.gpu}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
     device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 else "cpu")
     for flag in ("amp", "compile"):
         if getattr(args, flag) and device.type != "cuda":
             print(f"warning: --{flag} needs CUDA; ignored on the CPU", file=sys.stderr)
             setattr(args, flag, False)
     if device.type == "cuda":
+        if args.gpu >= torch.cuda.device_count():
+            fail(f"--gpu {args.gpu}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
         torch.cuda.set_device(device)              # the DataLoader pins on the current device, not ours
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
     torch.backends.cudnn.benchmark = False
