@@ -91,7 +91,7 @@ def _load_folder(root, split):
     a class is reported as absent; a test class that training does not have is an error."""
     path = os.path.join(root, split)
     if not os.path.isdir(path):
-        raise DataError(f"--dataset folder needs '{path}/<class>/<image>' (a {split} split), "
+        raise DataError(f"a folder dataset needs '{path}/<class>/<image>' (a {split} split), "
                         f"but '{path}' does not exist")
     files = _folder_files(path)
     names = list(files)
@@ -310,8 +310,11 @@ def unlabeled_pool(pool_labels, n_labeled, mult=5, rho_u=1.0, imb_type="exp", se
     pool_labels = np.asarray(pool_labels)
     C = _num_classes(pool_labels)
     total = int(round(mult * n_labeled))
+    if C == 0 and round(relevance * total):
+        raise DataError("the unlabeled pool is empty (every training image is labelled at this rho); give an "
+                        "image folder with --unlabeled-root, or --unlabeled-mult 0")
     n_rel = int(round(relevance * total))
-    base = lt_counts(n_rel // C, C, rho_u, imb_type)
+    base = lt_counts(n_rel // C, C, rho_u, imb_type) if C else []
     want = [int(b * n_rel / max(sum(base), 1)) for b in base]
     rng = np.random.RandomState(seed)
     chosen, got = [], []
@@ -335,7 +338,7 @@ def unlabeled_pool(pool_labels, n_labeled, mult=5, rho_u=1.0, imb_type="exp", se
         irr = np.sort(rng.permutation(np.asarray(irrelevant))[:n_irr])
     report = {"requested": total, "requested_per_class": want, "supplied_per_class": got,
               "relevant": int(sum(got)), "irrelevant": int(len(irr))}
-    return np.sort(np.concatenate(chosen)).astype(np.int64), irr, report
+    return np.sort(np.concatenate(chosen or [irr[:0]])).astype(np.int64), irr, report
 
 
 # ---------------------------------------------------------------------------------------------------
