@@ -366,7 +366,7 @@ def thm3(trials=TRIALS, seed=0, settings=THM3_SETTINGS, targets=THM3_TARGETS, be
                 ex = lambda k: thm3_fail_exact(err_bound(delta, d, beta, p_pos, k), d, n_pos, n_neg, beta, p_pos)
                 k_probe = min(kappa_err, 100.0)
                 level = err_bound(delta, d, beta, p_pos, k_probe)
-                agree = binomial_agrees(int(frac(level) * trials), trials, 1 - ex(k_probe))
+                agree = binomial_agrees(round(frac(level) * trials), trials, 1 - ex(k_probe))
                 kappa = slack(lambda k: ex(k) <= fail_bound(delta, d, n_pos, n_neg, k), lo=0.1, hi=100.0, steps=14)
                 row.update(fail_exact=ex(1.0), kappa=kappa, sim_agrees=agree)
                 holds = holds and kappa >= 1 and agree
@@ -537,8 +537,8 @@ THEOREMS = {
                f" slope over d of every data set's value, holds if slope <= exponent + {THM31_MARGIN};"
                "  kappa = slope / exponent",
         columns=[("d", "d", "{:d}"), ("n1", "n1=n2", "{:d}"), ("n3", "n3", "{:d}"), ("sl", "SL", "{:.4f}"),
-                 ("sl_worst", "(worst)", "{:.4f}"), ("sl_ref", "d^-0.1", "{:.4f}"), ("ssl_deficit", "SSL_def", "{:.5f}"),
-                 ("ssl_worst", "(worst)", "{:.5f}"), ("ssl_ref", "d^-0.2", "{:.4f}"), ("sl_span", "SL_span", "{:.4f}")],
+                 ("sl_worst", "(worst)", "{:.4f}"), ("sl_ref", "d^-0.1", "{:.4f}"),
+                 ("ssl_deficit", "SSL_def", "{:.5f}"), ("ssl_worst", "(worst)", "{:.5f}"), ("ssl_ref", "d^-0.2", "{:.4f}"), ("sl_span", "SL_span", "{:.4f}")],
         trend_columns=[("method", "method", "{}"), ("quantity", "quantity", "{}"), ("slope", "slope", "{:.3f}"),
                        ("se", "SE", "{:.3f}"), ("exponent", "exponent", "{:.2f}"), ("kappa", "kappa", "{:.2f}"),
                        ("holds", "holds", None)]),

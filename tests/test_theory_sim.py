@@ -347,12 +347,14 @@ def test_cli_json_smoke_and_all_is_the_default():
     assert [t["method"] for t in doc["theorems"]["thm31"]["trend"]] == ["SL", "SSL"]
 
 
-def test_cli_table_and_bad_input():
+def test_cli_table_and_bad_input(capsys):
     out = _cli("thm2", "--trials", "2000")
     assert out.returncode == 0 and "holds" in out.stdout and "2000 trials per row" in out.stdout
-    for args in (["thm1", "--trials", "-3"], ["thm1", "--datasets", "0"], ["thm7"]):
-        bad = _cli(*args)
-        assert bad.returncode == 2
-        assert "Traceback" not in bad.stderr and "error" in bad.stderr
-        if args[1:] == ["--trials", "-3"]:
-            assert len(bad.stderr.strip().splitlines()) == 1
+    bad = _cli("thm7")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "invalid choice" in bad.stderr
+    for args in (["thm1", "--trials", "-3"], ["thm1", "--datasets", "0"], ["--seed", "-1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            T.main(args)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "error" in err[0] and args[-2] in err[0]
