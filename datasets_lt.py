@@ -642,12 +642,12 @@ def main(argv=None):
     p.add_argument("--download", action="store_true")
     p.add_argument("--rho", type=float, default=0.01, help="tail/head ratio in (0, 1]; 1 = balanced")
     p.add_argument("--imb-type", default="exp", choices=("exp", "step"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the long-tailed draw")
     args = p.parse_args(argv)
     try:
         check_rho(args.rho)
         images, labels, names = load_split(args.dataset, args.data_root, True, args.download)
-        idx = make_long_tailed(labels, args.rho, args.imb_type, args.seed, N_MAX.get(args.dataset),
+        idx = make_long_tailed(labels, args.rho, args.imb_type, args.data_seed, N_MAX.get(args.dataset),
                                CLASS_ORDER.get(args.dataset))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -655,7 +655,7 @@ def main(argv=None):
     counts = np.bincount(labels[idx], minlength=len(names))
     groups = shot_groups(counts)
     print(f"{args.dataset} train: {len(labels)} images {images.shape[1]}x{images.shape[2]}, "
-          f"long-tailed subset ({args.imb_type}, rho={args.rho:g}, seed={args.seed}): {len(idx)} images")
+          f"long-tailed subset ({args.imb_type}, rho={args.rho:g}, data seed={args.data_seed}): {len(idx)} images")
     for c, name in enumerate(names):
         group = next(g for g, mask in groups.items() if mask[c])
         print(f"  {c:3d} {name:<20s} {counts[c]:6d}  {group}")

@@ -142,6 +142,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="default: 0.06 · batch-size / 512")
     p.add_argument("--wd", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
     p.add_argument("--out", default=None,
                    help="default: runs/<script>-<dataset>-<rho>-<seed>-<opt>[-step][-balanced][-sub<r>]")
     p.add_argument("--resume", default=None, help="continue the run saved in this last.pt")
@@ -480,13 +482,13 @@ def training_subset(train_y, args):
 
     Paper 2 §2.2 / App. A.1: the exp or step long-tailed subset, downsampled per class by --subsample;
     --balanced replaces it by a class-balanced subset of the same size."""
-    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.seed, D.N_MAX.get(args.dataset),
+    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
                              D.CLASS_ORDER.get(args.dataset))
     if args.subsample < 1:
-        idx = D.downsample(idx, train_y, args.subsample, args.seed)
+        idx = D.downsample(idx, train_y, args.subsample, args.data_seed)
     if args.balanced:
-        idx = D.balanced_subset(train_y, len(idx), args.seed)
-    return D.carve_val(idx, train_y, args.val_frac, args.seed)
+        idx = D.balanced_subset(train_y, len(idx), args.data_seed)
+    return D.carve_val(idx, train_y, args.val_frac, args.data_seed)
 
 
 def ssl_batches(images, batch_size, mean, std, epoch, seed, rank=0, world=1, chunk=8192):
@@ -529,7 +531,7 @@ def build_data(args, device, rank):
     order = D.CLASS_ORDER.get(args.dataset, list(range(C)))
     data.frequent, data.rare = order[:C // 2], order[C // 2:]
     if rank == 0:
-        mem, queries = D.carve_val(np.arange(len(train_y)), train_y, args.knn_val_frac, args.seed)
+        mem, queries = D.carve_val(np.arange(len(train_y)), train_y, args.knn_val_frac, args.data_seed)
         pick = lambda i: full[torch.as_tensor(i, device=device)]
         data.knn_mem = D.GPULoader(pick(mem), train_y[mem], 1024, mean, std, device)
         data.knn_query = D.GPULoader(pick(queries), train_y[queries], 1024, mean, std, device)
@@ -628,7 +630,7 @@ def main(argv=None):
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not simsiam_rwsam.py; "
                  f"use --stage1 to start rwSAM from its backbone")
         keep = {k: getattr(args, k) for k in ("gpu", "resume")}
-        args = argparse.Namespace(**{**ckpt["args"], **keep})
+        args = argparse.Namespace(**{"data_seed": ckpt["args"].get("seed", 0), **ckpt["args"], **keep})
         if rank == 0:
             print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
     try:
@@ -776,7 +778,7 @@ def main(argv=None):
                      for o in sorted({r["opt"] for r in rows})}
         final = {"script": "simsiam_rwsam.py", "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type,
                  "balanced": args.balanced, "subsample": args.subsample, "opt": args.opt, "sam_rho": args.sam_rho,
-                 "adaptive": args.adaptive, "alpha": args.alpha, "seed": args.seed, "epochs": args.epochs,
+                 "adaptive": args.adaptive, "alpha": args.alpha, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs,
                  "stage1_epochs": e1, "stage1": args.stage1, "stage2_init": args.stage2_init, "world_size": world,
                  "n_train": n, "class_counts": data.counts, "last": summary.get("final"),
                  "stage1_result": summary.get("stage1"), "best_knn_on_val": best,

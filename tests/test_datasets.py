@@ -265,7 +265,7 @@ def test_cli_prints_the_subset(fake_folder):
     root, _ = fake_folder
     r = run_script("datasets_lt.py", "--dataset", "folder", "--data-root", root, "--rho", "0.5")
     assert r.returncode == 0, r.stderr
-    assert "long-tailed subset (exp, rho=0.5, seed=0): 8 images" in r.stdout   # n_max 4: 4 + int(4·0.5^½) + int(4·0.5)
+    assert "long-tailed subset (exp, rho=0.5, data seed=0): 8 images" in r.stdout   # n_max 4: 4 + int(4·0.5^½) + int(4·0.5)
 
 
 @pytest.mark.parametrize("args,msg", [(["--rho", "100"], "--rho 0.01"),
