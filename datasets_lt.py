@@ -86,25 +86,71 @@ def load_split(dataset, root, train, download=False):
 
 
 def _load_folder(root, split):
+    """One split of root/<split>/<class>/*. The test split is labelled by class NAME against the
+    training split (root/train), so a test folder that lacks a class does not shift the others: such
+    a class is reported as absent; a test class that training does not have is an error."""
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         raise DataError(f"--dataset folder needs '{path}/<class>/<image>' (a {split} split), "
                         f"but '{path}' does not exist")
-    try:
-        ds = torchvision.datasets.ImageFolder(path)
-    except FileNotFoundError as e:
-        raise DataError(f"no images under '{path}': {e}") from None
+    files = _folder_files(path)
+    names = list(files)
+    if split == "test" and os.path.isdir(os.path.join(root, "train")):
+        names = sorted(e.name for e in os.scandir(os.path.join(root, "train")) if e.is_dir())
+        unknown = [c for c in files if c not in names]
+        if unknown:
+            raise DataError(f"test class folder(s) {', '.join(repr(c) for c in unknown[:3])} of '{path}' have no "
+                            f"training folder of the same name in '{os.path.join(root, 'train')}'; rename or "
+                            f"remove them")
+        absent = [c for c in names if not files.get(c)]
+        if absent:
+            print(f"warning: class(es) {', '.join(repr(c) for c in absent[:5])}{' …' if len(absent) > 5 else ''} "
+                  f"have no images in '{path}': reported as absent (no test accuracy), the other classes keep "
+                  f"their labels", file=sys.stderr)
+    else:
+        empty = [c for c in names if not files[c]]
+        if empty:
+            raise DataError(f"class folder '{os.path.join(path, empty[0])}' holds no images "
+                            f"({', '.join(_IMAGE_EXTENSIONS)}); add images or remove it")
+        if split == "train" and len(names) < 2:
+            raise DataError(f"'{path}' holds {len(names)} class folder(s); a classification dataset needs "
+                            f"at least two (one folder per class)")
+    samples = [(f, names.index(c)) for c in files for f in files[c]]
+    if not samples:
+        raise DataError(f"no images under '{path}' (one folder per class of {', '.join(_IMAGE_EXTENSIONS)} files)")
     images, first = [], None
-    for file, _ in ds.samples:
-        img = np.asarray(ds.loader(file), dtype=np.uint8)
+    for file, _ in samples:
+        img = _read_image(file)
         if first is None:
             first = (img.shape, file)
         elif img.shape != first[0]:
             raise DataError(f"images in '{path}' differ in size ({first[1]}: {first[0][1]}x{first[0][0]}, "
                             f"{file}: {img.shape[1]}x{img.shape[0]}); resize them to one size first")
         images.append(img)
-    labels = np.asarray(ds.targets, dtype=np.int64)
-    return np.stack(images), labels, list(ds.classes)
+    labels = np.asarray([label for _, label in samples], dtype=np.int64)
+    return np.stack(images), labels, names
+
+
+_IMAGE_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS
+
+
+def _folder_files(path):
+    """{class: image files} for path/<class>/**, classes and files in ImageFolder's order (sorted)."""
+    out = {}
+    for c in sorted(e.name for e in os.scandir(path) if e.is_dir()):
+        out[c] = [os.path.join(d, n) for d, _, fnames in sorted(os.walk(os.path.join(path, c), followlinks=True))
+                  for n in sorted(fnames) if n.lower().endswith(_IMAGE_EXTENSIONS)]
+    return out
+
+
+def _read_image(file):
+    """RGB uint8 array of one image file; a truncated or non-image file is a DataError naming it."""
+    try:
+        return np.asarray(torchvision.datasets.folder.pil_loader(file), dtype=np.uint8)
+    except Exception as e:                                     # PIL raises OSError, SyntaxError, ValueError, ...
+        why = (str(e).splitlines() or [""])[0][:80]
+        raise DataError(f"'{file}' is not a readable image ({e.__class__.__name__}: {why}); "
+                        f"replace or delete it") from None
 
 
 def mean_std(dataset, train_images=None):
@@ -154,6 +200,8 @@ def make_long_tailed(labels, rho, imb_type="exp", seed=0, n_max=None, class_orde
     """
     labels = np.asarray(labels)
     C = _num_classes(labels)
+    if C < 2:
+        raise DataError(f"the training split has {C} class(es); a classification dataset needs at least two")
     groups = _by_class(labels, C)
     n_max = min(len(g) for g in groups) if n_max is None else n_max
     counts = lt_counts(n_max, C, rho, imb_type)
