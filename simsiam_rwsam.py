@@ -50,8 +50,13 @@ rwSAM, exactly Algorithm 1:
     (i uniform, j uniform among the other n − 1) drawn by a CPU torch.Generator seeded with --seed (the
     median heuristic; torch.median, i.e. the lower middle value). Weights go to kde_weights.pt and into
     every later checkpoint with the dataset indices they belong to.
-  stage 2 (lines 9–14): φ continues from the stage-1 model (Algorithm 1 never re-initialises φ) with a
-    fresh optimiser and a new cosine schedule of --epochs epochs. Each step: ℓ_i = per-example SimSiam
+  stage 2 (lines 9–14): φ starts from a freshly initialised model, the same initial weights as stage 1
+    (same --seed), with a fresh optimiser and a cosine schedule of --epochs epochs: stage 1 only supplies
+    the features for the weights, as in the authors' main_sam_weight.py (a new SimSiam, nothing loaded),
+    so the rwSAM model trains exactly as many epochs as the SimSiam, SAM and balanced rows of Table 1(a),
+    and stage1.pt IS the SimSiam row at the same budget. --stage2-init stage1 continues φ from the
+    stage-1 model instead (Algorithm 1 read literally never re-initialises φ): rwSAM then follows
+    --stage1-epochs of SimSiam, twice the budget of the other rows, and any gain is confounded. Each step: ℓ_i = per-example SimSiam
     loss; ε = ρ·∇L_w(φ)/‖∇L_w(φ)‖₂ with L_w = mean_i(w_i·ℓ_i) (line 12, p = q = 2, one global norm
     over all parameters); φ ← φ − η·∇L(φ + ε) with L the plain mean loss (line 13), the gradient taken
     at φ + ε and applied at φ (weight decay at φ). BatchNorm running statistics change in the first
@@ -94,8 +99,9 @@ Deliberate differences from the paper and the authors' code (Liuhong99/Imbalance
 5. No test-set selection: the authors kept the checkpoint with the best 1-NN accuracy on the CIFAR-10
    test set (on 2048-d projector outputs); this script keeps the last epoch and monitors kNN on a
    validation split of the training data (k = 200, T = 0.1, backbone features).
-6. Stage 2 starts from the stage-1 model, as Algorithm 1 reads; the authors' main_sam_weight.py built a
-   fresh model. --stage2-init scratch does that.
+6. None for stage 2: it starts from a fresh model, as the authors' main_sam_weight.py built it (equal
+   epochs for every row). --stage2-init stage1 is the literal reading of Algorithm 1 (φ kept after
+   line 8), which trains the rwSAM model for stage 1 + stage 2 epochs.
 7. lr 0.06 per 512 (REFERENCE §6, SimSiam-91's command); the authors' scripts default to 0.05. Cosine
    per epoch from epoch 0 (their schedule started at epoch 1 and ended at lr 0).
 8. Data: seeded subsets of datasets_lt (same images in every script) instead of the authors' fixed .npy
@@ -160,8 +166,9 @@ def parse_args(argv=None):
                    help="KDE bandwidth h; default: median distance between normalised stage-1 features")
     p.add_argument("--stage1", default=None, help="rwSAM: take stage 1 from this checkpoint instead of training it")
     p.add_argument("--stage1-epochs", type=int, default=None, help="rwSAM stage-1 epochs; default: --epochs")
-    p.add_argument("--stage2-init", default="stage1", choices=["stage1", "scratch"],
-                   help="rwSAM stage 2 starts from the stage-1 model (Algorithm 1) or from a fresh one")
+    p.add_argument("--stage2-init", default="scratch", choices=["scratch", "stage1"],
+                   help="rwSAM stage 2 starts from a fresh model with the seed of stage 1 (the authors' "
+                        "main_sam_weight.py; equal budgets) or continues the stage-1 model (doubles the budget)")
     p.add_argument("--balanced", action="store_true",
                    help="class-balanced subset with the same number of images as the long-tailed one")
     p.add_argument("--subsample", type=float, default=1.0, choices=SUBSAMPLE,
@@ -687,8 +694,9 @@ def main(argv=None):
                 lines = [l for l in f if json.loads(l)["epoch"] <= start]
             with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
                 f.writelines(lines)
-        plan = (f"stage 1 SimSiam {e1} epochs, then rwSAM {args.epochs}" if e1 else
-                f"rwSAM {args.epochs} epochs after --stage1 {args.stage1}" if args.opt == "rwsam" else
+        init = "from a fresh model" if args.stage2_init == "scratch" else "continuing stage 1"
+        plan = (f"stage 1 SimSiam {e1} epochs, then rwSAM {args.epochs} {init}" if e1 else
+                f"rwSAM {args.epochs} epochs {init}, weights from --stage1 {args.stage1}" if args.opt == "rwsam" else
                 f"{'SimSiam' if args.opt == 'sgd' else 'SimSiam + SAM'} {args.epochs} epochs")
         print(f"{args.dataset} rho={args.rho:g} ({args.imb_type}{', balanced' if args.balanced else ''}"
               f"{f', subsample {args.subsample:g}' if args.subsample < 1 else ''}): {n} training images "

@@ -371,11 +371,25 @@ def test_checkpoints_follow_the_contract(rwsam_run, capsys):
     assert f"{len(own) - 2} tensors matched, 2 missing (fc.weight, fc.bias), {heads} unexpected" in report
 
 
-def test_stage_2_continues_from_stage_1(rwsam_run):
-    last, stage1 = _model(rwsam_run / "last.pt"), _model(rwsam_run / "stage1.pt")
-    init = S.init_state(0)
-    dist_to = lambda ref: sum((last[k].float() - ref[k].float()).norm() ** 2 for k in last if "running" not in k)
-    assert dist_to(stage1) < dist_to(init)
+@pytest.mark.parametrize("init", ["scratch", "stage1"])
+def test_stage_2_starts_from_a_fresh_model_or_from_stage_1(data, tmp_path, monkeypatch, init):
+    """Default (the authors' main_sam_weight.py): stage 2 starts from the initial weights of a fresh model
+    of the same seed; --stage2-init stage1: from the stage-1 model, bit for bit."""
+    start = {}
+    begin = S.begin_stage2
+
+    def spy(args, data_, net, *rest):
+        kde = begin(args, data_, net, *rest)
+        start.update({k: v.clone() for k, v in net.state_dict().items()})
+        return kde
+
+    monkeypatch.setattr(S, "begin_stage2", spy)
+    extra = [] if init == "scratch" else ["--stage2-init", "stage1"]
+    S.main(_args(data, tmp_path, "--stage1-epochs", 1, "--epochs", 1, "--knn-every", -1, "--seed", 3, *extra))
+    fresh, stage1 = S.init_state(3), _model(tmp_path / "stage1.pt")
+    same = lambda ref: all(torch.equal(start[k], ref[k]) for k in ref)
+    assert set(start) == set(fresh) == set(stage1)
+    assert (same(fresh), same(stage1)) == ((True, False) if init == "scratch" else (False, True))
 
 
 def test_resume_at_the_stage_boundary_equals_the_whole_run(rwsam_run, tmp_path):
@@ -404,10 +418,9 @@ def test_stage1_from_a_checkpoint_gives_the_same_weights(rwsam_run, data, tmp_pa
 def test_stage2_from_scratch_takes_only_the_backbone(data, tmp_path, capsys):
     torch.save({"script": "crt.py", "arch": "resnet18", "model": S.ResNet18().state_dict()}, tmp_path / "r18.pt")
     with pytest.raises(SystemExit) as e:
-        S.main(_args(data, tmp_path / "a", "--stage1", tmp_path / "r18.pt", "--epochs", 1))
+        S.main(_args(data, tmp_path / "a", "--stage1", tmp_path / "r18.pt", "--stage2-init", "stage1", "--epochs", 1))
     assert e.value.code == 2 and "--stage2-init scratch" in capsys.readouterr().err
-    S.main(_args(data, tmp_path / "b", "--stage1", tmp_path / "r18.pt", "--stage2-init", "scratch", "--epochs", 1,
-                 "--knn-every", -1))
+    S.main(_args(data, tmp_path / "b", "--stage1", tmp_path / "r18.pt", "--epochs", 1, "--knn-every", -1))
     last, init = _model(tmp_path / "b" / "last.pt"), S.init_state(0)
     r18 = torch.load(tmp_path / "r18.pt", weights_only=True)["model"]
     dist_to = lambda ref: sum((last[k].float() - ref[k].float()).norm() ** 2 for k in r18 if k in last
