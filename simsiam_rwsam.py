@@ -45,7 +45,7 @@ rwSAM, exactly Algorithm 1:
     frequency). density_i = (1/n)·Σ_j exp(−‖f_i − f_j‖²/(2h²)) over all n training examples, j = i
     included as in the paper's sum, in float64 row chunks (n = 50,000 needs chunk × n memory, not n²).
     w_i = density_i^(−α), rescaled to mean 1: a constant factor in L_w does not change the perturbation
-    ε = ρ·∇L_w/‖∇L_w‖ (nor its --adaptive form), it only keeps the logged weights readable.
+    (ASAM or plain: both are normalised), it only keeps the logged weights readable.
     h (--bandwidth, not reported in the paper): default the median of ‖f_i − f_j‖ over 10,000 pairs
     (i uniform, j uniform among the other n − 1) drawn by a CPU torch.Generator seeded with --seed (the
     median heuristic; torch.median, i.e. the lower middle value). Weights go to kde_weights.pt and into
@@ -56,11 +56,12 @@ rwSAM, exactly Algorithm 1:
     so the rwSAM model trains exactly as many epochs as the SimSiam, SAM and balanced rows of Table 1(a),
     and stage1.pt IS the SimSiam row at the same budget. --stage2-init stage1 continues φ from the
     stage-1 model instead (Algorithm 1 read literally never re-initialises φ): rwSAM then follows
-    --stage1-epochs of SimSiam, twice the budget of the other rows, and any gain is confounded. Each step: ℓ_i = per-example SimSiam
-    loss; ε = ρ·∇L_w(φ)/‖∇L_w(φ)‖₂ with L_w = mean_i(w_i·ℓ_i) (line 12, p = q = 2, one global norm
-    over all parameters); φ ← φ − η·∇L(φ + ε) with L the plain mean loss (line 13), the gradient taken
-    at φ + ε and applied at φ (weight decay at φ). BatchNorm running statistics change in the first
-    pass only.
+    --stage1-epochs of SimSiam, twice the budget of the other rows, and any gain is confounded.
+    Each step: ℓ_i = per-example SimSiam loss; ε = ρ·T²∇L_w(φ)/‖T∇L_w(φ)‖₂ with T = |φ| element-wise
+    (ASAM, the authors' form, default; --no-adaptive: T = 1, line 12 with p = q = 2) and
+    L_w = mean_i(w_i·ℓ_i), one global norm over all parameters; φ ← φ − η·∇L(φ + ε) with L the plain
+    mean loss (line 13), the gradient taken at φ + ε and applied at φ (weight decay at φ). BatchNorm
+    running statistics change in the first pass only.
 --opt sam is the same step with w ≡ 1 (Eq. (2)); --opt sgd is SimSiam.
 
 Monitors (no test-set selection): every --knn-every epochs and at the end of each stage, weighted kNN
@@ -90,10 +91,14 @@ Deliberate differences from the paper and the authors' code (Liuhong99/Imbalance
    ground-truth label (w = 1.2^y) and main_sam_weight.py read a weight file the repository lacks.
 2. The weighted loss weights. The authors' SimSiamLossRe ignores the weights in its default
    'simplified' mode, so their "rwSAM" ran as plain adaptive SAM.
-3. SAM radius: the paper's ρ = 5 (App. C.1, after Algorithm 1) with its ℓ2 form (p = q = 2), i.e.
-   ‖ε‖₂ = ρ. The authors' code ran ρ = 0.5 with ASAM forced on (argparse type=bool turns any value of
-   --adaptive into True), where ρ bounds ‖ε/|w|‖₂ instead; --adaptive --sam-rho 0.5 reproduces that.
-   ρ = 5 is two orders above Foret et al.'s CIFAR radius (0.05); the paper gives it without comment.
+3. SAM radius: none in kind. The authors always ran adaptive SAM (ASAM, Kwon et al. 2021): their CIFAR
+   scripts' --adaptive is argparse type=bool, so any value turns it on, and the ImageNet script
+   (pretrain_moco_sam_rare.py) hard-codes it. The paper's ρ = 5 (CIFAR-10-LT) and ρ = 2 (ImageNet)
+   (App. C.1) are therefore ASAM radii, ρ bounding ‖ε/|w|‖₂, and --adaptive is on by default with
+   --sam-rho 5. Algorithm 1's ℓ2 formula (p = q = 2, ‖ε‖₂ = ρ) is --no-adaptive: at ρ = 5 it moves
+   layer1.0.conv1 by ~43% of its norm in one perturbation, a different step. The authors' released
+   CIFAR commands used other radii: 0.5 (the default of main_sam_weight.py, the KDE-weight run) and 7.0
+   (main_sam_exp.py, the label-exponential-weight run); the default follows the paper's 5.
 4. BatchNorm running statistics are updated in the first pass only (buffers restored after the
    second); the authors' SAM updated them at the perturbed weights too.
 5. No test-set selection: the authors kept the checkpoint with the best 1-NN accuracy on the CIFAR-10
@@ -159,8 +164,11 @@ def parse_args(argv=None):
     # --- this method ---
     p.add_argument("--opt", default="rwsam", choices=["sgd", "sam", "rwsam"],
                    help="sgd: SimSiam; sam: + SAM; rwsam: stage 1 SimSiam, KDE weights, stage 2 rwSAM")
-    p.add_argument("--sam-rho", type=float, default=5.0, help="SAM radius ρ (paper 2 App. C.1: 5 on CIFAR-10-LT)")
-    p.add_argument("--adaptive", action="store_true", help="ASAM: element-wise |w| scaling of the perturbation")
+    p.add_argument("--sam-rho", type=float, default=5.0,
+                   help="SAM radius ρ (paper 2 App. C.1: 5 on CIFAR-10-LT, an ASAM radius)")
+    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
+                   help="ASAM (Kwon et al.): ε = ρ·|w|²·g/‖|w|·g‖₂, as the authors always ran it (default); "
+                        "--no-adaptive: plain SAM, ε = ρ·g/‖g‖₂")
     p.add_argument("--alpha", type=float, default=1.2, help="rwSAM weight exponent: w = density^(-α)")
     p.add_argument("--bandwidth", type=float, default=None,
                    help="KDE bandwidth h; default: median distance between normalised stage-1 features")
@@ -339,7 +347,7 @@ def forward_loss(model, x1, x2, amp):
 
 def sam_perturbation(params, grads, rho, adaptive):
     """ε of paper 2 Algorithm 1 line 12 with p = q = 2: ρ·g/‖g‖₂, one norm over all parameters (Foret
-    et al. Eq. (2)). adaptive (ASAM, Kwon et al. 2021, as the SAM code the authors used): ρ·w²·g/‖|w|·g‖₂."""
+    et al. Eq. (2)). adaptive (ASAM, Kwon et al. 2021, as the authors ran it; the default): ρ·w²·g/‖|w|·g‖₂."""
     if adaptive:
         scaled = torch._foreach_mul(grads, torch._foreach_abs(params))
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(scaled)))

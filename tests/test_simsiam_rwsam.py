@@ -155,6 +155,31 @@ def test_perturbation_by_hand():
     assert torch.allclose(e[1], torch.tensor([[2.0 * 9 * -4 / n]]))
 
 
+@pytest.mark.parametrize("flags", [[], ["--no-adaptive"]])
+def test_default_perturbation_is_asam_by_hand(flags):
+    """Default (the authors' ASAM): the point of the second pass is w + ε with ε_i = ρ·T_i²·g_i/‖T·g‖₂,
+    T = |w| element-wise, over all parameters; --no-adaptive: ε = ρ·g/‖g‖₂."""
+    args = S.parse_args(["--opt", "sam", *flags])
+    assert args.adaptive == (flags == []) and args.sam_rho == 5.0
+    torch.manual_seed(4)
+    m = Tiny()
+    x1, x2 = _tiny_batch(4)
+    w = [p.detach().clone() for p in m.parameters()]
+    c = copy.deepcopy(m)
+    g = torch.autograd.grad(S.simsiam_loss(*c(x1, x2)).mean(), list(c.parameters()))
+    t = [wi.abs() if args.adaptive else torch.ones_like(wi) for wi in w]
+    norm = math.sqrt(sum(((ti * gi) ** 2).sum().item() for ti, gi in zip(t, g)))
+    expected = [args.sam_rho * ti ** 2 * gi / norm for ti, gi in zip(t, g)]
+    seen = []
+    m.register_forward_pre_hook(lambda mod, inp: seen.append([p.detach().clone() for p in mod.parameters()]))
+    S.train_step(m, _sgd(m), x1, x2, "sam", rho=args.sam_rho, adaptive=args.adaptive)
+    eps = [p2 - p1 for p1, p2 in zip(seen[0], seen[1])]
+    assert all(torch.equal(a, b) for a, b in zip(seen[0], w))
+    assert all(torch.allclose(e, x, rtol=1e-4, atol=1e-6) for e, x in zip(eps, expected))
+    scaled = [torch.where(ti > 0, e / ti, torch.zeros_like(e)) for e, ti in zip(eps, t)]   # ‖ε/T‖₂ = ρ
+    assert math.isclose(math.sqrt(sum(x.pow(2).sum().item() for x in scaled)), 5.0, rel_tol=1e-4)
+
+
 def test_batchnorm_statistics_change_in_the_first_pass_only():
     torch.manual_seed(3)
     m = S.SimSiam()
