@@ -8,13 +8,14 @@ Table 1(a) (accuracy and the pre-training generalization gap). SimSiam: Chen & H
 monitors (kNN accuracy, per-class gap) and the KDE diagnostic.
 
     python simsiam_rwsam.py --rho 0.01 --gpu 0            # SimSiam (stage 1) → KDE weights → SimSiam + rwSAM
+                                                          # (1600 + 1600 epochs: stage1.pt and last.pt)
     python simsiam_rwsam.py --rho 0.01 --opt sgd          # SimSiam              (Table 1(a), exp column)
     python simsiam_rwsam.py --rho 0.01 --opt sam          # SimSiam + SAM
     python simsiam_rwsam.py --rho 0.01 --opt sgd --balanced              # SimSiam, balanced (same n)
     python simsiam_rwsam.py --rho 0.01 --imb-type step                    # the step column
     python simsiam_rwsam.py --rho 0.1 --subsample 0.25 --opt sgd         # §2.2 size sweep
     python simsiam_rwsam.py --rho 0.01 --stage1 runs/simsiam_rwsam-cifar10-0.01-0-sgd/last.pt   # reuse stage 1
-    python simsiam_rwsam.py --rho 0.01 --epochs 1600                     # the authors' LT length
+    python simsiam_rwsam.py --rho 0.01 --opt sgd --epochs 800            # SimSiam-91's CIFAR-10 length
     torchrun --nproc_per_node 4 simsiam_rwsam.py --rho 0.01              # DDP, --batch-size is global
     python simsiam_rwsam.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01    # CIFAR-10 JPEG copy
     python simsiam_rwsam.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01 --subsample 0.125 \\
@@ -35,8 +36,11 @@ batch 512; rwSAM ≤ 2× that.
 Recipe: CIFAR ResNet-18 (3×3 stem, no max-pool, 512-d feature); projector 512→2048 (BN, ReLU) → 2048
 (BN without affine); predictor 2048→512 (BN, ReLU) → 2048; loss ½·D(p1, sg z2) + ½·D(p2, sg z1), D the
 negative cosine. SGD lr 0.06 per 512 images (linear scaling), momentum 0.9, wd 5e-4, cosine per epoch,
-800 epochs, drop_last; per view RandomResizedCrop(32, 0.2–1), flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8,
+1600 epochs, drop_last; per view RandomResizedCrop(32, 0.2–1), flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8,
 grayscale p 0.2, on the GPU (datasets_lt.ssl_augment).
+Epochs: the paper gives none for CIFAR; the authors' README runs every long-tailed CIFAR job (plain
+SimSiam main.py, main_sam_exp.py, main_sam_weight.py) with --epochs 1600, so Table 1(a) came from 1600
+epochs per row and that is the default. SimSiam-91, which their CIFAR code adapts, used 800 (--epochs 800).
 
 rwSAM, exactly Algorithm 1:
   stage 1 (lines 3–7): plain SimSiam for --stage1-epochs (default --epochs), or --stage1 PATH.
@@ -147,8 +151,9 @@ def parse_args(argv=None):
     p.add_argument("--rho", type=float, default=0.01, help="tail/head ratio in (0, 1]; 1 = balanced")
     p.add_argument("--imb-type", default="exp", choices=["exp", "step"])
     p.add_argument("--gpu", type=int, default=0, help="GPU index; -1 = CPU")
-    p.add_argument("--epochs", type=int, default=800,
-                   help="SimSiam epochs (rwSAM: stage 2); the authors ran 1600 for the long-tailed tables")
+    p.add_argument("--epochs", type=int, default=1600,
+                   help="SimSiam epochs (rwSAM: stage 2, and stage 1 unless --stage1-epochs); 1600 as the authors' "
+                        "long-tailed CIFAR runs (SimSiam-91: 800)")
     p.add_argument("--batch-size", type=int, default=512, help="global batch (split across torchrun processes)")
     p.add_argument("--lr", type=float, default=None, help="default: 0.06 · batch-size / 512")
     p.add_argument("--wd", type=float, default=5e-4)
