@@ -13,7 +13,7 @@ monitors (kNN accuracy, per-class gap) and the KDE diagnostic.
     python simsiam_rwsam.py --rho 0.01 --opt sam          # SimSiam + SAM
     python simsiam_rwsam.py --rho 0.01 --opt sgd --balanced              # SimSiam, balanced (same n)
     python simsiam_rwsam.py --rho 0.01 --imb-type step                    # the step column
-    python simsiam_rwsam.py --rho 0.1 --subsample 0.25 --opt sgd         # §2.2 size sweep
+    python simsiam_rwsam.py --rho 0.1 --subsample 0.25 --opt sgd         # §2.2 size sweep (6400 epochs)
     python simsiam_rwsam.py --rho 0.01 --stage1 runs/simsiam_rwsam-cifar10-0.01-0-sgd/last.pt   # reuse stage 1
     python simsiam_rwsam.py --rho 0.01 --opt sgd --epochs 800            # SimSiam-91's CIFAR-10 length
     torchrun --nproc_per_node 4 simsiam_rwsam.py --rho 0.01              # DDP, --batch-size is global
@@ -41,6 +41,10 @@ grayscale p 0.2, on the GPU (datasets_lt.ssl_augment).
 Epochs: the paper gives none for CIFAR; the authors' README runs every long-tailed CIFAR job (plain
 SimSiam main.py, main_sam_exp.py, main_sam_weight.py) with --epochs 1600, so Table 1(a) came from 1600
 epochs per row and that is the default. SimSiam-91, which their CIFAR code adapts, used 800 (--epochs 800).
+Size sweep (§2.2, App. A.1: "more epochs on the down sampled variants to ensure the same number of total
+iterations"): `--epochs` is the budget of the full-size variant; with `--subsample r` < 1 the script
+trains round(epochs / r) epochs so that the number of optimizer steps matches the full variant
+(App. A.1), and prints it at start; `--same-epochs` turns the scaling off. Both stages of rwSAM scale.
 
 rwSAM, exactly Algorithm 1:
   stage 1 (lines 3–7): plain SimSiam for --stage1-epochs (default --epochs), or --stage1 PATH.
@@ -185,7 +189,9 @@ def parse_args(argv=None):
     p.add_argument("--balanced", action="store_true",
                    help="class-balanced subset with the same number of images as the long-tailed one")
     p.add_argument("--subsample", type=float, default=1.0, choices=SUBSAMPLE,
-                   help="keep this fraction of every class (paper 2's size sweep)")
+                   help="keep this fraction of every class (paper 2's size sweep); trains round(epochs / r) epochs")
+    p.add_argument("--same-epochs", action="store_true",
+                   help="with --subsample r < 1, train --epochs epochs instead of round(epochs / r)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--knn-every", type=int, default=10,
                    help="kNN every N epochs and at the end of each stage (gap: at stage ends); 0: only at the ends; "
@@ -625,6 +631,13 @@ def load_stage1(args):
     return backbone, full
 
 
+def run_epochs(args, epochs):
+    """The size-sweep rule: `--epochs` is the budget of the full-size variant; with `--subsample r` < 1 the
+    script trains round(epochs / r) epochs so that the number of optimizer steps matches the full variant
+    (App. A.1), and prints it at start; `--same-epochs` turns the scaling off."""
+    return epochs if args.subsample >= 1 or args.same_epochs else round(epochs / args.subsample)
+
+
 def init_state(seed):
     torch.manual_seed(seed)
     return SimSiam().state_dict()
@@ -650,7 +663,9 @@ def main(argv=None):
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not simsiam_rwsam.py; "
                  f"use --stage1 to start rwSAM from its backbone")
         keep = {k: getattr(args, k) for k in ("gpu", "resume")}
-        args = argparse.Namespace(**{"data_seed": ckpt["args"].get("seed", 0), **ckpt["args"], **keep})
+        # same_epochs: runs saved before the size-sweep rule trained --epochs at every size
+        args = argparse.Namespace(**{"data_seed": ckpt["args"].get("seed", 0), "same_epochs": True,
+                                     **ckpt["args"], **keep})
         if rank == 0:
             print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
     try:
@@ -671,12 +686,13 @@ def main(argv=None):
     if n < args.batch_size:
         fail(f"the training subset has {n} images, fewer than one batch of {args.batch_size}; lower --batch-size")
 
-    e1 = (args.stage1_epochs or args.epochs) if args.opt == "rwsam" and not args.stage1 else 0
-    total = e1 + args.epochs
+    e1 = run_epochs(args, args.stage1_epochs or args.epochs) if args.opt == "rwsam" and not args.stage1 else 0
+    e2 = run_epochs(args, args.epochs)
+    total = e1 + e2
 
     def phase(g):
         """(optimiser rule, epoch within the stage, epochs of the stage) of 0-based global epoch g."""
-        return ("sgd", g, e1) if g < e1 else (args.opt, g - e1, args.epochs)
+        return ("sgd", g, e1) if g < e1 else (args.opt, g - e1, e2)
 
     torch.manual_seed(args.seed)
     model = SimSiam().to(device)
@@ -708,9 +724,14 @@ def main(argv=None):
             with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
                 f.writelines(lines)
         init = "from a fresh model" if args.stage2_init == "scratch" else "continuing stage 1"
-        plan = (f"stage 1 SimSiam {e1} epochs, then rwSAM {args.epochs} {init}" if e1 else
-                f"rwSAM {args.epochs} epochs {init}, weights from --stage1 {args.stage1}" if args.opt == "rwsam" else
-                f"{'SimSiam' if args.opt == 'sgd' else 'SimSiam + SAM'} {args.epochs} epochs")
+        plan = (f"stage 1 SimSiam {e1} epochs, then rwSAM {e2} {init}" if e1 else
+                f"rwSAM {e2} epochs {init}, weights from --stage1 {args.stage1}" if args.opt == "rwsam" else
+                f"{'SimSiam' if args.opt == 'sgd' else 'SimSiam + SAM'} {e2} epochs")
+        if args.subsample < 1:
+            print(f"--subsample {args.subsample:g}: " + (
+                f"--same-epochs, {args.epochs} epochs as the full variant (fewer optimizer steps)" if args.same_epochs
+                else f"{e2} = round({args.epochs} / {args.subsample:g}) epochs, the optimizer steps of the full "
+                     f"variant's {args.epochs} (paper 2 App. A.1; --same-epochs turns this off)"))
         print(f"{args.dataset} rho={args.rho:g} ({args.imb_type}{', balanced' if args.balanced else ''}"
               f"{f', subsample {args.subsample:g}' if args.subsample < 1 else ''}): {n} training images "
               f"{data.counts}; {plan}; batch {args.batch_size} on {world} × {device}, lr {args.lr:g}"
@@ -790,7 +811,8 @@ def main(argv=None):
                 stage_end("stage1" if g < e1 else "final", knn_now)
             save("last.pt", g + 1)
             if g + 1 == e1:
-                save("stage1.pt", g + 1, opt="sgd", epochs=e1, stage1_epochs=None, stage1_of=args.out)
+                save("stage1.pt", g + 1, opt="sgd", epochs=args.stage1_epochs or args.epochs, stage1_epochs=None,
+                     stage1_of=args.out)
 
     if rank == 0:
         with open(os.path.join(args.out, "metrics.jsonl")) as f:
@@ -800,7 +822,7 @@ def main(argv=None):
         final = {"script": "simsiam_rwsam.py", "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type,
                  "balanced": args.balanced, "subsample": args.subsample, "opt": args.opt, "sam_rho": args.sam_rho,
                  "adaptive": args.adaptive, "alpha": args.alpha, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs,
-                 "stage1_epochs": e1, "stage1": args.stage1, "stage2_init": args.stage2_init, "world_size": world,
+                 "epochs_trained": e2, "same_epochs": args.same_epochs, "stage1_epochs": e1, "stage1": args.stage1, "stage2_init": args.stage2_init, "world_size": world,
                  "n_train": n, "class_counts": data.counts, "last": summary.get("final"),
                  "stage1_result": summary.get("stage1"), "best_knn_on_val": best,
                  "kde": None if kde is None else {k: kde[k] for k in ("bandwidth", "alpha", "source",

@@ -453,6 +453,34 @@ def test_stage2_from_scratch_takes_only_the_backbone(data, tmp_path, capsys):
     assert dist_to(init) < dist_to(r18)
 
 
+@pytest.mark.parametrize("same", [False, True])
+def test_subsample_trains_more_epochs_for_the_same_steps(tmp_path, monkeypatch, same):
+    """App. A.1: --subsample 0.25 trains 4× --epochs, the optimizer steps of the full variant (±1 batch);
+    --same-epochs keeps --epochs (a quarter of the steps)."""
+    root = tmp_path / "data"
+    write_folder(root, classes=tuple("abcd"), per_class=(16,) * 4, per_class_test=1, size=8)
+    steps = []
+    step = S.train_step
+    monkeypatch.setattr(S, "train_step", lambda *a, **k: steps.append(1) or step(*a, **k))
+    runs = {}
+    for name, extra in (("full", []), ("quarter", ["--subsample", 0.25] + (["--same-epochs"] if same else []))):
+        steps.clear()
+        S.main(_args(root, tmp_path / name, "--rho", 1, "--opt", "sgd", "--epochs", 1, "--knn-every", -1, *extra))
+        rows = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        runs[name] = (len(rows), len(steps), json.loads((tmp_path / name / "final.json").read_text())["n_train"])
+    assert runs["full"] == (1, 64 // 8, 64) and runs["quarter"][2] == 16
+    if same:
+        assert runs["quarter"][:2] == (1, 16 // 8)
+    else:
+        assert runs["quarter"][0] == 4 and abs(runs["quarter"][1] - runs["full"][1]) <= 1
+
+
+def test_size_sweep_rule():
+    rule = lambda *argv: S.run_epochs(S.parse_args(list(argv)), 1600)
+    assert (rule(), rule("--subsample", "0.75"), rule("--subsample", "0.125")) == (1600, 2133, 12800)
+    assert rule("--subsample", "0.5", "--same-epochs") == 1600
+
+
 def test_torchrun_two_processes_on_cpu(data, tmp_path):
     r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, "simsiam_rwsam.py",
                    *_args(data, tmp_path, "--stage1-epochs", 1, "--epochs", 1, "--knn-every", -1), timeout=300)
