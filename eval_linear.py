@@ -91,6 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=30.0)
     p.add_argument("--wd", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
     p.add_argument("--out", default=None, help="default: runs/eval_linear-<checkpoint's run folder>-<seed>")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--val-frac", type=float, default=0.0,
@@ -150,11 +152,15 @@ class BasicBlock(nn.Module):
 
 
 class NormedLinear(nn.Module):
-    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+    """Cosine classifier: logits are cosines between the feature and each class's weight row.
+
+    Init as LDAM-DRW's NormedLinear (uniform(-1, 1), then every class vector rescaled to unit norm):
+    the forward pass ignores the norm, but the angular step of SGD scales as 1/norm, so the ≈4.7 norm
+    of a plain uniform init would turn the classifier ~20× slower at the start."""
 
     def __init__(self, cin, cout):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5))
 
     def forward(self, x):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
@@ -395,7 +401,7 @@ def probe_batches(images, labels, test_images, test_labels, num_classes, mean, s
     """Batches for a probe on device-resident uint8 images (N×3×H×W) with numpy labels:
     (train_plain, train_augmented or None, val or None, test, training class counts). The validation
     split is carved class-stratified from the training split, never from the test set."""
-    idx, val_idx = D.carve_val(np.arange(len(labels)), labels, args.val_frac, args.seed)
+    idx, val_idx = D.carve_val(np.arange(len(labels)), labels, args.val_frac, args.data_seed)
     dev = images.device
     train_x = images[torch.as_tensor(idx, device=dev)]
     plain = D.GPULoader(train_x, labels[idx], 1024, mean, std, dev)
@@ -522,7 +528,7 @@ def pretrain_meta(ckpt, path, tag=None):
             "kind": "SSL" if script in SSL_SCRIPTS else "SL" if script in SUPERVISED_SCRIPTS else "?",
             "arch": ckpt["arch"], "dataset": a.get("dataset"), "rho": rho, "imb_type": a.get("imb_type"),
             "balanced": bool(a.get("balanced")), "r": 1.0 if a.get("balanced") else rho,
-            "n": int(sum(counts)) if counts else None, "seed": a.get("seed"), "epoch": ckpt.get("epoch")}
+            "n": int(sum(counts)) if counts else None, "seed": a.get("seed"), "data_seed": a.get("data_seed", a.get("seed")), "epoch": ckpt.get("epoch")}
 # === end shared: pretrain_meta ===
 
 
@@ -549,7 +555,7 @@ def build_list_data(args, device):
     train_ds = D.FileListDataset(args.data_root, args.train_list, train=False)
     test_ds = D.FileListDataset(args.data_root, args.test_list, train=False)
     C = max(train_ds.num_classes, test_ds.num_classes)
-    idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.seed)
+    idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.data_seed)
     make = lambda ds, i, bs, shuffle: ListBatches(ds, i, bs, shuffle, args.seed, args.workers, device)
     plain = make(train_ds, idx, 256, False)
     aug = None
@@ -686,7 +692,7 @@ def main(argv=None):
     save_atomic({"script": "eval_linear.py", "arch": arch, "model": model.state_dict(), "epoch": args.epochs,
                  "args": vars(args), "class_counts": counts, "pretrain": meta}, os.path.join(args.out, "last.pt"))
     final = {"script": "eval_linear.py", "eval": f"linear:{args.dataset}", "dataset": args.dataset,
-             "pretrain": meta, "augment": args.augment, "seed": args.seed, "epochs": args.epochs, "lr": args.lr,
+             "pretrain": meta, "augment": args.augment, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs, "lr": args.lr,
              "batch_size": args.batch_size, "class_counts": counts, "last": last, "top1": last["top1"],
              "per_class": last["per_class"], "best_on_val": best, "sanity_check": "passed",
              **timing, "wall_seconds": time.time() - t_run}

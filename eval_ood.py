@@ -99,6 +99,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="default: 30 (probe), 0.1 (fine-tuning, the new head)")
     p.add_argument("--wd", type=float, default=None, help="default: 0 (probe), 1e-4 (fine-tuning)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
     p.add_argument("--out", default=None, help="default: runs/eval_ood-<target>-<checkpoint's run folder>-<seed>")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--val-frac", type=float, default=0.0,
@@ -177,11 +179,15 @@ class BasicBlock(nn.Module):
 
 
 class NormedLinear(nn.Module):
-    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+    """Cosine classifier: logits are cosines between the feature and each class's weight row.
+
+    Init as LDAM-DRW's NormedLinear (uniform(-1, 1), then every class vector rescaled to unit norm):
+    the forward pass ignores the norm, but the angular step of SGD scales as 1/norm, so the ≈4.7 norm
+    of a plain uniform init would turn the classifier ~20× slower at the start."""
 
     def __init__(self, cin, cout):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5))
 
     def forward(self, x):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
@@ -419,7 +425,7 @@ def probe_batches(images, labels, test_images, test_labels, num_classes, mean, s
     """Batches for a probe on device-resident uint8 images (N×3×H×W) with numpy labels:
     (train_plain, train_augmented or None, val or None, test, training class counts). The validation
     split is carved class-stratified from the training split, never from the test set."""
-    idx, val_idx = D.carve_val(np.arange(len(labels)), labels, args.val_frac, args.seed)
+    idx, val_idx = D.carve_val(np.arange(len(labels)), labels, args.val_frac, args.data_seed)
     dev = images.device
     train_x = images[torch.as_tensor(idx, device=dev)]
     plain = D.GPULoader(train_x, labels[idx], 1024, mean, std, dev)
@@ -546,7 +552,7 @@ def pretrain_meta(ckpt, path, tag=None):
             "kind": "SSL" if script in SSL_SCRIPTS else "SL" if script in SUPERVISED_SCRIPTS else "?",
             "arch": ckpt["arch"], "dataset": a.get("dataset"), "rho": rho, "imb_type": a.get("imb_type"),
             "balanced": bool(a.get("balanced")), "r": 1.0 if a.get("balanced") else rho,
-            "n": int(sum(counts)) if counts else None, "seed": a.get("seed"), "epoch": ckpt.get("epoch")}
+            "n": int(sum(counts)) if counts else None, "seed": a.get("seed"), "data_seed": a.get("data_seed", a.get("seed")), "epoch": ckpt.get("epoch")}
 # === end shared: pretrain_meta ===
 
 
@@ -608,7 +614,7 @@ def finetune_data(args, device):
     train_ds.labels = val_ds.labels = labels = np.asarray(labels, dtype=np.int64)
     test_ds.labels = np.asarray(test_labels, dtype=np.int64)
     C = len(names)
-    idx, val_idx = D.carve_val(np.arange(len(labels)), labels, args.val_frac, args.seed)
+    idx, val_idx = D.carve_val(np.arange(len(labels)), labels, args.val_frac, args.data_seed)
     make = lambda ds, i, bs, train: ListBatches(ds, i, bs, train, args.seed, args.workers, device)
     train = make(train_ds, idx, args.batch_size, True)
     val = make(val_ds, val_idx, 256, False) if len(val_idx) else None
@@ -756,7 +762,7 @@ def main(argv=None):
                  "args": vars(args), "class_counts": counts, "pretrain": meta}, os.path.join(args.out, "last.pt"))
     final = {"script": "eval_ood.py", "eval": eval_name(args), "target": args.target, "protocol": args.protocol,
              "stl_size": args.stl_size if args.target == "stl10" else None, "pretrain": meta,
-             "augment": args.augment, "seed": args.seed, "epochs": args.epochs, "lr": args.lr,
+             "augment": args.augment, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs, "lr": args.lr,
              "batch_size": args.batch_size, "wd": args.wd, "class_counts": counts, "last": last,
              "top1": last["top1"], "per_class": last["per_class"], "best_on_val": best,
              "sanity_check": "passed" if args.protocol == "probe" else None, **timing,

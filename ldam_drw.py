@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="default: 0.1 (CIFAR, SVHN), 0.2 (ImageNet-LT, iNat)")
     p.add_argument("--wd", type=float, default=None, help="default: 2e-4 (CIFAR, SVHN), 5e-4 (ImageNet-LT, iNat)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
     p.add_argument("--out", default=None, help="default: runs/<script>-<dataset>-<rho>-<seed>")
     p.add_argument("--resume", default=None, help="continue the run saved in this last.pt")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
@@ -133,11 +135,15 @@ class BasicBlock(nn.Module):
 
 
 class NormedLinear(nn.Module):
-    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+    """Cosine classifier: logits are cosines between the feature and each class's weight row.
+
+    Init as LDAM-DRW's NormedLinear (uniform(-1, 1), then every class vector rescaled to unit norm):
+    the forward pass ignores the norm, but the angular step of SGD scales as 1/norm, so the ≈4.7 norm
+    of a plain uniform init would turn the classifier ~20× slower at the start."""
 
     def __init__(self, cin, cout):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5))
 
     def forward(self, x):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
@@ -371,9 +377,9 @@ def build_data(args, device):
         return build_list_data(args, device)
     train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
     test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
-    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.seed, D.N_MAX.get(args.dataset),
+    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
                              D.CLASS_ORDER.get(args.dataset))
-    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.seed)
+    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.data_seed)
     mean, std = D.mean_std(args.dataset, train_x)
     C = len(names)
     counts = np.bincount(train_y[idx], minlength=C).tolist()
@@ -419,7 +425,7 @@ def build_list_data(args, device):
     train_ds = D.FileListDataset(args.data_root, args.train_list, train=True)
     test_ds = D.FileListDataset(args.data_root, args.test_list, train=False)
     C = max(train_ds.num_classes, test_ds.num_classes)
-    idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.seed)
+    idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.data_seed)
     counts = np.bincount(train_ds.labels[idx], minlength=C).tolist()
     train = ListBatches(train_ds, idx, args.batch_size, True, args.seed, args.workers, device)
     test = ListBatches(test_ds, np.arange(len(test_ds)), 256, False, args.seed, args.workers, device)
@@ -460,7 +466,7 @@ def main(argv=None):
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not ldam_drw.py; "
                  f"use --pretrained to start from its backbone")
         keep = {k: getattr(args, k) for k in ("gpu", "resume", "workers")}
-        args = argparse.Namespace(**{**ckpt["args"], **keep})
+        args = argparse.Namespace(**{"data_seed": ckpt["args"].get("seed", 0), **ckpt["args"], **keep})
         print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
     try:
         D.check_rho(args.rho)
@@ -566,7 +572,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "metrics.jsonl")) as f:
         seconds = [json.loads(l)["seconds"] for l in f]
     final = {"script": "ldam_drw.py", "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type,
-             "loss": args.loss, "rule": args.rule, "pretrained": args.pretrained, "seed": args.seed,
+             "loss": args.loss, "rule": args.rule, "pretrained": args.pretrained, "seed": args.seed, "data_seed": args.data_seed,
              "epochs": args.epochs, "class_counts": counts, "last": test_m,
              "test_error": 100 - test_m["top1"], "best_on_val": best,
              "seconds_per_epoch": float(np.median(seconds)), "wall_seconds": time.time() - t_run}

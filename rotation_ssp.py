@@ -91,6 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="default: 0.1 (CIFAR, SVHN), 0.2 (ImageNet-LT, iNat)")
     p.add_argument("--wd", type=float, default=None, help="default: 2e-4 (CIFAR, SVHN), 5e-4 (ImageNet-LT, iNat)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
     p.add_argument("--out", default=None, help="default: runs/<script>-<dataset>-<rho>-<seed>")
     p.add_argument("--resume", default=None, help="continue the run saved in this last.pt")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
@@ -145,11 +147,15 @@ class BasicBlock(nn.Module):
 
 
 class NormedLinear(nn.Module):
-    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+    """Cosine classifier: logits are cosines between the feature and each class's weight row.
+
+    Init as LDAM-DRW's NormedLinear (uniform(-1, 1), then every class vector rescaled to unit norm):
+    the forward pass ignores the norm, but the angular step of SGD scales as 1/norm, so the ≈4.7 norm
+    of a plain uniform init would turn the classifier ~20× slower at the start."""
 
     def __init__(self, cin, cout):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5))
 
     def forward(self, x):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
@@ -314,9 +320,9 @@ def build_data(args, device):
         if x.shape[1] != x.shape[2]:
             raise D.DataError(f"rotation needs square images, but the {split} images are {x.shape[2]}x{x.shape[1]}; "
                               f"crop or resize them to a square first")
-    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.seed, D.N_MAX.get(args.dataset),
+    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
                              D.CLASS_ORDER.get(args.dataset))
-    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.seed)
+    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.data_seed)
     mean, std = D.mean_std(args.dataset, train_x)
     C = len(names)
     counts = np.bincount(train_y[idx], minlength=C).tolist()
@@ -329,7 +335,7 @@ def build_data(args, device):
 
 def finetune_command(args):
     cmd = (f"python ldam_drw.py --dataset {args.dataset} --data-root {args.data_root} --rho {args.rho:g} "
-           f"--imb-type {args.imb_type} --seed {args.seed}")
+           f"--imb-type {args.imb_type} --seed {args.seed} --data-seed {args.data_seed}")
     if args.val_frac:
         cmd += f" --val-frac {args.val_frac:g}"
     return cmd + f" --pretrained {os.path.join(args.out, 'last.pt')}"
@@ -365,7 +371,7 @@ def main(argv=None):
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not rotation_ssp.py; "
                  f"start a new pre-training run with another --out")
         keep = {k: getattr(args, k) for k in ("gpu", "resume")}
-        args = argparse.Namespace(**{**ckpt["args"], **keep})
+        args = argparse.Namespace(**{"data_seed": ckpt["args"].get("seed", 0), **ckpt["args"], **keep})
         print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
     try:
         D.check_rho(args.rho)
@@ -463,7 +469,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "metrics.jsonl")) as f:
         rows = [json.loads(l) for l in f]
     final = {"script": "rotation_ssp.py", "arch": ARCH, "dataset": args.dataset, "rho": args.rho,
-             "imb_type": args.imb_type, "seed": args.seed, "epochs": args.epochs, "class_counts": counts,
+             "imb_type": args.imb_type, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs, "class_counts": counts,
              "rotation_accuracy_pretext": test_m, "val_rotation_accuracy_pretext": rows[-1]["val_rotation_acc"],
              "final_loss": rows[-1]["loss"], "checkpoint": os.path.join(args.out, "last.pt"),
              "finetune": finetune_command(args), "seconds_per_epoch": float(np.median([r["seconds"] for r in rows])),

@@ -70,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--wd", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
     p.add_argument("--out", default=None, help="default: runs/<script>-<dataset>-<rho>-<seed>")
     p.add_argument("--resume", default=None, help="continue the run saved in this last.pt")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
@@ -131,11 +133,15 @@ class BasicBlock(nn.Module):
 
 
 class NormedLinear(nn.Module):
-    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+    """Cosine classifier: logits are cosines between the feature and each class's weight row.
+
+    Init as LDAM-DRW's NormedLinear (uniform(-1, 1), then every class vector rescaled to unit norm):
+    the forward pass ignores the norm, but the angular step of SGD scales as 1/norm, so the ≈4.7 norm
+    of a plain uniform init would turn the classifier ~20× slower at the start."""
 
     def __init__(self, cin, cout):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5))
 
     def forward(self, x):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
@@ -318,9 +324,9 @@ def build_data(args):
     renumber[task] = np.arange(len(task))
     in_task = np.flatnonzero(renumber[train_y] >= 0)
     y_task = renumber[train_y[in_task]]
-    lab = in_task[D.make_long_tailed(y_task, args.rho, args.imb_type, args.seed, D.N_MAX.get(args.dataset),
+    lab = in_task[D.make_long_tailed(y_task, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
                                      D.CLASS_ORDER.get(args.dataset) if not irr else None)]
-    lab, val = D.carve_val(lab, renumber[train_y], args.val_frac, args.seed)
+    lab, val = D.carve_val(lab, renumber[train_y], args.val_frac, args.data_seed)
     test_keep = renumber[test_y] >= 0
     data = {"names": [names[c] for c in task], "mean_std": D.mean_std(args.dataset, train_x),
             "x_l": train_x[lab], "y_l": renumber[train_y[lab]], "x_val": train_x[val], "y_val": renumber[train_y[val]],
@@ -349,7 +355,7 @@ def choose_unlabeled(args, data):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rel, irr, report = D.unlabeled_pool(data["pool_y"], len(data["y_l"]), args.unlabeled_mult, args.rho_u,
-                                            args.imb_type, args.seed, np.arange(len(data["irr_x"])), args.relevance)
+                                            args.imb_type, args.data_seed, np.arange(len(data["irr_x"])), args.relevance)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     report["capped"] = [str(w.message) for w in caught]
@@ -494,7 +500,7 @@ def main(argv=None):
         if ckpt.get("script") != "self_training.py":
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not self_training.py")
         keep = {k: getattr(args, k) for k in ("gpu", "resume")}
-        args = argparse.Namespace(**{**ckpt["args"], **keep})
+        args = argparse.Namespace(**{"data_seed": ckpt["args"].get("seed", 0), **ckpt["args"], **keep})
         print(f"resuming {args.out} in stage {ckpt['stage']} after epoch {ckpt['epoch']}")
     try:
         D.check_rho(args.rho)
@@ -572,7 +578,7 @@ def main(argv=None):
     _, test_m, best = fit(args, "self_training", x, y, c, counts, data, device, args.out, resume_c)
 
     final = {"script": "self_training.py", "dataset": args.dataset, "rho": args.rho, "rho_u": args.rho_u,
-             "loss": args.loss, "rule": args.rule, "omega": args.omega, "seed": args.seed, "epochs": args.epochs,
+             "loss": args.loss, "rule": args.rule, "omega": args.omega, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs,
              "labeled_counts": counts_l.tolist(), "training_counts": [int(n) for n in counts],
              "unlabeled": {**pool_report, "pseudo_labels": pl_report}, "base": base_m, "last": test_m,
              "base_error": 100 - base_m["top1"], "test_error": 100 - test_m["top1"], "best_on_val": best,
