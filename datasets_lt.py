@@ -671,6 +671,17 @@ def balanced_sample_weights(labels):
     return (1.0 / counts)[labels]
 
 
+def effective_number_sample_weights(labels, beta=0.9999, counts=None):
+    """Per-image weight (1 − β)/(1 − β^{n_y}) (Cui et al.'s effective number): the sampling weights of
+    the authors' ImbalancedDatasetSampler (paper 1's code, β = 0.9999). A class is then drawn with
+    probability ∝ n_c·(1 − β)/(1 − β^{n_c}), which is not exactly uniform: at CIFAR-10-LT ρ = 100 the
+    head class (5,000 images) is drawn 1.27× as often as the tail (50). `counts` defaults to the class
+    counts of `labels`."""
+    labels = labels if torch.is_tensor(labels) else torch.as_tensor(np.asarray(labels))
+    n = (torch.bincount(labels) if counts is None else torch.as_tensor(counts)).double()
+    return ((1 - beta) / (1 - beta ** n.clamp(min=1)))[labels]
+
+
 class GPULoader:
     """Batches of a device-resident uint8 dataset: normalised float, augmented on the device.
 

@@ -55,7 +55,8 @@ Deliberate differences from the paper and the authors' code:
 3. --threshold keeps only pseudo-labels whose softmax confidence reaches it (off by default, as in
    the paper; for LDAM the confidence is softmax(s · cosine), the training logits).
 4. Class counts for LDAM margins, DRW weights and re-sampling include the pseudo-labels, as the
-   authors did; --labeled-counts uses D_L's counts only.
+   authors did; --labeled-counts uses D_L's counts only. Re-sampling draws with the authors'
+   ImbalancedDatasetSampler weights (1 − β)/(1 − β^{n_c}) (--resample-weights inverse: 1/n_c).
 5. Data relevance (Fig. 2): irrelevant images are CIFAR-100's (the paper's came from other 80M TI
    classes); --irrelevant-classes removes task classes instead (D_L, test set, labels renumbered).
 6. Every stage reports on the balanced test set at the last epoch; model selection, where wanted,
@@ -132,6 +133,9 @@ def parse_args(argv=None):
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--warmup", type=int, default=5, help="linear warm-up epochs")
     p.add_argument("--beta", type=float, default=0.9999, help="class-balanced weights: effective-number β")
+    p.add_argument("--resample-weights", default="effective", choices=["effective", "inverse"],
+                   help="Resample / DRS draw weights: effective = (1-β)/(1-β^n_c) as the authors' "
+                        "ImbalancedDatasetSampler; inverse = 1/n_c (every class equally likely)")
     p.add_argument("--gamma", type=float, default=1.0, help="focal loss γ")
     p.add_argument("--max-m", type=float, default=0.5, help="LDAM: largest margin")
     p.add_argument("--s", type=float, default=30.0, help="LDAM: logit scale")
@@ -490,8 +494,12 @@ def fit(args, stage, x, y, c, counts, data, device, out, ckpt=None, batch_size=N
     c = None if c is None else torch.as_tensor(c, dtype=torch.float32, device=device)
     cb_weights = class_balanced_weights(counts, args.beta).to(device)
     margins = ldam_margins(counts, args.max_m).to(device)
-    # Re-sampling weights 1/n_y from `counts` (pseudo-labels included unless --labeled-counts).
-    sample_weights = 1.0 / torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)[torch.as_tensor(y)]
+    # Re-sampling weights from `counts` (pseudo-labels included unless --labeled-counts): the authors'
+    # ImbalancedDatasetSampler's (1 − β)/(1 − β^{n_y}), or 1/n_y with --resample-weights inverse.
+    if args.resample_weights == "effective":
+        sample_weights = D.effective_number_sample_weights(torch.as_tensor(y), args.beta, counts)
+    else:
+        sample_weights = 1.0 / torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)[torch.as_tensor(y)]
     switch = int(0.8 * args.epochs)
     start, best = 0, None
     os.makedirs(out, exist_ok=True)
@@ -594,6 +602,7 @@ def main(argv=None):
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not self_training.py")
         keep = {k: getattr(args, k) for k in ("gpu", "resume")}
         args = argparse.Namespace(**{"data_seed": ckpt["args"].get("seed", 0), "st_batch_size": ckpt["args"]["batch_size"],
+                                     "resample_weights": "inverse",
                                      **ckpt["args"], **keep})
         print(f"resuming {args.out} in stage {ckpt['stage']} after epoch {ckpt['epoch']}")
     try:
