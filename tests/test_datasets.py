@@ -1,4 +1,5 @@
 """datasets_lt.py part 1: loaders on fake files in the real formats, long-tailed subsets, errors."""
+import shutil
 import subprocess
 import sys
 import warnings
@@ -247,6 +248,65 @@ def test_folder_mixed_sizes(tmp_path):
     (tmp_path / "x" / "train" / "ant" / "0000.png").rename(tmp_path / "train" / "ant" / "big.png")
     with pytest.raises(D.DataError, match="differ in size"):
         D.load_split("folder", tmp_path, True)
+
+
+def test_folder_test_classes_are_matched_by_name(tmp_path, capsys):
+    """A test folder without 'ant' keeps bee = 1 and cat = 2 (not shifted to 0 and 1); 'ant' is
+    reported as absent."""
+    data = write_folder(tmp_path)
+    shutil.rmtree(tmp_path / "test" / "ant")
+    x, y, names = D.load_split("folder", tmp_path, False)
+    assert names == ["ant", "bee", "cat"]
+    assert sorted(set(y.tolist())) == [1, 2]
+    assert np.array_equal(x, data["test"][0][data["test"][1] != 0])
+    assert np.array_equal(y, data["test"][1][data["test"][1] != 0])
+    assert "'ant'" in capsys.readouterr().err
+
+
+def test_folder_empty_test_class_is_absent_not_an_error(tmp_path, capsys):
+    write_folder(tmp_path)
+    for f in (tmp_path / "test" / "bee").iterdir():
+        f.unlink()
+    _, y, names = D.load_split("folder", tmp_path, False)
+    assert names == ["ant", "bee", "cat"] and np.bincount(y, minlength=3).tolist() == [2, 0, 2]
+    assert "'bee'" in capsys.readouterr().err
+
+
+def test_folder_test_class_unknown_to_training(tmp_path):
+    write_folder(tmp_path)
+    shutil.copytree(tmp_path / "test" / "ant", tmp_path / "test" / "wasp")
+    with pytest.raises(D.DataError, match="'wasp'"):
+        D.load_split("folder", tmp_path, False)
+
+
+def test_folder_needs_two_classes(tmp_path):
+    write_folder(tmp_path, classes=("cat",), per_class=(6,))
+    with pytest.raises(D.DataError, match="at least two"):
+        D.load_split("folder", tmp_path, True)
+
+
+def test_one_class_labels_cannot_make_a_long_tailed_subset():
+    with pytest.raises(D.DataError, match="at least two"):
+        D.make_long_tailed(np.zeros(10, dtype=np.int64), 0.5)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", "truncated"])
+def test_folder_unreadable_image_names_the_file(tmp_path, content):
+    write_folder(tmp_path, splits=("train",))
+    bad = tmp_path / "train" / "bee" / "0001.png"
+    content = bad.read_bytes()[:60] if content == "truncated" else content
+    bad.write_bytes(content)
+    with pytest.raises(D.DataError, match="0001.png' is not a readable image") as e:
+        D.load_split("folder", tmp_path, True)
+    assert "\n" not in str(e.value)
+
+
+def test_folder_order_matches_imagefolder(fake_folder):
+    """Same files in the same order as torchvision's ImageFolder, so seeded subsets are unchanged."""
+    import torchvision
+    root, _ = fake_folder
+    ds = torchvision.datasets.ImageFolder(root / "train")
+    assert D._folder_files(root / "train") == {c: [f for f, t in ds.samples if ds.classes[t] == c] for c in ds.classes}
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "svhn", "stl10"])
