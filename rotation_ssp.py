@@ -48,8 +48,9 @@ Deliberate differences from the paper and the authors' code (pretrain_rot.py, ut
 3. Exactly balanced batches: the authors permuted B + 4 pattern entries and dropped 4, so their batches
    were only nearly balanced; here the phase and the permutation are drawn per batch from a generator
    seeded by (seed, epoch), so a resumed run draws the same rotations.
-4. Schedule: the decays scale with --epochs (80% / 90%) and the second one happens; the authors'
-   schedule never reached its ×0.0001 branch.
+4. Schedule: the decays scale with --epochs (80% / 90%), both of them happen. The authors' first upload
+   (utils.adjust_learning_rate, September 2020) tested `epoch > 160` before `epoch > 180` and so never
+   reached its ×0.0001 branch; their current code (fixed in April 2021) does, as here at 200 epochs.
 5. Evaluation: every test image under all four rotations, reported per rotation and per class; the
    authors scored one random rotation per test image. Pre-training keeps the last epoch (no selection);
    with --val-frac > 0 the validation images are left out of pre-training, as ldam_drw.py leaves them
