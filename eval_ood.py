@@ -6,7 +6,8 @@ Representations pre-trained on CIFAR-10 are judged by a linear probe on STL-10 (
 as the downstream target tasks and perform linear probe"); representations pre-trained on ImageNet are
 fine-tuned, backbone and a new linear head together, on CUB-200, Stanford Cars, Oxford Pets and FGVC
 Aircraft, and A^OOD(n, r) is the mean test top-1 over the four. Δ (Eq. 1) of these runs: eval_linear.py
---gap on their final.json files.
+--gap on their final.json files, which averages the fine-tuning targets of each checkpoint (and seed)
+first, and takes n and r from the class counts of pre-training.
 
     python eval_ood.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --target stl10 --data-root ./data
     python eval_ood.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --target stl10 --stl-size 96
@@ -539,19 +540,40 @@ SSL_SCRIPTS = ("rotation_ssp.py", "moco_ssp.py", "simsiam_rwsam.py")
 SUPERVISED_SCRIPTS = ("ldam_drw.py", "self_training.py", "crt.py")
 
 
+def ratio_from_counts(counts):
+    """r of paper 2 (§2.1): images of the rarest class over images of the most frequent, from the class
+    counts the run trained on. 1 when they differ by at most one image (a balanced subset of n images
+    over C classes gives n mod C classes one image more)."""
+    if not counts or max(counts) == 0:
+        return None
+    lo, hi = min(counts), max(counts)
+    return 1.0 if hi - lo <= 1 else lo / hi
+
+
+def method_key(script, a, tag=None):
+    """Everything that makes two pre-training runs different methods (paper 2 pairs A(n, 1) and A(n, r)
+    of one method only): the script, its --opt (SimSiam / MoCo with SGD, SAM or rwSAM), its --loss and
+    --rule (CE and LDAM-DRW are different supervised methods), and whether it started from --pretrained
+    weights. --tag replaces it."""
+    if tag:
+        return tag
+    key = script.removesuffix(".py") + (f"+{a['opt']}" if a.get("opt") else "")
+    if a.get("loss") or a.get("rule"):
+        key += f":{a.get('loss')}-{a.get('rule')}"
+    return key + ("+pretrained" if a.get("pretrained") else "")
+
+
 def pretrain_meta(ckpt, path, tag=None):
-    """What paper 2's Δ (Eq. 1) needs to pair runs: the pre-training method (script, plus its --opt
-    where it has one: SimSiam with SGD, SAM or rwSAM) and whether it was self-supervised, its dataset,
-    n (images it trained on) and imbalance ratio r (1 = balanced)."""
+    """What paper 2's Δ (Eq. 1) needs to pair runs: the pre-training method (method_key) and architecture,
+    whether it was self-supervised, its dataset, n (images it trained on) and imbalance ratio r, both from
+    the class counts it trained on (never from --rho, which an ImageNet-LT list run does not use)."""
     a = ckpt.get("args") or {}
     script = ckpt.get("script") or "unknown"
     counts = ckpt.get("class_counts")
-    rho = a.get("rho")
-    method = tag or script.removesuffix(".py") + (f"+{a['opt']}" if a.get("opt") else "")
-    return {"checkpoint": os.path.abspath(path), "script": script, "method": method,
+    return {"checkpoint": os.path.abspath(path), "script": script, "method": method_key(script, a, tag),
             "kind": "SSL" if script in SSL_SCRIPTS else "SL" if script in SUPERVISED_SCRIPTS else "?",
-            "arch": ckpt["arch"], "dataset": a.get("dataset"), "rho": rho, "imb_type": a.get("imb_type"),
-            "balanced": bool(a.get("balanced")), "r": 1.0 if a.get("balanced") else rho,
+            "arch": ckpt["arch"], "dataset": a.get("dataset"), "rho": a.get("rho"), "imb_type": a.get("imb_type"),
+            "balanced": bool(a.get("balanced")), "subsample": a.get("subsample", 1.0), "r": ratio_from_counts(counts),
             "n": int(sum(counts)) if counts else None, "seed": a.get("seed"), "data_seed": a.get("data_seed", a.get("seed")), "epoch": ckpt.get("epoch")}
 # === end shared: pretrain_meta ===
 
