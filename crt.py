@@ -12,7 +12,7 @@ class-balanced sampling (every class equally likely per draw) on the same long-t
     python crt.py --ckpt runs/ldam_drw-cifar10-0.01-0/last.pt --bn train --augment   # the original's BN
     python crt.py --ckpt runs/ce20/last.pt --gpu -1                           # CPU
 
-The data flags (--dataset, --data-root, --rho, --imb-type, --seed, --val-frac, --train-list,
+The data flags (--dataset, --data-root, --rho, --imb-type, --seed, --data-seed, --val-frac, --train-list,
 --test-list) default to the values the checkpoint was trained with, so the classifier is re-trained
 on exactly the images the backbone saw.
 
@@ -72,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.2)
     p.add_argument("--wd", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="seed of the data subsets; default: the checkpoint's (its --seed for older checkpoints)")
     p.add_argument("--out", default=None, help="default: runs/<script>-<dataset>-<rho>-<seed>")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--val-frac", type=float, default=None,
@@ -126,11 +128,15 @@ class BasicBlock(nn.Module):
 
 
 class NormedLinear(nn.Module):
-    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+    """Cosine classifier: logits are cosines between the feature and each class's weight row.
+
+    Init as LDAM-DRW's NormedLinear (uniform(-1, 1), then every class vector rescaled to unit norm):
+    the forward pass ignores the norm, but the angular step of SGD scales as 1/norm, so the ≈4.7 norm
+    of a plain uniform init would turn the classifier ~20× slower at the start."""
 
     def __init__(self, cin, cout):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5))
 
     def forward(self, x):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
@@ -237,7 +243,7 @@ def check_ranges(args, ranges):
 
 SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
                  ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
-                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)")]
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
 # === end shared: check_ranges ===
 
 
@@ -471,7 +477,7 @@ def build_data(args, device):
         train_ds = D.FileListDataset(args.data_root, args.train_list, train=args.augment)
         test_ds = D.FileListDataset(args.data_root, args.test_list, train=False)
         C = max(train_ds.num_classes, test_ds.num_classes)
-        idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.seed)
+        idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.data_seed)
         counts = np.bincount(train_ds.labels[idx], minlength=C).tolist()
         train = ListBatches(train_ds, idx, args.batch_size, True, args.seed, args.workers, device)
         test = ListBatches(test_ds, np.arange(len(test_ds)), 256, False, args.seed, args.workers, device)
@@ -485,9 +491,9 @@ def build_data(args, device):
         return train, plain, val, test, counts, C
     train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
     test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
-    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.seed, D.N_MAX.get(args.dataset),
+    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
                              D.CLASS_ORDER.get(args.dataset))
-    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.seed)
+    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.data_seed)
     mean, std = D.mean_std(args.dataset, train_x)
     C = len(names)
     counts = np.bincount(train_y[idx], minlength=C).tolist()
@@ -569,7 +575,8 @@ def main(argv=None):
     source = load_checkpoint(args.ckpt)
     trained = source.get("args", {})
     for name, default in (("dataset", "cifar10"), ("data_root", "./data"), ("rho", 0.01), ("imb_type", "exp"),
-                          ("seed", 0), ("val_frac", 0.0), ("train_list", None), ("test_list", None)):
+                          ("seed", 0), ("data_seed", trained.get("data_seed", trained.get("seed", 0))),
+                          ("val_frac", 0.0), ("train_list", None), ("test_list", None)):
         if getattr(args, name) is None:
             setattr(args, name, trained.get(name, default))
     if args.out is None:
@@ -672,7 +679,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     final = {"script": "crt.py", "ckpt": args.ckpt, "ckpt_script": source.get("script"), "arch": source["arch"],
-             "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type, "seed": args.seed, "bn": args.bn,
+             "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type, "seed": args.seed, "data_seed": args.data_seed, "bn": args.bn,
              "augment": args.augment, "cached_features": cached, "epochs": args.epochs, "class_counts": counts,
              "before": before, "last": test_m, "test_error": 100 - test_m["top1"], "best_on_val": best,
              "feature_seconds": feature_seconds, "wall_seconds": time.time() - t_run}

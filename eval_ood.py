@@ -6,7 +6,8 @@ Representations pre-trained on CIFAR-10 are judged by a linear probe on STL-10 (
 as the downstream target tasks and perform linear probe"); representations pre-trained on ImageNet are
 fine-tuned, backbone and a new linear head together, on CUB-200, Stanford Cars, Oxford Pets and FGVC
 Aircraft, and A^OOD(n, r) is the mean test top-1 over the four. Δ (Eq. 1) of these runs: eval_linear.py
---gap on their final.json files.
+--gap on their final.json files, which averages the fine-tuning targets of each checkpoint (and seed)
+first, and takes n and r from the class counts of pre-training.
 
     python eval_ood.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --target stl10 --data-root ./data
     python eval_ood.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --target stl10 --stl-size 96
@@ -99,6 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="default: 30 (probe), 0.1 (fine-tuning, the new head)")
     p.add_argument("--wd", type=float, default=None, help="default: 0 (probe), 1e-4 (fine-tuning)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
     p.add_argument("--out", default=None, help="default: runs/eval_ood-<target>-<checkpoint's run folder>-<seed>")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--val-frac", type=float, default=0.0,
@@ -183,11 +186,15 @@ class BasicBlock(nn.Module):
 
 
 class NormedLinear(nn.Module):
-    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+    """Cosine classifier: logits are cosines between the feature and each class's weight row.
+
+    Init as LDAM-DRW's NormedLinear (uniform(-1, 1), then every class vector rescaled to unit norm):
+    the forward pass ignores the norm, but the angular step of SGD scales as 1/norm, so the ≈4.7 norm
+    of a plain uniform init would turn the classifier ~20× slower at the start."""
 
     def __init__(self, cin, cout):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5))
 
     def forward(self, x):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
@@ -293,7 +300,7 @@ def check_ranges(args, ranges):
 
 SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
                  ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
-                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)")]
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
 # === end shared: check_ranges ===
 
 
@@ -533,7 +540,7 @@ def probe_batches(images, labels, test_images, test_labels, num_classes, mean, s
     """Batches for a probe on device-resident uint8 images (N×3×H×W) with numpy labels:
     (train_plain, train_augmented or None, val or None, test, training class counts). The validation
     split is carved class-stratified from the training split, never from the test set."""
-    idx, val_idx = D.carve_val(np.arange(len(labels)), labels, args.val_frac, args.seed)
+    idx, val_idx = D.carve_val(np.arange(len(labels)), labels, args.val_frac, args.data_seed)
     dev = images.device
     train_x = images[torch.as_tensor(idx, device=dev)]
     plain = D.GPULoader(train_x, labels[idx], 1024, mean, std, dev)
@@ -646,20 +653,41 @@ SSL_SCRIPTS = ("rotation_ssp.py", "moco_ssp.py", "simsiam_rwsam.py")
 SUPERVISED_SCRIPTS = ("ldam_drw.py", "self_training.py", "crt.py")
 
 
+def ratio_from_counts(counts):
+    """r of paper 2 (§2.1): images of the rarest class over images of the most frequent, from the class
+    counts the run trained on. 1 when they differ by at most one image (a balanced subset of n images
+    over C classes gives n mod C classes one image more)."""
+    if not counts or max(counts) == 0:
+        return None
+    lo, hi = min(counts), max(counts)
+    return 1.0 if hi - lo <= 1 else lo / hi
+
+
+def method_key(script, a, tag=None):
+    """Everything that makes two pre-training runs different methods (paper 2 pairs A(n, 1) and A(n, r)
+    of one method only): the script, its --opt (SimSiam / MoCo with SGD, SAM or rwSAM), its --loss and
+    --rule (CE and LDAM-DRW are different supervised methods), and whether it started from --pretrained
+    weights. --tag replaces it."""
+    if tag:
+        return tag
+    key = script.removesuffix(".py") + (f"+{a['opt']}" if a.get("opt") else "")
+    if a.get("loss") or a.get("rule"):
+        key += f":{a.get('loss')}-{a.get('rule')}"
+    return key + ("+pretrained" if a.get("pretrained") else "")
+
+
 def pretrain_meta(ckpt, path, tag=None):
-    """What paper 2's Δ (Eq. 1) needs to pair runs: the pre-training method (script, plus its --opt
-    where it has one: SimSiam with SGD, SAM or rwSAM) and whether it was self-supervised, its dataset,
-    n (images it trained on) and imbalance ratio r (1 = balanced)."""
+    """What paper 2's Δ (Eq. 1) needs to pair runs: the pre-training method (method_key) and architecture,
+    whether it was self-supervised, its dataset, n (images it trained on) and imbalance ratio r, both from
+    the class counts it trained on (never from --rho, which an ImageNet-LT list run does not use)."""
     a = ckpt.get("args") or {}
     script = ckpt.get("script") or "unknown"
     counts = ckpt.get("class_counts")
-    rho = a.get("rho")
-    method = tag or script.removesuffix(".py") + (f"+{a['opt']}" if a.get("opt") else "")
-    return {"checkpoint": os.path.abspath(path), "script": script, "method": method,
+    return {"checkpoint": os.path.abspath(path), "script": script, "method": method_key(script, a, tag),
             "kind": "SSL" if script in SSL_SCRIPTS else "SL" if script in SUPERVISED_SCRIPTS else "?",
-            "arch": ckpt["arch"], "dataset": a.get("dataset"), "rho": rho, "imb_type": a.get("imb_type"),
-            "balanced": bool(a.get("balanced")), "r": 1.0 if a.get("balanced") else rho,
-            "n": int(sum(counts)) if counts else None, "seed": a.get("seed"), "epoch": ckpt.get("epoch")}
+            "arch": ckpt["arch"], "dataset": a.get("dataset"), "rho": a.get("rho"), "imb_type": a.get("imb_type"),
+            "balanced": bool(a.get("balanced")), "subsample": a.get("subsample", 1.0), "r": ratio_from_counts(counts),
+            "n": int(sum(counts)) if counts else None, "seed": a.get("seed"), "data_seed": a.get("data_seed", a.get("seed")), "epoch": ckpt.get("epoch")}
 # === end shared: pretrain_meta ===
 
 
@@ -721,7 +749,7 @@ def finetune_data(args, device):
     train_ds.labels = val_ds.labels = labels = np.asarray(labels, dtype=np.int64)
     test_ds.labels = np.asarray(test_labels, dtype=np.int64)
     C = len(names)
-    idx, val_idx = D.carve_val(np.arange(len(labels)), labels, args.val_frac, args.seed)
+    idx, val_idx = D.carve_val(np.arange(len(labels)), labels, args.val_frac, args.data_seed)
     make = lambda ds, i, bs, train: ListBatches(ds, i, bs, train, args.seed, args.workers, device)
     train = make(train_ds, idx, args.batch_size, True)
     val = make(val_ds, val_idx, 256, False) if len(val_idx) else None
@@ -873,7 +901,7 @@ def main(argv=None):
                  "args": vars(args), "class_counts": counts, "pretrain": meta}, os.path.join(args.out, "last.pt"))
     final = {"script": "eval_ood.py", "eval": eval_name(args), "target": args.target, "protocol": args.protocol,
              "stl_size": args.stl_size if args.target == "stl10" else None, "pretrain": meta,
-             "augment": args.augment, "seed": args.seed, "epochs": args.epochs, "lr": args.lr,
+             "augment": args.augment, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs, "lr": args.lr,
              "batch_size": args.batch_size, "wd": args.wd, "class_counts": counts, "last": last,
              "top1": last["top1"], "per_class": last["per_class"], "best_on_val": best,
              "sanity_check": "passed" if args.protocol == "probe" else None, **timing,

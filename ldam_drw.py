@@ -34,6 +34,9 @@ Deliberate differences from the paper and the authors' code:
 7. ImageNet-LT / iNaturalist: torchvision ResNet-10/50, 90 epochs, lr 0.2 with a cosine schedule and
    wd 5e-4 as Kang et al. 2020, but batch 128 (theirs was 512: --batch-size 512), no warm-up,
    DataLoader input.
+8. Resample / DRS draw with the authors' ImbalancedDatasetSampler weights (1 − β)/(1 − β^{n_c}),
+   β = 0.9999, which are close to but not exactly class-balanced (the head class of CIFAR-10-LT ρ=100
+   is drawn 1.27× as often as the tail); --resample-weights inverse draws with 1/n_c (exactly balanced).
 """
 import argparse
 import json
@@ -67,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="default: 0.1 (CIFAR, SVHN), 0.2 (ImageNet-LT, iNat)")
     p.add_argument("--wd", type=float, default=None, help="default: 2e-4 (CIFAR, SVHN), 5e-4 (ImageNet-LT, iNat)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
     p.add_argument("--out", default=None, help="default: runs/<script>-<dataset>-<rho>-<seed>")
     p.add_argument("--resume", default=None,
                    help="continue the run saved in this last.pt, in its folder, with its arguments; only --gpu, "
@@ -87,6 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--warmup", type=int, default=None, help="linear warm-up epochs; default 5 (CIFAR), 0 (ImageNet)")
     p.add_argument("--beta", type=float, default=0.9999, help="class-balanced weights: effective-number β")
+    p.add_argument("--resample-weights", default="effective", choices=["effective", "inverse"],
+                   help="Resample / DRS draw weights: effective = (1-β)/(1-β^n_c) as the authors' "
+                        "ImbalancedDatasetSampler; inverse = 1/n_c (every class equally likely)")
     p.add_argument("--gamma", type=float, default=1.0, help="focal loss γ")
     p.add_argument("--max-m", type=float, default=0.5, help="LDAM: largest margin")
     p.add_argument("--s", type=float, default=30.0, help="LDAM: logit scale")
@@ -149,11 +157,15 @@ class BasicBlock(nn.Module):
 
 
 class NormedLinear(nn.Module):
-    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+    """Cosine classifier: logits are cosines between the feature and each class's weight row.
+
+    Init as LDAM-DRW's NormedLinear (uniform(-1, 1), then every class vector rescaled to unit norm):
+    the forward pass ignores the norm, but the angular step of SGD scales as 1/norm, so the ≈4.7 norm
+    of a plain uniform init would turn the classifier ~20× slower at the start."""
 
     def __init__(self, cin, cout):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5))
 
     def forward(self, x):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
@@ -263,7 +275,7 @@ def check_ranges(args, ranges):
 
 SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
                  ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
-                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)")]
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
 # === end shared: check_ranges ===
 
 
@@ -495,9 +507,9 @@ def build_data(args, device):
         return build_list_data(args, device)
     train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
     test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
-    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.seed, D.N_MAX.get(args.dataset),
+    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
                              D.CLASS_ORDER.get(args.dataset))
-    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.seed)
+    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.data_seed)
     mean, std = D.mean_std(args.dataset, train_x)
     C = len(names)
     counts = np.bincount(train_y[idx], minlength=C).tolist()
@@ -505,6 +517,7 @@ def build_data(args, device):
                         seed=args.seed)
     test = D.GPULoader(test_x, test_y, 1000, mean, std, device)
     val = D.GPULoader(train_x[val_idx], train_y[val_idx], 1000, mean, std, device) if len(val_idx) else None
+    train.indices = idx                                   # recorded (as a digest) for self_training.py --base
     return train, val, test, counts, C
 
 
@@ -543,7 +556,7 @@ def build_list_data(args, device):
     train_ds = D.FileListDataset(args.data_root, args.train_list, train=True)
     test_ds = D.FileListDataset(args.data_root, args.test_list, train=False)
     C = max(train_ds.num_classes, test_ds.num_classes)
-    idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.seed)
+    idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.data_seed)
     counts = np.bincount(train_ds.labels[idx], minlength=C).tolist()
     train = ListBatches(train_ds, idx, args.batch_size, True, args.seed, args.workers, device)
     test = ListBatches(test_ds, np.arange(len(test_ds)), 256, False, args.seed, args.workers, device)
@@ -583,6 +596,7 @@ def main(argv=None):
         if ckpt.get("script") != "ldam_drw.py":
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not ldam_drw.py; "
                  f"use --pretrained to start from its backbone")
+        ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), "resample_weights": "inverse", **ckpt["args"]}
         args = resume_args(args, ckpt, RESUME_FLAGS)
         print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
     try:
@@ -613,7 +627,9 @@ def main(argv=None):
 
     cb_weights = class_balanced_weights(counts, args.beta).to(device)
     margins = ldam_margins(counts, args.max_m).to(device)
-    sample_weights = D.balanced_sample_weights(train.labels.cpu())
+    sample_weights = (D.effective_number_sample_weights(train.labels.cpu(), args.beta)
+                      if args.resample_weights == "effective" else D.balanced_sample_weights(train.labels.cpu()))
+    subset = D.subset_digest(train.indices)
     switch = int(0.8 * args.epochs)                       # DRW / DRS: deferred by 80% of the run
 
     os.makedirs(args.out, exist_ok=True)
@@ -677,19 +693,25 @@ def main(argv=None):
               f"{row['seconds']:6.2f}", flush=True)
         state = {"script": "ldam_drw.py", "arch": args.arch, "model": model.state_dict(), "epoch": epoch + 1,
                  "optimizer": optimizer.state_dict(), "args": vars(args), "class_counts": counts, "best": best,
-                 "rng": {"torch": torch.get_rng_state()}}
+                 "train_subset": subset, "rng": {"torch": torch.get_rng_state()}}
         save_atomic(state, os.path.join(args.out, "last.pt"))
 
     if start >= args.epochs:
         test_m = evaluate(model, test.epoch(0), C, counts)
     seconds = [r["seconds"] for r in read_metrics(metrics)] or [float("nan")]
+    # Paper 1 evaluates on balanced test sets; SVHN's is not, so its headline error is 100 − mean per-class
+    # accuracy (the error on a class-balanced test set), top-1 printed beside it.
+    headline = "mean_class_acc" if args.dataset == "svhn" else "top1"
     final = {"script": "ldam_drw.py", "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type,
-             "loss": args.loss, "rule": args.rule, "pretrained": args.pretrained, "seed": args.seed,
+             "loss": args.loss, "rule": args.rule, "pretrained": args.pretrained, "seed": args.seed, "data_seed": args.data_seed,
              "epochs": args.epochs, "class_counts": counts, "last": test_m,
-             "test_error": 100 - test_m["top1"], "best_on_val": best,
+             "headline": headline, "test_error": 100 - test_m[headline], "test_error_top1": 100 - test_m["top1"],
+             "best_on_val": best,
              "seconds_per_epoch": float(np.median(seconds)), "wall_seconds": time.time() - t_run}
     write_json(os.path.join(args.out, "final.json"), final)
-    print(f"last epoch: test error {final['test_error']:.2f}% (many {fmt(test_m['many'])}, medium "
+    print(f"last epoch: test error {final['test_error']:.2f}%"
+          + (f" from mean per-class accuracy (top-1 error {final['test_error_top1']:.2f}%)" if headline != "top1" else "")
+          + f" (many {fmt(test_m['many'])}, medium "
           f"{fmt(test_m['medium'])}, few {fmt(test_m['few'])})"
           + (f"; best on validation: epoch {best['epoch']}, test error {100 - best['test']['top1']:.2f}%"
              if best else ""))

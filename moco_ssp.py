@@ -123,6 +123,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="default: 0.03 × batch / 256")
     p.add_argument("--wd", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
     p.add_argument("--out", default=None, help="default: runs/<script>-<dataset>-<rho>-<seed>")
     p.add_argument("--resume", default=None,
                    help="continue the run saved in this last.pt, in its folder, with its arguments; only --gpu, "
@@ -246,7 +248,7 @@ def check_ranges(args, ranges):
 
 SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
                  ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
-                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)")]
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
 # === end shared: check_ranges ===
 
 
@@ -684,15 +686,15 @@ def build_data(args, device, rank, world):
         if not args.train_list:
             fail(f"--dataset {args.dataset} needs --train-list ('relative/path label' file)")
         ds = D.FileListDataset(args.data_root, args.train_list, train=True, transform=TwoViews(224))
-        idx, _ = D.carve_val(np.arange(len(ds)), ds.labels, args.val_frac, args.seed)
+        idx, _ = D.carve_val(np.arange(len(ds)), ds.labels, args.val_frac, args.data_seed)
         counts = np.bincount(ds.labels[idx], minlength=ds.num_classes).tolist()
         train = ListViews(ds, idx, args.batch_size // world, args.seed, args.workers, device, rank, world)
         return train, None, None, None, counts, ds.num_classes, len(idx)
     train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
     test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
-    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.seed, D.N_MAX.get(args.dataset),
+    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
                              D.CLASS_ORDER.get(args.dataset))
-    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.seed)
+    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.data_seed)
     mean, std = D.mean_std(args.dataset, train_x)
     C = len(names)
     counts = np.bincount(train_y[idx], minlength=C).tolist()
@@ -735,6 +737,7 @@ def main(argv=None):
         if ckpt.get("script") != "moco_ssp.py":
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not moco_ssp.py; "
                  f"start a new pre-training run with another --out")
+        ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), **ckpt["args"]}
         args = resume_args(args, ckpt, RESUME_FLAGS)
         if args.world_size != world:
             fail(f"'{args.resume}' was trained by {args.world_size} process(es) but this is {world}; resume it with "
@@ -884,7 +887,7 @@ def main(argv=None):
                                                         None) | {"seconds": float("nan")}]
         ckpt_path = os.path.join(args.out, "last.pt")
         final = {"script": "moco_ssp.py", "arch": args.arch, "dataset": args.dataset, "rho": args.rho,
-                 "imb_type": args.imb_type, "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size,
+                 "imb_type": args.imb_type, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs, "batch_size": args.batch_size,
                  "processes": world, "bn_splits": args.bn_splits, "queue": args.queue, "class_counts": counts,
                  "final_loss": rows[-1]["loss"], "final_pos_top1": rows[-1]["pos_top1"],
                  "knn_test": rows[-1]["knn_test"], "knn_val_top1": rows[-1]["knn_val_top1"], "checkpoint": ckpt_path,

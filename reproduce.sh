@@ -83,7 +83,7 @@ PAPER = {
 }
 PRETRAIN = {"rotation": "rotation_ssp.py", "simsiam": "simsiam_rwsam.py --opt sgd",
             "simsiam+sam": "simsiam_rwsam.py --opt sam", "simsiam-balanced": "simsiam_rwsam.py --opt sgd --balanced",
-            "simsiam+rwsam": "simsiam_rwsam.py --opt rwsam (stage 2)", "moco": "moco_ssp.py"}
+            "simsiam+rwsam": "simsiam_rwsam.py --opt rwsam (stage 2, fresh model; weights from the simsiam run)", "moco": "moco_ssp.py"}
 
 
 def finals(folder):
@@ -107,7 +107,7 @@ def minutes(results):
 
 
 col = {0.01: 1, 0.1: 2}.get(rho)
-print(f"CIFAR-10-LT, rho {rho:g}, runs in {runs}; ours: mean ± sample std over seeds, last epoch")
+print(f"CIFAR-10-LT, rho {rho:g}, runs in {runs}; ours: mean ± sample std over training seeds (the data subset is fixed: --data-seed 0), last epoch")
 print()
 print("| row | metric | paper (lossless) | ours | minutes per run |")
 print("|---|---|---|---|---|")
@@ -227,6 +227,8 @@ for s in $SEEDS; do
         want "$r+st" && job "$RUNS/$r+st/s$s" "$ckpt" self_training.py $DATA --rho "$RHO" --seed "$s" ${RULE[$r]} --base "$ckpt"
     done
     want ce+crt && job "$RUNS/ce+crt/s$s" "$RUNS/ce/s$s/last.pt" crt.py --ckpt "$RUNS/ce/s$s/last.pt"
+    # rwSAM stage 2: KDE weights from the SimSiam run's features, then a fresh model trained for the same
+    # --epochs as every other Table 1(a) row (simsiam_rwsam.py's default --stage2-init scratch).
     ckpt=$RUNS/pretrain/simsiam/s$s/last.pt
     want simsiam+rwsam &&
         job "$RUNS/pretrain/simsiam+rwsam/s$s" "$ckpt" simsiam_rwsam.py $DATA --rho "$RHO" --seed "$s" --opt rwsam --stage1 "$ckpt"

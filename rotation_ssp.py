@@ -48,8 +48,9 @@ Deliberate differences from the paper and the authors' code (pretrain_rot.py, ut
 3. Exactly balanced batches: the authors permuted B + 4 pattern entries and dropped 4, so their batches
    were only nearly balanced; here the phase and the permutation are drawn per batch from a generator
    seeded by (seed, epoch), so a resumed run draws the same rotations.
-4. Schedule: the decays scale with --epochs (80% / 90%) and the second one happens; the authors'
-   schedule never reached its ×0.0001 branch.
+4. Schedule: the decays scale with --epochs (80% / 90%), both of them happen. The authors' first upload
+   (utils.adjust_learning_rate, September 2020) tested `epoch > 160` before `epoch > 180` and so never
+   reached its ×0.0001 branch; their current code (fixed in April 2021) does, as here at 200 epochs.
 5. Evaluation: every test image under all four rotations, reported per rotation and per class; the
    authors scored one random rotation per test image. Pre-training keeps the last epoch (no selection);
    with --val-frac > 0 the validation images are left out of pre-training, as ldam_drw.py leaves them
@@ -91,6 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="default: 0.1 (CIFAR, SVHN), 0.2 (ImageNet-LT, iNat)")
     p.add_argument("--wd", type=float, default=None, help="default: 2e-4 (CIFAR, SVHN), 5e-4 (ImageNet-LT, iNat)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
     p.add_argument("--out", default=None, help="default: runs/<script>-<dataset>-<rho>-<seed>")
     p.add_argument("--resume", default=None,
                    help="continue the run saved in this last.pt, in its folder, with its arguments; only --gpu, "
@@ -160,11 +163,15 @@ class BasicBlock(nn.Module):
 
 
 class NormedLinear(nn.Module):
-    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+    """Cosine classifier: logits are cosines between the feature and each class's weight row.
+
+    Init as LDAM-DRW's NormedLinear (uniform(-1, 1), then every class vector rescaled to unit norm):
+    the forward pass ignores the norm, but the angular step of SGD scales as 1/norm, so the ≈4.7 norm
+    of a plain uniform init would turn the classifier ~20× slower at the start."""
 
     def __init__(self, cin, cout):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5))
 
     def forward(self, x):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
@@ -214,7 +221,7 @@ def check_ranges(args, ranges):
 
 SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
                  ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
-                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)")]
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
 # === end shared: check_ranges ===
 
 
@@ -437,9 +444,9 @@ def build_data(args, device):
         if x.shape[1] != x.shape[2]:
             raise D.DataError(f"rotation needs square images, but the {split} images are {x.shape[2]}x{x.shape[1]}; "
                               f"crop or resize them to a square first")
-    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.seed, D.N_MAX.get(args.dataset),
+    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
                              D.CLASS_ORDER.get(args.dataset))
-    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.seed)
+    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.data_seed)
     mean, std = D.mean_std(args.dataset, train_x)
     C = len(names)
     counts = np.bincount(train_y[idx], minlength=C).tolist()
@@ -452,7 +459,7 @@ def build_data(args, device):
 
 def finetune_command(args):
     cmd = (f"python ldam_drw.py --dataset {args.dataset} --data-root {args.data_root} --rho {args.rho:g} "
-           f"--imb-type {args.imb_type} --seed {args.seed}")
+           f"--imb-type {args.imb_type} --seed {args.seed} --data-seed {args.data_seed}")
     if args.val_frac:
         cmd += f" --val-frac {args.val_frac:g}"
     return cmd + f" --pretrained {os.path.join(args.out, 'last.pt')}"
@@ -487,6 +494,7 @@ def main(argv=None):
         if ckpt.get("script") != "rotation_ssp.py":
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not rotation_ssp.py; "
                  f"start a new pre-training run with another --out")
+        ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), **ckpt["args"]}
         args = resume_args(args, ckpt, RESUME_FLAGS)
         print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
     try:
@@ -580,7 +588,7 @@ def main(argv=None):
         test_m = rotation_accuracy(model, test.epoch(0), C, counts, args.amp)
     rows = read_metrics(metrics) or [{"val_rotation_acc": None, "loss": None, "seconds": float("nan")}]
     final = {"script": "rotation_ssp.py", "arch": ARCH, "dataset": args.dataset, "rho": args.rho,
-             "imb_type": args.imb_type, "seed": args.seed, "epochs": args.epochs, "class_counts": counts,
+             "imb_type": args.imb_type, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs, "class_counts": counts,
              "rotation_accuracy_pretext": test_m, "val_rotation_accuracy_pretext": rows[-1]["val_rotation_acc"],
              "final_loss": rows[-1]["loss"], "checkpoint": os.path.join(args.out, "last.pt"),
              "finetune": finetune_command(args), "seconds_per_epoch": float(np.median([r["seconds"] for r in rows])),

@@ -8,13 +8,14 @@ Table 1(a) (accuracy and the pre-training generalization gap). SimSiam: Chen & H
 monitors (kNN accuracy, per-class gap) and the KDE diagnostic.
 
     python simsiam_rwsam.py --rho 0.01 --gpu 0            # SimSiam (stage 1) → KDE weights → SimSiam + rwSAM
+                                                          # (1600 + 1600 epochs: stage1.pt and last.pt)
     python simsiam_rwsam.py --rho 0.01 --opt sgd          # SimSiam              (Table 1(a), exp column)
     python simsiam_rwsam.py --rho 0.01 --opt sam          # SimSiam + SAM
     python simsiam_rwsam.py --rho 0.01 --opt sgd --balanced              # SimSiam, balanced (same n)
     python simsiam_rwsam.py --rho 0.01 --imb-type step                    # the step column
-    python simsiam_rwsam.py --rho 0.1 --subsample 0.25 --opt sgd         # §2.2 size sweep
+    python simsiam_rwsam.py --rho 0.1 --subsample 0.25 --opt sgd         # §2.2 size sweep (6400 epochs)
     python simsiam_rwsam.py --rho 0.01 --stage1 runs/simsiam_rwsam-cifar10-0.01-0-sgd/last.pt   # reuse stage 1
-    python simsiam_rwsam.py --rho 0.01 --epochs 1600                     # the authors' LT length
+    python simsiam_rwsam.py --rho 0.01 --opt sgd --epochs 800            # SimSiam-91's CIFAR-10 length
     torchrun --nproc_per_node 4 simsiam_rwsam.py --rho 0.01              # DDP, --batch-size is global
     python simsiam_rwsam.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01    # CIFAR-10 JPEG copy
     python simsiam_rwsam.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01 --subsample 0.125 \\
@@ -35,8 +36,15 @@ batch 512; rwSAM ≤ 2× that.
 Recipe: CIFAR ResNet-18 (3×3 stem, no max-pool, 512-d feature); projector 512→2048 (BN, ReLU) → 2048
 (BN without affine); predictor 2048→512 (BN, ReLU) → 2048; loss ½·D(p1, sg z2) + ½·D(p2, sg z1), D the
 negative cosine. SGD lr 0.06 per 512 images (linear scaling), momentum 0.9, wd 5e-4, cosine per epoch,
-800 epochs, drop_last; per view RandomResizedCrop(32, 0.2–1), flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8,
+1600 epochs, drop_last; per view RandomResizedCrop(32, 0.2–1), flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8,
 grayscale p 0.2, on the GPU (datasets_lt.ssl_augment).
+Epochs: the paper gives none for CIFAR; the authors' README runs every long-tailed CIFAR job (plain
+SimSiam main.py, main_sam_exp.py, main_sam_weight.py) with --epochs 1600, so Table 1(a) came from 1600
+epochs per row and that is the default. SimSiam-91, which their CIFAR code adapts, used 800 (--epochs 800).
+Size sweep (§2.2, App. A.1: "more epochs on the down sampled variants to ensure the same number of total
+iterations"): `--epochs` is the budget of the full-size variant; with `--subsample r` < 1 the script
+trains round(epochs / r) epochs so that the number of optimizer steps matches the full variant
+(App. A.1), and prints it at start; `--same-epochs` turns the scaling off. Both stages of rwSAM scale.
 
 rwSAM, exactly Algorithm 1:
   stage 1 (lines 3–7): plain SimSiam for --stage1-epochs (default --epochs), or --stage1 PATH.
@@ -45,17 +53,23 @@ rwSAM, exactly Algorithm 1:
     frequency). density_i = (1/n)·Σ_j exp(−‖f_i − f_j‖²/(2h²)) over all n training examples, j = i
     included as in the paper's sum, in float64 row chunks (n = 50,000 needs chunk × n memory, not n²).
     w_i = density_i^(−α), rescaled to mean 1: a constant factor in L_w does not change the perturbation
-    ε = ρ·∇L_w/‖∇L_w‖ (nor its --adaptive form), it only keeps the logged weights readable.
+    (ASAM or plain: both are normalised), it only keeps the logged weights readable.
     h (--bandwidth, not reported in the paper): default the median of ‖f_i − f_j‖ over 10,000 pairs
     (i uniform, j uniform among the other n − 1) drawn by a CPU torch.Generator seeded with --seed (the
     median heuristic; torch.median, i.e. the lower middle value). Weights go to kde_weights.pt and into
     every later checkpoint with the dataset indices they belong to.
-  stage 2 (lines 9–14): φ continues from the stage-1 model (Algorithm 1 never re-initialises φ) with a
-    fresh optimiser and a new cosine schedule of --epochs epochs. Each step: ℓ_i = per-example SimSiam
-    loss; ε = ρ·∇L_w(φ)/‖∇L_w(φ)‖₂ with L_w = mean_i(w_i·ℓ_i) (line 12, p = q = 2, one global norm
-    over all parameters); φ ← φ − η·∇L(φ + ε) with L the plain mean loss (line 13), the gradient taken
-    at φ + ε and applied at φ (weight decay at φ). BatchNorm running statistics change in the first
-    pass only.
+  stage 2 (lines 9–14): φ starts from a freshly initialised model, the same initial weights as stage 1
+    (same --seed), with a fresh optimiser and a cosine schedule of --epochs epochs: stage 1 only supplies
+    the features for the weights, as in the authors' main_sam_weight.py (a new SimSiam, nothing loaded),
+    so the rwSAM model trains exactly as many epochs as the SimSiam, SAM and balanced rows of Table 1(a),
+    and stage1.pt IS the SimSiam row at the same budget. --stage2-init stage1 continues φ from the
+    stage-1 model instead (Algorithm 1 read literally never re-initialises φ): rwSAM then follows
+    --stage1-epochs of SimSiam, twice the budget of the other rows, and any gain is confounded.
+    Each step: ℓ_i = per-example SimSiam loss; ε = ρ·T²∇L_w(φ)/‖T∇L_w(φ)‖₂ with T = |φ| element-wise
+    (ASAM, the authors' form, default; --no-adaptive: T = 1, line 12 with p = q = 2) and
+    L_w = mean_i(w_i·ℓ_i), one global norm over all parameters; φ ← φ − η·∇L(φ + ε) with L the plain
+    mean loss (line 13), the gradient taken at φ + ε and applied at φ (weight decay at φ). BatchNorm
+    running statistics change in the first pass only.
 --opt sam is the same step with w ≡ 1 (Eq. (2)); --opt sgd is SimSiam.
 
 Monitors (no test-set selection): every --knn-every epochs and at the end of each stage, weighted kNN
@@ -85,17 +99,22 @@ Deliberate differences from the paper and the authors' code (Liuhong99/Imbalance
    ground-truth label (w = 1.2^y) and main_sam_weight.py read a weight file the repository lacks.
 2. The weighted loss weights. The authors' SimSiamLossRe ignores the weights in its default
    'simplified' mode, so their "rwSAM" ran as plain adaptive SAM.
-3. SAM radius: the paper's ρ = 5 (App. C.1, after Algorithm 1) with its ℓ2 form (p = q = 2), i.e.
-   ‖ε‖₂ = ρ. The authors' code ran ρ = 0.5 with ASAM forced on (argparse type=bool turns any value of
-   --adaptive into True), where ρ bounds ‖ε/|w|‖₂ instead; --adaptive --sam-rho 0.5 reproduces that.
-   ρ = 5 is two orders above Foret et al.'s CIFAR radius (0.05); the paper gives it without comment.
+3. SAM radius: none in kind. The authors always ran adaptive SAM (ASAM, Kwon et al. 2021): their CIFAR
+   scripts' --adaptive is argparse type=bool, so any value turns it on, and the ImageNet script
+   (pretrain_moco_sam_rare.py) hard-codes it. The paper's ρ = 5 (CIFAR-10-LT) and ρ = 2 (ImageNet)
+   (App. C.1) are therefore ASAM radii, ρ bounding ‖ε/|w|‖₂, and --adaptive is on by default with
+   --sam-rho 5. Algorithm 1's ℓ2 formula (p = q = 2, ‖ε‖₂ = ρ) is --no-adaptive: at ρ = 5 it moves
+   layer1.0.conv1 by ~43% of its norm in one perturbation, a different step. The authors' released
+   CIFAR commands used other radii: 0.5 (the default of main_sam_weight.py, the KDE-weight run) and 7.0
+   (main_sam_exp.py, the label-exponential-weight run); the default follows the paper's 5.
 4. BatchNorm running statistics are updated in the first pass only (buffers restored after the
    second); the authors' SAM updated them at the perturbed weights too.
 5. No test-set selection: the authors kept the checkpoint with the best 1-NN accuracy on the CIFAR-10
    test set (on 2048-d projector outputs); this script keeps the last epoch and monitors kNN on a
    validation split of the training data (k = 200, T = 0.1, backbone features).
-6. Stage 2 starts from the stage-1 model, as Algorithm 1 reads; the authors' main_sam_weight.py built a
-   fresh model. --stage2-init scratch does that.
+6. None for stage 2: it starts from a fresh model, as the authors' main_sam_weight.py built it (equal
+   epochs for every row). --stage2-init stage1 is the literal reading of Algorithm 1 (φ kept after
+   line 8), which trains the rwSAM model for stage 1 + stage 2 epochs.
 7. lr 0.06 per 512 (REFERENCE §6, SimSiam-91's command); the authors' scripts default to 0.05. Cosine
    per epoch from epoch 0 (their schedule started at epoch 1 and ended at lr 0).
 8. Data: seeded subsets of datasets_lt (same images in every script) instead of the authors' fixed .npy
@@ -136,12 +155,15 @@ def parse_args(argv=None):
     p.add_argument("--rho", type=float, default=0.01, help="tail/head ratio in (0, 1]; 1 = balanced")
     p.add_argument("--imb-type", default="exp", choices=["exp", "step"])
     p.add_argument("--gpu", type=int, default=0, help="GPU index; -1 = CPU")
-    p.add_argument("--epochs", type=int, default=800,
-                   help="SimSiam epochs (rwSAM: stage 2); the authors ran 1600 for the long-tailed tables")
+    p.add_argument("--epochs", type=int, default=1600,
+                   help="SimSiam epochs (rwSAM: stage 2, and stage 1 unless --stage1-epochs); 1600 as the authors' "
+                        "long-tailed CIFAR runs (SimSiam-91: 800)")
     p.add_argument("--batch-size", type=int, default=512, help="global batch (split across torchrun processes)")
     p.add_argument("--lr", type=float, default=None, help="default: 0.06 · batch-size / 512")
     p.add_argument("--wd", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
     p.add_argument("--out", default=None,
                    help="default: runs/<script>-<dataset>-<rho>-<seed>-<opt>[-step][-balanced][-sub<r>]")
     p.add_argument("--resume", default=None,
@@ -153,19 +175,25 @@ def parse_args(argv=None):
     # --- this method ---
     p.add_argument("--opt", default="rwsam", choices=["sgd", "sam", "rwsam"],
                    help="sgd: SimSiam; sam: + SAM; rwsam: stage 1 SimSiam, KDE weights, stage 2 rwSAM")
-    p.add_argument("--sam-rho", type=float, default=5.0, help="SAM radius ρ (paper 2 App. C.1: 5 on CIFAR-10-LT)")
-    p.add_argument("--adaptive", action="store_true", help="ASAM: element-wise |w| scaling of the perturbation")
+    p.add_argument("--sam-rho", type=float, default=5.0,
+                   help="SAM radius ρ (paper 2 App. C.1: 5 on CIFAR-10-LT, an ASAM radius)")
+    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
+                   help="ASAM (Kwon et al.): ε = ρ·|w|²·g/‖|w|·g‖₂, as the authors always ran it (default); "
+                        "--no-adaptive: plain SAM, ε = ρ·g/‖g‖₂")
     p.add_argument("--alpha", type=float, default=1.2, help="rwSAM weight exponent: w = density^(-α)")
     p.add_argument("--bandwidth", type=float, default=None,
                    help="KDE bandwidth h; default: median distance between normalised stage-1 features")
     p.add_argument("--stage1", default=None, help="rwSAM: take stage 1 from this checkpoint instead of training it")
     p.add_argument("--stage1-epochs", type=int, default=None, help="rwSAM stage-1 epochs; default: --epochs")
-    p.add_argument("--stage2-init", default="stage1", choices=["stage1", "scratch"],
-                   help="rwSAM stage 2 starts from the stage-1 model (Algorithm 1) or from a fresh one")
+    p.add_argument("--stage2-init", default="scratch", choices=["scratch", "stage1"],
+                   help="rwSAM stage 2 starts from a fresh model with the seed of stage 1 (the authors' "
+                        "main_sam_weight.py; equal budgets) or continues the stage-1 model (doubles the budget)")
     p.add_argument("--balanced", action="store_true",
                    help="class-balanced subset with the same number of images as the long-tailed one")
     p.add_argument("--subsample", type=float, default=1.0, choices=SUBSAMPLE,
-                   help="keep this fraction of every class (paper 2's size sweep)")
+                   help="keep this fraction of every class (paper 2's size sweep); trains round(epochs / r) epochs")
+    p.add_argument("--same-epochs", action="store_true",
+                   help="with --subsample r < 1, train --epochs epochs instead of round(epochs / r)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--knn-every", type=int, default=10,
                    help="kNN every N epochs and at the end of each stage (gap: at stage ends); 0: only at the ends; "
@@ -292,7 +320,7 @@ def check_ranges(args, ranges):
 
 SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
                  ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
-                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)")]
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
 # === end shared: check_ranges ===
 
 
@@ -454,7 +482,7 @@ def forward_loss(model, x1, x2, amp):
 
 def sam_perturbation(params, grads, rho, adaptive):
     """ε of paper 2 Algorithm 1 line 12 with p = q = 2: ρ·g/‖g‖₂, one norm over all parameters (Foret
-    et al. Eq. (2)). adaptive (ASAM, Kwon et al. 2021, as the SAM code the authors used): ρ·w²·g/‖|w|·g‖₂."""
+    et al. Eq. (2)). adaptive (ASAM, Kwon et al. 2021, as the authors ran it; the default): ρ·w²·g/‖|w|·g‖₂."""
     if adaptive:
         scaled = torch._foreach_mul(grads, torch._foreach_abs(params))
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(scaled)))
@@ -604,13 +632,13 @@ def training_subset(train_y, args):
 
     Paper 2 §2.2 / App. A.1: the exp or step long-tailed subset, downsampled per class by --subsample;
     --balanced replaces it by a class-balanced subset of the same size."""
-    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.seed, D.N_MAX.get(args.dataset),
+    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
                              D.CLASS_ORDER.get(args.dataset))
     if args.subsample < 1:
-        idx = D.downsample(idx, train_y, args.subsample, args.seed)
+        idx = D.downsample(idx, train_y, args.subsample, args.data_seed)
     if args.balanced:
-        idx = D.balanced_subset(train_y, len(idx), args.seed)
-    return D.carve_val(idx, train_y, args.val_frac, args.seed)
+        idx = D.balanced_subset(train_y, len(idx), args.data_seed)
+    return D.carve_val(idx, train_y, args.val_frac, args.data_seed)
 
 
 def ssl_batches(images, batch_size, mean, std, epoch, seed, rank=0, world=1, chunk=8192):
@@ -653,7 +681,7 @@ def build_data(args, device, rank):
     order = D.CLASS_ORDER.get(args.dataset, list(range(C)))
     data.frequent, data.rare = order[:C // 2], order[C // 2:]
     if rank == 0:
-        mem, queries = D.carve_val(np.arange(len(train_y)), train_y, args.knn_val_frac, args.seed)
+        mem, queries = D.carve_val(np.arange(len(train_y)), train_y, args.knn_val_frac, args.data_seed)
         pick = lambda i: full[torch.as_tensor(i, device=device)]
         data.knn_mem = D.GPULoader(pick(mem), train_y[mem], 1024, mean, std, device)
         data.knn_query = D.GPULoader(pick(queries), train_y[queries], 1024, mean, std, device)
@@ -731,6 +759,13 @@ def load_stage1(args):
     return backbone, full
 
 
+def run_epochs(args, epochs):
+    """The size-sweep rule: `--epochs` is the budget of the full-size variant; with `--subsample r` < 1 the
+    script trains round(epochs / r) epochs so that the number of optimizer steps matches the full variant
+    (App. A.1), and prints it at start; `--same-epochs` turns the scaling off."""
+    return epochs if args.subsample >= 1 or args.same_epochs else round(epochs / args.subsample)
+
+
 def init_state(seed):
     torch.manual_seed(seed)
     return SimSiam().state_dict()
@@ -755,6 +790,8 @@ def main(argv=None):
         if ckpt.get("script") != "simsiam_rwsam.py":
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not simsiam_rwsam.py; "
                  f"use --stage1 to start rwSAM from its backbone")
+        # same_epochs: runs saved before the size-sweep rule trained --epochs at every size
+        ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), "same_epochs": True, **ckpt["args"]}
         args = resume_args(args, ckpt, RESUME_FLAGS)
         if rank == 0:
             print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
@@ -776,12 +813,13 @@ def main(argv=None):
     if n < args.batch_size:
         fail(f"the training subset has {n} images, fewer than one batch of {args.batch_size}; lower --batch-size")
 
-    e1 = (args.stage1_epochs or args.epochs) if args.opt == "rwsam" and not args.stage1 else 0
-    total = e1 + args.epochs
+    e1 = run_epochs(args, args.stage1_epochs or args.epochs) if args.opt == "rwsam" and not args.stage1 else 0
+    e2 = run_epochs(args, args.epochs)
+    total = e1 + e2
 
     def phase(g):
         """(optimiser rule, epoch within the stage, epochs of the stage) of 0-based global epoch g."""
-        return ("sgd", g, e1) if g < e1 else (args.opt, g - e1, args.epochs)
+        return ("sgd", g, e1) if g < e1 else (args.opt, g - e1, e2)
 
     torch.manual_seed(args.seed)
     model = SimSiam().to(device)
@@ -808,9 +846,15 @@ def main(argv=None):
             copy_source(__file__, args.out)
         # a resumed run drops the epochs logged after its checkpoint
         write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
-        plan = (f"stage 1 SimSiam {e1} epochs, then rwSAM {args.epochs}" if e1 else
-                f"rwSAM {args.epochs} epochs after --stage1 {args.stage1}" if args.opt == "rwsam" else
-                f"{'SimSiam' if args.opt == 'sgd' else 'SimSiam + SAM'} {args.epochs} epochs")
+        init = "from a fresh model" if args.stage2_init == "scratch" else "continuing stage 1"
+        plan = (f"stage 1 SimSiam {e1} epochs, then rwSAM {e2} {init}" if e1 else
+                f"rwSAM {e2} epochs {init}, weights from --stage1 {args.stage1}" if args.opt == "rwsam" else
+                f"{'SimSiam' if args.opt == 'sgd' else 'SimSiam + SAM'} {e2} epochs")
+        if args.subsample < 1:
+            print(f"--subsample {args.subsample:g}: " + (
+                f"--same-epochs, {args.epochs} epochs as the full variant (fewer optimizer steps)" if args.same_epochs
+                else f"{e2} = round({args.epochs} / {args.subsample:g}) epochs, the optimizer steps of the full "
+                     f"variant's {args.epochs} (paper 2 App. A.1; --same-epochs turns this off)"))
         print(f"{args.dataset} rho={args.rho:g} ({args.imb_type}{', balanced' if args.balanced else ''}"
               f"{f', subsample {args.subsample:g}' if args.subsample < 1 else ''}): {n} training images "
               f"{data.counts}; {plan}; batch {args.batch_size} on {world} × {device}, lr {args.lr:g}"
@@ -833,7 +877,8 @@ def main(argv=None):
 
     if rank == 0 and ckpt is not None:                     # what an interrupted write may have lost
         if e1 and start == e1 and kde is None and not os.path.exists(os.path.join(args.out, "stage1.pt")):
-            save("stage1.pt", e1, opt="sgd", epochs=e1, stage1_epochs=None, stage1_of=args.out)
+            save("stage1.pt", e1, opt="sgd", epochs=args.stage1_epochs or args.epochs, stage1_epochs=None,
+                 stage1_of=args.out)
         if kde is not None and "density" in kde and not os.path.exists(os.path.join(args.out, "kde_weights.pt")):
             save_atomic(kde, os.path.join(args.out, "kde_weights.pt"))
 
@@ -899,7 +944,8 @@ def main(argv=None):
             if last_of_stage and args.knn_every >= 0:
                 stage_end("stage1" if g < e1 else "final", knn_now)
             if g + 1 == e1:                                # before last.pt: a kill between the two redoes the epoch
-                save("stage1.pt", g + 1, opt="sgd", epochs=e1, stage1_epochs=None, stage1_of=args.out)
+                save("stage1.pt", g + 1, opt="sgd", epochs=args.stage1_epochs or args.epochs, stage1_epochs=None,
+                     stage1_of=args.out)
             save("last.pt", g + 1)
 
     if rank == 0:
@@ -908,8 +954,8 @@ def main(argv=None):
                      for o in sorted({r["opt"] for r in rows})}
         final = {"script": "simsiam_rwsam.py", "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type,
                  "balanced": args.balanced, "subsample": args.subsample, "opt": args.opt, "sam_rho": args.sam_rho,
-                 "adaptive": args.adaptive, "alpha": args.alpha, "seed": args.seed, "epochs": args.epochs,
-                 "stage1_epochs": e1, "stage1": args.stage1, "stage2_init": args.stage2_init, "world_size": world,
+                 "adaptive": args.adaptive, "alpha": args.alpha, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs,
+                 "epochs_trained": e2, "same_epochs": args.same_epochs, "stage1_epochs": e1, "stage1": args.stage1, "stage2_init": args.stage2_init, "world_size": world,
                  "n_train": n, "class_counts": data.counts, "last": summary.get("final"),
                  "stage1_result": summary.get("stage1"), "best_knn_on_val": best,
                  "kde": None if kde is None else {k: kde[k] for k in ("bandwidth", "alpha", "source",

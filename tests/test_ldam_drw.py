@@ -28,6 +28,35 @@ def test_ldam_margins():
     assert m[4].item() == pytest.approx(0.5 * (50 / 645) ** 0.25, rel=1e-6)
 
 
+@pytest.mark.parametrize("script", ["ldam_drw", "self_training", "rotation_ssp", "crt", "eval_linear", "eval_ood"])
+def test_cosine_classifier_starts_with_unit_norm_class_vectors(script):
+    """LDAM-DRW's init: uniform(-1, 1) then every class vector at norm 1 (a plain uniform row of 64 has ≈4.6)."""
+    import importlib
+    mod = importlib.import_module(script)
+    torch.manual_seed(0)
+    w = mod.NormedLinear(64, 10).weight.detach()
+    assert w.shape == (10, 64)
+    assert w.norm(dim=1).tolist() == pytest.approx([1.0] * 10, abs=1e-5)
+    torch.manual_seed(0)                                  # same direction as the uniform draw it rescales
+    u = torch.empty(10, 64).uniform_(-1, 1)
+    assert torch.allclose(w, u / u.norm(dim=1, keepdim=True), atol=1e-6)
+    assert mod.ResNet32(10, cosine=True).fc.weight.norm(dim=1).tolist() == pytest.approx([1.0] * 10, abs=1e-5)
+
+
+def test_resample_weights_are_the_authors_effective_number_by_default():
+    w = D.effective_number_sample_weights([0, 0, 0, 1], beta=0.5)            # (1−β)/(1−β^n): 0.5/0.875 and 0.5/0.5
+    assert w.tolist() == pytest.approx([0.5 / 0.875] * 3 + [1.0])
+    labels = torch.repeat_interleave(torch.arange(10), torch.tensor(CIFAR10_LT))
+    w = D.effective_number_sample_weights(labels, 0.9999)
+    per_class = torch.zeros(10, dtype=torch.float64).index_add_(0, labels, w)   # draw probability ∝ n_c·w_c
+    assert (per_class[0] / per_class[9]).item() == pytest.approx(5000 * (1 - 0.9999 ** 50) / (50 * (1 - 0.9999 ** 5000)))
+    assert (per_class[0] / per_class[9]).item() == pytest.approx(1.2676, abs=1e-4)
+    inv = torch.zeros(10, dtype=torch.float64).index_add_(0, labels, D.balanced_sample_weights(labels))
+    assert inv.tolist() == pytest.approx([1.0] * 10)
+    assert L.parse_args([]).resample_weights == "effective"
+    assert L.parse_args(["--resample-weights", "inverse"]).resample_weights == "inverse"
+
+
 def test_class_balanced_weights_by_hand():
     w = L.class_balanced_weights([1, 2], beta=0.5)       # (1−β)/(1−β^n): 1 and 2/3, rescaled to sum 2
     assert w.tolist() == pytest.approx([1.2, 0.8])

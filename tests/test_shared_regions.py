@@ -147,7 +147,7 @@ def test_unbalanced_markers_are_reported(tmp_path, text, message):
 # ----- the shared command-line flags (CONVENTIONS: "shared flags first, same names, order") ----------
 
 SHARED_FLAGS = ["--dataset", "--data-root", "--download", "--rho", "--imb-type", "--gpu", "--epochs", "--batch-size",
-                "--lr", "--wd", "--seed", "--out", "--resume", "--amp", "--val-frac"]
+                "--lr", "--wd", "--seed", "--data-seed", "--out", "--resume", "--amp", "--val-frac"]
 FLAG = re.compile(r'add_argument\("(--[a-z0-9-]+)"')
 
 

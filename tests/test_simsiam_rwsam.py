@@ -155,6 +155,31 @@ def test_perturbation_by_hand():
     assert torch.allclose(e[1], torch.tensor([[2.0 * 9 * -4 / n]]))
 
 
+@pytest.mark.parametrize("flags", [[], ["--no-adaptive"]])
+def test_default_perturbation_is_asam_by_hand(flags):
+    """Default (the authors' ASAM): the point of the second pass is w + ε with ε_i = ρ·T_i²·g_i/‖T·g‖₂,
+    T = |w| element-wise, over all parameters; --no-adaptive: ε = ρ·g/‖g‖₂."""
+    args = S.parse_args(["--opt", "sam", *flags])
+    assert args.adaptive == (flags == []) and args.sam_rho == 5.0
+    torch.manual_seed(4)
+    m = Tiny()
+    x1, x2 = _tiny_batch(4)
+    w = [p.detach().clone() for p in m.parameters()]
+    c = copy.deepcopy(m)
+    g = torch.autograd.grad(S.simsiam_loss(*c(x1, x2)).mean(), list(c.parameters()))
+    t = [wi.abs() if args.adaptive else torch.ones_like(wi) for wi in w]
+    norm = math.sqrt(sum(((ti * gi) ** 2).sum().item() for ti, gi in zip(t, g)))
+    expected = [args.sam_rho * ti ** 2 * gi / norm for ti, gi in zip(t, g)]
+    seen = []
+    m.register_forward_pre_hook(lambda mod, inp: seen.append([p.detach().clone() for p in mod.parameters()]))
+    S.train_step(m, _sgd(m), x1, x2, "sam", rho=args.sam_rho, adaptive=args.adaptive)
+    eps = [p2 - p1 for p1, p2 in zip(seen[0], seen[1])]
+    assert all(torch.equal(a, b) for a, b in zip(seen[0], w))
+    assert all(torch.allclose(e, x, rtol=1e-4, atol=1e-6) for e, x in zip(eps, expected))
+    scaled = [torch.where(ti > 0, e / ti, torch.zeros_like(e)) for e, ti in zip(eps, t)]   # ‖ε/T‖₂ = ρ
+    assert math.isclose(math.sqrt(sum(x.pow(2).sum().item() for x in scaled)), 5.0, rel_tol=1e-4)
+
+
 def test_batchnorm_statistics_change_in_the_first_pass_only():
     torch.manual_seed(3)
     m = S.SimSiam()
@@ -371,11 +396,25 @@ def test_checkpoints_follow_the_contract(rwsam_run, capsys):
     assert f"{len(own) - 2} tensors matched, 2 missing (fc.weight, fc.bias), {heads} unexpected" in report
 
 
-def test_stage_2_continues_from_stage_1(rwsam_run):
-    last, stage1 = _model(rwsam_run / "last.pt"), _model(rwsam_run / "stage1.pt")
-    init = S.init_state(0)
-    dist_to = lambda ref: sum((last[k].float() - ref[k].float()).norm() ** 2 for k in last if "running" not in k)
-    assert dist_to(stage1) < dist_to(init)
+@pytest.mark.parametrize("init", ["scratch", "stage1"])
+def test_stage_2_starts_from_a_fresh_model_or_from_stage_1(data, tmp_path, monkeypatch, init):
+    """Default (the authors' main_sam_weight.py): stage 2 starts from the initial weights of a fresh model
+    of the same seed; --stage2-init stage1: from the stage-1 model, bit for bit."""
+    start = {}
+    begin = S.begin_stage2
+
+    def spy(args, data_, net, *rest):
+        kde = begin(args, data_, net, *rest)
+        start.update({k: v.clone() for k, v in net.state_dict().items()})
+        return kde
+
+    monkeypatch.setattr(S, "begin_stage2", spy)
+    extra = [] if init == "scratch" else ["--stage2-init", "stage1"]
+    S.main(_args(data, tmp_path, "--stage1-epochs", 1, "--epochs", 1, "--knn-every", -1, "--seed", 3, *extra))
+    fresh, stage1 = S.init_state(3), _model(tmp_path / "stage1.pt")
+    same = lambda ref: all(torch.equal(start[k], ref[k]) for k in ref)
+    assert set(start) == set(fresh) == set(stage1)
+    assert (same(fresh), same(stage1)) == ((True, False) if init == "scratch" else (False, True))
 
 
 def test_resume_at_the_stage_boundary_equals_the_whole_run(rwsam_run, tmp_path):
@@ -409,15 +448,42 @@ def test_stage1_from_a_checkpoint_gives_the_same_weights(rwsam_run, data, tmp_pa
 def test_stage2_from_scratch_takes_only_the_backbone(data, tmp_path, capsys):
     torch.save({"script": "crt.py", "arch": "resnet18", "model": S.ResNet18().state_dict()}, tmp_path / "r18.pt")
     with pytest.raises(SystemExit) as e:
-        S.main(_args(data, tmp_path / "a", "--stage1", tmp_path / "r18.pt", "--epochs", 1))
+        S.main(_args(data, tmp_path / "a", "--stage1", tmp_path / "r18.pt", "--stage2-init", "stage1", "--epochs", 1))
     assert e.value.code == 2 and "--stage2-init scratch" in capsys.readouterr().err
-    S.main(_args(data, tmp_path / "b", "--stage1", tmp_path / "r18.pt", "--stage2-init", "scratch", "--epochs", 1,
-                 "--knn-every", -1))
+    S.main(_args(data, tmp_path / "b", "--stage1", tmp_path / "r18.pt", "--epochs", 1, "--knn-every", -1))
     last, init = _model(tmp_path / "b" / "last.pt"), S.init_state(0)
     r18 = torch.load(tmp_path / "r18.pt", weights_only=True)["model"]
     dist_to = lambda ref: sum((last[k].float() - ref[k].float()).norm() ** 2 for k in r18 if k in last
                               and "running" not in k)
     assert dist_to(init) < dist_to(r18)
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_subsample_trains_more_epochs_for_the_same_steps(tmp_path, monkeypatch, same):
+    """App. A.1: --subsample 0.25 trains 4× --epochs, the optimizer steps of the full variant (±1 batch);
+    --same-epochs keeps --epochs (a quarter of the steps)."""
+    root = tmp_path / "data"
+    write_folder(root, classes=tuple("abcd"), per_class=(16,) * 4, per_class_test=1, size=8)
+    steps = []
+    step = S.train_step
+    monkeypatch.setattr(S, "train_step", lambda *a, **k: steps.append(1) or step(*a, **k))
+    runs = {}
+    for name, extra in (("full", []), ("quarter", ["--subsample", 0.25] + (["--same-epochs"] if same else []))):
+        steps.clear()
+        S.main(_args(root, tmp_path / name, "--rho", 1, "--opt", "sgd", "--epochs", 1, "--knn-every", -1, *extra))
+        rows = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        runs[name] = (len(rows), len(steps), json.loads((tmp_path / name / "final.json").read_text())["n_train"])
+    assert runs["full"] == (1, 64 // 8, 64) and runs["quarter"][2] == 16
+    if same:
+        assert runs["quarter"][:2] == (1, 16 // 8)
+    else:
+        assert runs["quarter"][0] == 4 and abs(runs["quarter"][1] - runs["full"][1]) <= 1
+
+
+def test_size_sweep_rule():
+    rule = lambda *argv: S.run_epochs(S.parse_args(list(argv)), 1600)
+    assert (rule(), rule("--subsample", "0.75"), rule("--subsample", "0.125")) == (1600, 2133, 12800)
+    assert rule("--subsample", "0.5", "--same-epochs") == 1600
 
 
 def test_torchrun_two_processes_on_cpu(data, tmp_path):
