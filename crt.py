@@ -95,7 +95,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Range of every numeric flag, before anything is read or written."""
-    check_ranges(args, SHARED_RANGES + [("rho", 0, 1, "(]")])
+    check_ranges(args, SHARED_RANGES)                      # --rho: D.check_rho in main(), with its hint
 
 
 def fail(msg):

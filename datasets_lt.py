@@ -52,7 +52,8 @@ def load_split(dataset, root, train, download=False):
 
     `train` is True (training split), False (test split) or a split name: "extra" for SVHN,
     "unlabeled" for STL-10 (labels are then -1). `folder` reads root/{train,test}/<class>/* with
-    classes sorted by name; every image must have the same size.
+    classes sorted by name, the test split labelled by the training split's class names; every image
+    must have the same size.
     """
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset '{dataset}'; choose one of {', '.join(DATASETS)}")

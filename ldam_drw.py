@@ -75,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="default: runs/<script>-<dataset>-<rho>-<seed>")
     p.add_argument("--resume", default=None,
                    help="continue the run saved in this last.pt, in its folder, with its arguments; only --gpu, "
-                        "--data-root, --download, --workers may be given with it (any other flag is refused)")
+                        "--data-root, --download (and --workers) may be given with it, any other flag is refused")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--val-frac", type=float, default=0.0,
                    help="validation split carved from the training subset; 0 = report last epoch only")

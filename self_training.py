@@ -104,7 +104,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="default: runs/<script>-<dataset>-<rho>-<seed>")
     p.add_argument("--resume", default=None,
                    help="continue the run saved in this last.pt, in its folder, with its arguments; only --gpu, "
-                        "--data-root, --download may be given with it (any other flag is refused)")
+                        "--data-root, --download (and --workers) may be given with it, any other flag is refused")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--val-frac", type=float, default=0.0,
                    help="validation split carved from the training subset; 0 = report last epoch only")
@@ -154,7 +154,7 @@ def parse_args(argv=None):
 def check_args(args):
     """Range of every numeric flag, before anything is read or written."""
     check_ranges(args, SHARED_RANGES + [("st_batch_size", 1, None, "[)"), ("unlabeled_mult", 0, None, "[)"),
-                                        ("rho_u", 0, 1, "(]"), ("relevance", 0, 1, "[]"), ("omega", 0, None, "[)"), ("threshold", 0, 1, "[]"),
+                                        ("relevance", 0, 1, "[]"), ("omega", 0, None, "[)"), ("threshold", 0, 1, "[]"),
                                         ("warmup", 0, None, "[)"), ("beta", 0, 1, "[)"), ("gamma", 0, None, "[)"),
                                         ("max_m", 0, None, "[)"), ("s", 0, None, "()")])
     if "warmup" in args.cli_flags and 0 < args.warmup >= args.epochs:

@@ -39,7 +39,8 @@ OWN = {
     "simsiam_rwsam.py": [["--sam-rho", "-1"], ["--alpha", "-1"], ["--bandwidth", "0"], ["--stage1-epochs", "0"],
                          ["--knn-every", "-2"], ["--knn-k", "0"], ["--knn-t", "0"], ["--knn-val-frac", "0"],
                          ["--knn-val-frac", "1"], ["--rho", "0"]],
-    "self_training.py": [["--st-batch-size", "0"], ["--unlabeled-mult", "-1"], ["--rho-u", "0"], ["--relevance", "1.5"], ["--omega", "-1"],
+    "self_training.py": [["--st-batch-size", "0"], ["--unlabeled-mult", "-1"], ["--rho-u", "0"], ["--relevance", "1.5"],
+                         ["--omega", "-1"],
                          ["--threshold", "1.5"], ["--beta", "1"], ["--gamma", "-1"], ["--s", "0"], ["--max-m", "-1"],
                          ["--warmup", "-1"], ["--warmup", "2"]],
     "crt.py": [["--workers", "-1"], ["--rho", "2"]],
@@ -121,7 +122,7 @@ def inputs(tmp_path_factory):
         d = root / f"run_{script}"
         d.mkdir()
         torch.save({"script": script, "arch": "resnet32", "model": {}, "epoch": 1, "stage": "base",
-                    "args": {"out": str(d)}}, d / "last.pt")
+                    "args": {"out": str(d), "seed": 0, "batch_size": 16}}, d / "last.pt")
         paths[f"resume_{script[:-3]}"] = d / "last.pt"
     # every case, one forked process each, in one subprocess per script
     results = {}

@@ -331,7 +331,7 @@ def test_list_views_shard_one_permutation(tmp_path):
     (["--batch-size", "8", "--queue", "20"], "use one of 8, 16, 24, 32, …, 56"),
     (["--bn-splits", "3"], "--bn-splits 3 must divide the 16 images"),
     (["--rho", "100"], "--rho 0.01"),
-    (["--moco-t", "0"], "--moco-t positive"),
+    (["--moco-t", "0"], "--moco-t must be in (0, inf)"),
     (["--arch", "vit"], "invalid choice"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, tiny, capsys, extra, message):

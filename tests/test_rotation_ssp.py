@@ -254,7 +254,7 @@ def test_resume_continues_to_the_same_result(tmp_path, easy, monkeypatch):
 # ----- bad input -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args,msg", [(["--rho", "100"], "--rho 0.01"), (["--dataset", "imagenet_lt"], "MoCo"),
-                                      (["--epochs", "0"], "must be positive")])
+                                      (["--epochs", "0"], "--epochs must be in [1, inf)")])
 def test_bad_input_one_line_exit_2(tmp_path, easy, args, msg):
     r = run_script("rotation_ssp.py", "--dataset", "folder", "--data-root", easy, "--gpu", "-1",
                    "--out", tmp_path / "o", *args)

@@ -152,7 +152,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, data):
 
 
 @pytest.mark.parametrize("args,msg", [(["--rho-u", "50"], "--rho-u 0.02"), (["--irrelevant-classes", "9"], "0..4"),
-                                      (["--omega", "-1"], "non-negative")])
+                                      (["--omega", "-1"], "--omega must be in [0, inf)")])
 def test_bad_input(tmp_path, data, args, msg):
     r = run_script("self_training.py", *_args(data, tmp_path / "st", *args))
     assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
