@@ -31,9 +31,11 @@ Deliberate differences from the paper and the authors' code:
 5. Data and crop/flip live on the GPU (datasets_lt.GPULoader); the distribution is torchvision's.
 6. --pretrained loads only the backbone, reports matched / missing / unexpected keys and fails unless
    every backbone tensor was found; the authors' loader silently loaded nothing.
-7. ImageNet-LT / iNaturalist: torchvision ResNet-10/50, 90 epochs, lr 0.2 with a cosine schedule and
-   wd 5e-4 as Kang et al. 2020, but batch 128 (theirs was 512: --batch-size 512), no warm-up,
-   DataLoader input.
+7. ImageNet-LT / iNaturalist as paper 1's released feature-stage configs (feat_uniform.yaml, Kang et
+   al.'s code): torchvision ResNet-10/50, 90 epochs, lr 0.2, cosine stepped before each epoch
+   (--lr-sequence kang: epoch e of E, 1-based, at lr·(1 + cos(π e/E))/2), wd 5e-4 (iNat 1e-4), batch 128
+   (Kang et al.'s own: 512; paper 1's iNat config: 100), no warm-up, DataLoader input; iNat without
+   colour jitter and with its own mean/std. Model selection on --val-list (the official val list).
 8. Resample / DRS draw with the authors' ImbalancedDatasetSampler weights (1 − β)/(1 − β^{n_c}),
    β = 0.9999, which are close to but not exactly class-balanced (the head class of CIFAR-10-LT ρ=100
    is drawn 1.27× as often as the tail); --resample-weights inverse draws with 1/n_c (exactly balanced).
@@ -68,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="default: 200 (CIFAR, SVHN), 90 (ImageNet-LT, iNat)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=None, help="default: 0.1 (CIFAR, SVHN), 0.2 (ImageNet-LT, iNat)")
-    p.add_argument("--wd", type=float, default=None, help="default: 2e-4 (CIFAR, SVHN), 5e-4 (ImageNet-LT, iNat)")
+    p.add_argument("--wd", type=float, default=None, help="default: 2e-4 (CIFAR, SVHN), 5e-4 (ImageNet-LT), 1e-4 (iNat)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0,
                    help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
@@ -88,6 +90,11 @@ def parse_args(argv=None):
                         "resnet18 = CIFAR ResNet-18 of simsiam_rwsam.py / moco_ssp.py")
     p.add_argument("--train-list", default=None, help="ImageNet-LT / iNat: 'relative/path label' list")
     p.add_argument("--test-list", default=None, help="ImageNet-LT / iNat: test list")
+    p.add_argument("--val-list", default=None,
+                   help="ImageNet-LT / iNat: official validation list (ImageNet_LT_val.txt) for model selection")
+    p.add_argument("--lr-sequence", default=None, choices=["kang", "plain"],
+                   help="cosine: kang steps it before each epoch as Kang et al.'s run_networks.py (epoch e of E, "
+                        "1-based, at lr·(1+cos(π e/E))/2); plain starts at lr. Default: kang on ImageNet-LT / iNat")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers (ImageNet-LT / iNat only)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--warmup", type=int, default=None, help="linear warm-up epochs; default 5 (CIFAR), 0 (ImageNet)")
@@ -104,7 +111,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.cli_flags = given_flags(p, argv)
     large = args.dataset in ("imagenet_lt", "inat")
-    for name, cifar, imagenet in (("epochs", 200, 90), ("lr", 0.1, 0.2), ("wd", 2e-4, 5e-4), ("warmup", 5, 0),
+    for name, cifar, imagenet in (("epochs", 200, 90), ("lr", 0.1, 0.2), ("wd", 2e-4, 1e-4 if args.dataset == "inat" else 5e-4),
+                                  ("warmup", 5, 0), ("lr_sequence", "plain", "kang"),
                                   ("arch", "resnet32", "resnet10" if args.dataset == "imagenet_lt" else "resnet50")):
         if getattr(args, name) is None:
             setattr(args, name, imagenet if large else cifar)
@@ -553,8 +561,11 @@ class ListBatches:
 def build_list_data(args, device):
     if not args.train_list or not args.test_list:
         fail(f"--dataset {args.dataset} needs --train-list and --test-list ('relative/path label' files)")
-    train_ds = D.FileListDataset(args.data_root, args.train_list, train=True)
-    test_ds = D.FileListDataset(args.data_root, args.test_list, train=False)
+    if args.val_list and args.val_frac:
+        fail("--val-list and --val-frac both choose a validation set; pass one")
+    tf = lambda train: D.imagenet_transform(train, dataset=args.dataset)     # iNat: own mean/std, no jitter
+    train_ds = D.FileListDataset(args.data_root, args.train_list, transform=tf(True))
+    test_ds = D.FileListDataset(args.data_root, args.test_list, transform=tf(False))
     C = max(train_ds.num_classes, test_ds.num_classes)
     idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.data_seed)
     counts = np.bincount(train_ds.labels[idx], minlength=C).tolist()
@@ -562,8 +573,11 @@ def build_list_data(args, device):
     test = ListBatches(test_ds, np.arange(len(test_ds)), 256, False, args.seed, args.workers, device)
     val = None
     if len(val_idx):
-        val_ds = D.FileListDataset(args.data_root, args.train_list, train=False)
+        val_ds = D.FileListDataset(args.data_root, args.train_list, transform=tf(False))
         val = ListBatches(val_ds, val_idx, 256, False, args.seed, args.workers, device)
+    if args.val_list:                                      # Kang et al. select on the official val list
+        val_ds = D.FileListDataset(args.data_root, args.val_list, transform=tf(False))
+        val = ListBatches(val_ds, np.arange(len(val_ds)), 256, False, args.seed, args.workers, device)
     return train, val, test, counts, C
 
 
@@ -596,7 +610,8 @@ def main(argv=None):
         if ckpt.get("script") != "ldam_drw.py":
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not ldam_drw.py; "
                  f"use --pretrained to start from its backbone")
-        ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), "resample_weights": "inverse", **ckpt["args"]}
+        ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), "resample_weights": "inverse",
+                        "lr_sequence": "plain", "val_list": None, **ckpt["args"]}
         args = resume_args(args, ckpt, RESUME_FLAGS)
         print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
     try:
@@ -649,7 +664,7 @@ def main(argv=None):
     t_run = time.time()
     for epoch in range(start, args.epochs):
         t0 = time.time()
-        lr = lr_at(epoch, args)
+        lr = lr_at(epoch + (args.lr_sequence == "kang"), args)      # kang: scheduler stepped before the epoch
         for group in optimizer.param_groups:
             group["lr"] = lr
         deferred = epoch >= switch

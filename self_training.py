@@ -810,6 +810,7 @@ def main(argv=None):
     _, test_m, best = fit(args, "self_training", x, y, c, counts, data, device, args.out, resume_c, args.st_batch_size)
 
     final = {"script": "self_training.py", "dataset": args.dataset, "rho": args.rho, "rho_u": args.rho_u,
+             "pool": "folder" if args.unlabeled_root else args.pool, "relevance": args.relevance,
              "loss": args.loss, "rule": args.rule, "omega": args.omega, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs,
              "labeled_counts": counts_l.tolist(), "training_counts": [int(n) for n in counts],
              "unlabeled": {**pool_report, "pseudo_labels": pl_report}, "base": base_m, "last": test_m,

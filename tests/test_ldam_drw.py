@@ -347,10 +347,35 @@ def test_existing_run_is_not_overwritten(tmp_path, easy):
 
 
 def test_imagenet_lt_file_lists(tmp_path):
+    """As released: cosine stepped before each epoch (Kang et al.), model selection on the official val list;
+    then cRT on it with the released defaults (train-mode BN, augmentation, the same lr sequence)."""
     lst = write_file_list(tmp_path, num_classes=3, per_class=4)
     final = _run(tmp_path / "run", tmp_path, "--dataset", "imagenet_lt", "--train-list", lst, "--test-list", lst,
-                 "--arch", "resnet10", "--epochs", 1, "--batch-size", 6, "--workers", 0, "--loss", "ce")
+                 "--val-list", lst, "--arch", "resnet10", "--epochs", 2, "--batch-size", 6, "--workers", 0, "--loss", "ce")
     assert final["class_counts"] == [4, 4, 4] and 0 <= final["last"]["top1"] <= 100
+    lrs = [json.loads(l)["lr"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([0.1 * (1 + math.cos(math.pi / 2)), 0.0], abs=1e-12)      # epochs 1, 2 of 2
+    assert final["best_on_val"]["val_top1"] == final["best_on_val"]["test"]["top1"]        # val list = test list here
+    r = run_script("crt.py", "--ckpt", tmp_path / "run" / "last.pt", "--gpu", "-1", "--out", tmp_path / "crt",
+                   "--data-root", tmp_path, "--epochs", 2, "--batch-size", 6, "--workers", 0, "--val-list", lst)
+    assert r.returncode == 0, r.stderr
+    crt = json.loads((tmp_path / "crt" / "final.json").read_text())
+    assert crt["bn"] == "train" and crt["augment"] is True and not crt["cached_features"]
+    assert [json.loads(l)["lr"] for l in (tmp_path / "crt" / "metrics.jsonl").read_text().splitlines()] == \
+        pytest.approx([0.1, 0.0], abs=1e-12)
+    assert crt["best_on_val"] is not None
+    r = run_script("crt.py", "--ckpt", tmp_path / "run" / "last.pt", "--gpu", "-1", "--out", tmp_path / "bad",
+                   "--val-list", lst, "--val-frac", 0.25)
+    assert r.returncode == 2 and "--val-list" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_inaturalist_defaults_as_released():
+    a = L.parse_args(["--dataset", "inat"])
+    assert (a.epochs, a.lr, a.wd, a.arch, a.lr_sequence) == (90, 0.2, 1e-4, "resnet50", "kang")
+    names = [type(t).__name__ for t in D.imagenet_transform(True, dataset="inat").transforms]
+    assert "ColorJitter" not in names and "ColorJitter" in [type(t).__name__ for t in D.imagenet_transform(True).transforms]
+    norm = D.imagenet_transform(False, dataset="inat").transforms[-1]
+    assert tuple(norm.mean) == (0.466, 0.471, 0.380) and tuple(norm.std) == (0.195, 0.194, 0.192)
 
 
 def test_resnet18_fine_tunes_a_cifar_resnet18_backbone(tmp_path, easy):

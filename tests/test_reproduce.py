@@ -12,7 +12,8 @@ from conftest import ROOT, write_folder
 
 ROWS = ["ce", "cb-ce", "focal", "cb-focal", "ce-drw", "ce-drs", "ldam", "ldam-drw",
         "ce+ssp", "cb-ce+ssp", "focal+ssp", "cb-focal+ssp", "ce-drw+ssp", "ce-drs+ssp", "ldam+ssp", "ldam-drw+ssp",
-        "ce+st", "ldam-drw+st", "ce+crt", "simsiam", "simsiam+sam", "simsiam-balanced", "simsiam+rwsam", "moco"]
+        "ce+st", "ce+st-half", "ce+st-same", "ce+st-double", "ldam-drw+st", "ldam-drw+st-half", "ldam-drw+st-same",
+        "ldam-drw+st-double", "ce+crt", "simsiam", "simsiam+sam", "simsiam-balanced", "simsiam+rwsam", "moco"]
 NEEDS = ("--pretrained", "--base", "--ckpt", "--stage1")
 
 
@@ -129,3 +130,52 @@ def test_pipeline_on_fake_data_then_rerun_skips_and_resumes(tmp_path):
     for row in rows:
         line = next(l for l in table.splitlines() if l.startswith(f"| {row} |"))
         assert "(1 seed)" in line, line
+
+
+def _parse_dry_run(stdout):
+    """(out -> argv) of every command of a dry run; each parses with its script's argparse."""
+    runs = {}
+    for line in stdout.splitlines():
+        if line.startswith("# stage"):
+            continue
+        python, script, *argv = shlex.split(line)
+        args = importlib.import_module(script[:-3]).parse_args(argv)      # SystemExit on an unknown flag or value
+        runs[flag(argv, "--out")] = (script, argv, args)
+    return runs
+
+
+def test_dry_run_of_the_paper1_groups_parses(tmp_path):
+    """CIFAR-100-LT (Table 2), SVHN-LT (Table 1(b)), the ρ = 50 column and Figs. 2-3 with a CINIC-10 pool."""
+    c100 = _parse_dry_run(reproduce("--dry-run", SET="cifar100", RHO="0.02", SEEDS="0", RUNS="R").stdout)
+    assert {o.split("/")[1] for o in c100 if not o.startswith("R/pretrain")} == set(ROWS[:16])
+    assert all(a.dataset == "cifar100" and a.rho == 0.02 for _, _, a in c100.values())
+    svhn = _parse_dry_run(reproduce("--dry-run", SET="svhn", SEEDS="0", RUNS="R").stdout)
+    assert set(svhn) == {f"R/{r}/s0" for r in ["ce", "ldam-drw"] + [r for r in ROWS if "+st" in r]}
+    assert {svhn[f"R/ce+st{u}/s0"][2].rho_u for u in ("", "-half", "-same", "-double")} == {1, 0.02, 0.01, 0.005}
+    assert all(a.pool == "rest" for s, _, a in svhn.values() if s == "self_training.py")       # SVHN's extra split
+    figs = _parse_dry_run(reproduce("--dry-run", "fig2", "fig3", RHO="0.02", SEEDS="0", RUNS="R",
+                                    POOL_ROOT="/cinic", C100_ROOT="/c100").stdout)
+    st = {o: a for o, (s, _, a) in figs.items() if s == "self_training.py"}
+    assert sorted(a.relevance for o, a in st.items() if "fig2" in o) == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert sorted(a.rho_u for o, a in st.items() if "fig3" in o) == [0.005, 0.01, 0.02, 0.04, 1.0]
+    assert all(a.pool == "cinic10" and a.pool_root == "/cinic" and a.irrelevant_root == "/c100"
+               and a.unlabeled_mult == 4 and a.base == "R/ce/s0/last.pt" for a in st.values())
+    bad = reproduce("--dry-run", "fig2", RHO="0.01")
+    assert bad.returncode == 2 and "RHO=0.02" in bad.stderr
+
+
+def test_table_marks_the_in_cifar_pool_and_shows_the_rho50_column(tmp_path):
+    def final(row, **values):
+        d = tmp_path / row / "s0"
+        d.mkdir(parents=True)
+        (d / "final.json").write_text(json.dumps({"wall_seconds": 60, **values}))
+    final("ce+st", test_error=25.0, pool="rest", dataset="folder")
+    final("ldam-drw+st-same", test_error=15.0, pool="cinic10", dataset="folder")
+    table = reproduce("table", RUNS=str(tmp_path), RHO="0.02").stdout
+    assert "| ce+st (not the paper's pool) | error % | 16.79 | 25.00 (1 seed) | 1.0 |" in table
+    assert "| ldam-drw+st-same | error % | 14.93 | 15.00 (1 seed) | 1.0 |" in table
+    assert "| ldam-drw | error % | 19.06 | not run | — |" in table
+    table = reproduce("table", RUNS=str(tmp_path), RHO="0.1", SET="cifar100").stdout
+    assert "| ldam-drw+ssp | error % | 41.09 | not run | — |" in table and "simsiam" not in table
+    table = reproduce("table", RUNS=str(tmp_path), RHO="0.01", SET="svhn").stdout
+    assert "| ce | error % | 19.98 |" in table and "| ce+st-double | error % | 15.04 |" in table
