@@ -755,7 +755,8 @@ def main(argv=None):
         state = {"script": "moco_ssp.py", "arch": args.arch, "model": contract_state(encoder_q),
                  "key_model": contract_state(encoder_k), "queue": queue, "queue_ptr": ptr, "epoch": epoch + 1,
                  "optimizer": optimizer.state_dict(), "args": vars(args), "class_counts": counts,
-                 "rng": {"torch": torch.get_rng_state()}}
+                 "rng": {"torch": torch.get_rng_state()},
+                 "mean": getattr(test, "mean", D.IMAGENET_MEAN), "std": getattr(test, "std", D.IMAGENET_STD)}
         save_atomic(state, os.path.join(args.out, "last.pt"))
 
     if rank == 0:
