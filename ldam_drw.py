@@ -708,7 +708,8 @@ def main(argv=None):
               f"{row['seconds']:6.2f}", flush=True)
         state = {"script": "ldam_drw.py", "arch": args.arch, "model": model.state_dict(), "epoch": epoch + 1,
                  "optimizer": optimizer.state_dict(), "args": vars(args), "class_counts": counts, "best": best,
-                 "train_subset": subset, "rng": {"torch": torch.get_rng_state()}}
+                 "train_subset": subset, "rng": {"torch": torch.get_rng_state()},
+                 "mean": getattr(test, "mean", D.IMAGENET_MEAN), "std": getattr(test, "std", D.IMAGENET_STD)}
         save_atomic(state, os.path.join(args.out, "last.pt"))
 
     if start >= args.epochs:

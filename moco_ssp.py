@@ -36,7 +36,10 @@ the MoCo authors' single-GPU CIFAR demo, so lr 0.06; queue 4096 (the demo's; a t
 ρ=0.01's 12,406 images), lowered to the largest multiple of the batch up to half the training set
 when the set is smaller (SVHN-LT: 1024); views on the GPU (datasets_lt.GPULoader(augment="ssl")).
 ImageNet-LT / iNat (file lists): torchvision ResNet-50 (ResNet-10 with --arch resnet10), batch 256,
-views by torchvision transforms in DataLoader workers.
+views by torchvision transforms in DataLoader workers; queue 65,536 wherever it is smaller than the
+training set (full ImageNet-LT and its 0.75 variant), else the largest multiple of the batch up to half
+the set (paper 2's variants of 58K images and fewer); the default K is printed at start, and an explicit
+--queue that does not fit stops the run with one line.
 Paper numbers: paper 1 Table 3 (ImageNet-LT top-1 error, ResNet-10 / ResNet-50): cRT 58.2 / 52.7 →
 cRT + SSP 56.8 / 48.7; CE (Uniform) 65.2 / 61.6 → 64.1 / 54.4. Table 4 (iNat, ResNet-50): cRT 34.8 →
 31.9. Paper 2 Table 2 (ImageNet linear probe, n = 116K): MoCo v2 50.4 balanced, 49.5 ImageNet-LT.
@@ -137,7 +140,8 @@ def parse_args(argv=None):
                    help="default: resnet18 (CIFAR ResNet-18: CIFAR, SVHN, folder), resnet50 (ImageNet-LT, iNat)")
     p.add_argument("--queue", type=int, default=None,
                    help="negatives K; a multiple of the global batch, smaller than the training set; default: "
-                        "65536 (ImageNet-LT, iNat), else 4096 or the largest multiple of the batch ≤ half the set")
+                        "65536 (ImageNet-LT, iNat) or 4096 (CIFAR-size), and the largest multiple of the batch "
+                        "≤ half the set where that does not fit (printed at start)")
     p.add_argument("--moco-m", type=float, default=0.999, help="key encoder momentum m of MoCo Eq. (2)")
     p.add_argument("--moco-t", type=float, default=0.2, help="InfoNCE temperature τ")
     p.add_argument("--moco-dim", type=int, default=128, help="embedding width (output of the MLP head)")
@@ -580,9 +584,13 @@ def check_queue(K, B, n):
 
 
 def default_queue(args, n):
-    if args.dataset in LARGE:
-        return 65536
+    """ImageNet-LT / iNat: the authors' 65,536 wherever it is smaller than the training set (full
+    ImageNet-LT, 115,846 images, and its 0.75 variant); CIFAR-size data: 4096 unless the set holds fewer
+    than 2 × 4096 images. Otherwise the largest multiple of the global batch ≤ n/2 (paper 2's smaller
+    ImageNet variants, SVHN-LT: 1024)."""
     fit = args.batch_size * ((n // 2) // args.batch_size)
+    if args.dataset in LARGE:
+        return 65536 if n > 65536 else fit or args.batch_size
     return min(4096, fit) if fit else args.batch_size
 
 
@@ -771,6 +779,9 @@ def main(argv=None):
         fail(str(e))
     if args.queue is None:
         args.queue = default_queue(args, n)
+        if rank == 0:
+            print(f"queue: K = {args.queue} negatives (default for {n} training images at global batch "
+                  f"{args.batch_size}; --queue sets it)")
     check_queue(args.queue, args.batch_size, n)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
@@ -879,7 +890,8 @@ def main(argv=None):
         state = {"script": "moco_ssp.py", "arch": args.arch, "model": contract_state(encoder_q),
                  "key_model": contract_state(encoder_k), "queue": queue, "queue_ptr": ptr, "epoch": epoch + 1,
                  "optimizer": optimizer.state_dict(), "args": vars(args), "class_counts": counts,
-                 "rng": {"torch": torch.get_rng_state()}}
+                 "rng": {"torch": torch.get_rng_state()},
+                 "mean": getattr(test, "mean", D.IMAGENET_MEAN), "std": getattr(test, "std", D.IMAGENET_STD)}
         save_atomic(state, os.path.join(args.out, "last.pt"))
 
     if rank == 0:

@@ -691,7 +691,8 @@ def fit(args, stage, x, y, c, counts, data, device, out, ckpt=None, batch_size=N
         state = {"script": "self_training.py", "stage": stage, "arch": "resnet32", "model": model.state_dict(),
                  "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "args": vars(args),
                  "class_counts": [int(n) for n in counts], "best": best, "rng": {"torch": torch.get_rng_state()},
-                 "train_subset": data["subset"] if stage == "base" else None}
+                 "train_subset": data["subset"] if stage == "base" else None,
+                 "mean": mean, "std": std}
         save_atomic(state, os.path.join(out, "last.pt"))
     if test_m is None:
         test_m = evaluate(model, test.epoch(0), C, groups)
