@@ -13,6 +13,7 @@ the head class unless `class_order` says otherwise; every random choice takes an
 same seed gives the same images in every script.
 """
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -244,6 +245,15 @@ def carve_val(indices, labels, frac, seed=0):
         val.append(idx[:k])
         train.append(idx[k:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def save_indices(path, train, val=()):
+    """Write the dataset indices a run trains on (and its validation split) to `path` as JSON, atomically:
+    the record that two scripts given the same --data-seed used the same images."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"train": [int(i) for i in train], "val": [int(i) for i in val]}, f)
+    os.replace(tmp, path)
 
 
 def shot_groups(train_counts):

@@ -681,6 +681,7 @@ def main(argv=None):
             with open(os.path.join(args.out, "args.json"), "w") as f:
                 json.dump(meta, f, indent=1)
             shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
+            D.save_indices(os.path.join(args.out, "train_indices.json"), data.idx, data.val_idx)
             open(os.path.join(args.out, "metrics.jsonl"), "w").close()
         else:                                              # drop epochs logged after the checkpoint
             with open(os.path.join(args.out, "metrics.jsonl")) as f:
