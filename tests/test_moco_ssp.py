@@ -306,6 +306,13 @@ def test_imagenet_lt_file_lists(tmp_path):
     model = L.build_model("resnet10", 3, cosine=False)
     L.load_backbone(model, "resnet10", tmp_path / "run" / "last.pt")
     assert torch.equal(model.state_dict()["layer4.0.conv2.weight"], ck["model"]["layer4.0.conv2.weight"])
+    M.main(["--dataset", "imagenet_lt", "--data-root", str(tmp_path), "--train-list", str(lst), "--rho", "1",
+            "--gpu", "-1", "--arch", "resnet10", "--batch-size", "4", "--queue", "8", "--epochs", "1",
+            "--workers", "0", "--bn-splits", "2", "--opt", "rwsam", "--stage1", str(tmp_path / "run" / "last.pt"),
+            "--out", str(tmp_path / "rw")])
+    rw = load(tmp_path / "rw" / "last.pt")
+    assert rw["kde_weights"]["indices"].tolist() == list(range(12)) and rw["args"]["sam_rho"] == 2.0   # App. C.1
+    assert rw["kde_weights"]["weights"].mean().item() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_list_views_shard_one_permutation(tmp_path):
