@@ -13,6 +13,7 @@ the head class unless `class_order` says otherwise; every random choice takes an
 same seed gives the same images in every script.
 """
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -337,6 +338,15 @@ def subset_digest(indices):
     that a later stage can check it trains on the same images (self_training.py --base)."""
     import hashlib
     return hashlib.sha1(np.sort(np.asarray(indices, dtype=np.int64)).tobytes()).hexdigest()[:16]
+
+
+def save_indices(path, train, val=()):
+    """Write the dataset indices a run trains on (and its validation split) to `path` as JSON, atomically:
+    the record that two scripts given the same --data-seed used the same images."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"train": [int(i) for i in train], "val": [int(i) for i in val]}, f)
+    os.replace(tmp, path)
 
 
 def shot_groups(train_counts):

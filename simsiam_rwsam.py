@@ -871,6 +871,7 @@ def main(argv=None):
                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
             write_json(os.path.join(args.out, "args.json"), meta)
             copy_source(__file__, args.out)
+            D.save_indices(os.path.join(args.out, "train_indices.json"), data.idx, data.val_idx)
         # a resumed run drops the epochs logged after its checkpoint
         write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
         init = "from a fresh model" if args.stage2_init == "scratch" else "continuing stage 1"

@@ -424,3 +424,37 @@ def test_gpu_index_beyond_the_machine_is_one_line_exit_2(monkeypatch, capsys):
         L.setup_device(L.parse_args(["--gpu", "3"]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--gpu 3: this machine has 1 GPU(s)" in err and len(err.strip().splitlines()) == 1
+
+
+# ----- paper 2: supervised pre-training (--recipe he), balanced control, size sweep ------------------
+
+def test_paper2_recipe_defaults_schedule_and_epoch_scaling():
+    a = L.parse_args(["--recipe", "he"])
+    assert (a.arch, a.loss, a.rule, a.lr, a.momentum, a.wd, a.batch_size, a.warmup, a.epochs, a.schedule) == \
+        ("resnet18", "ce", "none", 0.1, 0.9, 5e-4, 128, 0, 200, "he")
+    assert [L.he_lr_at(e, a) for e in (0, 99, 100, 149, 150, 199)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3])
+    assert a.out.replace("\\", "/") == "runs/ldam_drw-cifar10-0.01-0-he"
+    b = L.parse_args(["--recipe", "he", "--subsample", "0.125", "--balanced"])
+    assert (b.epochs, b.epochs_full) == (1600, 200) and b.out.endswith("-he-balanced-sub0.125")
+    assert L.parse_args(["--subsample", "0.75", "--epochs", "10"]).epochs == 13                  # round(10 / 0.75)
+    assert L.parse_args(["--subsample", "0.25", "--same-epochs"]).epochs == 200
+    assert L.parse_args(["--recipe", "he", "--loss", "ldam"]).loss == "ldam"                     # flags still win
+
+
+def test_balanced_subsampled_run_trains_on_the_shared_subset(tmp_path, easy):
+    final = _run(tmp_path, easy, "--recipe", "he", "--rho", "0.2", "--subsample", 0.5, "--balanced", "--epochs", 1,
+                 "--batch-size", 16, "--same-epochs")
+    train_y = D.load_split("folder", easy, True)[1]
+    lt = D.make_long_tailed(train_y, 0.2, "exp", 0)
+    n = len(D.downsample(lt, train_y, 0.5, 0))                     # [20, 13, 8, 5, 4] = 50
+    saved = json.loads((tmp_path / "train_indices.json").read_text())
+    assert saved["train"] == D.balanced_subset(train_y, n, 0).tolist() and saved["val"] == []
+    assert final["class_counts"] == [10] * 5 and final["n_train"] == 50 and final["arch"] == "resnet18"
+    assert (final["balanced"], final["subsample"], final["recipe"], final["epochs"]) == (True, 0.5, "he", 1)
+
+
+@pytest.mark.parametrize("args,msg", [(["--subsample", "0.3"], "argument --subsample: invalid choice: 0.3"),
+                                      (["--recipe", "kang"], "argument --recipe: invalid choice")])
+def test_paper2_flags_checked(tmp_path, easy, args, msg):
+    r = run_script("ldam_drw.py", "--dataset", "folder", "--data-root", easy, "--gpu", "-1", "--out", tmp_path / "o", *args)
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
