@@ -179,3 +179,34 @@ def test_table_marks_the_in_cifar_pool_and_shows_the_rho50_column(tmp_path):
     assert "| ldam-drw+ssp | error % | 41.09 | not run | — |" in table and "simsiam" not in table
     table = reproduce("table", RUNS=str(tmp_path), RHO="0.01", SET="svhn").stdout
     assert "| ce | error % | 19.98 |" in table and "| ce+st-double | error % | 15.04 |" in table
+
+
+@pytest.mark.parametrize("dataset,rows", [
+    ("imagenet_lt", ["ce", "ce+ssp", "ce-balanced", "ce-balanced+ssp", "crt", "crt+ssp"]),
+    ("inat", ["ce", "ce+ssp", "ce-balanced", "ce-balanced+ssp", "ldam-drw", "ldam-drw+ssp", "crt", "crt+ssp"])])
+def test_dry_run_of_tables_3_and_4_parses_and_chains(dataset, rows):
+    p = reproduce("--dry-run", SET=dataset, SEEDS="0", RUNS="R", LT_ROOT="/img", LT_LISTS="/lists")
+    assert p.returncode == 0, p.stderr
+    runs, stage, made = {}, 0, {}
+    for line in p.stdout.splitlines():
+        if line.startswith("# stage"):
+            stage += 1
+            continue
+        python, script, *argv = shlex.split(line)
+        args = importlib.import_module(script[:-3]).parse_args(argv)
+        for name in NEEDS:
+            if flag(argv, name):
+                assert made.get(flag(argv, name)[:-len("/last.pt")], stage) < stage, line
+        made[flag(argv, "--out")] = stage
+        runs[flag(argv, "--out")] = (script, args)
+    assert {o.split("/")[1] for o in runs if not o.startswith("R/pretrain")} == set(rows)
+    sup = [a for s, a in runs.values() if s == "ldam_drw.py"]
+    assert all(a.dataset == dataset and a.data_root == "/img" and a.arch == "resnet50" and a.train_list.startswith("/lists/")
+               for a in sup)
+    assert all(a.val_list == "/lists/ImageNet_LT_val.txt" for a in sup) if dataset == "imagenet_lt" else \
+        all(a.val_list is None and a.test_list == "/lists/iNaturalist18_val.txt" for a in sup)
+    assert runs["R/ce-balanced/s0"][1].rule == "resample" and runs["R/ce-balanced/s0"][1].resample_weights == "inverse"
+    assert runs["R/ce+ssp/s0"][1].pretrained == "R/pretrain/moco/s0/last.pt"
+    assert runs["R/crt+ssp/s0"][1].ckpt == "R/ce+ssp/s0/last.pt" and runs["R/crt/s0"][1].ckpt == "R/ce/s0/last.pt"
+    table = reproduce("table", SET=dataset, RUNS="R").stdout
+    assert ("| crt+ssp | error % | 48.7 |" if dataset == "imagenet_lt" else "| crt+ssp | error % | 31.9 |") in table
