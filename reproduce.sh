@@ -5,6 +5,8 @@
 #   bash reproduce.sh ce ldam-drw      # only these rows (and the runs they need)
 #   bash reproduce.sh --dry-run        # print the commands, stage by stage, and run nothing
 #   bash reproduce.sh table            # the Markdown table of the runs finished so far
+#   bash reproduce.sh cv               # paper 2's cross-validation of h, α, ρ for rwSAM (not part of "every row")
+#   bash reproduce.sh cv-table         # its table: kNN accuracy on the validation split per setting
 #
 # Settings, from the environment:
 #   DATA   data flags of the training scripts   (default: --dataset folder --data-root .data/cifar10_jpg;
@@ -16,6 +18,8 @@
 #   RUNS   output folder                         (default runs/repro-<RHO>)
 #   ARGS   flags appended to every command, ARGS_<script> to one script's (ARGS_moco_ssp="--amp")
 #   PYTHON interpreter                           (default python)
+#   CV_H, CV_ALPHA, CV_RHO  values swept by `cv`, one at a time around the defaults (h median, α 1.2, ρ 5)
+#   CV_FRAC validation fraction of the `cv` runs   (default 0.1)
 #
 # Runs go to RUNS/<row>/s<seed>/ (the row's number is in its final.json) and pre-training runs to
 # RUNS/pretrain/<method>/s<seed>/. A run whose final.json exists is skipped; one with a last.pt but no
@@ -46,19 +50,52 @@ declare -A RULE=(
 ALL_ROWS="$SUPERVISED $(for r in $SUPERVISED; do echo -n "$r+ssp "; done)ce+st ldam-drw+st ce+crt"
 ALL_ROWS="$ALL_ROWS simsiam simsiam+sam simsiam-balanced simsiam+rwsam moco"
 
+CV_H=${CV_H:-0.1 0.2 0.5 1.0}
+CV_ALPHA=${CV_ALPHA:-0.5 2.0}
+CV_RHO=${CV_RHO:-0.5 2 7}
+CV_FRAC=${CV_FRAC:-0.1}
+
 DRY=0
 TABLE=0
+CV=0
 ROWS=""
 for a in "$@"; do
     case $a in
         --dry-run) DRY=1 ;;
         table) TABLE=1 ;;
+        cv) CV=1 ;;
+        cv-table) TABLE=2 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) [[ " $ALL_ROWS " == *" $a "* ]] || { echo "reproduce.sh: unknown row '$a'; rows: $ALL_ROWS" >&2; exit 2; }
            ROWS="$ROWS $a" ;;
     esac
 done
+[[ $CV == 1 && -z $ROWS ]] && ROWS=none
 ROWS=${ROWS:-$ALL_ROWS}
+
+if [[ $TABLE == 2 ]]; then
+    RUNS=$RUNS exec "$PYTHON" - <<'EOF'
+import glob, json, os, statistics
+
+runs = os.path.join(os.environ["RUNS"], "cv")
+print(f"Cross-validation of rwSAM's h, α, ρ (paper 2 App. C.1) in {runs}: weighted kNN (k 200) on the --val-frac "
+      f"split left out of pre-training, last epoch; mean ± sample std over seeds. Never the test set.")
+print()
+print("| setting | kNN top-1 % (val) | kNN mean per-class % (val) | seeds |")
+print("|---|---|---|---|")
+for folder in sorted(glob.glob(os.path.join(runs, "*"))):
+    finals = []
+    for path in sorted(glob.glob(os.path.join(folder, "s*", "final.json"))):
+        with open(path) as f:
+            finals.append(json.load(f))
+    last = [r["last"] for r in finals if r.get("last")]
+    if not last:
+        continue
+    show = lambda v: f"{statistics.mean(v):.2f}" + (f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else "")
+    print(f"| {os.path.basename(folder)} | {show([x['knn_top1'] for x in last])} | "
+          f"{show([x['knn_class_mean'] for x in last])} | {len(last)} |")
+EOF
+fi
 
 if [[ $TABLE == 1 ]]; then
     RUNS=$RUNS RHO=$RHO exec "$PYTHON" - <<'EOF'
@@ -199,6 +236,26 @@ for s in $SEEDS; do
     ckpt=$RUNS/pretrain/simsiam+rwsam/s$s/last.pt
     want simsiam+rwsam && job "$RUNS/simsiam+rwsam/s$s" "$ckpt" eval_linear.py --ckpt "$ckpt" --seed "$s"
 done
+
+# Paper 2 App. C.1: "We select the hyperparameters ρ and α with cross validation" (h is not reported).
+# One value at a time around the defaults, every run on the same --val-frac split left out of
+# pre-training and scored by kNN on it alone (`cv-table`); the scripts' defaults do not change.
+if [[ $CV == 1 ]]; then
+    stage cv-1
+    for s in $SEEDS; do
+        job "$RUNS/cv/stage1-simsiam/s$s" - simsiam_rwsam.py $DATA --rho "$RHO" --seed "$s" --opt sgd --val-frac "$CV_FRAC"
+    done
+    stage cv-2
+    for s in $SEEDS; do
+        ckpt=$RUNS/cv/stage1-simsiam/s$s/last.pt
+        cvjob() { job "$RUNS/cv/$1/s$s" "$ckpt" simsiam_rwsam.py $DATA --rho "$RHO" --seed "$s" --opt rwsam \
+                      --stage1 "$ckpt" --val-frac "$CV_FRAC" "${@:2}"; }
+        cvjob default
+        for h in $CV_H; do cvjob "h=$h" --bandwidth "$h"; done
+        for a in $CV_ALPHA; do cvjob "alpha=$a" --alpha "$a"; done
+        for r in $CV_RHO; do cvjob "rho=$r" --sam-rho "$r"; done
+    done
+fi
 
 [[ $DRY == 1 ]] && exit 0
 wait
