@@ -22,14 +22,21 @@ The same recipe is the default on CIFAR, SVHN and folders: with cached 64-d feat
 CIFAR-10-LT take well under a second. Paper 1, top-1 error: ImageNet-LT (Table 3, ResNet-10 / ResNet-50)
 cRT 58.2 / 52.7, cRT + SSP 56.8 / 48.7; iNaturalist 2018 (Table 4, ResNet-50) cRT 34.8, cRT + SSP 31.9.
 
-Deliberate differences from Kang et al.'s code:
-1. --bn frozen (default): the backbone runs in eval mode, so BatchNorm uses and keeps its running
+ImageNet-LT / iNaturalist run as released (Kang et al.'s and paper 1's cls_crt.yaml): backbone in train
+mode every epoch (--bn train), training augmentation (--augment), the cosine scheduler stepped before each
+epoch (--lr-sequence kang: epoch e of E, 1-based, trains at lr·(1 + cos(π e/E))/2, so the first epoch is
+already below 0.2 and the last trains at lr 0); iNaturalist: 30 epochs, wd 1e-4, no colour jitter, mean
+(0.466, 0.471, 0.380) / std (0.195, 0.194, 0.192). Model selection: --val-list ImageNet_LT_val.txt (the
+official validation list, as Kang et al.), never the test list.
+
+Deliberate differences from Kang et al.'s code (on CIFAR, SVHN and folders; file lists as released):
+1. --bn frozen (default there): the backbone runs in eval mode, so BatchNorm uses and keeps its running
    statistics. The original kept the backbone in train mode, so BN statistics of the "frozen" backbone
    were re-estimated under class-balanced batches; --bn train reproduces that.
-2. With --bn frozen and no --augment (default) the features are computed once, with the test
+2. With --bn frozen and --no-augment (default there) the features are computed once, with the test
    transform, and the classifier is trained on the cached features. The original recomputed features
-   with training augmentation every step; --augment does that (crop/flip on CIFAR-like data, the
-   ImageNet training transform for file lists).
+   with training augmentation every step; --augment does that (crop/flip on CIFAR-like data). The cosine
+   starts at --lr in the first epoch (--lr-sequence plain).
 3. Class-balanced sampling draws classes with equal probability by weighting each image with 1/n_y
    and drawing with replacement (torch.multinomial), the same distribution over classes as the
    original ClassAwareSampler, which cycles through a shuffled list per class.
@@ -67,10 +74,10 @@ def parse_args(argv=None):
     p.add_argument("--rho", type=float, default=None, help="tail/head ratio in (0, 1]; 1 = balanced")
     p.add_argument("--imb-type", default=None, choices=["exp", "step"])
     p.add_argument("--gpu", type=int, default=0, help="GPU index; -1 = CPU")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=None, help="default: 10 (iNaturalist: 30)")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=0.2)
-    p.add_argument("--wd", type=float, default=5e-4)
+    p.add_argument("--wd", type=float, default=None, help="default: 5e-4 (iNaturalist: 1e-4)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--data-seed", type=int, default=None,
                    help="seed of the data subsets; default: the checkpoint's (its --seed for older checkpoints)")
@@ -80,11 +87,20 @@ def parse_args(argv=None):
                    help="validation split carved from the training subset; 0 = report last epoch only")
     # --- this method ---
     p.add_argument("--ckpt", required=True, help="backbone checkpoint of this project")
-    p.add_argument("--bn", default="frozen", choices=["frozen", "train"],
-                   help="frozen: backbone in eval mode; train: BN statistics keep updating (original cRT)")
-    p.add_argument("--augment", action="store_true", help="training augmentation; recompute features every step")
+    p.add_argument("--bn", default=None, choices=["frozen", "train"],
+                   help="frozen: backbone in eval mode; train: BN statistics keep updating (original cRT). "
+                        "Default: train on ImageNet-LT / iNat (as released), frozen elsewhere")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="training augmentation, features recomputed every step; default: on for ImageNet-LT / "
+                        "iNat (as released), off elsewhere")
     p.add_argument("--train-list", default=None, help="ImageNet-LT / iNat: 'relative/path label' list")
     p.add_argument("--test-list", default=None, help="ImageNet-LT / iNat: test list")
+    p.add_argument("--val-list", default=None,
+                   help="ImageNet-LT / iNat: official validation list (ImageNet_LT_val.txt) for model selection")
+    p.add_argument("--lr-sequence", default=None, choices=["kang", "plain"],
+                   help="kang: cosine stepped before each epoch as Kang et al.'s run_networks.py (epoch e of E, "
+                        "1-based, at lr·(1+cos(π e/E))/2, the last at 0); plain: lr·(1+cos(π (e-1)/E))/2. "
+                        "Default: kang on ImageNet-LT / iNat, plain elsewhere")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers (ImageNet-LT / iNat only)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.error = fail
@@ -474,8 +490,9 @@ def build_data(args, device):
     if args.dataset in ("imagenet_lt", "inat"):
         if not args.train_list or not args.test_list:
             fail(f"--dataset {args.dataset} needs --train-list and --test-list ('relative/path label' files)")
-        train_ds = D.FileListDataset(args.data_root, args.train_list, train=args.augment)
-        test_ds = D.FileListDataset(args.data_root, args.test_list, train=False)
+        tf = lambda train: D.imagenet_transform(train, dataset=args.dataset)
+        train_ds = D.FileListDataset(args.data_root, args.train_list, transform=tf(args.augment))
+        test_ds = D.FileListDataset(args.data_root, args.test_list, transform=tf(False))
         C = max(train_ds.num_classes, test_ds.num_classes)
         idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.data_seed)
         counts = np.bincount(train_ds.labels[idx], minlength=C).tolist()
@@ -483,10 +500,13 @@ def build_data(args, device):
         test = ListBatches(test_ds, np.arange(len(test_ds)), 256, False, args.seed, args.workers, device)
         val = None
         if len(val_idx):
-            val = ListBatches(D.FileListDataset(args.data_root, args.train_list, train=False), val_idx, 256,
+            val = ListBatches(D.FileListDataset(args.data_root, args.train_list, transform=tf(False)), val_idx, 256,
                               False, args.seed, args.workers, device)
+        if args.val_list:                                     # Kang et al. select on the official val list
+            val_ds = D.FileListDataset(args.data_root, args.val_list, transform=tf(False))
+            val = ListBatches(val_ds, np.arange(len(val_ds)), 256, False, args.seed, args.workers, device)
         plain = train if not args.augment else ListBatches(
-            D.FileListDataset(args.data_root, args.train_list, train=False), idx, 256, False, args.seed,
+            D.FileListDataset(args.data_root, args.train_list, transform=tf(False)), idx, 256, False, args.seed,
             args.workers, device)
         return train, plain, val, test, counts, C
     train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
@@ -579,10 +599,18 @@ def main(argv=None):
                           ("val_frac", 0.0), ("train_list", None), ("test_list", None)):
         if getattr(args, name) is None:
             setattr(args, name, trained.get(name, default))
+    released = args.dataset in ("imagenet_lt", "inat")        # Kang et al.'s / paper 1's released configs
+    for name, plain, config in (("epochs", 10, 30 if args.dataset == "inat" else 10),
+                                ("wd", 5e-4, 1e-4 if args.dataset == "inat" else 5e-4),
+                                ("bn", "frozen", "train"), ("augment", False, True), ("lr_sequence", "plain", "kang")):
+        if getattr(args, name) is None:
+            setattr(args, name, config if released else plain)
     if args.out is None:
         args.out = os.path.join("runs", f"crt-{args.dataset}-{args.rho:g}-{args.seed}")
     try:
         D.check_rho(args.rho)
+        if args.val_list and (not released or args.val_frac):
+            fail("--val-list is for --dataset imagenet_lt / inat, without --val-frac")
         if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
             fail("--epochs, --batch-size and --lr must be positive")
         if os.path.exists(os.path.join(args.out, "last.pt")):
@@ -635,7 +663,8 @@ def main(argv=None):
     t_run = time.time()
     for epoch in range(args.epochs):
         t_ep = time.time()
-        lr = 0.5 * args.lr * (1 + math.cos(math.pi * epoch / args.epochs))   # cosine, per epoch
+        # Cosine, per epoch; Kang et al. step their scheduler before each epoch, one step ahead of this.
+        lr = 0.5 * args.lr * (1 + math.cos(math.pi * (epoch + (args.lr_sequence == "kang")) / args.epochs))
         for group in optimizer.param_groups:
             group["lr"] = lr
         backbone.train(args.bn == "train")

@@ -13,6 +13,7 @@ the head class unless `class_order` says otherwise; every random choice takes an
 same seed gives the same images in every script.
 """
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -340,6 +341,15 @@ def subset_digest(indices):
     return hashlib.sha1(np.sort(np.asarray(indices, dtype=np.int64)).tobytes()).hexdigest()[:16]
 
 
+def save_indices(path, train, val=()):
+    """Write the dataset indices a run trains on (and its validation split) to `path` as JSON, atomically:
+    the record that two scripts given the same --data-seed used the same images."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"train": [int(i) for i in train], "val": [int(i) for i in val]}, f)
+    os.replace(tmp, path)
+
+
 def shot_groups(train_counts):
     """Boolean class masks: many (>100 training images), medium (20–100), few (<20)."""
     n = np.asarray(train_counts)
@@ -456,13 +466,30 @@ def unlabeled_pool(pool_labels, n_labeled, mult=5, rho_u=1.0, imb_type="exp", se
 # ImageNet-LT / iNaturalist text lists
 # ---------------------------------------------------------------------------------------------------
 
-def imagenet_transform(train, size=224):
+def imagenet_transform(train, size=224, dataset="imagenet_lt"):
     """The decoupling (Kang et al. 2020) / paper 1 ImageNet-LT transforms: train = RandomResizedCrop,
-    flip, ColorJitter(0.4, 0.4, 0.4, 0); test = Resize(256/224·size), CenterCrop(size)."""
+    flip, ColorJitter(0.4, 0.4, 0.4, 0); test = Resize(256/224·size), CenterCrop(size). dataset="inat":
+    iNaturalist's statistics and no colour jitter, as their dataloader.py."""
+    if dataset == "inat":
+        return inat_transform(train, size)
     norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     if train:
         return transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
                                    transforms.ColorJitter(0.4, 0.4, 0.4, 0), transforms.ToTensor(), norm])
+    return transforms.Compose([transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size),
+                               transforms.ToTensor(), norm])
+
+
+INAT_MEAN, INAT_STD = (0.466, 0.471, 0.380), (0.195, 0.194, 0.192)
+
+
+def inat_transform(train, size=224):
+    """Kang et al.'s (and paper 1's released) iNaturalist 2018 transforms: the ImageNet-LT ones without
+    ColorJitter, normalised with iNaturalist's mean / std."""
+    norm = transforms.Normalize(INAT_MEAN, INAT_STD)
+    if train:
+        return transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), norm])
     return transforms.Compose([transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size),
                                transforms.ToTensor(), norm])
 

@@ -660,12 +660,13 @@ def ratio_from_counts(counts):
 
 def method_key(script, a, tag=None):
     """Everything that makes two pre-training runs different methods (paper 2 pairs A(n, 1) and A(n, r)
-    of one method only): the script, its --opt (SimSiam / MoCo with SGD, SAM or rwSAM), its --loss and
-    --rule (CE and LDAM-DRW are different supervised methods), and whether it started from --pretrained
-    weights. --tag replaces it."""
+    of one method only): the script, its --recipe, its --opt (SimSiam / MoCo with SGD, SAM or rwSAM), its
+    --loss and --rule (CE and LDAM-DRW are different supervised methods), and whether it started from
+    --pretrained weights. --tag replaces it."""
     if tag:
         return tag
-    key = script.removesuffix(".py") + (f"+{a['opt']}" if a.get("opt") else "")
+    key = script.removesuffix(".py") + (f"[{a['recipe']}]" if a.get("recipe") else "") + \
+        (f"+{a['opt']}" if a.get("opt") else "")
     if a.get("loss") or a.get("rule"):
         key += f":{a.get('loss')}-{a.get('rule')}"
     return key + ("+pretrained" if a.get("pretrained") else "")

@@ -29,13 +29,19 @@ Which protocol runs follows from the checkpoint's architecture:
   interpolation with antialiasing (torch.nn.functional.interpolate(..., antialias=True), the filter
   PIL's resize uses when shrinking) and rounded back to uint8, so the backbone sees the scale it was
   trained at; --stl-size 96 feeds the images as they are (the CIFAR ResNets are fully convolutional
-  with a global pool; 9× the compute). Normalisation: per-channel statistics of the (resized) STL-10
-  training images, datasets_lt.mean_std's rule for STL-10.
-- ImageNet backbones (resnet10, resnet50) → full fine-tuning: a new linear head at lr 0.1 and the
-  backbone at 0.1× that (0.01), SGD momentum 0.9, 150 epochs (App. A.1: "initial learning rate 0.1 …
-  150 epochs in total"), cosine decay per epoch, wd 1e-4, batch 64, BatchNorm in train mode; input
-  datasets_lt.imagenet_transform (train: RandomResizedCrop(224), flip, ColorJitter(0.4, 0.4, 0.4);
-  test: Resize(256), CenterCrop(224)), DataLoader with workers. Targets: --target folder (any
+  with a global pool; 9× the compute). Normalisation (--norm pretrain, default): the mean/std the
+  backbone was pre-trained with, stored in the checkpoint (CIFAR-10's constants for a CIFAR-10
+  backbone): the frozen BatchNorm statistics expect inputs normalised that way. A checkpoint written
+  before the mean/std were stored falls back to the fixed constants of its pre-training dataset
+  (CIFAR, SVHN, ImageNet) with a printed note, and stops with one line when there are none (folder
+  data); --norm target uses the per-channel statistics of the (resized) target training images.
+- ImageNet backbones (resnet10, resnet50) → full fine-tuning, the authors' imagenet/ft_moco.py recipe
+  with the paper's length and lr: a new linear head at lr 0.1 and the backbone at 0.1× that (0.01),
+  SGD with Nesterov momentum 0.9, wd 5e-4, batch 48, 150 epochs (App. A.1: "initial learning rate
+  0.1 … 150 epochs in total"), lr ×0.1 at 25%, 50% and 75% of the epochs (their command's decays at
+  5, 10, 15 of 20), BatchNorm in train mode; input: square resize to 256×256, then train
+  RandomResizedCrop(224) + flip (no colour jitter), test CenterCrop(224); normalised with the
+  checkpoint's mean/std (ImageNet's for an ImageNet backbone); DataLoader with workers. Targets: --target folder (any
   root/{train,test}/<class>/* tree, e.g. CUB-200 split by its train_test_split.txt; torchvision has no
   CUB class), or torchvision's FGVCAircraft (--target aircraft: trainval/test, 100 variants),
   OxfordIIITPet (pets: trainval/test, 37 breeds) and StanfordCars (cars: train/test, 196 models; its
@@ -50,9 +56,9 @@ OOD, n = 116K): MoCo v2 80.3 balanced → 80.2 at r = 0.004, supervised 76.6 →
 the CIFAR-10 → STL-10 curves only as a plot.
 
 Deliberate differences from the paper and the authors' code:
-1. The paper states only "initial learning rate 0.1" and 150 epochs for fine-tuning. The backbone's
-   0.1× learning rate, the cosine schedule, wd 1e-4, batch 64 and the augmentation are this project's
-   choices (flags change all but the augmentation).
+1. The paper states only "initial learning rate 0.1" and 150 epochs for fine-tuning; the rest is the
+   authors' ft_moco.py. Their "epoch" was 2,000 iterations of 48 images (20 of them in the released
+   command); here an epoch is one pass over the target's training split, as the paper counts.
 2. No fallback: the authors' fine-tuning started silently from torchvision's supervised ImageNet weights
    when the checkpoint's keys did not match; here the weights come from --ckpt or the run stops.
 3. STL-10 code is new (the authors released none): resolution and normalisation as described above.
@@ -62,8 +68,9 @@ Deliberate differences from the paper and the authors' code:
    rerun (fine-tuning is the longest: 150 epochs of a few thousand images).
 """
 import argparse
+import contextlib
+import io
 import json
-import math
 import os
 import shutil
 import sys
@@ -117,7 +124,11 @@ def parse_args(argv=None):
                    help="probe: crop/flip the training images and run the frozen backbone every step")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--backbone-lr-mult", type=float, default=0.1, help="fine-tuning: backbone lr = this × --lr")
-    p.add_argument("--size", type=int, default=224, help="fine-tuning: crop size of datasets_lt.imagenet_transform")
+    p.add_argument("--size", type=int, default=224,
+                   help="fine-tuning: crop size (images are first resized to a square of size·256/224)")
+    p.add_argument("--norm", default="pretrain", choices=["pretrain", "target"],
+                   help="normalise the target with the mean/std the backbone was pre-trained with (stored in the "
+                        "checkpoint) or with the target's own statistics")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers (fine-tuning)")
     p.add_argument("--tag", default=None,
                    help="method name in the Δ table; default: the pre-training script (+ its --opt)")
@@ -142,7 +153,7 @@ def set_protocol_defaults(args, arch):
         if args.target == "stl10":
             fail(f"--target stl10 is the protocol for CIFAR backbones; an ImageNet {arch} is fine-tuned on "
                  f"--target folder, aircraft, pets or cars")
-        args.protocol, defaults = "finetune", (("epochs", 150), ("batch_size", 64), ("lr", 0.1), ("wd", 1e-4))
+        args.protocol, defaults = "finetune", (("epochs", 150), ("batch_size", 48), ("lr", 0.1), ("wd", 5e-4))
     else:
         fail(f"unknown architecture '{arch}' in the checkpoint; this script knows "
              f"{', '.join(CIFAR_ARCHS + IMAGENET_ARCHS)}")
@@ -665,12 +676,13 @@ def ratio_from_counts(counts):
 
 def method_key(script, a, tag=None):
     """Everything that makes two pre-training runs different methods (paper 2 pairs A(n, 1) and A(n, r)
-    of one method only): the script, its --opt (SimSiam / MoCo with SGD, SAM or rwSAM), its --loss and
-    --rule (CE and LDAM-DRW are different supervised methods), and whether it started from --pretrained
-    weights. --tag replaces it."""
+    of one method only): the script, its --recipe, its --opt (SimSiam / MoCo with SGD, SAM or rwSAM), its
+    --loss and --rule (CE and LDAM-DRW are different supervised methods), and whether it started from
+    --pretrained weights. --tag replaces it."""
     if tag:
         return tag
-    key = script.removesuffix(".py") + (f"+{a['opt']}" if a.get("opt") else "")
+    key = script.removesuffix(".py") + (f"[{a['recipe']}]" if a.get("recipe") else "") + \
+        (f"+{a['opt']}" if a.get("opt") else "")
     if a.get("loss") or a.get("rule"):
         key += f":{a.get('loss')}-{a.get('rule')}"
     return key + ("+pretrained" if a.get("pretrained") else "")
@@ -704,6 +716,23 @@ def resize_images(x, size, chunk=1024):
     return out
 
 
+def pretrain_norm(ckpt, path):
+    """The mean/std the backbone was pre-trained with: stored in every checkpoint of this project; an older
+    checkpoint falls back, with a note, to the fixed constants of its pre-training dataset."""
+    if ckpt.get("mean") is not None and ckpt.get("std") is not None:
+        return tuple(ckpt["mean"]), tuple(ckpt["std"]), "checkpoint"
+    dataset = (ckpt.get("args") or {}).get("dataset")
+    if dataset not in ("cifar10", "cifar100", "svhn", "imagenet_lt", "inat"):
+        with contextlib.redirect_stdout(io.StringIO()):             # a checkpoint that does not fit says so first
+            load_backbone(build_backbone(ckpt["arch"], 1), ckpt["arch"], path)
+        fail(f"'{path}' stores no mean/std (written before checkpoints carried them) and its pre-training data "
+             f"({dataset}) has no fixed constants; pass --norm target to use the target's own statistics")
+    mean, std = D.mean_std(dataset)
+    print(f"note: '{path}' stores no mean/std (written before checkpoints carried them); normalising with the "
+          f"constants of its pre-training dataset {dataset}: mean {mean}, std {std}")
+    return mean, std, f"{dataset} constants"
+
+
 def probe_data(args, device):
     """STL-10 or a folder of same-size images on the device: (train_plain, train_aug, val, test, counts, C)."""
     dataset = "stl10" if args.target == "stl10" else "folder"
@@ -712,7 +741,10 @@ def probe_data(args, device):
     train_t, test_t = D.to_device(train_x, device), D.to_device(test_x, device)
     if dataset == "stl10" and args.stl_size != train_t.shape[-1]:
         train_t, test_t = resize_images(train_t, args.stl_size), resize_images(test_t, args.stl_size)
-    mean, std = D.mean_std(dataset, train_t.permute(0, 2, 3, 1).cpu())
+    mean, std = args.mean, args.std
+    if args.norm == "target":
+        mean, std = D.mean_std(dataset, train_t.permute(0, 2, 3, 1).cpu())
+        args.mean, args.std = mean, std
     C = len(names)
     return (*probe_batches(train_t, train_y, test_t, test_y, C, mean, std, args), C)
 
@@ -721,7 +753,8 @@ def finetune_data(args, device):
     """Training / validation / test batches of a fine-tuning target through a DataLoader:
     (train, val, test, counts, C). The validation split reads the training images with the test transform;
     every dataset gets the `labels` array ListBatches reads."""
-    train_tf, test_tf = D.imagenet_transform(True, args.size), D.imagenet_transform(False, args.size)
+    train_tf, test_tf = finetune_transform(True, args.size, args.mean, args.std), \
+        finetune_transform(False, args.size, args.mean, args.std)
     if args.target == "folder":
         paths = [os.path.join(args.data_root, split) for split in ("train", "test")]
         for path in paths:
@@ -767,9 +800,20 @@ def target_labels(ds):
 
 # ----- fine-tuning ---------------------------------------------------------------------------------
 
+def finetune_transform(train, size, mean, std):
+    """The authors' ft_moco.py: square resize to size·256/224 (their ResizeImage(256)), then train:
+    RandomResizedCrop(size) + flip, no colour jitter; test: CenterCrop(size)."""
+    square = int(size * 256 / 224)
+    crop = ([torchvision.transforms.RandomResizedCrop(size), torchvision.transforms.RandomHorizontalFlip()] if train
+            else [torchvision.transforms.CenterCrop(size)])
+    return torchvision.transforms.Compose([torchvision.transforms.Resize((square, square)), *crop,
+                                           torchvision.transforms.ToTensor(), torchvision.transforms.Normalize(mean, std)])
+
+
 def finetune_lr(epoch, args):
-    """Cosine decay per epoch from --lr (the new head; paper 2 App. A.1: initial lr 0.1)."""
-    return 0.5 * args.lr * (1 + math.cos(math.pi * epoch / args.epochs))
+    """--lr (the new head; paper 2 App. A.1: initial lr 0.1) × 0.1 at 25%, 50% and 75% of the epochs (the
+    authors' ft_moco.py command: decays at epochs 5, 10, 15 of 20)."""
+    return args.lr * 0.1 ** sum(epoch >= max(1, int(f * args.epochs)) for f in (0.25, 0.5, 0.75))
 
 
 def finetune(model, train, val, test, num_classes, counts, args):
@@ -780,7 +824,8 @@ def finetune(model, train, val, test, num_classes, counts, args):
     backbone = [p for name, p in model.named_parameters() if not name.startswith(HEAD_PREFIXES)]
     optimizer = torch.optim.SGD([{"params": backbone, "lr_mult": args.backbone_lr_mult},
                                  {"params": model.fc.parameters(), "lr_mult": 1.0}],
-                                lr=args.lr, momentum=args.momentum, weight_decay=args.wd, fused=device.type == "cuda")
+                                lr=args.lr, momentum=args.momentum, weight_decay=args.wd, nesterov=True,
+                                fused=device.type == "cuda")
     print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'train':>6} {'test':>6} {'val':>6} {'s':>6}")
     best, seconds = None, []
     for epoch in range(args.epochs):
@@ -860,6 +905,13 @@ def main(argv=None):
     ckpt = load_checkpoint(args.ckpt)
     arch = ckpt["arch"]
     set_protocol_defaults(args, arch)
+    if args.norm == "target" and args.protocol == "finetune":
+        fail("--norm target applies to the probe of CIFAR backbones; fine-tuning normalises with the "
+             "pre-training statistics (drop --norm)")
+    if args.protocol == "finetune" and args.momentum <= 0:
+        fail(f"--momentum {args.momentum:g}: fine-tuning uses Nesterov SGD, which needs a momentum > 0")
+    args.mean, args.std, args.norm_source = pretrain_norm(ckpt, args.ckpt) if args.norm == "pretrain" else \
+        (None, None, "target")
     try:
         if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.wd < 0 or args.backbone_lr_mult < 0:
             fail("--epochs, --batch-size and --lr must be positive, --wd and --backbone-lr-mult not negative")
@@ -902,7 +954,8 @@ def main(argv=None):
     final = {"script": "eval_ood.py", "eval": eval_name(args), "target": args.target, "protocol": args.protocol,
              "stl_size": args.stl_size if args.target == "stl10" else None, "pretrain": meta,
              "augment": args.augment, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs, "lr": args.lr,
-             "batch_size": args.batch_size, "wd": args.wd, "class_counts": counts, "last": last,
+             "batch_size": args.batch_size, "wd": args.wd,
+             "normalisation": {"mean": args.mean, "std": args.std, "source": args.norm_source}, "class_counts": counts, "last": last,
              "top1": last["top1"], "per_class": last["per_class"], "best_on_val": best,
              "sanity_check": "passed" if args.protocol == "probe" else None, **timing,
              "wall_seconds": time.time() - t_run}

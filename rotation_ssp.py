@@ -581,7 +581,7 @@ def main(argv=None):
               f"{row['seconds']:6.2f}", flush=True)
         state = {"script": "rotation_ssp.py", "arch": ARCH, "model": model.state_dict(), "epoch": epoch + 1,
                  "optimizer": optimizer.state_dict(), "args": vars(args), "class_counts": counts, "best": None,
-                 "rng": {"torch": torch.get_rng_state()}}
+                 "rng": {"torch": torch.get_rng_state()}, "mean": test.mean, "std": test.std}
         save_atomic(state, os.path.join(args.out, "last.pt"))
 
     if test_m is None:

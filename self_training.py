@@ -691,7 +691,8 @@ def fit(args, stage, x, y, c, counts, data, device, out, ckpt=None, batch_size=N
         state = {"script": "self_training.py", "stage": stage, "arch": "resnet32", "model": model.state_dict(),
                  "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "args": vars(args),
                  "class_counts": [int(n) for n in counts], "best": best, "rng": {"torch": torch.get_rng_state()},
-                 "train_subset": data["subset"] if stage == "base" else None}
+                 "train_subset": data["subset"] if stage == "base" else None,
+                 "mean": mean, "std": std}
         save_atomic(state, os.path.join(out, "last.pt"))
     if test_m is None:
         test_m = evaluate(model, test.epoch(0), C, groups)
@@ -810,6 +811,7 @@ def main(argv=None):
     _, test_m, best = fit(args, "self_training", x, y, c, counts, data, device, args.out, resume_c, args.st_batch_size)
 
     final = {"script": "self_training.py", "dataset": args.dataset, "rho": args.rho, "rho_u": args.rho_u,
+             "pool": "folder" if args.unlabeled_root else args.pool, "relevance": args.relevance,
              "loss": args.loss, "rule": args.rule, "omega": args.omega, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs,
              "labeled_counts": counts_l.tolist(), "training_counts": [int(n) for n in counts],
              "unlabeled": {**pool_report, "pseudo_labels": pl_report}, "base": base_m, "last": test_m,

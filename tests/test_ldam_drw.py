@@ -347,10 +347,35 @@ def test_existing_run_is_not_overwritten(tmp_path, easy):
 
 
 def test_imagenet_lt_file_lists(tmp_path):
+    """As released: cosine stepped before each epoch (Kang et al.), model selection on the official val list;
+    then cRT on it with the released defaults (train-mode BN, augmentation, the same lr sequence)."""
     lst = write_file_list(tmp_path, num_classes=3, per_class=4)
     final = _run(tmp_path / "run", tmp_path, "--dataset", "imagenet_lt", "--train-list", lst, "--test-list", lst,
-                 "--arch", "resnet10", "--epochs", 1, "--batch-size", 6, "--workers", 0, "--loss", "ce")
+                 "--val-list", lst, "--arch", "resnet10", "--epochs", 2, "--batch-size", 6, "--workers", 0, "--loss", "ce")
     assert final["class_counts"] == [4, 4, 4] and 0 <= final["last"]["top1"] <= 100
+    lrs = [json.loads(l)["lr"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([0.1 * (1 + math.cos(math.pi / 2)), 0.0], abs=1e-12)      # epochs 1, 2 of 2
+    assert final["best_on_val"]["val_top1"] == final["best_on_val"]["test"]["top1"]        # val list = test list here
+    r = run_script("crt.py", "--ckpt", tmp_path / "run" / "last.pt", "--gpu", "-1", "--out", tmp_path / "crt",
+                   "--data-root", tmp_path, "--epochs", 2, "--batch-size", 6, "--workers", 0, "--val-list", lst)
+    assert r.returncode == 0, r.stderr
+    crt = json.loads((tmp_path / "crt" / "final.json").read_text())
+    assert crt["bn"] == "train" and crt["augment"] is True and not crt["cached_features"]
+    assert [json.loads(l)["lr"] for l in (tmp_path / "crt" / "metrics.jsonl").read_text().splitlines()] == \
+        pytest.approx([0.1, 0.0], abs=1e-12)
+    assert crt["best_on_val"] is not None
+    r = run_script("crt.py", "--ckpt", tmp_path / "run" / "last.pt", "--gpu", "-1", "--out", tmp_path / "bad",
+                   "--val-list", lst, "--val-frac", 0.25)
+    assert r.returncode == 2 and "--val-list" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_inaturalist_defaults_as_released():
+    a = L.parse_args(["--dataset", "inat"])
+    assert (a.epochs, a.lr, a.wd, a.arch, a.lr_sequence) == (90, 0.2, 1e-4, "resnet50", "kang")
+    names = [type(t).__name__ for t in D.imagenet_transform(True, dataset="inat").transforms]
+    assert "ColorJitter" not in names and "ColorJitter" in [type(t).__name__ for t in D.imagenet_transform(True).transforms]
+    norm = D.imagenet_transform(False, dataset="inat").transforms[-1]
+    assert tuple(norm.mean) == (0.466, 0.471, 0.380) and tuple(norm.std) == (0.195, 0.194, 0.192)
 
 
 def test_resnet18_fine_tunes_a_cifar_resnet18_backbone(tmp_path, easy):
@@ -399,3 +424,37 @@ def test_gpu_index_beyond_the_machine_is_one_line_exit_2(monkeypatch, capsys):
         L.setup_device(L.parse_args(["--gpu", "3"]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--gpu 3: this machine has 1 GPU(s)" in err and len(err.strip().splitlines()) == 1
+
+
+# ----- paper 2: supervised pre-training (--recipe he), balanced control, size sweep ------------------
+
+def test_paper2_recipe_defaults_schedule_and_epoch_scaling():
+    a = L.parse_args(["--recipe", "he"])
+    assert (a.arch, a.loss, a.rule, a.lr, a.momentum, a.wd, a.batch_size, a.warmup, a.epochs, a.schedule) == \
+        ("resnet18", "ce", "none", 0.1, 0.9, 5e-4, 128, 0, 200, "he")
+    assert [L.he_lr_at(e, a) for e in (0, 99, 100, 149, 150, 199)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3])
+    assert a.out.replace("\\", "/") == "runs/ldam_drw-cifar10-0.01-0-he"
+    b = L.parse_args(["--recipe", "he", "--subsample", "0.125", "--balanced"])
+    assert (b.epochs, b.epochs_full) == (1600, 200) and b.out.endswith("-he-balanced-sub0.125")
+    assert L.parse_args(["--subsample", "0.75", "--epochs", "10"]).epochs == 13                  # round(10 / 0.75)
+    assert L.parse_args(["--subsample", "0.25", "--same-epochs"]).epochs == 200
+    assert L.parse_args(["--recipe", "he", "--loss", "ldam"]).loss == "ldam"                     # flags still win
+
+
+def test_balanced_subsampled_run_trains_on_the_shared_subset(tmp_path, easy):
+    final = _run(tmp_path, easy, "--recipe", "he", "--rho", "0.2", "--subsample", 0.5, "--balanced", "--epochs", 1,
+                 "--batch-size", 16, "--same-epochs")
+    train_y = D.load_split("folder", easy, True)[1]
+    lt = D.make_long_tailed(train_y, 0.2, "exp", 0)
+    n = len(D.downsample(lt, train_y, 0.5, 0))                     # [20, 13, 8, 5, 4] = 50
+    saved = json.loads((tmp_path / "train_indices.json").read_text())
+    assert saved["train"] == D.balanced_subset(train_y, n, 0).tolist() and saved["val"] == []
+    assert final["class_counts"] == [10] * 5 and final["n_train"] == 50 and final["arch"] == "resnet18"
+    assert (final["balanced"], final["subsample"], final["recipe"], final["epochs"]) == (True, 0.5, "he", 1)
+
+
+@pytest.mark.parametrize("args,msg", [(["--subsample", "0.3"], "argument --subsample: invalid choice: 0.3"),
+                                      (["--recipe", "kang"], "argument --recipe: invalid choice")])
+def test_paper2_flags_checked(tmp_path, easy, args, msg):
+    r = run_script("ldam_drw.py", "--dataset", "folder", "--data-root", easy, "--gpu", "-1", "--out", tmp_path / "o", *args)
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1

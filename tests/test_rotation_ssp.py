@@ -128,7 +128,8 @@ def test_run_writes_every_output(run):
 
 def test_checkpoint_follows_the_project_contract(run):
     ckpt = torch.load(run / "last.pt", weights_only=True)
-    assert set(ckpt) == {"script", "arch", "model", "epoch", "optimizer", "args", "class_counts", "best", "rng"}
+    assert set(ckpt) == {"script", "arch", "model", "epoch", "optimizer", "args", "class_counts", "best", "rng",
+                         "mean", "std"}
     assert (ckpt["script"], ckpt["arch"], ckpt["epoch"]) == ("rotation_ssp.py", "resnet32", 2)
     assert ckpt["class_counts"] == D.lt_counts(40, 5, 0.5)
     assert not any(k.startswith("module.") for k in ckpt["model"])

@@ -254,6 +254,30 @@ def test_generalization_gap_groups():
     assert gap["frequent"]["gap"] == pytest.approx(0.05) and gap["rare"]["gap"] == pytest.approx(0.5 - 0.35)
 
 
+def test_gap_is_averaged_over_view_draws_with_its_standard_error():
+    """--gap-views V: the gap is the mean over V seeded draws of view pairs (draw v = epoch v of the seeded
+    loaders, so draws are nested across V), reported with std(ddof=1)/√V, which shrinks as V grows."""
+    g = torch.Generator().manual_seed(0)
+    imgs = lambda n: torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g)
+    tr_y, ho_y = np.arange(20) % 5, np.arange(15) % 5
+    tr = D.GPULoader(imgs(20), tr_y, 8, MEAN, STD, "cpu", augment="ssl", shuffle=False, seed=1)
+    ho = D.GPULoader(imgs(15), ho_y, 8, MEAN, STD, "cpu", augment="ssl", shuffle=False, seed=1)
+    torch.manual_seed(0)
+    model = S.SimSiam()
+    few = S.gap_over_views(model, tr, ho, 5, [0, 1], [2, 3, 4], 3)
+    many = S.gap_over_views(model, tr, ho, 5, [0, 1], [2, 3, 4], 24)
+    one = S.generalization_gap(S.class_mean_loss(model, tr, 5, draw=2), S.class_mean_loss(model, ho, 5, draw=2),
+                               [0, 1], [2, 3, 4])
+    for name in ("frequent", "rare"):
+        v = np.array(many[name]["per_view"])
+        assert many[name]["gap"] == pytest.approx(v.mean()) and many[name]["views"] == 24
+        assert many[name]["se"] == pytest.approx(v.std(ddof=1) / math.sqrt(24))
+        assert few[name]["per_view"] == pytest.approx(list(v[:3])) and v[2] == pytest.approx(one[name]["gap"])
+        assert len(set(v.round(8))) == 24                         # every draw is a new pair of views
+        assert 0 < many[name]["se"] < few[name]["se"]
+    assert S.gap_over_views(model, tr, ho, 5, [0, 1], [2, 3, 4], 1)["rare"]["se"] is None
+
+
 def test_paper_2_subsets():
     labels = np.repeat(np.arange(10), 5000)
     sizes = {}
@@ -371,16 +395,19 @@ def test_smoke_run_outputs(rwsam_run):
     assert final["class_counts"] == [8, 6, 5, 4, 4] and final["n_train"] == 27
     for result in (final["last"], final["stage1_result"]):
         assert set(result["gap"]) == {"frequent", "rare"} and 0 <= result["knn_top1"] <= 100
+        assert result["gap"]["rare"]["views"] == 16 and result["gap"]["rare"]["se"] > 0
     assert final["best_knn_on_val"]["epoch"] == 2 and final["kde"]["alpha"] == 1.2
 
 
-def test_checkpoints_follow_the_contract(rwsam_run, capsys):
+def test_checkpoints_follow_the_contract(rwsam_run, data, capsys):
     last = torch.load(rwsam_run / "last.pt", weights_only=True)
     stage1 = torch.load(rwsam_run / "stage1.pt", weights_only=True)
     assert (last["script"], last["arch"], last["epoch"], stage1["epoch"]) == ("simsiam_rwsam.py", "resnet18", 2, 1)
     assert {"model", "optimizer", "args", "class_counts", "rng", "kde_weights"} <= set(last)
     assert stage1["kde_weights"] is None and (stage1["args"]["opt"], stage1["args"]["epochs"]) == ("sgd", 1)
     assert last["args"]["opt"] == "rwsam"
+    images = D.load_split("folder", data, True)[0]                              # the normalisation used
+    assert last["mean"] == stage1["mean"] == D.mean_std("folder", images)[0] and len(last["std"]) == 3
     kde = torch.load(rwsam_run / "kde_weights.pt", weights_only=True)
     assert torch.equal(kde["weights"], last["kde_weights"]["weights"]) and len(kde["weights"]) == 27
     assert kde["weights"].mean().item() == pytest.approx(1, rel=1e-5) and kde["bandwidth"] > 0
@@ -486,6 +513,23 @@ def test_size_sweep_rule():
     assert rule("--subsample", "0.5", "--same-epochs") == 1600
 
 
+def test_val_frac_scores_knn_on_the_held_out_split_only(data, tmp_path, monkeypatch):
+    """--val-frac: the kNN queries are exactly the validation images left out of pre-training (the score of
+    the cross-validation group), the memory bank every other image of the training split."""
+    seen = []
+    knn = S.knn_top1
+    monkeypatch.setattr(S, "knn_top1", lambda m, my, q, qy, *a, **k: seen.append((len(my), qy.tolist())) or
+                        knn(m, my, q, qy, *a, **k))
+    S.main(_args(data, tmp_path, "--opt", "sgd", "--epochs", 1, "--val-frac", 0.25, "--gap-views", 1))
+    final = json.loads((tmp_path / "final.json").read_text())
+    idx, val_idx = S.training_subset(np.repeat(np.arange(5), 8), S.parse_args(
+        ["--dataset", "folder", "--rho", "0.5", "--val-frac", "0.25"]))
+    assert final["n_train"] == len(idx) and len(val_idx) > 0 and final["knn_queries"].startswith("--val-frac")
+    labels = D.load_split("folder", data, True)[1]
+    assert seen == [(40 - len(val_idx), labels[np.asarray(val_idx)].tolist())]
+    assert 0 <= final["last"]["knn_class_mean"] <= 100
+
+
 def test_torchrun_two_processes_on_cpu(data, tmp_path):
     r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, "simsiam_rwsam.py",
                    *_args(data, tmp_path, "--stage1-epochs", 1, "--epochs", 1, "--knn-every", -1), timeout=300)
@@ -506,6 +550,7 @@ def test_torchrun_two_processes_on_cpu(data, tmp_path):
     (["--opt", "adam"], "invalid choice"),
     (["--subsample", "0.3"], "invalid choice"),
     (["--sam-rho", "-1"], "--sam-rho"),
+    (["--gap-views", "0"], "--gap-views"),
     (["--opt", "sam", "--stage1", "x.pt"], "--opt rwsam"),
     (["--stage1", "missing.pt"], "does not exist"),
     (["--dataset", "imagenet_lt"], "not supported"),
