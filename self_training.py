@@ -602,7 +602,8 @@ def main(argv=None):
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not self_training.py")
         keep = {k: getattr(args, k) for k in ("gpu", "resume")}
         args = argparse.Namespace(**{"data_seed": ckpt["args"].get("seed", 0), "st_batch_size": ckpt["args"]["batch_size"],
-                                     "resample_weights": "inverse",
+                                     "resample_weights": "inverse", "pool": "rest", "pool_root": None,
+                                     "pool_shortfall": "cap", "irrelevant_root": None,
                                      **ckpt["args"], **keep})
         print(f"resuming {args.out} in stage {ckpt['stage']} after epoch {ckpt['epoch']}")
     try:
