@@ -104,7 +104,14 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers (ImageNet-LT / iNat only)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.error = fail
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Range of every numeric flag, before anything is read or written."""
+    check_ranges(args, SHARED_RANGES + [("rho", 0, 1, "(]")])
 
 
 def fail(msg):
@@ -235,6 +242,27 @@ def build_backbone(arch):
     fail(f"unknown architecture '{arch}' in the checkpoint")
 
 
+# === shared: check_ranges (identical in every script) ===
+def check_ranges(args, ranges):
+    """Every (flag, low, high, bounds) of `ranges`: the flag's value lies in the interval, bounds "[)" meaning
+    low <= value < high (None: no bound; a flag left at None is skipped). Else one line and exit 2."""
+    for name, low, high, bounds in ranges:
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        ok = abs(v) <= float(np.finfo(np.float32).max) and (low is None or (v >= low if bounds[0] == "[" else v > low)) \
+            and (high is None or (v <= high if bounds[1] == "]" else v < high))      # NaN, inf, 1e300 fail
+        if not ok:
+            interval = f"{bounds[0]}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{bounds[1]}"
+            fail(f"--{name.replace('_', '-')} must be in {interval}, got {v:g}")
+
+
+SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
+                 ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
+# === end shared: check_ranges ===
+
+
 # === shared: checkpoints (identical in every script) ===
 HEAD_PREFIXES = ("fc.",)
 
@@ -245,13 +273,100 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def write_text_atomic(path, text):
+    """Temp file + rename, as save_atomic: a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def strict_json(obj, **kw):
+    """JSON without the bare NaN / Infinity tokens Python writes by default: a non-finite float is null."""
+    def clean(v):
+        if isinstance(v, float):
+            return v if np.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
+def write_json(path, obj):
+    write_text_atomic(path, strict_json(obj, indent=1))
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl; none when a moved or copied run lacks the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_metrics(path, rows):
+    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in rows))
+
+
+def append_metrics(path, row):
+    write_metrics(path, read_metrics(path) + [row])
+
+
+def copy_source(path, out):
+    """The script's own source beside its outputs (temp file + rename)."""
+    tmp = os.path.join(out, os.path.basename(path) + ".tmp")
+    shutil.copy(path, tmp)
+    os.replace(tmp, os.path.join(out, os.path.basename(path)))
+
+
+def given_flags(parser, argv):
+    """Destinations of the flags written on the command line (abbreviations included), so --resume can
+    apply or refuse each of them instead of dropping it."""
+    unset = object()
+    seen = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return sorted(k for k, v in vars(seen).items() if v is not unset and k != "help")
+
+
+def resume_args(args, ckpt, applied):
+    """--resume PATH: continue the run in dirname(PATH) with the arguments it was started with. A flag in
+    `applied` given on this command line replaces the stored value (--gpu and --workers always do: they
+    describe this machine); any other flag given with --resume is refused."""
+    flag = lambda k: "--" + k.replace("_", "-")
+    refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
+    if refused:
+        fail(f"--resume continues a run with its own arguments; drop {' '.join(map(flag, refused))} (with "
+             f"--resume only {', '.join(map(flag, applied))} may be given)")
+    now = {k: getattr(args, k) for k in applied if k in args.cli_flags or k in ("gpu", "workers")}
+    return argparse.Namespace(**{**vars(args), **ckpt["args"], **now, "resume": args.resume,
+                                 "out": os.path.dirname(os.path.abspath(args.resume)), "cli_flags": args.cli_flags})
+
+
+def nonfinite_tensor(model):
+    """Name of the first parameter or buffer holding NaN / inf (a BatchNorm running_var, say), or None."""
+    named = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist() if named else []
+    return next((k for (k, _), ok in zip(named, finite) if not ok), None)
+
+
+def stop_diverged(what, out, epoch):
+    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint,
+    exit 1."""
+    last = os.path.join(out, "last.pt")
+    kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
+    print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
+    sys.exit(1)
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    except Exception as e:                                 # empty, truncated, another format, ...
+        why = (str(e).splitlines() or [""])[0][:60]
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}{': ' if why else ''}{why})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
         fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
     return ckpt
@@ -537,10 +652,9 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
-    open(os.path.join(args.out, "metrics.jsonl"), "w").close()
+    write_json(os.path.join(args.out, "args.json"), meta)
+    copy_source(__file__, args.out)
+    write_metrics(os.path.join(args.out, "metrics.jsonl"), [])
     print(f"cRT on {source['arch']} from {args.ckpt} ({source.get('script', '?')}): {args.dataset} rho={args.rho:g}, "
           f"{sum(counts)} training images, bn={args.bn}, {'cached features' if cached else 'features every step'}"
           f" ({feature_seconds:.1f} s), {args.epochs} epochs on {device}")
@@ -556,23 +670,29 @@ def main(argv=None):
         backbone.train(args.bn == "train")
         head.train()
         loss_sum, seen = torch.zeros((), device=device), 0
-        for x, y, _ in train_b.epoch(epoch, weights):
+        first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        for step, (x, y, _) in enumerate(train_b.epoch(epoch, weights)):
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and not cached):
                 logits = model(x).float()
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
             loss_sum += loss.detach() * len(y)
             seen += len(y)
+        if first_bad.item() >= 0:
+            stop_diverged(f"loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}", args.out, epoch)
+        bad_tensor = nonfinite_tensor(model)                # the head, and BN buffers with --bn train
+        if bad_tensor:
+            stop_diverged(f"'{bad_tensor}' is not finite after epoch {epoch + 1}, step {step + 1}", args.out, epoch)
         test_m = evaluate(model, test_b.epoch(0), C, counts)
         val_m = evaluate(model, val_b.epoch(0), C, counts) if val_b else None
         if val_m and (best is None or val_m["top1"] > best["val_top1"]):
             best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "test": test_m,
                "val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t_ep}
-        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
         print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(test_m['top1'])} {fmt(test_m['many'])} "
               f"{fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_top1'])} {row['seconds']:6.2f}",
               flush=True)
@@ -592,8 +712,7 @@ def main(argv=None):
              "augment": args.augment, "cached_features": cached, "epochs": args.epochs, "class_counts": counts,
              "before": before, "last": test_m, "test_error": 100 - test_m["top1"], "best_on_val": best,
              "feature_seconds": feature_seconds, "wall_seconds": time.time() - t_run}
-    with open(os.path.join(args.out, "final.json"), "w") as f:
-        json.dump(final, f, indent=1)
+    write_json(os.path.join(args.out, "final.json"), final)
     print(f"{'':13}{'top1':>7} {'mean/cls':>8} {'many':>6} {'med':>6} {'few':>6}")
     for name, m in (("before cRT", before), ("after cRT", test_m)):
         if m:

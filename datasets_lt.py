@@ -13,6 +13,7 @@ the head class unless `class_order` says otherwise; every random choice takes an
 same seed gives the same images in every script.
 """
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -93,7 +94,7 @@ def _load_folder(root, split):
     a class is reported as absent; a test class that training does not have is an error."""
     path = os.path.join(root, split)
     if not os.path.isdir(path):
-        raise DataError(f"--dataset folder needs '{path}/<class>/<image>' (a {split} split), "
+        raise DataError(f"a folder dataset needs '{path}/<class>/<image>' (a {split} split), "
                         f"but '{path}' does not exist")
     files = _folder_files(path)
     names = list(files)
@@ -339,6 +340,15 @@ def subset_digest(indices):
     return hashlib.sha1(np.sort(np.asarray(indices, dtype=np.int64)).tobytes()).hexdigest()[:16]
 
 
+def save_indices(path, train, val=()):
+    """Write the dataset indices a run trains on (and its validation split) to `path` as JSON, atomically:
+    the record that two scripts given the same --data-seed used the same images."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"train": [int(i) for i in train], "val": [int(i) for i in val]}, f)
+    os.replace(tmp, path)
+
+
 def shot_groups(train_counts):
     """Boolean class masks: many (>100 training images), medium (20–100), few (<20)."""
     n = np.asarray(train_counts)
@@ -381,7 +391,10 @@ def unlabeled_pool(pool_labels, n_labeled, mult=5, rho_u=1.0, imb_type="exp", se
     if total - int(round(relevance * total)) and n_irr_avail == 0:
         raise DataError(f"relevance {relevance:g} needs {total - int(round(relevance * total))} irrelevant images, "
                         f"none were given")
-    base = lt_counts(int(round(relevance * total)) // C, C, rho_u, imb_type)
+    if C == 0 and round(relevance * total):
+        raise DataError("the unlabeled pool is empty (every training image is labelled at this rho); give an "
+                        "image folder with --unlabeled-root, or --unlabeled-mult 0")
+    base = lt_counts(int(round(relevance * total)) // C, C, rho_u, imb_type) if C else []
 
     def split(n_rel):
         """Per-class counts (indexed by class) of n_rel relevant images on the profile."""
@@ -445,7 +458,7 @@ def unlabeled_pool(pool_labels, n_labeled, mult=5, rho_u=1.0, imb_type="exp", se
               "relevant": int(got.sum()), "irrelevant": int(n_irr), "size": supplied,
               "achieved_mult": supplied / max(n_labeled, 1),
               "achieved_relevance": int(got.sum()) / supplied if supplied else None}
-    return np.sort(np.concatenate(chosen)).astype(np.int64), irr, report
+    return np.sort(np.concatenate([irr[:0], *chosen])).astype(np.int64), irr, report
 
 
 # ---------------------------------------------------------------------------------------------------

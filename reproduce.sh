@@ -34,6 +34,8 @@
 #   RUNS   output folder                         (default runs/repro-<RHO>)
 #   ARGS   flags appended to every command, ARGS_<script> to one script's (ARGS_moco_ssp="--amp")
 #   PYTHON interpreter                           (default python)
+# RHO, GPU and the data that DATA names are checked before anything starts (one line, exit 2); a run
+# that fails is reported on the console with the last line of its log.txt.
 #
 # Runs go to RUNS/<row>/s<seed>/ (the row's number is in its final.json) and pre-training runs to
 # RUNS/pretrain/<method>/s<seed>/. A run whose final.json exists is skipped; one with a last.pt but no
@@ -239,6 +241,45 @@ if dataset == "cifar10":
 EOF
 fi
 
+# The shared settings, checked before anything is launched: one line and exit 2 on the first bad one.
+if [[ $DRY == 0 ]]; then
+    [[ $RHO =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] && awk "BEGIN { exit !($RHO > 0 && $RHO <= 1) }" ||
+        { echo "reproduce.sh: RHO=$RHO must be a tail/head ratio in (0, 1] (the papers' imbalance 100 is RHO=0.01)" >&2; exit 2; }
+    [[ $GPU =~ ^-?[0-9]+$ ]] && (( GPU >= -1 )) ||
+        { echo "reproduce.sh: GPU=$GPU must be a GPU index (0, 1, ...) or -1 for the CPU" >&2; exit 2; }
+    DATA=$DATA GPU=$GPU "$PYTHON" - <<'EOF' || exit 2
+import os, shlex, sys
+
+def flag(argv, name, default):
+    return argv[argv.index(name) + 1] if name in argv[:-1] else default
+
+data = shlex.split(os.environ["DATA"])
+dataset, root = flag(data, "--dataset", "cifar10"), flag(data, "--data-root", "./data")
+gpu = int(os.environ["GPU"])
+problem = None
+if dataset == "folder":
+    missing = [s for s in ("train", "test") if not os.path.isdir(os.path.join(root, s))]
+    if missing:
+        problem = (f"DATA: no {' or '.join(missing)} split under '{root}' (a folder dataset needs {root}/train/<class>/* "
+                   f"and {root}/test/<class>/*); unpack the data there or set DATA")
+elif "--download" not in data:
+    import datasets_lt
+    try:
+        datasets_lt.load_split(dataset, root, True)
+    except datasets_lt.DataError as e:
+        problem = f"DATA: {e}"
+if problem is None and gpu >= 0:
+    import torch
+    if not torch.cuda.is_available():
+        problem = f"GPU={gpu} but CUDA is not available on this machine; set GPU=-1 to run everything on the CPU"
+    elif gpu >= torch.cuda.device_count():
+        problem = f"GPU={gpu}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0"
+if problem:
+    print(f"reproduce.sh: {problem}", file=sys.stderr)
+    sys.exit(2)
+EOF
+fi
+
 want() { [[ " $ROWS " == *" $1 "* ]]; }
 want_any() { local r; for r in "$@"; do want "$r" && return 0; done; return 1; }
 
@@ -264,7 +305,10 @@ job() {
         mkdir -p "$out"
         echo "start $out: ${cmd[*]}"
         if "${cmd[@]}" >>"$out/log.txt" 2>&1; then echo "finished $out"
-        else echo "FAILED $out (exit $?), see $out/log.txt" | tee -a "$FAILED"; fi
+        else
+            rc=$?
+            echo "FAILED $out (exit $rc): $(tail -n 1 "$out/log.txt"); see $out/log.txt" | tee -a "$FAILED"
+        fi
     ) &
 }
 

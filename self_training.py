@@ -102,7 +102,9 @@ def parse_args(argv=None):
     p.add_argument("--data-seed", type=int, default=0,
                    help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
     p.add_argument("--out", default=None, help="default: runs/<script>-<dataset>-<rho>-<seed>")
-    p.add_argument("--resume", default=None, help="continue the run saved in this last.pt")
+    p.add_argument("--resume", default=None,
+                   help="continue the run saved in this last.pt, in its folder, with its arguments; only --gpu, "
+                        "--data-root, --download may be given with it (any other flag is refused)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--val-frac", type=float, default=0.0,
                    help="validation split carved from the training subset; 0 = report last epoch only")
@@ -141,10 +143,26 @@ def parse_args(argv=None):
     p.add_argument("--s", type=float, default=30.0, help="LDAM: logit scale")
     p.error = fail
     args = p.parse_args(argv)
+    args.cli_flags = given_flags(p, argv)
     args.schedule, args.arch = "step", "resnet32"
     if args.out is None:
         args.out = os.path.join("runs", f"self_training-{args.dataset}-{args.rho:g}-{args.seed}")
+    check_args(args)
     return args
+
+
+def check_args(args):
+    """Range of every numeric flag, before anything is read or written."""
+    check_ranges(args, SHARED_RANGES + [("st_batch_size", 1, None, "[)"), ("unlabeled_mult", 0, None, "[)"),
+                                        ("rho_u", 0, 1, "(]"), ("relevance", 0, 1, "[]"), ("omega", 0, None, "[)"), ("threshold", 0, 1, "[]"),
+                                        ("warmup", 0, None, "[)"), ("beta", 0, 1, "[)"), ("gamma", 0, None, "[)"),
+                                        ("max_m", 0, None, "[)"), ("s", 0, None, "()")])
+    if "warmup" in args.cli_flags and 0 < args.warmup >= args.epochs:
+        fail(f"--warmup {args.warmup} must be shorter than --epochs {args.epochs}")
+
+
+# --resume continues a run with its own arguments; only these (where the run executes) may be given with it
+RESUME_FLAGS = ("gpu", "data_root", "download")
 
 
 def fail(msg):
@@ -218,6 +236,27 @@ class ResNet32(nn.Module):
 # === end shared: resnet32 ===
 
 
+# === shared: check_ranges (identical in every script) ===
+def check_ranges(args, ranges):
+    """Every (flag, low, high, bounds) of `ranges`: the flag's value lies in the interval, bounds "[)" meaning
+    low <= value < high (None: no bound; a flag left at None is skipped). Else one line and exit 2."""
+    for name, low, high, bounds in ranges:
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        ok = abs(v) <= float(np.finfo(np.float32).max) and (low is None or (v >= low if bounds[0] == "[" else v > low)) \
+            and (high is None or (v <= high if bounds[1] == "]" else v < high))      # NaN, inf, 1e300 fail
+        if not ok:
+            interval = f"{bounds[0]}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{bounds[1]}"
+            fail(f"--{name.replace('_', '-')} must be in {interval}, got {v:g}")
+
+
+SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
+                 ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
+# === end shared: check_ranges ===
+
+
 # === shared: checkpoints (identical in every script) ===
 HEAD_PREFIXES = ("fc.",)
 
@@ -228,13 +267,100 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def write_text_atomic(path, text):
+    """Temp file + rename, as save_atomic: a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def strict_json(obj, **kw):
+    """JSON without the bare NaN / Infinity tokens Python writes by default: a non-finite float is null."""
+    def clean(v):
+        if isinstance(v, float):
+            return v if np.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
+def write_json(path, obj):
+    write_text_atomic(path, strict_json(obj, indent=1))
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl; none when a moved or copied run lacks the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_metrics(path, rows):
+    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in rows))
+
+
+def append_metrics(path, row):
+    write_metrics(path, read_metrics(path) + [row])
+
+
+def copy_source(path, out):
+    """The script's own source beside its outputs (temp file + rename)."""
+    tmp = os.path.join(out, os.path.basename(path) + ".tmp")
+    shutil.copy(path, tmp)
+    os.replace(tmp, os.path.join(out, os.path.basename(path)))
+
+
+def given_flags(parser, argv):
+    """Destinations of the flags written on the command line (abbreviations included), so --resume can
+    apply or refuse each of them instead of dropping it."""
+    unset = object()
+    seen = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return sorted(k for k, v in vars(seen).items() if v is not unset and k != "help")
+
+
+def resume_args(args, ckpt, applied):
+    """--resume PATH: continue the run in dirname(PATH) with the arguments it was started with. A flag in
+    `applied` given on this command line replaces the stored value (--gpu and --workers always do: they
+    describe this machine); any other flag given with --resume is refused."""
+    flag = lambda k: "--" + k.replace("_", "-")
+    refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
+    if refused:
+        fail(f"--resume continues a run with its own arguments; drop {' '.join(map(flag, refused))} (with "
+             f"--resume only {', '.join(map(flag, applied))} may be given)")
+    now = {k: getattr(args, k) for k in applied if k in args.cli_flags or k in ("gpu", "workers")}
+    return argparse.Namespace(**{**vars(args), **ckpt["args"], **now, "resume": args.resume,
+                                 "out": os.path.dirname(os.path.abspath(args.resume)), "cli_flags": args.cli_flags})
+
+
+def nonfinite_tensor(model):
+    """Name of the first parameter or buffer holding NaN / inf (a BatchNorm running_var, say), or None."""
+    named = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist() if named else []
+    return next((k for (k, _), ok in zip(named, finite) if not ok), None)
+
+
+def stop_diverged(what, out, epoch):
+    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint,
+    exit 1."""
+    last = os.path.join(out, "last.pt")
+    kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
+    print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
+    sys.exit(1)
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    except Exception as e:                                 # empty, truncated, another format, ...
+        why = (str(e).splitlines() or [""])[0][:60]
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}{': ' if why else ''}{why})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
         fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
     return ckpt
@@ -503,16 +629,13 @@ def fit(args, stage, x, y, c, counts, data, device, out, ckpt=None, batch_size=N
     switch = int(0.8 * args.epochs)
     start, best = 0, None
     os.makedirs(out, exist_ok=True)
+    metrics = os.path.join(out, "metrics.jsonl")
     if ckpt is not None and ckpt.get("stage") == stage:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start, best = ckpt["epoch"], ckpt.get("best")
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            lines = [l for l in f if json.loads(l)["epoch"] <= start]
-        with open(os.path.join(out, "metrics.jsonl"), "w") as f:
-            f.writelines(lines)
-    else:
-        open(os.path.join(out, "metrics.jsonl"), "w").close()
+    # a resumed stage drops the epochs logged after its checkpoint; a new stage starts an empty file
+    write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
     print(f"stage {stage}: {len(y)} training images, counts {[int(n) for n in counts]}, "
           f"loss={args.loss} rule={args.rule}, {args.epochs} epochs on {device}")
     print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'train':>6} {'test':>6} {'many':>6} {'med':>6} {'few':>6} "
@@ -549,24 +672,27 @@ def fit(args, stage, x, y, c, counts, data, device, out, ckpt=None, batch_size=N
             hits += (logits.argmax(1) == yb).sum()
             seen += len(yb)
         if first_bad.item() >= 0:
-            print(f"error: loss is not finite at stage {stage}, epoch {epoch + 1}, step {first_bad.item() + 1}; "
-                  f"stopped, {out}/last.pt still holds epoch {epoch}", file=sys.stderr)
-            sys.exit(1)
+            stop_diverged(f"loss is not finite at stage {stage}, epoch {epoch + 1}, step {first_bad.item() + 1}",
+                          out, epoch)
+        bad_tensor = nonfinite_tensor(model)
+        if bad_tensor:
+            stop_diverged(f"'{bad_tensor}' is not finite at stage {stage} after epoch {epoch + 1}, step {step + 1}",
+                          out, epoch)
         test_m = evaluate(model, test.epoch(0), C, groups)
         val_m = evaluate(model, val.epoch(0), C, groups) if val else None
         if val_m and (best is None or val_m["top1"] > best["val_top1"]):
             best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
                "test": test_m, "val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0}
-        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(metrics, row)
         print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
               f"{fmt(test_m['many'])} {fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_top1'])} "
               f"{row['seconds']:6.2f}", flush=True)
         state = {"script": "self_training.py", "stage": stage, "arch": "resnet32", "model": model.state_dict(),
                  "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "args": vars(args),
                  "class_counts": [int(n) for n in counts], "best": best, "rng": {"torch": torch.get_rng_state()},
-                 "train_subset": data["subset"] if stage == "base" else None}
+                 "train_subset": data["subset"] if stage == "base" else None,
+                 "mean": mean, "std": std}
         save_atomic(state, os.path.join(out, "last.pt"))
     if test_m is None:
         test_m = evaluate(model, test.epoch(0), C, groups)
@@ -600,11 +726,12 @@ def main(argv=None):
         ckpt = load_checkpoint(args.resume)
         if ckpt.get("script") != "self_training.py":
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not self_training.py")
-        keep = {k: getattr(args, k) for k in ("gpu", "resume")}
-        args = argparse.Namespace(**{"data_seed": ckpt["args"].get("seed", 0), "st_batch_size": ckpt["args"]["batch_size"],
-                                     "resample_weights": "inverse", "pool": "rest", "pool_root": None,
-                                     "pool_shortfall": "cap", "irrelevant_root": None,
-                                     **ckpt["args"], **keep})
+        ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), "st_batch_size": ckpt["args"]["batch_size"],
+                        "resample_weights": "inverse", "pool": "rest", "pool_root": None,
+                        "pool_shortfall": "cap", "irrelevant_root": None, **ckpt["args"]}
+        args = resume_args(args, ckpt, RESUME_FLAGS)
+        if ckpt.get("stage") == "base":                   # <out>/base/last.pt: the run is <out>
+            args.out = os.path.dirname(args.out)
         print(f"resuming {args.out} in stage {ckpt['stage']} after epoch {ckpt['epoch']}")
     try:
         D.check_rho(args.rho)
@@ -624,22 +751,20 @@ def main(argv=None):
         x_u, y_u_true, pool_report = choose_unlabeled(args, data)
     except D.DataError as e:
         fail(str(e))
+    base_ckpt = load_checkpoint(args.base) if args.base else None    # a bad --base fails before any write
     os.makedirs(args.out, exist_ok=True)
-    if ckpt is None:
+    if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
         meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
+        write_json(os.path.join(args.out, "args.json"), meta)
+        copy_source(__file__, args.out)
     C = len(data["names"])
     counts_l = np.bincount(data["y_l"], minlength=C)
     mean, std = data["mean_std"]
     t_run = time.time()
 
     # Stage (a): the base classifier on D_L.
-    base_ckpt = None
     if args.base:
-        base_ckpt = load_checkpoint(args.base)
         if base_ckpt.get("arch") != "resnet32" or base_ckpt["model"].get("fc.weight", torch.empty(0)).shape[:1] != (C,):
             fail(f"'{args.base}' is not a ResNet-32 classifier with {C} classes (an ldam_drw.py run on this task)")
         base = ResNet32(C, cosine="fc.bias" not in base_ckpt["model"]).to(device)
@@ -671,8 +796,8 @@ def main(argv=None):
                  "true_counts": np.bincount(y_u_true[relevant], minlength=C).tolist(),
                  "pseudo_counts": np.bincount(pseudo[keep], minlength=C).tolist(),
                  "irrelevant": int((~relevant).sum())}
-    torch.save({"pseudo_labels": torch.as_tensor(pseudo), "confidence": torch.as_tensor(conf),
-                "kept": torch.as_tensor(keep)}, os.path.join(args.out, "pseudo_labels.pt"))
+    save_atomic({"pseudo_labels": torch.as_tensor(pseudo), "confidence": torch.as_tensor(conf),
+                 "kept": torch.as_tensor(keep)}, os.path.join(args.out, "pseudo_labels.pt"))
     acc = pl_report["accuracy"]
     print(f"D_U: {len(x_u)} images ({pl_report['irrelevant']} irrelevant), {keep.sum()} pseudo-labels kept, "
           f"pseudo-label accuracy on the relevant ones: {fmt(acc)}%")
@@ -695,8 +820,7 @@ def main(argv=None):
              "test_error": 100 - test_m[headline_metric(args.dataset)], "base_error_top1": 100 - base_m["top1"],
              "test_error_top1": 100 - test_m["top1"], "best_on_val": best,
              "wall_seconds": time.time() - t_run}
-    with open(os.path.join(args.out, "final.json"), "w") as f:
-        json.dump(final, f, indent=1)
+    write_json(os.path.join(args.out, "final.json"), final)
     what = "test error" if final["headline"] == "top1" else "test error from mean per-class accuracy"
     print(f"{what}: base {final['base_error']:.2f}% → self-trained {final['test_error']:.2f}% "
           f"(top-1 error {final['base_error_top1']:.2f}% → {final['test_error_top1']:.2f}%; many "

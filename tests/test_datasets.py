@@ -387,3 +387,12 @@ def test_imports_only_torch_torchvision_numpy_scipy():
             "print(sorted(new - set(sys.stdlib_module_names) - {'datasets_lt'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_unlabeled_pool_empty():
+    """No candidate left (rho 1 labels every image): one clear error, or nothing when nothing is asked."""
+    none = np.zeros(0, dtype=np.int64)
+    with pytest.raises(D.DataError, match="pool is empty"):
+        D.unlabeled_pool(none, 10, 5)
+    idx, irr, report = D.unlabeled_pool(none, 10, 0)
+    assert len(idx) == len(irr) == 0 and report["requested"] == 0

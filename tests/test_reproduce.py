@@ -79,13 +79,30 @@ def test_table_is_mean_and_sample_std_of_the_seeds(tmp_path):
     assert "| ce | error % | 13.61 | 32.00 ± 2.00 (3 seeds) | 1.5 |" in p.stdout
 
 
+@pytest.mark.parametrize("env,msg", [
+    ({"DATA": "--dataset folder --data-root {tmp}/missing"}, "DATA: no train or test split under"),
+    ({"DATA": "--dataset cifar10 --data-root {tmp}/missing"}, "DATA: cifar10 (train) not found"),
+    ({"RHO": "100"}, "RHO=100 must be a tail/head ratio in (0, 1]"),
+    ({"RHO": "0.01x"}, "RHO=0.01x must be"),
+    ({"GPU": "-3"}, "GPU=-3 must be a GPU index"),
+    ({"GPU": "99"}, "GPU=99")])
+def test_shared_settings_are_checked_before_anything_starts(tmp_path, env, msg):
+    write_folder(tmp_path / "data", per_class=(6, 6, 6))
+    env = {"DATA": f"--dataset folder --data-root {tmp_path / 'data'}", "GPU": "-1", **env}
+    env = {k: v.format(tmp=tmp_path) for k, v in env.items()}
+    p = reproduce("ce", SEEDS="0", RUNS=str(tmp_path / "runs"), **env)
+    assert p.returncode == 2 and p.stdout == "" and p.stderr.count("\n") == 1, p.stdout + p.stderr
+    assert msg in p.stderr and not (tmp_path / "runs").exists()
+
+
 def test_failed_run_is_reported_and_its_dependents_skipped(tmp_path):
-    p = reproduce("ce+crt", SEEDS="0", GPU="-1", RUNS=str(tmp_path / "runs"),
-                  DATA=f"--dataset folder --data-root {tmp_path / 'missing'}")
+    write_folder(tmp_path / "data", per_class=(6, 6, 6))
+    p = reproduce("ce+crt", SEEDS="0", GPU="-1", RUNS=str(tmp_path / "runs"), ARGS_ldam_drw="--beta 1",
+                  DATA=f"--dataset folder --data-root {tmp_path / 'data'}")
     assert p.returncode == 1
-    assert f"FAILED {tmp_path}/runs/ce/s0" in p.stdout
+    assert (f"FAILED {tmp_path}/runs/ce/s0 (exit 2): error: --beta must be in [0, 1), got 1; see "
+            f"{tmp_path}/runs/ce/s0/log.txt") in p.stdout
     assert f"skipped {tmp_path}/runs/ce+crt/s0: {tmp_path}/runs/ce/s0/last.pt is missing" in p.stdout
-    assert "error:" in (tmp_path / "runs" / "ce" / "s0" / "log.txt").read_text()
 
 
 def test_pipeline_on_fake_data_then_rerun_skips_and_resumes(tmp_path):

@@ -254,6 +254,30 @@ def test_generalization_gap_groups():
     assert gap["frequent"]["gap"] == pytest.approx(0.05) and gap["rare"]["gap"] == pytest.approx(0.5 - 0.35)
 
 
+def test_gap_is_averaged_over_view_draws_with_its_standard_error():
+    """--gap-views V: the gap is the mean over V seeded draws of view pairs (draw v = epoch v of the seeded
+    loaders, so draws are nested across V), reported with std(ddof=1)/√V, which shrinks as V grows."""
+    g = torch.Generator().manual_seed(0)
+    imgs = lambda n: torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g)
+    tr_y, ho_y = np.arange(20) % 5, np.arange(15) % 5
+    tr = D.GPULoader(imgs(20), tr_y, 8, MEAN, STD, "cpu", augment="ssl", shuffle=False, seed=1)
+    ho = D.GPULoader(imgs(15), ho_y, 8, MEAN, STD, "cpu", augment="ssl", shuffle=False, seed=1)
+    torch.manual_seed(0)
+    model = S.SimSiam()
+    few = S.gap_over_views(model, tr, ho, 5, [0, 1], [2, 3, 4], 3)
+    many = S.gap_over_views(model, tr, ho, 5, [0, 1], [2, 3, 4], 24)
+    one = S.generalization_gap(S.class_mean_loss(model, tr, 5, draw=2), S.class_mean_loss(model, ho, 5, draw=2),
+                               [0, 1], [2, 3, 4])
+    for name in ("frequent", "rare"):
+        v = np.array(many[name]["per_view"])
+        assert many[name]["gap"] == pytest.approx(v.mean()) and many[name]["views"] == 24
+        assert many[name]["se"] == pytest.approx(v.std(ddof=1) / math.sqrt(24))
+        assert few[name]["per_view"] == pytest.approx(list(v[:3])) and v[2] == pytest.approx(one[name]["gap"])
+        assert len(set(v.round(8))) == 24                         # every draw is a new pair of views
+        assert 0 < many[name]["se"] < few[name]["se"]
+    assert S.gap_over_views(model, tr, ho, 5, [0, 1], [2, 3, 4], 1)["rare"]["se"] is None
+
+
 def test_paper_2_subsets():
     labels = np.repeat(np.arange(10), 5000)
     sizes = {}
@@ -371,16 +395,19 @@ def test_smoke_run_outputs(rwsam_run):
     assert final["class_counts"] == [8, 6, 5, 4, 4] and final["n_train"] == 27
     for result in (final["last"], final["stage1_result"]):
         assert set(result["gap"]) == {"frequent", "rare"} and 0 <= result["knn_top1"] <= 100
+        assert result["gap"]["rare"]["views"] == 16 and result["gap"]["rare"]["se"] > 0
     assert final["best_knn_on_val"]["epoch"] == 2 and final["kde"]["alpha"] == 1.2
 
 
-def test_checkpoints_follow_the_contract(rwsam_run, capsys):
+def test_checkpoints_follow_the_contract(rwsam_run, data, capsys):
     last = torch.load(rwsam_run / "last.pt", weights_only=True)
     stage1 = torch.load(rwsam_run / "stage1.pt", weights_only=True)
     assert (last["script"], last["arch"], last["epoch"], stage1["epoch"]) == ("simsiam_rwsam.py", "resnet18", 2, 1)
     assert {"model", "optimizer", "args", "class_counts", "rng", "kde_weights"} <= set(last)
     assert stage1["kde_weights"] is None and (stage1["args"]["opt"], stage1["args"]["epochs"]) == ("sgd", 1)
     assert last["args"]["opt"] == "rwsam"
+    images = D.load_split("folder", data, True)[0]                              # the normalisation used
+    assert last["mean"] == stage1["mean"] == D.mean_std("folder", images)[0] and len(last["std"]) == 3
     kde = torch.load(rwsam_run / "kde_weights.pt", weights_only=True)
     assert torch.equal(kde["weights"], last["kde_weights"]["weights"]) and len(kde["weights"]) == 27
     assert kde["weights"].mean().item() == pytest.approx(1, rel=1e-5) and kde["bandwidth"] > 0
@@ -425,10 +452,15 @@ def test_resume_at_the_stage_boundary_equals_the_whole_run(rwsam_run, tmp_path):
     torch.save(state, tmp_path / "last.pt")
     first = (rwsam_run / "metrics.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "metrics.jsonl").write_text("".join(first))                  # the second line is dropped
+    (tmp_path / "stage1.pt.tmp").write_bytes(b"half a file")                 # killed while writing stage1.pt
     S.main(["--resume", str(tmp_path / "last.pt"), "--gpu", "-1"])
     a, b = _model(rwsam_run / "last.pt"), _model(tmp_path / "last.pt")
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
     assert [json.loads(l)["epoch"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    stage1 = torch.load(tmp_path / "stage1.pt", weights_only=True)           # written again from last.pt
+    assert stage1["epoch"] == 1 and stage1["kde_weights"] is None
+    assert all(torch.equal(stage1["model"][k], state["model"][k]) for k in state["model"])
+    assert (tmp_path / "kde_weights.pt").exists() and not (tmp_path / "stage1.pt.tmp").exists()
 
 
 def test_stage1_from_a_checkpoint_gives_the_same_weights(rwsam_run, data, tmp_path, capsys):
@@ -501,6 +533,7 @@ def test_torchrun_two_processes_on_cpu(data, tmp_path):
     (["--opt", "adam"], "invalid choice"),
     (["--subsample", "0.3"], "invalid choice"),
     (["--sam-rho", "-1"], "--sam-rho"),
+    (["--gap-views", "0"], "--gap-views"),
     (["--opt", "sam", "--stage1", "x.pt"], "--opt rwsam"),
     (["--stage1", "missing.pt"], "does not exist"),
     (["--dataset", "imagenet_lt"], "not supported"),
