@@ -11,6 +11,8 @@
 #   RHO=0.02 POOL_ROOT=CINIC bash reproduce.sh fig2 fig3          # Figs. 2-3 (CIFAR-10-LT ρ = 50 only)
 #   SET=imagenet_lt LT_ROOT=IMNET LT_LISTS=LISTS bash reproduce.sh  # Table 3: MoCo SSP → CE / cRT (ResNet-50)
 #   SET=inat LT_ROOT=INAT LT_LISTS=LISTS bash reproduce.sh          # Table 4 (+ LDAM-DRW)
+#   bash reproduce.sh cv               # paper 2's cross-validation of h, α, ρ for rwSAM (not part of "every row")
+#   bash reproduce.sh cv-table         # its table: kNN accuracy on the validation split per setting
 #
 # Settings, from the environment:
 #   SET    cifar10 (default: both papers), cifar100 (paper 1 Table 2), svhn (paper 1 Table 1(b)),
@@ -34,6 +36,8 @@
 #   RUNS   output folder                         (default runs/repro-<RHO>)
 #   ARGS   flags appended to every command, ARGS_<script> to one script's (ARGS_moco_ssp="--amp")
 #   PYTHON interpreter                           (default python)
+#   CV_H, CV_ALPHA, CV_RHO  values swept by `cv`, one at a time around the defaults (h median, α 1.2, ρ 5)
+#   CV_FRAC validation fraction of the `cv` runs   (default 0.1)
 # RHO, GPU and the data that DATA names are checked before anything starts (one line, exit 2); a run
 # that fails is reported on the console with the last line of its log.txt.
 #
@@ -123,13 +127,21 @@ esac
 declare -A LT_RULE=([ce]="--loss ce --rule none" [ce-balanced]="--loss ce --rule resample --resample-weights inverse"
                     [ldam-drw]="--loss ldam --rule drw")
 
+CV_H=${CV_H:-0.1 0.2 0.5 1.0}
+CV_ALPHA=${CV_ALPHA:-0.5 2.0}
+CV_RHO=${CV_RHO:-0.5 2 7}
+CV_FRAC=${CV_FRAC:-0.1}
+
 DRY=0
 TABLE=0
+CV=0
 ROWS=""
 for a in "$@"; do
     case $a in
         --dry-run) DRY=1 ;;
         table) TABLE=1 ;;
+        cv) CV=1 ;;
+        cv-table) TABLE=2 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         fig2|fig3) [[ " $ALL_ROWS " == *" $a-"* ]] || {
                echo "reproduce.sh: $a is paper 1's CIFAR-10-LT ρ = 50 figure: run it with SET=cifar10 RHO=0.02" >&2; exit 2; }
@@ -138,7 +150,32 @@ for a in "$@"; do
            ROWS="$ROWS $a" ;;
     esac
 done
+[[ $CV == 1 && -z $ROWS ]] && ROWS=none
 ROWS=${ROWS:-$ALL_ROWS}
+
+if [[ $TABLE == 2 ]]; then
+    RUNS=$RUNS exec "$PYTHON" - <<'EOF'
+import glob, json, os, statistics
+
+runs = os.path.join(os.environ["RUNS"], "cv")
+print(f"Cross-validation of rwSAM's h, α, ρ (paper 2 App. C.1) in {runs}: weighted kNN (k 200) on the --val-frac "
+      f"split left out of pre-training, last epoch; mean ± sample std over seeds. Never the test set.")
+print()
+print("| setting | kNN top-1 % (val) | kNN mean per-class % (val) | seeds |")
+print("|---|---|---|---|")
+for folder in sorted(glob.glob(os.path.join(runs, "*"))):
+    finals = []
+    for path in sorted(glob.glob(os.path.join(folder, "s*", "final.json"))):
+        with open(path) as f:
+            finals.append(json.load(f))
+    last = [r["last"] for r in finals if r.get("last")]
+    if not last:
+        continue
+    show = lambda v: f"{statistics.mean(v):.2f}" + (f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else "")
+    print(f"| {os.path.basename(folder)} | {show([x['knn_top1'] for x in last])} | "
+          f"{show([x['knn_class_mean'] for x in last])} | {len(last)} |")
+EOF
+fi
 
 if [[ $TABLE == 1 ]]; then
     RUNS=$RUNS RHO=$RHO SET=$SET ARCH=$ARCH ROWS="$ALL_ROWS" exec "$PYTHON" - <<'EOF'
@@ -397,6 +434,26 @@ for s in $SEEDS; do
     ckpt=$RUNS/pretrain/simsiam+rwsam/s$s/last.pt
     want simsiam+rwsam && job "$RUNS/simsiam+rwsam/s$s" "$ckpt" eval_linear.py --ckpt "$ckpt" --seed "$s"
 done
+fi
+
+# Paper 2 App. C.1: "We select the hyperparameters ρ and α with cross validation" (h is not reported).
+# One value at a time around the defaults, every run on the same --val-frac split left out of
+# pre-training and scored by kNN on it alone (`cv-table`); the scripts' defaults do not change.
+if [[ $CV == 1 ]]; then
+    stage cv-1
+    for s in $SEEDS; do
+        job "$RUNS/cv/stage1-simsiam/s$s" - simsiam_rwsam.py $DATA --rho "$RHO" --seed "$s" --opt sgd --val-frac "$CV_FRAC"
+    done
+    stage cv-2
+    for s in $SEEDS; do
+        ckpt=$RUNS/cv/stage1-simsiam/s$s/last.pt
+        cvjob() { job "$RUNS/cv/$1/s$s" "$ckpt" simsiam_rwsam.py $DATA --rho "$RHO" --seed "$s" --opt rwsam \
+                      --stage1 "$ckpt" --val-frac "$CV_FRAC" "${@:2}"; }
+        cvjob default
+        for h in $CV_H; do cvjob "h=$h" --bandwidth "$h"; done
+        for a in $CV_ALPHA; do cvjob "alpha=$a" --alpha "$a"; done
+        for r in $CV_RHO; do cvjob "rho=$r" --sam-rho "$r"; done
+    done
 fi
 
 [[ $DRY == 1 ]] && exit 0

@@ -76,7 +76,10 @@ Monitors (no test-set selection): every --knn-every epochs and at the end of eac
 (k = 200, cosine, temperature 0.1, votes exp(sim/0.1), Wu et al. 2018) on L2-normalised backbone features:
 queries are a class-stratified --knn-val-frac split of the FULL training split (all 50,000 CIFAR-10
 images, so queries may include pre-training images, as the linear probe's training set does), the rest of
-it is the memory bank. Collapse meter: z_std = std over the batch of L2-normalised projector outputs,
+it is the memory bank. With --val-frac > 0 the queries are that validation split alone (carved from the
+training subset and left out of pre-training), the memory bank the rest of the full training split: the
+score of reproduce.sh's cross-validation group for h, α and ρ. Top-1 and the mean of per-class
+accuracies are both logged. Collapse meter: z_std = std over the batch of L2-normalised projector outputs,
 mean over the 2048 channels (Chen & He Fig. 2: ≈ 1/√2048 = 0.022 healthy, 0 collapsed). Generalization gap
 (Table 1(a)), at the end of each stage: mean per-example SimSiam loss (eval mode, one seeded pair of
 views per image) on held-out images minus on the training images, averaged per class, then over the
@@ -593,17 +596,22 @@ def weights_from_training_set(model, loader, alpha, bandwidth, seed, amp=False):
 # ----- monitors ------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def knn_top1(mem_f, mem_y, q_f, q_y, num_classes, k=200, t=0.1, chunk=1024):
+def knn_top1(mem_f, mem_y, q_f, q_y, num_classes, k=200, t=0.1, chunk=1024, class_mean=False):
     """Weighted kNN (Wu et al. 2018): the k most cosine-similar memory features vote for their class with
-    weight exp(sim/t); top-1 % over the queries."""
+    weight exp(sim/t); top-1 % over the queries (class_mean: and the mean over classes of per-class %)."""
     k = min(k, len(mem_f))
-    correct = 0
+    hits = torch.zeros(num_classes, dtype=torch.long)
     for s in range(0, len(q_f), chunk):
         sim, i = (q_f[s:s + chunk] @ mem_f.T).topk(k, dim=1)
         votes = torch.zeros(len(sim), num_classes, device=sim.device, dtype=sim.dtype)
         votes.scatter_add_(1, mem_y[i], (sim / t).exp())
-        correct += (votes.argmax(1) == q_y[s:s + chunk]).sum().item()
-    return 100.0 * correct / len(q_f)
+        y = q_y[s:s + chunk]
+        hits += torch.bincount(y[votes.argmax(1) == y], minlength=num_classes).cpu()
+    top1 = 100.0 * hits.sum().item() / len(q_f)
+    if not class_mean:
+        return top1
+    seen = torch.bincount(q_y, minlength=num_classes).cpu()
+    return top1, float(100.0 * (hits[seen > 0].double() / seen[seen > 0]).mean())
 
 
 @torch.no_grad()
@@ -706,7 +714,11 @@ def build_data(args, device, rank):
     order = D.CLASS_ORDER.get(args.dataset, list(range(C)))
     data.frequent, data.rare = order[:C // 2], order[C // 2:]
     if rank == 0:
-        mem, queries = D.carve_val(np.arange(len(train_y)), train_y, args.knn_val_frac, args.data_seed)
+        if len(val_idx):                                   # --val-frac: score on the held-out split only
+            queries = np.asarray(val_idx)
+            mem = np.setdiff1d(np.arange(len(train_y)), queries)
+        else:
+            mem, queries = D.carve_val(np.arange(len(train_y)), train_y, args.knn_val_frac, args.data_seed)
         pick = lambda i: full[torch.as_tensor(i, device=device)]
         data.knn_mem = D.GPULoader(pick(mem), train_y[mem], 1024, mean, std, device)
         data.knn_query = D.GPULoader(pick(queries), train_y[queries], 1024, mean, std, device)
@@ -896,11 +908,11 @@ def main(argv=None):
                  "mean": data.mean, "std": data.std}
         save_atomic(state, os.path.join(args.out, state_name))
 
-    def stage_end(name, knn_now):
+    def stage_end(name, knn_now, knn_cm=None):
         """kNN and generalization gap of the model as it stands (rank 0), stored under summary[name]."""
         gap = gap_over_views(net, data.gap_train, data.gap_heldout, data.C, data.frequent, data.rare,
                              args.gap_views, args.amp)
-        summary[name] = {"knn_top1": knn_now, "gap": gap}
+        summary[name] = {"knn_top1": knn_now, "knn_class_mean": knn_cm, "gap": gap}
         se = lambda g: f" ± {g['se']:.4f}" if g["se"] is not None else ""
         print(f"{name}: kNN {fmt(knn_now)}%, generalization gap frequent {gap['frequent']['gap']:.4f}"
               f"{se(gap['frequent'])}, rare {gap['rare']['gap']:.4f}{se(gap['rare'])} (± standard error over "
@@ -959,21 +971,21 @@ def main(argv=None):
         loss_avg, loss2_avg, z_avg = (sums / steps).tolist()
         if rank == 0:
             last_of_stage = e + 1 == epochs
-            knn_now, t_knn = None, time.time()
+            knn_now, knn_cm, t_knn = None, None, time.time()
             if args.knn_every >= 0 and (last_of_stage or (args.knn_every and (e + 1) % args.knn_every == 0)):
                 mem_f, mem_y = embed(net, data.knn_mem, args.amp)
                 q_f, q_y = embed(net, data.knn_query, args.amp)
-                knn_now = knn_top1(mem_f, mem_y, q_f, q_y, data.C, args.knn_k, args.knn_t)
+                knn_now, knn_cm = knn_top1(mem_f, mem_y, q_f, q_y, data.C, args.knn_k, args.knn_t, class_mean=True)
                 if g >= e1 and (best is None or knn_now > best["knn_top1"]):
                     best = {"epoch": g + 1, "knn_top1": knn_now}
             row = {"epoch": g + 1, "opt": opt, "stage_epoch": e + 1, "lr": lr, "loss": loss_avg,
                    "loss_perturbed": loss2_avg if opt != "sgd" else None, "z_std": z_avg, "knn_top1": knn_now,
-                   "seconds": seconds, "knn_seconds": time.time() - t_knn}
+                   "knn_class_mean": knn_cm, "seconds": seconds, "knn_seconds": time.time() - t_knn}
             append_metrics(metrics, row)
             print(f"{g + 1:5d} {opt:>5} {lr:8.5f} {loss_avg:8.4f} {z_avg:7.4f} {fmt(knn_now)} {seconds:6.2f}",
                   flush=True)
             if last_of_stage and args.knn_every >= 0:
-                stage_end("stage1" if g < e1 else "final", knn_now)
+                stage_end("stage1" if g < e1 else "final", knn_now, knn_cm)
             if g + 1 == e1:                                # before last.pt: a kill between the two redoes the epoch
                 save("stage1.pt", g + 1, opt="sgd", epochs=args.stage1_epochs or args.epochs, stage1_epochs=None,
                      stage1_of=args.out)
@@ -989,6 +1001,8 @@ def main(argv=None):
                  "epochs_trained": e2, "same_epochs": args.same_epochs, "stage1_epochs": e1, "stage1": args.stage1, "stage2_init": args.stage2_init, "world_size": world,
                  "n_train": n, "class_counts": data.counts, "last": summary.get("final"),
                  "stage1_result": summary.get("stage1"), "best_knn_on_val": best,
+                 "knn_queries": "--val-frac split (left out of pre-training)" if len(data.val_idx) else
+                                "--knn-val-frac of the full training split",
                  "kde": None if kde is None else {k: kde[k] for k in ("bandwidth", "alpha", "source",
                                                                       "per_class_mean_weight")},
                  "checkpoint": os.path.join(args.out, "last.pt"), "seconds_per_epoch": per_epoch,

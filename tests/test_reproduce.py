@@ -210,3 +210,42 @@ def test_dry_run_of_tables_3_and_4_parses_and_chains(dataset, rows):
     assert runs["R/crt+ssp/s0"][1].ckpt == "R/ce+ssp/s0/last.pt" and runs["R/crt/s0"][1].ckpt == "R/ce/s0/last.pt"
     table = reproduce("table", SET=dataset, RUNS="R").stdout
     assert ("| crt+ssp | error % | 48.7 |" if dataset == "imagenet_lt" else "| crt+ssp | error % | 31.9 |") in table
+
+
+def test_cross_validation_group_dry_run():
+    """`cv`: one SimSiam stage 1 per seed with a --val-frac split, then rwSAM runs from it that vary h, α, ρ
+    one at a time, every run on the same split; nothing of the main table runs."""
+    p = reproduce("--dry-run", "cv", SEEDS="0 1", RUNS="R", CV_H="0.3", CV_ALPHA="2", CV_RHO="0.5 7", CV_FRAC="0.2")
+    assert p.returncode == 0, p.stderr
+    stage, made, settings = 0, {}, {}
+    for line in p.stdout.splitlines():
+        if line.startswith("# stage"):
+            stage += 1
+            continue
+        python, script, *argv = shlex.split(line)
+        args = importlib.import_module(script[:-3]).parse_args(argv)
+        out = flag(argv, "--out")
+        assert script == "simsiam_rwsam.py" and out.startswith("R/cv/") and args.val_frac == 0.2
+        if args.stage1:
+            assert made[args.stage1[:-len("/last.pt")]] < stage and args.opt == "rwsam"
+        made[out] = stage
+        settings.setdefault(out.split("/")[2], set()).add((args.bandwidth, args.alpha, args.sam_rho, args.seed))
+    assert settings == {
+        "stage1-simsiam": {(None, 1.2, 5.0, 0), (None, 1.2, 5.0, 1)},
+        "default": {(None, 1.2, 5.0, 0), (None, 1.2, 5.0, 1)},
+        "h=0.3": {(0.3, 1.2, 5.0, 0), (0.3, 1.2, 5.0, 1)},
+        "alpha=2": {(None, 2.0, 5.0, 0), (None, 2.0, 5.0, 1)},
+        "rho=0.5": {(None, 1.2, 0.5, 0), (None, 1.2, 0.5, 1)},
+        "rho=7": {(None, 1.2, 7.0, 0), (None, 1.2, 7.0, 1)},
+    }
+
+
+def test_cross_validation_table(tmp_path):
+    for setting, seed, top1, cm in [("default", 0, 70.0, 60.0), ("default", 1, 72.0, 62.0), ("h=0.3", 0, 65.5, 50.0)]:
+        d = tmp_path / "cv" / setting / f"s{seed}"
+        d.mkdir(parents=True)
+        (d / "final.json").write_text(json.dumps({"last": {"knn_top1": top1, "knn_class_mean": cm}}))
+    p = reproduce("cv-table", RUNS=str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    assert "| default | 71.00 ± 1.41 | 61.00 ± 1.41 | 2 |" in p.stdout
+    assert "| h=0.3 | 65.50 | 50.00 | 1 |" in p.stdout

@@ -513,6 +513,23 @@ def test_size_sweep_rule():
     assert rule("--subsample", "0.5", "--same-epochs") == 1600
 
 
+def test_val_frac_scores_knn_on_the_held_out_split_only(data, tmp_path, monkeypatch):
+    """--val-frac: the kNN queries are exactly the validation images left out of pre-training (the score of
+    the cross-validation group), the memory bank every other image of the training split."""
+    seen = []
+    knn = S.knn_top1
+    monkeypatch.setattr(S, "knn_top1", lambda m, my, q, qy, *a, **k: seen.append((len(my), qy.tolist())) or
+                        knn(m, my, q, qy, *a, **k))
+    S.main(_args(data, tmp_path, "--opt", "sgd", "--epochs", 1, "--val-frac", 0.25, "--gap-views", 1))
+    final = json.loads((tmp_path / "final.json").read_text())
+    idx, val_idx = S.training_subset(np.repeat(np.arange(5), 8), S.parse_args(
+        ["--dataset", "folder", "--rho", "0.5", "--val-frac", "0.25"]))
+    assert final["n_train"] == len(idx) and len(val_idx) > 0 and final["knn_queries"].startswith("--val-frac")
+    labels = D.load_split("folder", data, True)[1]
+    assert seen == [(40 - len(val_idx), labels[np.asarray(val_idx)].tolist())]
+    assert 0 <= final["last"]["knn_class_mean"] <= 100
+
+
 def test_torchrun_two_processes_on_cpu(data, tmp_path):
     r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, "simsiam_rwsam.py",
                    *_args(data, tmp_path, "--stage1-epochs", 1, "--epochs", 1, "--knn-every", -1), timeout=300)
