@@ -542,7 +542,11 @@ def build_data(args):
     if args.relevance < 1 and not irr:
         # Fig. 2-3's irrelevant images: CIFAR-100's classes are disjoint from CIFAR-10's and come from the same
         # 80M Tiny Images source as the paper's irrelevant data; the 10-class task stays as it is.
-        data["irr_x"], _, _ = D.load_split("cifar100", args.irrelevant_root or args.data_root, True, args.download)
+        try:
+            data["irr_x"], _, _ = D.load_split("cifar100", args.irrelevant_root or args.data_root, True, args.download)
+        except D.DataError as e:
+            raise D.DataError(f"--relevance {args.relevance:g} draws irrelevant images from CIFAR-100 (--irrelevant-root, "
+                              f"default --data-root): {e}") from None
     return data
 
 
