@@ -17,8 +17,9 @@ The unlabeled pool. The authors drew D_U from 80 Million Tiny Images, which its 
 2020, so their script cannot be run today. Here D_U comes from data that exists:
 - --pool cinic10 --pool-root CINIC (CIFAR-10): CINIC-10's ImageNet-sourced images of the ten CIFAR-10
   classes, ~21,000 per class over its train/valid/test folders; its `cifar10-…` files are CIFAR-10's
-  own images and are skipped, so no D_L image can come back as unlabeled. With it D_U@5x and every
-  ρ_U column of Table 1 (1, ρ/2, ρ, 2ρ) are reachable at ρ = 100.
+  own images and are skipped, so no D_L image can come back as unlabeled. At ρ = 100 it gives D_U@5x
+  at ρ_U = 1 (6,203 per class); the imbalanced columns need more head-class images than its 21,000
+  (24,999 at ρ_U = ρ), so they keep their profile at 4.74x (ρ/2), 4.20x (ρ) and 3.79x (2ρ) |D_L|.
 - --pool rest (default): the training images of the same dataset that are not in D_L; SVHN uses its
   `extra` split (the authors' pool). For CIFAR-10 at rho 0.01 this leaves 37,594 images and none of
   class 0: NOT the paper's pool, it cannot give D_U@5x or any ρ_U profile.
@@ -541,7 +542,11 @@ def build_data(args):
     if args.relevance < 1 and not irr:
         # Fig. 2-3's irrelevant images: CIFAR-100's classes are disjoint from CIFAR-10's and come from the same
         # 80M Tiny Images source as the paper's irrelevant data; the 10-class task stays as it is.
-        data["irr_x"], _, _ = D.load_split("cifar100", args.irrelevant_root or args.data_root, True, args.download)
+        try:
+            data["irr_x"], _, _ = D.load_split("cifar100", args.irrelevant_root or args.data_root, True, args.download)
+        except D.DataError as e:
+            raise D.DataError(f"--relevance {args.relevance:g} draws irrelevant images from CIFAR-100 (--irrelevant-root, "
+                              f"default --data-root): {e}") from None
     return data
 
 
@@ -727,7 +732,8 @@ def main(argv=None):
         if ckpt.get("script") != "self_training.py":
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not self_training.py")
         ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), "st_batch_size": ckpt["args"]["batch_size"],
-                        "resample_weights": "inverse", **ckpt["args"]}
+                        "resample_weights": "inverse", "pool": "rest", "pool_root": None,
+                        "pool_shortfall": "cap", "irrelevant_root": None, **ckpt["args"]}
         args = resume_args(args, ckpt, RESUME_FLAGS)
         if ckpt.get("stage") == "base":                   # <out>/base/last.pt: the run is <out>
             args.out = os.path.dirname(args.out)
