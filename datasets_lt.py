@@ -5,12 +5,15 @@ the seeded long-tailed subsets of Yang & Xu 2020 (§3, App. D) and Liu et al. 20
 it) keeps those arrays on the GPU and augments whole batches there.
 
     python datasets_lt.py --dataset cifar10 --rho 0.01 --download      # print the subset a run trains on
+    python datasets_lt.py --train-list ImageNet_train.txt --lt-list ImageNet_LT_train.txt \
+        --out-dir imagenet_variants                                   # paper 2's ImageNet lists (App. A.1)
 
 Conventions: `rho` is tail/head in (0, 1] (the papers' "imbalance ratio 100" is rho = 0.01); class 0 is
 the head class unless `class_order` says otherwise; every random choice takes an explicit seed, so the
 same seed gives the same images in every script.
 """
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -86,25 +89,109 @@ def load_split(dataset, root, train, download=False):
 
 
 def _load_folder(root, split):
+    """One split of root/<split>/<class>/*. The test split is labelled by class NAME against the
+    training split (root/train), so a test folder that lacks a class does not shift the others: such
+    a class is reported as absent; a test class that training does not have is an error."""
     path = os.path.join(root, split)
     if not os.path.isdir(path):
-        raise DataError(f"--dataset folder needs '{path}/<class>/<image>' (a {split} split), "
+        raise DataError(f"a folder dataset needs '{path}/<class>/<image>' (a {split} split), "
                         f"but '{path}' does not exist")
-    try:
-        ds = torchvision.datasets.ImageFolder(path)
-    except FileNotFoundError as e:
-        raise DataError(f"no images under '{path}': {e}") from None
+    files = _folder_files(path)
+    names = list(files)
+    if split == "test" and os.path.isdir(os.path.join(root, "train")):
+        names = sorted(e.name for e in os.scandir(os.path.join(root, "train")) if e.is_dir())
+        unknown = [c for c in files if c not in names]
+        if unknown:
+            raise DataError(f"test class folder(s) {', '.join(repr(c) for c in unknown[:3])} of '{path}' have no "
+                            f"training folder of the same name in '{os.path.join(root, 'train')}'; rename or "
+                            f"remove them")
+        absent = [c for c in names if not files.get(c)]
+        if absent:
+            print(f"warning: class(es) {', '.join(repr(c) for c in absent[:5])}{' …' if len(absent) > 5 else ''} "
+                  f"have no images in '{path}': reported as absent (no test accuracy), the other classes keep "
+                  f"their labels", file=sys.stderr)
+    else:
+        empty = [c for c in names if not files[c]]
+        if empty:
+            raise DataError(f"class folder '{os.path.join(path, empty[0])}' holds no images "
+                            f"({', '.join(_IMAGE_EXTENSIONS)}); add images or remove it")
+        if split == "train" and len(names) < 2:
+            raise DataError(f"'{path}' holds {len(names)} class folder(s); a classification dataset needs "
+                            f"at least two (one folder per class)")
+    samples = [(f, names.index(c)) for c in files for f in files[c]]
+    if not samples:
+        raise DataError(f"no images under '{path}' (one folder per class of {', '.join(_IMAGE_EXTENSIONS)} files)")
     images, first = [], None
-    for file, _ in ds.samples:
-        img = np.asarray(ds.loader(file), dtype=np.uint8)
+    for file, _ in samples:
+        img = _read_image(file)
         if first is None:
             first = (img.shape, file)
         elif img.shape != first[0]:
             raise DataError(f"images in '{path}' differ in size ({first[1]}: {first[0][1]}x{first[0][0]}, "
                             f"{file}: {img.shape[1]}x{img.shape[0]}); resize them to one size first")
         images.append(img)
-    labels = np.asarray(ds.targets, dtype=np.int64)
-    return np.stack(images), labels, list(ds.classes)
+    labels = np.asarray([label for _, label in samples], dtype=np.int64)
+    return np.stack(images), labels, names
+
+
+_IMAGE_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS
+
+
+def _folder_files(path):
+    """{class: image files} for path/<class>/**, classes and files in ImageFolder's order (sorted)."""
+    out = {}
+    for c in sorted(e.name for e in os.scandir(path) if e.is_dir()):
+        out[c] = [os.path.join(d, n) for d, _, fnames in sorted(os.walk(os.path.join(path, c), followlinks=True))
+                  for n in sorted(fnames) if n.lower().endswith(_IMAGE_EXTENSIONS)]
+    return out
+
+
+def _read_image(file):
+    """RGB uint8 array of one image file; a truncated or non-image file is a DataError naming it."""
+    try:
+        return np.asarray(torchvision.datasets.folder.pil_loader(file), dtype=np.uint8)
+    except Exception as e:                                     # PIL raises OSError, SyntaxError, ValueError, ...
+        why = (str(e).splitlines() or [""])[0][:80]
+        raise DataError(f"'{file}' is not a readable image ({e.__class__.__name__}: {why}); "
+                        f"replace or delete it") from None
+
+
+CINIC10_SPLITS = ("train", "valid", "test")
+
+
+def cinic10_files(root):
+    """CINIC-10 as an unlabeled pool for CIFAR-10 (paper 1's D_U, REFERENCE §3): (paths, labels, class
+    names) of every image under root/{train,valid,test}/<class>/ EXCEPT the files named `cifar10-…`,
+    which are CIFAR-10's own images (a D_L image must never come back as unlabeled). What remains are
+    the ImageNet-sourced images, ~21,000 per class. Classes are the folder names, sorted."""
+    if not all(os.path.isdir(os.path.join(root, s)) for s in CINIC10_SPLITS):
+        raise DataError(f"--pool-root '{root}' is not a CINIC-10 folder: it needs train/, valid/ and test/ "
+                        f"with one folder per class (download CINIC-10 and unpack it there)")
+    names = sorted(d for d in os.listdir(os.path.join(root, "train")) if os.path.isdir(os.path.join(root, "train", d)))
+    paths, labels = [], []
+    for split in CINIC10_SPLITS:
+        for c, name in enumerate(names):
+            folder = os.path.join(root, split, name)
+            if not os.path.isdir(folder):
+                raise DataError(f"CINIC-10 under '{root}' has no '{split}/{name}' folder; the download is incomplete")
+            for f in sorted(os.listdir(folder)):
+                if not f.startswith("cifar10-") and f.lower().endswith((".png", ".jpg", ".jpeg")):
+                    paths.append(os.path.join(folder, f))
+                    labels.append(c)
+    if not paths:
+        raise DataError(f"no ImageNet-sourced images under '{root}' (every file is a cifar10-… file)")
+    return paths, np.asarray(labels, dtype=np.int64), names
+
+
+def load_images(paths, size=32):
+    """uint8 N×size×size×3 array of the image files `paths` (RGB)."""
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        img = torchvision.datasets.folder.pil_loader(p)
+        if img.size != (size, size):
+            raise DataError(f"'{p}' is {img.size[0]}x{img.size[1]}, expected {size}x{size}")
+        out[i] = np.asarray(img, dtype=np.uint8)
+    return out
 
 
 def mean_std(dataset, train_images=None):
@@ -138,7 +225,10 @@ def lt_counts(n_max, num_classes, rho, imb_type="exp"):
 
 
 def _by_class(labels, num_classes):
-    return [np.flatnonzero(labels == c) for c in range(num_classes)]
+    """Ascending indices of each class (one stable sort: the same arrays as flatnonzero(labels == c))."""
+    labels = np.asarray(labels)
+    order = np.argsort(labels, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(labels, minlength=num_classes))[:-1])
 
 
 def _num_classes(labels):
@@ -154,6 +244,8 @@ def make_long_tailed(labels, rho, imb_type="exp", seed=0, n_max=None, class_orde
     """
     labels = np.asarray(labels)
     C = _num_classes(labels)
+    if C < 2:
+        raise DataError(f"the training split has {C} class(es); a classification dataset needs at least two")
     groups = _by_class(labels, C)
     n_max = min(len(g) for g in groups) if n_max is None else n_max
     counts = lt_counts(n_max, C, rho, imb_type)
@@ -195,18 +287,21 @@ def balanced_subset(labels, n_total, seed=0):
     return np.sort(np.concatenate(keep))
 
 
-def downsample(indices, labels, ratio, seed=0):
+def downsample(indices, labels, ratio, seed=0, keep_one=False):
     """Paper 2's size sweep: keep int(ratio·n_c) of each class's images in `indices`, so the class
-    profile is kept. A class left empty is an error."""
+    profile is kept. A class left empty is an error, or with keep_one it keeps one image (the ImageNet
+    lists, whose 3–5-image tail classes cannot be downsampled by 0.125 otherwise)."""
     if not 0 < ratio <= 1:
         raise DataError(f"subsample ratio must be in (0, 1], got {ratio:g}")
     indices = np.asarray(indices)
     sub = np.asarray(labels)[indices]
     rng = np.random.RandomState(seed)
     keep = []
-    for c in np.unique(sub):
-        idx = indices[sub == c].copy()
-        k = int(len(idx) * ratio)
+    order = np.argsort(sub, kind="stable")                # per class, in the order of `indices`
+    classes, first = np.unique(sub[order], return_index=True)
+    for c, idx in zip(classes, np.split(indices[order], first[1:])):
+        idx = idx.copy()
+        k = max(int(len(idx) * ratio), int(keep_one))
         if k < 1:
             raise DataError(f"subsampling by {ratio:g} leaves class {c} empty ({len(idx)} images); "
                             f"use a larger ratio or rho")
@@ -238,6 +333,22 @@ def carve_val(indices, labels, frac, seed=0):
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
+def subset_digest(indices):
+    """A short fingerprint of a training subset (sorted indices into its split), saved in checkpoints so
+    that a later stage can check it trains on the same images (self_training.py --base)."""
+    import hashlib
+    return hashlib.sha1(np.sort(np.asarray(indices, dtype=np.int64)).tobytes()).hexdigest()[:16]
+
+
+def save_indices(path, train, val=()):
+    """Write the dataset indices a run trains on (and its validation split) to `path` as JSON, atomically:
+    the record that two scripts given the same --data-seed used the same images."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"train": [int(i) for i in train], "val": [int(i) for i in val]}, f)
+    os.replace(tmp, path)
+
+
 def shot_groups(train_counts):
     """Boolean class masks: many (>100 training images), medium (20–100), few (<20)."""
     n = np.asarray(train_counts)
@@ -245,62 +356,139 @@ def shot_groups(train_counts):
 
 
 def unlabeled_pool(pool_labels, n_labeled, mult=5, rho_u=1.0, imb_type="exp", seed=0,
-                   irrelevant=None, relevance=1.0):
+                   irrelevant=None, relevance=1.0, class_order=None, shortfall="shrink"):
     """Choose paper 1's extra unlabeled set D_U: (pool indices, irrelevant picks, report).
 
     `pool_labels` are the TRUE labels of the candidate images, used only to choose them (the
     experimenter's control); training sees pseudo-labels. |D_U| = mult·n_labeled, split over the
     classes by the exp (or step) profile with ratio rho_u rescaled to keep the total, as in the
-    authors' get_img_num_per_cls_unlabeled. With relevance r < 1 (paper 1 Fig. 2), only r·|D_U|
-    comes from the pool and the rest is drawn uniformly from `irrelevant` (an array of whatever ids
-    the caller uses for images outside the task); the second return value holds those picks.
-    A class the pool cannot fill is capped, with a warning that says by how much.
+    authors' get_img_num_per_cls_unlabeled; the i-th profile count goes to class class_order[i]
+    (SVHN: digit 1 gets the most, digit 0 the fewest, as in the authors' imbalance_svhn.py).
+    With relevance r < 1 (paper 1 Fig. 2), exactly round(r·|D_U|) images come from the pool (the
+    images the per-class flooring leaves over go to the classes with the largest remainders) and the
+    rest is drawn uniformly from `irrelevant` (an array of whatever ids the caller uses for images
+    outside the task); the second return value holds those picks.
+
+    A pool too small for the request: shortfall="shrink" (default) keeps the profile and the relevance
+    ratio and takes the largest |D_U| that every class (and the irrelevant pool) can supply, with a
+    warning that gives the achieved multiple; shortfall="cap" keeps |D_U| and caps each short class,
+    which can hand a class fewer images than a rarer one (the profile is then not the one asked).
     """
     check_rho(rho_u, "rho_u")
     if not 0 <= relevance <= 1:
         raise DataError(f"relevance must be in [0, 1], got {relevance:g}")
+    if shortfall not in ("shrink", "cap"):
+        raise DataError(f"shortfall must be 'shrink' or 'cap', got {shortfall!r}")
     pool_labels = np.asarray(pool_labels)
     C = _num_classes(pool_labels)
+    order = list(range(C)) if class_order is None else list(class_order)
+    if sorted(order) != list(range(C)):
+        raise DataError(f"class_order must be a permutation of 0..{C - 1}")
+    groups = _by_class(pool_labels, C)
+    avail = np.array([len(g) for g in groups])
+    n_irr_avail = 0 if irrelevant is None else len(irrelevant)
     total = int(round(mult * n_labeled))
-    n_rel = int(round(relevance * total))
-    base = lt_counts(n_rel // C, C, rho_u, imb_type)
-    want = [int(b * n_rel / max(sum(base), 1)) for b in base]
+    if total - int(round(relevance * total)) and n_irr_avail == 0:
+        raise DataError(f"relevance {relevance:g} needs {total - int(round(relevance * total))} irrelevant images, "
+                        f"none were given")
+    if C == 0 and round(relevance * total):
+        raise DataError("the unlabeled pool is empty (every training image is labelled at this rho); give an "
+                        "image folder with --unlabeled-root, or --unlabeled-mult 0")
+    base = lt_counts(int(round(relevance * total)) // C, C, rho_u, imb_type) if C else []
+
+    def split(n_rel):
+        """Per-class counts (indexed by class) of n_rel relevant images on the profile."""
+        if sum(base) == 0:
+            return np.zeros(C, dtype=np.int64)
+        exact = [b * n_rel / sum(base) for b in base]
+        counts = [int(e) for e in exact]
+        if relevance < 1:                                   # exactly n_rel: hand out the floored images
+            for i in np.argsort([c - e for c, e in zip(counts, exact)], kind="stable")[:n_rel - sum(counts)]:
+                counts[i] += 1
+        out = np.zeros(C, dtype=np.int64)
+        out[order] = counts
+        return out
+
+    def fits(u):
+        n_rel = int(round(relevance * u))
+        return bool(np.all(split(n_rel) <= avail)) and u - n_rel <= n_irr_avail
+
+    size = total
+    if not fits(total) and shortfall == "shrink":
+        lo, hi = 0, total                                    # fits() is monotone in the size
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        size = lo
+        if split(int(round(relevance * size))).sum() == 0:
+            empty = [str(c) for c in range(C) if avail[c] == 0]
+            raise DataError(f"the unlabeled pool cannot supply any D_U with this profile (class(es) "
+                            f"{', '.join(empty) or '-'} have no image left in it); use a larger pool "
+                            f"(CINIC-10) or cap each class instead (shortfall 'cap')")
+    n_rel = int(round(relevance * size))
+    want = split(n_rel)
+    got = np.minimum(want, avail)
+    n_irr = size - n_rel
+    n_irr = min(n_irr, n_irr_avail)
     rng = np.random.RandomState(seed)
-    chosen, got = [], []
-    for g, k in zip(_by_class(pool_labels, C), want):
-        idx = g.copy()
+    chosen = [np.zeros(0, dtype=np.int64)] * C
+    for c in order:                                          # drawn head class first, as make_long_tailed
+        idx = groups[c].copy()
         rng.shuffle(idx)
-        chosen.append(idx[:k])
-        got.append(min(k, len(idx)))
-    short = [f"class {c}: {w - g}" for c, (w, g) in enumerate(zip(want, got)) if g < w]
-    if short:
-        warnings.warn(f"the unlabeled pool cannot supply D_U: {sum(want)} relevant images asked, "
-                      f"{sum(got)} supplied ({sum(want) - sum(got)} short; {', '.join(short)}); capped",
-                      stacklevel=2)
-    n_irr = total - n_rel
+        chosen[c] = idx[:got[c]]
     irr = np.zeros(0, dtype=np.int64)
     if n_irr:
-        if irrelevant is None or len(irrelevant) == 0:
-            raise DataError(f"relevance {relevance:g} needs {n_irr} irrelevant images, none were given")
-        if len(irrelevant) < n_irr:
-            warnings.warn(f"only {len(irrelevant)} irrelevant images for the {n_irr} asked; capped", stacklevel=2)
         irr = np.sort(rng.permutation(np.asarray(irrelevant))[:n_irr])
-    report = {"requested": total, "requested_per_class": want, "supplied_per_class": got,
-              "relevant": int(sum(got)), "irrelevant": int(len(irr))}
-    return np.sort(np.concatenate(chosen)).astype(np.int64), irr, report
+    supplied = int(got.sum()) + int(n_irr)
+    if size < total:
+        over_rel = int(round(relevance * (size + 1)))
+        limit = [f"class {c} ({avail[c]} images)" for c in np.flatnonzero(split(over_rel) > avail)]
+        if size + 1 - over_rel > n_irr_avail:
+            limit.append(f"the irrelevant pool ({n_irr_avail} images)")
+        warnings.warn(f"the unlabeled pool cannot supply D_U@{mult:g}x ({total} images) with this profile: "
+                      f"shrunk to {supplied} images ({supplied / max(n_labeled, 1):.2f}x |D_L|), profile and "
+                      f"relevance kept; limited by {', '.join(limit)}", stacklevel=2)
+    short = [f"class {c}: {w - g}" for c, (w, g) in enumerate(zip(want, got)) if g < w]
+    if short or n_irr < size - n_rel:
+        warnings.warn(f"the unlabeled pool cannot supply D_U: {int(want.sum())} relevant and {size - n_rel} "
+                      f"irrelevant images asked, {int(got.sum())} and {n_irr} supplied (short: "
+                      f"{', '.join(short + ([f'irrelevant: {size - n_rel - n_irr}'] if n_irr < size - n_rel else []))}); "
+                      f"capped, the profile is not the one asked", stacklevel=2)
+    report = {"requested": total, "requested_per_class": want.tolist(), "supplied_per_class": got.tolist(),
+              "relevant": int(got.sum()), "irrelevant": int(n_irr), "size": supplied,
+              "achieved_mult": supplied / max(n_labeled, 1),
+              "achieved_relevance": int(got.sum()) / supplied if supplied else None}
+    return np.sort(np.concatenate(chosen or [irr[:0]])).astype(np.int64), irr, report
 
 
 # ---------------------------------------------------------------------------------------------------
 # ImageNet-LT / iNaturalist text lists
 # ---------------------------------------------------------------------------------------------------
 
-def imagenet_transform(train, size=224):
+def imagenet_transform(train, size=224, dataset="imagenet_lt"):
     """The decoupling (Kang et al. 2020) / paper 1 ImageNet-LT transforms: train = RandomResizedCrop,
-    flip, ColorJitter(0.4, 0.4, 0.4, 0); test = Resize(256/224·size), CenterCrop(size)."""
+    flip, ColorJitter(0.4, 0.4, 0.4, 0); test = Resize(256/224·size), CenterCrop(size). dataset="inat":
+    iNaturalist's statistics and no colour jitter, as their dataloader.py."""
+    if dataset == "inat":
+        return inat_transform(train, size)
     norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     if train:
         return transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
                                    transforms.ColorJitter(0.4, 0.4, 0.4, 0), transforms.ToTensor(), norm])
+    return transforms.Compose([transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size),
+                               transforms.ToTensor(), norm])
+
+
+INAT_MEAN, INAT_STD = (0.466, 0.471, 0.380), (0.195, 0.194, 0.192)
+
+
+def inat_transform(train, size=224):
+    """Kang et al.'s (and paper 1's released) iNaturalist 2018 transforms: the ImageNet-LT ones without
+    ColorJitter, normalised with iNaturalist's mean / std."""
+    norm = transforms.Normalize(INAT_MEAN, INAT_STD)
+    if train:
+        return transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), norm])
     return transforms.Compose([transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size),
                                transforms.ToTensor(), norm])
 
@@ -339,6 +527,151 @@ class FileListDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path, label = self.samples[i]
         return self.transform(torchvision.datasets.folder.pil_loader(os.path.join(self.root, path))), label
+
+
+# ---------------------------------------------------------------------------------------------------
+# Paper 2's ImageNet variants (§2.2, App. A.1, Table 2, Fig. 1(b)): the long-tailed lists, a balanced
+# list of the same n for each, and the {0.75, 0.5, 0.25, 0.125} downsampled lists of every one of them.
+# ---------------------------------------------------------------------------------------------------
+
+# App. A.1: ImageNet-LT (Liu et al. 2019, Pareto with power 6, 1280 down to 5 images per class) has
+# n = 115,846; the "more imbalanced" Pareto list has 3 images in its rarest class and n = 80,218. §2.2
+# names the two ratios r = 0.004 and 0.0025: 5/1280 ≈ 0.004, and 3/1200 = 0.0025 gives the head of 1200.
+IMAGENET_PARETO = {"r0.004": (1280, 5, 115_846), "r0.0025": (1200, 3, 80_218)}
+SIZE_SWEEP = (0.75, 0.5, 0.25, 0.125)
+
+
+def pareto_counts(num_classes, n_max, n_min, total):
+    """Images per class, head first, on a Pareto rank profile with the given head, tail and total.
+
+    Neither paper gives how its Pareto lists were drawn and the authors released neither the lists nor
+    the code, so this is our construction: the rank-size form of a Pareto law (Zipf–Mandelbrot),
+    n(k) = n_max·(1 + k/k0)^(−s) for rank k = 0 … C−1, with s fixed by n(C−1) = n_min and k0 found by
+    bisection so that Σ n(k) = total; the counts are floor(n(k)) plus one image for the classes with
+    the largest fractional parts until the total is exact. Head n_max and tail n_min stay exact."""
+    C = int(num_classes)
+    if C < 2 or not 1 <= n_min <= n_max or not C * n_min <= total <= C * n_max:
+        raise DataError(f"no Pareto profile of {C} classes from {n_max} down to {n_min} images sums to {total}")
+    k = np.arange(C, dtype=np.float64)
+
+    def profile(k0):
+        s = np.log(n_max / n_min) / np.log1p((C - 1) / k0)
+        return n_max * (1 + k / k0) ** (-s)
+
+    lo, hi = 1e-9, 1e9                                     # total grows with k0 (k0 → ∞: the exp profile)
+    if not profile(lo).sum() <= total <= profile(hi).sum():
+        raise DataError(f"a Pareto rank profile from {n_max} to {n_min} over {C} classes cannot sum to {total}")
+    for _ in range(200):
+        mid = np.sqrt(lo * hi)
+        lo, hi = (mid, hi) if profile(mid).sum() < total else (lo, mid)
+    real = profile(np.sqrt(lo * hi))
+    counts = np.floor(real + 1e-9).astype(np.int64)
+    counts[0], counts[-1] = n_max, n_min
+    short = int(total - counts.sum())
+    frac = real - counts
+    frac[[0, -1]] = -1                                    # the head and the tail stay as given
+    if short:
+        counts[np.argsort(-frac, kind="stable")[:short]] += 1
+    return counts.tolist()
+
+
+def read_file_list(path):
+    """(paths, labels) of a 'relative/path label' list (the images need not be present)."""
+    if not os.path.isfile(path):
+        raise DataError(f"image list '{path}' does not exist")
+    paths, labels = [], []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) != 2 or not parts[1].isdigit():
+                raise DataError(f"{path}:{n}: expected 'relative/path label', got '{line.strip()}'")
+            paths.append(parts[0])
+            labels.append(int(parts[1]))
+    if not paths:
+        raise DataError(f"image list '{path}' is empty")
+    return paths, np.asarray(labels, dtype=np.int64)
+
+
+def profile_subset(labels, counts, seed=0, class_order=None):
+    """Indices of a subset where the class at rank k keeps counts[k] images (a seeded draw per class).
+
+    Ranks go to classes in `class_order` (default: a seeded permutation of the classes); a class with
+    fewer images than its rank asks for is passed over for the next one that has enough (ImageNet's
+    classes hold 732–1300 images, the head asks for up to 1280)."""
+    labels = np.asarray(labels)
+    C = _num_classes(labels)
+    if len(counts) != C:
+        raise DataError(f"the profile has {len(counts)} classes, the list {C}")
+    groups = _by_class(labels, C)
+    rng = np.random.RandomState(seed)
+    order = list(rng.permutation(C)) if class_order is None else list(class_order)
+    assigned, free = {}, list(order)
+    for k, want in enumerate(counts):
+        c = next((c for c in free if len(groups[c]) >= want), None)
+        if c is None:
+            raise DataError(f"no class left with {want} images for rank {k} of the profile")
+        free.remove(c)
+        assigned[c] = want
+    keep = []
+    for c in range(C):                                    # draw in class order: one stream, seed-stable
+        idx = groups[c].copy()
+        rng.shuffle(idx)
+        keep.append(idx[:assigned[c]])
+    return np.sort(np.concatenate(keep))
+
+
+def imagenet_variants(labels, seed=0, lt_labels=None, ratios=SIZE_SWEEP):
+    """Paper 2's ImageNet pre-training lists: {name: ("full" or "lt", indices)}.
+
+    `labels` are those of the full ImageNet training list. `lt_labels` (optional) those of Liu et al.'s
+    ImageNet_LT_train.txt: its r0.004 variants are then that list itself (indices into it, source "lt");
+    without it r0.004 is drawn from the full list on pareto_counts(C, 1280, 5, 115,846), which has the
+    published ImageNet-LT's head, tail and n but not its images. r0.0025 is always drawn from the full
+    list on pareto_counts(C, 1200, 3, 80,218), ranks given to classes in ImageNet-LT's order (most images
+    first) when lt_labels is given. For each long-tailed list L and each size ratio q: L_sub<q> =
+    downsample(L, q) keeping one image of a class that int(q·n_c) would empty, and bal-… = balanced_subset(full, |…|) — the same calls in the same order as the
+    training scripts' --subsample / --balanced, so a variant is fixed by its data seed."""
+    labels = np.asarray(labels)
+    C = _num_classes(labels)
+    out = {}
+    for name, (n_max, n_min, total) in IMAGENET_PARETO.items():
+        if name == "r0.004" and lt_labels is not None:
+            src, src_labels, idx = "lt", np.asarray(lt_labels), np.arange(len(lt_labels))
+        else:
+            order = None
+            if lt_labels is not None:
+                lt_counts_ = np.bincount(lt_labels, minlength=C)
+                order = np.lexsort((np.random.RandomState(seed).permutation(C), -lt_counts_))
+            src, src_labels = "full", labels
+            idx = profile_subset(labels, pareto_counts(C, n_max, n_min, total), seed, order)
+        for q in (1.0, *ratios):
+            sub = idx if q == 1 else downsample(idx, src_labels, q, seed, keep_one=True)
+            tag = "" if q == 1 else f"-sub{q:g}"
+            out[f"{name}{tag}"] = (src, sub)
+            out[f"bal-{name}{tag}"] = ("full", balanced_subset(labels, len(sub), seed))
+    return out
+
+
+def write_imagenet_variants(train_list, out_dir, seed=0, lt_list=None):
+    """Write every variant of imagenet_variants as <out_dir>/<name>.txt; returns {name: class counts}."""
+    paths, labels = read_file_list(train_list)
+    lt = read_file_list(lt_list) if lt_list else None
+    variants = imagenet_variants(labels, seed, None if lt is None else lt[1])
+    os.makedirs(out_dir, exist_ok=True)
+    lines = {"full": [f"{p} {y}\n" for p, y in zip(paths, labels)]}
+    if lt is not None:
+        lines["lt"] = [f"{p} {y}\n" for p, y in zip(*lt)]
+    report = {}
+    for name, (src, idx) in variants.items():
+        y = labels if src == "full" else lt[1]
+        tmp = os.path.join(out_dir, f"{name}.txt.tmp")
+        with open(tmp, "w") as f:
+            f.write("".join(lines[src][i] for i in idx))
+        os.replace(tmp, os.path.join(out_dir, f"{name}.txt"))
+        report[name] = np.bincount(np.asarray(y)[idx], minlength=_num_classes(labels)).tolist()
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -569,6 +902,17 @@ def balanced_sample_weights(labels):
     return (1.0 / counts)[labels]
 
 
+def effective_number_sample_weights(labels, beta=0.9999, counts=None):
+    """Per-image weight (1 − β)/(1 − β^{n_y}) (Cui et al.'s effective number): the sampling weights of
+    the authors' ImbalancedDatasetSampler (paper 1's code, β = 0.9999). A class is then drawn with
+    probability ∝ n_c·(1 − β)/(1 − β^{n_c}), which is not exactly uniform: at CIFAR-10-LT ρ = 100 the
+    head class (5,000 images) is drawn 1.27× as often as the tail (50). `counts` defaults to the class
+    counts of `labels`."""
+    labels = labels if torch.is_tensor(labels) else torch.as_tensor(np.asarray(labels))
+    n = (torch.bincount(labels) if counts is None else torch.as_tensor(counts)).double()
+    return ((1 - beta) / (1 - beta ** n.clamp(min=1)))[labels]
+
+
 class GPULoader:
     """Batches of a device-resident uint8 dataset: normalised float, augmented on the device.
 
@@ -643,7 +987,15 @@ def main(argv=None):
     p.add_argument("--rho", type=float, default=0.01, help="tail/head ratio in (0, 1]; 1 = balanced")
     p.add_argument("--imb-type", default="exp", choices=("exp", "step"))
     p.add_argument("--data-seed", type=int, default=0, help="seed of the long-tailed draw")
+    p.add_argument("--train-list", default=None,
+                   help="full ImageNet training list ('relative/path label'): write paper 2's ImageNet variants "
+                        "(App. A.1) instead of printing a CIFAR-size subset")
+    p.add_argument("--lt-list", default=None,
+                   help="with --train-list: Liu et al.'s ImageNet_LT_train.txt, the r = 0.004 list itself")
+    p.add_argument("--out-dir", default="imagenet_variants", help="with --train-list: folder for the lists")
     args = p.parse_args(argv)
+    if args.train_list:
+        return imagenet_main(args)
     try:
         check_rho(args.rho)
         images, labels, names = load_split(args.dataset, args.data_root, True, args.download)
@@ -659,6 +1011,25 @@ def main(argv=None):
     for c, name in enumerate(names):
         group = next(g for g, mask in groups.items() if mask[c])
         print(f"  {c:3d} {name:<20s} {counts[c]:6d}  {group}")
+
+
+def imagenet_main(args):
+    try:
+        report = write_imagenet_variants(args.train_list, args.out_dir, args.data_seed, args.lt_list)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"paper 2's ImageNet variants from {args.train_list}"
+          + (f" and {args.lt_list}" if args.lt_list else " (no --lt-list: r0.004 is drawn on ImageNet-LT's profile)")
+          + f", data seed {args.data_seed}, in {args.out_dir}/:")
+    print(f"  {'list':<22} {'n':>8} {'classes':>7} {'max':>5} {'min':>4} {'r':>8}")
+    for name, counts in report.items():
+        c = [x for x in counts if x]
+        print(f"  {name + '.txt':<22} {sum(c):8d} {len(c):7d} {max(c):5d} {min(c):4d} {min(c) / max(c):8.4g}")
+    print("class counts (head first) of each long-tailed list:")
+    for name, counts in report.items():
+        if not name.startswith("bal-"):
+            print(f"  {name}: " + " ".join(map(str, sorted(counts, reverse=True))))
 
 
 if __name__ == "__main__":

@@ -59,8 +59,14 @@ Deliberate differences from the paper and the authors' code:
 5. No --rho, --imb-type or --resume (shared flags of the training scripts): the probe data has no
    imbalance, and a probe is short enough to rerun. --dataset and --data-root default to the
    checkpoint's.
-6. Δ (Eq. 1) averages A over all result files of the same method, evaluation, n and r (the paper: 3
-   evaluation seeds), and pairs balanced with imbalanced runs only at exactly equal n.
+6. Δ (Eq. 1, --gap): n and r come from the class counts the backbone was pre-trained on (r = rarest /
+   most frequent class, 1 when they differ by at most one image), never from --rho. Runs are grouped by
+   evaluation, method (script, --opt, --loss/--rule, --pretrained; or --tag), architecture, dataset and
+   n, and balanced pairs with imbalanced only at exactly equal n. eval_ood.py fine-tuning results of one
+   checkpoint are first averaged over their targets (the paper's ImageNet OOD number is the mean of
+   four). A is the mean ± sample std over runs, a run being a pre-training seed with its evaluation: the
+   paper's 3 seeds vary the evaluation only, so our std is larger by the pre-training variance. Runs
+   without a partner are listed on stderr.
 """
 import argparse
 import json
@@ -133,7 +139,13 @@ def parse_args(argv=None):
     if args.ckpt and args.out is None:
         run = os.path.basename(os.path.dirname(os.path.abspath(args.ckpt)))
         args.out = os.path.join("runs", f"eval_linear-{run}-{args.seed}")
+    check_args(args)
     return args
+
+
+def check_args(args):
+    """Range of every numeric flag, before anything is read or written."""
+    check_ranges(args, SHARED_RANGES)
 
 
 def fail(msg):
@@ -166,11 +178,15 @@ class BasicBlock(nn.Module):
 
 
 class NormedLinear(nn.Module):
-    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+    """Cosine classifier: logits are cosines between the feature and each class's weight row.
+
+    Init as LDAM-DRW's NormedLinear (uniform(-1, 1), then every class vector rescaled to unit norm):
+    the forward pass ignores the norm, but the angular step of SGD scales as 1/norm, so the ≈4.7 norm
+    of a plain uniform init would turn the classifier ~20× slower at the start."""
 
     def __init__(self, cin, cout):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5))
 
     def forward(self, x):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
@@ -262,6 +278,27 @@ def build_backbone(arch, num_classes):
     return torchvision.models.resnet.ResNet(block, layers, num_classes=num_classes)
 
 
+# === shared: check_ranges (identical in every script) ===
+def check_ranges(args, ranges):
+    """Every (flag, low, high, bounds) of `ranges`: the flag's value lies in the interval, bounds "[)" meaning
+    low <= value < high (None: no bound; a flag left at None is skipped). Else one line and exit 2."""
+    for name, low, high, bounds in ranges:
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        ok = abs(v) <= float(np.finfo(np.float32).max) and (low is None or (v >= low if bounds[0] == "[" else v > low)) \
+            and (high is None or (v <= high if bounds[1] == "]" else v < high))      # NaN, inf, 1e300 fail
+        if not ok:
+            interval = f"{bounds[0]}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{bounds[1]}"
+            fail(f"--{name.replace('_', '-')} must be in {interval}, got {v:g}")
+
+
+SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
+                 ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)")]
+# === end shared: check_ranges ===
+
+
 # === shared: checkpoints (identical in every script) ===
 HEAD_PREFIXES = ("fc.",)
 
@@ -272,13 +309,100 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def write_text_atomic(path, text):
+    """Temp file + rename, as save_atomic: a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def strict_json(obj, **kw):
+    """JSON without the bare NaN / Infinity tokens Python writes by default: a non-finite float is null."""
+    def clean(v):
+        if isinstance(v, float):
+            return v if np.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
+def write_json(path, obj):
+    write_text_atomic(path, strict_json(obj, indent=1))
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl; none when a moved or copied run lacks the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_metrics(path, rows):
+    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in rows))
+
+
+def append_metrics(path, row):
+    write_metrics(path, read_metrics(path) + [row])
+
+
+def copy_source(path, out):
+    """The script's own source beside its outputs (temp file + rename)."""
+    tmp = os.path.join(out, os.path.basename(path) + ".tmp")
+    shutil.copy(path, tmp)
+    os.replace(tmp, os.path.join(out, os.path.basename(path)))
+
+
+def given_flags(parser, argv):
+    """Destinations of the flags written on the command line (abbreviations included), so --resume can
+    apply or refuse each of them instead of dropping it."""
+    unset = object()
+    seen = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return sorted(k for k, v in vars(seen).items() if v is not unset and k != "help")
+
+
+def resume_args(args, ckpt, applied):
+    """--resume PATH: continue the run in dirname(PATH) with the arguments it was started with. A flag in
+    `applied` given on this command line replaces the stored value (--gpu and --workers always do: they
+    describe this machine); any other flag given with --resume is refused."""
+    flag = lambda k: "--" + k.replace("_", "-")
+    refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
+    if refused:
+        fail(f"--resume continues a run with its own arguments; drop {' '.join(map(flag, refused))} (with "
+             f"--resume only {', '.join(map(flag, applied))} may be given)")
+    now = {k: getattr(args, k) for k in applied if k in args.cli_flags or k in ("gpu", "workers")}
+    return argparse.Namespace(**{**vars(args), **ckpt["args"], **now, "resume": args.resume,
+                                 "out": os.path.dirname(os.path.abspath(args.resume)), "cli_flags": args.cli_flags})
+
+
+def nonfinite_tensor(model):
+    """Name of the first parameter or buffer holding NaN / inf (a BatchNorm running_var, say), or None."""
+    named = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist() if named else []
+    return next((k for (k, _), ok in zip(named, finite) if not ok), None)
+
+
+def stop_diverged(what, out, epoch):
+    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint,
+    exit 1."""
+    last = os.path.join(out, "last.pt")
+    kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
+    print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
+    sys.exit(1)
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    except Exception as e:                                 # empty, truncated, another format, ...
+        why = (str(e).splitlines() or [""])[0][:60]
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}{': ' if why else ''}{why})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
         fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
     return ckpt
@@ -480,8 +604,7 @@ def linear_probe(model, plain, aug, val, test, num_classes, counts, args):
         seconds.append(time.time() - t1)
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
                "test": test_m, "val_top1": val_m["top1"] if val_m else None, "seconds": seconds[-1]}
-        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
         print(f"{epoch + 1:5d} {lr:8.4f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
               f"{fmt(row['val_top1'])} {row['seconds']:6.2f}", flush=True)
     sanity_check(model, before)
@@ -525,19 +648,41 @@ SSL_SCRIPTS = ("rotation_ssp.py", "moco_ssp.py", "simsiam_rwsam.py")
 SUPERVISED_SCRIPTS = ("ldam_drw.py", "self_training.py", "crt.py")
 
 
+def ratio_from_counts(counts):
+    """r of paper 2 (§2.1): images of the rarest class over images of the most frequent, from the class
+    counts the run trained on. 1 when they differ by at most one image (a balanced subset of n images
+    over C classes gives n mod C classes one image more)."""
+    if not counts or max(counts) == 0:
+        return None
+    lo, hi = min(counts), max(counts)
+    return 1.0 if hi - lo <= 1 else lo / hi
+
+
+def method_key(script, a, tag=None):
+    """Everything that makes two pre-training runs different methods (paper 2 pairs A(n, 1) and A(n, r)
+    of one method only): the script, its --recipe, its --opt (SimSiam / MoCo with SGD, SAM or rwSAM), its
+    --loss and --rule (CE and LDAM-DRW are different supervised methods), and whether it started from
+    --pretrained weights. --tag replaces it."""
+    if tag:
+        return tag
+    key = script.removesuffix(".py") + (f"[{a['recipe']}]" if a.get("recipe") else "") + \
+        (f"+{a['opt']}" if a.get("opt") else "")
+    if a.get("loss") or a.get("rule"):
+        key += f":{a.get('loss')}-{a.get('rule')}"
+    return key + ("+pretrained" if a.get("pretrained") else "")
+
+
 def pretrain_meta(ckpt, path, tag=None):
-    """What paper 2's Δ (Eq. 1) needs to pair runs: the pre-training method (script, plus its --opt
-    where it has one: SimSiam with SGD, SAM or rwSAM) and whether it was self-supervised, its dataset,
-    n (images it trained on) and imbalance ratio r (1 = balanced)."""
+    """What paper 2's Δ (Eq. 1) needs to pair runs: the pre-training method (method_key) and architecture,
+    whether it was self-supervised, its dataset, n (images it trained on) and imbalance ratio r, both from
+    the class counts it trained on (never from --rho, which an ImageNet-LT list run does not use)."""
     a = ckpt.get("args") or {}
     script = ckpt.get("script") or "unknown"
     counts = ckpt.get("class_counts")
-    rho = a.get("rho")
-    method = tag or script.removesuffix(".py") + (f"+{a['opt']}" if a.get("opt") else "")
-    return {"checkpoint": os.path.abspath(path), "script": script, "method": method,
+    return {"checkpoint": os.path.abspath(path), "script": script, "method": method_key(script, a, tag),
             "kind": "SSL" if script in SSL_SCRIPTS else "SL" if script in SUPERVISED_SCRIPTS else "?",
-            "arch": ckpt["arch"], "dataset": a.get("dataset"), "rho": rho, "imb_type": a.get("imb_type"),
-            "balanced": bool(a.get("balanced")), "r": 1.0 if a.get("balanced") else rho,
+            "arch": ckpt["arch"], "dataset": a.get("dataset"), "rho": a.get("rho"), "imb_type": a.get("imb_type"),
+            "balanced": bool(a.get("balanced")), "subsample": a.get("subsample", 1.0), "r": ratio_from_counts(counts),
             "n": int(sum(counts)) if counts else None, "seed": a.get("seed"), "data_seed": a.get("data_seed", a.get("seed")), "epoch": ckpt.get("epoch")}
 # === end shared: pretrain_meta ===
 
@@ -693,50 +838,101 @@ def read_result(path):
     return result
 
 
+def ood_means(results):
+    """Paper 2 §2.1 / App. A.1: the ImageNet OOD accuracy of a pre-trained model is the mean over its
+    fine-tuning targets (CUB-200, Stanford Cars, Oxford Pets, Aircraft). The eval_ood.py fine-tuning
+    results of one checkpoint and evaluation seed become one result, eval "finetune:mean(<targets>)",
+    before Δ is computed; results of other evaluations pass through unchanged. Runs fine-tuned on
+    different sets of targets get different eval names, so they are never paired."""
+    out, tuned = [], defaultdict(list)
+    for res in results:
+        if str(res["eval"]).startswith("finetune:"):
+            tuned[(res["pretrain"].get("checkpoint"), res.get("seed"))].append(res)
+        else:
+            out.append(res)
+    for group in tuned.values():
+        targets = sorted(r["eval"].removeprefix("finetune:") for r in group)
+        if len(set(targets)) != len(targets):
+            fail(f"checkpoint {group[0]['pretrain'].get('checkpoint')} was fine-tuned twice on one target with the "
+                 f"same seed; pass each result once")
+        out.append({**group[0], "eval": f"finetune:mean({'+'.join(targets)})",
+                    "last": {"top1": float(np.mean([r["last"]["top1"] for r in group]))},
+                    "targets": {t: r["last"]["top1"] for t, r in zip(targets, sorted(group, key=lambda r: r["eval"]))}})
+    return out
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (n − 1; None for one value)."""
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
 def gap_rows(results):
-    """Paper 2, Eq. (1): Δ(n, r) = (A(n, 1) − A(n, r)) / A(n, 1) for every evaluation, method, dataset
-    and n that has both a balanced (r = 1) and an imbalanced run; A is the last-epoch test top-1,
-    averaged over the runs of each (…, n, r). Returns (rows, keys that found no partner)."""
+    """Paper 2, Eq. (1): Δ(n, r) = (A(n, 1) − A(n, r)) / A(n, 1) for every evaluation, method, architecture,
+    dataset and n that has both a balanced (r = 1) and an imbalanced run. n and r come from the class
+    counts of pre-training (pretrain_meta); A is the last-epoch test top-1, mean ± sample std over the runs
+    of each (…, n, r); a run is a pre-training seed with its evaluation, so the std holds both sources of
+    variance (the paper's std varies the evaluation seed only). Δ is Eq. (1) on the mean accuracies;
+    delta_std is the sample std of the per-seed Δ over the pre-training seeds found on both sides.
+    Returns (rows, [(key, reason)] of the runs that found no partner)."""
     groups = defaultdict(lambda: defaultdict(list))
     rows, unpaired = [], []
-    for res in results:
+    for res in ood_means(results):
         m = res["pretrain"]
-        key = (res["eval"], m["kind"], m["method"], m["dataset"], m["n"])
+        key = (res["eval"], m["kind"], m["method"], m.get("arch"), m["dataset"], m["n"])
         if m["n"] is None or m["r"] is None:
-            unpaired.append(key)
+            unpaired.append((key, "n or r unknown: the checkpoint has no class counts"))
             continue
-        groups[key][(m["r"], m["imb_type"] if m["r"] != 1 else None)].append(res["last"]["top1"])
+        groups[key][(m["r"], m["imb_type"] if m["r"] != 1 else None)].append((m.get("seed"), res["last"]["top1"]))
     for key, by_r in groups.items():
-        balanced = [acc for (r, _), accs in by_r.items() if r == 1 for acc in accs]
+        balanced = [run for (r, _), runs in by_r.items() if r == 1 for run in runs]
         imbalanced = {k: v for k, v in by_r.items() if k[0] != 1}
         if not balanced or not imbalanced:
-            unpaired.append(key)
+            unpaired.append((key, f"{len(balanced) or sum(map(len, imbalanced.values()))} "
+                                  f"{'balanced' if balanced else 'imbalanced'} run(s), no "
+                                  f"{'imbalanced' if balanced else 'balanced'} run of equal n"))
             continue
-        a1 = float(np.mean(balanced))
-        for (r, imb_type), accs in imbalanced.items():
-            ar = float(np.mean(accs))
-            rows.append({"eval": key[0], "kind": key[1], "method": key[2], "dataset": key[3], "n": key[4],
-                         "r": r, "imb_type": imb_type, "A_balanced": a1, "A_imbalanced": ar,
-                         "delta": (a1 - ar) / a1, "runs_balanced": len(balanced), "runs_imbalanced": len(accs)})
-    rows.sort(key=lambda x: (x["eval"], x["kind"], x["method"], str(x["dataset"]), -x["n"], -x["r"]))
+        a1, s1 = mean_std([acc for _, acc in balanced])
+        by_seed = defaultdict(list)
+        for seed, acc in balanced:
+            by_seed[seed].append(acc)
+        for (r, imb_type), runs in imbalanced.items():
+            ar, sr = mean_std([acc for _, acc in runs])
+            per_seed = defaultdict(list)
+            for seed, acc in runs:
+                per_seed[seed].append(acc)
+            deltas = [(np.mean(by_seed[s]) - np.mean(accs)) / np.mean(by_seed[s]) for s, accs in per_seed.items()
+                      if s in by_seed]
+            rows.append({"eval": key[0], "kind": key[1], "method": key[2], "arch": key[3], "dataset": key[4],
+                         "n": key[5], "r": r, "imb_type": imb_type, "A_balanced": a1, "A_balanced_std": s1,
+                         "A_imbalanced": ar, "A_imbalanced_std": sr, "delta": (a1 - ar) / a1,
+                         "delta_std": float(np.std(deltas, ddof=1)) if len(deltas) > 1 else None,
+                         "paired_seeds": len(deltas), "runs_balanced": len(balanced), "runs_imbalanced": len(runs)})
+    rows.sort(key=lambda x: (x["eval"], x["kind"], x["method"], str(x["arch"]), str(x["dataset"]), -x["n"], -x["r"]))
     return rows, unpaired
+
+
+def pm(mean, std, scale=1.0, digits=2):
+    return f"{scale * mean:.{digits}f}" + (f"±{scale * std:.{digits}f}" if std is not None else "")
 
 
 def print_gap(paths):
     rows, unpaired = gap_rows([read_result(p) for p in paths])
-    for key in unpaired:
-        print(f"note: eval={key[0]} method={key[2]} dataset={key[3]} n={key[4]} has no balanced/imbalanced "
-              f"partner of equal n (or n or r is unknown); left out", file=sys.stderr)
+    for key, why in unpaired:
+        print(f"note: eval={key[0]} method={key[2]} arch={key[3]} dataset={key[4]} n={key[5]}: {why}; left out",
+              file=sys.stderr)
     if not rows:
         fail("no pair of runs with the same evaluation, method, dataset and n, one balanced (r = 1) and one "
              "imbalanced; Δ needs both")
-    print(f"{'evaluation':<18} {'kind':<4} {'method':<16} {'dataset':<10} {'n':>8} {'r':>7} {'imb':<4} "
-          f"{'A(n,1)':>7} {'A(n,r)':>7} {'Δ %':>7} {'runs':>5}")
+    print("A: last-epoch test top-1 %, mean±sample std over runs (a run = pre-training seed + its evaluation; "
+          "the paper's std varies the evaluation seed only); Δ = (A(n,1) − A(n,r)) / A(n,1) of the means, "
+          "±: sample std of the per-seed Δ; n, r from the pre-training class counts")
+    print(f"{'evaluation':<22} {'kind':<4} {'method':<24} {'arch':<9} {'dataset':<11} {'n':>7} {'r':>7} {'imb':<4} "
+          f"{'A(n,1)':>12} {'A(n,r)':>12} {'Δ %':>11} {'runs':>5}")
     for x in rows:
         runs = f"{x['runs_balanced']}+{x['runs_imbalanced']}"
-        print(f"{x['eval']:<18} {x['kind']:<4} {x['method']:<16} {str(x['dataset']):<10} {x['n']:8d} "
-              f"{x['r']:7.4g} {str(x['imb_type']):<4} {x['A_balanced']:7.2f} {x['A_imbalanced']:7.2f} "
-              f"{100 * x['delta']:7.2f} {runs:>5}")
+        print(f"{x['eval']:<22} {x['kind']:<4} {x['method']:<24} {str(x['arch']):<9} {str(x['dataset']):<11} "
+              f"{x['n']:7d} {x['r']:7.4g} {str(x['imb_type']):<4} {pm(x['A_balanced'], x['A_balanced_std']):>12} "
+              f"{pm(x['A_imbalanced'], x['A_imbalanced_std']):>12} {pm(x['delta'], x['delta_std'], 100):>11} {runs:>5}")
     return rows
 
 
@@ -797,11 +993,11 @@ def main(argv=None):
     meta = pretrain_meta(ckpt, args.ckpt, args.tag)
 
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump({**vars(args), "pretrain": meta, "torch": torch.__version__, "cuda": torch.version.cuda,
-                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}, f, indent=1)
-    shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
-    open(os.path.join(args.out, "metrics.jsonl"), "w").close()
+    write_json(os.path.join(args.out, "args.json"),
+               {**vars(args), "pretrain": meta, "torch": torch.__version__, "cuda": torch.version.cuda,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})
+    copy_source(__file__, args.out)
+    write_metrics(os.path.join(args.out, "metrics.jsonl"), [])
     print(f"linear probe of {arch} from {meta['script']} ({meta['kind']}, pre-trained on {meta['dataset']} "
           f"n={meta['n']} r={meta['r']}) on {args.dataset}: {sum(counts)} training images, {C} classes, "
           f"{describe_input(args)}, {args.epochs} epochs "
@@ -817,8 +1013,7 @@ def main(argv=None):
              "batch_size": args.batch_size, "class_counts": counts, "last": last, "top1": last["top1"],
              "per_class": last["per_class"], "best_on_val": best, "sanity_check": "passed",
              **timing, "wall_seconds": time.time() - t_run}
-    with open(os.path.join(args.out, "final.json"), "w") as f:
-        json.dump(final, f, indent=1)
+    write_json(os.path.join(args.out, "final.json"), final)
     print(f"last epoch: test top-1 {last['top1']:.2f}%, mean per-class {last['mean_class_acc']:.2f}%"
           + (f"; best on validation: epoch {best['epoch']}, test top-1 {best['test']['top1']:.2f}%" if best else "")
           + f" ({timing['feature_seconds']:.1f} s features, {timing['probe_seconds']:.1f} s in all)")

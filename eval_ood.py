@@ -6,7 +6,8 @@ Representations pre-trained on CIFAR-10 are judged by a linear probe on STL-10 (
 as the downstream target tasks and perform linear probe"); representations pre-trained on ImageNet are
 fine-tuned, backbone and a new linear head together, on CUB-200, Stanford Cars, Oxford Pets and FGVC
 Aircraft, and A^OOD(n, r) is the mean test top-1 over the four. Δ (Eq. 1) of these runs: eval_linear.py
---gap on their final.json files.
+--gap on their final.json files, which averages the fine-tuning targets of each checkpoint (and seed)
+first, and takes n and r from the class counts of pre-training.
 
     python eval_ood.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --target stl10 --data-root ./data
     python eval_ood.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --target stl10 --stl-size 96
@@ -137,6 +138,7 @@ def parse_args(argv=None):
     if args.out is None:
         run = os.path.basename(os.path.dirname(os.path.abspath(args.ckpt)))
         args.out = os.path.join("runs", f"eval_ood-{args.target}-{run}-{args.seed}")
+    check_args(args)
     return args
 
 
@@ -158,6 +160,11 @@ def set_protocol_defaults(args, arch):
     for name, value in defaults:
         if getattr(args, name) is None:
             setattr(args, name, value)
+
+
+def check_args(args):
+    """Range of every numeric flag, before anything is read or written."""
+    check_ranges(args, SHARED_RANGES + [("backbone_lr_mult", 0, None, "[)"), ("size", 1, None, "[)")])
 
 
 def fail(msg):
@@ -190,11 +197,15 @@ class BasicBlock(nn.Module):
 
 
 class NormedLinear(nn.Module):
-    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+    """Cosine classifier: logits are cosines between the feature and each class's weight row.
+
+    Init as LDAM-DRW's NormedLinear (uniform(-1, 1), then every class vector rescaled to unit norm):
+    the forward pass ignores the norm, but the angular step of SGD scales as 1/norm, so the ≈4.7 norm
+    of a plain uniform init would turn the classifier ~20× slower at the start."""
 
     def __init__(self, cin, cout):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5))
 
     def forward(self, x):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
@@ -283,6 +294,27 @@ def build_backbone(arch, num_classes):
     return torchvision.models.resnet.ResNet(block, layers, num_classes=num_classes)
 
 
+# === shared: check_ranges (identical in every script) ===
+def check_ranges(args, ranges):
+    """Every (flag, low, high, bounds) of `ranges`: the flag's value lies in the interval, bounds "[)" meaning
+    low <= value < high (None: no bound; a flag left at None is skipped). Else one line and exit 2."""
+    for name, low, high, bounds in ranges:
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        ok = abs(v) <= float(np.finfo(np.float32).max) and (low is None or (v >= low if bounds[0] == "[" else v > low)) \
+            and (high is None or (v <= high if bounds[1] == "]" else v < high))      # NaN, inf, 1e300 fail
+        if not ok:
+            interval = f"{bounds[0]}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{bounds[1]}"
+            fail(f"--{name.replace('_', '-')} must be in {interval}, got {v:g}")
+
+
+SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
+                 ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)")]
+# === end shared: check_ranges ===
+
+
 # === shared: checkpoints (identical in every script) ===
 HEAD_PREFIXES = ("fc.",)
 
@@ -293,13 +325,100 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def write_text_atomic(path, text):
+    """Temp file + rename, as save_atomic: a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def strict_json(obj, **kw):
+    """JSON without the bare NaN / Infinity tokens Python writes by default: a non-finite float is null."""
+    def clean(v):
+        if isinstance(v, float):
+            return v if np.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
+def write_json(path, obj):
+    write_text_atomic(path, strict_json(obj, indent=1))
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl; none when a moved or copied run lacks the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_metrics(path, rows):
+    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in rows))
+
+
+def append_metrics(path, row):
+    write_metrics(path, read_metrics(path) + [row])
+
+
+def copy_source(path, out):
+    """The script's own source beside its outputs (temp file + rename)."""
+    tmp = os.path.join(out, os.path.basename(path) + ".tmp")
+    shutil.copy(path, tmp)
+    os.replace(tmp, os.path.join(out, os.path.basename(path)))
+
+
+def given_flags(parser, argv):
+    """Destinations of the flags written on the command line (abbreviations included), so --resume can
+    apply or refuse each of them instead of dropping it."""
+    unset = object()
+    seen = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return sorted(k for k, v in vars(seen).items() if v is not unset and k != "help")
+
+
+def resume_args(args, ckpt, applied):
+    """--resume PATH: continue the run in dirname(PATH) with the arguments it was started with. A flag in
+    `applied` given on this command line replaces the stored value (--gpu and --workers always do: they
+    describe this machine); any other flag given with --resume is refused."""
+    flag = lambda k: "--" + k.replace("_", "-")
+    refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
+    if refused:
+        fail(f"--resume continues a run with its own arguments; drop {' '.join(map(flag, refused))} (with "
+             f"--resume only {', '.join(map(flag, applied))} may be given)")
+    now = {k: getattr(args, k) for k in applied if k in args.cli_flags or k in ("gpu", "workers")}
+    return argparse.Namespace(**{**vars(args), **ckpt["args"], **now, "resume": args.resume,
+                                 "out": os.path.dirname(os.path.abspath(args.resume)), "cli_flags": args.cli_flags})
+
+
+def nonfinite_tensor(model):
+    """Name of the first parameter or buffer holding NaN / inf (a BatchNorm running_var, say), or None."""
+    named = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist() if named else []
+    return next((k for (k, _), ok in zip(named, finite) if not ok), None)
+
+
+def stop_diverged(what, out, epoch):
+    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint,
+    exit 1."""
+    last = os.path.join(out, "last.pt")
+    kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
+    print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
+    sys.exit(1)
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    except Exception as e:                                 # empty, truncated, another format, ...
+        why = (str(e).splitlines() or [""])[0][:60]
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}{': ' if why else ''}{why})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
         fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
     return ckpt
@@ -501,8 +620,7 @@ def linear_probe(model, plain, aug, val, test, num_classes, counts, args):
         seconds.append(time.time() - t1)
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
                "test": test_m, "val_top1": val_m["top1"] if val_m else None, "seconds": seconds[-1]}
-        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
         print(f"{epoch + 1:5d} {lr:8.4f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
               f"{fmt(row['val_top1'])} {row['seconds']:6.2f}", flush=True)
     sanity_check(model, before)
@@ -546,19 +664,41 @@ SSL_SCRIPTS = ("rotation_ssp.py", "moco_ssp.py", "simsiam_rwsam.py")
 SUPERVISED_SCRIPTS = ("ldam_drw.py", "self_training.py", "crt.py")
 
 
+def ratio_from_counts(counts):
+    """r of paper 2 (§2.1): images of the rarest class over images of the most frequent, from the class
+    counts the run trained on. 1 when they differ by at most one image (a balanced subset of n images
+    over C classes gives n mod C classes one image more)."""
+    if not counts or max(counts) == 0:
+        return None
+    lo, hi = min(counts), max(counts)
+    return 1.0 if hi - lo <= 1 else lo / hi
+
+
+def method_key(script, a, tag=None):
+    """Everything that makes two pre-training runs different methods (paper 2 pairs A(n, 1) and A(n, r)
+    of one method only): the script, its --recipe, its --opt (SimSiam / MoCo with SGD, SAM or rwSAM), its
+    --loss and --rule (CE and LDAM-DRW are different supervised methods), and whether it started from
+    --pretrained weights. --tag replaces it."""
+    if tag:
+        return tag
+    key = script.removesuffix(".py") + (f"[{a['recipe']}]" if a.get("recipe") else "") + \
+        (f"+{a['opt']}" if a.get("opt") else "")
+    if a.get("loss") or a.get("rule"):
+        key += f":{a.get('loss')}-{a.get('rule')}"
+    return key + ("+pretrained" if a.get("pretrained") else "")
+
+
 def pretrain_meta(ckpt, path, tag=None):
-    """What paper 2's Δ (Eq. 1) needs to pair runs: the pre-training method (script, plus its --opt
-    where it has one: SimSiam with SGD, SAM or rwSAM) and whether it was self-supervised, its dataset,
-    n (images it trained on) and imbalance ratio r (1 = balanced)."""
+    """What paper 2's Δ (Eq. 1) needs to pair runs: the pre-training method (method_key) and architecture,
+    whether it was self-supervised, its dataset, n (images it trained on) and imbalance ratio r, both from
+    the class counts it trained on (never from --rho, which an ImageNet-LT list run does not use)."""
     a = ckpt.get("args") or {}
     script = ckpt.get("script") or "unknown"
     counts = ckpt.get("class_counts")
-    rho = a.get("rho")
-    method = tag or script.removesuffix(".py") + (f"+{a['opt']}" if a.get("opt") else "")
-    return {"checkpoint": os.path.abspath(path), "script": script, "method": method,
+    return {"checkpoint": os.path.abspath(path), "script": script, "method": method_key(script, a, tag),
             "kind": "SSL" if script in SSL_SCRIPTS else "SL" if script in SUPERVISED_SCRIPTS else "?",
-            "arch": ckpt["arch"], "dataset": a.get("dataset"), "rho": rho, "imb_type": a.get("imb_type"),
-            "balanced": bool(a.get("balanced")), "r": 1.0 if a.get("balanced") else rho,
+            "arch": ckpt["arch"], "dataset": a.get("dataset"), "rho": a.get("rho"), "imb_type": a.get("imb_type"),
+            "balanced": bool(a.get("balanced")), "subsample": a.get("subsample", 1.0), "r": ratio_from_counts(counts),
             "n": int(sum(counts)) if counts else None, "seed": a.get("seed"), "data_seed": a.get("data_seed", a.get("seed")), "epoch": ckpt.get("epoch")}
 # === end shared: pretrain_meta ===
 
@@ -713,6 +853,11 @@ def finetune(model, train, val, test, num_classes, counts, args):
             print(f"error: loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}; stopped, nothing "
                   f"saved", file=sys.stderr)
             sys.exit(1)
+        bad_tensor = nonfinite_tensor(model)
+        if bad_tensor:
+            print(f"error: '{bad_tensor}' is not finite after epoch {epoch + 1}, step {step + 1}; stopped, nothing "
+                  f"saved (try a lower --lr)", file=sys.stderr)
+            sys.exit(1)
         test_m = evaluate(model, test.epoch(0), num_classes, counts)
         val_m = evaluate(model, val.epoch(0), num_classes, counts) if val is not None else None
         if val_m and (best is None or val_m["top1"] > best["val_top1"]):
@@ -720,8 +865,7 @@ def finetune(model, train, val, test, num_classes, counts, args):
         seconds.append(time.time() - t0)
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
                "test": test_m, "val_top1": val_m["top1"] if val_m else None, "seconds": seconds[-1]}
-        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
         print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
               f"{fmt(row['val_top1'])} {row['seconds']:6.2f}", flush=True)
     return test_m, best, {"seconds_per_epoch": float(np.median(seconds))}
@@ -787,11 +931,11 @@ def main(argv=None):
     meta = pretrain_meta(ckpt, args.ckpt, args.tag)
 
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump({**vars(args), "pretrain": meta, "torch": torch.__version__, "cuda": torch.version.cuda,
-                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}, f, indent=1)
-    shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
-    open(os.path.join(args.out, "metrics.jsonl"), "w").close()
+    write_json(os.path.join(args.out, "args.json"),
+               {**vars(args), "pretrain": meta, "torch": torch.__version__, "cuda": torch.version.cuda,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})
+    copy_source(__file__, args.out)
+    write_metrics(os.path.join(args.out, "metrics.jsonl"), [])
     what = (f"linear probe ({'crop/flip, backbone every step' if args.augment else 'cached features'}"
             f"{f', STL-10 at {args.stl_size} px' if args.target == 'stl10' else ''})" if args.protocol == "probe" else
             f"fine-tuning (head lr {args.lr:g}, backbone lr {args.lr * args.backbone_lr_mult:g}, {args.size} px)")
@@ -815,8 +959,7 @@ def main(argv=None):
              "top1": last["top1"], "per_class": last["per_class"], "best_on_val": best,
              "sanity_check": "passed" if args.protocol == "probe" else None, **timing,
              "wall_seconds": time.time() - t_run}
-    with open(os.path.join(args.out, "final.json"), "w") as f:
-        json.dump(final, f, indent=1)
+    write_json(os.path.join(args.out, "final.json"), final)
     print(f"last epoch: test top-1 {last['top1']:.2f}%, mean per-class {last['mean_class_acc']:.2f}%"
           + (f"; best on validation: epoch {best['epoch']}, test top-1 {best['test']['top1']:.2f}%" if best else ""))
 

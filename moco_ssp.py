@@ -46,6 +46,26 @@ cRT + SSP 56.8 / 48.7; CE (Uniform) 65.2 / 61.6 → 64.1 / 54.4. Table 4 (iNat, 
 Speed target (one H200, not measurable on the CPU-only machine this was written on): CIFAR-10-LT
 ρ=0.01, ResNet-18, batch 512, ≤ 0.5 s per epoch.
 
+Paper 2 (§2.2, App. A.1, Table 1(b)): --balanced trains on a class-balanced subset of the same n as the
+long-tailed one, --subsample q ∈ {0.75, 0.5, 0.25, 0.125} keeps q of every class: the same datasets_lt
+calls in the same order as simsiam_rwsam.py and ldam_drw.py, so one --data-seed gives the same images in
+all three (each writes <out>/train_indices.json). For file lists the list is the variant (python
+datasets_lt.py --train-list writes them) and --subsample q only sets the epochs. `--epochs` is the budget
+of the full-size variant; with `--subsample r` < 1 the script trains round(epochs / r) epochs so that the
+number of optimizer steps matches the full variant (App. A.1), and prints it at start; `--same-epochs`
+turns the scaling off. --opt sam / rwsam: the SAM step of simsiam_rwsam.py (copied, byte-identical) on
+the per-query InfoNCE loss, adaptive (ASAM) by default as the authors always ran it (--no-adaptive: plain
+ℓ2 SAM), ρ = 5 / α = 1.2 on CIFAR-size data and ρ = 2 / α = 0.5 on ImageNet-LT / iNat (App. C.1). rwSAM
+perturbs along L_w = mean(w_i·ℓ_i), w_i = KDE density^(−α) of image i among the training images in the
+L2-normalised backbone features of --stage1 (a plain MoCo run on the same images; Algorithm 1 line 8,
+label-free) and trains a fresh model, as the authors' stage 2 did. Keys and queue come from the key
+encoder once per step and serve both SAM passes.
+
+    python moco_ssp.py --rho 0.01 --balanced                   # paper 2: MoCo v2 on the balanced subset, same n
+    python moco_ssp.py --rho 0.1 --subsample 0.25              # the size sweep: 800 epochs = 200 / 0.25
+    python moco_ssp.py --dataset imagenet_lt --data-root IMNET --train-list imagenet_variants/r0.004.txt \
+        --rho 1 --opt rwsam --stage1 runs/moco_ssp-imagenet_lt-1-0/last.pt      # Table 1(b): MoCo v2 + rwSAM
+
 Shuffle-BN (MoCo §3.3): each GPU of the authors' DDP run normalises its own 32 images, and the key
 batch is shuffled across GPUs first, so a query and its key never share BatchNorm statistics (which
 would let the pair be recognised from the statistics instead of the image). Under torchrun this script
@@ -69,8 +89,9 @@ and per-epoch seeded data and shuffles.
 Deliberate differences from the papers and the authors' code (facebookresearch/moco main_moco.py):
 1. One process on one device works (the authors' code needs DDP): shuffle-BN is emulated with BN
    sub-batches, see above. Under torchrun, real shuffle-BN, as the authors'.
-2. Paper 2 trained ImageNet-LT for 300 epochs at lr 0.025 (App. A.1); the default is MoCo v2's 200
-   epochs at 0.03 per 256 (REFERENCE §5). Pass --epochs 300 --lr 0.025 for paper 2's run.
+2. ImageNet-LT / iNat default to paper 2's App. A.1 recipe, 300 epochs at lr 0.025 per 256 images
+   (MoCo v2's own is 200 epochs at 0.03: --epochs 200 --lr 0.03). CIFAR-size data keeps 200 epochs at
+   0.03 per 256 (paper 2 gives no MoCo number for CIFAR-10).
 3. The queue is checked at start: a multiple of the global batch (so the pointer wraps exactly) and
    smaller than the training set (one as large would hold an earlier key of every query's own image).
 4. A monitor the authors did not have on ImageNet: a weighted kNN classifier (k = 200, τ = 0.1, Wu et al.
@@ -89,6 +110,7 @@ Deliberate differences from the papers and the authors' code (facebookresearch/m
 8. Resume needs the same number of processes: --bn-splits and the sharding depend on it.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -107,6 +129,8 @@ from torchvision.transforms import v2
 import datasets_lt as D
 
 LARGE = ("imagenet_lt", "inat")
+SUBSAMPLE = (1.0, 0.75, 0.5, 0.25, 0.125)
+KDE_PAIRS = 10_000
 
 
 def parse_args(argv=None):
@@ -120,16 +144,21 @@ def parse_args(argv=None):
     p.add_argument("--rho", type=float, default=0.01, help="tail/head ratio in (0, 1]; 1 = balanced")
     p.add_argument("--imb-type", default="exp", choices=["exp", "step"])
     p.add_argument("--gpu", type=int, default=0, help="GPU index; -1 = CPU (under torchrun: the local rank's GPU)")
-    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="default: 200 (CIFAR-size data), 300 (ImageNet-LT, iNat: paper 2 App. A.1); the full-size "
+                        "variant's with --subsample")
     p.add_argument("--batch-size", type=int, default=None,
                    help="global batch over all processes; default: 512 (CIFAR-size data), 256 (ImageNet-LT, iNat)")
-    p.add_argument("--lr", type=float, default=None, help="default: 0.03 × batch / 256")
+    p.add_argument("--lr", type=float, default=None,
+                   help="default: 0.03 × batch / 256; 0.025 × batch / 256 for ImageNet-LT, iNat (paper 2 App. A.1)")
     p.add_argument("--wd", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0,
                    help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
     p.add_argument("--out", default=None, help="default: runs/<script>-<dataset>-<rho>-<seed>")
-    p.add_argument("--resume", default=None, help="continue the run saved in this last.pt")
+    p.add_argument("--resume", default=None,
+                   help="continue the run saved in this last.pt, in its folder, with its arguments; only --gpu, "
+                        "--data-root, --download, --workers may be given with it (any other flag is refused)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--val-frac", type=float, default=0.0,
                    help="validation split carved from the training subset; 0 = report last epoch only")
@@ -153,17 +182,60 @@ def parse_args(argv=None):
     p.add_argument("--knn-k", type=int, default=200)
     p.add_argument("--knn-t", type=float, default=0.1)
     p.add_argument("--strict-fp32", action="store_true", help="disable TF32 in cuDNN convolutions and matmuls")
+    # paper 2: balanced control, size sweep (§2.2, App. A.1) and SAM / rwSAM (§4, Table 1(b))
+    p.add_argument("--balanced", action="store_true",
+                   help="class-balanced subset with the same number of images as the long-tailed one")
+    p.add_argument("--subsample", type=float, default=1.0, choices=SUBSAMPLE,
+                   help="keep this fraction of every class (paper 2's size sweep); file lists: the list is already "
+                        "that variant (python datasets_lt.py --train-list), the flag only sets the epochs")
+    p.add_argument("--same-epochs", action="store_true",
+                   help="with --subsample < 1: train --epochs epochs, not round(epochs / subsample)")
+    p.add_argument("--opt", default="sgd", choices=["sgd", "sam", "rwsam"],
+                   help="sgd: MoCo v2; sam: + SAM; rwsam: + SAM perturbed along the KDE-reweighted loss "
+                        "(weights from the --stage1 model's features)")
+    p.add_argument("--sam-rho", type=float, default=None,
+                   help="SAM radius ρ; default 5 (CIFAR-size data), 2 (ImageNet-LT, iNat), paper 2 App. C.1")
+    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
+                   help="ASAM (Kwon et al.): element-wise |w| scaling of the perturbation, as the authors always ran")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="rwSAM weight exponent, w = density^(-α); default 1.2 (CIFAR-size data), "
+                        "0.5 (ImageNet-LT, iNat)")
+    p.add_argument("--bandwidth", type=float, default=None,
+                   help="KDE bandwidth h; default: median distance between normalised stage-1 features")
+    p.add_argument("--stage1", default=None,
+                   help="rwSAM: moco_ssp.py checkpoint (plain MoCo on the same images) whose backbone gives the "
+                        "KDE features (Algorithm 1 line 8); this run trains a fresh model")
     p.error = fail                                         # one line and exit 2, not the usage text
     args = p.parse_args(argv)
+    args.cli_flags = given_flags(p, argv)
     large = args.dataset in LARGE
-    for name, small, imagenet in (("batch_size", 512, 256), ("arch", "resnet18", "resnet50"), ("knn_every", 10, 0)):
+    for name, small, imagenet in (("batch_size", 512, 256), ("arch", "resnet18", "resnet50"), ("knn_every", 10, 0),
+                                  ("epochs", 200, 300), ("sam_rho", 5.0, 2.0), ("alpha", 1.2, 0.5)):
         if getattr(args, name) is None:
             setattr(args, name, imagenet if large else small)
-    if args.lr is None:
-        args.lr = 0.03 * args.batch_size / 256              # linear scaling rule (Goyal et al.), REFERENCE §5
+    if args.lr is None:                                     # linear scaling rule (Goyal et al.), REFERENCE §5
+        args.lr = (0.025 if large else 0.03) * args.batch_size / 256
+    # Paper 2 App. A.1: downsampled variants train for the same number of iterations as the full one.
+    args.epochs_full = args.epochs
+    if args.subsample < 1 and not args.same_epochs:
+        args.epochs = round(args.epochs / args.subsample)
     if args.out is None:
-        args.out = os.path.join("runs", f"moco_ssp-{args.dataset}-{args.rho:g}-{args.seed}")
+        tags = ([args.opt] if args.opt != "sgd" else []) + (["balanced"] if args.balanced else []) + \
+               ([f"sub{args.subsample:g}"] if args.subsample < 1 else [])
+        args.out = os.path.join("runs", "-".join(["moco_ssp", args.dataset, f"{args.rho:g}", str(args.seed), *tags]))
+    check_args(args)
     return args
+
+
+def check_args(args):
+    """Range of every numeric flag, before anything is read or written."""
+    check_ranges(args, SHARED_RANGES + [("queue", 1, None, "[)"), ("moco_m", 0, 1, "[)"), ("moco_t", 0, None, "()"),
+                                        ("moco_dim", 1, None, "[)"), ("bn_splits", 1, None, "[)"),
+                                        ("knn_every", 0, None, "[)"), ("knn_k", 1, None, "[)"), ("knn_t", 0, None, "()")])
+
+
+# --resume continues a run with its own arguments; only these (where the run executes) may be given with it
+RESUME_FLAGS = ("gpu", "workers", "data_root", "download")
 
 
 def fail(msg):
@@ -220,6 +292,27 @@ class ResNet18(nn.Module):
 # === end shared: resnet18 ===
 
 
+# === shared: check_ranges (identical in every script) ===
+def check_ranges(args, ranges):
+    """Every (flag, low, high, bounds) of `ranges`: the flag's value lies in the interval, bounds "[)" meaning
+    low <= value < high (None: no bound; a flag left at None is skipped). Else one line and exit 2."""
+    for name, low, high, bounds in ranges:
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        ok = abs(v) <= float(np.finfo(np.float32).max) and (low is None or (v >= low if bounds[0] == "[" else v > low)) \
+            and (high is None or (v <= high if bounds[1] == "]" else v < high))      # NaN, inf, 1e300 fail
+        if not ok:
+            interval = f"{bounds[0]}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{bounds[1]}"
+            fail(f"--{name.replace('_', '-')} must be in {interval}, got {v:g}")
+
+
+SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
+                 ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)")]
+# === end shared: check_ranges ===
+
+
 # === shared: checkpoints (identical in every script) ===
 HEAD_PREFIXES = ("fc.",)
 
@@ -230,13 +323,100 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def write_text_atomic(path, text):
+    """Temp file + rename, as save_atomic: a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def strict_json(obj, **kw):
+    """JSON without the bare NaN / Infinity tokens Python writes by default: a non-finite float is null."""
+    def clean(v):
+        if isinstance(v, float):
+            return v if np.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
+def write_json(path, obj):
+    write_text_atomic(path, strict_json(obj, indent=1))
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl; none when a moved or copied run lacks the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_metrics(path, rows):
+    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in rows))
+
+
+def append_metrics(path, row):
+    write_metrics(path, read_metrics(path) + [row])
+
+
+def copy_source(path, out):
+    """The script's own source beside its outputs (temp file + rename)."""
+    tmp = os.path.join(out, os.path.basename(path) + ".tmp")
+    shutil.copy(path, tmp)
+    os.replace(tmp, os.path.join(out, os.path.basename(path)))
+
+
+def given_flags(parser, argv):
+    """Destinations of the flags written on the command line (abbreviations included), so --resume can
+    apply or refuse each of them instead of dropping it."""
+    unset = object()
+    seen = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return sorted(k for k, v in vars(seen).items() if v is not unset and k != "help")
+
+
+def resume_args(args, ckpt, applied):
+    """--resume PATH: continue the run in dirname(PATH) with the arguments it was started with. A flag in
+    `applied` given on this command line replaces the stored value (--gpu and --workers always do: they
+    describe this machine); any other flag given with --resume is refused."""
+    flag = lambda k: "--" + k.replace("_", "-")
+    refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
+    if refused:
+        fail(f"--resume continues a run with its own arguments; drop {' '.join(map(flag, refused))} (with "
+             f"--resume only {', '.join(map(flag, applied))} may be given)")
+    now = {k: getattr(args, k) for k in applied if k in args.cli_flags or k in ("gpu", "workers")}
+    return argparse.Namespace(**{**vars(args), **ckpt["args"], **now, "resume": args.resume,
+                                 "out": os.path.dirname(os.path.abspath(args.resume)), "cli_flags": args.cli_flags})
+
+
+def nonfinite_tensor(model):
+    """Name of the first parameter or buffer holding NaN / inf (a BatchNorm running_var, say), or None."""
+    named = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist() if named else []
+    return next((k for (k, _), ok in zip(named, finite) if not ok), None)
+
+
+def stop_diverged(what, out, epoch):
+    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint,
+    exit 1."""
+    last = os.path.join(out, "last.pt")
+    kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
+    print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
+    sys.exit(1)
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    except Exception as e:                                 # empty, truncated, another format, ...
+        why = (str(e).splitlines() or [""])[0][:60]
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}{': ' if why else ''}{why})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
         fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
     return ckpt
@@ -401,6 +581,104 @@ def info_nce(q, k, queue, t):
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device)), logits
 
 
+# === shared: sam (simsiam_rwsam.py's sam_perturbation and bn_buffers, byte-identical) ===
+def sam_perturbation(params, grads, rho, adaptive):
+    """ε of paper 2 Algorithm 1 line 12 with p = q = 2: ρ·g/‖g‖₂, one norm over all parameters (Foret
+    et al. Eq. (2)). adaptive (ASAM, Kwon et al. 2021, as the SAM code the authors used): ρ·w²·g/‖|w|·g‖₂."""
+    if adaptive:
+        scaled = torch._foreach_mul(grads, torch._foreach_abs(params))
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(scaled)))
+        return torch._foreach_mul(torch._foreach_mul(scaled, torch._foreach_abs(params)), rho / (norm + 1e-12))
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    return torch._foreach_mul(grads, rho / (norm + 1e-12))
+
+
+def bn_buffers(model):
+    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+# === end shared: sam ===
+
+
+def sam_moco_step(model, net, optimizer, x_q, keys, queue, args, weights=None):
+    """Paper 2 Eq. (3) / Algorithm 1 lines 12–13 on the MoCo loss: ε from ∇L_w(w) with L_w = mean(w_i·ℓ_i),
+    ℓ_i the per-query InfoNCE of Eq. (1) (w ≡ 1 for --opt sam), then the optimiser steps at w with
+    ∇L(w + ε) of the plain mean loss. The keys and queue are those of the step (no gradient), both passes
+    see them; BN buffers keep the first pass's update; under DDP the first pass is not all-reduced.
+    Returns (mean loss at w, logits at w, mean loss at w + ε)."""
+    optimizer.zero_grad(set_to_none=True)
+    quiet = model.no_sync() if model is not net else contextlib.nullcontext()
+    with quiet:
+        with torch.autocast(x_q.device.type, torch.bfloat16, enabled=args.amp):
+            q = split_forward(model, x_q, args.bn_splits)
+        _, logits = info_nce(q, keys, queue, args.moco_t)
+        per = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device), reduction="none")
+        (per if weights is None else weights * per).mean().backward()
+    live = [p for p in net.parameters() if p.grad is not None]
+    with torch.no_grad():
+        e = sam_perturbation(live, [p.grad for p in live], args.sam_rho, args.adaptive)
+        at_w = [p.detach().clone() for p in live]
+        buffers = bn_buffers(net)
+        first_pass_stats = [b.clone() for b in buffers]
+        torch._foreach_add_(live, e)                                # w + ε
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(x_q.device.type, torch.bfloat16, enabled=args.amp):
+        q2 = split_forward(model, x_q, args.bn_splits)
+    loss2, _ = info_nce(q2, keys, queue, args.moco_t)
+    loss2.backward()                                                # ∇L(w + ε), all-reduced under DDP
+    with torch.no_grad():
+        torch._foreach_copy_(live, at_w)
+        torch._foreach_copy_(buffers, first_pass_stats)
+    optimizer.step()
+    return per.detach().mean(), logits, loss2.detach()
+
+
+# === shared: kde (simsiam_rwsam.py's median_distance and kde_weights, byte-identical) ===
+def median_distance(feats, pairs=KDE_PAIRS, seed=0):
+    """Median of ‖f_i − f_j‖ over `pairs` random pairs, i uniform and j uniform among the others."""
+    n = len(feats)
+    g = torch.Generator().manual_seed(seed)
+    i = torch.randint(0, n, (pairs,), generator=g)
+    j = (i + torch.randint(1, n, (pairs,), generator=g)) % n
+    i, j = i.to(feats.device), j.to(feats.device)
+    return (feats[i] - feats[j]).norm(dim=1).median().item()
+
+
+def kde_weights(feats, alpha, bandwidth=None, seed=0, chunk=2048):
+    """Paper 2 §4 and Algorithm 1 line 8: w_i = ((1/n)·Σ_j K(f_i − f_j, h))^(−α), Gaussian K.
+
+    density_i = mean_j exp(−‖f_i − f_j‖²/(2h²)) over all n rows of `feats` (j = i included), computed in
+    float64 by chunks of rows; K's constant (2πh²)^(−d/2) is dropped and the weights rescaled to mean 1,
+    which changes no perturbation. Returns (weights float32, density float64, h)."""
+    f = feats.double()
+    n = len(f)
+    if n < 2:
+        raise D.DataError(f"the KDE needs at least 2 training images, got {n}")
+    h = median_distance(f, seed=seed) if bandwidth is None else float(bandwidth)
+    if not h > 0:
+        raise D.DataError("every stage-1 feature is the same (a collapsed representation): the KDE bandwidth "
+                          "is 0; pass --bandwidth or train stage 1 longer")
+    sq = (f * f).sum(1)
+    density = torch.empty(n, dtype=torch.float64, device=f.device)
+    for s in range(0, n, chunk):
+        d2 = (sq[s:s + chunk, None] + sq[None, :] - 2 * f[s:s + chunk] @ f.T).clamp_(min=0)
+        density[s:s + chunk] = torch.exp(-d2 / (2 * h * h)).mean(1)
+    log_w = -alpha * density.log()
+    weights = torch.exp(log_w - torch.logsumexp(log_w, 0)) * n
+    return weights.float(), density, h
+# === end shared: kde ===
+
+
+@torch.no_grad()
+def stage1_weights(args, batches, device):
+    """Algorithm 1 line 8 for --opt rwsam: L2-normalised backbone features of the training images (test
+    transform, eval mode, in training order) from --stage1's backbone, then kde_weights. Labels unused."""
+    backbone, _ = build_backbone(args.arch)
+    load_backbone(backbone, args.arch, args.stage1)
+    backbone.to(device).eval()
+    feats = torch.cat([F.normalize(backbone(x).float(), dim=1) for x, _, _ in batches])
+    w, density, h = kde_weights(feats, args.alpha, args.bandwidth, args.seed)
+    return {"weights": w.cpu(), "density": density.cpu(), "bandwidth": h, "alpha": args.alpha, "source": args.stage1}
+
+
 @torch.no_grad()
 def enqueue(queue, keys, ptr):
     """MoCo Algorithm 1: enqueue this batch's keys, dequeue the oldest (they occupy rows ptr …); the
@@ -538,6 +816,35 @@ class TwoViews:
         return [self.t(img), self.t(img)]
 
 
+# === shared: training_subset (identical in ldam_drw.py and moco_ssp.py) ===
+def training_subset(train_y, args):
+    """Dataset indices of the training images and of the --val-frac images left out of them: paper 2
+    §2.2 / App. A.1, the same datasets_lt calls in the same order as simsiam_rwsam.py, so one --data-seed
+    gives the same images in every script. The exp or step long-tailed subset, downsampled per class by
+    --subsample; --balanced replaces it by a class-balanced subset of the same size."""
+    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
+                             D.CLASS_ORDER.get(args.dataset))
+    if args.subsample < 1:
+        idx = D.downsample(idx, train_y, args.subsample, args.data_seed)
+    if args.balanced:
+        idx = D.balanced_subset(train_y, len(idx), args.data_seed)
+    return D.carve_val(idx, train_y, args.val_frac, args.data_seed)
+# === end shared: training_subset ===
+
+
+class Positions(torch.utils.data.Dataset):
+    """(item…, position) of the listed images `indices` of a dataset: rwSAM's weights are per position."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, [int(i) for i in indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return (*self.dataset[self.indices[i]], i)
+
+
 class ListViews:
     """Two views of listed images per step, this process's share, with DistributedSampler (one permutation
     seeded by (seed, epoch) on every process, each keeps every W-th index; set_epoch each epoch). Worker
@@ -545,7 +852,7 @@ class ListViews:
     the same augmentations with the same --workers."""
 
     def __init__(self, dataset, indices, batch_size, seed, workers, device, rank, world):
-        self.subset = torch.utils.data.Subset(dataset, [int(i) for i in indices])
+        self.subset = Positions(dataset, indices)
         self.sampler = torch.utils.data.DistributedSampler(self.subset, num_replicas=world, rank=rank, shuffle=True,
                                                            seed=seed, drop_last=True)
         self.batch_size, self.seed, self.workers, self.device, self.rank = batch_size, seed, workers, device, rank
@@ -560,26 +867,35 @@ class ListViews:
         loader = torch.utils.data.DataLoader(self.subset, self.batch_size, sampler=self.sampler, drop_last=True,
                                              num_workers=self.workers, pin_memory=self.device.type == "cuda",
                                              generator=torch.Generator().manual_seed(s))
-        for views, y in loader:
-            yield [v.to(self.device, non_blocking=True) for v in views], y.to(self.device, non_blocking=True), None
+        for views, y, pos in loader:
+            yield [v.to(self.device, non_blocking=True) for v in views], y.to(self.device, non_blocking=True), pos
+
+
+def list_plain_batches(args, idx, device):
+    """The training images of a file list in training order, test transform (rwSAM's KDE features)."""
+    plain = Positions(D.FileListDataset(args.data_root, args.train_list, train=False), idx)
+    loader = torch.utils.data.DataLoader(plain, 256, num_workers=args.workers, pin_memory=device.type == "cuda")
+    return ((x.to(device, non_blocking=True), y, pos) for x, y, pos in loader)
 
 
 def build_data(args, device, rank, world):
     """Training views (this process's share), kNN bank / validation / test batches (None for file lists),
-    class counts, number of classes and number of training images."""
+    class counts, number of classes, the training indices and their validation split; bank is the
+    training images in order (None for file lists: list_plain_batches)."""
     if args.dataset in LARGE:
         if not args.train_list:
             fail(f"--dataset {args.dataset} needs --train-list ('relative/path label' file)")
+        if args.balanced:
+            fail(f"--balanced draws a CIFAR-size subset; for {args.dataset} pass the balanced list as --train-list "
+                 f"(python datasets_lt.py --train-list ... writes paper 2's ImageNet variants)")
         ds = D.FileListDataset(args.data_root, args.train_list, train=True, transform=TwoViews(224))
-        idx, _ = D.carve_val(np.arange(len(ds)), ds.labels, args.val_frac, args.data_seed)
+        idx, val_idx = D.carve_val(np.arange(len(ds)), ds.labels, args.val_frac, args.data_seed)
         counts = np.bincount(ds.labels[idx], minlength=ds.num_classes).tolist()
         train = ListViews(ds, idx, args.batch_size // world, args.seed, args.workers, device, rank, world)
-        return train, None, None, None, counts, ds.num_classes, len(idx)
+        return train, None, None, None, counts, ds.num_classes, idx, val_idx
     train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
     test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
-    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
-                             D.CLASS_ORDER.get(args.dataset))
-    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.data_seed)
+    idx, val_idx = training_subset(train_y, args)
     mean, std = D.mean_std(args.dataset, train_x)
     C = len(names)
     counts = np.bincount(train_y[idx], minlength=C).tolist()
@@ -588,7 +904,7 @@ def build_data(args, device, rank, world):
     bank = D.GPULoader(loader.images, train_y[idx], 1000, mean, std, device)
     test = D.GPULoader(test_x, test_y, 1000, mean, std, device)
     val = D.GPULoader(train_x[val_idx], train_y[val_idx], 1000, mean, std, device) if len(val_idx) else None
-    return ShardedViews(loader, rank, world), bank, val, test, counts, C, len(idx)
+    return ShardedViews(loader, rank, world), bank, val, test, counts, C, idx, val_idx
 
 
 # ----- main ----------------------------------------------------------------------------------------
@@ -622,8 +938,9 @@ def main(argv=None):
         if ckpt.get("script") != "moco_ssp.py":
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not moco_ssp.py; "
                  f"start a new pre-training run with another --out")
-        keep = {k: getattr(args, k) for k in ("gpu", "resume", "workers")}
-        args = argparse.Namespace(**{"data_seed": ckpt["args"].get("seed", 0), **ckpt["args"], **keep})
+        ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), "balanced": False, "subsample": 1.0,
+                        "same_epochs": False, "opt": "sgd", **ckpt["args"]}
+        args = resume_args(args, ckpt, RESUME_FLAGS)
         if args.world_size != world:
             fail(f"'{args.resume}' was trained by {args.world_size} process(es) but this is {world}; resume it with "
                  f"the same number (torchrun --nproc_per_node {args.world_size}, or no torchrun for 1)")
@@ -638,6 +955,16 @@ def main(argv=None):
             fail("--epochs, --batch-size, --bn-splits, --moco-dim and --lr must be positive")
         if not 0 <= args.moco_m < 1 or args.moco_t <= 0 or args.knn_every < 0:
             fail("--moco-m must be in [0, 1), --moco-t positive and --knn-every 0 or more")
+        if args.sam_rho < 0:
+            fail(f"--sam-rho must be >= 0, got {args.sam_rho:g}")
+        if args.alpha < 0:
+            fail(f"--alpha must be >= 0, got {args.alpha:g}")
+        if args.bandwidth is not None and args.bandwidth <= 0:
+            fail(f"--bandwidth must be > 0, got {args.bandwidth:g}")
+        if (args.opt == "rwsam") != bool(args.stage1):
+            fail("--opt rwsam needs --stage1 PATH (a plain moco_ssp.py run on the same images: its features give "
+                 "the KDE weights)" if args.opt == "rwsam" else
+                 "--stage1 gives rwSAM its weights; pass --opt rwsam or drop it")
         if args.batch_size % world:
             fail(f"--batch-size {args.batch_size} (global) must be divisible by the {world} processes")
         b = args.batch_size // world
@@ -651,9 +978,25 @@ def main(argv=None):
                  f"or pass another --out")
         device = setup_device(args, int(os.environ.get("LOCAL_RANK", "0")), world)
         torch.manual_seed(args.seed)
-        train, bank, val, test, counts, C, n = build_data(args, device, rank, world)
+        train, bank, val, test, counts, C, idx, val_idx = build_data(args, device, rank, world)
     except D.DataError as e:
         fail(str(e))
+    n = len(idx)
+    kde = ckpt.get("kde_weights") if ckpt is not None else None
+    if args.opt == "rwsam" and kde is None:
+        stage1 = load_checkpoint(args.stage1)
+        if stage1.get("script") != "moco_ssp.py" or stage1.get("class_counts") != counts:
+            fail(f"--stage1 '{args.stage1}' is not a moco_ssp.py run on these training images (its class counts "
+                 f"{stage1.get('class_counts')} differ from {counts}); pass the plain MoCo run of the same data")
+        if rank == 0:
+            try:
+                kde = stage1_weights(args, bank.epoch(0) if bank is not None else list_plain_batches(args, idx, device),
+                                     device)
+            except D.DataError as e:
+                fail(str(e))
+            kde["indices"] = torch.as_tensor(idx)
+            log(f"KDE weights from {args.stage1}: h = {kde['bandwidth']:.4f}, α = {args.alpha:g}, weights "
+                f"{kde['weights'].min().item():.3f}–{kde['weights'].max().item():.3f} (mean 1)")
     if args.queue is None:
         args.queue = default_queue(args, n)
         if rank == 0:
@@ -663,6 +1006,11 @@ def main(argv=None):
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
+    weights = None
+    if args.opt == "rwsam":
+        weights = kde["weights"].to(device) if kde is not None else torch.empty(n, device=device)
+        if world > 1:
+            dist.broadcast(weights, 0)
 
     encoder_q = Encoder(args.arch, args.moco_dim)
     encoder_k = Encoder(args.arch, args.moco_dim)
@@ -689,24 +1037,30 @@ def main(argv=None):
         model = nn.parallel.DistributedDataParallel(encoder_q, device_ids=[device.index] if device.type == "cuda"
                                                     else None)
 
+    metrics = os.path.join(args.out, "metrics.jsonl")
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        if ckpt is None:
+        if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
             meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-            with open(os.path.join(args.out, "args.json"), "w") as f:
-                json.dump(meta, f, indent=1)
-            shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
-            open(os.path.join(args.out, "metrics.jsonl"), "w").close()
-        else:                                              # drop epochs logged after the checkpoint
-            with open(os.path.join(args.out, "metrics.jsonl")) as f:
-                lines = [l for l in f if json.loads(l)["epoch"] <= start]
-            with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
-                f.writelines(lines)
-    log(f"{args.dataset} rho={args.rho:g} ({args.imb_type}): {n} training images {counts[:3]}…{counts[-1]}, labels "
+            write_json(os.path.join(args.out, "args.json"), meta)
+            copy_source(__file__, args.out)
+            D.save_indices(os.path.join(args.out, "train_indices.json"), idx, val_idx)
+        # a resumed run drops the epochs logged after its checkpoint
+        write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
+    log(f"{args.dataset} rho={args.rho:g} ({args.imb_type}{', balanced' if args.balanced else ''}"
+        f"{f', subsample {args.subsample:g}' if args.subsample < 1 else ''}): {n} training images "
+        f"{counts[:3]}…{counts[-1]}, labels "
         f"unused (kNN monitor only); MoCo v2 {args.arch}, batch {args.batch_size} = {world} process(es) × {b} "
         f"in {args.bn_splits} BN split(s), queue {args.queue}, m={args.moco_m:g}, τ={args.moco_t:g}, lr "
-        f"{args.lr:g}, {args.epochs} epochs on {device}")
+        f"{args.lr:g}, {args.epochs} epochs on {device}"
+        + (f", {'rwSAM' if args.opt == 'rwsam' else 'SAM'} ρ={args.sam_rho:g}{' adaptive' if args.adaptive else ''}"
+           if args.opt != "sgd" else ""))
+    if args.subsample < 1:
+        log(f"--subsample {args.subsample:g}: {args.epochs} epochs " +
+            (f"(--same-epochs)" if args.same_epochs else
+             f"= round({args.epochs_full} / {args.subsample:g}), the full variant's optimizer steps (App. A.1); "
+             f"--same-epochs keeps {args.epochs_full}"))
     log("pos: % of queries whose positive key beats all queue keys; knn / many / med / few / val: weighted kNN "
         "top-1 on backbone features")
     log(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'pos':>6} {'knn':>6} {'many':>6} {'med':>6} {'few':>6} {'val':>6} "
@@ -725,8 +1079,21 @@ def main(argv=None):
         stats = torch.zeros(2, device=device)             # loss sum, queries whose positive ranks first
         first_bad = torch.full((), -1, device=device, dtype=torch.long)
         seen = 0
-        for step, (views, _, _) in enumerate(train.epoch(epoch)):
+        for step, (views, _, pos) in enumerate(train.epoch(epoch)):
             x_q, x_k = views
+            if args.opt != "sgd":
+                with torch.autocast(device.type, torch.bfloat16, enabled=args.amp), torch.no_grad():
+                    momentum_update(encoder_k, encoder_q, args.moco_m)
+                    perm = shuffle_order(len(x_k) * world, g, device, world)
+                    keys = shuffled_keys(encoder_k, x_k, perm, args.bn_splits, rank, world)
+                w = weights[pos.to(device)] if weights is not None else None
+                loss, logits, _ = sam_moco_step(model, encoder_q, optimizer, x_q, keys[rank * b:(rank + 1) * b],
+                                                queue, args, w)
+                ptr = enqueue(queue, keys, ptr)
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+                stats += torch.stack([loss * len(x_q), (logits.argmax(1) == 0).sum().float()])
+                seen += len(x_q) * world
+                continue
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 q = split_forward(model, x_q, args.bn_splits)
                 with torch.no_grad():
@@ -743,10 +1110,16 @@ def main(argv=None):
             seen += len(q) * world
         if world > 1:
             dist.all_reduce(stats)
-            dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
-        if first_bad.item() >= 0:
-            log(f"error: loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}; stopped, "
-                f"{args.out}/last.pt still holds epoch {epoch}", file=sys.stderr)
+        bad_tensor = nonfinite_tensor(encoder_q) or nonfinite_tensor(encoder_k)
+        bad = torch.stack([first_bad, torch.tensor(int(bad_tensor is not None), device=device)])
+        if world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad[0].item() >= 0 or bad[1].item() > 0:
+            where = (f"loss is not finite at epoch {epoch + 1}, step {bad[0].item() + 1}" if bad[0].item() >= 0 else
+                     f"'{bad_tensor or 'a tensor of another process'}' is not finite after epoch {epoch + 1}, "
+                     f"step {step + 1}")
+            if rank == 0:
+                stop_diverged(where, args.out, epoch)
             sys.exit(1)
         if rank != 0:
             continue
@@ -757,8 +1130,7 @@ def main(argv=None):
         loss_sum, pos = stats.tolist()
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / seen, "pos_top1": 100 * pos / seen,
                "knn_test": knn_m, "knn_val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0}
-        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(metrics, row)
         m = knn_m or {}
         print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['pos_top1'])} {fmt(m.get('top1'))} "
               f"{fmt(m.get('many'))} {fmt(m.get('medium'))} {fmt(m.get('few'))} {fmt(row['knn_val_top1'])} "
@@ -767,23 +1139,25 @@ def main(argv=None):
                  "key_model": contract_state(encoder_k), "queue": queue, "queue_ptr": ptr, "epoch": epoch + 1,
                  "optimizer": optimizer.state_dict(), "args": vars(args), "class_counts": counts,
                  "rng": {"torch": torch.get_rng_state()},
-                 "mean": getattr(test, "mean", D.IMAGENET_MEAN), "std": getattr(test, "std", D.IMAGENET_STD)}
+                 "mean": getattr(test, "mean", D.IMAGENET_MEAN), "std": getattr(test, "std", D.IMAGENET_STD), "kde_weights": kde}
         save_atomic(state, os.path.join(args.out, "last.pt"))
 
     if rank == 0:
-        with open(os.path.join(args.out, "metrics.jsonl")) as f:
-            rows = [json.loads(l) for l in f]
+        rows = read_metrics(metrics) or [dict.fromkeys(("loss", "pos_top1", "knn_test", "knn_val_top1"),
+                                                        None) | {"seconds": float("nan")}]
         ckpt_path = os.path.join(args.out, "last.pt")
         final = {"script": "moco_ssp.py", "arch": args.arch, "dataset": args.dataset, "rho": args.rho,
                  "imb_type": args.imb_type, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs, "batch_size": args.batch_size,
                  "processes": world, "bn_splits": args.bn_splits, "queue": args.queue, "class_counts": counts,
+                 "n_train": n, "balanced": args.balanced, "subsample": args.subsample, "opt": args.opt,
+                 "sam_rho": args.sam_rho if args.opt != "sgd" else None, "adaptive": args.adaptive,
+                 "alpha": args.alpha if args.opt == "rwsam" else None, "stage1": args.stage1,
                  "final_loss": rows[-1]["loss"], "final_pos_top1": rows[-1]["pos_top1"],
                  "knn_test": rows[-1]["knn_test"], "knn_val_top1": rows[-1]["knn_val_top1"], "checkpoint": ckpt_path,
                  "next": [f"python crt.py --ckpt {ckpt_path}", f"python eval_linear.py --ckpt {ckpt_path}"],
                  "seconds_per_epoch": float(np.median([r["seconds"] for r in rows])),
                  "wall_seconds": time.time() - t_run}
-        with open(os.path.join(args.out, "final.json"), "w") as f:
-            json.dump(final, f, indent=1)
+        write_json(os.path.join(args.out, "final.json"), final)
         knn = rows[-1]["knn_test"]
         print(f"done: {ckpt_path} (loss {final['final_loss']:.4f}"
               + (f", kNN test top-1 {knn['top1']:.2f}%" if knn else "") + f"); next: {final['next'][0]}")

@@ -172,7 +172,9 @@ def parse_args(argv=None):
                    help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
     p.add_argument("--out", default=None,
                    help="default: runs/<script>-<dataset>-<rho>-<seed>-<opt>[-step][-balanced][-sub<r>]")
-    p.add_argument("--resume", default=None, help="continue the run saved in this last.pt")
+    p.add_argument("--resume", default=None,
+                   help="continue the run saved in this last.pt, in its folder, with its arguments; only --gpu, "
+                        "--data-root, --download may be given with it (any other flag is refused)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--val-frac", type=float, default=0.0,
                    help="validation split carved from the training subset; 0 = report last epoch only")
@@ -212,6 +214,7 @@ def parse_args(argv=None):
     p.add_argument("--strict-fp32", action="store_true", help="disable TF32 in cuDNN convolutions and matmuls")
     p.error = fail                                         # one line and exit 2, not the usage text
     args = p.parse_args(argv)
+    args.cli_flags = given_flags(p, argv)
     if args.dataset in ("imagenet_lt", "inat"):
         fail(f"simsiam_rwsam.py runs paper 2's CIFAR recipe (ResNet-18 on small images held on the device); "
              f"--dataset {args.dataset} is not supported")
@@ -222,7 +225,20 @@ def parse_args(argv=None):
                ([f"sub{args.subsample:g}"] if args.subsample < 1 else [])
         args.out = os.path.join("runs", "-".join(["simsiam_rwsam", args.dataset, f"{args.rho:g}", str(args.seed),
                                                   args.opt, *tags]))
+    check_flag_ranges(args)
     return args
+
+
+def check_flag_ranges(args):
+    """Range of every numeric flag, before anything is read or written."""
+    check_ranges(args, SHARED_RANGES + [("sam_rho", 0, None, "[)"), ("alpha", 0, None, "[)"),
+                                        ("bandwidth", 0, None, "()"), ("stage1_epochs", 1, None, "[)"),
+                                        ("knn_every", -1, None, "[)"), ("knn_k", 1, None, "[)"),
+                                        ("knn_t", 0, None, "()"), ("knn_val_frac", 0, 1, "()")])
+
+
+# --resume continues a run with its own arguments; only these (where the run executes) may be given with it
+RESUME_FLAGS = ("gpu", "data_root", "download")
 
 
 def fail(msg):
@@ -296,6 +312,27 @@ class SimSiam(ResNet18):
         return z1, z2, self.predictor(z1), self.predictor(z2)
 
 
+# === shared: check_ranges (identical in every script) ===
+def check_ranges(args, ranges):
+    """Every (flag, low, high, bounds) of `ranges`: the flag's value lies in the interval, bounds "[)" meaning
+    low <= value < high (None: no bound; a flag left at None is skipped). Else one line and exit 2."""
+    for name, low, high, bounds in ranges:
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        ok = abs(v) <= float(np.finfo(np.float32).max) and (low is None or (v >= low if bounds[0] == "[" else v > low)) \
+            and (high is None or (v <= high if bounds[1] == "]" else v < high))      # NaN, inf, 1e300 fail
+        if not ok:
+            interval = f"{bounds[0]}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{bounds[1]}"
+            fail(f"--{name.replace('_', '-')} must be in {interval}, got {v:g}")
+
+
+SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
+                 ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)")]
+# === end shared: check_ranges ===
+
+
 # === shared: checkpoints (identical in every script) ===
 HEAD_PREFIXES = ("fc.",)
 
@@ -306,13 +343,100 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def write_text_atomic(path, text):
+    """Temp file + rename, as save_atomic: a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def strict_json(obj, **kw):
+    """JSON without the bare NaN / Infinity tokens Python writes by default: a non-finite float is null."""
+    def clean(v):
+        if isinstance(v, float):
+            return v if np.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
+def write_json(path, obj):
+    write_text_atomic(path, strict_json(obj, indent=1))
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl; none when a moved or copied run lacks the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_metrics(path, rows):
+    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in rows))
+
+
+def append_metrics(path, row):
+    write_metrics(path, read_metrics(path) + [row])
+
+
+def copy_source(path, out):
+    """The script's own source beside its outputs (temp file + rename)."""
+    tmp = os.path.join(out, os.path.basename(path) + ".tmp")
+    shutil.copy(path, tmp)
+    os.replace(tmp, os.path.join(out, os.path.basename(path)))
+
+
+def given_flags(parser, argv):
+    """Destinations of the flags written on the command line (abbreviations included), so --resume can
+    apply or refuse each of them instead of dropping it."""
+    unset = object()
+    seen = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return sorted(k for k, v in vars(seen).items() if v is not unset and k != "help")
+
+
+def resume_args(args, ckpt, applied):
+    """--resume PATH: continue the run in dirname(PATH) with the arguments it was started with. A flag in
+    `applied` given on this command line replaces the stored value (--gpu and --workers always do: they
+    describe this machine); any other flag given with --resume is refused."""
+    flag = lambda k: "--" + k.replace("_", "-")
+    refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
+    if refused:
+        fail(f"--resume continues a run with its own arguments; drop {' '.join(map(flag, refused))} (with "
+             f"--resume only {', '.join(map(flag, applied))} may be given)")
+    now = {k: getattr(args, k) for k in applied if k in args.cli_flags or k in ("gpu", "workers")}
+    return argparse.Namespace(**{**vars(args), **ckpt["args"], **now, "resume": args.resume,
+                                 "out": os.path.dirname(os.path.abspath(args.resume)), "cli_flags": args.cli_flags})
+
+
+def nonfinite_tensor(model):
+    """Name of the first parameter or buffer holding NaN / inf (a BatchNorm running_var, say), or None."""
+    named = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist() if named else []
+    return next((k for (k, _), ok in zip(named, finite) if not ok), None)
+
+
+def stop_diverged(what, out, epoch):
+    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint,
+    exit 1."""
+    last = os.path.join(out, "last.pt")
+    kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
+    print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
+    sys.exit(1)
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    except Exception as e:                                 # empty, truncated, another format, ...
+        why = (str(e).splitlines() or [""])[0][:60]
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}{': ' if why else ''}{why})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
         fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
     return ckpt
@@ -657,6 +781,10 @@ def load_stage1(args):
     """--stage1 PATH: its backbone (checked and reported by the shared loader), and its heads when stage 2
     continues from it."""
     backbone = ResNet18()
+    arch = load_checkpoint(args.stage1)["arch"]
+    if arch != ARCH:                                       # this script has no --arch to switch to
+        fail(f"'{args.stage1}' holds a {arch} backbone; --stage1 needs a {ARCH} (CIFAR ResNet-18) checkpoint, "
+             f"e.g. the stage1.pt or last.pt of a simsiam_rwsam.py run")
     ckpt = load_backbone(backbone, ARCH, args.stage1)
     state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
     full = None
@@ -701,10 +829,9 @@ def main(argv=None):
         if ckpt.get("script") != "simsiam_rwsam.py":
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not simsiam_rwsam.py; "
                  f"use --stage1 to start rwSAM from its backbone")
-        keep = {k: getattr(args, k) for k in ("gpu", "resume")}
         # same_epochs, gap_views: what runs saved before these flags existed did
-        args = argparse.Namespace(**{"data_seed": ckpt["args"].get("seed", 0), "same_epochs": True, "gap_views": 1,
-                                     **ckpt["args"], **keep})
+        ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), "same_epochs": True, "gap_views": 1, **ckpt["args"]}
+        args = resume_args(args, ckpt, RESUME_FLAGS)
         if rank == 0:
             print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
     try:
@@ -748,20 +875,17 @@ def main(argv=None):
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     weights = kde["weights"].to(device) if kde is not None else None
 
+    metrics = os.path.join(args.out, "metrics.jsonl")
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        if ckpt is None:
+        if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
             meta = {**vars(args), "world_size": world, "torch": torch.__version__, "cuda": torch.version.cuda,
                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-            with open(os.path.join(args.out, "args.json"), "w") as f:
-                json.dump(meta, f, indent=1)
-            shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
-            open(os.path.join(args.out, "metrics.jsonl"), "w").close()
-        else:                                              # drop epochs logged after the checkpoint
-            with open(os.path.join(args.out, "metrics.jsonl")) as f:
-                lines = [l for l in f if json.loads(l)["epoch"] <= start]
-            with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
-                f.writelines(lines)
+            write_json(os.path.join(args.out, "args.json"), meta)
+            copy_source(__file__, args.out)
+            D.save_indices(os.path.join(args.out, "train_indices.json"), data.idx, data.val_idx)
+        # a resumed run drops the epochs logged after its checkpoint
+        write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
         init = "from a fresh model" if args.stage2_init == "scratch" else "continuing stage 1"
         plan = (f"stage 1 SimSiam {e1} epochs, then rwSAM {e2} {init}" if e1 else
                 f"rwSAM {e2} epochs {init}, weights from --stage1 {args.stage1}" if args.opt == "rwsam" else
@@ -794,6 +918,12 @@ def main(argv=None):
               f"{se(gap['frequent'])}, rare {gap['rare']['gap']:.4f}{se(gap['rare'])} (± standard error over "
               f"{args.gap_views} seeded view draws)")
 
+    if rank == 0 and ckpt is not None:                     # what an interrupted write may have lost
+        if e1 and start == e1 and kde is None and not os.path.exists(os.path.join(args.out, "stage1.pt")):
+            save("stage1.pt", e1, opt="sgd", epochs=e1, stage1_epochs=None, stage1_of=args.out)
+        if kde is not None and "density" in kde and not os.path.exists(os.path.join(args.out, "kde_weights.pt")):
+            save_atomic(kde, os.path.join(args.out, "kde_weights.pt"))
+
     t_run = time.time()
     for g in range(start, total):
         opt, e, epochs = phase(g)
@@ -804,7 +934,7 @@ def main(argv=None):
                 fail(str(err))
             weights = kde["weights"].to(device)
             if rank == 0:
-                torch.save(kde, os.path.join(args.out, "kde_weights.pt"))
+                save_atomic(kde, os.path.join(args.out, "kde_weights.pt"))
             optimizer = make_optimizer(net, args, device)
         t0 = time.time()
         lr = lr_at(e, epochs, args.lr)
@@ -824,12 +954,17 @@ def main(argv=None):
             steps += 1
         if world > 1:
             dist.all_reduce(sums)
-            dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
             sums /= world
-        if first_bad.item() >= 0:
+        bad_tensor = nonfinite_tensor(net)
+        bad = torch.stack([first_bad, torch.tensor(int(bad_tensor is not None), device=device)])
+        if world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad[0].item() >= 0 or bad[1].item() > 0:
+            where = (f"loss is not finite at epoch {g + 1}, step {bad[0].item() + 1}" if bad[0].item() >= 0 else
+                     f"'{bad_tensor or 'a tensor of another process'}' is not finite after epoch {g + 1}, "
+                     f"step {steps}")
             if rank == 0:
-                print(f"error: loss is not finite at epoch {g + 1}, step {first_bad.item() + 1}; stopped, "
-                      f"{args.out}/last.pt still holds epoch {g}", file=sys.stderr)
+                stop_diverged(where, args.out, g)
             sys.exit(1)
         seconds = time.time() - t0
         loss_avg, loss2_avg, z_avg = (sums / steps).tolist()
@@ -845,20 +980,18 @@ def main(argv=None):
             row = {"epoch": g + 1, "opt": opt, "stage_epoch": e + 1, "lr": lr, "loss": loss_avg,
                    "loss_perturbed": loss2_avg if opt != "sgd" else None, "z_std": z_avg, "knn_top1": knn_now,
                    "knn_class_mean": knn_cm, "seconds": seconds, "knn_seconds": time.time() - t_knn}
-            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_metrics(metrics, row)
             print(f"{g + 1:5d} {opt:>5} {lr:8.5f} {loss_avg:8.4f} {z_avg:7.4f} {fmt(knn_now)} {seconds:6.2f}",
                   flush=True)
             if last_of_stage and args.knn_every >= 0:
                 stage_end("stage1" if g < e1 else "final", knn_now, knn_cm)
-            save("last.pt", g + 1)
-            if g + 1 == e1:
+            if g + 1 == e1:                                # before last.pt: a kill between the two redoes the epoch
                 save("stage1.pt", g + 1, opt="sgd", epochs=args.stage1_epochs or args.epochs, stage1_epochs=None,
                      stage1_of=args.out)
+            save("last.pt", g + 1)
 
     if rank == 0:
-        with open(os.path.join(args.out, "metrics.jsonl")) as f:
-            rows = [json.loads(l) for l in f]
+        rows = read_metrics(metrics)
         per_epoch = {o: float(np.median([r["seconds"] for r in rows if r["opt"] == o]))
                      for o in sorted({r["opt"] for r in rows})}
         final = {"script": "simsiam_rwsam.py", "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type,
@@ -873,8 +1006,7 @@ def main(argv=None):
                                                                       "per_class_mean_weight")},
                  "checkpoint": os.path.join(args.out, "last.pt"), "seconds_per_epoch": per_epoch,
                  "wall_seconds": time.time() - t_run}
-        with open(os.path.join(args.out, "final.json"), "w") as f:
-            json.dump(final, f, indent=1)
+        write_json(os.path.join(args.out, "final.json"), final)
         last = summary.get("final") or {}
         knn = last.get("knn_top1")
         print(f"done: {args.out}/last.pt" + (f"; kNN (validation split) {knn:.2f}%" if knn is not None else "")

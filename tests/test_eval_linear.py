@@ -118,13 +118,14 @@ def test_separating_backbone_scores_high_random_does_not(tmp_path, needles):
     root, images, (mean, std) = needles
     common = dict(dataset="folder", data_root=str(root), imb_type="exp", seed=0)
     save_ckpt(tmp_path / "detector.pt", needle_detector(mean, std), rho=1.0, **common)
-    save_ckpt(tmp_path / "random.pt", random_backbone(images, mean, std), rho=0.01, **common)
+    save_ckpt(tmp_path / "random.pt", random_backbone(images, mean, std), rho=0.01, class_counts=[200, 98, 2],
+              **common)
     good, _ = _probe(tmp_path, "good", tmp_path / "detector.pt", "--protocol", "fast")
     bad, _ = _probe(tmp_path, "bad", tmp_path / "random.pt", "--protocol", "fast")
     assert good["class_counts"] == [30, 30, 30] and good["epochs"] == 100 and not good["augment"]
     assert good["top1"] >= 95 and min(good["per_class"]) >= 90                  # chance: 33.3%
     assert bad["top1"] <= 65
-    # Δ (Eq. 1) from these two real result files: same n = 300, r = 1 vs r = 0.01
+    # Δ (Eq. 1) from these two real result files: same n = 300, r = 1 vs r = 2/200 (from the counts)
     rows, unpaired = E.gap_rows([good, bad])
     assert not unpaired and len(rows) == 1
     assert rows[0]["delta"] == pytest.approx((good["top1"] - bad["top1"]) / good["top1"], rel=1e-12)
@@ -185,7 +186,7 @@ def test_cifar_resnet18_full_split_val_and_simsiam_keys(tmp_path, capsys):
     assert final["class_counts"] == [8] * 10 and len(final["per_class"]) == 10      # 10 per class, 2 to validation
     assert final["eval"] == "linear:cifar10"
     assert {k: final["pretrain"][k] for k in ("kind", "method", "n", "r", "imb_type")} == \
-        {"kind": "SSL", "method": "simsiam_rwsam+sam", "n": 255, "r": 0.01, "imb_type": "step"}
+        {"kind": "SSL", "method": "simsiam_rwsam+sam", "n": 255, "r": 1 / 50, "imb_type": "step"}   # r: counts
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
     best = final["best_on_val"]
@@ -207,45 +208,93 @@ def test_file_lists_need_the_full_lists(tmp_path, capsys):
 
 # ----- Δ, Eq. (1) ----------------------------------------------------------------------------------
 
-def _result(path, top1, kind_script, r, n, imb="exp", eval_name="linear:cifar10"):
-    res = {"eval": eval_name, "last": {"top1": top1},
-           "pretrain": {"script": kind_script, "method": kind_script.removesuffix(".py"),
-                        "kind": "SSL" if kind_script == "simsiam_rwsam.py" else "SL", "dataset": "cifar10",
-                        "r": r, "imb_type": imb, "n": n}}
+def _result(path, top1, script, counts, seed=0, eval_name="linear:cifar10", arch="resnet18", eval_seed=0, ckpt=None,
+            **args):
+    """A final.json as eval_linear.py / eval_ood.py write it, its "pretrain" made by pretrain_meta from a
+    checkpoint dict with these class counts and args."""
+    state = {"script": script, "arch": arch, "class_counts": counts, "epoch": 1,
+             "args": {"dataset": "cifar10", "imb_type": "exp", "seed": seed, **args}}
+    res = {"eval": eval_name, "last": {"top1": top1}, "seed": eval_seed,
+           "pretrain": E.pretrain_meta(state, ckpt or str(path).replace(".json", ".pt"))}
     path.write_text(json.dumps(res))
     return path
 
 
+LT = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]                 # CIFAR-10-LT, rho 0.01: n = 12,406
+BAL = [1241] * 6 + [1240] * 4                                              # its balanced subset, same n
+
+
+def test_r_comes_from_the_class_counts_not_from_rho():
+    meta = lambda counts, **a: E.pretrain_meta({"script": "moco_ssp.py", "arch": "resnet50", "class_counts": counts,
+                                                "args": a}, "x.pt")
+    assert meta(LT, rho=0.01)["r"] == 50 / 5000 and meta(LT, rho=0.01)["n"] == 12406
+    assert meta(BAL, rho=0.01, balanced=True)["r"] == 1.0                  # differ by one image: balanced
+    assert meta([1280] + [500] * 998 + [5], rho=1.0)["r"] == 5 / 1280      # an ImageNet-LT list run at --rho 1
+    assert meta([12, 10, 10], rho=1.0)["r"] == 10 / 12                     # two images apart: not balanced
+    assert meta(None, rho=1.0)["r"] is None
+
+
 def test_gap_exact_from_hand_made_files(tmp_path, capsys):
-    files = [_result(tmp_path / "ssl_bal.json", 80.0, "simsiam_rwsam.py", 1.0, 12406),
-             _result(tmp_path / "ssl_imb.json", 72.0, "simsiam_rwsam.py", 0.01, 12406)]
+    files = [_result(tmp_path / "ssl_bal.json", 80.0, "simsiam_rwsam.py", BAL, opt="sgd", balanced=True),
+             _result(tmp_path / "ssl_imb.json", 72.0, "simsiam_rwsam.py", LT, opt="sgd")]
     E.main(["--gap", *map(str, files)])
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 2 and out[1].split()[-2] == "10.00"                       # (80 − 72) / 80
+    assert len(out) == 3 and out[2].split()[-2] == "10.00"                        # (80 − 72) / 80
+    assert out[2].split()[2:8] == ["simsiam_rwsam+sgd", "resnet18", "cifar10", "12406", "0.01", "exp"]
     rows, _ = E.gap_rows([json.loads(f.read_text()) for f in files])
     assert rows[0]["delta"] == (80.0 - 72.0) / 80.0 and rows[0]["A_balanced"] == 80.0
 
 
-def test_gap_pairs_equal_n_per_method_and_averages_runs(tmp_path, capsys):
-    files = [_result(tmp_path / "a.json", 79.0, "simsiam_rwsam.py", 1.0, 5000),
-             _result(tmp_path / "b.json", 81.0, "simsiam_rwsam.py", 1.0, 5000),     # two seeds: A(n, 1) = 80
-             _result(tmp_path / "c.json", 76.0, "simsiam_rwsam.py", 0.01, 5000),
-             _result(tmp_path / "d.json", 90.0, "ldam_drw.py", 1.0, 5000),
-             _result(tmp_path / "e.json", 76.5, "ldam_drw.py", 0.01, 5000),
-             _result(tmp_path / "f.json", 50.0, "ldam_drw.py", 0.01, 2500),          # no balanced run of n = 2500
-             _result(tmp_path / "g.json", 85.0, "simsiam_rwsam.py", 1.0, 5000, eval_name="stl10@32")]
+def test_gap_keeps_methods_apart_and_reports_runs_without_a_partner(tmp_path, capsys):
+    files = [_result(tmp_path / "a.json", 90.0, "ldam_drw.py", BAL, loss="ce", rule="none", balanced=True),
+             _result(tmp_path / "b.json", 81.0, "ldam_drw.py", LT, loss="ce", rule="none"),
+             _result(tmp_path / "c.json", 70.0, "ldam_drw.py", LT, loss="ldam", rule="drw"),     # no balanced LDAM-DRW
+             _result(tmp_path / "d.json", 60.0, "ldam_drw.py", LT, arch="resnet32", loss="ce", rule="none"),
+             _result(tmp_path / "e.json", 85.0, "simsiam_rwsam.py", BAL, opt="sam", balanced=True),
+             _result(tmp_path / "f.json", 10.0, "simsiam_rwsam.py", BAL, opt="sgd", balanced=True)]
     rows, unpaired = E.gap_rows([json.loads(f.read_text()) for f in files])
-    got = {(r["kind"], r["n"]): (r["delta"], r["runs_balanced"], r["runs_imbalanced"]) for r in rows}
-    assert got == {("SSL", 5000): (pytest.approx(0.05), 2, 1), ("SL", 5000): (pytest.approx(0.15), 1, 1)}
-    assert len(unpaired) == 2                                                   # n = 2500 and the lone STL-10 run
+    assert [(r["method"], r["arch"], r["delta"]) for r in rows] == [("ldam_drw:ce-none", "resnet18", pytest.approx(0.1))]
+    assert sorted((k[2], k[3]) for k, _ in unpaired) == [("ldam_drw:ce-none", "resnet32"), ("ldam_drw:ldam-drw", "resnet18"),
+                                                          ("simsiam_rwsam+sam", "resnet18"), ("simsiam_rwsam+sgd", "resnet18")]
     E.main(["--gap", *map(str, files)])
-    captured = capsys.readouterr()
-    assert [l.split()[-2] for l in captured.out.splitlines()[1:]] == ["15.00", "5.00"]   # SL row, then SSL
-    assert captured.err.count("no balanced/imbalanced partner") == 2
+    err = capsys.readouterr().err
+    assert "method=ldam_drw:ldam-drw arch=resnet18 dataset=cifar10 n=12406: 1 imbalanced run(s), no balanced run" in err
+    assert err.count("; left out") == 4
+
+
+def test_gap_mean_and_sample_std_over_seeds(tmp_path):
+    bal, imb = [80.0, 82.0, 84.0], [72.0, 72.0, 78.0]
+    files = [_result(tmp_path / f"b{s}.json", a, "moco_ssp.py", BAL, seed=s, opt="sgd", balanced=True) for s, a in enumerate(bal)]
+    files += [_result(tmp_path / f"i{s}.json", a, "moco_ssp.py", LT, seed=s, opt="sgd") for s, a in enumerate(imb)]
+    (row,), unpaired = E.gap_rows([json.loads(f.read_text()) for f in files])
+    assert not unpaired and (row["runs_balanced"], row["runs_imbalanced"], row["paired_seeds"]) == (3, 3, 3)
+    assert row["A_balanced"] == 82.0 and row["A_balanced_std"] == pytest.approx(2.0)          # sample std, n − 1
+    assert row["A_imbalanced"] == 74.0 and row["A_imbalanced_std"] == pytest.approx(math.sqrt(12))
+    assert row["delta"] == pytest.approx(8 / 82)
+    per_seed = [8 / 80, 10 / 82, 6 / 84]
+    assert row["delta_std"] == pytest.approx(float(np.std(per_seed, ddof=1)))
+
+
+def test_gap_ood_is_the_mean_over_the_fine_tuning_targets(tmp_path):
+    targets = ("CUB_200_2011_split", "cars", "pets", "aircraft")
+    kw = dict(dataset="imagenet_lt", opt="sgd")
+    lt = [1280] + [1000] * 98 + [5]
+    bal = [993] * 85 + [992] * 15                                          # same n = 99,285
+    files = [_result(tmp_path / f"b-{t}.json", a, "moco_ssp.py", bal, eval_name=f"finetune:{t}", arch="resnet50",
+                     balanced=True, ckpt="bal.pt", **kw) for t, a in zip(targets, (70.0, 88.0, 80.0, 82.0))]
+    files += [_result(tmp_path / f"i-{t}.json", a, "moco_ssp.py", lt, eval_name=f"finetune:{t}", arch="resnet50",
+                      ckpt="imb.pt", **kw) for t, a in zip(targets, (69.0, 88.0, 79.0, 80.0))]
+    files += [_result(tmp_path / f"x-{t}.json", 50.0, "moco_ssp.py", lt, seed=1, eval_name=f"finetune:{t}",
+                      arch="resnet50", ckpt="short.pt", **kw) for t in targets[:3]]                                  # one target short
+    rows, unpaired = E.gap_rows([json.loads(f.read_text()) for f in files])
+    (row,) = rows
+    assert row["eval"] == "finetune:mean(CUB_200_2011_split+aircraft+cars+pets)" and row["r"] == 5 / 1280
+    assert row["A_balanced"] == 80.0 and row["A_imbalanced"] == 79.0 and row["delta"] == pytest.approx(1 / 80)
+    assert [k[0] for k, _ in unpaired] == ["finetune:mean(CUB_200_2011_split+cars+pets)"]
 
 
 def test_gap_without_any_pair_fails(tmp_path, capsys):
-    f = _result(tmp_path / "a.json", 80.0, "simsiam_rwsam.py", 0.01, 100)
+    f = _result(tmp_path / "a.json", 80.0, "simsiam_rwsam.py", LT)
     (tmp_path / "junk.json").write_text("[1, 2]")
     assert "Δ needs both" in _fails(capsys, "--gap", f)[-1]
     assert _fails(capsys, "--gap", tmp_path / "junk.json") == [f"error: '{tmp_path / 'junk.json'}' is not a final.json "

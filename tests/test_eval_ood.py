@@ -74,7 +74,8 @@ def test_stl10_probe_through_the_real_loader(tmp_path, monkeypatch, size):
     assert set(seen) == {(3, size, size)}
     assert final["eval"] == f"stl10@{size}" and final["protocol"] == "probe" and final["stl_size"] == size
     assert final["class_counts"] == [4] * 10 and len(final["per_class"]) == 10 and final["sanity_check"] == "passed"
-    assert final["pretrain"]["kind"] == "SSL" and final["pretrain"]["n"] == 75 and final["pretrain"]["r"] == 0.1
+    assert final["pretrain"]["kind"] == "SSL" and final["pretrain"]["n"] == 75
+    assert final["pretrain"]["r"] == 5 / 40 and final["pretrain"]["rho"] == 0.1        # r from the counts, not --rho
     saved = torch.load(out / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(saved[k], v) for k, v in src.items() if not k.startswith("fc."))
 

@@ -1,6 +1,8 @@
 """moco_ssp.py: momentum update, queue, InfoNCE by hand, BN splits and shuffle-BN, one process = two gloo
 processes, resume, the checkpoint contract (loads into ldam_drw.py and crt.py), and one-line errors."""
+import argparse
 import copy
+import inspect
 import json
 import math
 from pathlib import Path
@@ -156,7 +158,7 @@ def test_queue_checks():
     assert (a.batch_size, a.wd, a.epochs, a.moco_m, a.moco_t, a.arch) == (512, 1e-4, 200, 0.999, 0.2, "resnet18")
     b = M.parse_args(["--dataset", "inat"])
     assert (b.batch_size, b.arch, b.knn_every) == (256, "resnet50", 0)
-    assert (a.lr, b.lr) == (pytest.approx(0.06), pytest.approx(0.03))          # 0.03 per 256 images
+    assert (a.lr, b.lr, b.epochs) == (pytest.approx(0.06), pytest.approx(0.025), 300)   # paper 2 App. A.1 on ImageNet
     assert M.lr_at(0, a) == 0.06 and M.lr_at(100, a) == pytest.approx(0.03)
 
 
@@ -310,6 +312,13 @@ def test_imagenet_lt_file_lists(tmp_path):
     model = L.build_model("resnet10", 3, cosine=False)
     L.load_backbone(model, "resnet10", tmp_path / "run" / "last.pt")
     assert torch.equal(model.state_dict()["layer4.0.conv2.weight"], ck["model"]["layer4.0.conv2.weight"])
+    M.main(["--dataset", "imagenet_lt", "--data-root", str(tmp_path), "--train-list", str(lst), "--rho", "1",
+            "--gpu", "-1", "--arch", "resnet10", "--batch-size", "4", "--queue", "8", "--epochs", "1",
+            "--workers", "0", "--bn-splits", "2", "--opt", "rwsam", "--stage1", str(tmp_path / "run" / "last.pt"),
+            "--out", str(tmp_path / "rw")])
+    rw = load(tmp_path / "rw" / "last.pt")
+    assert rw["kde_weights"]["indices"].tolist() == list(range(12)) and rw["args"]["sam_rho"] == 2.0   # App. C.1
+    assert rw["kde_weights"]["weights"].mean().item() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_list_views_shard_one_permutation(tmp_path):
@@ -359,3 +368,84 @@ def test_existing_run_and_foreign_checkpoints_are_refused(tmp_path, tiny, single
     with pytest.raises(SystemExit) as e:
         M.main(["--resume", str(tmp_path / "sup.pt"), "--gpu", "-1"])
     assert e.value.code == 2 and "written by ldam_drw.py" in capsys.readouterr().err
+
+
+# ----- paper 2: balanced control, size sweep, SAM / rwSAM ------------------------------------------
+
+def test_paper2_defaults_and_epoch_scaling():
+    a = M.parse_args(["--dataset", "imagenet_lt", "--subsample", "0.25"])
+    assert (a.epochs, a.epochs_full, a.lr, a.sam_rho, a.alpha, a.adaptive, a.opt) == (1200, 300, 0.025, 2.0, 0.5, True, "sgd")
+    b = M.parse_args(["--opt", "sam", "--no-adaptive", "--subsample", "0.75", "--balanced"])
+    assert (b.epochs, b.sam_rho, b.alpha, b.adaptive) == (267, 5.0, 1.2, False)                 # round(200 / 0.75)
+    assert b.out.replace("\\", "/") == "runs/moco_ssp-cifar10-0.01-0-sam-balanced-sub0.75"
+    assert M.parse_args(["--subsample", "0.5", "--same-epochs"]).epochs == 200
+
+
+def test_sam_copies_are_simsiam_rwsams():
+    import simsiam_rwsam as S
+    for name in ("sam_perturbation", "bn_buffers", "median_distance", "kde_weights"):
+        assert inspect.getsource(getattr(M, name)) == inspect.getsource(getattr(S, name)), name
+    assert M.KDE_PAIRS == S.KDE_PAIRS
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.bn = torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return torch.nn.functional.normalize(self.bn(self.lin(x)), dim=1)
+
+
+def _sam_step(rho, weights=None, adaptive=True):
+    net = _Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    g = torch.Generator().manual_seed(1)
+    x, keys = torch.randn(8, 6, generator=g), torch.nn.functional.normalize(torch.randn(8, 4, generator=g), dim=1)
+    queue = torch.nn.functional.normalize(torch.randn(16, 4, generator=g), dim=1)
+    args = argparse.Namespace(amp=False, bn_splits=1, moco_t=0.2, sam_rho=rho, adaptive=adaptive)
+    M.sam_moco_step(net, net, opt, x, keys, queue, args, weights)
+    return net, (x, keys, queue)
+
+
+def test_sam_step_with_rho_0_is_the_sgd_step_and_rwsam_weights_change_it():
+    sam, (x, keys, queue) = _sam_step(0.0)
+    sgd = _Net()
+    opt = torch.optim.SGD(sgd.parameters(), lr=0.5)
+    loss, _ = M.info_nce(sgd(x), keys, queue, 0.2)
+    loss.backward()
+    opt.step()
+    for a, b in zip(sam.state_dict().values(), sgd.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
+    plain, _ = _sam_step(0.5)
+    uniform, _ = _sam_step(0.5, torch.full((8,), 3.0))              # a constant weight: the same ε
+    tilted, _ = _sam_step(0.5, torch.tensor([4.0, 1, 1, 1, 1, 1, 1, 0.1]))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain.parameters(), uniform.parameters()))
+    assert not torch.allclose(plain.lin.weight, tilted.lin.weight, atol=1e-4)
+    assert not torch.allclose(plain.lin.weight, sam.lin.weight, atol=1e-4)
+    assert torch.equal(plain.bn.running_mean, sam.bn.running_mean)   # BN statistics of the first pass only
+
+
+def test_rwsam_run_from_a_stage1_run(tmp_path, tiny, single):
+    M.main(run_args(tiny, tmp_path / "rw", "--opt", "rwsam", "--stage1", single / "last.pt", "--epochs", 1,
+                    "--knn-every", 0))
+    final = json.loads((tmp_path / "rw" / "final.json").read_text())
+    ck = load(tmp_path / "rw" / "last.pt")
+    w = ck["kde_weights"]["weights"]
+    assert (final["opt"], final["adaptive"], final["sam_rho"], final["alpha"]) == ("rwsam", True, 5.0, 1.2)
+    assert len(w) == 64 and w.mean().item() == pytest.approx(1.0, abs=1e-5) and w.std() > 0
+    assert ck["kde_weights"]["source"] == str(single / "last.pt") and math.isfinite(final["final_loss"])
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--opt", "rwsam"], "--opt rwsam needs --stage1 PATH"),
+    (["--sam-rho", "-1"], "--sam-rho must be >= 0"),
+    (["--subsample", "0.3"], "argument --subsample: invalid choice: 0.3"),
+    (["--opt", "adam"], "argument --opt: invalid choice"),
+])
+def test_paper2_bad_input_one_line_exit_2(tmp_path, tiny, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        M.main(run_args(tiny, tmp_path / "o") + extra)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -452,10 +452,15 @@ def test_resume_at_the_stage_boundary_equals_the_whole_run(rwsam_run, tmp_path):
     torch.save(state, tmp_path / "last.pt")
     first = (rwsam_run / "metrics.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "metrics.jsonl").write_text("".join(first))                  # the second line is dropped
+    (tmp_path / "stage1.pt.tmp").write_bytes(b"half a file")                 # killed while writing stage1.pt
     S.main(["--resume", str(tmp_path / "last.pt"), "--gpu", "-1"])
     a, b = _model(rwsam_run / "last.pt"), _model(tmp_path / "last.pt")
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
     assert [json.loads(l)["epoch"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    stage1 = torch.load(tmp_path / "stage1.pt", weights_only=True)           # written again from last.pt
+    assert stage1["epoch"] == 1 and stage1["kde_weights"] is None
+    assert all(torch.equal(stage1["model"][k], state["model"][k]) for k in state["model"])
+    assert (tmp_path / "kde_weights.pt").exists() and not (tmp_path / "stage1.pt.tmp").exists()
 
 
 def test_stage1_from_a_checkpoint_gives_the_same_weights(rwsam_run, data, tmp_path, capsys):
