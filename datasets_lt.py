@@ -458,7 +458,7 @@ def unlabeled_pool(pool_labels, n_labeled, mult=5, rho_u=1.0, imb_type="exp", se
               "relevant": int(got.sum()), "irrelevant": int(n_irr), "size": supplied,
               "achieved_mult": supplied / max(n_labeled, 1),
               "achieved_relevance": int(got.sum()) / supplied if supplied else None}
-    return np.sort(np.concatenate(chosen or [irr[:0]])).astype(np.int64), irr, report
+    return np.sort(np.concatenate([irr[:0], *chosen])).astype(np.int64), irr, report
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -326,7 +326,7 @@ def check_ranges(args, ranges):
 
 SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
                  ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
-                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)")]
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
 # === end shared: check_ranges ===
 
 

@@ -231,7 +231,8 @@ def check_args(args):
     """Range of every numeric flag, before anything is read or written."""
     check_ranges(args, SHARED_RANGES + [("queue", 1, None, "[)"), ("moco_m", 0, 1, "[)"), ("moco_t", 0, None, "()"),
                                         ("moco_dim", 1, None, "[)"), ("bn_splits", 1, None, "[)"),
-                                        ("knn_every", 0, None, "[)"), ("knn_k", 1, None, "[)"), ("knn_t", 0, None, "()")])
+                                        ("knn_every", 0, None, "[)"), ("knn_k", 1, None, "[)"), ("knn_t", 0, None, "()"),
+                                        ("sam_rho", 0, None, "[)"), ("alpha", 0, None, "[)"), ("bandwidth", 0, None, "()")])
 
 
 # --resume continues a run with its own arguments; only these (where the run executes) may be given with it
@@ -309,7 +310,7 @@ def check_ranges(args, ranges):
 
 SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
                  ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
-                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)")]
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
 # === end shared: check_ranges ===
 
 

@@ -5,15 +5,22 @@
 #   bash reproduce.sh ce ldam-drw      # only these rows (and the runs they need)
 #   bash reproduce.sh --dry-run        # print the commands, stage by stage, and run nothing
 #   bash reproduce.sh table            # the Markdown table of the runs finished so far
-#   bash reproduce.sh cv               # paper 2's cross-validation of h, α, ρ for rwSAM (not part of "every row")
-#   bash reproduce.sh cv-table         # its table: kNN accuracy on the validation split per setting
 #   POOL_ROOT=CINIC bash reproduce.sh ce+st ldam-drw+st          # paper 1 Table 1(a) with a real D_U
 #   SET=cifar100 RHO=0.02 bash reproduce.sh                      # Table 2, CIFAR-100-LT, ρ = 50 column
 #   SET=svhn bash reproduce.sh                                   # Table 1(b), SVHN-LT
 #   RHO=0.02 POOL_ROOT=CINIC bash reproduce.sh fig2 fig3          # Figs. 2-3 (CIFAR-10-LT ρ = 50 only)
+#   SET=imagenet_lt LT_ROOT=IMNET LT_LISTS=LISTS bash reproduce.sh  # Table 3: MoCo SSP → CE / cRT (ResNet-50)
+#   SET=inat LT_ROOT=INAT LT_LISTS=LISTS bash reproduce.sh          # Table 4 (+ LDAM-DRW)
+#   bash reproduce.sh cv               # paper 2's cross-validation of h, α, ρ for rwSAM (not part of "every row")
+#   bash reproduce.sh cv-table         # its table: kNN accuracy on the validation split per setting
 #
 # Settings, from the environment:
-#   SET    cifar10 (default: both papers), cifar100 (paper 1 Table 2) or svhn (paper 1 Table 1(b))
+#   SET    cifar10 (default: both papers), cifar100 (paper 1 Table 2), svhn (paper 1 Table 1(b)),
+#          imagenet_lt (Table 3) or inat (Table 4)
+#   LT_ROOT, LT_LISTS  ImageNet-LT / iNaturalist 2018: the image root and the folder of Kang et al.'s lists
+#          (ImageNet_LT_{train,val,test}.txt; iNaturalist18_{train,val}.txt, whose val list is the test set)
+#   ARCH   ImageNet-LT backbone: resnet50 (default) or resnet10 (Table 3's two columns); iNat: resnet50.
+#          One GPU per run, as every script here; Kang et al. trained on 4-8 GPUs.
 #   DATA   data flags of the training scripts   (default: cifar10: --dataset folder --data-root
 #          .data/cifar10_jpg, lossless elsewhere: DATA="--dataset cifar10 --download"; cifar100 / svhn:
 #          --dataset cifar100 / svhn --data-root ./data --download)
@@ -47,14 +54,24 @@ SET=${SET:-cifar10}
 case $SET in
     cifar10) DEFAULT_DATA="--dataset folder --data-root .data/cifar10_jpg" ;;
     cifar100|svhn) DEFAULT_DATA="--dataset $SET --data-root ./data --download" ;;
-    *) echo "reproduce.sh: SET must be cifar10, cifar100 or svhn, got '$SET'" >&2; exit 2 ;;
+    imagenet_lt|inat) DEFAULT_DATA="--dataset $SET --data-root ${LT_ROOT:-./data/$SET}" ;;
+    *) echo "reproduce.sh: SET must be cifar10, cifar100, svhn, imagenet_lt or inat, got '$SET'" >&2; exit 2 ;;
 esac
 DATA=${DATA:-$DEFAULT_DATA}
 RHO=${RHO:-0.01}
 SEEDS=${SEEDS:-0 1 2}
 JOBS=${JOBS:-6}
 GPU=${GPU:-0}
-if [[ $SET == cifar10 ]]; then RUNS=${RUNS:-runs/repro-$RHO}; else RUNS=${RUNS:-runs/repro-$SET-$RHO}; fi
+ARCH=${ARCH:-resnet50}
+if [[ $SET == cifar10 ]]; then RUNS=${RUNS:-runs/repro-$RHO}
+elif [[ $SET == imagenet_lt || $SET == inat ]]; then RUNS=${RUNS:-runs/repro-$SET-$ARCH}
+else RUNS=${RUNS:-runs/repro-$SET-$RHO}; fi
+LT_LISTS=${LT_LISTS:-${LT_ROOT:-./data/$SET}}
+if [[ $SET == imagenet_lt ]]; then
+    TRAIN_LIST=$LT_LISTS/ImageNet_LT_train.txt; VAL_LIST=$LT_LISTS/ImageNet_LT_val.txt; TEST_LIST=$LT_LISTS/ImageNet_LT_test.txt
+else
+    TRAIN_LIST=$LT_LISTS/iNaturalist18_train.txt; VAL_LIST=""; TEST_LIST=$LT_LISTS/iNaturalist18_val.txt
+fi
 POOL_ROOT=${POOL_ROOT:-}
 C100_ROOT=${C100_ROOT:-./data}
 ARGS=${ARGS:-}
@@ -101,7 +118,14 @@ case $SET in
         [[ $RHO == 0.02 ]] && ALL_ROWS="$ALL_ROWS $FIG2 $FIG3" ;;
     cifar100) ALL_ROWS="$SUPERVISED $(for r in $SUPERVISED; do echo -n "$r+ssp "; done)" ;;
     svhn) ALL_ROWS="ce ldam-drw $ST_ROWS"; POOL="" ;;
+    imagenet_lt) ALL_ROWS="ce ce+ssp ce-balanced ce-balanced+ssp crt crt+ssp" ;;
+    inat) ALL_ROWS="ce ce+ssp ce-balanced ce-balanced+ssp ldam-drw ldam-drw+ssp crt crt+ssp" ;;
 esac
+# Tables 3-4 rows: CE (uniform sampling), CE (balanced: Kang et al.'s ClassAwareSampler, i.e. exactly
+# class-balanced draws), LDAM-DRW; +SSP starts from the MoCo v2 checkpoint; cRT re-trains the classifier of
+# the CE (uniform) model.
+declare -A LT_RULE=([ce]="--loss ce --rule none" [ce-balanced]="--loss ce --rule resample --resample-weights inverse"
+                    [ldam-drw]="--loss ldam --rule drw")
 
 CV_H=${CV_H:-0.1 0.2 0.5 1.0}
 CV_ALPHA=${CV_ALPHA:-0.5 2.0}
@@ -154,7 +178,7 @@ EOF
 fi
 
 if [[ $TABLE == 1 ]]; then
-    RUNS=$RUNS RHO=$RHO SET=$SET ROWS="$ALL_ROWS" exec "$PYTHON" - <<'EOF'
+    RUNS=$RUNS RHO=$RHO SET=$SET ARCH=$ARCH ROWS="$ALL_ROWS" exec "$PYTHON" - <<'EOF'
 import glob, json, os, statistics
 
 runs, rho, dataset = os.environ["RUNS"], float(os.environ["RHO"]), os.environ["SET"]
@@ -179,6 +203,12 @@ T1 = {  # Table 1: base, then + D_U@5x at rho_U = 1, ρ/2, ρ, 2ρ, per column
     "svhn": {"ce": ((13.02, 13.73, 14.65, 15.04), (13.07, 13.36, 13.16, 14.54), (10.01, 10.20, 10.06, 10.71)),
              "ldam-drw": ((10.00, None, None, None), (None,) * 4, (None,) * 4)},
 }
+T34 = {  # Tables 3-4, top-1 error %: ImageNet-LT (ResNet-10, ResNet-50), iNaturalist 2018 (ResNet-50)
+    "imagenet_lt": {"ce": (65.2, 61.6), "ce+ssp": (64.1, 54.4), "ce-balanced": (62.9, 59.7),
+                    "ce-balanced+ssp": (61.6, 52.4), "crt": (58.2, 52.7), "crt+ssp": (56.8, 48.7)},
+    "inat": {"ce": (39.3,), "ce+ssp": (35.6,), "ce-balanced": (36.5,), "ce-balanced+ssp": (34.1,),
+             "ldam-drw": (35.4,), "ldam-drw+ssp": (33.7,), "crt": (34.8,), "crt+ssp": (31.9,)},
+}
 SVHN_BASE = {"ce": (19.98, 17.50, 11.46), "ldam-drw": (16.66, 14.59, 10.27)}
 P2 = {"simsiam": 81.4, "simsiam+sam": 82.1, "simsiam-balanced": 82.0, "simsiam+rwsam": 82.7, "moco": None}
 PRETRAIN = {"rotation": "rotation_ssp.py", "simsiam": "simsiam_rwsam.py --opt sgd",
@@ -188,6 +218,9 @@ col = {0.01: 0, 0.02: 1, 0.1: 2}.get(rho)
 
 
 def paper(row):
+    if dataset in T34:
+        values = T34[dataset].get(row, (None, None))
+        return ERR, values[0] if os.environ.get("ARCH") == "resnet10" else values[-1]
     if col is None:
         return ERR, None
     if row in P2:
@@ -220,8 +253,10 @@ def minutes(results):
     return f"{statistics.mean(r['wall_seconds'] for r in results) / 60:.1f}" if results else "—"
 
 
-name = {"cifar10": "CIFAR-10-LT", "cifar100": "CIFAR-100-LT", "svhn": "SVHN-LT"}[dataset]
-print(f"{name}, rho {rho:g}, runs in {runs}; ours: mean ± sample std over training seeds (the data subset is fixed: --data-seed 0), last epoch"
+name = {"cifar10": "CIFAR-10-LT", "cifar100": "CIFAR-100-LT", "svhn": "SVHN-LT", "imagenet_lt": "ImageNet-LT",
+        "inat": "iNaturalist 2018"}[dataset]
+where = f"{os.environ['ARCH']}" if dataset in T34 else f"rho {rho:g}"
+print(f"{name}, {where}, runs in {runs}; ours: mean ± sample std over training seeds (the data subset is fixed: --data-seed 0), last epoch"
       + ("; SVHN errors from mean per-class accuracy" if dataset == "svhn" else ""))
 print()
 print("| row | metric | paper (lossless) | ours | minutes per run |")
@@ -320,6 +355,35 @@ stage() {
     echo "== stage $1"
 }
 
+if [[ $SET == imagenet_lt || $SET == inat ]]; then
+    LISTS="--train-list $TRAIN_LIST --test-list $TEST_LIST${VAL_LIST:+ --val-list $VAL_LIST}"
+    stage 1
+    for s in $SEEDS; do
+        for r in ce ce-balanced ldam-drw; do
+            want_any "$r" "${r/ce/crt}" && [[ -n ${LT_RULE[$r]:-} ]] && [[ " $ALL_ROWS " == *" $r "* ]] &&
+                job "$RUNS/$r/s$s" - ldam_drw.py $DATA $LISTS --arch "$ARCH" --seed "$s" ${LT_RULE[$r]}
+        done
+        want_any ce+ssp ce-balanced+ssp ldam-drw+ssp crt+ssp &&
+            job "$RUNS/pretrain/moco/s$s" - moco_ssp.py $DATA --train-list "$TRAIN_LIST" --rho 1 --arch "$ARCH" --seed "$s"
+    done
+    stage 2
+    for s in $SEEDS; do
+        ckpt=$RUNS/pretrain/moco/s$s/last.pt
+        for r in ce ce-balanced ldam-drw; do
+            want_any "$r+ssp" $([[ $r == ce ]] && echo crt+ssp) && [[ " $ALL_ROWS " == *" $r+ssp "* ]] &&
+                job "$RUNS/$r+ssp/s$s" "$ckpt" ldam_drw.py $DATA $LISTS --arch "$ARCH" --seed "$s" ${LT_RULE[$r]} \
+                    --pretrained "$ckpt"
+        done
+    done
+    stage 3
+    for s in $SEEDS; do
+        for base in ce ce+ssp; do
+            row=crt${base#ce}
+            want "$row" && job "$RUNS/$row/s$s" "$RUNS/$base/s$s/last.pt" crt.py --ckpt "$RUNS/$base/s$s/last.pt" \
+                --seed "$s"${VAL_LIST:+ --val-list $VAL_LIST}
+        done
+    done
+else
 stage 1
 for s in $SEEDS; do
     for r in $SUPERVISED; do
@@ -370,6 +434,7 @@ for s in $SEEDS; do
     ckpt=$RUNS/pretrain/simsiam+rwsam/s$s/last.pt
     want simsiam+rwsam && job "$RUNS/simsiam+rwsam/s$s" "$ckpt" eval_linear.py --ckpt "$ckpt" --seed "$s"
 done
+fi
 
 # Paper 2 App. C.1: "We select the hyperparameters ρ and α with cross validation" (h is not reported).
 # One value at a time around the defaults, every run on the same --val-frac split left out of

@@ -153,8 +153,8 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Range of every numeric flag, before anything is read or written."""
-    check_ranges(args, SHARED_RANGES + [("unlabeled_mult", 0, None, "[)"), ("rho_u", 0, 1, "(]"),
-                                        ("relevance", 0, 1, "[]"), ("omega", 0, None, "[)"), ("threshold", 0, 1, "[]"),
+    check_ranges(args, SHARED_RANGES + [("st_batch_size", 1, None, "[)"), ("unlabeled_mult", 0, None, "[)"),
+                                        ("rho_u", 0, 1, "(]"), ("relevance", 0, 1, "[]"), ("omega", 0, None, "[)"), ("threshold", 0, 1, "[]"),
                                         ("warmup", 0, None, "[)"), ("beta", 0, 1, "[)"), ("gamma", 0, None, "[)"),
                                         ("max_m", 0, None, "[)"), ("s", 0, None, "()")])
     if "warmup" in args.cli_flags and 0 < args.warmup >= args.epochs:
@@ -253,7 +253,7 @@ def check_ranges(args, ranges):
 
 SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
                  ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
-                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)")]
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
 # === end shared: check_ranges ===
 
 

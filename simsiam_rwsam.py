@@ -329,7 +329,7 @@ def check_ranges(args, ranges):
 
 SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
                  ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
-                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)")]
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
 # === end shared: check_ranges ===
 
 
@@ -920,7 +920,8 @@ def main(argv=None):
 
     if rank == 0 and ckpt is not None:                     # what an interrupted write may have lost
         if e1 and start == e1 and kde is None and not os.path.exists(os.path.join(args.out, "stage1.pt")):
-            save("stage1.pt", e1, opt="sgd", epochs=e1, stage1_epochs=None, stage1_of=args.out)
+            save("stage1.pt", e1, opt="sgd", epochs=args.stage1_epochs or args.epochs, stage1_epochs=None,
+                 stage1_of=args.out)
         if kde is not None and "density" in kde and not os.path.exists(os.path.join(args.out, "kde_weights.pt")):
             save_atomic(kde, os.path.join(args.out, "kde_weights.pt"))
 

@@ -28,7 +28,7 @@ BASE["eval_ood.py"] = ["--ckpt", "{ckpt}", "--target", "folder", "--data-root", 
 
 # flags every script has, with a value outside its range
 SHARED = [["--epochs", "0"], ["--batch-size", "0"], ["--lr", "0"], ["--lr", "-0.1"], ["--lr", "nan"], ["--lr", "inf"], ["--lr", "1e300"],
-          ["--wd", "-1e-4"], ["--seed", "-1"], ["--val-frac", "1"], ["--val-frac", "-0.1"], ["--momentum", "1"],
+          ["--wd", "-1e-4"], ["--seed", "-1"], ["--data-seed", "-1"], ["--val-frac", "1"], ["--val-frac", "-0.1"], ["--momentum", "1"],
           ["--gpu", "-2"]]
 OWN = {
     "ldam_drw.py": [["--beta", "1"], ["--beta", "-0.5"], ["--gamma", "-1"], ["--s", "0"], ["--max-m", "-0.1"],
@@ -39,7 +39,7 @@ OWN = {
     "simsiam_rwsam.py": [["--sam-rho", "-1"], ["--alpha", "-1"], ["--bandwidth", "0"], ["--stage1-epochs", "0"],
                          ["--knn-every", "-2"], ["--knn-k", "0"], ["--knn-t", "0"], ["--knn-val-frac", "0"],
                          ["--knn-val-frac", "1"], ["--rho", "0"], ["--gap-views", "0"]],
-    "self_training.py": [["--unlabeled-mult", "-1"], ["--rho-u", "0"], ["--relevance", "1.5"], ["--omega", "-1"],
+    "self_training.py": [["--st-batch-size", "0"], ["--unlabeled-mult", "-1"], ["--rho-u", "0"], ["--relevance", "1.5"], ["--omega", "-1"],
                          ["--threshold", "1.5"], ["--beta", "1"], ["--gamma", "-1"], ["--s", "0"], ["--max-m", "-1"],
                          ["--warmup", "-1"], ["--warmup", "2"]],
     "crt.py": [["--workers", "-1"], ["--rho", "2"]],

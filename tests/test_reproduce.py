@@ -132,45 +132,6 @@ def test_pipeline_on_fake_data_then_rerun_skips_and_resumes(tmp_path):
         assert "(1 seed)" in line, line
 
 
-def test_cross_validation_group_dry_run():
-    """`cv`: one SimSiam stage 1 per seed with a --val-frac split, then rwSAM runs from it that vary h, α, ρ
-    one at a time, every run on the same split; nothing of the main table runs."""
-    p = reproduce("--dry-run", "cv", SEEDS="0 1", RUNS="R", CV_H="0.3", CV_ALPHA="2", CV_RHO="0.5 7", CV_FRAC="0.2")
-    assert p.returncode == 0, p.stderr
-    stage, made, settings = 0, {}, {}
-    for line in p.stdout.splitlines():
-        if line.startswith("# stage"):
-            stage += 1
-            continue
-        python, script, *argv = shlex.split(line)
-        args = importlib.import_module(script[:-3]).parse_args(argv)
-        out = flag(argv, "--out")
-        assert script == "simsiam_rwsam.py" and out.startswith("R/cv/") and args.val_frac == 0.2
-        if args.stage1:
-            assert made[args.stage1[:-len("/last.pt")]] < stage and args.opt == "rwsam"
-        made[out] = stage
-        settings.setdefault(out.split("/")[2], set()).add((args.bandwidth, args.alpha, args.sam_rho, args.seed))
-    assert settings == {
-        "stage1-simsiam": {(None, 1.2, 5.0, 0), (None, 1.2, 5.0, 1)},
-        "default": {(None, 1.2, 5.0, 0), (None, 1.2, 5.0, 1)},
-        "h=0.3": {(0.3, 1.2, 5.0, 0), (0.3, 1.2, 5.0, 1)},
-        "alpha=2": {(None, 2.0, 5.0, 0), (None, 2.0, 5.0, 1)},
-        "rho=0.5": {(None, 1.2, 0.5, 0), (None, 1.2, 0.5, 1)},
-        "rho=7": {(None, 1.2, 7.0, 0), (None, 1.2, 7.0, 1)},
-    }
-
-
-def test_cross_validation_table(tmp_path):
-    for setting, seed, top1, cm in [("default", 0, 70.0, 60.0), ("default", 1, 72.0, 62.0), ("h=0.3", 0, 65.5, 50.0)]:
-        d = tmp_path / "cv" / setting / f"s{seed}"
-        d.mkdir(parents=True)
-        (d / "final.json").write_text(json.dumps({"last": {"knn_top1": top1, "knn_class_mean": cm}}))
-    p = reproduce("cv-table", RUNS=str(tmp_path))
-    assert p.returncode == 0, p.stderr
-    assert "| default | 71.00 ± 1.41 | 61.00 ± 1.41 | 2 |" in p.stdout
-    assert "| h=0.3 | 65.50 | 50.00 | 1 |" in p.stdout
-
-
 def _parse_dry_run(stdout):
     """(out -> argv) of every command of a dry run; each parses with its script's argparse."""
     runs = {}
@@ -218,6 +179,76 @@ def test_table_marks_the_in_cifar_pool_and_shows_the_rho50_column(tmp_path):
     assert "| ldam-drw+ssp | error % | 41.09 | not run | — |" in table and "simsiam" not in table
     table = reproduce("table", RUNS=str(tmp_path), RHO="0.01", SET="svhn").stdout
     assert "| ce | error % | 19.98 |" in table and "| ce+st-double | error % | 15.04 |" in table
+
+
+@pytest.mark.parametrize("dataset,rows", [
+    ("imagenet_lt", ["ce", "ce+ssp", "ce-balanced", "ce-balanced+ssp", "crt", "crt+ssp"]),
+    ("inat", ["ce", "ce+ssp", "ce-balanced", "ce-balanced+ssp", "ldam-drw", "ldam-drw+ssp", "crt", "crt+ssp"])])
+def test_dry_run_of_tables_3_and_4_parses_and_chains(dataset, rows):
+    p = reproduce("--dry-run", SET=dataset, SEEDS="0", RUNS="R", LT_ROOT="/img", LT_LISTS="/lists")
+    assert p.returncode == 0, p.stderr
+    runs, stage, made = {}, 0, {}
+    for line in p.stdout.splitlines():
+        if line.startswith("# stage"):
+            stage += 1
+            continue
+        python, script, *argv = shlex.split(line)
+        args = importlib.import_module(script[:-3]).parse_args(argv)
+        for name in NEEDS:
+            if flag(argv, name):
+                assert made.get(flag(argv, name)[:-len("/last.pt")], stage) < stage, line
+        made[flag(argv, "--out")] = stage
+        runs[flag(argv, "--out")] = (script, args)
+    assert {o.split("/")[1] for o in runs if not o.startswith("R/pretrain")} == set(rows)
+    sup = [a for s, a in runs.values() if s == "ldam_drw.py"]
+    assert all(a.dataset == dataset and a.data_root == "/img" and a.arch == "resnet50" and a.train_list.startswith("/lists/")
+               for a in sup)
+    assert all(a.val_list == "/lists/ImageNet_LT_val.txt" for a in sup) if dataset == "imagenet_lt" else \
+        all(a.val_list is None and a.test_list == "/lists/iNaturalist18_val.txt" for a in sup)
+    assert runs["R/ce-balanced/s0"][1].rule == "resample" and runs["R/ce-balanced/s0"][1].resample_weights == "inverse"
+    assert runs["R/ce+ssp/s0"][1].pretrained == "R/pretrain/moco/s0/last.pt"
+    assert runs["R/crt+ssp/s0"][1].ckpt == "R/ce+ssp/s0/last.pt" and runs["R/crt/s0"][1].ckpt == "R/ce/s0/last.pt"
+    table = reproduce("table", SET=dataset, RUNS="R").stdout
+    assert ("| crt+ssp | error % | 48.7 |" if dataset == "imagenet_lt" else "| crt+ssp | error % | 31.9 |") in table
+
+
+def test_cross_validation_group_dry_run():
+    """`cv`: one SimSiam stage 1 per seed with a --val-frac split, then rwSAM runs from it that vary h, α, ρ
+    one at a time, every run on the same split; nothing of the main table runs."""
+    p = reproduce("--dry-run", "cv", SEEDS="0 1", RUNS="R", CV_H="0.3", CV_ALPHA="2", CV_RHO="0.5 7", CV_FRAC="0.2")
+    assert p.returncode == 0, p.stderr
+    stage, made, settings = 0, {}, {}
+    for line in p.stdout.splitlines():
+        if line.startswith("# stage"):
+            stage += 1
+            continue
+        python, script, *argv = shlex.split(line)
+        args = importlib.import_module(script[:-3]).parse_args(argv)
+        out = flag(argv, "--out")
+        assert script == "simsiam_rwsam.py" and out.startswith("R/cv/") and args.val_frac == 0.2
+        if args.stage1:
+            assert made[args.stage1[:-len("/last.pt")]] < stage and args.opt == "rwsam"
+        made[out] = stage
+        settings.setdefault(out.split("/")[2], set()).add((args.bandwidth, args.alpha, args.sam_rho, args.seed))
+    assert settings == {
+        "stage1-simsiam": {(None, 1.2, 5.0, 0), (None, 1.2, 5.0, 1)},
+        "default": {(None, 1.2, 5.0, 0), (None, 1.2, 5.0, 1)},
+        "h=0.3": {(0.3, 1.2, 5.0, 0), (0.3, 1.2, 5.0, 1)},
+        "alpha=2": {(None, 2.0, 5.0, 0), (None, 2.0, 5.0, 1)},
+        "rho=0.5": {(None, 1.2, 0.5, 0), (None, 1.2, 0.5, 1)},
+        "rho=7": {(None, 1.2, 7.0, 0), (None, 1.2, 7.0, 1)},
+    }
+
+
+def test_cross_validation_table(tmp_path):
+    for setting, seed, top1, cm in [("default", 0, 70.0, 60.0), ("default", 1, 72.0, 62.0), ("h=0.3", 0, 65.5, 50.0)]:
+        d = tmp_path / "cv" / setting / f"s{seed}"
+        d.mkdir(parents=True)
+        (d / "final.json").write_text(json.dumps({"last": {"knn_top1": top1, "knn_class_mean": cm}}))
+    p = reproduce("cv-table", RUNS=str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    assert "| default | 71.00 ± 1.41 | 61.00 ± 1.41 | 2 |" in p.stdout
+    assert "| h=0.3 | 65.50 | 50.00 | 1 |" in p.stdout
 
 
 def test_table_1a_rows_train_the_same_epochs():
