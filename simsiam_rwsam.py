@@ -234,7 +234,8 @@ def check_flag_ranges(args):
     check_ranges(args, SHARED_RANGES + [("sam_rho", 0, None, "[)"), ("alpha", 0, None, "[)"),
                                         ("bandwidth", 0, None, "()"), ("stage1_epochs", 1, None, "[)"),
                                         ("knn_every", -1, None, "[)"), ("knn_k", 1, None, "[)"),
-                                        ("knn_t", 0, None, "()"), ("knn_val_frac", 0, 1, "()")])
+                                        ("knn_t", 0, None, "()"), ("knn_val_frac", 0, 1, "()"),
+                                        ("gap_views", 1, None, "[)")])
 
 
 # --resume continues a run with its own arguments; only these (where the run executes) may be given with it
@@ -491,7 +492,7 @@ def forward_loss(model, x1, x2, amp):
 
 def sam_perturbation(params, grads, rho, adaptive):
     """ε of paper 2 Algorithm 1 line 12 with p = q = 2: ρ·g/‖g‖₂, one norm over all parameters (Foret
-    et al. Eq. (2)). adaptive (ASAM, Kwon et al. 2021, as the authors ran it; the default): ρ·w²·g/‖|w|·g‖₂."""
+    et al. Eq. (2)). adaptive (ASAM, Kwon et al. 2021, as the SAM code the authors used): ρ·w²·g/‖|w|·g‖₂."""
     if adaptive:
         scaled = torch._foreach_mul(grads, torch._foreach_abs(params))
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(scaled)))
@@ -773,8 +774,6 @@ def check_args(args, world):
         fail("--stage1 replaces stage 1, so --stage1-epochs has nothing to do; drop one of them")
     if args.stage1_epochs is not None and args.stage1_epochs < 1:
         fail("--stage1-epochs must be positive")
-    if args.gap_views < 1:
-        fail(f"--gap-views {args.gap_views}: the gap needs at least 1 draw of views (2 or more for its standard error)")
 
 
 def load_stage1(args):

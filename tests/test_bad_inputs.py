@@ -38,7 +38,7 @@ OWN = {
                     ["--knn-every", "-1"], ["--knn-k", "0"], ["--knn-t", "0"], ["--workers", "-1"], ["--rho", "1.5"]],
     "simsiam_rwsam.py": [["--sam-rho", "-1"], ["--alpha", "-1"], ["--bandwidth", "0"], ["--stage1-epochs", "0"],
                          ["--knn-every", "-2"], ["--knn-k", "0"], ["--knn-t", "0"], ["--knn-val-frac", "0"],
-                         ["--knn-val-frac", "1"], ["--rho", "0"]],
+                         ["--knn-val-frac", "1"], ["--rho", "0"], ["--gap-views", "0"]],
     "self_training.py": [["--st-batch-size", "0"], ["--unlabeled-mult", "-1"], ["--rho-u", "0"], ["--relevance", "1.5"],
                          ["--omega", "-1"],
                          ["--threshold", "1.5"], ["--beta", "1"], ["--gamma", "-1"], ["--s", "0"], ["--max-m", "-1"],
@@ -115,7 +115,7 @@ def inputs(tmp_path_factory):
     model = ldam_drw.ResNet32(3)
     torch.save({"script": "ldam_drw.py", "arch": "resnet32", "model": model.state_dict(), "epoch": 1,
                 "args": {"dataset": "folder", "data_root": str(paths["good"]), "rho": 1.0, "imb_type": "exp",
-                         "seed": 0}}, root / "good.pt")
+                         "seed": 0}, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}, root / "good.pt")
     paths["ckpt"] = root / "good.pt"
     paths["damaged_pt"].write_bytes((root / "good.pt").read_bytes()[:5000])
     for script in TRAINERS:                                   # a run of each trainer, to --resume with a flag

@@ -249,3 +249,14 @@ def test_cross_validation_table(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "| default | 71.00 ± 1.41 | 61.00 ± 1.41 | 2 |" in p.stdout
     assert "| h=0.3 | 65.50 | 50.00 | 1 |" in p.stdout
+
+
+def test_table_1a_rows_train_the_same_epochs():
+    """Paper 2 Table 1(a): SimSiam, +SAM, balanced and +rwSAM each train their model for the same epochs;
+    rwSAM's stage 2 is a fresh model (its stage 1 is the SimSiam row's run, read through --stage1)."""
+    p = reproduce("--dry-run", "simsiam", "simsiam+sam", "simsiam-balanced", "simsiam+rwsam", SEEDS="0", RUNS="R")
+    runs = {o: a for o, (s, _, a) in _parse_dry_run(p.stdout).items() if s == "simsiam_rwsam.py"}
+    assert set(runs) == {f"R/pretrain/{m}/s0" for m in ("simsiam", "simsiam+sam", "simsiam-balanced", "simsiam+rwsam")}
+    assert {a.epochs for a in runs.values()} == {1600} and all(a.subsample == 1 for a in runs.values())
+    rw = runs["R/pretrain/simsiam+rwsam/s0"]
+    assert rw.stage1 == "R/pretrain/simsiam/s0/last.pt" and rw.stage2_init == "scratch" and rw.stage1_epochs is None
