@@ -22,14 +22,21 @@ The same recipe is the default on CIFAR, SVHN and folders: with cached 64-d feat
 CIFAR-10-LT take well under a second. Paper 1, top-1 error: ImageNet-LT (Table 3, ResNet-10 / ResNet-50)
 cRT 58.2 / 52.7, cRT + SSP 56.8 / 48.7; iNaturalist 2018 (Table 4, ResNet-50) cRT 34.8, cRT + SSP 31.9.
 
-Deliberate differences from Kang et al.'s code:
-1. --bn frozen (default): the backbone runs in eval mode, so BatchNorm uses and keeps its running
+ImageNet-LT / iNaturalist run as released (Kang et al.'s and paper 1's cls_crt.yaml): backbone in train
+mode every epoch (--bn train), training augmentation (--augment), the cosine scheduler stepped before each
+epoch (--lr-sequence kang: epoch e of E, 1-based, trains at lr·(1 + cos(π e/E))/2, so the first epoch is
+already below 0.2 and the last trains at lr 0); iNaturalist: 30 epochs, wd 1e-4, no colour jitter, mean
+(0.466, 0.471, 0.380) / std (0.195, 0.194, 0.192). Model selection: --val-list ImageNet_LT_val.txt (the
+official validation list, as Kang et al.), never the test list.
+
+Deliberate differences from Kang et al.'s code (on CIFAR, SVHN and folders; file lists as released):
+1. --bn frozen (default there): the backbone runs in eval mode, so BatchNorm uses and keeps its running
    statistics. The original kept the backbone in train mode, so BN statistics of the "frozen" backbone
    were re-estimated under class-balanced batches; --bn train reproduces that.
-2. With --bn frozen and no --augment (default) the features are computed once, with the test
+2. With --bn frozen and --no-augment (default there) the features are computed once, with the test
    transform, and the classifier is trained on the cached features. The original recomputed features
-   with training augmentation every step; --augment does that (crop/flip on CIFAR-like data, the
-   ImageNet training transform for file lists).
+   with training augmentation every step; --augment does that (crop/flip on CIFAR-like data). The cosine
+   starts at --lr in the first epoch (--lr-sequence plain).
 3. Class-balanced sampling draws classes with equal probability by weighting each image with 1/n_y
    and drawing with replacement (torch.multinomial), the same distribution over classes as the
    original ClassAwareSampler, which cycles through a shuffled list per class.
@@ -67,10 +74,10 @@ def parse_args(argv=None):
     p.add_argument("--rho", type=float, default=None, help="tail/head ratio in (0, 1]; 1 = balanced")
     p.add_argument("--imb-type", default=None, choices=["exp", "step"])
     p.add_argument("--gpu", type=int, default=0, help="GPU index; -1 = CPU")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=None, help="default: 10 (iNaturalist: 30)")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=0.2)
-    p.add_argument("--wd", type=float, default=5e-4)
+    p.add_argument("--wd", type=float, default=None, help="default: 5e-4 (iNaturalist: 1e-4)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--data-seed", type=int, default=None,
                    help="seed of the data subsets; default: the checkpoint's (its --seed for older checkpoints)")
@@ -80,15 +87,31 @@ def parse_args(argv=None):
                    help="validation split carved from the training subset; 0 = report last epoch only")
     # --- this method ---
     p.add_argument("--ckpt", required=True, help="backbone checkpoint of this project")
-    p.add_argument("--bn", default="frozen", choices=["frozen", "train"],
-                   help="frozen: backbone in eval mode; train: BN statistics keep updating (original cRT)")
-    p.add_argument("--augment", action="store_true", help="training augmentation; recompute features every step")
+    p.add_argument("--bn", default=None, choices=["frozen", "train"],
+                   help="frozen: backbone in eval mode; train: BN statistics keep updating (original cRT). "
+                        "Default: train on ImageNet-LT / iNat (as released), frozen elsewhere")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="training augmentation, features recomputed every step; default: on for ImageNet-LT / "
+                        "iNat (as released), off elsewhere")
     p.add_argument("--train-list", default=None, help="ImageNet-LT / iNat: 'relative/path label' list")
     p.add_argument("--test-list", default=None, help="ImageNet-LT / iNat: test list")
+    p.add_argument("--val-list", default=None,
+                   help="ImageNet-LT / iNat: official validation list (ImageNet_LT_val.txt) for model selection")
+    p.add_argument("--lr-sequence", default=None, choices=["kang", "plain"],
+                   help="kang: cosine stepped before each epoch as Kang et al.'s run_networks.py (epoch e of E, "
+                        "1-based, at lr·(1+cos(π e/E))/2, the last at 0); plain: lr·(1+cos(π (e-1)/E))/2. "
+                        "Default: kang on ImageNet-LT / iNat, plain elsewhere")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers (ImageNet-LT / iNat only)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.error = fail
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Range of every numeric flag, before anything is read or written."""
+    check_ranges(args, SHARED_RANGES + [("rho", 0, 1, "(]")])
 
 
 def fail(msg):
@@ -121,11 +144,15 @@ class BasicBlock(nn.Module):
 
 
 class NormedLinear(nn.Module):
-    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+    """Cosine classifier: logits are cosines between the feature and each class's weight row.
+
+    Init as LDAM-DRW's NormedLinear (uniform(-1, 1), then every class vector rescaled to unit norm):
+    the forward pass ignores the norm, but the angular step of SGD scales as 1/norm, so the ≈4.7 norm
+    of a plain uniform init would turn the classifier ~20× slower at the start."""
 
     def __init__(self, cin, cout):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5))
 
     def forward(self, x):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
@@ -215,6 +242,27 @@ def build_backbone(arch):
     fail(f"unknown architecture '{arch}' in the checkpoint")
 
 
+# === shared: check_ranges (identical in every script) ===
+def check_ranges(args, ranges):
+    """Every (flag, low, high, bounds) of `ranges`: the flag's value lies in the interval, bounds "[)" meaning
+    low <= value < high (None: no bound; a flag left at None is skipped). Else one line and exit 2."""
+    for name, low, high, bounds in ranges:
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        ok = abs(v) <= float(np.finfo(np.float32).max) and (low is None or (v >= low if bounds[0] == "[" else v > low)) \
+            and (high is None or (v <= high if bounds[1] == "]" else v < high))      # NaN, inf, 1e300 fail
+        if not ok:
+            interval = f"{bounds[0]}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{bounds[1]}"
+            fail(f"--{name.replace('_', '-')} must be in {interval}, got {v:g}")
+
+
+SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
+                 ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
+# === end shared: check_ranges ===
+
+
 # === shared: checkpoints (identical in every script) ===
 HEAD_PREFIXES = ("fc.",)
 
@@ -225,13 +273,100 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def write_text_atomic(path, text):
+    """Temp file + rename, as save_atomic: a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def strict_json(obj, **kw):
+    """JSON without the bare NaN / Infinity tokens Python writes by default: a non-finite float is null."""
+    def clean(v):
+        if isinstance(v, float):
+            return v if np.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
+def write_json(path, obj):
+    write_text_atomic(path, strict_json(obj, indent=1))
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl; none when a moved or copied run lacks the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_metrics(path, rows):
+    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in rows))
+
+
+def append_metrics(path, row):
+    write_metrics(path, read_metrics(path) + [row])
+
+
+def copy_source(path, out):
+    """The script's own source beside its outputs (temp file + rename)."""
+    tmp = os.path.join(out, os.path.basename(path) + ".tmp")
+    shutil.copy(path, tmp)
+    os.replace(tmp, os.path.join(out, os.path.basename(path)))
+
+
+def given_flags(parser, argv):
+    """Destinations of the flags written on the command line (abbreviations included), so --resume can
+    apply or refuse each of them instead of dropping it."""
+    unset = object()
+    seen = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return sorted(k for k, v in vars(seen).items() if v is not unset and k != "help")
+
+
+def resume_args(args, ckpt, applied):
+    """--resume PATH: continue the run in dirname(PATH) with the arguments it was started with. A flag in
+    `applied` given on this command line replaces the stored value (--gpu and --workers always do: they
+    describe this machine); any other flag given with --resume is refused."""
+    flag = lambda k: "--" + k.replace("_", "-")
+    refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
+    if refused:
+        fail(f"--resume continues a run with its own arguments; drop {' '.join(map(flag, refused))} (with "
+             f"--resume only {', '.join(map(flag, applied))} may be given)")
+    now = {k: getattr(args, k) for k in applied if k in args.cli_flags or k in ("gpu", "workers")}
+    return argparse.Namespace(**{**vars(args), **ckpt["args"], **now, "resume": args.resume,
+                                 "out": os.path.dirname(os.path.abspath(args.resume)), "cli_flags": args.cli_flags})
+
+
+def nonfinite_tensor(model):
+    """Name of the first parameter or buffer holding NaN / inf (a BatchNorm running_var, say), or None."""
+    named = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist() if named else []
+    return next((k for (k, _), ok in zip(named, finite) if not ok), None)
+
+
+def stop_diverged(what, out, epoch):
+    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint,
+    exit 1."""
+    last = os.path.join(out, "last.pt")
+    kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
+    print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
+    sys.exit(1)
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    except Exception as e:                                 # empty, truncated, another format, ...
+        why = (str(e).splitlines() or [""])[0][:60]
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}{': ' if why else ''}{why})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
         fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
     return ckpt
@@ -355,8 +490,9 @@ def build_data(args, device):
     if args.dataset in ("imagenet_lt", "inat"):
         if not args.train_list or not args.test_list:
             fail(f"--dataset {args.dataset} needs --train-list and --test-list ('relative/path label' files)")
-        train_ds = D.FileListDataset(args.data_root, args.train_list, train=args.augment)
-        test_ds = D.FileListDataset(args.data_root, args.test_list, train=False)
+        tf = lambda train: D.imagenet_transform(train, dataset=args.dataset)
+        train_ds = D.FileListDataset(args.data_root, args.train_list, transform=tf(args.augment))
+        test_ds = D.FileListDataset(args.data_root, args.test_list, transform=tf(False))
         C = max(train_ds.num_classes, test_ds.num_classes)
         idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.data_seed)
         counts = np.bincount(train_ds.labels[idx], minlength=C).tolist()
@@ -364,10 +500,13 @@ def build_data(args, device):
         test = ListBatches(test_ds, np.arange(len(test_ds)), 256, False, args.seed, args.workers, device)
         val = None
         if len(val_idx):
-            val = ListBatches(D.FileListDataset(args.data_root, args.train_list, train=False), val_idx, 256,
+            val = ListBatches(D.FileListDataset(args.data_root, args.train_list, transform=tf(False)), val_idx, 256,
                               False, args.seed, args.workers, device)
+        if args.val_list:                                     # Kang et al. select on the official val list
+            val_ds = D.FileListDataset(args.data_root, args.val_list, transform=tf(False))
+            val = ListBatches(val_ds, np.arange(len(val_ds)), 256, False, args.seed, args.workers, device)
         plain = train if not args.augment else ListBatches(
-            D.FileListDataset(args.data_root, args.train_list, train=False), idx, 256, False, args.seed,
+            D.FileListDataset(args.data_root, args.train_list, transform=tf(False)), idx, 256, False, args.seed,
             args.workers, device)
         return train, plain, val, test, counts, C
     train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
@@ -460,10 +599,18 @@ def main(argv=None):
                           ("val_frac", 0.0), ("train_list", None), ("test_list", None)):
         if getattr(args, name) is None:
             setattr(args, name, trained.get(name, default))
+    released = args.dataset in ("imagenet_lt", "inat")        # Kang et al.'s / paper 1's released configs
+    for name, plain, config in (("epochs", 10, 30 if args.dataset == "inat" else 10),
+                                ("wd", 5e-4, 1e-4 if args.dataset == "inat" else 5e-4),
+                                ("bn", "frozen", "train"), ("augment", False, True), ("lr_sequence", "plain", "kang")):
+        if getattr(args, name) is None:
+            setattr(args, name, config if released else plain)
     if args.out is None:
         args.out = os.path.join("runs", f"crt-{args.dataset}-{args.rho:g}-{args.seed}")
     try:
         D.check_rho(args.rho)
+        if args.val_list and (not released or args.val_frac):
+            fail("--val-list is for --dataset imagenet_lt / inat, without --val-frac")
         if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
             fail("--epochs, --batch-size and --lr must be positive")
         if os.path.exists(os.path.join(args.out, "last.pt")):
@@ -505,10 +652,9 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
-    open(os.path.join(args.out, "metrics.jsonl"), "w").close()
+    write_json(os.path.join(args.out, "args.json"), meta)
+    copy_source(__file__, args.out)
+    write_metrics(os.path.join(args.out, "metrics.jsonl"), [])
     print(f"cRT on {source['arch']} from {args.ckpt} ({source.get('script', '?')}): {args.dataset} rho={args.rho:g}, "
           f"{sum(counts)} training images, bn={args.bn}, {'cached features' if cached else 'features every step'}"
           f" ({feature_seconds:.1f} s), {args.epochs} epochs on {device}")
@@ -517,29 +663,36 @@ def main(argv=None):
     t_run = time.time()
     for epoch in range(args.epochs):
         t_ep = time.time()
-        lr = 0.5 * args.lr * (1 + math.cos(math.pi * epoch / args.epochs))   # cosine, per epoch
+        # Cosine, per epoch; Kang et al. step their scheduler before each epoch, one step ahead of this.
+        lr = 0.5 * args.lr * (1 + math.cos(math.pi * (epoch + (args.lr_sequence == "kang")) / args.epochs))
         for group in optimizer.param_groups:
             group["lr"] = lr
         backbone.train(args.bn == "train")
         head.train()
         loss_sum, seen = torch.zeros((), device=device), 0
-        for x, y, _ in train_b.epoch(epoch, weights):
+        first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        for step, (x, y, _) in enumerate(train_b.epoch(epoch, weights)):
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and not cached):
                 logits = model(x).float()
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
             loss_sum += loss.detach() * len(y)
             seen += len(y)
+        if first_bad.item() >= 0:
+            stop_diverged(f"loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}", args.out, epoch)
+        bad_tensor = nonfinite_tensor(model)                # the head, and BN buffers with --bn train
+        if bad_tensor:
+            stop_diverged(f"'{bad_tensor}' is not finite after epoch {epoch + 1}, step {step + 1}", args.out, epoch)
         test_m = evaluate(model, test_b.epoch(0), C, counts)
         val_m = evaluate(model, val_b.epoch(0), C, counts) if val_b else None
         if val_m and (best is None or val_m["top1"] > best["val_top1"]):
             best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "test": test_m,
                "val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t_ep}
-        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
         print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(test_m['top1'])} {fmt(test_m['many'])} "
               f"{fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_top1'])} {row['seconds']:6.2f}",
               flush=True)
@@ -559,8 +712,7 @@ def main(argv=None):
              "augment": args.augment, "cached_features": cached, "epochs": args.epochs, "class_counts": counts,
              "before": before, "last": test_m, "test_error": 100 - test_m["top1"], "best_on_val": best,
              "feature_seconds": feature_seconds, "wall_seconds": time.time() - t_run}
-    with open(os.path.join(args.out, "final.json"), "w") as f:
-        json.dump(final, f, indent=1)
+    write_json(os.path.join(args.out, "final.json"), final)
     print(f"{'':13}{'top1':>7} {'mean/cls':>8} {'many':>6} {'med':>6} {'few':>6}")
     for name, m in (("before cRT", before), ("after cRT", test_m)):
         if m:

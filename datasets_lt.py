@@ -89,25 +89,109 @@ def load_split(dataset, root, train, download=False):
 
 
 def _load_folder(root, split):
+    """One split of root/<split>/<class>/*. The test split is labelled by class NAME against the
+    training split (root/train), so a test folder that lacks a class does not shift the others: such
+    a class is reported as absent; a test class that training does not have is an error."""
     path = os.path.join(root, split)
     if not os.path.isdir(path):
-        raise DataError(f"--dataset folder needs '{path}/<class>/<image>' (a {split} split), "
+        raise DataError(f"a folder dataset needs '{path}/<class>/<image>' (a {split} split), "
                         f"but '{path}' does not exist")
-    try:
-        ds = torchvision.datasets.ImageFolder(path)
-    except FileNotFoundError as e:
-        raise DataError(f"no images under '{path}': {e}") from None
+    files = _folder_files(path)
+    names = list(files)
+    if split == "test" and os.path.isdir(os.path.join(root, "train")):
+        names = sorted(e.name for e in os.scandir(os.path.join(root, "train")) if e.is_dir())
+        unknown = [c for c in files if c not in names]
+        if unknown:
+            raise DataError(f"test class folder(s) {', '.join(repr(c) for c in unknown[:3])} of '{path}' have no "
+                            f"training folder of the same name in '{os.path.join(root, 'train')}'; rename or "
+                            f"remove them")
+        absent = [c for c in names if not files.get(c)]
+        if absent:
+            print(f"warning: class(es) {', '.join(repr(c) for c in absent[:5])}{' …' if len(absent) > 5 else ''} "
+                  f"have no images in '{path}': reported as absent (no test accuracy), the other classes keep "
+                  f"their labels", file=sys.stderr)
+    else:
+        empty = [c for c in names if not files[c]]
+        if empty:
+            raise DataError(f"class folder '{os.path.join(path, empty[0])}' holds no images "
+                            f"({', '.join(_IMAGE_EXTENSIONS)}); add images or remove it")
+        if split == "train" and len(names) < 2:
+            raise DataError(f"'{path}' holds {len(names)} class folder(s); a classification dataset needs "
+                            f"at least two (one folder per class)")
+    samples = [(f, names.index(c)) for c in files for f in files[c]]
+    if not samples:
+        raise DataError(f"no images under '{path}' (one folder per class of {', '.join(_IMAGE_EXTENSIONS)} files)")
     images, first = [], None
-    for file, _ in ds.samples:
-        img = np.asarray(ds.loader(file), dtype=np.uint8)
+    for file, _ in samples:
+        img = _read_image(file)
         if first is None:
             first = (img.shape, file)
         elif img.shape != first[0]:
             raise DataError(f"images in '{path}' differ in size ({first[1]}: {first[0][1]}x{first[0][0]}, "
                             f"{file}: {img.shape[1]}x{img.shape[0]}); resize them to one size first")
         images.append(img)
-    labels = np.asarray(ds.targets, dtype=np.int64)
-    return np.stack(images), labels, list(ds.classes)
+    labels = np.asarray([label for _, label in samples], dtype=np.int64)
+    return np.stack(images), labels, names
+
+
+_IMAGE_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS
+
+
+def _folder_files(path):
+    """{class: image files} for path/<class>/**, classes and files in ImageFolder's order (sorted)."""
+    out = {}
+    for c in sorted(e.name for e in os.scandir(path) if e.is_dir()):
+        out[c] = [os.path.join(d, n) for d, _, fnames in sorted(os.walk(os.path.join(path, c), followlinks=True))
+                  for n in sorted(fnames) if n.lower().endswith(_IMAGE_EXTENSIONS)]
+    return out
+
+
+def _read_image(file):
+    """RGB uint8 array of one image file; a truncated or non-image file is a DataError naming it."""
+    try:
+        return np.asarray(torchvision.datasets.folder.pil_loader(file), dtype=np.uint8)
+    except Exception as e:                                     # PIL raises OSError, SyntaxError, ValueError, ...
+        why = (str(e).splitlines() or [""])[0][:80]
+        raise DataError(f"'{file}' is not a readable image ({e.__class__.__name__}: {why}); "
+                        f"replace or delete it") from None
+
+
+CINIC10_SPLITS = ("train", "valid", "test")
+
+
+def cinic10_files(root):
+    """CINIC-10 as an unlabeled pool for CIFAR-10 (paper 1's D_U, REFERENCE §3): (paths, labels, class
+    names) of every image under root/{train,valid,test}/<class>/ EXCEPT the files named `cifar10-…`,
+    which are CIFAR-10's own images (a D_L image must never come back as unlabeled). What remains are
+    the ImageNet-sourced images, ~21,000 per class. Classes are the folder names, sorted."""
+    if not all(os.path.isdir(os.path.join(root, s)) for s in CINIC10_SPLITS):
+        raise DataError(f"--pool-root '{root}' is not a CINIC-10 folder: it needs train/, valid/ and test/ "
+                        f"with one folder per class (download CINIC-10 and unpack it there)")
+    names = sorted(d for d in os.listdir(os.path.join(root, "train")) if os.path.isdir(os.path.join(root, "train", d)))
+    paths, labels = [], []
+    for split in CINIC10_SPLITS:
+        for c, name in enumerate(names):
+            folder = os.path.join(root, split, name)
+            if not os.path.isdir(folder):
+                raise DataError(f"CINIC-10 under '{root}' has no '{split}/{name}' folder; the download is incomplete")
+            for f in sorted(os.listdir(folder)):
+                if not f.startswith("cifar10-") and f.lower().endswith((".png", ".jpg", ".jpeg")):
+                    paths.append(os.path.join(folder, f))
+                    labels.append(c)
+    if not paths:
+        raise DataError(f"no ImageNet-sourced images under '{root}' (every file is a cifar10-… file)")
+    return paths, np.asarray(labels, dtype=np.int64), names
+
+
+def load_images(paths, size=32):
+    """uint8 N×size×size×3 array of the image files `paths` (RGB)."""
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        img = torchvision.datasets.folder.pil_loader(p)
+        if img.size != (size, size):
+            raise DataError(f"'{p}' is {img.size[0]}x{img.size[1]}, expected {size}x{size}")
+        out[i] = np.asarray(img, dtype=np.uint8)
+    return out
 
 
 def mean_std(dataset, train_images=None):
@@ -160,6 +244,8 @@ def make_long_tailed(labels, rho, imb_type="exp", seed=0, n_max=None, class_orde
     """
     labels = np.asarray(labels)
     C = _num_classes(labels)
+    if C < 2:
+        raise DataError(f"the training split has {C} class(es); a classification dataset needs at least two")
     groups = _by_class(labels, C)
     n_max = min(len(g) for g in groups) if n_max is None else n_max
     counts = lt_counts(n_max, C, rho, imb_type)
@@ -247,6 +333,13 @@ def carve_val(indices, labels, frac, seed=0):
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
+def subset_digest(indices):
+    """A short fingerprint of a training subset (sorted indices into its split), saved in checkpoints so
+    that a later stage can check it trains on the same images (self_training.py --base)."""
+    import hashlib
+    return hashlib.sha1(np.sort(np.asarray(indices, dtype=np.int64)).tobytes()).hexdigest()[:16]
+
+
 def save_indices(path, train, val=()):
     """Write the dataset indices a run trains on (and its validation split) to `path` as JSON, atomically:
     the record that two scripts given the same --data-seed used the same images."""
@@ -263,62 +356,139 @@ def shot_groups(train_counts):
 
 
 def unlabeled_pool(pool_labels, n_labeled, mult=5, rho_u=1.0, imb_type="exp", seed=0,
-                   irrelevant=None, relevance=1.0):
+                   irrelevant=None, relevance=1.0, class_order=None, shortfall="shrink"):
     """Choose paper 1's extra unlabeled set D_U: (pool indices, irrelevant picks, report).
 
     `pool_labels` are the TRUE labels of the candidate images, used only to choose them (the
     experimenter's control); training sees pseudo-labels. |D_U| = mult·n_labeled, split over the
     classes by the exp (or step) profile with ratio rho_u rescaled to keep the total, as in the
-    authors' get_img_num_per_cls_unlabeled. With relevance r < 1 (paper 1 Fig. 2), only r·|D_U|
-    comes from the pool and the rest is drawn uniformly from `irrelevant` (an array of whatever ids
-    the caller uses for images outside the task); the second return value holds those picks.
-    A class the pool cannot fill is capped, with a warning that says by how much.
+    authors' get_img_num_per_cls_unlabeled; the i-th profile count goes to class class_order[i]
+    (SVHN: digit 1 gets the most, digit 0 the fewest, as in the authors' imbalance_svhn.py).
+    With relevance r < 1 (paper 1 Fig. 2), exactly round(r·|D_U|) images come from the pool (the
+    images the per-class flooring leaves over go to the classes with the largest remainders) and the
+    rest is drawn uniformly from `irrelevant` (an array of whatever ids the caller uses for images
+    outside the task); the second return value holds those picks.
+
+    A pool too small for the request: shortfall="shrink" (default) keeps the profile and the relevance
+    ratio and takes the largest |D_U| that every class (and the irrelevant pool) can supply, with a
+    warning that gives the achieved multiple; shortfall="cap" keeps |D_U| and caps each short class,
+    which can hand a class fewer images than a rarer one (the profile is then not the one asked).
     """
     check_rho(rho_u, "rho_u")
     if not 0 <= relevance <= 1:
         raise DataError(f"relevance must be in [0, 1], got {relevance:g}")
+    if shortfall not in ("shrink", "cap"):
+        raise DataError(f"shortfall must be 'shrink' or 'cap', got {shortfall!r}")
     pool_labels = np.asarray(pool_labels)
     C = _num_classes(pool_labels)
+    order = list(range(C)) if class_order is None else list(class_order)
+    if sorted(order) != list(range(C)):
+        raise DataError(f"class_order must be a permutation of 0..{C - 1}")
+    groups = _by_class(pool_labels, C)
+    avail = np.array([len(g) for g in groups])
+    n_irr_avail = 0 if irrelevant is None else len(irrelevant)
     total = int(round(mult * n_labeled))
-    n_rel = int(round(relevance * total))
-    base = lt_counts(n_rel // C, C, rho_u, imb_type)
-    want = [int(b * n_rel / max(sum(base), 1)) for b in base]
+    if total - int(round(relevance * total)) and n_irr_avail == 0:
+        raise DataError(f"relevance {relevance:g} needs {total - int(round(relevance * total))} irrelevant images, "
+                        f"none were given")
+    if C == 0 and round(relevance * total):
+        raise DataError("the unlabeled pool is empty (every training image is labelled at this rho); give an "
+                        "image folder with --unlabeled-root, or --unlabeled-mult 0")
+    base = lt_counts(int(round(relevance * total)) // C, C, rho_u, imb_type) if C else []
+
+    def split(n_rel):
+        """Per-class counts (indexed by class) of n_rel relevant images on the profile."""
+        if sum(base) == 0:
+            return np.zeros(C, dtype=np.int64)
+        exact = [b * n_rel / sum(base) for b in base]
+        counts = [int(e) for e in exact]
+        if relevance < 1:                                   # exactly n_rel: hand out the floored images
+            for i in np.argsort([c - e for c, e in zip(counts, exact)], kind="stable")[:n_rel - sum(counts)]:
+                counts[i] += 1
+        out = np.zeros(C, dtype=np.int64)
+        out[order] = counts
+        return out
+
+    def fits(u):
+        n_rel = int(round(relevance * u))
+        return bool(np.all(split(n_rel) <= avail)) and u - n_rel <= n_irr_avail
+
+    size = total
+    if not fits(total) and shortfall == "shrink":
+        lo, hi = 0, total                                    # fits() is monotone in the size
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        size = lo
+        if split(int(round(relevance * size))).sum() == 0:
+            empty = [str(c) for c in range(C) if avail[c] == 0]
+            raise DataError(f"the unlabeled pool cannot supply any D_U with this profile (class(es) "
+                            f"{', '.join(empty) or '-'} have no image left in it); use a larger pool "
+                            f"(CINIC-10) or cap each class instead (shortfall 'cap')")
+    n_rel = int(round(relevance * size))
+    want = split(n_rel)
+    got = np.minimum(want, avail)
+    n_irr = size - n_rel
+    n_irr = min(n_irr, n_irr_avail)
     rng = np.random.RandomState(seed)
-    chosen, got = [], []
-    for g, k in zip(_by_class(pool_labels, C), want):
-        idx = g.copy()
+    chosen = [np.zeros(0, dtype=np.int64)] * C
+    for c in order:                                          # drawn head class first, as make_long_tailed
+        idx = groups[c].copy()
         rng.shuffle(idx)
-        chosen.append(idx[:k])
-        got.append(min(k, len(idx)))
-    short = [f"class {c}: {w - g}" for c, (w, g) in enumerate(zip(want, got)) if g < w]
-    if short:
-        warnings.warn(f"the unlabeled pool cannot supply D_U: {sum(want)} relevant images asked, "
-                      f"{sum(got)} supplied ({sum(want) - sum(got)} short; {', '.join(short)}); capped",
-                      stacklevel=2)
-    n_irr = total - n_rel
+        chosen[c] = idx[:got[c]]
     irr = np.zeros(0, dtype=np.int64)
     if n_irr:
-        if irrelevant is None or len(irrelevant) == 0:
-            raise DataError(f"relevance {relevance:g} needs {n_irr} irrelevant images, none were given")
-        if len(irrelevant) < n_irr:
-            warnings.warn(f"only {len(irrelevant)} irrelevant images for the {n_irr} asked; capped", stacklevel=2)
         irr = np.sort(rng.permutation(np.asarray(irrelevant))[:n_irr])
-    report = {"requested": total, "requested_per_class": want, "supplied_per_class": got,
-              "relevant": int(sum(got)), "irrelevant": int(len(irr))}
-    return np.sort(np.concatenate(chosen)).astype(np.int64), irr, report
+    supplied = int(got.sum()) + int(n_irr)
+    if size < total:
+        over_rel = int(round(relevance * (size + 1)))
+        limit = [f"class {c} ({avail[c]} images)" for c in np.flatnonzero(split(over_rel) > avail)]
+        if size + 1 - over_rel > n_irr_avail:
+            limit.append(f"the irrelevant pool ({n_irr_avail} images)")
+        warnings.warn(f"the unlabeled pool cannot supply D_U@{mult:g}x ({total} images) with this profile: "
+                      f"shrunk to {supplied} images ({supplied / max(n_labeled, 1):.2f}x |D_L|), profile and "
+                      f"relevance kept; limited by {', '.join(limit)}", stacklevel=2)
+    short = [f"class {c}: {w - g}" for c, (w, g) in enumerate(zip(want, got)) if g < w]
+    if short or n_irr < size - n_rel:
+        warnings.warn(f"the unlabeled pool cannot supply D_U: {int(want.sum())} relevant and {size - n_rel} "
+                      f"irrelevant images asked, {int(got.sum())} and {n_irr} supplied (short: "
+                      f"{', '.join(short + ([f'irrelevant: {size - n_rel - n_irr}'] if n_irr < size - n_rel else []))}); "
+                      f"capped, the profile is not the one asked", stacklevel=2)
+    report = {"requested": total, "requested_per_class": want.tolist(), "supplied_per_class": got.tolist(),
+              "relevant": int(got.sum()), "irrelevant": int(n_irr), "size": supplied,
+              "achieved_mult": supplied / max(n_labeled, 1),
+              "achieved_relevance": int(got.sum()) / supplied if supplied else None}
+    return np.sort(np.concatenate([irr[:0], *chosen])).astype(np.int64), irr, report
 
 
 # ---------------------------------------------------------------------------------------------------
 # ImageNet-LT / iNaturalist text lists
 # ---------------------------------------------------------------------------------------------------
 
-def imagenet_transform(train, size=224):
+def imagenet_transform(train, size=224, dataset="imagenet_lt"):
     """The decoupling (Kang et al. 2020) / paper 1 ImageNet-LT transforms: train = RandomResizedCrop,
-    flip, ColorJitter(0.4, 0.4, 0.4, 0); test = Resize(256/224·size), CenterCrop(size)."""
+    flip, ColorJitter(0.4, 0.4, 0.4, 0); test = Resize(256/224·size), CenterCrop(size). dataset="inat":
+    iNaturalist's statistics and no colour jitter, as their dataloader.py."""
+    if dataset == "inat":
+        return inat_transform(train, size)
     norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     if train:
         return transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
                                    transforms.ColorJitter(0.4, 0.4, 0.4, 0), transforms.ToTensor(), norm])
+    return transforms.Compose([transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size),
+                               transforms.ToTensor(), norm])
+
+
+INAT_MEAN, INAT_STD = (0.466, 0.471, 0.380), (0.195, 0.194, 0.192)
+
+
+def inat_transform(train, size=224):
+    """Kang et al.'s (and paper 1's released) iNaturalist 2018 transforms: the ImageNet-LT ones without
+    ColorJitter, normalised with iNaturalist's mean / std."""
+    norm = transforms.Normalize(INAT_MEAN, INAT_STD)
+    if train:
+        return transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), norm])
     return transforms.Compose([transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size),
                                transforms.ToTensor(), norm])
 
@@ -730,6 +900,17 @@ def balanced_sample_weights(labels):
     labels = labels if torch.is_tensor(labels) else torch.as_tensor(np.asarray(labels))
     counts = torch.bincount(labels).double()
     return (1.0 / counts)[labels]
+
+
+def effective_number_sample_weights(labels, beta=0.9999, counts=None):
+    """Per-image weight (1 − β)/(1 − β^{n_y}) (Cui et al.'s effective number): the sampling weights of
+    the authors' ImbalancedDatasetSampler (paper 1's code, β = 0.9999). A class is then drawn with
+    probability ∝ n_c·(1 − β)/(1 − β^{n_c}), which is not exactly uniform: at CIFAR-10-LT ρ = 100 the
+    head class (5,000 images) is drawn 1.27× as often as the tail (50). `counts` defaults to the class
+    counts of `labels`."""
+    labels = labels if torch.is_tensor(labels) else torch.as_tensor(np.asarray(labels))
+    n = (torch.bincount(labels) if counts is None else torch.as_tensor(counts)).double()
+    return ((1 - beta) / (1 - beta ** n.clamp(min=1)))[labels]
 
 
 class GPULoader:

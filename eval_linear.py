@@ -9,9 +9,9 @@ images), and its test top-1 is A(n, r). Eq. (1): Δ(n, r) = (A(n, 1) − A(n, r)
 lost by imbalanced pre-training relative to balanced pre-training with the same n, for self-supervised
 (Δ^SSL) and supervised (Δ^SL) backbones separately.
 
-    python eval_linear.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --gpu 0    # ID probe, 100 epochs
+    python eval_linear.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --gpu 0    # ID probe, the authors' views
+    python eval_linear.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --protocol fast   # cached features
     python eval_linear.py --ckpt runs/ldam_drw-cifar10-0.01-0/last.pt --val-frac 0.1   # + best epoch on validation
-    python eval_linear.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --augment   # crop/flip, backbone each step
     python eval_linear.py --ckpt runs/moco_ssp-imagenet_lt-1-0/last.pt --data-root IMNET \\
         --train-list ImageNet_train.txt --test-list ImageNet_val.txt                    # ImageNet ID probe
     python eval_linear.py --gap runs/eval_linear-*/final.json                           # Δ table, Eq. (1)
@@ -20,12 +20,20 @@ lost by imbalanced pre-training relative to balanced pre-training with the same 
 Recipe (REFERENCE §8): the backbone is loaded completely or not at all, put in eval mode (BatchNorm uses
 its running statistics) and never updated; the head `fc` starts at N(0, 0.01²) with bias 0; SGD lr 30,
 momentum 0.9, wd 0, batch 256, 100 epochs, lr ×0.1 at 60% and 80% of the epochs (60 and 80 of 100),
-cross-entropy. Input, by default: no augmentation, so every training, validation and test image goes
-through the backbone once (eval mode, torch.no_grad) and the head trains on the cached features on the
-device: the 100 epochs are then only head updates. --augment: random crop with 4-pixel zero padding +
-horizontal flip (CIFAR-size data; RandomResizedCrop(224) + flip for file lists), and the frozen
-backbone runs on every training batch, still in eval mode; test and validation features are cached
-either way. Normalisation: datasets_lt.mean_std of the probe's dataset (folder: from its training
+cross-entropy. Input, --protocol authors (default; the protocol behind Table 1(a)): the authors'
+cifar/main_lincls.py trains the head on fresh random views every epoch, RandomResizedCrop(32, scale
+0.8–1, ratio 3/4–4/3, bicubic) + horizontal flip, and tests on bicubic Resize(36) + CenterCrop(32)
+(Resize(int(S·8/7)) + CenterCrop(S) for S×S folder images), CIFAR-10 mean/std. The frozen backbone (eval
+mode) runs on every training batch; the views are made on the device in batches with PIL's bicubic
+kernel (a = −0.5, horizontal pass rounded to uint8, then vertical, as PIL resamples; within 1/255 of
+PIL), validation and test images get the test view once and their features are cached. File lists:
+RandomResizedCrop(224) + flip (MoCo's main_lincls), test Resize(256) + CenterCrop(224). --protocol fast:
+no augmentation, every image goes through the backbone once (eval mode, torch.no_grad) and the head
+trains on the cached features on the device (the 100 epochs are then only head updates); its number
+is a probe without augmentation, not the protocol of the paper's tables: compare it only with other
+--protocol fast numbers (final.json records the protocol).
+--protocol fast --augment: pad-4 random crop + flip (CIFAR-size data; RandomResizedCrop(224) + flip for
+file lists) with the backbone run every step. Normalisation: datasets_lt.mean_std of the probe's dataset (folder: from its training
 images). Sanity check: every backbone tensor (parameters and BatchNorm buffers) is copied before
 probing and compared bit for bit afterwards.
 Outputs in --out: args.json, metrics.jsonl, last.pt (backbone + trained head, written once at the end),
@@ -43,8 +51,8 @@ Deliberate differences from the paper and the authors' code:
    The authors reported the best of the 100 epochs on the test set.
 2. Batch 256 at lr 30 (MoCo's linear-classification recipe, REFERENCE §8); App. A.1 states lr 30 with
    batch 4096 (--batch-size 4096 for that).
-3. Default input without augmentation and with cached features (fast, deterministic); --augment gives
-   the crop/flip variant.
+3. --protocol authors keeps the last partial training batch (their loader dropped it, and also dropped
+   the last 16 test images: their test loader had drop_last=True); every test image is scored here.
 4. The probe's training set is always the full training split of the checkpoint's dataset, whatever
    subset pre-training used. ImageNet needs the full-ImageNet lists passed explicitly: the list stored
    in an ImageNet-LT checkpoint is the long-tailed one and is never used.
@@ -107,9 +115,13 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default=None, help="checkpoint of any script of this project; its backbone is probed")
     p.add_argument("--gap", nargs="+", default=None, metavar="FINAL_JSON",
                    help="print the Δ table of Eq. (1) from final.json files of eval_linear.py / eval_ood.py")
+    p.add_argument("--protocol", default="authors", choices=["authors", "fast"],
+                   help="authors: the head trains on random views through the frozen backbone every step "
+                        "(CIFAR: RandomResizedCrop(32, 0.8–1, bicubic) + flip, test Resize(36) + CenterCrop(32); "
+                        "file lists: RandomResizedCrop(224) + flip); fast: features computed once, no augmentation")
     p.add_argument("--augment", action="store_true",
-                   help="crop/flip the training images and run the frozen backbone every step "
-                        "(default: features computed once, no augmentation)")
+                   help="--protocol fast only: pad-4 crop + flip the training images and run the frozen backbone "
+                        "every step")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--train-list", default=None, help="ImageNet / iNat: 'relative/path label' list of the "
                                                       "full balanced training set")
@@ -122,10 +134,18 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.ckpt is None) == (args.gap is None):
         fail("pass --ckpt PATH to probe a checkpoint, or --gap FINAL_JSON ... for the Δ table (not both)")
+    if args.augment and args.protocol != "fast":
+        fail("--augment is a variant of --protocol fast; --protocol authors already trains on augmented views")
     if args.ckpt and args.out is None:
         run = os.path.basename(os.path.dirname(os.path.abspath(args.ckpt)))
         args.out = os.path.join("runs", f"eval_linear-{run}-{args.seed}")
+    check_args(args)
     return args
+
+
+def check_args(args):
+    """Range of every numeric flag, before anything is read or written."""
+    check_ranges(args, SHARED_RANGES)
 
 
 def fail(msg):
@@ -158,11 +178,15 @@ class BasicBlock(nn.Module):
 
 
 class NormedLinear(nn.Module):
-    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+    """Cosine classifier: logits are cosines between the feature and each class's weight row.
+
+    Init as LDAM-DRW's NormedLinear (uniform(-1, 1), then every class vector rescaled to unit norm):
+    the forward pass ignores the norm, but the angular step of SGD scales as 1/norm, so the ≈4.7 norm
+    of a plain uniform init would turn the classifier ~20× slower at the start."""
 
     def __init__(self, cin, cout):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5))
 
     def forward(self, x):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
@@ -254,6 +278,27 @@ def build_backbone(arch, num_classes):
     return torchvision.models.resnet.ResNet(block, layers, num_classes=num_classes)
 
 
+# === shared: check_ranges (identical in every script) ===
+def check_ranges(args, ranges):
+    """Every (flag, low, high, bounds) of `ranges`: the flag's value lies in the interval, bounds "[)" meaning
+    low <= value < high (None: no bound; a flag left at None is skipped). Else one line and exit 2."""
+    for name, low, high, bounds in ranges:
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        ok = abs(v) <= float(np.finfo(np.float32).max) and (low is None or (v >= low if bounds[0] == "[" else v > low)) \
+            and (high is None or (v <= high if bounds[1] == "]" else v < high))      # NaN, inf, 1e300 fail
+        if not ok:
+            interval = f"{bounds[0]}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{bounds[1]}"
+            fail(f"--{name.replace('_', '-')} must be in {interval}, got {v:g}")
+
+
+SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
+                 ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
+# === end shared: check_ranges ===
+
+
 # === shared: checkpoints (identical in every script) ===
 HEAD_PREFIXES = ("fc.",)
 
@@ -264,13 +309,100 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def write_text_atomic(path, text):
+    """Temp file + rename, as save_atomic: a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def strict_json(obj, **kw):
+    """JSON without the bare NaN / Infinity tokens Python writes by default: a non-finite float is null."""
+    def clean(v):
+        if isinstance(v, float):
+            return v if np.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
+def write_json(path, obj):
+    write_text_atomic(path, strict_json(obj, indent=1))
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl; none when a moved or copied run lacks the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_metrics(path, rows):
+    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in rows))
+
+
+def append_metrics(path, row):
+    write_metrics(path, read_metrics(path) + [row])
+
+
+def copy_source(path, out):
+    """The script's own source beside its outputs (temp file + rename)."""
+    tmp = os.path.join(out, os.path.basename(path) + ".tmp")
+    shutil.copy(path, tmp)
+    os.replace(tmp, os.path.join(out, os.path.basename(path)))
+
+
+def given_flags(parser, argv):
+    """Destinations of the flags written on the command line (abbreviations included), so --resume can
+    apply or refuse each of them instead of dropping it."""
+    unset = object()
+    seen = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return sorted(k for k, v in vars(seen).items() if v is not unset and k != "help")
+
+
+def resume_args(args, ckpt, applied):
+    """--resume PATH: continue the run in dirname(PATH) with the arguments it was started with. A flag in
+    `applied` given on this command line replaces the stored value (--gpu and --workers always do: they
+    describe this machine); any other flag given with --resume is refused."""
+    flag = lambda k: "--" + k.replace("_", "-")
+    refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
+    if refused:
+        fail(f"--resume continues a run with its own arguments; drop {' '.join(map(flag, refused))} (with "
+             f"--resume only {', '.join(map(flag, applied))} may be given)")
+    now = {k: getattr(args, k) for k in applied if k in args.cli_flags or k in ("gpu", "workers")}
+    return argparse.Namespace(**{**vars(args), **ckpt["args"], **now, "resume": args.resume,
+                                 "out": os.path.dirname(os.path.abspath(args.resume)), "cli_flags": args.cli_flags})
+
+
+def nonfinite_tensor(model):
+    """Name of the first parameter or buffer holding NaN / inf (a BatchNorm running_var, say), or None."""
+    named = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist() if named else []
+    return next((k for (k, _), ok in zip(named, finite) if not ok), None)
+
+
+def stop_diverged(what, out, epoch):
+    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint,
+    exit 1."""
+    last = os.path.join(out, "last.pt")
+    kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
+    print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
+    sys.exit(1)
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    except Exception as e:                                 # empty, truncated, another format, ...
+        why = (str(e).splitlines() or [""])[0][:60]
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}{': ' if why else ''}{why})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
         fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
     return ckpt
@@ -472,8 +604,7 @@ def linear_probe(model, plain, aug, val, test, num_classes, counts, args):
         seconds.append(time.time() - t1)
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
                "test": test_m, "val_top1": val_m["top1"] if val_m else None, "seconds": seconds[-1]}
-        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
         print(f"{epoch + 1:5d} {lr:8.4f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
               f"{fmt(row['val_top1'])} {row['seconds']:6.2f}", flush=True)
     sanity_check(model, before)
@@ -566,6 +697,9 @@ def build_data(args, device):
     test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
     mean, std = D.mean_std(args.dataset, train_x)
     C = len(names)
+    if args.protocol == "authors":
+        return (*authors_batches(D.to_device(train_x, device), train_y, D.to_device(test_x, device), test_y, C,
+                                 mean, std, args), C)
     batches = probe_batches(D.to_device(train_x, device), train_y, D.to_device(test_x, device), test_y, C,
                             mean, std, args)
     return (*batches, C)
@@ -583,13 +717,112 @@ def build_list_data(args, device):
     make = lambda ds, i, bs, shuffle: ListBatches(ds, i, bs, shuffle, args.seed, args.workers, device)
     plain = make(train_ds, idx, 256, False)
     aug = None
-    if args.augment:
+    if args.augment or args.protocol == "authors":                 # MoCo's main_lincls training view
         crop_flip = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
                                         transforms.ToTensor(), transforms.Normalize(D.IMAGENET_MEAN, D.IMAGENET_STD)])
         aug = make(D.FileListDataset(args.data_root, args.train_list, transform=crop_flip), idx, args.batch_size, True)
     val = make(train_ds, val_idx, 256, False) if len(val_idx) else None
     test = make(test_ds, np.arange(len(test_ds)), 256, False)
     return plain, aug, val, test, np.bincount(train_ds.labels[idx], minlength=C).tolist(), C
+
+
+# ----- the authors' CIFAR probe views (Liuhong99/Imbalanced-SSL cifar/main_lincls.py) ---------------
+
+def pil_cubic(t, a=-0.5):
+    """PIL's bicubic kernel (Keys, a = −0.5)."""
+    t = t.abs()
+    return torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                       torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, torch.zeros_like(t)))
+
+
+def resize_matrix(start, length, out_size, in_size):
+    """B × out_size × in_size weights of PIL's bicubic resize of the pixels [start, start + length) of one
+    axis to out_size pixels: output i is centred at start + (i + ½)·length/out_size, taps inside the box
+    only, the kernel widened by the scale when shrinking, each row normalised to sum 1."""
+    scale = length.double() / out_size
+    support = scale.clamp(min=1)
+    centre = start.double()[:, None] + (torch.arange(out_size, device=start.device, dtype=torch.float64) + 0.5) \
+        * scale[:, None]
+    j = torch.arange(in_size, device=start.device, dtype=torch.float64)
+    w = pil_cubic((j[None, None, :] + 0.5 - centre[:, :, None]) / support[:, None, None])
+    inside = (j[None, :] >= start[:, None]) & (j[None, :] < (start + length)[:, None])
+    w = w * inside[:, None, :]
+    return (w / w.sum(2, keepdim=True)).float()
+
+
+def bicubic_resized_crop(x, top, left, h, w, size, flip=None):
+    """PIL's img.crop(box).resize((size, size), BICUBIC) [+ mirror] of every uint8 N×3×H×W image at once:
+    the horizontal pass first, rounded to uint8, then the vertical pass, rounded (as PIL resamples 8-bit
+    images). uint8 out. Used only for the CIFAR-size probe views of --protocol authors."""
+    B, C, H, W = x.shape
+    rx = resize_matrix(left, w, size, W)                                  # B × size × W
+    if flip is not None:
+        rx = torch.where(flip[:, None, None], rx.flip(1), rx)
+    ry = resize_matrix(top, h, size, H)                                   # B × size × H
+    horizontal = torch.einsum("bchw,bxw->bchx", x.float(), rx).round_().clamp_(0, 255)
+    return torch.einsum("bchx,byh->bcyx", horizontal, ry).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def authors_test_view(x, chunk=2048):
+    """Resize(int(S·8/7), bicubic) + CenterCrop(S) of S×S uint8 images (CIFAR: 32 → 36 → the centre 32)."""
+    B, C, H, W = x.shape
+    big_h, big_w = int(H * 8 / 7), int(W * 8 / 7)
+    top, left = int(round((big_h - H) / 2)), int(round((big_w - W) / 2))
+    out = torch.empty_like(x)
+    for s in range(0, B, chunk):
+        n, dev = len(x[s:s + chunk]), x.device
+        zero = torch.zeros(n, dtype=torch.long, device=dev)
+        ry = resize_matrix(zero, zero + H, big_h, H)[:, top:top + H]
+        rx = resize_matrix(zero, zero + W, big_w, W)[:, left:left + W]
+        horizontal = torch.einsum("bchw,bxw->bchx", x[s:s + chunk].float(), rx).round_().clamp_(0, 255)
+        out[s:s + chunk] = torch.einsum("bchx,byh->bcyx", horizontal, ry).round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def authors_train_view(x, generator, scale=(0.8, 1.0)):
+    """RandomResizedCrop(S, scale=(0.8, 1), ratio=(3/4, 4/3), bicubic) + RandomHorizontalFlip() (uint8)."""
+    B, C, H, W = x.shape
+    top, left, h, w = D.sample_resized_crop(B, H, W, generator, x.device, scale)
+    flip = torch.rand(B, generator=generator, device=x.device) < 0.5
+    return bicubic_resized_crop(x, top, left, h, w, W, flip)
+
+
+class AuthorsViews:
+    """Training batches of the authors' CIFAR probe with GPULoader's interface: epoch(e) → (x, y, idx), a
+    permutation and views drawn from a generator seeded by (seed, epoch); the last partial batch is kept
+    (their loader dropped it: 80 random images of 50,000 per epoch)."""
+
+    def __init__(self, images, labels, batch_size, mean, std, seed=0, chunk=8192):
+        self.images, self.batch_size, self.mean, self.std, self.seed = images, batch_size, mean, std, seed
+        self.labels = torch.as_tensor(np.asarray(labels)).long().to(images.device)
+        self.chunk = max(1, chunk // batch_size) * batch_size
+
+    def __len__(self):
+        return -(-len(self.labels) // self.batch_size)
+
+    def epoch(self, epoch):
+        dev = self.images.device
+        g = torch.Generator(device=dev)
+        g.manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.labels), generator=g, device=dev)
+        for start in range(0, len(order), self.chunk):
+            idx = order[start:start + self.chunk]
+            x = D.normalize(authors_train_view(self.images[idx], g), self.mean, self.std)
+            for b in range(0, len(idx), self.batch_size):
+                yield x[b:b + self.batch_size], self.labels[idx[b:b + self.batch_size]], idx[b:b + self.batch_size]
+
+
+def authors_batches(images, labels, test_images, test_labels, num_classes, mean, std, args):
+    """probe_batches for --protocol authors: (None, training views, val or None, test, counts); validation
+    and test images go through the test view once (then cached as features like every evaluation)."""
+    idx, val_idx = D.carve_val(np.arange(len(labels)), labels, args.val_frac, args.data_seed)
+    dev = images.device
+    train = AuthorsViews(images[torch.as_tensor(idx, device=dev)], labels[idx], args.batch_size, mean, std,
+                         args.seed)
+    val = (D.GPULoader(authors_test_view(images[torch.as_tensor(val_idx, device=dev)]), labels[val_idx], 1024,
+                       mean, std, dev) if len(val_idx) else None)
+    test = D.GPULoader(authors_test_view(test_images), test_labels, 1024, mean, std, dev)
+    return None, train, val, test, np.bincount(labels[idx], minlength=num_classes).tolist()
 
 
 # ----- the Δ table, Eq. (1) ------------------------------------------------------------------------
@@ -724,6 +957,15 @@ def setup_device(args):
     return device
 
 
+def describe_input(args):
+    if args.protocol == "authors":
+        return ("the authors' protocol: RandomResizedCrop(224) + flip views, backbone every step"
+                if args.dataset in ("imagenet_lt", "inat") else
+                "the authors' protocol: RandomResizedCrop(0.8–1, bicubic) + flip views, backbone every step; "
+                "test Resize(8/7) + CenterCrop, bicubic")
+    return "fast protocol: " + ("pad-4 crop/flip, backbone every step" if args.augment else "cached features")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.gap:
@@ -751,14 +993,14 @@ def main(argv=None):
     meta = pretrain_meta(ckpt, args.ckpt, args.tag)
 
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump({**vars(args), "pretrain": meta, "torch": torch.__version__, "cuda": torch.version.cuda,
-                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}, f, indent=1)
-    shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
-    open(os.path.join(args.out, "metrics.jsonl"), "w").close()
+    write_json(os.path.join(args.out, "args.json"),
+               {**vars(args), "pretrain": meta, "torch": torch.__version__, "cuda": torch.version.cuda,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})
+    copy_source(__file__, args.out)
+    write_metrics(os.path.join(args.out, "metrics.jsonl"), [])
     print(f"linear probe of {arch} from {meta['script']} ({meta['kind']}, pre-trained on {meta['dataset']} "
           f"n={meta['n']} r={meta['r']}) on {args.dataset}: {sum(counts)} training images, {C} classes, "
-          f"{'crop/flip, backbone every step' if args.augment else 'cached features'}, {args.epochs} epochs "
+          f"{describe_input(args)}, {args.epochs} epochs "
           f"on {device}")
 
     t_run = time.time()
@@ -767,12 +1009,11 @@ def main(argv=None):
     save_atomic({"script": "eval_linear.py", "arch": arch, "model": model.state_dict(), "epoch": args.epochs,
                  "args": vars(args), "class_counts": counts, "pretrain": meta}, os.path.join(args.out, "last.pt"))
     final = {"script": "eval_linear.py", "eval": f"linear:{args.dataset}", "dataset": args.dataset,
-             "pretrain": meta, "augment": args.augment, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs, "lr": args.lr,
+             "pretrain": meta, "protocol": args.protocol, "augment": args.augment, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs, "lr": args.lr,
              "batch_size": args.batch_size, "class_counts": counts, "last": last, "top1": last["top1"],
              "per_class": last["per_class"], "best_on_val": best, "sanity_check": "passed",
              **timing, "wall_seconds": time.time() - t_run}
-    with open(os.path.join(args.out, "final.json"), "w") as f:
-        json.dump(final, f, indent=1)
+    write_json(os.path.join(args.out, "final.json"), final)
     print(f"last epoch: test top-1 {last['top1']:.2f}%, mean per-class {last['mean_class_acc']:.2f}%"
           + (f"; best on validation: epoch {best['epoch']}, test top-1 {best['test']['top1']:.2f}%" if best else "")
           + f" ({timing['feature_seconds']:.1f} s features, {timing['probe_seconds']:.1f} s in all)")

@@ -29,13 +29,19 @@ Which protocol runs follows from the checkpoint's architecture:
   interpolation with antialiasing (torch.nn.functional.interpolate(..., antialias=True), the filter
   PIL's resize uses when shrinking) and rounded back to uint8, so the backbone sees the scale it was
   trained at; --stl-size 96 feeds the images as they are (the CIFAR ResNets are fully convolutional
-  with a global pool; 9× the compute). Normalisation: per-channel statistics of the (resized) STL-10
-  training images, datasets_lt.mean_std's rule for STL-10.
-- ImageNet backbones (resnet10, resnet50) → full fine-tuning: a new linear head at lr 0.1 and the
-  backbone at 0.1× that (0.01), SGD momentum 0.9, 150 epochs (App. A.1: "initial learning rate 0.1 …
-  150 epochs in total"), cosine decay per epoch, wd 1e-4, batch 64, BatchNorm in train mode; input
-  datasets_lt.imagenet_transform (train: RandomResizedCrop(224), flip, ColorJitter(0.4, 0.4, 0.4);
-  test: Resize(256), CenterCrop(224)), DataLoader with workers. Targets: --target folder (any
+  with a global pool; 9× the compute). Normalisation (--norm pretrain, default): the mean/std the
+  backbone was pre-trained with, stored in the checkpoint (CIFAR-10's constants for a CIFAR-10
+  backbone): the frozen BatchNorm statistics expect inputs normalised that way. A checkpoint written
+  before the mean/std were stored falls back to the fixed constants of its pre-training dataset
+  (CIFAR, SVHN, ImageNet) with a printed note, and stops with one line when there are none (folder
+  data); --norm target uses the per-channel statistics of the (resized) target training images.
+- ImageNet backbones (resnet10, resnet50) → full fine-tuning, the authors' imagenet/ft_moco.py recipe
+  with the paper's length and lr: a new linear head at lr 0.1 and the backbone at 0.1× that (0.01),
+  SGD with Nesterov momentum 0.9, wd 5e-4, batch 48, 150 epochs (App. A.1: "initial learning rate
+  0.1 … 150 epochs in total"), lr ×0.1 at 25%, 50% and 75% of the epochs (their command's decays at
+  5, 10, 15 of 20), BatchNorm in train mode; input: square resize to 256×256, then train
+  RandomResizedCrop(224) + flip (no colour jitter), test CenterCrop(224); normalised with the
+  checkpoint's mean/std (ImageNet's for an ImageNet backbone); DataLoader with workers. Targets: --target folder (any
   root/{train,test}/<class>/* tree, e.g. CUB-200 split by its train_test_split.txt; torchvision has no
   CUB class), or torchvision's FGVCAircraft (--target aircraft: trainval/test, 100 variants),
   OxfordIIITPet (pets: trainval/test, 37 breeds) and StanfordCars (cars: train/test, 196 models; its
@@ -50,9 +56,9 @@ OOD, n = 116K): MoCo v2 80.3 balanced → 80.2 at r = 0.004, supervised 76.6 →
 the CIFAR-10 → STL-10 curves only as a plot.
 
 Deliberate differences from the paper and the authors' code:
-1. The paper states only "initial learning rate 0.1" and 150 epochs for fine-tuning. The backbone's
-   0.1× learning rate, the cosine schedule, wd 1e-4, batch 64 and the augmentation are this project's
-   choices (flags change all but the augmentation).
+1. The paper states only "initial learning rate 0.1" and 150 epochs for fine-tuning; the rest is the
+   authors' ft_moco.py. Their "epoch" was 2,000 iterations of 48 images (20 of them in the released
+   command); here an epoch is one pass over the target's training split, as the paper counts.
 2. No fallback: the authors' fine-tuning started silently from torchvision's supervised ImageNet weights
    when the checkpoint's keys did not match; here the weights come from --ckpt or the run stops.
 3. STL-10 code is new (the authors released none): resolution and normalisation as described above.
@@ -62,8 +68,9 @@ Deliberate differences from the paper and the authors' code:
    rerun (fine-tuning is the longest: 150 epochs of a few thousand images).
 """
 import argparse
+import contextlib
+import io
 import json
-import math
 import os
 import shutil
 import sys
@@ -117,7 +124,11 @@ def parse_args(argv=None):
                    help="probe: crop/flip the training images and run the frozen backbone every step")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--backbone-lr-mult", type=float, default=0.1, help="fine-tuning: backbone lr = this × --lr")
-    p.add_argument("--size", type=int, default=224, help="fine-tuning: crop size of datasets_lt.imagenet_transform")
+    p.add_argument("--size", type=int, default=224,
+                   help="fine-tuning: crop size (images are first resized to a square of size·256/224)")
+    p.add_argument("--norm", default="pretrain", choices=["pretrain", "target"],
+                   help="normalise the target with the mean/std the backbone was pre-trained with (stored in the "
+                        "checkpoint) or with the target's own statistics")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers (fine-tuning)")
     p.add_argument("--tag", default=None,
                    help="method name in the Δ table; default: the pre-training script (+ its --opt)")
@@ -127,6 +138,7 @@ def parse_args(argv=None):
     if args.out is None:
         run = os.path.basename(os.path.dirname(os.path.abspath(args.ckpt)))
         args.out = os.path.join("runs", f"eval_ood-{args.target}-{run}-{args.seed}")
+    check_args(args)
     return args
 
 
@@ -141,13 +153,18 @@ def set_protocol_defaults(args, arch):
         if args.target == "stl10":
             fail(f"--target stl10 is the protocol for CIFAR backbones; an ImageNet {arch} is fine-tuned on "
                  f"--target folder, aircraft, pets or cars")
-        args.protocol, defaults = "finetune", (("epochs", 150), ("batch_size", 64), ("lr", 0.1), ("wd", 1e-4))
+        args.protocol, defaults = "finetune", (("epochs", 150), ("batch_size", 48), ("lr", 0.1), ("wd", 5e-4))
     else:
         fail(f"unknown architecture '{arch}' in the checkpoint; this script knows "
              f"{', '.join(CIFAR_ARCHS + IMAGENET_ARCHS)}")
     for name, value in defaults:
         if getattr(args, name) is None:
             setattr(args, name, value)
+
+
+def check_args(args):
+    """Range of every numeric flag, before anything is read or written."""
+    check_ranges(args, SHARED_RANGES + [("backbone_lr_mult", 0, None, "[)"), ("size", 1, None, "[)")])
 
 
 def fail(msg):
@@ -180,11 +197,15 @@ class BasicBlock(nn.Module):
 
 
 class NormedLinear(nn.Module):
-    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+    """Cosine classifier: logits are cosines between the feature and each class's weight row.
+
+    Init as LDAM-DRW's NormedLinear (uniform(-1, 1), then every class vector rescaled to unit norm):
+    the forward pass ignores the norm, but the angular step of SGD scales as 1/norm, so the ≈4.7 norm
+    of a plain uniform init would turn the classifier ~20× slower at the start."""
 
     def __init__(self, cin, cout):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5))
 
     def forward(self, x):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
@@ -273,6 +294,27 @@ def build_backbone(arch, num_classes):
     return torchvision.models.resnet.ResNet(block, layers, num_classes=num_classes)
 
 
+# === shared: check_ranges (identical in every script) ===
+def check_ranges(args, ranges):
+    """Every (flag, low, high, bounds) of `ranges`: the flag's value lies in the interval, bounds "[)" meaning
+    low <= value < high (None: no bound; a flag left at None is skipped). Else one line and exit 2."""
+    for name, low, high, bounds in ranges:
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        ok = abs(v) <= float(np.finfo(np.float32).max) and (low is None or (v >= low if bounds[0] == "[" else v > low)) \
+            and (high is None or (v <= high if bounds[1] == "]" else v < high))      # NaN, inf, 1e300 fail
+        if not ok:
+            interval = f"{bounds[0]}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{bounds[1]}"
+            fail(f"--{name.replace('_', '-')} must be in {interval}, got {v:g}")
+
+
+SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
+                 ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
+# === end shared: check_ranges ===
+
+
 # === shared: checkpoints (identical in every script) ===
 HEAD_PREFIXES = ("fc.",)
 
@@ -283,13 +325,100 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def write_text_atomic(path, text):
+    """Temp file + rename, as save_atomic: a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def strict_json(obj, **kw):
+    """JSON without the bare NaN / Infinity tokens Python writes by default: a non-finite float is null."""
+    def clean(v):
+        if isinstance(v, float):
+            return v if np.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
+def write_json(path, obj):
+    write_text_atomic(path, strict_json(obj, indent=1))
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl; none when a moved or copied run lacks the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_metrics(path, rows):
+    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in rows))
+
+
+def append_metrics(path, row):
+    write_metrics(path, read_metrics(path) + [row])
+
+
+def copy_source(path, out):
+    """The script's own source beside its outputs (temp file + rename)."""
+    tmp = os.path.join(out, os.path.basename(path) + ".tmp")
+    shutil.copy(path, tmp)
+    os.replace(tmp, os.path.join(out, os.path.basename(path)))
+
+
+def given_flags(parser, argv):
+    """Destinations of the flags written on the command line (abbreviations included), so --resume can
+    apply or refuse each of them instead of dropping it."""
+    unset = object()
+    seen = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return sorted(k for k, v in vars(seen).items() if v is not unset and k != "help")
+
+
+def resume_args(args, ckpt, applied):
+    """--resume PATH: continue the run in dirname(PATH) with the arguments it was started with. A flag in
+    `applied` given on this command line replaces the stored value (--gpu and --workers always do: they
+    describe this machine); any other flag given with --resume is refused."""
+    flag = lambda k: "--" + k.replace("_", "-")
+    refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
+    if refused:
+        fail(f"--resume continues a run with its own arguments; drop {' '.join(map(flag, refused))} (with "
+             f"--resume only {', '.join(map(flag, applied))} may be given)")
+    now = {k: getattr(args, k) for k in applied if k in args.cli_flags or k in ("gpu", "workers")}
+    return argparse.Namespace(**{**vars(args), **ckpt["args"], **now, "resume": args.resume,
+                                 "out": os.path.dirname(os.path.abspath(args.resume)), "cli_flags": args.cli_flags})
+
+
+def nonfinite_tensor(model):
+    """Name of the first parameter or buffer holding NaN / inf (a BatchNorm running_var, say), or None."""
+    named = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist() if named else []
+    return next((k for (k, _), ok in zip(named, finite) if not ok), None)
+
+
+def stop_diverged(what, out, epoch):
+    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint,
+    exit 1."""
+    last = os.path.join(out, "last.pt")
+    kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
+    print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
+    sys.exit(1)
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    except Exception as e:                                 # empty, truncated, another format, ...
+        why = (str(e).splitlines() or [""])[0][:60]
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}{': ' if why else ''}{why})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
         fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
     return ckpt
@@ -491,8 +620,7 @@ def linear_probe(model, plain, aug, val, test, num_classes, counts, args):
         seconds.append(time.time() - t1)
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
                "test": test_m, "val_top1": val_m["top1"] if val_m else None, "seconds": seconds[-1]}
-        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
         print(f"{epoch + 1:5d} {lr:8.4f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
               f"{fmt(row['val_top1'])} {row['seconds']:6.2f}", flush=True)
     sanity_check(model, before)
@@ -588,6 +716,23 @@ def resize_images(x, size, chunk=1024):
     return out
 
 
+def pretrain_norm(ckpt, path):
+    """The mean/std the backbone was pre-trained with: stored in every checkpoint of this project; an older
+    checkpoint falls back, with a note, to the fixed constants of its pre-training dataset."""
+    if ckpt.get("mean") is not None and ckpt.get("std") is not None:
+        return tuple(ckpt["mean"]), tuple(ckpt["std"]), "checkpoint"
+    dataset = (ckpt.get("args") or {}).get("dataset")
+    if dataset not in ("cifar10", "cifar100", "svhn", "imagenet_lt", "inat"):
+        with contextlib.redirect_stdout(io.StringIO()):             # a checkpoint that does not fit says so first
+            load_backbone(build_backbone(ckpt["arch"], 1), ckpt["arch"], path)
+        fail(f"'{path}' stores no mean/std (written before checkpoints carried them) and its pre-training data "
+             f"({dataset}) has no fixed constants; pass --norm target to use the target's own statistics")
+    mean, std = D.mean_std(dataset)
+    print(f"note: '{path}' stores no mean/std (written before checkpoints carried them); normalising with the "
+          f"constants of its pre-training dataset {dataset}: mean {mean}, std {std}")
+    return mean, std, f"{dataset} constants"
+
+
 def probe_data(args, device):
     """STL-10 or a folder of same-size images on the device: (train_plain, train_aug, val, test, counts, C)."""
     dataset = "stl10" if args.target == "stl10" else "folder"
@@ -596,7 +741,10 @@ def probe_data(args, device):
     train_t, test_t = D.to_device(train_x, device), D.to_device(test_x, device)
     if dataset == "stl10" and args.stl_size != train_t.shape[-1]:
         train_t, test_t = resize_images(train_t, args.stl_size), resize_images(test_t, args.stl_size)
-    mean, std = D.mean_std(dataset, train_t.permute(0, 2, 3, 1).cpu())
+    mean, std = args.mean, args.std
+    if args.norm == "target":
+        mean, std = D.mean_std(dataset, train_t.permute(0, 2, 3, 1).cpu())
+        args.mean, args.std = mean, std
     C = len(names)
     return (*probe_batches(train_t, train_y, test_t, test_y, C, mean, std, args), C)
 
@@ -605,7 +753,8 @@ def finetune_data(args, device):
     """Training / validation / test batches of a fine-tuning target through a DataLoader:
     (train, val, test, counts, C). The validation split reads the training images with the test transform;
     every dataset gets the `labels` array ListBatches reads."""
-    train_tf, test_tf = D.imagenet_transform(True, args.size), D.imagenet_transform(False, args.size)
+    train_tf, test_tf = finetune_transform(True, args.size, args.mean, args.std), \
+        finetune_transform(False, args.size, args.mean, args.std)
     if args.target == "folder":
         paths = [os.path.join(args.data_root, split) for split in ("train", "test")]
         for path in paths:
@@ -651,9 +800,20 @@ def target_labels(ds):
 
 # ----- fine-tuning ---------------------------------------------------------------------------------
 
+def finetune_transform(train, size, mean, std):
+    """The authors' ft_moco.py: square resize to size·256/224 (their ResizeImage(256)), then train:
+    RandomResizedCrop(size) + flip, no colour jitter; test: CenterCrop(size)."""
+    square = int(size * 256 / 224)
+    crop = ([torchvision.transforms.RandomResizedCrop(size), torchvision.transforms.RandomHorizontalFlip()] if train
+            else [torchvision.transforms.CenterCrop(size)])
+    return torchvision.transforms.Compose([torchvision.transforms.Resize((square, square)), *crop,
+                                           torchvision.transforms.ToTensor(), torchvision.transforms.Normalize(mean, std)])
+
+
 def finetune_lr(epoch, args):
-    """Cosine decay per epoch from --lr (the new head; paper 2 App. A.1: initial lr 0.1)."""
-    return 0.5 * args.lr * (1 + math.cos(math.pi * epoch / args.epochs))
+    """--lr (the new head; paper 2 App. A.1: initial lr 0.1) × 0.1 at 25%, 50% and 75% of the epochs (the
+    authors' ft_moco.py command: decays at epochs 5, 10, 15 of 20)."""
+    return args.lr * 0.1 ** sum(epoch >= max(1, int(f * args.epochs)) for f in (0.25, 0.5, 0.75))
 
 
 def finetune(model, train, val, test, num_classes, counts, args):
@@ -664,7 +824,8 @@ def finetune(model, train, val, test, num_classes, counts, args):
     backbone = [p for name, p in model.named_parameters() if not name.startswith(HEAD_PREFIXES)]
     optimizer = torch.optim.SGD([{"params": backbone, "lr_mult": args.backbone_lr_mult},
                                  {"params": model.fc.parameters(), "lr_mult": 1.0}],
-                                lr=args.lr, momentum=args.momentum, weight_decay=args.wd, fused=device.type == "cuda")
+                                lr=args.lr, momentum=args.momentum, weight_decay=args.wd, nesterov=True,
+                                fused=device.type == "cuda")
     print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'train':>6} {'test':>6} {'val':>6} {'s':>6}")
     best, seconds = None, []
     for epoch in range(args.epochs):
@@ -692,6 +853,11 @@ def finetune(model, train, val, test, num_classes, counts, args):
             print(f"error: loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}; stopped, nothing "
                   f"saved", file=sys.stderr)
             sys.exit(1)
+        bad_tensor = nonfinite_tensor(model)
+        if bad_tensor:
+            print(f"error: '{bad_tensor}' is not finite after epoch {epoch + 1}, step {step + 1}; stopped, nothing "
+                  f"saved (try a lower --lr)", file=sys.stderr)
+            sys.exit(1)
         test_m = evaluate(model, test.epoch(0), num_classes, counts)
         val_m = evaluate(model, val.epoch(0), num_classes, counts) if val is not None else None
         if val_m and (best is None or val_m["top1"] > best["val_top1"]):
@@ -699,8 +865,7 @@ def finetune(model, train, val, test, num_classes, counts, args):
         seconds.append(time.time() - t0)
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
                "test": test_m, "val_top1": val_m["top1"] if val_m else None, "seconds": seconds[-1]}
-        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
         print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
               f"{fmt(row['val_top1'])} {row['seconds']:6.2f}", flush=True)
     return test_m, best, {"seconds_per_epoch": float(np.median(seconds))}
@@ -740,6 +905,13 @@ def main(argv=None):
     ckpt = load_checkpoint(args.ckpt)
     arch = ckpt["arch"]
     set_protocol_defaults(args, arch)
+    if args.norm == "target" and args.protocol == "finetune":
+        fail("--norm target applies to the probe of CIFAR backbones; fine-tuning normalises with the "
+             "pre-training statistics (drop --norm)")
+    if args.protocol == "finetune" and args.momentum <= 0:
+        fail(f"--momentum {args.momentum:g}: fine-tuning uses Nesterov SGD, which needs a momentum > 0")
+    args.mean, args.std, args.norm_source = pretrain_norm(ckpt, args.ckpt) if args.norm == "pretrain" else \
+        (None, None, "target")
     try:
         if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.wd < 0 or args.backbone_lr_mult < 0:
             fail("--epochs, --batch-size and --lr must be positive, --wd and --backbone-lr-mult not negative")
@@ -759,11 +931,11 @@ def main(argv=None):
     meta = pretrain_meta(ckpt, args.ckpt, args.tag)
 
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump({**vars(args), "pretrain": meta, "torch": torch.__version__, "cuda": torch.version.cuda,
-                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}, f, indent=1)
-    shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
-    open(os.path.join(args.out, "metrics.jsonl"), "w").close()
+    write_json(os.path.join(args.out, "args.json"),
+               {**vars(args), "pretrain": meta, "torch": torch.__version__, "cuda": torch.version.cuda,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})
+    copy_source(__file__, args.out)
+    write_metrics(os.path.join(args.out, "metrics.jsonl"), [])
     what = (f"linear probe ({'crop/flip, backbone every step' if args.augment else 'cached features'}"
             f"{f', STL-10 at {args.stl_size} px' if args.target == 'stl10' else ''})" if args.protocol == "probe" else
             f"fine-tuning (head lr {args.lr:g}, backbone lr {args.lr * args.backbone_lr_mult:g}, {args.size} px)")
@@ -782,12 +954,12 @@ def main(argv=None):
     final = {"script": "eval_ood.py", "eval": eval_name(args), "target": args.target, "protocol": args.protocol,
              "stl_size": args.stl_size if args.target == "stl10" else None, "pretrain": meta,
              "augment": args.augment, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs, "lr": args.lr,
-             "batch_size": args.batch_size, "wd": args.wd, "class_counts": counts, "last": last,
+             "batch_size": args.batch_size, "wd": args.wd,
+             "normalisation": {"mean": args.mean, "std": args.std, "source": args.norm_source}, "class_counts": counts, "last": last,
              "top1": last["top1"], "per_class": last["per_class"], "best_on_val": best,
              "sanity_check": "passed" if args.protocol == "probe" else None, **timing,
              "wall_seconds": time.time() - t_run}
-    with open(os.path.join(args.out, "final.json"), "w") as f:
-        json.dump(final, f, indent=1)
+    write_json(os.path.join(args.out, "final.json"), final)
     print(f"last epoch: test top-1 {last['top1']:.2f}%, mean per-class {last['mean_class_acc']:.2f}%"
           + (f"; best on validation: epoch {best['epoch']}, test top-1 {best['test']['top1']:.2f}%" if best else ""))
 

@@ -49,9 +49,14 @@ Deliberate differences from the paper and the authors' code:
 5. Data and crop/flip live on the GPU (datasets_lt.GPULoader); the distribution is torchvision's.
 6. --pretrained loads only the backbone, reports matched / missing / unexpected keys and fails unless
    every backbone tensor was found; the authors' loader silently loaded nothing.
-7. ImageNet-LT / iNaturalist: torchvision ResNet-10/50, 90 epochs, lr 0.2 with a cosine schedule and
-   wd 5e-4 as Kang et al. 2020, but batch 128 (theirs was 512: --batch-size 512), no warm-up,
-   DataLoader input.
+7. ImageNet-LT / iNaturalist as paper 1's released feature-stage configs (feat_uniform.yaml, Kang et
+   al.'s code): torchvision ResNet-10/50, 90 epochs, lr 0.2, cosine stepped before each epoch
+   (--lr-sequence kang: epoch e of E, 1-based, at lr·(1 + cos(π e/E))/2), wd 5e-4 (iNat 1e-4), batch 128
+   (Kang et al.'s own: 512; paper 1's iNat config: 100), no warm-up, DataLoader input; iNat without
+   colour jitter and with its own mean/std. Model selection on --val-list (the official val list).
+8. Resample / DRS draw with the authors' ImbalancedDatasetSampler weights (1 − β)/(1 − β^{n_c}),
+   β = 0.9999, which are close to but not exactly class-balanced (the head class of CIFAR-10-LT ρ=100
+   is drawn 1.27× as often as the tail); --resample-weights inverse draws with 1/n_c (exactly balanced).
 """
 import argparse
 import json
@@ -87,12 +92,14 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=None, help="default: 0.1 (CIFAR, SVHN), 0.2 (ImageNet-LT, iNat)")
     p.add_argument("--wd", type=float, default=None,
-                   help="default: 2e-4 (CIFAR, SVHN), 5e-4 (ImageNet-LT, iNat, --recipe he)")
+                   help="default: 2e-4 (CIFAR, SVHN), 5e-4 (ImageNet-LT, --recipe he), 1e-4 (iNat)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0,
                    help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
     p.add_argument("--out", default=None, help="default: runs/<script>-<dataset>-<rho>-<seed>")
-    p.add_argument("--resume", default=None, help="continue the run saved in this last.pt")
+    p.add_argument("--resume", default=None,
+                   help="continue the run saved in this last.pt, in its folder, with its arguments; only --gpu, "
+                        "--data-root, --download, --workers may be given with it (any other flag is refused)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--val-frac", type=float, default=0.0,
                    help="validation split carved from the training subset; 0 = report last epoch only")
@@ -106,11 +113,19 @@ def parse_args(argv=None):
                         "resnet18 = CIFAR ResNet-18 of simsiam_rwsam.py / moco_ssp.py")
     p.add_argument("--train-list", default=None, help="ImageNet-LT / iNat: 'relative/path label' list")
     p.add_argument("--test-list", default=None, help="ImageNet-LT / iNat: test list")
+    p.add_argument("--val-list", default=None,
+                   help="ImageNet-LT / iNat: official validation list (ImageNet_LT_val.txt) for model selection")
+    p.add_argument("--lr-sequence", default=None, choices=["kang", "plain"],
+                   help="cosine: kang steps it before each epoch as Kang et al.'s run_networks.py (epoch e of E, "
+                        "1-based, at lr·(1+cos(π e/E))/2); plain starts at lr. Default: kang on ImageNet-LT / iNat")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers (ImageNet-LT / iNat only)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--warmup", type=int, default=None,
                    help="linear warm-up epochs; default 5 (CIFAR), 0 (ImageNet, --recipe he)")
     p.add_argument("--beta", type=float, default=0.9999, help="class-balanced weights: effective-number β")
+    p.add_argument("--resample-weights", default="effective", choices=["effective", "inverse"],
+                   help="Resample / DRS draw weights: effective = (1-β)/(1-β^n_c) as the authors' "
+                        "ImbalancedDatasetSampler; inverse = 1/n_c (every class equally likely)")
     p.add_argument("--gamma", type=float, default=1.0, help="focal loss γ")
     p.add_argument("--max-m", type=float, default=0.5, help="LDAM: largest margin")
     p.add_argument("--s", type=float, default=30.0, help="LDAM: logit scale")
@@ -127,11 +142,13 @@ def parse_args(argv=None):
     p.add_argument("--strict-fp32", action="store_true", help="disable TF32 in cuDNN convolutions and matmuls")
     p.error = fail                                         # one line and exit 2, not the usage text
     args = p.parse_args(argv)
+    args.cli_flags = given_flags(p, argv)
     large = args.dataset in ("imagenet_lt", "inat")
     he = args.recipe == "he" and not large                 # paper 2's CIFAR supervised pre-training
-    for name, cifar, imagenet in (("epochs", 200, 90), ("lr", 0.1, 0.2), ("wd", 5e-4 if he else 2e-4, 5e-4),
-                                  ("warmup", 0 if he else 5, 0), ("loss", "ce" if he else "ldam", "ldam"),
-                                  ("rule", "none" if he else "drw", "drw"),
+    for name, cifar, imagenet in (("epochs", 200, 90), ("lr", 0.1, 0.2),
+                                  ("wd", 5e-4 if he else 2e-4, 1e-4 if args.dataset == "inat" else 5e-4),
+                                  ("warmup", 0 if he else 5, 0), ("lr_sequence", "plain", "kang"),
+                                  ("loss", "ce" if he else "ldam", "ldam"), ("rule", "none" if he else "drw", "drw"),
                                   ("arch", "resnet18" if he else "resnet32",
                                    "resnet10" if args.dataset == "imagenet_lt" else "resnet50")):
         if getattr(args, name) is None:
@@ -145,7 +162,20 @@ def parse_args(argv=None):
         tags = (["he"] if args.recipe == "he" else []) + (["balanced"] if args.balanced else []) + \
                ([f"sub{args.subsample:g}"] if args.subsample < 1 else [])
         args.out = os.path.join("runs", "-".join(["ldam_drw", args.dataset, f"{args.rho:g}", str(args.seed), *tags]))
+    check_args(args)
     return args
+
+
+def check_args(args):
+    """Range of every numeric flag, before anything is read or written."""
+    check_ranges(args, SHARED_RANGES + [("warmup", 0, None, "[)"), ("beta", 0, 1, "[)"), ("gamma", 0, None, "[)"),
+                                        ("max_m", 0, None, "[)"), ("s", 0, None, "()")])
+    if "warmup" in args.cli_flags and 0 < args.warmup >= args.epochs:
+        fail(f"--warmup {args.warmup} must be shorter than --epochs {args.epochs}")
+
+
+# --resume continues a run with its own arguments; only these (where the run executes) may be given with it
+RESUME_FLAGS = ("gpu", "workers", "data_root", "download")
 
 
 def fail(msg):
@@ -178,11 +208,15 @@ class BasicBlock(nn.Module):
 
 
 class NormedLinear(nn.Module):
-    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+    """Cosine classifier: logits are cosines between the feature and each class's weight row.
+
+    Init as LDAM-DRW's NormedLinear (uniform(-1, 1), then every class vector rescaled to unit norm):
+    the forward pass ignores the norm, but the angular step of SGD scales as 1/norm, so the ≈4.7 norm
+    of a plain uniform init would turn the classifier ~20× slower at the start."""
 
     def __init__(self, cin, cout):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5))
 
     def forward(self, x):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
@@ -275,6 +309,27 @@ def build_model(arch, num_classes, cosine):
     return model
 
 
+# === shared: check_ranges (identical in every script) ===
+def check_ranges(args, ranges):
+    """Every (flag, low, high, bounds) of `ranges`: the flag's value lies in the interval, bounds "[)" meaning
+    low <= value < high (None: no bound; a flag left at None is skipped). Else one line and exit 2."""
+    for name, low, high, bounds in ranges:
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        ok = abs(v) <= float(np.finfo(np.float32).max) and (low is None or (v >= low if bounds[0] == "[" else v > low)) \
+            and (high is None or (v <= high if bounds[1] == "]" else v < high))      # NaN, inf, 1e300 fail
+        if not ok:
+            interval = f"{bounds[0]}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{bounds[1]}"
+            fail(f"--{name.replace('_', '-')} must be in {interval}, got {v:g}")
+
+
+SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
+                 ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
+# === end shared: check_ranges ===
+
+
 # === shared: checkpoints (identical in every script) ===
 HEAD_PREFIXES = ("fc.",)
 
@@ -285,13 +340,100 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def write_text_atomic(path, text):
+    """Temp file + rename, as save_atomic: a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def strict_json(obj, **kw):
+    """JSON without the bare NaN / Infinity tokens Python writes by default: a non-finite float is null."""
+    def clean(v):
+        if isinstance(v, float):
+            return v if np.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
+def write_json(path, obj):
+    write_text_atomic(path, strict_json(obj, indent=1))
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl; none when a moved or copied run lacks the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_metrics(path, rows):
+    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in rows))
+
+
+def append_metrics(path, row):
+    write_metrics(path, read_metrics(path) + [row])
+
+
+def copy_source(path, out):
+    """The script's own source beside its outputs (temp file + rename)."""
+    tmp = os.path.join(out, os.path.basename(path) + ".tmp")
+    shutil.copy(path, tmp)
+    os.replace(tmp, os.path.join(out, os.path.basename(path)))
+
+
+def given_flags(parser, argv):
+    """Destinations of the flags written on the command line (abbreviations included), so --resume can
+    apply or refuse each of them instead of dropping it."""
+    unset = object()
+    seen = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return sorted(k for k, v in vars(seen).items() if v is not unset and k != "help")
+
+
+def resume_args(args, ckpt, applied):
+    """--resume PATH: continue the run in dirname(PATH) with the arguments it was started with. A flag in
+    `applied` given on this command line replaces the stored value (--gpu and --workers always do: they
+    describe this machine); any other flag given with --resume is refused."""
+    flag = lambda k: "--" + k.replace("_", "-")
+    refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
+    if refused:
+        fail(f"--resume continues a run with its own arguments; drop {' '.join(map(flag, refused))} (with "
+             f"--resume only {', '.join(map(flag, applied))} may be given)")
+    now = {k: getattr(args, k) for k in applied if k in args.cli_flags or k in ("gpu", "workers")}
+    return argparse.Namespace(**{**vars(args), **ckpt["args"], **now, "resume": args.resume,
+                                 "out": os.path.dirname(os.path.abspath(args.resume)), "cli_flags": args.cli_flags})
+
+
+def nonfinite_tensor(model):
+    """Name of the first parameter or buffer holding NaN / inf (a BatchNorm running_var, say), or None."""
+    named = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist() if named else []
+    return next((k for (k, _), ok in zip(named, finite) if not ok), None)
+
+
+def stop_diverged(what, out, epoch):
+    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint,
+    exit 1."""
+    last = os.path.join(out, "last.pt")
+    kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
+    print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
+    sys.exit(1)
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    except Exception as e:                                 # empty, truncated, another format, ...
+        why = (str(e).splitlines() or [""])[0][:60]
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}{': ' if why else ''}{why})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
         fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
     return ckpt
@@ -433,6 +575,7 @@ def build_data(args, device):
                         seed=args.seed)
     test = D.GPULoader(test_x, test_y, 1000, mean, std, device)
     val = D.GPULoader(train_x[val_idx], train_y[val_idx], 1000, mean, std, device) if len(val_idx) else None
+    train.indices = idx                                   # recorded (as a digest) for self_training.py --base
     return train, val, test, counts, C
 
 
@@ -487,8 +630,11 @@ def build_list_data(args, device):
     if args.balanced or args.subsample < 1:
         fail(f"--balanced and --subsample draw CIFAR-size subsets; for {args.dataset} pass a variant list as "
              f"--train-list (python datasets_lt.py --train-list ... writes paper 2's ImageNet variants)")
-    train_ds = D.FileListDataset(args.data_root, args.train_list, train=True)
-    test_ds = D.FileListDataset(args.data_root, args.test_list, train=False)
+    if args.val_list and args.val_frac:
+        fail("--val-list and --val-frac both choose a validation set; pass one")
+    tf = lambda train: D.imagenet_transform(train, dataset=args.dataset)     # iNat: own mean/std, no jitter
+    train_ds = D.FileListDataset(args.data_root, args.train_list, transform=tf(True))
+    test_ds = D.FileListDataset(args.data_root, args.test_list, transform=tf(False))
     C = max(train_ds.num_classes, test_ds.num_classes)
     idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.data_seed)
     counts = np.bincount(train_ds.labels[idx], minlength=C).tolist()
@@ -496,8 +642,11 @@ def build_list_data(args, device):
     test = ListBatches(test_ds, np.arange(len(test_ds)), 256, False, args.seed, args.workers, device)
     val = None
     if len(val_idx):
-        val_ds = D.FileListDataset(args.data_root, args.train_list, train=False)
+        val_ds = D.FileListDataset(args.data_root, args.train_list, transform=tf(False))
         val = ListBatches(val_ds, val_idx, 256, False, args.seed, args.workers, device)
+    if args.val_list:                                      # Kang et al. select on the official val list
+        val_ds = D.FileListDataset(args.data_root, args.val_list, transform=tf(False))
+        val = ListBatches(val_ds, np.arange(len(val_ds)), 256, False, args.seed, args.workers, device)
     return train, val, test, counts, C
 
 
@@ -530,9 +679,10 @@ def main(argv=None):
         if ckpt.get("script") != "ldam_drw.py":
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not ldam_drw.py; "
                  f"use --pretrained to start from its backbone")
-        keep = {k: getattr(args, k) for k in ("gpu", "resume", "workers")}
-        args = argparse.Namespace(**{"data_seed": ckpt["args"].get("seed", 0), "balanced": False, "subsample": 1.0,
-                                     "recipe": "ldam", "same_epochs": False, **ckpt["args"], **keep})
+        ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), "resample_weights": "inverse",
+                        "lr_sequence": "plain", "val_list": None, "balanced": False, "subsample": 1.0,
+                        "recipe": "ldam", "same_epochs": False, **ckpt["args"]}
+        args = resume_args(args, ckpt, RESUME_FLAGS)
         print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
     try:
         D.check_rho(args.rho)
@@ -562,22 +712,20 @@ def main(argv=None):
 
     cb_weights = class_balanced_weights(counts, args.beta).to(device)
     margins = ldam_margins(counts, args.max_m).to(device)
-    sample_weights = D.balanced_sample_weights(train.labels.cpu())
+    sample_weights = (D.effective_number_sample_weights(train.labels.cpu(), args.beta)
+                      if args.resample_weights == "effective" else D.balanced_sample_weights(train.labels.cpu()))
+    subset = D.subset_digest(train.indices)
     switch = int(0.8 * args.epochs)                       # DRW / DRS: deferred by 80% of the run
 
     os.makedirs(args.out, exist_ok=True)
-    if ckpt is None:
+    metrics = os.path.join(args.out, "metrics.jsonl")
+    if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
         meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
-        open(os.path.join(args.out, "metrics.jsonl"), "w").close()
-    else:                                                  # drop epochs logged after the checkpoint
-        with open(os.path.join(args.out, "metrics.jsonl")) as f:
-            lines = [l for l in f if json.loads(l)["epoch"] <= start]
-        with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
-            f.writelines(lines)
+        write_json(os.path.join(args.out, "args.json"), meta)
+        copy_source(__file__, args.out)
+    # a resumed run drops the epochs logged after its checkpoint
+    write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
     print(f"{args.dataset} rho={args.rho:g} ({args.imb_type}{', balanced' if args.balanced else ''}"
           f"{f', subsample {args.subsample:g}' if args.subsample < 1 else ''}): {sum(counts)} training images "
           f"{counts[:3]}…{counts[-1]}, loss={args.loss} rule={args.rule}, {args.arch}, recipe {args.recipe}, "
@@ -593,7 +741,7 @@ def main(argv=None):
     t_run = time.time()
     for epoch in range(start, args.epochs):
         t0 = time.time()
-        lr = he_lr_at(epoch, args) if args.schedule == "he" else lr_at(epoch, args)
+        lr = he_lr_at(epoch, args) if args.schedule == "he" else lr_at(epoch + (args.lr_sequence == "kang"), args)
         for group in optimizer.param_groups:
             group["lr"] = lr
         deferred = epoch >= switch
@@ -621,38 +769,43 @@ def main(argv=None):
             hits += (logits.argmax(1) == y).sum()
             seen += len(y)
         if first_bad.item() >= 0:
-            print(f"error: loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}; stopped, "
-                  f"{args.out}/last.pt still holds epoch {epoch}", file=sys.stderr)
-            sys.exit(1)
+            stop_diverged(f"loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}", args.out, epoch)
+        bad_tensor = nonfinite_tensor(model)
+        if bad_tensor:
+            stop_diverged(f"'{bad_tensor}' is not finite after epoch {epoch + 1}, step {step + 1}", args.out, epoch)
         test_m = evaluate(model, test.epoch(0), C, counts)
         val_m = evaluate(model, val.epoch(0), C, counts) if val else None
         if val_m and (best is None or val_m["top1"] > best["val_top1"]):
             best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
                "test": test_m, "val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0}
-        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(metrics, row)
         print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
               f"{fmt(test_m['many'])} {fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_top1'])} "
               f"{row['seconds']:6.2f}", flush=True)
         state = {"script": "ldam_drw.py", "arch": args.arch, "model": model.state_dict(), "epoch": epoch + 1,
                  "optimizer": optimizer.state_dict(), "args": vars(args), "class_counts": counts, "best": best,
-                 "rng": {"torch": torch.get_rng_state()}}
+                 "train_subset": subset, "rng": {"torch": torch.get_rng_state()},
+                 "mean": getattr(test, "mean", D.IMAGENET_MEAN), "std": getattr(test, "std", D.IMAGENET_STD)}
         save_atomic(state, os.path.join(args.out, "last.pt"))
 
     if start >= args.epochs:
         test_m = evaluate(model, test.epoch(0), C, counts)
-    with open(os.path.join(args.out, "metrics.jsonl")) as f:
-        seconds = [json.loads(l)["seconds"] for l in f]
+    seconds = [r["seconds"] for r in read_metrics(metrics)] or [float("nan")]
+    # Paper 1 evaluates on balanced test sets; SVHN's is not, so its headline error is 100 − mean per-class
+    # accuracy (the error on a class-balanced test set), top-1 printed beside it.
+    headline = "mean_class_acc" if args.dataset == "svhn" else "top1"
     final = {"script": "ldam_drw.py", "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type,
              "loss": args.loss, "rule": args.rule, "pretrained": args.pretrained, "seed": args.seed, "data_seed": args.data_seed,
              "epochs": args.epochs, "class_counts": counts, "arch": args.arch, "recipe": args.recipe,
              "balanced": args.balanced, "subsample": args.subsample, "n_train": sum(counts), "last": test_m,
-             "test_error": 100 - test_m["top1"], "best_on_val": best,
+             "headline": headline, "test_error": 100 - test_m[headline], "test_error_top1": 100 - test_m["top1"],
+             "best_on_val": best,
              "seconds_per_epoch": float(np.median(seconds)), "wall_seconds": time.time() - t_run}
-    with open(os.path.join(args.out, "final.json"), "w") as f:
-        json.dump(final, f, indent=1)
-    print(f"last epoch: test error {final['test_error']:.2f}% (many {fmt(test_m['many'])}, medium "
+    write_json(os.path.join(args.out, "final.json"), final)
+    print(f"last epoch: test error {final['test_error']:.2f}%"
+          + (f" from mean per-class accuracy (top-1 error {final['test_error_top1']:.2f}%)" if headline != "top1" else "")
+          + f" (many {fmt(test_m['many'])}, medium "
           f"{fmt(test_m['medium'])}, few {fmt(test_m['few'])})"
           + (f"; best on validation: epoch {best['epoch']}, test error {100 - best['test']['top1']:.2f}%"
              if best else ""))

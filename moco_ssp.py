@@ -36,7 +36,10 @@ the MoCo authors' single-GPU CIFAR demo, so lr 0.06; queue 4096 (the demo's; a t
 ρ=0.01's 12,406 images), lowered to the largest multiple of the batch up to half the training set
 when the set is smaller (SVHN-LT: 1024); views on the GPU (datasets_lt.GPULoader(augment="ssl")).
 ImageNet-LT / iNat (file lists): torchvision ResNet-50 (ResNet-10 with --arch resnet10), batch 256,
-views by torchvision transforms in DataLoader workers.
+views by torchvision transforms in DataLoader workers; queue 65,536 wherever it is smaller than the
+training set (full ImageNet-LT and its 0.75 variant), else the largest multiple of the batch up to half
+the set (paper 2's variants of 58K images and fewer); the default K is printed at start, and an explicit
+--queue that does not fit stops the run with one line.
 Paper numbers: paper 1 Table 3 (ImageNet-LT top-1 error, ResNet-10 / ResNet-50): cRT 58.2 / 52.7 →
 cRT + SSP 56.8 / 48.7; CE (Uniform) 65.2 / 61.6 → 64.1 / 54.4. Table 4 (iNat, ResNet-50): cRT 34.8 →
 31.9. Paper 2 Table 2 (ImageNet linear probe, n = 116K): MoCo v2 50.4 balanced, 49.5 ImageNet-LT.
@@ -153,7 +156,9 @@ def parse_args(argv=None):
     p.add_argument("--data-seed", type=int, default=0,
                    help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
     p.add_argument("--out", default=None, help="default: runs/<script>-<dataset>-<rho>-<seed>")
-    p.add_argument("--resume", default=None, help="continue the run saved in this last.pt")
+    p.add_argument("--resume", default=None,
+                   help="continue the run saved in this last.pt, in its folder, with its arguments; only --gpu, "
+                        "--data-root, --download, --workers may be given with it (any other flag is refused)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--val-frac", type=float, default=0.0,
                    help="validation split carved from the training subset; 0 = report last epoch only")
@@ -162,7 +167,8 @@ def parse_args(argv=None):
                    help="default: resnet18 (CIFAR ResNet-18: CIFAR, SVHN, folder), resnet50 (ImageNet-LT, iNat)")
     p.add_argument("--queue", type=int, default=None,
                    help="negatives K; a multiple of the global batch, smaller than the training set; default: "
-                        "65536 (ImageNet-LT, iNat), else 4096 or the largest multiple of the batch ≤ half the set")
+                        "65536 (ImageNet-LT, iNat) or 4096 (CIFAR-size), and the largest multiple of the batch "
+                        "≤ half the set where that does not fit (printed at start)")
     p.add_argument("--moco-m", type=float, default=0.999, help="key encoder momentum m of MoCo Eq. (2)")
     p.add_argument("--moco-t", type=float, default=0.2, help="InfoNCE temperature τ")
     p.add_argument("--moco-dim", type=int, default=128, help="embedding width (output of the MLP head)")
@@ -201,6 +207,7 @@ def parse_args(argv=None):
                         "KDE features (Algorithm 1 line 8); this run trains a fresh model")
     p.error = fail                                         # one line and exit 2, not the usage text
     args = p.parse_args(argv)
+    args.cli_flags = given_flags(p, argv)
     large = args.dataset in LARGE
     for name, small, imagenet in (("batch_size", 512, 256), ("arch", "resnet18", "resnet50"), ("knn_every", 10, 0),
                                   ("epochs", 200, 300), ("sam_rho", 5.0, 2.0), ("alpha", 1.2, 0.5)):
@@ -216,7 +223,20 @@ def parse_args(argv=None):
         tags = ([args.opt] if args.opt != "sgd" else []) + (["balanced"] if args.balanced else []) + \
                ([f"sub{args.subsample:g}"] if args.subsample < 1 else [])
         args.out = os.path.join("runs", "-".join(["moco_ssp", args.dataset, f"{args.rho:g}", str(args.seed), *tags]))
+    check_args(args)
     return args
+
+
+def check_args(args):
+    """Range of every numeric flag, before anything is read or written."""
+    check_ranges(args, SHARED_RANGES + [("queue", 1, None, "[)"), ("moco_m", 0, 1, "[)"), ("moco_t", 0, None, "()"),
+                                        ("moco_dim", 1, None, "[)"), ("bn_splits", 1, None, "[)"),
+                                        ("knn_every", 0, None, "[)"), ("knn_k", 1, None, "[)"), ("knn_t", 0, None, "()"),
+                                        ("sam_rho", 0, None, "[)"), ("alpha", 0, None, "[)"), ("bandwidth", 0, None, "()")])
+
+
+# --resume continues a run with its own arguments; only these (where the run executes) may be given with it
+RESUME_FLAGS = ("gpu", "workers", "data_root", "download")
 
 
 def fail(msg):
@@ -273,6 +293,27 @@ class ResNet18(nn.Module):
 # === end shared: resnet18 ===
 
 
+# === shared: check_ranges (identical in every script) ===
+def check_ranges(args, ranges):
+    """Every (flag, low, high, bounds) of `ranges`: the flag's value lies in the interval, bounds "[)" meaning
+    low <= value < high (None: no bound; a flag left at None is skipped). Else one line and exit 2."""
+    for name, low, high, bounds in ranges:
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        ok = abs(v) <= float(np.finfo(np.float32).max) and (low is None or (v >= low if bounds[0] == "[" else v > low)) \
+            and (high is None or (v <= high if bounds[1] == "]" else v < high))      # NaN, inf, 1e300 fail
+        if not ok:
+            interval = f"{bounds[0]}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{bounds[1]}"
+            fail(f"--{name.replace('_', '-')} must be in {interval}, got {v:g}")
+
+
+SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
+                 ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
+# === end shared: check_ranges ===
+
+
 # === shared: checkpoints (identical in every script) ===
 HEAD_PREFIXES = ("fc.",)
 
@@ -283,13 +324,100 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def write_text_atomic(path, text):
+    """Temp file + rename, as save_atomic: a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def strict_json(obj, **kw):
+    """JSON without the bare NaN / Infinity tokens Python writes by default: a non-finite float is null."""
+    def clean(v):
+        if isinstance(v, float):
+            return v if np.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
+def write_json(path, obj):
+    write_text_atomic(path, strict_json(obj, indent=1))
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl; none when a moved or copied run lacks the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_metrics(path, rows):
+    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in rows))
+
+
+def append_metrics(path, row):
+    write_metrics(path, read_metrics(path) + [row])
+
+
+def copy_source(path, out):
+    """The script's own source beside its outputs (temp file + rename)."""
+    tmp = os.path.join(out, os.path.basename(path) + ".tmp")
+    shutil.copy(path, tmp)
+    os.replace(tmp, os.path.join(out, os.path.basename(path)))
+
+
+def given_flags(parser, argv):
+    """Destinations of the flags written on the command line (abbreviations included), so --resume can
+    apply or refuse each of them instead of dropping it."""
+    unset = object()
+    seen = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return sorted(k for k, v in vars(seen).items() if v is not unset and k != "help")
+
+
+def resume_args(args, ckpt, applied):
+    """--resume PATH: continue the run in dirname(PATH) with the arguments it was started with. A flag in
+    `applied` given on this command line replaces the stored value (--gpu and --workers always do: they
+    describe this machine); any other flag given with --resume is refused."""
+    flag = lambda k: "--" + k.replace("_", "-")
+    refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
+    if refused:
+        fail(f"--resume continues a run with its own arguments; drop {' '.join(map(flag, refused))} (with "
+             f"--resume only {', '.join(map(flag, applied))} may be given)")
+    now = {k: getattr(args, k) for k in applied if k in args.cli_flags or k in ("gpu", "workers")}
+    return argparse.Namespace(**{**vars(args), **ckpt["args"], **now, "resume": args.resume,
+                                 "out": os.path.dirname(os.path.abspath(args.resume)), "cli_flags": args.cli_flags})
+
+
+def nonfinite_tensor(model):
+    """Name of the first parameter or buffer holding NaN / inf (a BatchNorm running_var, say), or None."""
+    named = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist() if named else []
+    return next((k for (k, _), ok in zip(named, finite) if not ok), None)
+
+
+def stop_diverged(what, out, epoch):
+    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint,
+    exit 1."""
+    last = os.path.join(out, "last.pt")
+    kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
+    print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
+    sys.exit(1)
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    except Exception as e:                                 # empty, truncated, another format, ...
+        why = (str(e).splitlines() or [""])[0][:60]
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}{': ' if why else ''}{why})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
         fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
     return ckpt
@@ -457,7 +585,7 @@ def info_nce(q, k, queue, t):
 # === shared: sam (simsiam_rwsam.py's sam_perturbation and bn_buffers, byte-identical) ===
 def sam_perturbation(params, grads, rho, adaptive):
     """ε of paper 2 Algorithm 1 line 12 with p = q = 2: ρ·g/‖g‖₂, one norm over all parameters (Foret
-    et al. Eq. (2)). adaptive (ASAM, Kwon et al. 2021, as the SAM code the authors used): ρ·w²·g/‖|w|·g‖₂."""
+    et al. Eq. (2)). adaptive (ASAM, Kwon et al. 2021, as the authors ran it; the default): ρ·w²·g/‖|w|·g‖₂."""
     if adaptive:
         scaled = torch._foreach_mul(grads, torch._foreach_abs(params))
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(scaled)))
@@ -612,9 +740,13 @@ def check_queue(K, B, n):
 
 
 def default_queue(args, n):
-    if args.dataset in LARGE:
-        return 65536
+    """ImageNet-LT / iNat: the authors' 65,536 wherever it is smaller than the training set (full
+    ImageNet-LT, 115,846 images, and its 0.75 variant); CIFAR-size data: 4096 unless the set holds fewer
+    than 2 × 4096 images. Otherwise the largest multiple of the global batch ≤ n/2 (paper 2's smaller
+    ImageNet variants, SVHN-LT: 1024)."""
     fit = args.batch_size * ((n // 2) // args.batch_size)
+    if args.dataset in LARGE:
+        return 65536 if n > 65536 else fit or args.batch_size
     return min(4096, fit) if fit else args.batch_size
 
 
@@ -807,9 +939,9 @@ def main(argv=None):
         if ckpt.get("script") != "moco_ssp.py":
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not moco_ssp.py; "
                  f"start a new pre-training run with another --out")
-        keep = {k: getattr(args, k) for k in ("gpu", "resume", "workers")}
-        args = argparse.Namespace(**{"data_seed": ckpt["args"].get("seed", 0), "balanced": False, "subsample": 1.0,
-                                     "same_epochs": False, "opt": "sgd", **ckpt["args"], **keep})
+        ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), "balanced": False, "subsample": 1.0,
+                        "same_epochs": False, "opt": "sgd", **ckpt["args"]}
+        args = resume_args(args, ckpt, RESUME_FLAGS)
         if args.world_size != world:
             fail(f"'{args.resume}' was trained by {args.world_size} process(es) but this is {world}; resume it with "
                  f"the same number (torchrun --nproc_per_node {args.world_size}, or no torchrun for 1)")
@@ -868,6 +1000,9 @@ def main(argv=None):
                 f"{kde['weights'].min().item():.3f}–{kde['weights'].max().item():.3f} (mean 1)")
     if args.queue is None:
         args.queue = default_queue(args, n)
+        if rank == 0:
+            print(f"queue: K = {args.queue} negatives (default for {n} training images at global batch "
+                  f"{args.batch_size}; --queue sets it)")
     check_queue(args.queue, args.batch_size, n)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
@@ -903,21 +1038,17 @@ def main(argv=None):
         model = nn.parallel.DistributedDataParallel(encoder_q, device_ids=[device.index] if device.type == "cuda"
                                                     else None)
 
+    metrics = os.path.join(args.out, "metrics.jsonl")
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        if ckpt is None:
+        if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
             meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-            with open(os.path.join(args.out, "args.json"), "w") as f:
-                json.dump(meta, f, indent=1)
-            shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
+            write_json(os.path.join(args.out, "args.json"), meta)
+            copy_source(__file__, args.out)
             D.save_indices(os.path.join(args.out, "train_indices.json"), idx, val_idx)
-            open(os.path.join(args.out, "metrics.jsonl"), "w").close()
-        else:                                              # drop epochs logged after the checkpoint
-            with open(os.path.join(args.out, "metrics.jsonl")) as f:
-                lines = [l for l in f if json.loads(l)["epoch"] <= start]
-            with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
-                f.writelines(lines)
+        # a resumed run drops the epochs logged after its checkpoint
+        write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
     log(f"{args.dataset} rho={args.rho:g} ({args.imb_type}{', balanced' if args.balanced else ''}"
         f"{f', subsample {args.subsample:g}' if args.subsample < 1 else ''}): {n} training images "
         f"{counts[:3]}…{counts[-1]}, labels "
@@ -980,10 +1111,16 @@ def main(argv=None):
             seen += len(q) * world
         if world > 1:
             dist.all_reduce(stats)
-            dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
-        if first_bad.item() >= 0:
-            log(f"error: loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}; stopped, "
-                f"{args.out}/last.pt still holds epoch {epoch}", file=sys.stderr)
+        bad_tensor = nonfinite_tensor(encoder_q) or nonfinite_tensor(encoder_k)
+        bad = torch.stack([first_bad, torch.tensor(int(bad_tensor is not None), device=device)])
+        if world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad[0].item() >= 0 or bad[1].item() > 0:
+            where = (f"loss is not finite at epoch {epoch + 1}, step {bad[0].item() + 1}" if bad[0].item() >= 0 else
+                     f"'{bad_tensor or 'a tensor of another process'}' is not finite after epoch {epoch + 1}, "
+                     f"step {step + 1}")
+            if rank == 0:
+                stop_diverged(where, args.out, epoch)
             sys.exit(1)
         if rank != 0:
             continue
@@ -994,8 +1131,7 @@ def main(argv=None):
         loss_sum, pos = stats.tolist()
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / seen, "pos_top1": 100 * pos / seen,
                "knn_test": knn_m, "knn_val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0}
-        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(metrics, row)
         m = knn_m or {}
         print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['pos_top1'])} {fmt(m.get('top1'))} "
               f"{fmt(m.get('many'))} {fmt(m.get('medium'))} {fmt(m.get('few'))} {fmt(row['knn_val_top1'])} "
@@ -1003,12 +1139,13 @@ def main(argv=None):
         state = {"script": "moco_ssp.py", "arch": args.arch, "model": contract_state(encoder_q),
                  "key_model": contract_state(encoder_k), "queue": queue, "queue_ptr": ptr, "epoch": epoch + 1,
                  "optimizer": optimizer.state_dict(), "args": vars(args), "class_counts": counts,
-                 "rng": {"torch": torch.get_rng_state()}, "kde_weights": kde}
+                 "rng": {"torch": torch.get_rng_state()},
+                 "mean": getattr(test, "mean", D.IMAGENET_MEAN), "std": getattr(test, "std", D.IMAGENET_STD), "kde_weights": kde}
         save_atomic(state, os.path.join(args.out, "last.pt"))
 
     if rank == 0:
-        with open(os.path.join(args.out, "metrics.jsonl")) as f:
-            rows = [json.loads(l) for l in f]
+        rows = read_metrics(metrics) or [dict.fromkeys(("loss", "pos_top1", "knn_test", "knn_val_top1"),
+                                                        None) | {"seconds": float("nan")}]
         ckpt_path = os.path.join(args.out, "last.pt")
         final = {"script": "moco_ssp.py", "arch": args.arch, "dataset": args.dataset, "rho": args.rho,
                  "imb_type": args.imb_type, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs, "batch_size": args.batch_size,
@@ -1021,8 +1158,7 @@ def main(argv=None):
                  "next": [f"python crt.py --ckpt {ckpt_path}", f"python eval_linear.py --ckpt {ckpt_path}"],
                  "seconds_per_epoch": float(np.median([r["seconds"] for r in rows])),
                  "wall_seconds": time.time() - t_run}
-        with open(os.path.join(args.out, "final.json"), "w") as f:
-            json.dump(final, f, indent=1)
+        write_json(os.path.join(args.out, "final.json"), final)
         knn = rows[-1]["knn_test"]
         print(f"done: {ckpt_path} (loss {final['final_loss']:.4f}"
               + (f", kNN test top-1 {knn['top1']:.2f}%" if knn else "") + f"); next: {final['next'][0]}")

@@ -48,8 +48,9 @@ Deliberate differences from the paper and the authors' code (pretrain_rot.py, ut
 3. Exactly balanced batches: the authors permuted B + 4 pattern entries and dropped 4, so their batches
    were only nearly balanced; here the phase and the permutation are drawn per batch from a generator
    seeded by (seed, epoch), so a resumed run draws the same rotations.
-4. Schedule: the decays scale with --epochs (80% / 90%) and the second one happens; the authors'
-   schedule never reached its ×0.0001 branch.
+4. Schedule: the decays scale with --epochs (80% / 90%), both of them happen. The authors' first upload
+   (utils.adjust_learning_rate, September 2020) tested `epoch > 160` before `epoch > 180` and so never
+   reached its ×0.0001 branch; their current code (fixed in April 2021) does, as here at 200 epochs.
 5. Evaluation: every test image under all four rotations, reported per rotation and per class; the
    authors scored one random rotation per test image. Pre-training keeps the last epoch (no selection);
    with --val-frac > 0 the validation images are left out of pre-training, as ldam_drw.py leaves them
@@ -94,7 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--data-seed", type=int, default=0,
                    help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
     p.add_argument("--out", default=None, help="default: runs/<script>-<dataset>-<rho>-<seed>")
-    p.add_argument("--resume", default=None, help="continue the run saved in this last.pt")
+    p.add_argument("--resume", default=None,
+                   help="continue the run saved in this last.pt, in its folder, with its arguments; only --gpu, "
+                        "--data-root, --download may be given with it (any other flag is refused)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--val-frac", type=float, default=0.0,
                    help="validation split carved from the training subset; 0 = report last epoch only")
@@ -105,6 +108,7 @@ def parse_args(argv=None):
     p.add_argument("--strict-fp32", action="store_true", help="disable TF32 in cuDNN convolutions and matmuls")
     p.error = fail                                         # one line and exit 2, not the usage text
     args = p.parse_args(argv)
+    args.cli_flags = given_flags(p, argv)
     if args.dataset in ("imagenet_lt", "inat"):
         fail(f"rotation_ssp.py pre-trains on CIFAR-size images; paper 1 pre-trains {args.dataset} with MoCo "
              f"(moco_ssp.py)")
@@ -114,7 +118,19 @@ def parse_args(argv=None):
     args.schedule = "step"                                 # REFERENCE §2: the CIFAR schedule of ldam_drw.py
     if args.out is None:
         args.out = os.path.join("runs", f"rotation_ssp-{args.dataset}-{args.rho:g}-{args.seed}")
+    check_args(args)
     return args
+
+
+def check_args(args):
+    """Range of every numeric flag, before anything is read or written."""
+    check_ranges(args, SHARED_RANGES + [("warmup", 0, None, "[)")])
+    if "warmup" in args.cli_flags and 0 < args.warmup >= args.epochs:
+        fail(f"--warmup {args.warmup} must be shorter than --epochs {args.epochs}")
+
+
+# --resume continues a run with its own arguments; only these (where the run executes) may be given with it
+RESUME_FLAGS = ("gpu", "data_root", "download")
 
 
 def fail(msg):
@@ -147,11 +163,15 @@ class BasicBlock(nn.Module):
 
 
 class NormedLinear(nn.Module):
-    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+    """Cosine classifier: logits are cosines between the feature and each class's weight row.
+
+    Init as LDAM-DRW's NormedLinear (uniform(-1, 1), then every class vector rescaled to unit norm):
+    the forward pass ignores the norm, but the angular step of SGD scales as 1/norm, so the ≈4.7 norm
+    of a plain uniform init would turn the classifier ~20× slower at the start."""
 
     def __init__(self, cin, cout):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5))
 
     def forward(self, x):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
@@ -184,6 +204,27 @@ class ResNet32(nn.Module):
 # === end shared: resnet32 ===
 
 
+# === shared: check_ranges (identical in every script) ===
+def check_ranges(args, ranges):
+    """Every (flag, low, high, bounds) of `ranges`: the flag's value lies in the interval, bounds "[)" meaning
+    low <= value < high (None: no bound; a flag left at None is skipped). Else one line and exit 2."""
+    for name, low, high, bounds in ranges:
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        ok = abs(v) <= float(np.finfo(np.float32).max) and (low is None or (v >= low if bounds[0] == "[" else v > low)) \
+            and (high is None or (v <= high if bounds[1] == "]" else v < high))      # NaN, inf, 1e300 fail
+        if not ok:
+            interval = f"{bounds[0]}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{bounds[1]}"
+            fail(f"--{name.replace('_', '-')} must be in {interval}, got {v:g}")
+
+
+SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
+                 ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
+# === end shared: check_ranges ===
+
+
 # === shared: checkpoints (identical in every script) ===
 HEAD_PREFIXES = ("fc.",)
 
@@ -194,13 +235,100 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def write_text_atomic(path, text):
+    """Temp file + rename, as save_atomic: a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def strict_json(obj, **kw):
+    """JSON without the bare NaN / Infinity tokens Python writes by default: a non-finite float is null."""
+    def clean(v):
+        if isinstance(v, float):
+            return v if np.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
+def write_json(path, obj):
+    write_text_atomic(path, strict_json(obj, indent=1))
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl; none when a moved or copied run lacks the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_metrics(path, rows):
+    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in rows))
+
+
+def append_metrics(path, row):
+    write_metrics(path, read_metrics(path) + [row])
+
+
+def copy_source(path, out):
+    """The script's own source beside its outputs (temp file + rename)."""
+    tmp = os.path.join(out, os.path.basename(path) + ".tmp")
+    shutil.copy(path, tmp)
+    os.replace(tmp, os.path.join(out, os.path.basename(path)))
+
+
+def given_flags(parser, argv):
+    """Destinations of the flags written on the command line (abbreviations included), so --resume can
+    apply or refuse each of them instead of dropping it."""
+    unset = object()
+    seen = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return sorted(k for k, v in vars(seen).items() if v is not unset and k != "help")
+
+
+def resume_args(args, ckpt, applied):
+    """--resume PATH: continue the run in dirname(PATH) with the arguments it was started with. A flag in
+    `applied` given on this command line replaces the stored value (--gpu and --workers always do: they
+    describe this machine); any other flag given with --resume is refused."""
+    flag = lambda k: "--" + k.replace("_", "-")
+    refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
+    if refused:
+        fail(f"--resume continues a run with its own arguments; drop {' '.join(map(flag, refused))} (with "
+             f"--resume only {', '.join(map(flag, applied))} may be given)")
+    now = {k: getattr(args, k) for k in applied if k in args.cli_flags or k in ("gpu", "workers")}
+    return argparse.Namespace(**{**vars(args), **ckpt["args"], **now, "resume": args.resume,
+                                 "out": os.path.dirname(os.path.abspath(args.resume)), "cli_flags": args.cli_flags})
+
+
+def nonfinite_tensor(model):
+    """Name of the first parameter or buffer holding NaN / inf (a BatchNorm running_var, say), or None."""
+    named = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist() if named else []
+    return next((k for (k, _), ok in zip(named, finite) if not ok), None)
+
+
+def stop_diverged(what, out, epoch):
+    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint,
+    exit 1."""
+    last = os.path.join(out, "last.pt")
+    kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
+    print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
+    sys.exit(1)
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    except Exception as e:                                 # empty, truncated, another format, ...
+        why = (str(e).splitlines() or [""])[0][:60]
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}{': ' if why else ''}{why})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
         fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
     return ckpt
@@ -366,8 +494,8 @@ def main(argv=None):
         if ckpt.get("script") != "rotation_ssp.py":
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not rotation_ssp.py; "
                  f"start a new pre-training run with another --out")
-        keep = {k: getattr(args, k) for k in ("gpu", "resume")}
-        args = argparse.Namespace(**{"data_seed": ckpt["args"].get("seed", 0), **ckpt["args"], **keep})
+        ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), **ckpt["args"]}
+        args = resume_args(args, ckpt, RESUME_FLAGS)
         print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
     try:
         D.check_rho(args.rho)
@@ -395,18 +523,14 @@ def main(argv=None):
     step_model = torch.compile(model, mode="reduce-overhead") if args.compile else model
 
     os.makedirs(args.out, exist_ok=True)
-    if ckpt is None:
+    metrics = os.path.join(args.out, "metrics.jsonl")
+    if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
         meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
-        open(os.path.join(args.out, "metrics.jsonl"), "w").close()
-    else:                                                  # drop epochs logged after the checkpoint
-        with open(os.path.join(args.out, "metrics.jsonl")) as f:
-            lines = [l for l in f if json.loads(l)["epoch"] <= start]
-        with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
-            f.writelines(lines)
+        write_json(os.path.join(args.out, "args.json"), meta)
+        copy_source(__file__, args.out)
+    # a resumed run drops the epochs logged after its checkpoint
+    write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
     print(f"{args.dataset} rho={args.rho:g} ({args.imb_type}): {sum(counts)} training images {counts[:3]}…"
           f"{counts[-1]}, labels unused; rotation pretext (4-way), {ARCH}, {args.epochs} epochs on {device}")
     print("train / test / val: rotation accuracy (pretext, %); test: every test image under all 4 rotations, "
@@ -442,36 +566,34 @@ def main(argv=None):
             hits += (logits.argmax(1) == k).sum()
             seen += len(k)
         if first_bad.item() >= 0:
-            print(f"error: loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}; stopped, "
-                  f"{args.out}/last.pt still holds epoch {epoch}", file=sys.stderr)
-            sys.exit(1)
+            stop_diverged(f"loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}", args.out, epoch)
+        bad_tensor = nonfinite_tensor(model)
+        if bad_tensor:
+            stop_diverged(f"'{bad_tensor}' is not finite after epoch {epoch + 1}, step {step + 1}", args.out, epoch)
         test_m = rotation_accuracy(model, test.epoch(0), C, counts, args.amp)
         val_m = rotation_accuracy(model, val.epoch(0), C, counts, args.amp) if val else None
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen,
                "train_rotation_acc": 100 * hits.item() / seen, "test_rotation_pretext": test_m,
                "val_rotation_acc": val_m["top1"] if val_m else None, "seconds": time.time() - t0}
-        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(metrics, row)
         print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_rotation_acc'])} {fmt(test_m['top1'])} "
               f"{fmt(test_m['many'])} {fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_rotation_acc'])} "
               f"{row['seconds']:6.2f}", flush=True)
         state = {"script": "rotation_ssp.py", "arch": ARCH, "model": model.state_dict(), "epoch": epoch + 1,
                  "optimizer": optimizer.state_dict(), "args": vars(args), "class_counts": counts, "best": None,
-                 "rng": {"torch": torch.get_rng_state()}}
+                 "rng": {"torch": torch.get_rng_state()}, "mean": test.mean, "std": test.std}
         save_atomic(state, os.path.join(args.out, "last.pt"))
 
     if test_m is None:
         test_m = rotation_accuracy(model, test.epoch(0), C, counts, args.amp)
-    with open(os.path.join(args.out, "metrics.jsonl")) as f:
-        rows = [json.loads(l) for l in f]
+    rows = read_metrics(metrics) or [{"val_rotation_acc": None, "loss": None, "seconds": float("nan")}]
     final = {"script": "rotation_ssp.py", "arch": ARCH, "dataset": args.dataset, "rho": args.rho,
              "imb_type": args.imb_type, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs, "class_counts": counts,
              "rotation_accuracy_pretext": test_m, "val_rotation_accuracy_pretext": rows[-1]["val_rotation_acc"],
              "final_loss": rows[-1]["loss"], "checkpoint": os.path.join(args.out, "last.pt"),
              "finetune": finetune_command(args), "seconds_per_epoch": float(np.median([r["seconds"] for r in rows])),
              "wall_seconds": time.time() - t_run}
-    with open(os.path.join(args.out, "final.json"), "w") as f:
-        json.dump(final, f, indent=1)
+    write_json(os.path.join(args.out, "final.json"), final)
     per_rot = ", ".join(f"{90 * r}° {a:.1f}" for r, a in enumerate(test_m["per_rotation"]))
     print(f"last epoch: rotation accuracy (pretext) on the test images, each under all 4 rotations: "
           f"{test_m['top1']:.2f}% ({per_rot}; chance 25%)")

@@ -5,39 +5,68 @@ pseudo-label an extra unlabeled set D_U (hard argmax, eval mode, test transform)
 model on D_L ∪ D_U with the same recipe. Paper 1 minimises L(D_L) + ω·L(D_U) (§3); the authors' code
 merges both into one shuffled set, which is ω = 1.
 
-    python self_training.py --rho 0.01 --gpu 0                          # LDAM-DRW base + D_U, rho_U = 1
-    python self_training.py --rho 0.01 --loss ce --rule none            # CE
-    python self_training.py --rho 0.01 --base runs/ldam_drw-cifar10-0.01-0/last.pt   # reuse a base model
-    python self_training.py --dataset svhn --rho 0.01                   # D_U from SVHN's extra split
-    python self_training.py --rho 0.02 --rho-u 0.02 --irrelevant-classes 8,9 --relevance 0.6   # Fig. 2
-    python self_training.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01 --epochs 2 --gpu -1  # CPU
+    python self_training.py --rho 0.01 --pool cinic10 --pool-root CINIC --gpu 0   # Table 1: LDAM-DRW, D_U@5x, rho_U = 1
+    python self_training.py --rho 0.01 --pool cinic10 --pool-root CINIC --loss ce --rule none --rho-u 0.005  # CE, 2ρ
+    python self_training.py --rho 0.01 --base runs/ldam_drw-cifar10-0.01-0/last.pt ...  # reuse a base model
+    python self_training.py --dataset svhn --rho 0.01                   # Table 1(b): D_U from SVHN's extra split
+    python self_training.py --rho 0.02 --rho-u 0.02 --pool cinic10 --pool-root CINIC --relevance 0.6 \
+        --unlabeled-mult 4                                              # Figs. 2-3: CIFAR-100 as irrelevant data
+    python self_training.py --dataset folder --data-root .data/cifar10_jpg --rho 0.5 --epochs 2 --gpu -1  # CPU
 
 The unlabeled pool. The authors drew D_U from 80 Million Tiny Images, which its creators withdrew in
-2020, so their script cannot be run today. Here D_U comes from data that exists: by default the
-training images of the same dataset that are not in D_L (CIFAR, folders), SVHN's `extra` split, or
-any `--unlabeled-root DIR` laid out as DIR/<class>/* (classes named like the task's are relevant, any
-other class is irrelevant). |D_U| = --unlabeled-mult · |D_L| (paper: 5), split over classes with ratio
---rho-u; which images enter each class is chosen with the TRUE labels (the experimenter's control),
-training sees only pseudo-labels. For CIFAR-10 at rho 0.01 the pool holds 37,594 images and class 0
-none at all, so D_U@5x (62,030) is capped and the script says by how much per class.
+2020, so their script cannot be run today. Here D_U comes from data that exists:
+- --pool cinic10 --pool-root CINIC (CIFAR-10): CINIC-10's ImageNet-sourced images of the ten CIFAR-10
+  classes, ~21,000 per class over its train/valid/test folders; its `cifar10-…` files are CIFAR-10's
+  own images and are skipped, so no D_L image can come back as unlabeled. With it D_U@5x and every
+  ρ_U column of Table 1 (1, ρ/2, ρ, 2ρ) are reachable at ρ = 100.
+- --pool rest (default): the training images of the same dataset that are not in D_L; SVHN uses its
+  `extra` split (the authors' pool). For CIFAR-10 at rho 0.01 this leaves 37,594 images and none of
+  class 0: NOT the paper's pool, it cannot give D_U@5x or any ρ_U profile.
+- --unlabeled-root DIR/<class>/*: any image folder (classes named like the task's).
+|D_U| = --unlabeled-mult · |D_L| (paper: 5), split over classes with ratio --rho-u in the task's class
+order (SVHN: digit 1 first, digit 0 last, as its D_L); which images enter each class is chosen with the
+TRUE labels (the experimenter's control), training sees only pseudo-labels. A pool too small for the
+request keeps the profile: |D_U| shrinks to the largest size every class can fill and the run prints
+the multiple it reached (--pool-shortfall cap instead caps class by class, which can hand a head
+class fewer images than a tail class).
+
+Data relevance (Figs. 2-3): --relevance r puts exactly round(r·|D_U|) pool images in D_U and fills the
+rest with CIFAR-100 training images (--irrelevant-root, default --data-root): classes disjoint from
+CIFAR-10's, from the same Tiny Images source as the paper's irrelevant data; the 10-class task stays.
+Ratio and |D_U| are what was asked at every point of a sweep as long as the pools hold them (with
+CIFAR-100's 50,000 images, --unlabeled-mult 4 at ρ = 50 fits r ≥ 0.2); the run prints the achieved
+relevance. --irrelevant-classes instead holds task classes out (the task shrinks).
+
+Evaluation: top-1 error on the balanced test set; SVHN's test split is imbalanced, so its headline
+error is 100 − mean per-class accuracy (the paper evaluates "on corresponding balanced test
+datasets"), with top-1 printed beside it.
 
 Paper numbers (CIFAR-10-LT ρ=100, top-1 error, 80M TI pool, lossless): CE 29.64 → 17.48 and LDAM-DRW
-22.97 → 14.96 with D_U@5x, ρ_U = 1. Our default pool is smaller and in-distribution; expect less.
+22.97 → 14.96 with D_U@5x, ρ_U = 1. CINIC-10's ImageNet images are a different source than 80M TI.
 
 Deliberate differences from the paper and the authors' code:
-1. D_U comes from existing data (above), capped with a warning when the pool is short.
-2. --omega weights each unlabeled example's loss by ω (ω = 1, the default, is the authors' merged set;
-   ω = 0 drops D_U and is exactly ldam_drw.py on D_L). With ω ≠ 1 the batch loss is
-   Σ c_i w_{y_i} ℓ_i / Σ c_i w_{y_i} for CE / LDAM and mean(c_i · focal_i) for focal, c_i ∈ {1, ω}.
+1. D_U comes from existing data (above); a short pool shrinks |D_U| with a warning, the profile kept.
+2. --omega is a per-example weight: each pseudo-labeled example's loss counts ω times a labeled one.
+   ω = 1, the default, is the authors' merged set (D_L and D_U shuffled together, every example equal),
+   so D_U carries |D_U|/(|D_L| + |D_U|) of the loss (5/6 at D_U@5x); read as L(D_L) + ω'·L(D_U) with
+   both terms averaged per set, that is ω' = |D_U|/|D_L| = 5. ω = 0 drops D_U and is exactly
+   ldam_drw.py on D_L. With ω ≠ 1 the batch loss is Σ c_i w_{y_i} ℓ_i / Σ c_i w_{y_i} for CE / LDAM
+   and mean(c_i · focal_i) for focal, c_i ∈ {1, ω}.
 3. --threshold keeps only pseudo-labels whose softmax confidence reaches it (off by default, as in
    the paper; for LDAM the confidence is softmax(s · cosine), the training logits).
 4. Class counts for LDAM margins, DRW weights and re-sampling include the pseudo-labels, as the
-   authors did; --labeled-counts uses D_L's counts only.
-5. Data relevance (Fig. 2): --irrelevant-classes removes those classes from the task (D_L, test set,
-   labels renumbered) and uses their training images as the irrelevant part of D_U; --relevance r
-   keeps r·|D_U| relevant images. The paper's irrelevant images came from other 80M TI classes.
+   authors did; --labeled-counts uses D_L's counts only. Re-sampling draws with the authors'
+   ImbalancedDatasetSampler weights (1 − β)/(1 − β^{n_c}) (--resample-weights inverse: 1/n_c).
+5. Data relevance (Fig. 2): irrelevant images are CIFAR-100's (the paper's came from other 80M TI
+   classes); --irrelevant-classes removes task classes instead (D_L, test set, labels renumbered).
 6. Every stage reports on the balanced test set at the last epoch; model selection, where wanted,
    uses --val-frac (a split of D_L), never the test set.
+7. Batch sizes as the authors ran them: stage (a) --batch-size 128 (their train.py), stage (c)
+   --st-batch-size 256 (their train_semi.py), both at lr 0.1; --st-batch-size 128 trains stage (c)
+   with the base recipe's batch.
+8. --base must come from a run on this D_L (same --dataset, --rho, --imb-type, --data-seed, --val-frac,
+   class counts and training images, which checkpoints record as a digest); anything else is refused:
+   a base that trained on other images of the dataset would pseudo-label them from memory.
 """
 import argparse
 import json
@@ -73,7 +102,9 @@ def parse_args(argv=None):
     p.add_argument("--data-seed", type=int, default=0,
                    help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
     p.add_argument("--out", default=None, help="default: runs/<script>-<dataset>-<rho>-<seed>")
-    p.add_argument("--resume", default=None, help="continue the run saved in this last.pt")
+    p.add_argument("--resume", default=None,
+                   help="continue the run saved in this last.pt, in its folder, with its arguments; only --gpu, "
+                        "--data-root, --download may be given with it (any other flag is refused)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--val-frac", type=float, default=0.0,
                    help="validation split carved from the training subset; 0 = report last epoch only")
@@ -82,25 +113,56 @@ def parse_args(argv=None):
     p.add_argument("--rule", default="drw", choices=["none", "reweight", "resample", "drw", "drs"])
     p.add_argument("--base", default=None, help="base classifier (an ldam_drw.py last.pt) instead of stage (a)")
     p.add_argument("--unlabeled-root", default=None, help="image folder DIR/<class>/* to draw D_U from")
+    p.add_argument("--pool", default="rest", choices=["rest", "cinic10"],
+                   help="D_U pool: rest = the training images outside D_L (SVHN: its extra split); cinic10 = "
+                        "CINIC-10's ImageNet-sourced images under --pool-root (the pool Table 1 needs)")
+    p.add_argument("--pool-root", default=None, help="CINIC-10 folder (train/, valid/, test/) for --pool cinic10")
+    p.add_argument("--pool-shortfall", default="shrink", choices=["shrink", "cap"],
+                   help="pool too small: shrink |D_U| keeping the rho_U profile (default), or cap each class")
     p.add_argument("--unlabeled-mult", type=float, default=5.0, help="|D_U| / |D_L| (paper: 5)")
     p.add_argument("--rho-u", type=float, default=1.0, help="class ratio of D_U, tail/head in (0, 1]")
     p.add_argument("--relevance", type=float, default=1.0, help="fraction of D_U from the task's classes")
-    p.add_argument("--irrelevant-classes", default=None, help="comma-separated classes held out as irrelevant")
-    p.add_argument("--omega", type=float, default=1.0, help="weight of the unlabeled loss (1 = merged set)")
+    p.add_argument("--irrelevant-classes", default=None,
+                   help="comma-separated classes held out of the task as irrelevant (default: CIFAR-100 images)")
+    p.add_argument("--irrelevant-root", default=None,
+                   help="folder holding cifar-100-python, the irrelevant images of --relevance < 1 (default --data-root)")
+    p.add_argument("--omega", type=float, default=1.0,
+                   help="per-example weight of the pseudo-labeled loss (1 = the authors' merged set)")
+    p.add_argument("--st-batch-size", type=int, default=256,
+                   help="stage (c) batch size (the authors' train_semi.py: 256; stage (a) uses --batch-size)")
     p.add_argument("--threshold", type=float, default=None, help="keep pseudo-labels with confidence ≥ this")
     p.add_argument("--labeled-counts", action="store_true", help="LDAM/DRW/resampling from D_L counts only")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--warmup", type=int, default=5, help="linear warm-up epochs")
     p.add_argument("--beta", type=float, default=0.9999, help="class-balanced weights: effective-number β")
+    p.add_argument("--resample-weights", default="effective", choices=["effective", "inverse"],
+                   help="Resample / DRS draw weights: effective = (1-β)/(1-β^n_c) as the authors' "
+                        "ImbalancedDatasetSampler; inverse = 1/n_c (every class equally likely)")
     p.add_argument("--gamma", type=float, default=1.0, help="focal loss γ")
     p.add_argument("--max-m", type=float, default=0.5, help="LDAM: largest margin")
     p.add_argument("--s", type=float, default=30.0, help="LDAM: logit scale")
     p.error = fail
     args = p.parse_args(argv)
+    args.cli_flags = given_flags(p, argv)
     args.schedule, args.arch = "step", "resnet32"
     if args.out is None:
         args.out = os.path.join("runs", f"self_training-{args.dataset}-{args.rho:g}-{args.seed}")
+    check_args(args)
     return args
+
+
+def check_args(args):
+    """Range of every numeric flag, before anything is read or written."""
+    check_ranges(args, SHARED_RANGES + [("st_batch_size", 1, None, "[)"), ("unlabeled_mult", 0, None, "[)"),
+                                        ("rho_u", 0, 1, "(]"), ("relevance", 0, 1, "[]"), ("omega", 0, None, "[)"), ("threshold", 0, 1, "[]"),
+                                        ("warmup", 0, None, "[)"), ("beta", 0, 1, "[)"), ("gamma", 0, None, "[)"),
+                                        ("max_m", 0, None, "[)"), ("s", 0, None, "()")])
+    if "warmup" in args.cli_flags and 0 < args.warmup >= args.epochs:
+        fail(f"--warmup {args.warmup} must be shorter than --epochs {args.epochs}")
+
+
+# --resume continues a run with its own arguments; only these (where the run executes) may be given with it
+RESUME_FLAGS = ("gpu", "data_root", "download")
 
 
 def fail(msg):
@@ -133,11 +195,15 @@ class BasicBlock(nn.Module):
 
 
 class NormedLinear(nn.Module):
-    """Cosine classifier: logits are cosines between the feature and each class's weight row."""
+    """Cosine classifier: logits are cosines between the feature and each class's weight row.
+
+    Init as LDAM-DRW's NormedLinear (uniform(-1, 1), then every class vector rescaled to unit norm):
+    the forward pass ignores the norm, but the angular step of SGD scales as 1/norm, so the ≈4.7 norm
+    of a plain uniform init would turn the classifier ~20× slower at the start."""
 
     def __init__(self, cin, cout):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1))
+        self.weight = nn.Parameter(torch.empty(cout, cin).uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5))
 
     def forward(self, x):
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
@@ -170,6 +236,27 @@ class ResNet32(nn.Module):
 # === end shared: resnet32 ===
 
 
+# === shared: check_ranges (identical in every script) ===
+def check_ranges(args, ranges):
+    """Every (flag, low, high, bounds) of `ranges`: the flag's value lies in the interval, bounds "[)" meaning
+    low <= value < high (None: no bound; a flag left at None is skipped). Else one line and exit 2."""
+    for name, low, high, bounds in ranges:
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        ok = abs(v) <= float(np.finfo(np.float32).max) and (low is None or (v >= low if bounds[0] == "[" else v > low)) \
+            and (high is None or (v <= high if bounds[1] == "]" else v < high))      # NaN, inf, 1e300 fail
+        if not ok:
+            interval = f"{bounds[0]}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{bounds[1]}"
+            fail(f"--{name.replace('_', '-')} must be in {interval}, got {v:g}")
+
+
+SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
+                 ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
+# === end shared: check_ranges ===
+
+
 # === shared: checkpoints (identical in every script) ===
 HEAD_PREFIXES = ("fc.",)
 
@@ -180,13 +267,100 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def write_text_atomic(path, text):
+    """Temp file + rename, as save_atomic: a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def strict_json(obj, **kw):
+    """JSON without the bare NaN / Infinity tokens Python writes by default: a non-finite float is null."""
+    def clean(v):
+        if isinstance(v, float):
+            return v if np.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
+def write_json(path, obj):
+    write_text_atomic(path, strict_json(obj, indent=1))
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl; none when a moved or copied run lacks the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_metrics(path, rows):
+    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in rows))
+
+
+def append_metrics(path, row):
+    write_metrics(path, read_metrics(path) + [row])
+
+
+def copy_source(path, out):
+    """The script's own source beside its outputs (temp file + rename)."""
+    tmp = os.path.join(out, os.path.basename(path) + ".tmp")
+    shutil.copy(path, tmp)
+    os.replace(tmp, os.path.join(out, os.path.basename(path)))
+
+
+def given_flags(parser, argv):
+    """Destinations of the flags written on the command line (abbreviations included), so --resume can
+    apply or refuse each of them instead of dropping it."""
+    unset = object()
+    seen = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return sorted(k for k, v in vars(seen).items() if v is not unset and k != "help")
+
+
+def resume_args(args, ckpt, applied):
+    """--resume PATH: continue the run in dirname(PATH) with the arguments it was started with. A flag in
+    `applied` given on this command line replaces the stored value (--gpu and --workers always do: they
+    describe this machine); any other flag given with --resume is refused."""
+    flag = lambda k: "--" + k.replace("_", "-")
+    refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
+    if refused:
+        fail(f"--resume continues a run with its own arguments; drop {' '.join(map(flag, refused))} (with "
+             f"--resume only {', '.join(map(flag, applied))} may be given)")
+    now = {k: getattr(args, k) for k in applied if k in args.cli_flags or k in ("gpu", "workers")}
+    return argparse.Namespace(**{**vars(args), **ckpt["args"], **now, "resume": args.resume,
+                                 "out": os.path.dirname(os.path.abspath(args.resume)), "cli_flags": args.cli_flags})
+
+
+def nonfinite_tensor(model):
+    """Name of the first parameter or buffer holding NaN / inf (a BatchNorm running_var, say), or None."""
+    named = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist() if named else []
+    return next((k for (k, _), ok in zip(named, finite) if not ok), None)
+
+
+def stop_diverged(what, out, epoch):
+    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint,
+    exit 1."""
+    last = os.path.join(out, "last.pt")
+    kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
+    print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
+    sys.exit(1)
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    except Exception as e:                                 # empty, truncated, another format, ...
+        why = (str(e).splitlines() or [""])[0][:60]
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}{': ' if why else ''}{why})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
         fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
     return ckpt
@@ -306,6 +480,13 @@ def evaluate(model, batches, num_classes, train_counts):
 
 # ----- data: D_L, the pool, D_U ---------------------------------------------------------------------
 
+def headline_metric(dataset):
+    """Paper 1 evaluates "on corresponding balanced test datasets" (§2.2). SVHN's test split is not
+    balanced (digit 1 has 5,099 images, digit 9 1,595), so its headline error is 100 − the mean per-class
+    accuracy, which is the error on a class-balanced test set; top-1 is reported beside it."""
+    return "mean_class_acc" if dataset == "svhn" else "top1"
+
+
 def build_data(args):
     """D_L, the test set and the candidate pool of D_U (images with their TRUE labels, used only to
     choose D_U and to report pseudo-label accuracy)."""
@@ -326,8 +507,22 @@ def build_data(args):
     test_keep = renumber[test_y] >= 0
     data = {"names": [names[c] for c in task], "mean_std": D.mean_std(args.dataset, train_x),
             "x_l": train_x[lab], "y_l": renumber[train_y[lab]], "x_val": train_x[val], "y_val": renumber[train_y[val]],
-            "x_test": test_x[test_keep], "y_test": renumber[test_y[test_keep]]}
-    if args.unlabeled_root:
+            "x_test": test_x[test_keep], "y_test": renumber[test_y[test_keep]], "subset": D.subset_digest(lab)}
+    data["irr_x"] = np.zeros((0,) + train_x.shape[1:], dtype=np.uint8)
+    if args.pool == "cinic10":
+        if args.dataset not in ("cifar10", "folder") or args.unlabeled_root:
+            raise D.DataError("--pool cinic10 is a pool for CIFAR-10 (--dataset cifar10 or its folder copy), "
+                              "without --unlabeled-root")
+        if not args.pool_root:
+            raise D.DataError("--pool cinic10 needs --pool-root PATH (the CINIC-10 folder with train/, valid/, test/)")
+        paths, py, pnames = D.cinic10_files(args.pool_root)
+        missing = [n for n in data["names"] if n not in pnames]
+        if missing:
+            raise D.DataError(f"CINIC-10 under '{args.pool_root}' has no class {', '.join(missing)} of this task "
+                              f"(its classes: {', '.join(pnames)})")
+        py = np.array([data["names"].index(n) if n in data["names"] else -1 for n in pnames])[py]
+        data["pool_paths"], data["pool_y"] = [paths[i] for i in np.flatnonzero(py >= 0)], py[py >= 0]
+    elif args.unlabeled_root:
         root = os.path.abspath(args.unlabeled_root)
         px, py, pnames = D.load_split("folder", os.path.dirname(root), os.path.basename(root))
         to_task = np.array([data["names"].index(n) if n in data["names"] else -1 for n in pnames])
@@ -343,7 +538,32 @@ def build_data(args):
         relevant = rest[renumber[train_y[rest]] >= 0]
         data["pool_x"], data["pool_y"] = train_x[relevant], renumber[train_y[relevant]]
         data["irr_x"] = train_x[rest[renumber[train_y[rest]] < 0]]
+    if args.relevance < 1 and not irr:
+        # Fig. 2-3's irrelevant images: CIFAR-100's classes are disjoint from CIFAR-10's and come from the same
+        # 80M Tiny Images source as the paper's irrelevant data; the 10-class task stays as it is.
+        data["irr_x"], _, _ = D.load_split("cifar100", args.irrelevant_root or args.data_root, True, args.download)
     return data
+
+
+def check_base(path, ckpt, args, data, counts_l):
+    """--base must have been trained on this run's D_L. A base model that trained on other images of the
+    dataset has seen (true labels of) images this run may put in D_U, and would pseudo-label them from
+    memory. Compares the data flags, the class counts and the digest of the training subset."""
+    theirs = ckpt.get("args") or {}
+    theirs = {"dataset": theirs.get("dataset"), "rho": theirs.get("rho"), "imb_type": theirs.get("imb_type"),
+              "data_seed": theirs.get("data_seed", theirs.get("seed", 0)), "val_frac": theirs.get("val_frac", 0.0)}
+    for key, value in theirs.items():
+        if value != getattr(args, key):
+            fail(f"--base '{path}' was trained on another D_L (--{key.replace('_', '-')} {value}, this run "
+                 f"{getattr(args, key)}): its pseudo-labels would leak true labels; train the base with this "
+                 f"run's data flags or drop --base")
+    if list(ckpt.get("class_counts") or []) != counts_l.tolist():
+        fail(f"--base '{path}' was trained on other class counts ({ckpt.get('class_counts')}, this run's D_L "
+             f"{counts_l.tolist()}); train the base on this run's D_L or drop --base")
+    if ckpt.get("train_subset") != data["subset"]:
+        fail(f"--base '{path}' " + ("does not record its training subset (an older checkpoint)" if not
+             ckpt.get("train_subset") else "was trained on other images than this run's D_L") +
+             "; train the base with this version of ldam_drw.py and this run's data flags, or drop --base")
 
 
 def choose_unlabeled(args, data):
@@ -351,11 +571,17 @@ def choose_unlabeled(args, data):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rel, irr, report = D.unlabeled_pool(data["pool_y"], len(data["y_l"]), args.unlabeled_mult, args.rho_u,
-                                            args.imb_type, args.data_seed, np.arange(len(data["irr_x"])), args.relevance)
+                                            args.imb_type, args.data_seed, np.arange(len(data["irr_x"])), args.relevance,
+                                            D.CLASS_ORDER.get(args.dataset) if not args.irrelevant_classes else None,
+                                            args.pool_shortfall)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     report["capped"] = [str(w.message) for w in caught]
-    x_u = np.concatenate([data["pool_x"][rel], data["irr_x"][irr]])
+    pool_x = data["pool_x"][rel] if "pool_x" in data else D.load_images([data["pool_paths"][i] for i in rel])
+    x_u = np.concatenate([pool_x, data["irr_x"][irr]])
+    print(f"D_U: {report['size']} images = {report['achieved_mult']:.2f}x |D_L| (asked {args.unlabeled_mult:g}x), "
+          f"relevance {report['achieved_relevance'] or 0:.4f} (asked {args.relevance:g}), per class "
+          f"{report['supplied_per_class']} + {report['irrelevant']} irrelevant")
     y_u = np.concatenate([data["pool_y"][rel], np.full(len(irr), -1)])
     return x_u, y_u, report
 
@@ -377,7 +603,7 @@ def pseudo_label(model, x_u, mean, std, device, scale):
 
 # ----- training (shared by stage (a) and stage (c)) -------------------------------------------------
 
-def fit(args, stage, x, y, c, counts, data, device, out, ckpt=None):
+def fit(args, stage, x, y, c, counts, data, device, out, ckpt=None, batch_size=None):
     """Train a fresh ResNet-32 on (x, y) with per-example loss weights c, the ldam_drw.py recipe.
 
     Writes metrics.jsonl and last.pt (after every epoch) in `out`; returns (model, last test metrics)."""
@@ -388,27 +614,28 @@ def fit(args, stage, x, y, c, counts, data, device, out, ckpt=None):
     model = ResNet32(C, cosine=args.loss == "ldam").to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
                                 fused=device.type == "cuda")
-    train = D.GPULoader(x, y, args.batch_size, mean, std, device, augment="crop_flip", seed=args.seed)
+    train = D.GPULoader(x, y, batch_size or args.batch_size, mean, std, device, augment="crop_flip", seed=args.seed)
     test = D.GPULoader(data["x_test"], data["y_test"], 1000, mean, std, device)
     val = D.GPULoader(data["x_val"], data["y_val"], 1000, mean, std, device) if len(data["y_val"]) else None
     c = None if c is None else torch.as_tensor(c, dtype=torch.float32, device=device)
     cb_weights = class_balanced_weights(counts, args.beta).to(device)
     margins = ldam_margins(counts, args.max_m).to(device)
-    # Re-sampling weights 1/n_y from `counts` (pseudo-labels included unless --labeled-counts).
-    sample_weights = 1.0 / torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)[torch.as_tensor(y)]
+    # Re-sampling weights from `counts` (pseudo-labels included unless --labeled-counts): the authors'
+    # ImbalancedDatasetSampler's (1 − β)/(1 − β^{n_y}), or 1/n_y with --resample-weights inverse.
+    if args.resample_weights == "effective":
+        sample_weights = D.effective_number_sample_weights(torch.as_tensor(y), args.beta, counts)
+    else:
+        sample_weights = 1.0 / torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)[torch.as_tensor(y)]
     switch = int(0.8 * args.epochs)
     start, best = 0, None
     os.makedirs(out, exist_ok=True)
+    metrics = os.path.join(out, "metrics.jsonl")
     if ckpt is not None and ckpt.get("stage") == stage:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start, best = ckpt["epoch"], ckpt.get("best")
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            lines = [l for l in f if json.loads(l)["epoch"] <= start]
-        with open(os.path.join(out, "metrics.jsonl"), "w") as f:
-            f.writelines(lines)
-    else:
-        open(os.path.join(out, "metrics.jsonl"), "w").close()
+    # a resumed stage drops the epochs logged after its checkpoint; a new stage starts an empty file
+    write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
     print(f"stage {stage}: {len(y)} training images, counts {[int(n) for n in counts]}, "
           f"loss={args.loss} rule={args.rule}, {args.epochs} epochs on {device}")
     print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'train':>6} {'test':>6} {'many':>6} {'med':>6} {'few':>6} "
@@ -445,23 +672,27 @@ def fit(args, stage, x, y, c, counts, data, device, out, ckpt=None):
             hits += (logits.argmax(1) == yb).sum()
             seen += len(yb)
         if first_bad.item() >= 0:
-            print(f"error: loss is not finite at stage {stage}, epoch {epoch + 1}, step {first_bad.item() + 1}; "
-                  f"stopped, {out}/last.pt still holds epoch {epoch}", file=sys.stderr)
-            sys.exit(1)
+            stop_diverged(f"loss is not finite at stage {stage}, epoch {epoch + 1}, step {first_bad.item() + 1}",
+                          out, epoch)
+        bad_tensor = nonfinite_tensor(model)
+        if bad_tensor:
+            stop_diverged(f"'{bad_tensor}' is not finite at stage {stage} after epoch {epoch + 1}, step {step + 1}",
+                          out, epoch)
         test_m = evaluate(model, test.epoch(0), C, groups)
         val_m = evaluate(model, val.epoch(0), C, groups) if val else None
         if val_m and (best is None or val_m["top1"] > best["val_top1"]):
             best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
                "test": test_m, "val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0}
-        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(metrics, row)
         print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
               f"{fmt(test_m['many'])} {fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_top1'])} "
               f"{row['seconds']:6.2f}", flush=True)
         state = {"script": "self_training.py", "stage": stage, "arch": "resnet32", "model": model.state_dict(),
                  "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "args": vars(args),
-                 "class_counts": [int(n) for n in counts], "best": best, "rng": {"torch": torch.get_rng_state()}}
+                 "class_counts": [int(n) for n in counts], "best": best, "rng": {"torch": torch.get_rng_state()},
+                 "train_subset": data["subset"] if stage == "base" else None,
+                 "mean": mean, "std": std}
         save_atomic(state, os.path.join(out, "last.pt"))
     if test_m is None:
         test_m = evaluate(model, test.epoch(0), C, groups)
@@ -495,38 +726,44 @@ def main(argv=None):
         ckpt = load_checkpoint(args.resume)
         if ckpt.get("script") != "self_training.py":
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not self_training.py")
-        keep = {k: getattr(args, k) for k in ("gpu", "resume")}
-        args = argparse.Namespace(**{"data_seed": ckpt["args"].get("seed", 0), **ckpt["args"], **keep})
+        ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), "st_batch_size": ckpt["args"]["batch_size"],
+                        "resample_weights": "inverse", **ckpt["args"]}
+        args = resume_args(args, ckpt, RESUME_FLAGS)
+        if ckpt.get("stage") == "base":                   # <out>/base/last.pt: the run is <out>
+            args.out = os.path.dirname(args.out)
         print(f"resuming {args.out} in stage {ckpt['stage']} after epoch {ckpt['epoch']}")
     try:
         D.check_rho(args.rho)
         D.check_rho(args.rho_u, "rho_u")
         if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.omega < 0 or args.unlabeled_mult < 0:
             fail("--epochs, --batch-size, --lr must be positive and --omega, --unlabeled-mult non-negative")
+        if args.st_batch_size < 1:
+            fail(f"--st-batch-size must be a positive number of images, got {args.st_batch_size}")
         for held in (os.path.join(args.out, "last.pt"), os.path.join(args.out, "base", "last.pt")):
             if not args.resume and os.path.exists(held):
                 fail(f"{args.out} already holds a run: continue it with --resume {held}, or pass another --out")
         device = setup_device(args)
         data = build_data(args)
+        if args.base:                                          # before anything is chosen or written
+            check_base(args.base, load_checkpoint(args.base), args, data,
+                       np.bincount(data["y_l"], minlength=len(data["names"])))
         x_u, y_u_true, pool_report = choose_unlabeled(args, data)
     except D.DataError as e:
         fail(str(e))
+    base_ckpt = load_checkpoint(args.base) if args.base else None    # a bad --base fails before any write
     os.makedirs(args.out, exist_ok=True)
-    if ckpt is None:
+    if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
         meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
+        write_json(os.path.join(args.out, "args.json"), meta)
+        copy_source(__file__, args.out)
     C = len(data["names"])
     counts_l = np.bincount(data["y_l"], minlength=C)
     mean, std = data["mean_std"]
     t_run = time.time()
 
     # Stage (a): the base classifier on D_L.
-    base_ckpt = None
     if args.base:
-        base_ckpt = load_checkpoint(args.base)
         if base_ckpt.get("arch") != "resnet32" or base_ckpt["model"].get("fc.weight", torch.empty(0)).shape[:1] != (C,):
             fail(f"'{args.base}' is not a ResNet-32 classifier with {C} classes (an ldam_drw.py run on this task)")
         base = ResNet32(C, cosine="fc.bias" not in base_ckpt["model"]).to(device)
@@ -558,8 +795,8 @@ def main(argv=None):
                  "true_counts": np.bincount(y_u_true[relevant], minlength=C).tolist(),
                  "pseudo_counts": np.bincount(pseudo[keep], minlength=C).tolist(),
                  "irrelevant": int((~relevant).sum())}
-    torch.save({"pseudo_labels": torch.as_tensor(pseudo), "confidence": torch.as_tensor(conf),
-                "kept": torch.as_tensor(keep)}, os.path.join(args.out, "pseudo_labels.pt"))
+    save_atomic({"pseudo_labels": torch.as_tensor(pseudo), "confidence": torch.as_tensor(conf),
+                 "kept": torch.as_tensor(keep)}, os.path.join(args.out, "pseudo_labels.pt"))
     acc = pl_report["accuracy"]
     print(f"D_U: {len(x_u)} images ({pl_report['irrelevant']} irrelevant), {keep.sum()} pseudo-labels kept, "
           f"pseudo-label accuracy on the relevant ones: {fmt(acc)}%")
@@ -571,18 +808,22 @@ def main(argv=None):
     c = None if not use_u or args.omega == 1 else np.concatenate([np.ones(len(data["y_l"])), np.full(keep.sum(), args.omega)])
     counts = counts_l if args.labeled_counts or not use_u else np.bincount(y, minlength=C)
     resume_c = ckpt if ckpt is not None and ckpt["stage"] == "self_training" else None
-    _, test_m, best = fit(args, "self_training", x, y, c, counts, data, device, args.out, resume_c)
+    _, test_m, best = fit(args, "self_training", x, y, c, counts, data, device, args.out, resume_c, args.st_batch_size)
 
     final = {"script": "self_training.py", "dataset": args.dataset, "rho": args.rho, "rho_u": args.rho_u,
+             "pool": "folder" if args.unlabeled_root else args.pool, "relevance": args.relevance,
              "loss": args.loss, "rule": args.rule, "omega": args.omega, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs,
              "labeled_counts": counts_l.tolist(), "training_counts": [int(n) for n in counts],
              "unlabeled": {**pool_report, "pseudo_labels": pl_report}, "base": base_m, "last": test_m,
-             "base_error": 100 - base_m["top1"], "test_error": 100 - test_m["top1"], "best_on_val": best,
+             "headline": headline_metric(args.dataset), "base_error": 100 - base_m[headline_metric(args.dataset)],
+             "test_error": 100 - test_m[headline_metric(args.dataset)], "base_error_top1": 100 - base_m["top1"],
+             "test_error_top1": 100 - test_m["top1"], "best_on_val": best,
              "wall_seconds": time.time() - t_run}
-    with open(os.path.join(args.out, "final.json"), "w") as f:
-        json.dump(final, f, indent=1)
-    print(f"test error: base {final['base_error']:.2f}% → self-trained {final['test_error']:.2f}% "
-          f"(many {fmt(test_m['many'])}, medium {fmt(test_m['medium'])}, few {fmt(test_m['few'])})")
+    write_json(os.path.join(args.out, "final.json"), final)
+    what = "test error" if final["headline"] == "top1" else "test error from mean per-class accuracy"
+    print(f"{what}: base {final['base_error']:.2f}% → self-trained {final['test_error']:.2f}% "
+          f"(top-1 error {final['base_error_top1']:.2f}% → {final['test_error_top1']:.2f}%; many "
+          f"{fmt(test_m['many'])}, medium {fmt(test_m['medium'])}, few {fmt(test_m['few'])})")
 
 
 if __name__ == "__main__":

@@ -8,13 +8,14 @@ Table 1(a) (accuracy and the pre-training generalization gap). SimSiam: Chen & H
 monitors (kNN accuracy, per-class gap) and the KDE diagnostic.
 
     python simsiam_rwsam.py --rho 0.01 --gpu 0            # SimSiam (stage 1) → KDE weights → SimSiam + rwSAM
+                                                          # (1600 + 1600 epochs: stage1.pt and last.pt)
     python simsiam_rwsam.py --rho 0.01 --opt sgd          # SimSiam              (Table 1(a), exp column)
     python simsiam_rwsam.py --rho 0.01 --opt sam          # SimSiam + SAM
     python simsiam_rwsam.py --rho 0.01 --opt sgd --balanced              # SimSiam, balanced (same n)
     python simsiam_rwsam.py --rho 0.01 --imb-type step                    # the step column
-    python simsiam_rwsam.py --rho 0.1 --subsample 0.25 --opt sgd         # §2.2 size sweep
+    python simsiam_rwsam.py --rho 0.1 --subsample 0.25 --opt sgd         # §2.2 size sweep (6400 epochs)
     python simsiam_rwsam.py --rho 0.01 --stage1 runs/simsiam_rwsam-cifar10-0.01-0-sgd/last.pt   # reuse stage 1
-    python simsiam_rwsam.py --rho 0.01 --epochs 1600                     # the authors' LT length
+    python simsiam_rwsam.py --rho 0.01 --opt sgd --epochs 800            # SimSiam-91's CIFAR-10 length
     torchrun --nproc_per_node 4 simsiam_rwsam.py --rho 0.01              # DDP, --batch-size is global
     python simsiam_rwsam.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01    # CIFAR-10 JPEG copy
     python simsiam_rwsam.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01 --subsample 0.125 \\
@@ -35,8 +36,15 @@ batch 512; rwSAM ≤ 2× that.
 Recipe: CIFAR ResNet-18 (3×3 stem, no max-pool, 512-d feature); projector 512→2048 (BN, ReLU) → 2048
 (BN without affine); predictor 2048→512 (BN, ReLU) → 2048; loss ½·D(p1, sg z2) + ½·D(p2, sg z1), D the
 negative cosine. SGD lr 0.06 per 512 images (linear scaling), momentum 0.9, wd 5e-4, cosine per epoch,
-800 epochs, drop_last; per view RandomResizedCrop(32, 0.2–1), flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8,
+1600 epochs, drop_last; per view RandomResizedCrop(32, 0.2–1), flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8,
 grayscale p 0.2, on the GPU (datasets_lt.ssl_augment).
+Epochs: the paper gives none for CIFAR; the authors' README runs every long-tailed CIFAR job (plain
+SimSiam main.py, main_sam_exp.py, main_sam_weight.py) with --epochs 1600, so Table 1(a) came from 1600
+epochs per row and that is the default. SimSiam-91, which their CIFAR code adapts, used 800 (--epochs 800).
+Size sweep (§2.2, App. A.1: "more epochs on the down sampled variants to ensure the same number of total
+iterations"): `--epochs` is the budget of the full-size variant; with `--subsample r` < 1 the script
+trains round(epochs / r) epochs so that the number of optimizer steps matches the full variant
+(App. A.1), and prints it at start; `--same-epochs` turns the scaling off. Both stages of rwSAM scale.
 
 rwSAM, exactly Algorithm 1:
   stage 1 (lines 3–7): plain SimSiam for --stage1-epochs (default --epochs), or --stage1 PATH.
@@ -45,32 +53,44 @@ rwSAM, exactly Algorithm 1:
     frequency). density_i = (1/n)·Σ_j exp(−‖f_i − f_j‖²/(2h²)) over all n training examples, j = i
     included as in the paper's sum, in float64 row chunks (n = 50,000 needs chunk × n memory, not n²).
     w_i = density_i^(−α), rescaled to mean 1: a constant factor in L_w does not change the perturbation
-    ε = ρ·∇L_w/‖∇L_w‖ (nor its --adaptive form), it only keeps the logged weights readable.
+    (ASAM or plain: both are normalised), it only keeps the logged weights readable.
     h (--bandwidth, not reported in the paper): default the median of ‖f_i − f_j‖ over 10,000 pairs
     (i uniform, j uniform among the other n − 1) drawn by a CPU torch.Generator seeded with --seed (the
     median heuristic; torch.median, i.e. the lower middle value). Weights go to kde_weights.pt and into
     every later checkpoint with the dataset indices they belong to.
-  stage 2 (lines 9–14): φ continues from the stage-1 model (Algorithm 1 never re-initialises φ) with a
-    fresh optimiser and a new cosine schedule of --epochs epochs. Each step: ℓ_i = per-example SimSiam
-    loss; ε = ρ·∇L_w(φ)/‖∇L_w(φ)‖₂ with L_w = mean_i(w_i·ℓ_i) (line 12, p = q = 2, one global norm
-    over all parameters); φ ← φ − η·∇L(φ + ε) with L the plain mean loss (line 13), the gradient taken
-    at φ + ε and applied at φ (weight decay at φ). BatchNorm running statistics change in the first
-    pass only.
+  stage 2 (lines 9–14): φ starts from a freshly initialised model, the same initial weights as stage 1
+    (same --seed), with a fresh optimiser and a cosine schedule of --epochs epochs: stage 1 only supplies
+    the features for the weights, as in the authors' main_sam_weight.py (a new SimSiam, nothing loaded),
+    so the rwSAM model trains exactly as many epochs as the SimSiam, SAM and balanced rows of Table 1(a),
+    and stage1.pt IS the SimSiam row at the same budget. --stage2-init stage1 continues φ from the
+    stage-1 model instead (Algorithm 1 read literally never re-initialises φ): rwSAM then follows
+    --stage1-epochs of SimSiam, twice the budget of the other rows, and any gain is confounded.
+    Each step: ℓ_i = per-example SimSiam loss; ε = ρ·T²∇L_w(φ)/‖T∇L_w(φ)‖₂ with T = |φ| element-wise
+    (ASAM, the authors' form, default; --no-adaptive: T = 1, line 12 with p = q = 2) and
+    L_w = mean_i(w_i·ℓ_i), one global norm over all parameters; φ ← φ − η·∇L(φ + ε) with L the plain
+    mean loss (line 13), the gradient taken at φ + ε and applied at φ (weight decay at φ). BatchNorm
+    running statistics change in the first pass only.
 --opt sam is the same step with w ≡ 1 (Eq. (2)); --opt sgd is SimSiam.
 
 Monitors (no test-set selection): every --knn-every epochs and at the end of each stage, weighted kNN
 (k = 200, cosine, temperature 0.1, votes exp(sim/0.1), Wu et al. 2018) on L2-normalised backbone features:
 queries are a class-stratified --knn-val-frac split of the FULL training split (all 50,000 CIFAR-10
 images, so queries may include pre-training images, as the linear probe's training set does), the rest of
-it is the memory bank. Collapse meter: z_std = std over the batch of L2-normalised projector outputs,
+it is the memory bank. With --val-frac > 0 the queries are that validation split alone (carved from the
+training subset and left out of pre-training), the memory bank the rest of the full training split: the
+score of reproduce.sh's cross-validation group for h, α and ρ. Top-1 and the mean of per-class
+accuracies are both logged. Collapse meter: z_std = std over the batch of L2-normalised projector outputs,
 mean over the 2048 channels (Chen & He Fig. 2: ≈ 1/√2048 = 0.022 healthy, 0 collapsed). Generalization gap
 (Table 1(a)), at the end of each stage: mean per-example SimSiam loss (eval mode, one seeded pair of
 views per image) on held-out images minus on the training images, averaged per class, then over the
 frequent half of the classes (the first C//2 of the long-tail profile: the head classes of step and exp)
-and over the rare half. Held-out images are the test split: CIFAR-10's head classes have no training
-image left outside a rho 0.01 subset. The gap is reported, never used to choose anything. The kept
+and over the rare half; averaged over --gap-views (default 16) seeded draws of the view pairs and
+reported with its standard error over the draws (std/√views): the paper's differences are ~0.015 and
+one pair of views of the 250 rare images of step CIFAR-10-LT is not enough to resolve them (README:
+the measurement behind the default). Held-out images are the test split: CIFAR-10's head classes have
+no training image left outside a rho 0.01 subset. The gap is reported, never used to choose anything. The kept
 model is the last epoch; final.json also names the epoch with the best kNN accuracy. --knn-every -1
-turns every monitor off (the CPU smoke run: the gap alone embeds the 10,000 test images twice).
+turns every monitor off (the CPU smoke run: the gap alone embeds the 10,000 test images twice per draw).
 
 DDP (torchrun): one process per GPU (NCCL; gloo on the CPU), --batch-size is the global batch and is
 split evenly. Every rank draws the same seeded permutation per epoch and takes its slice of each global
@@ -85,17 +105,22 @@ Deliberate differences from the paper and the authors' code (Liuhong99/Imbalance
    ground-truth label (w = 1.2^y) and main_sam_weight.py read a weight file the repository lacks.
 2. The weighted loss weights. The authors' SimSiamLossRe ignores the weights in its default
    'simplified' mode, so their "rwSAM" ran as plain adaptive SAM.
-3. SAM radius: the paper's ρ = 5 (App. C.1, after Algorithm 1) with its ℓ2 form (p = q = 2), i.e.
-   ‖ε‖₂ = ρ. The authors' code ran ρ = 0.5 with ASAM forced on (argparse type=bool turns any value of
-   --adaptive into True), where ρ bounds ‖ε/|w|‖₂ instead; --adaptive --sam-rho 0.5 reproduces that.
-   ρ = 5 is two orders above Foret et al.'s CIFAR radius (0.05); the paper gives it without comment.
+3. SAM radius: none in kind. The authors always ran adaptive SAM (ASAM, Kwon et al. 2021): their CIFAR
+   scripts' --adaptive is argparse type=bool, so any value turns it on, and the ImageNet script
+   (pretrain_moco_sam_rare.py) hard-codes it. The paper's ρ = 5 (CIFAR-10-LT) and ρ = 2 (ImageNet)
+   (App. C.1) are therefore ASAM radii, ρ bounding ‖ε/|w|‖₂, and --adaptive is on by default with
+   --sam-rho 5. Algorithm 1's ℓ2 formula (p = q = 2, ‖ε‖₂ = ρ) is --no-adaptive: at ρ = 5 it moves
+   layer1.0.conv1 by ~43% of its norm in one perturbation, a different step. The authors' released
+   CIFAR commands used other radii: 0.5 (the default of main_sam_weight.py, the KDE-weight run) and 7.0
+   (main_sam_exp.py, the label-exponential-weight run); the default follows the paper's 5.
 4. BatchNorm running statistics are updated in the first pass only (buffers restored after the
    second); the authors' SAM updated them at the perturbed weights too.
 5. No test-set selection: the authors kept the checkpoint with the best 1-NN accuracy on the CIFAR-10
    test set (on 2048-d projector outputs); this script keeps the last epoch and monitors kNN on a
    validation split of the training data (k = 200, T = 0.1, backbone features).
-6. Stage 2 starts from the stage-1 model, as Algorithm 1 reads; the authors' main_sam_weight.py built a
-   fresh model. --stage2-init scratch does that.
+6. None for stage 2: it starts from a fresh model, as the authors' main_sam_weight.py built it (equal
+   epochs for every row). --stage2-init stage1 is the literal reading of Algorithm 1 (φ kept after
+   line 8), which trains the rwSAM model for stage 1 + stage 2 epochs.
 7. lr 0.06 per 512 (REFERENCE §6, SimSiam-91's command); the authors' scripts default to 0.05. Cosine
    per epoch from epoch 0 (their schedule started at epoch 1 and ended at lr 0).
 8. Data: seeded subsets of datasets_lt (same images in every script) instead of the authors' fixed .npy
@@ -136,8 +161,9 @@ def parse_args(argv=None):
     p.add_argument("--rho", type=float, default=0.01, help="tail/head ratio in (0, 1]; 1 = balanced")
     p.add_argument("--imb-type", default="exp", choices=["exp", "step"])
     p.add_argument("--gpu", type=int, default=0, help="GPU index; -1 = CPU")
-    p.add_argument("--epochs", type=int, default=800,
-                   help="SimSiam epochs (rwSAM: stage 2); the authors ran 1600 for the long-tailed tables")
+    p.add_argument("--epochs", type=int, default=1600,
+                   help="SimSiam epochs (rwSAM: stage 2, and stage 1 unless --stage1-epochs); 1600 as the authors' "
+                        "long-tailed CIFAR runs (SimSiam-91: 800)")
     p.add_argument("--batch-size", type=int, default=512, help="global batch (split across torchrun processes)")
     p.add_argument("--lr", type=float, default=None, help="default: 0.06 · batch-size / 512")
     p.add_argument("--wd", type=float, default=5e-4)
@@ -146,26 +172,34 @@ def parse_args(argv=None):
                    help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
     p.add_argument("--out", default=None,
                    help="default: runs/<script>-<dataset>-<rho>-<seed>-<opt>[-step][-balanced][-sub<r>]")
-    p.add_argument("--resume", default=None, help="continue the run saved in this last.pt")
+    p.add_argument("--resume", default=None,
+                   help="continue the run saved in this last.pt, in its folder, with its arguments; only --gpu, "
+                        "--data-root, --download may be given with it (any other flag is refused)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--val-frac", type=float, default=0.0,
                    help="validation split carved from the training subset; 0 = report last epoch only")
     # --- this method ---
     p.add_argument("--opt", default="rwsam", choices=["sgd", "sam", "rwsam"],
                    help="sgd: SimSiam; sam: + SAM; rwsam: stage 1 SimSiam, KDE weights, stage 2 rwSAM")
-    p.add_argument("--sam-rho", type=float, default=5.0, help="SAM radius ρ (paper 2 App. C.1: 5 on CIFAR-10-LT)")
-    p.add_argument("--adaptive", action="store_true", help="ASAM: element-wise |w| scaling of the perturbation")
+    p.add_argument("--sam-rho", type=float, default=5.0,
+                   help="SAM radius ρ (paper 2 App. C.1: 5 on CIFAR-10-LT, an ASAM radius)")
+    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
+                   help="ASAM (Kwon et al.): ε = ρ·|w|²·g/‖|w|·g‖₂, as the authors always ran it (default); "
+                        "--no-adaptive: plain SAM, ε = ρ·g/‖g‖₂")
     p.add_argument("--alpha", type=float, default=1.2, help="rwSAM weight exponent: w = density^(-α)")
     p.add_argument("--bandwidth", type=float, default=None,
                    help="KDE bandwidth h; default: median distance between normalised stage-1 features")
     p.add_argument("--stage1", default=None, help="rwSAM: take stage 1 from this checkpoint instead of training it")
     p.add_argument("--stage1-epochs", type=int, default=None, help="rwSAM stage-1 epochs; default: --epochs")
-    p.add_argument("--stage2-init", default="stage1", choices=["stage1", "scratch"],
-                   help="rwSAM stage 2 starts from the stage-1 model (Algorithm 1) or from a fresh one")
+    p.add_argument("--stage2-init", default="scratch", choices=["scratch", "stage1"],
+                   help="rwSAM stage 2 starts from a fresh model with the seed of stage 1 (the authors' "
+                        "main_sam_weight.py; equal budgets) or continues the stage-1 model (doubles the budget)")
     p.add_argument("--balanced", action="store_true",
                    help="class-balanced subset with the same number of images as the long-tailed one")
     p.add_argument("--subsample", type=float, default=1.0, choices=SUBSAMPLE,
-                   help="keep this fraction of every class (paper 2's size sweep)")
+                   help="keep this fraction of every class (paper 2's size sweep); trains round(epochs / r) epochs")
+    p.add_argument("--same-epochs", action="store_true",
+                   help="with --subsample r < 1, train --epochs epochs instead of round(epochs / r)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--knn-every", type=int, default=10,
                    help="kNN every N epochs and at the end of each stage (gap: at stage ends); 0: only at the ends; "
@@ -174,9 +208,13 @@ def parse_args(argv=None):
     p.add_argument("--knn-t", type=float, default=0.1, help="kNN vote temperature")
     p.add_argument("--knn-val-frac", type=float, default=0.1,
                    help="kNN queries: this class-stratified fraction of the full training split")
+    p.add_argument("--gap-views", type=int, default=16,
+                   help="generalization gap: average over this many seeded draws of view pairs, standard error "
+                        "reported")
     p.add_argument("--strict-fp32", action="store_true", help="disable TF32 in cuDNN convolutions and matmuls")
     p.error = fail                                         # one line and exit 2, not the usage text
     args = p.parse_args(argv)
+    args.cli_flags = given_flags(p, argv)
     if args.dataset in ("imagenet_lt", "inat"):
         fail(f"simsiam_rwsam.py runs paper 2's CIFAR recipe (ResNet-18 on small images held on the device); "
              f"--dataset {args.dataset} is not supported")
@@ -187,7 +225,20 @@ def parse_args(argv=None):
                ([f"sub{args.subsample:g}"] if args.subsample < 1 else [])
         args.out = os.path.join("runs", "-".join(["simsiam_rwsam", args.dataset, f"{args.rho:g}", str(args.seed),
                                                   args.opt, *tags]))
+    check_flag_ranges(args)
     return args
+
+
+def check_flag_ranges(args):
+    """Range of every numeric flag, before anything is read or written."""
+    check_ranges(args, SHARED_RANGES + [("sam_rho", 0, None, "[)"), ("alpha", 0, None, "[)"),
+                                        ("bandwidth", 0, None, "()"), ("stage1_epochs", 1, None, "[)"),
+                                        ("knn_every", -1, None, "[)"), ("knn_k", 1, None, "[)"),
+                                        ("knn_t", 0, None, "()"), ("knn_val_frac", 0, 1, "()")])
+
+
+# --resume continues a run with its own arguments; only these (where the run executes) may be given with it
+RESUME_FLAGS = ("gpu", "data_root", "download")
 
 
 def fail(msg):
@@ -261,6 +312,27 @@ class SimSiam(ResNet18):
         return z1, z2, self.predictor(z1), self.predictor(z2)
 
 
+# === shared: check_ranges (identical in every script) ===
+def check_ranges(args, ranges):
+    """Every (flag, low, high, bounds) of `ranges`: the flag's value lies in the interval, bounds "[)" meaning
+    low <= value < high (None: no bound; a flag left at None is skipped). Else one line and exit 2."""
+    for name, low, high, bounds in ranges:
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        ok = abs(v) <= float(np.finfo(np.float32).max) and (low is None or (v >= low if bounds[0] == "[" else v > low)) \
+            and (high is None or (v <= high if bounds[1] == "]" else v < high))      # NaN, inf, 1e300 fail
+        if not ok:
+            interval = f"{bounds[0]}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{bounds[1]}"
+            fail(f"--{name.replace('_', '-')} must be in {interval}, got {v:g}")
+
+
+SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
+                 ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
+# === end shared: check_ranges ===
+
+
 # === shared: checkpoints (identical in every script) ===
 HEAD_PREFIXES = ("fc.",)
 
@@ -271,13 +343,100 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def write_text_atomic(path, text):
+    """Temp file + rename, as save_atomic: a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def strict_json(obj, **kw):
+    """JSON without the bare NaN / Infinity tokens Python writes by default: a non-finite float is null."""
+    def clean(v):
+        if isinstance(v, float):
+            return v if np.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
+def write_json(path, obj):
+    write_text_atomic(path, strict_json(obj, indent=1))
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl; none when a moved or copied run lacks the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_metrics(path, rows):
+    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in rows))
+
+
+def append_metrics(path, row):
+    write_metrics(path, read_metrics(path) + [row])
+
+
+def copy_source(path, out):
+    """The script's own source beside its outputs (temp file + rename)."""
+    tmp = os.path.join(out, os.path.basename(path) + ".tmp")
+    shutil.copy(path, tmp)
+    os.replace(tmp, os.path.join(out, os.path.basename(path)))
+
+
+def given_flags(parser, argv):
+    """Destinations of the flags written on the command line (abbreviations included), so --resume can
+    apply or refuse each of them instead of dropping it."""
+    unset = object()
+    seen = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return sorted(k for k, v in vars(seen).items() if v is not unset and k != "help")
+
+
+def resume_args(args, ckpt, applied):
+    """--resume PATH: continue the run in dirname(PATH) with the arguments it was started with. A flag in
+    `applied` given on this command line replaces the stored value (--gpu and --workers always do: they
+    describe this machine); any other flag given with --resume is refused."""
+    flag = lambda k: "--" + k.replace("_", "-")
+    refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
+    if refused:
+        fail(f"--resume continues a run with its own arguments; drop {' '.join(map(flag, refused))} (with "
+             f"--resume only {', '.join(map(flag, applied))} may be given)")
+    now = {k: getattr(args, k) for k in applied if k in args.cli_flags or k in ("gpu", "workers")}
+    return argparse.Namespace(**{**vars(args), **ckpt["args"], **now, "resume": args.resume,
+                                 "out": os.path.dirname(os.path.abspath(args.resume)), "cli_flags": args.cli_flags})
+
+
+def nonfinite_tensor(model):
+    """Name of the first parameter or buffer holding NaN / inf (a BatchNorm running_var, say), or None."""
+    named = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist() if named else []
+    return next((k for (k, _), ok in zip(named, finite) if not ok), None)
+
+
+def stop_diverged(what, out, epoch):
+    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint,
+    exit 1."""
+    last = os.path.join(out, "last.pt")
+    kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
+    print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
+    sys.exit(1)
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    except Exception as e:                                 # empty, truncated, another format, ...
+        why = (str(e).splitlines() or [""])[0][:60]
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}{': ' if why else ''}{why})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
         fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
     return ckpt
@@ -332,7 +491,7 @@ def forward_loss(model, x1, x2, amp):
 
 def sam_perturbation(params, grads, rho, adaptive):
     """ε of paper 2 Algorithm 1 line 12 with p = q = 2: ρ·g/‖g‖₂, one norm over all parameters (Foret
-    et al. Eq. (2)). adaptive (ASAM, Kwon et al. 2021, as the SAM code the authors used): ρ·w²·g/‖|w|·g‖₂."""
+    et al. Eq. (2)). adaptive (ASAM, Kwon et al. 2021, as the authors ran it; the default): ρ·w²·g/‖|w|·g‖₂."""
     if adaptive:
         scaled = torch._foreach_mul(grads, torch._foreach_abs(params))
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(scaled)))
@@ -437,32 +596,56 @@ def weights_from_training_set(model, loader, alpha, bandwidth, seed, amp=False):
 # ----- monitors ------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def knn_top1(mem_f, mem_y, q_f, q_y, num_classes, k=200, t=0.1, chunk=1024):
+def knn_top1(mem_f, mem_y, q_f, q_y, num_classes, k=200, t=0.1, chunk=1024, class_mean=False):
     """Weighted kNN (Wu et al. 2018): the k most cosine-similar memory features vote for their class with
-    weight exp(sim/t); top-1 % over the queries."""
+    weight exp(sim/t); top-1 % over the queries (class_mean: and the mean over classes of per-class %)."""
     k = min(k, len(mem_f))
-    correct = 0
+    hits = torch.zeros(num_classes, dtype=torch.long)
     for s in range(0, len(q_f), chunk):
         sim, i = (q_f[s:s + chunk] @ mem_f.T).topk(k, dim=1)
         votes = torch.zeros(len(sim), num_classes, device=sim.device, dtype=sim.dtype)
         votes.scatter_add_(1, mem_y[i], (sim / t).exp())
-        correct += (votes.argmax(1) == q_y[s:s + chunk]).sum().item()
-    return 100.0 * correct / len(q_f)
+        y = q_y[s:s + chunk]
+        hits += torch.bincount(y[votes.argmax(1) == y], minlength=num_classes).cpu()
+    top1 = 100.0 * hits.sum().item() / len(q_f)
+    if not class_mean:
+        return top1
+    seen = torch.bincount(q_y, minlength=num_classes).cpu()
+    return top1, float(100.0 * (hits[seen > 0].double() / seen[seen > 0]).mean())
 
 
 @torch.no_grad()
-def class_mean_loss(model, loader, num_classes, amp=False):
-    """Mean per-example SimSiam loss per class, eval mode, the loader's seeded views (NaN: no image)."""
+def class_mean_loss(model, loader, num_classes, amp=False, draw=0):
+    """Mean per-example SimSiam loss per class, eval mode, the loader's seeded views of draw `draw` (one
+    pair of views per image; NaN: no image)."""
     was_training = model.training
     model.eval()
     total = torch.zeros(num_classes, dtype=torch.float64)
     count = torch.zeros(num_classes, dtype=torch.float64)
-    for (x1, x2), y, _ in loader.epoch(0):
+    for (x1, x2), y, _ in loader.epoch(draw):
         loss, _ = forward_loss(model, x1, x2, amp)
         total += torch.bincount(y, weights=loss.double(), minlength=num_classes).cpu()
         count += torch.bincount(y, minlength=num_classes).cpu().double()
     model.train(was_training)
     return (total / count).tolist()
+
+
+def gap_over_views(model, train_loader, heldout_loader, num_classes, frequent, rare, views, amp=False):
+    """Table 1(a)'s gap averaged over `views` seeded draws of view pairs (draw v = epoch v of the seeded
+    loaders), with its standard error over the draws, std(ddof=1)/√views: one pair of views of the 250
+    rare training images of step CIFAR-10-LT leaves an error of the order of the gaps' differences."""
+    draws = [generalization_gap(class_mean_loss(model, train_loader, num_classes, amp, v),
+                                class_mean_loss(model, heldout_loader, num_classes, amp, v), frequent, rare)
+             for v in range(views)]
+    out = {}
+    for name in ("frequent", "rare"):
+        gaps = np.array([d[name]["gap"] for d in draws])
+        out[name] = {"gap": float(gaps.mean()),
+                     "se": float(gaps.std(ddof=1) / math.sqrt(views)) if views > 1 else None,
+                     "train_loss": float(np.mean([d[name]["train_loss"] for d in draws])),
+                     "heldout_loss": float(np.mean([d[name]["heldout_loss"] for d in draws])),
+                     "views": views, "per_view": gaps.tolist()}
+    return out
 
 
 def generalization_gap(train_loss, heldout_loss, frequent, rare):
@@ -531,7 +714,11 @@ def build_data(args, device, rank):
     order = D.CLASS_ORDER.get(args.dataset, list(range(C)))
     data.frequent, data.rare = order[:C // 2], order[C // 2:]
     if rank == 0:
-        mem, queries = D.carve_val(np.arange(len(train_y)), train_y, args.knn_val_frac, args.data_seed)
+        if len(val_idx):                                   # --val-frac: score on the held-out split only
+            queries = np.asarray(val_idx)
+            mem = np.setdiff1d(np.arange(len(train_y)), queries)
+        else:
+            mem, queries = D.carve_val(np.arange(len(train_y)), train_y, args.knn_val_frac, args.data_seed)
         pick = lambda i: full[torch.as_tensor(i, device=device)]
         data.knn_mem = D.GPULoader(pick(mem), train_y[mem], 1024, mean, std, device)
         data.knn_query = D.GPULoader(pick(queries), train_y[queries], 1024, mean, std, device)
@@ -586,12 +773,18 @@ def check_args(args, world):
         fail("--stage1 replaces stage 1, so --stage1-epochs has nothing to do; drop one of them")
     if args.stage1_epochs is not None and args.stage1_epochs < 1:
         fail("--stage1-epochs must be positive")
+    if args.gap_views < 1:
+        fail(f"--gap-views {args.gap_views}: the gap needs at least 1 draw of views (2 or more for its standard error)")
 
 
 def load_stage1(args):
     """--stage1 PATH: its backbone (checked and reported by the shared loader), and its heads when stage 2
     continues from it."""
     backbone = ResNet18()
+    arch = load_checkpoint(args.stage1)["arch"]
+    if arch != ARCH:                                       # this script has no --arch to switch to
+        fail(f"'{args.stage1}' holds a {arch} backbone; --stage1 needs a {ARCH} (CIFAR ResNet-18) checkpoint, "
+             f"e.g. the stage1.pt or last.pt of a simsiam_rwsam.py run")
     ckpt = load_backbone(backbone, ARCH, args.stage1)
     state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
     full = None
@@ -603,6 +796,13 @@ def load_stage1(args):
                  f"pass --stage2-init scratch to use only its backbone for the weights")
         full = {k: state[k] for k in want}
     return backbone, full
+
+
+def run_epochs(args, epochs):
+    """The size-sweep rule: `--epochs` is the budget of the full-size variant; with `--subsample r` < 1 the
+    script trains round(epochs / r) epochs so that the number of optimizer steps matches the full variant
+    (App. A.1), and prints it at start; `--same-epochs` turns the scaling off."""
+    return epochs if args.subsample >= 1 or args.same_epochs else round(epochs / args.subsample)
 
 
 def init_state(seed):
@@ -629,8 +829,9 @@ def main(argv=None):
         if ckpt.get("script") != "simsiam_rwsam.py":
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not simsiam_rwsam.py; "
                  f"use --stage1 to start rwSAM from its backbone")
-        keep = {k: getattr(args, k) for k in ("gpu", "resume")}
-        args = argparse.Namespace(**{"data_seed": ckpt["args"].get("seed", 0), **ckpt["args"], **keep})
+        # same_epochs, gap_views: what runs saved before these flags existed did
+        ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), "same_epochs": True, "gap_views": 1, **ckpt["args"]}
+        args = resume_args(args, ckpt, RESUME_FLAGS)
         if rank == 0:
             print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
     try:
@@ -651,12 +852,13 @@ def main(argv=None):
     if n < args.batch_size:
         fail(f"the training subset has {n} images, fewer than one batch of {args.batch_size}; lower --batch-size")
 
-    e1 = (args.stage1_epochs or args.epochs) if args.opt == "rwsam" and not args.stage1 else 0
-    total = e1 + args.epochs
+    e1 = run_epochs(args, args.stage1_epochs or args.epochs) if args.opt == "rwsam" and not args.stage1 else 0
+    e2 = run_epochs(args, args.epochs)
+    total = e1 + e2
 
     def phase(g):
         """(optimiser rule, epoch within the stage, epochs of the stage) of 0-based global epoch g."""
-        return ("sgd", g, e1) if g < e1 else (args.opt, g - e1, args.epochs)
+        return ("sgd", g, e1) if g < e1 else (args.opt, g - e1, e2)
 
     torch.manual_seed(args.seed)
     model = SimSiam().to(device)
@@ -673,24 +875,26 @@ def main(argv=None):
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     weights = kde["weights"].to(device) if kde is not None else None
 
+    metrics = os.path.join(args.out, "metrics.jsonl")
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        if ckpt is None:
+        if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
             meta = {**vars(args), "world_size": world, "torch": torch.__version__, "cuda": torch.version.cuda,
                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-            with open(os.path.join(args.out, "args.json"), "w") as f:
-                json.dump(meta, f, indent=1)
-            shutil.copy(__file__, os.path.join(args.out, os.path.basename(__file__)))
+            write_json(os.path.join(args.out, "args.json"), meta)
+            copy_source(__file__, args.out)
             D.save_indices(os.path.join(args.out, "train_indices.json"), data.idx, data.val_idx)
-            open(os.path.join(args.out, "metrics.jsonl"), "w").close()
-        else:                                              # drop epochs logged after the checkpoint
-            with open(os.path.join(args.out, "metrics.jsonl")) as f:
-                lines = [l for l in f if json.loads(l)["epoch"] <= start]
-            with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
-                f.writelines(lines)
-        plan = (f"stage 1 SimSiam {e1} epochs, then rwSAM {args.epochs}" if e1 else
-                f"rwSAM {args.epochs} epochs after --stage1 {args.stage1}" if args.opt == "rwsam" else
-                f"{'SimSiam' if args.opt == 'sgd' else 'SimSiam + SAM'} {args.epochs} epochs")
+        # a resumed run drops the epochs logged after its checkpoint
+        write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
+        init = "from a fresh model" if args.stage2_init == "scratch" else "continuing stage 1"
+        plan = (f"stage 1 SimSiam {e1} epochs, then rwSAM {e2} {init}" if e1 else
+                f"rwSAM {e2} epochs {init}, weights from --stage1 {args.stage1}" if args.opt == "rwsam" else
+                f"{'SimSiam' if args.opt == 'sgd' else 'SimSiam + SAM'} {e2} epochs")
+        if args.subsample < 1:
+            print(f"--subsample {args.subsample:g}: " + (
+                f"--same-epochs, {args.epochs} epochs as the full variant (fewer optimizer steps)" if args.same_epochs
+                else f"{e2} = round({args.epochs} / {args.subsample:g}) epochs, the optimizer steps of the full "
+                     f"variant's {args.epochs} (paper 2 App. A.1; --same-epochs turns this off)"))
         print(f"{args.dataset} rho={args.rho:g} ({args.imb_type}{', balanced' if args.balanced else ''}"
               f"{f', subsample {args.subsample:g}' if args.subsample < 1 else ''}): {n} training images "
               f"{data.counts}; {plan}; batch {args.batch_size} on {world} × {device}, lr {args.lr:g}"
@@ -700,16 +904,26 @@ def main(argv=None):
     def save(state_name, g, **recipe):
         state = {"script": "simsiam_rwsam.py", "arch": ARCH, "model": net.state_dict(), "epoch": g,
                  "optimizer": optimizer.state_dict(), "args": {**vars(args), **recipe}, "class_counts": data.counts,
-                 "rng": {"torch": torch.get_rng_state()}, "kde_weights": kde, "best": best, "summary": summary}
+                 "rng": {"torch": torch.get_rng_state()}, "kde_weights": kde, "best": best, "summary": summary,
+                 "mean": data.mean, "std": data.std}
         save_atomic(state, os.path.join(args.out, state_name))
 
-    def stage_end(name, knn_now):
+    def stage_end(name, knn_now, knn_cm=None):
         """kNN and generalization gap of the model as it stands (rank 0), stored under summary[name]."""
-        gap = generalization_gap(class_mean_loss(net, data.gap_train, data.C, args.amp),
-                                 class_mean_loss(net, data.gap_heldout, data.C, args.amp), data.frequent, data.rare)
-        summary[name] = {"knn_top1": knn_now, "gap": gap}
-        print(f"{name}: kNN {fmt(knn_now)}%, generalization gap frequent {gap['frequent']['gap']:.4f}, "
-              f"rare {gap['rare']['gap']:.4f}")
+        gap = gap_over_views(net, data.gap_train, data.gap_heldout, data.C, data.frequent, data.rare,
+                             args.gap_views, args.amp)
+        summary[name] = {"knn_top1": knn_now, "knn_class_mean": knn_cm, "gap": gap}
+        se = lambda g: f" ± {g['se']:.4f}" if g["se"] is not None else ""
+        print(f"{name}: kNN {fmt(knn_now)}%, generalization gap frequent {gap['frequent']['gap']:.4f}"
+              f"{se(gap['frequent'])}, rare {gap['rare']['gap']:.4f}{se(gap['rare'])} (± standard error over "
+              f"{args.gap_views} seeded view draws)")
+
+    if rank == 0 and ckpt is not None:                     # what an interrupted write may have lost
+        if e1 and start == e1 and kde is None and not os.path.exists(os.path.join(args.out, "stage1.pt")):
+            save("stage1.pt", e1, opt="sgd", epochs=args.stage1_epochs or args.epochs, stage1_epochs=None,
+                 stage1_of=args.out)
+        if kde is not None and "density" in kde and not os.path.exists(os.path.join(args.out, "kde_weights.pt")):
+            save_atomic(kde, os.path.join(args.out, "kde_weights.pt"))
 
     t_run = time.time()
     for g in range(start, total):
@@ -721,7 +935,7 @@ def main(argv=None):
                 fail(str(err))
             weights = kde["weights"].to(device)
             if rank == 0:
-                torch.save(kde, os.path.join(args.out, "kde_weights.pt"))
+                save_atomic(kde, os.path.join(args.out, "kde_weights.pt"))
             optimizer = make_optimizer(net, args, device)
         t0 = time.time()
         lr = lr_at(e, epochs, args.lr)
@@ -741,54 +955,59 @@ def main(argv=None):
             steps += 1
         if world > 1:
             dist.all_reduce(sums)
-            dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
             sums /= world
-        if first_bad.item() >= 0:
+        bad_tensor = nonfinite_tensor(net)
+        bad = torch.stack([first_bad, torch.tensor(int(bad_tensor is not None), device=device)])
+        if world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad[0].item() >= 0 or bad[1].item() > 0:
+            where = (f"loss is not finite at epoch {g + 1}, step {bad[0].item() + 1}" if bad[0].item() >= 0 else
+                     f"'{bad_tensor or 'a tensor of another process'}' is not finite after epoch {g + 1}, "
+                     f"step {steps}")
             if rank == 0:
-                print(f"error: loss is not finite at epoch {g + 1}, step {first_bad.item() + 1}; stopped, "
-                      f"{args.out}/last.pt still holds epoch {g}", file=sys.stderr)
+                stop_diverged(where, args.out, g)
             sys.exit(1)
         seconds = time.time() - t0
         loss_avg, loss2_avg, z_avg = (sums / steps).tolist()
         if rank == 0:
             last_of_stage = e + 1 == epochs
-            knn_now, t_knn = None, time.time()
+            knn_now, knn_cm, t_knn = None, None, time.time()
             if args.knn_every >= 0 and (last_of_stage or (args.knn_every and (e + 1) % args.knn_every == 0)):
                 mem_f, mem_y = embed(net, data.knn_mem, args.amp)
                 q_f, q_y = embed(net, data.knn_query, args.amp)
-                knn_now = knn_top1(mem_f, mem_y, q_f, q_y, data.C, args.knn_k, args.knn_t)
+                knn_now, knn_cm = knn_top1(mem_f, mem_y, q_f, q_y, data.C, args.knn_k, args.knn_t, class_mean=True)
                 if g >= e1 and (best is None or knn_now > best["knn_top1"]):
                     best = {"epoch": g + 1, "knn_top1": knn_now}
             row = {"epoch": g + 1, "opt": opt, "stage_epoch": e + 1, "lr": lr, "loss": loss_avg,
                    "loss_perturbed": loss2_avg if opt != "sgd" else None, "z_std": z_avg, "knn_top1": knn_now,
-                   "seconds": seconds, "knn_seconds": time.time() - t_knn}
-            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
+                   "knn_class_mean": knn_cm, "seconds": seconds, "knn_seconds": time.time() - t_knn}
+            append_metrics(metrics, row)
             print(f"{g + 1:5d} {opt:>5} {lr:8.5f} {loss_avg:8.4f} {z_avg:7.4f} {fmt(knn_now)} {seconds:6.2f}",
                   flush=True)
             if last_of_stage and args.knn_every >= 0:
-                stage_end("stage1" if g < e1 else "final", knn_now)
+                stage_end("stage1" if g < e1 else "final", knn_now, knn_cm)
+            if g + 1 == e1:                                # before last.pt: a kill between the two redoes the epoch
+                save("stage1.pt", g + 1, opt="sgd", epochs=args.stage1_epochs or args.epochs, stage1_epochs=None,
+                     stage1_of=args.out)
             save("last.pt", g + 1)
-            if g + 1 == e1:
-                save("stage1.pt", g + 1, opt="sgd", epochs=e1, stage1_epochs=None, stage1_of=args.out)
 
     if rank == 0:
-        with open(os.path.join(args.out, "metrics.jsonl")) as f:
-            rows = [json.loads(l) for l in f]
+        rows = read_metrics(metrics)
         per_epoch = {o: float(np.median([r["seconds"] for r in rows if r["opt"] == o]))
                      for o in sorted({r["opt"] for r in rows})}
         final = {"script": "simsiam_rwsam.py", "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type,
                  "balanced": args.balanced, "subsample": args.subsample, "opt": args.opt, "sam_rho": args.sam_rho,
                  "adaptive": args.adaptive, "alpha": args.alpha, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs,
-                 "stage1_epochs": e1, "stage1": args.stage1, "stage2_init": args.stage2_init, "world_size": world,
+                 "epochs_trained": e2, "same_epochs": args.same_epochs, "stage1_epochs": e1, "stage1": args.stage1, "stage2_init": args.stage2_init, "world_size": world,
                  "n_train": n, "class_counts": data.counts, "last": summary.get("final"),
                  "stage1_result": summary.get("stage1"), "best_knn_on_val": best,
+                 "knn_queries": "--val-frac split (left out of pre-training)" if len(data.val_idx) else
+                                "--knn-val-frac of the full training split",
                  "kde": None if kde is None else {k: kde[k] for k in ("bandwidth", "alpha", "source",
                                                                       "per_class_mean_weight")},
                  "checkpoint": os.path.join(args.out, "last.pt"), "seconds_per_epoch": per_epoch,
                  "wall_seconds": time.time() - t_run}
-        with open(os.path.join(args.out, "final.json"), "w") as f:
-            json.dump(final, f, indent=1)
+        write_json(os.path.join(args.out, "final.json"), final)
         last = summary.get("final") or {}
         knn = last.get("knn_top1")
         print(f"done: {args.out}/last.pt" + (f"; kNN (validation split) {knn:.2f}%" if knn is not None else "")

@@ -14,14 +14,30 @@ from conftest import run_script, write_folder
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A CE ResNet-32 trained on imbalanced easy data (counts 40, 22, 12, 7, 4): a usable backbone."""
+    """An ldam_drw.py-style checkpoint on imbalanced easy data (counts 40, 22, 12, 7, 4): a seeded random
+    ResNet-32 with BatchNorm statistics measured on the training images (no gradient step, so nothing
+    here hangs on a training trajectory) and a zero linear head."""
     root = tmp_path_factory.mktemp("easy")
     write_folder(root, classes=tuple("abcde"), per_class=(40,) * 5, per_class_test=8, easy=True)
-    out = root / "ce"
-    ldam_drw.main(["--dataset", "folder", "--data-root", str(root), "--gpu", "-1", "--out", str(out),
-                   "--rho", "0.1", "--epochs", "12", "--batch-size", "16", "--lr", "0.05", "--loss", "ce",
-                   "--rule", "none"])
-    return root, out / "last.pt"
+    images, labels, _ = D.load_split("folder", root, True)
+    idx = D.make_long_tailed(labels, 0.1, "exp", 0)
+    mean, std = D.mean_std("folder", images)
+    torch.manual_seed(0)
+    model = ldam_drw.ResNet32(5)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None                                   # cumulative average over the one pass
+    model.train()
+    with torch.no_grad():
+        model(D.normalize(D.to_device(images[idx], "cpu"), mean, std))
+        model.fc.weight.zero_()
+        model.fc.bias.zero_()
+    (root / "ce").mkdir()
+    torch.save({"script": "ldam_drw.py", "arch": "resnet32", "model": model.state_dict(), "epoch": 12,
+                "class_counts": np.bincount(labels[idx]).tolist(),
+                "args": {"dataset": "folder", "data_root": str(root), "rho": 0.1, "imb_type": "exp", "seed": 0,
+                         "val_frac": 0.0, "loss": "ce"}}, root / "ce" / "last.pt")
+    return root, root / "ce" / "last.pt"
 
 
 def _crt(tmp_path, ckpt, *extra):

@@ -1,4 +1,5 @@
 """datasets_lt.py part 1: loaders on fake files in the real formats, long-tailed subsets, errors."""
+import shutil
 import subprocess
 import sys
 import warnings
@@ -123,12 +124,16 @@ def test_unlabeled_pool_profile_and_cap(cifar10_labels):
     lt = D.make_long_tailed(cifar10_labels, 0.01, seed=0)
     rest = np.setdiff1d(np.arange(len(cifar10_labels)), lt)
     assert len(rest) == 37594
+    # Capping class by class (asked for) reverses the profile: class 0 has nothing left, class 9 the most.
     with pytest.warns(UserWarning, match="cannot supply D_U") as w:
-        idx, irr, rep = D.unlabeled_pool(cifar10_labels[rest], len(lt), 5, rho_u=1.0, seed=0)
+        idx, irr, rep = D.unlabeled_pool(cifar10_labels[rest], len(lt), 5, rho_u=1.0, seed=0, shortfall="cap")
     assert rep["requested"] == 62030 and rep["requested_per_class"] == [6203] * 10
     assert rep["supplied_per_class"][0] == 0 and rep["supplied_per_class"][9] == 4950
-    assert str(62030 - rep["relevant"]) + " short" in str(w[0].message)
+    assert "class 0: 6203" in str(w[0].message)
     assert len(idx) == rep["relevant"] and len(irr) == 0
+    # The default keeps the profile, and a pool with nothing of the head class gives nothing: an error.
+    with pytest.raises(D.DataError, match=r"cannot supply any D_U .*class\(es\) 0 have no image"):
+        D.unlabeled_pool(cifar10_labels[rest], len(lt), 5, rho_u=1.0, seed=0)
     # A request the pool can meet: exact per-class profile, no warning, true labels match.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -138,6 +143,33 @@ def test_unlabeled_pool_profile_and_cap(cifar10_labels):
     assert rep["requested_per_class"][0] > 4 * rep["requested_per_class"][9]
 
 
+@pytest.mark.parametrize("rho_u", [1.0, 0.01])
+def test_short_pool_shrinks_the_total_and_keeps_the_profile(rho_u):
+    """A pool shaped like CIFAR's leftovers (fewest images in the head class): never reversed."""
+    avail = [5000 - n for n in D.lt_counts(4000, 10, 0.01)]               # 1000, 2603, …, 4960
+    labels = np.repeat(np.arange(10), avail)
+    with pytest.warns(UserWarning, match="shrunk to") as w:
+        idx, _, rep = D.unlabeled_pool(labels, 12406, 5, rho_u=rho_u, seed=0)
+    got = rep["supplied_per_class"]
+    assert np.bincount(labels[idx], minlength=10).tolist() == got == rep["requested_per_class"]
+    assert all(a >= b for a, b in zip(got, got[1:])) and got[0] <= 1000
+    base = D.lt_counts(6203, 10, rho_u)                                      # the asked profile at some size n …
+    sizes = [n for n in range(sum(got), sum(got) + 20) if [int(b * n / sum(base)) for b in base] == got]
+    assert sizes and int(base[0] * (max(sizes) + 1) / sum(base)) > 1000      # … the largest class 0 can fill
+    assert f"({rep['size'] / 12406:.2f}x |D_L|)" in str(w[0].message) and "class 0 (1000 images)" in str(w[0].message)
+    assert rep["achieved_mult"] == pytest.approx(rep["size"] / 12406)
+
+
+def test_svhn_unlabeled_profile_follows_the_rotated_class_order():
+    labels = np.repeat(np.arange(10), 5000)
+    n_l = sum(D.lt_counts(1000, 10, 0.02))
+    idx, _, rep = D.unlabeled_pool(labels, n_l, 5, rho_u=0.02, class_order=D.CLASS_ORDER["svhn"])
+    counts = np.bincount(labels[idx], minlength=10)
+    assert counts.argmax() == 1 and counts.argmin() == 0
+    assert counts[[1, 2, 3, 4, 5, 6, 7, 8, 9, 0]].tolist() == [int(b * 5 * n_l / sum(D.lt_counts(5 * n_l // 10, 10, 0.02)))
+                                                               for b in D.lt_counts(5 * n_l // 10, 10, 0.02)]
+
+
 def test_unlabeled_pool_relevance_mix():
     labels = np.repeat(np.arange(4), 500)
     irrelevant = np.arange(10_000, 10_600)
@@ -145,6 +177,21 @@ def test_unlabeled_pool_relevance_mix():
     assert len(idx) == 600 and len(irr) == 400 and set(irr) <= set(irrelevant)
     with pytest.raises(D.DataError, match="irrelevant"):
         D.unlabeled_pool(labels, 200, 5, 1.0, relevance=0.5)
+
+
+def test_relevance_sweep_holds_ratio_and_size():
+    """Fig. 2: achieved ratio within one image of the request, |D_U| the same at every point."""
+    labels = np.repeat(np.arange(10), 10_000)
+    irrelevant = np.arange(50_000)
+    n_l = sum(D.lt_counts(5000, 10, 0.02))                                  # CIFAR-10-LT rho = 50: 13,996
+    sizes = set()
+    for r in (0.2, 0.4, 0.6, 0.8):
+        idx, irr, rep = D.unlabeled_pool(labels, n_l, 2, rho_u=0.02, irrelevant=irrelevant, relevance=r)
+        sizes.add(len(idx) + len(irr))
+        assert abs(len(idx) - r * (len(idx) + len(irr))) <= 1 and rep["achieved_relevance"] == len(idx) / rep["size"]
+        counts = np.bincount(labels[idx], minlength=10)
+        assert all(a >= b for a, b in zip(counts, counts[1:]))
+    assert sizes == {2 * n_l}
 
 
 # ----- loaders on fake files in the real formats ---------------------------------------------------
@@ -201,6 +248,65 @@ def test_folder_mixed_sizes(tmp_path):
     (tmp_path / "x" / "train" / "ant" / "0000.png").rename(tmp_path / "train" / "ant" / "big.png")
     with pytest.raises(D.DataError, match="differ in size"):
         D.load_split("folder", tmp_path, True)
+
+
+def test_folder_test_classes_are_matched_by_name(tmp_path, capsys):
+    """A test folder without 'ant' keeps bee = 1 and cat = 2 (not shifted to 0 and 1); 'ant' is
+    reported as absent."""
+    data = write_folder(tmp_path)
+    shutil.rmtree(tmp_path / "test" / "ant")
+    x, y, names = D.load_split("folder", tmp_path, False)
+    assert names == ["ant", "bee", "cat"]
+    assert sorted(set(y.tolist())) == [1, 2]
+    assert np.array_equal(x, data["test"][0][data["test"][1] != 0])
+    assert np.array_equal(y, data["test"][1][data["test"][1] != 0])
+    assert "'ant'" in capsys.readouterr().err
+
+
+def test_folder_empty_test_class_is_absent_not_an_error(tmp_path, capsys):
+    write_folder(tmp_path)
+    for f in (tmp_path / "test" / "bee").iterdir():
+        f.unlink()
+    _, y, names = D.load_split("folder", tmp_path, False)
+    assert names == ["ant", "bee", "cat"] and np.bincount(y, minlength=3).tolist() == [2, 0, 2]
+    assert "'bee'" in capsys.readouterr().err
+
+
+def test_folder_test_class_unknown_to_training(tmp_path):
+    write_folder(tmp_path)
+    shutil.copytree(tmp_path / "test" / "ant", tmp_path / "test" / "wasp")
+    with pytest.raises(D.DataError, match="'wasp'"):
+        D.load_split("folder", tmp_path, False)
+
+
+def test_folder_needs_two_classes(tmp_path):
+    write_folder(tmp_path, classes=("cat",), per_class=(6,))
+    with pytest.raises(D.DataError, match="at least two"):
+        D.load_split("folder", tmp_path, True)
+
+
+def test_one_class_labels_cannot_make_a_long_tailed_subset():
+    with pytest.raises(D.DataError, match="at least two"):
+        D.make_long_tailed(np.zeros(10, dtype=np.int64), 0.5)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", "truncated"])
+def test_folder_unreadable_image_names_the_file(tmp_path, content):
+    write_folder(tmp_path, splits=("train",))
+    bad = tmp_path / "train" / "bee" / "0001.png"
+    content = bad.read_bytes()[:60] if content == "truncated" else content
+    bad.write_bytes(content)
+    with pytest.raises(D.DataError, match="0001.png' is not a readable image") as e:
+        D.load_split("folder", tmp_path, True)
+    assert "\n" not in str(e.value)
+
+
+def test_folder_order_matches_imagefolder(fake_folder):
+    """Same files in the same order as torchvision's ImageFolder, so seeded subsets are unchanged."""
+    import torchvision
+    root, _ = fake_folder
+    ds = torchvision.datasets.ImageFolder(root / "train")
+    assert D._folder_files(root / "train") == {c: [f for f, t in ds.samples if ds.classes[t] == c] for c in ds.classes}
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "svhn", "stl10"])
@@ -281,3 +387,12 @@ def test_imports_only_torch_torchvision_numpy_scipy():
             "print(sorted(new - set(sys.stdlib_module_names) - {'datasets_lt'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_unlabeled_pool_empty():
+    """No candidate left (rho 1 labels every image): one clear error, or nothing when nothing is asked."""
+    none = np.zeros(0, dtype=np.int64)
+    with pytest.raises(D.DataError, match="pool is empty"):
+        D.unlabeled_pool(none, 10, 5)
+    idx, irr, report = D.unlabeled_pool(none, 10, 0)
+    assert len(idx) == len(irr) == 0 and report["requested"] == 0

@@ -120,8 +120,8 @@ def test_separating_backbone_scores_high_random_does_not(tmp_path, needles):
     save_ckpt(tmp_path / "detector.pt", needle_detector(mean, std), rho=1.0, **common)
     save_ckpt(tmp_path / "random.pt", random_backbone(images, mean, std), rho=0.01, class_counts=[200, 98, 2],
               **common)
-    good, _ = _probe(tmp_path, "good", tmp_path / "detector.pt")
-    bad, _ = _probe(tmp_path, "bad", tmp_path / "random.pt")
+    good, _ = _probe(tmp_path, "good", tmp_path / "detector.pt", "--protocol", "fast")
+    bad, _ = _probe(tmp_path, "bad", tmp_path / "random.pt", "--protocol", "fast")
     assert good["class_counts"] == [30, 30, 30] and good["epochs"] == 100 and not good["augment"]
     assert good["top1"] >= 95 and min(good["per_class"]) >= 90                  # chance: 33.3%
     assert bad["top1"] <= 65
@@ -135,7 +135,7 @@ def test_separating_backbone_scores_high_random_does_not(tmp_path, needles):
 def test_backbone_unchanged_after_probing(tmp_path, needles, augment):
     root, images, (mean, std) = needles
     save_ckpt(tmp_path / "r.pt", random_backbone(images, mean, std, seed=1), dataset="folder", data_root=str(root))
-    final, out = _probe(tmp_path, "p", tmp_path / "r.pt", "--epochs", 3, "--batch-size", 32,
+    final, out = _probe(tmp_path, "p", tmp_path / "r.pt", "--epochs", 3, "--batch-size", 32, "--protocol", "fast",
                         *(["--augment"] if augment else []))
     assert final["sanity_check"] == "passed" and final["augment"] == augment
     src = torch.load(tmp_path / "r.pt", weights_only=True)["model"]
@@ -181,7 +181,7 @@ def test_cifar_resnet18_full_split_val_and_simsiam_keys(tmp_path, capsys):
                 "args": {"dataset": "cifar10", "data_root": str(tmp_path / "c10"), "rho": 0.01, "imb_type": "step",
                          "opt": "sam"}},
                tmp_path / "ss.pt")
-    final, out = _probe(tmp_path, "p", tmp_path / "ss.pt", "--epochs", 4, "--val-frac", 0.2)
+    final, out = _probe(tmp_path, "p", tmp_path / "ss.pt", "--epochs", 4, "--val-frac", 0.2, "--protocol", "fast")
     assert "2 unexpected (projector.0.weight, predictor.0.weight)" in capsys.readouterr().out
     assert final["class_counts"] == [8] * 10 and len(final["per_class"]) == 10      # 10 per class, 2 to validation
     assert final["eval"] == "linear:cifar10"
@@ -328,3 +328,75 @@ def test_bad_input_one_line_exit_2(tmp_path, needles, capsys, kind):
                 "arch": "unknown architecture 'resnet34'", "flag": "--val-frac must be in [0, 1)"}[kind]
     assert len(err) == 1 and expected in err[0]
     assert not (tmp_path / "o" / "final.json").exists()
+
+
+# ----- --protocol authors: the authors' main_lincls.py views ---------------------------------------
+
+def _pil(img, ops):
+    from torchvision.transforms import functional as TF
+    out = Image.fromarray(img)
+    for op in ops:
+        out = op(TF, out)
+    return np.asarray(out)
+
+
+def test_authors_test_view_is_bicubic_resize_36_and_centre_crop_32():
+    from torchvision.transforms import InterpolationMode
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    ours = E.authors_test_view(D.to_device(imgs, "cpu")).permute(0, 2, 3, 1).numpy().astype(int)
+    for img, mine in zip(imgs, ours):
+        ref = _pil(img, [lambda TF, x: TF.resize(x, 36, InterpolationMode.BICUBIC),
+                         lambda TF, x: TF.center_crop(x, 32)]).astype(int)
+        assert ref.shape == mine.shape == (32, 32, 3) and np.abs(ref - mine).max() <= 1
+
+
+def test_authors_training_view_is_pil_bicubic_resized_crop_and_flip():
+    from torchvision.transforms import InterpolationMode
+    rng = np.random.default_rng(1)
+    imgs = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    boxes = [(0, 0, 32, 32, False), (3, 1, 28, 30, True), (5, 4, 26, 27, False)]      # top, left, h, w, flip
+    top, left, h, w, flip = (torch.tensor(v) for v in zip(*boxes))
+    ours = E.bicubic_resized_crop(D.to_device(imgs, "cpu"), top, left, h, w, 32, flip).permute(0, 2, 3, 1).numpy()
+    for img, mine, (t, l, hh, ww, f) in zip(imgs, ours.astype(int), boxes):
+        ops = [lambda TF, x: TF.resized_crop(x, t, l, hh, ww, [32, 32], InterpolationMode.BICUBIC)]
+        ops += [lambda TF, x: TF.hflip(x)] if f else []
+        assert np.abs(_pil(img, ops).astype(int) - mine).max() <= 1
+
+
+def test_authors_training_views_crop_scale_and_flip_rate():
+    """On coordinate ramps (red = 8·column, green = 8·row; bicubic reproduces a linear ramp exactly) the
+    slope of each view gives its crop width and height and whether it was mirrored."""
+    ramp = np.zeros((1, 32, 32, 3), dtype=np.uint8)
+    ramp[0, :, :, 0] = 8 * np.arange(32)[None, :]
+    ramp[0, :, :, 1] = 8 * np.arange(32)[:, None]
+    x = D.to_device(ramp, "cpu").expand(4000, -1, -1, -1).contiguous()
+    views = E.authors_train_view(x, torch.Generator().manual_seed(0)).float()
+    mid = slice(8, 24)
+    i = torch.arange(8, 24, dtype=torch.float32)
+    slope = lambda v: ((v - v.mean(1, keepdim=True)) * (i - i.mean())).sum(1) / ((i - i.mean()) ** 2).sum()
+    sx = slope(views[:, 0, 16, mid])                      # 8 · w / 32 per output column, negative if mirrored
+    sy = slope(views[:, 1, mid, 16])
+    w, h = 4 * sx.abs(), 4 * sy
+    area = w * h / 1024
+    assert area.min() > 0.78 and area.max() < 1.02 and area.min() < 0.82 and area.max() > 0.97
+    assert ((w / h) > 0.73).all() and ((w / h) < 1.36).all()
+    assert abs((sx < 0).float().mean().item() - 0.5) < 0.04
+
+
+def test_authors_protocol_is_the_default_and_runs(tmp_path, needles):
+    root, images, (mean, std) = needles
+    assert E.parse_args(["--ckpt", "x.pt"]).protocol == "authors"
+    save_ckpt(tmp_path / "r.pt", random_backbone(images, mean, std, seed=2), dataset="folder", data_root=str(root))
+    final, out = _probe(tmp_path, "p", tmp_path / "r.pt", "--epochs", 2, "--batch-size", 32, "--val-frac", 0.2)
+    assert final["protocol"] == "authors" and final["sanity_check"] == "passed"
+    assert final["class_counts"] == [24, 24, 24] and final["best_on_val"] is not None
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_augment_belongs_to_the_fast_protocol(capsys):
+    with pytest.raises(SystemExit) as e:
+        E.parse_args(["--ckpt", "x.pt", "--augment"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--protocol fast" in err and len(err.strip().splitlines()) == 1

@@ -42,8 +42,11 @@ def test_defaults_follow_the_checkpoint_architecture():
     assert (a.protocol, a.epochs, a.batch_size, a.lr, a.wd, a.stl_size) == ("probe", 100, 256, 30.0, 0.0, 32)
     b = O.parse_args(["--ckpt", "runs/x/last.pt", "--target", "folder"])
     O.set_protocol_defaults(b, "resnet50")
-    assert (b.protocol, b.epochs, b.batch_size, b.lr, b.wd, b.backbone_lr_mult) == ("finetune", 150, 64, 0.1, 1e-4, 0.1)
-    assert O.finetune_lr(0, b) == 0.1 and O.finetune_lr(75, b) == pytest.approx(0.05)
+    assert (b.protocol, b.epochs, b.batch_size, b.lr, b.wd, b.backbone_lr_mult, b.norm) == \
+        ("finetune", 150, 48, 0.1, 5e-4, 0.1, "pretrain")
+    lrs = [O.finetune_lr(e, b) for e in range(150)]                  # ft_moco.py: ×0.1 at 25/50/75%
+    assert lrs[0] == lrs[36] == 0.1 and lrs[37] == lrs[74] == pytest.approx(0.01)
+    assert lrs[75] == pytest.approx(1e-3) and lrs[112] == lrs[149] == pytest.approx(1e-4)
 
 
 def test_resize_is_antialiased_bilinear_rounded_to_uint8():
@@ -86,6 +89,51 @@ def test_stl10_normalisation_is_from_the_resized_training_images(tmp_path):
     assert mean == pytest.approx((small.double() / 255).mean(dim=(0, 2, 3)).tolist())
 
 
+def test_stl10_probe_normalises_with_the_checkpoints_statistics(tmp_path, monkeypatch, capsys):
+    """The frozen backbone sees (x/255 − mean)/std with the mean/std stored in the checkpoint (the ones it
+    was pre-trained with), not STL-10's; --norm target gives STL-10's; an old checkpoint without them falls
+    back to its dataset's constants with a note, or stops when it has none."""
+    data = write_stl10(tmp_path / "stl", per_class_train=2, per_class_test=1)
+    _ckpt(tmp_path / "r.pt")
+    ck = torch.load(tmp_path / "r.pt", weights_only=True)
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)
+    torch.save({**ck, "mean": mean, "std": std}, tmp_path / "r.pt")
+    seen = []
+    features = O.backbone_features
+    monkeypatch.setattr(O, "backbone_features", lambda m, x: seen.append(x.clone()) or features(m, x))
+    small = O.resize_images(D.to_device(data["train"][0], "cpu"), 32)
+    common = ["--target", "stl10", "--data-root", tmp_path / "stl", "--epochs", 1]
+    final, _ = _run(tmp_path / "a", "--ckpt", tmp_path / "r.pt", *common)
+    assert torch.allclose(seen[0], D.normalize(small, mean, std), atol=1e-6)
+    assert final["normalisation"] == {"mean": list(mean), "std": list(std), "source": "checkpoint"}
+    seen.clear()
+    final, _ = _run(tmp_path / "b", "--ckpt", tmp_path / "r.pt", *common, "--norm", "target")
+    own = D.mean_std("stl10", small.permute(0, 2, 3, 1))
+    assert torch.allclose(seen[0], D.normalize(small, *own), atol=1e-6) and final["normalisation"]["source"] == "target"
+    torch.save(ck, tmp_path / "old.pt")                                        # cifar10, no mean/std stored
+    seen.clear()
+    capsys.readouterr()
+    final, _ = _run(tmp_path / "c", "--ckpt", tmp_path / "old.pt", *common)
+    assert "stores no mean/std" in capsys.readouterr().out and final["normalisation"]["source"] == "cifar10 constants"
+    assert torch.allclose(seen[0], D.normalize(small, D.CIFAR_MEAN, D.CIFAR_STD), atol=1e-6)
+    torch.save({**ck, "args": {**ck["args"], "dataset": "folder"}}, tmp_path / "old_folder.pt")
+    err = _fails(capsys, "--ckpt", tmp_path / "old_folder.pt", *common, "--gpu", "-1", "--out", tmp_path / "d")
+    assert len(err) == 1 and "--norm target" in err[0]
+
+
+def test_finetuning_transform_is_square_resize_then_crop():
+    from PIL import Image
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 300, 3), dtype=np.uint8))
+    test = O.finetune_transform(False, 224, D.IMAGENET_MEAN, D.IMAGENET_STD)(img)
+    square = np.asarray(img.resize((256, 256), Image.BILINEAR)).astype(np.float64) / 255
+    ref = (square[16:240, 16:240] - np.array(D.IMAGENET_MEAN)) / np.array(D.IMAGENET_STD)
+    assert test.shape == (3, 224, 224) and np.abs(test.permute(1, 2, 0).numpy() - ref).max() < 0.05
+    train = O.finetune_transform(True, 224, D.IMAGENET_MEAN, D.IMAGENET_STD)
+    names = [type(t).__name__ for t in train.transforms]
+    assert names == ["Resize", "RandomResizedCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    assert train.transforms[0].size == (256, 256) and train(img).shape == (3, 224, 224)
+
+
 def test_folder_probe_of_a_cifar_backbone(tmp_path):
     write_folder(tmp_path / "f", classes=("ant", "bee", "cat"), per_class=(6, 6, 6), per_class_test=3, easy=True)
     _ckpt(tmp_path / "r.pt", arch="resnet18", script="ldam_drw.py")
@@ -121,7 +169,7 @@ def test_finetuning_starts_from_the_checkpoint_only(tmp_path, target):
     saved = torch.load(out / "last.pt", weights_only=True)["model"]
     assert not torch.equal(saved["layer1.0.conv1.weight"], src["layer1.0.conv1.weight"])
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["lr"] for r in rows] == pytest.approx([0.1, 0.05])
+    assert [r["lr"] for r in rows] == pytest.approx([0.1, 1e-4])
 
 
 @pytest.mark.parametrize("kind", ["keys", "arch"])

@@ -148,6 +148,12 @@ def test_queue_checks():
     assert M.default_queue(M.parse_args([]), 12406) == 4096                      # CIFAR-10-LT rho 0.01
     assert M.default_queue(M.parse_args(["--dataset", "svhn"]), 2478) == 1024    # ≤ half of SVHN-LT
     assert M.default_queue(M.parse_args(["--dataset", "imagenet_lt"]), 115846) == 65536
+    im = M.parse_args(["--dataset", "imagenet_lt"])                                # paper 2's smaller variants
+    for n in (57923, 14481, 10000):
+        K = M.default_queue(im, n)
+        assert K % 256 == 0 and K <= n / 2 < K + 256                                # largest multiple ≤ n/2
+        M.check_queue(K, 256, n)                                                    # and it runs
+    assert M.default_queue(im, 57923) == 28928 and M.default_queue(im, 65536) == 32768
     a = M.parse_args([])
     assert (a.batch_size, a.wd, a.epochs, a.moco_m, a.moco_t, a.arch) == (512, 1e-4, 200, 0.999, 0.2, "resnet18")
     b = M.parse_args(["--dataset", "inat"])

@@ -6,11 +6,14 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, write_folder
 
 ROWS = ["ce", "cb-ce", "focal", "cb-focal", "ce-drw", "ce-drs", "ldam", "ldam-drw",
         "ce+ssp", "cb-ce+ssp", "focal+ssp", "cb-focal+ssp", "ce-drw+ssp", "ce-drs+ssp", "ldam+ssp", "ldam-drw+ssp",
-        "ce+st", "ldam-drw+st", "ce+crt", "simsiam", "simsiam+sam", "simsiam-balanced", "simsiam+rwsam", "moco"]
+        "ce+st", "ce+st-half", "ce+st-same", "ce+st-double", "ldam-drw+st", "ldam-drw+st-half", "ldam-drw+st-same",
+        "ldam-drw+st-double", "ce+crt", "simsiam", "simsiam+sam", "simsiam-balanced", "simsiam+rwsam", "moco"]
 NEEDS = ("--pretrained", "--base", "--ckpt", "--stage1")
 
 
@@ -76,13 +79,30 @@ def test_table_is_mean_and_sample_std_of_the_seeds(tmp_path):
     assert "| ce | error % | 13.61 | 32.00 ± 2.00 (3 seeds) | 1.5 |" in p.stdout
 
 
+@pytest.mark.parametrize("env,msg", [
+    ({"DATA": "--dataset folder --data-root {tmp}/missing"}, "DATA: no train or test split under"),
+    ({"DATA": "--dataset cifar10 --data-root {tmp}/missing"}, "DATA: cifar10 (train) not found"),
+    ({"RHO": "100"}, "RHO=100 must be a tail/head ratio in (0, 1]"),
+    ({"RHO": "0.01x"}, "RHO=0.01x must be"),
+    ({"GPU": "-3"}, "GPU=-3 must be a GPU index"),
+    ({"GPU": "99"}, "GPU=99")])
+def test_shared_settings_are_checked_before_anything_starts(tmp_path, env, msg):
+    write_folder(tmp_path / "data", per_class=(6, 6, 6))
+    env = {"DATA": f"--dataset folder --data-root {tmp_path / 'data'}", "GPU": "-1", **env}
+    env = {k: v.format(tmp=tmp_path) for k, v in env.items()}
+    p = reproduce("ce", SEEDS="0", RUNS=str(tmp_path / "runs"), **env)
+    assert p.returncode == 2 and p.stdout == "" and p.stderr.count("\n") == 1, p.stdout + p.stderr
+    assert msg in p.stderr and not (tmp_path / "runs").exists()
+
+
 def test_failed_run_is_reported_and_its_dependents_skipped(tmp_path):
-    p = reproduce("ce+crt", SEEDS="0", GPU="-1", RUNS=str(tmp_path / "runs"),
-                  DATA=f"--dataset folder --data-root {tmp_path / 'missing'}")
+    write_folder(tmp_path / "data", per_class=(6, 6, 6))
+    p = reproduce("ce+crt", SEEDS="0", GPU="-1", RUNS=str(tmp_path / "runs"), ARGS_ldam_drw="--beta 1",
+                  DATA=f"--dataset folder --data-root {tmp_path / 'data'}")
     assert p.returncode == 1
-    assert f"FAILED {tmp_path}/runs/ce/s0" in p.stdout
+    assert (f"FAILED {tmp_path}/runs/ce/s0 (exit 2): error: --beta must be in [0, 1), got 1; see "
+            f"{tmp_path}/runs/ce/s0/log.txt") in p.stdout
     assert f"skipped {tmp_path}/runs/ce+crt/s0: {tmp_path}/runs/ce/s0/last.pt is missing" in p.stdout
-    assert "error:" in (tmp_path / "runs" / "ce" / "s0" / "log.txt").read_text()
 
 
 def test_pipeline_on_fake_data_then_rerun_skips_and_resumes(tmp_path):
@@ -110,6 +130,125 @@ def test_pipeline_on_fake_data_then_rerun_skips_and_resumes(tmp_path):
     for row in rows:
         line = next(l for l in table.splitlines() if l.startswith(f"| {row} |"))
         assert "(1 seed)" in line, line
+
+
+def _parse_dry_run(stdout):
+    """(out -> argv) of every command of a dry run; each parses with its script's argparse."""
+    runs = {}
+    for line in stdout.splitlines():
+        if line.startswith("# stage"):
+            continue
+        python, script, *argv = shlex.split(line)
+        args = importlib.import_module(script[:-3]).parse_args(argv)      # SystemExit on an unknown flag or value
+        runs[flag(argv, "--out")] = (script, argv, args)
+    return runs
+
+
+def test_dry_run_of_the_paper1_groups_parses(tmp_path):
+    """CIFAR-100-LT (Table 2), SVHN-LT (Table 1(b)), the ρ = 50 column and Figs. 2-3 with a CINIC-10 pool."""
+    c100 = _parse_dry_run(reproduce("--dry-run", SET="cifar100", RHO="0.02", SEEDS="0", RUNS="R").stdout)
+    assert {o.split("/")[1] for o in c100 if not o.startswith("R/pretrain")} == set(ROWS[:16])
+    assert all(a.dataset == "cifar100" and a.rho == 0.02 for _, _, a in c100.values())
+    svhn = _parse_dry_run(reproduce("--dry-run", SET="svhn", SEEDS="0", RUNS="R").stdout)
+    assert set(svhn) == {f"R/{r}/s0" for r in ["ce", "ldam-drw"] + [r for r in ROWS if "+st" in r]}
+    assert {svhn[f"R/ce+st{u}/s0"][2].rho_u for u in ("", "-half", "-same", "-double")} == {1, 0.02, 0.01, 0.005}
+    assert all(a.pool == "rest" for s, _, a in svhn.values() if s == "self_training.py")       # SVHN's extra split
+    figs = _parse_dry_run(reproduce("--dry-run", "fig2", "fig3", RHO="0.02", SEEDS="0", RUNS="R",
+                                    POOL_ROOT="/cinic", C100_ROOT="/c100").stdout)
+    st = {o: a for o, (s, _, a) in figs.items() if s == "self_training.py"}
+    assert sorted(a.relevance for o, a in st.items() if "fig2" in o) == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert sorted(a.rho_u for o, a in st.items() if "fig3" in o) == [0.005, 0.01, 0.02, 0.04, 1.0]
+    assert all(a.pool == "cinic10" and a.pool_root == "/cinic" and a.irrelevant_root == "/c100"
+               and a.unlabeled_mult == 4 and a.base == "R/ce/s0/last.pt" for a in st.values())
+    bad = reproduce("--dry-run", "fig2", RHO="0.01")
+    assert bad.returncode == 2 and "RHO=0.02" in bad.stderr
+
+
+def test_table_marks_the_in_cifar_pool_and_shows_the_rho50_column(tmp_path):
+    def final(row, **values):
+        d = tmp_path / row / "s0"
+        d.mkdir(parents=True)
+        (d / "final.json").write_text(json.dumps({"wall_seconds": 60, **values}))
+    final("ce+st", test_error=25.0, pool="rest", dataset="folder")
+    final("ldam-drw+st-same", test_error=15.0, pool="cinic10", dataset="folder")
+    table = reproduce("table", RUNS=str(tmp_path), RHO="0.02").stdout
+    assert "| ce+st (not the paper's pool) | error % | 16.79 | 25.00 (1 seed) | 1.0 |" in table
+    assert "| ldam-drw+st-same | error % | 14.93 | 15.00 (1 seed) | 1.0 |" in table
+    assert "| ldam-drw | error % | 19.06 | not run | — |" in table
+    table = reproduce("table", RUNS=str(tmp_path), RHO="0.1", SET="cifar100").stdout
+    assert "| ldam-drw+ssp | error % | 41.09 | not run | — |" in table and "simsiam" not in table
+    table = reproduce("table", RUNS=str(tmp_path), RHO="0.01", SET="svhn").stdout
+    assert "| ce | error % | 19.98 |" in table and "| ce+st-double | error % | 15.04 |" in table
+
+
+@pytest.mark.parametrize("dataset,rows", [
+    ("imagenet_lt", ["ce", "ce+ssp", "ce-balanced", "ce-balanced+ssp", "crt", "crt+ssp"]),
+    ("inat", ["ce", "ce+ssp", "ce-balanced", "ce-balanced+ssp", "ldam-drw", "ldam-drw+ssp", "crt", "crt+ssp"])])
+def test_dry_run_of_tables_3_and_4_parses_and_chains(dataset, rows):
+    p = reproduce("--dry-run", SET=dataset, SEEDS="0", RUNS="R", LT_ROOT="/img", LT_LISTS="/lists")
+    assert p.returncode == 0, p.stderr
+    runs, stage, made = {}, 0, {}
+    for line in p.stdout.splitlines():
+        if line.startswith("# stage"):
+            stage += 1
+            continue
+        python, script, *argv = shlex.split(line)
+        args = importlib.import_module(script[:-3]).parse_args(argv)
+        for name in NEEDS:
+            if flag(argv, name):
+                assert made.get(flag(argv, name)[:-len("/last.pt")], stage) < stage, line
+        made[flag(argv, "--out")] = stage
+        runs[flag(argv, "--out")] = (script, args)
+    assert {o.split("/")[1] for o in runs if not o.startswith("R/pretrain")} == set(rows)
+    sup = [a for s, a in runs.values() if s == "ldam_drw.py"]
+    assert all(a.dataset == dataset and a.data_root == "/img" and a.arch == "resnet50" and a.train_list.startswith("/lists/")
+               for a in sup)
+    assert all(a.val_list == "/lists/ImageNet_LT_val.txt" for a in sup) if dataset == "imagenet_lt" else \
+        all(a.val_list is None and a.test_list == "/lists/iNaturalist18_val.txt" for a in sup)
+    assert runs["R/ce-balanced/s0"][1].rule == "resample" and runs["R/ce-balanced/s0"][1].resample_weights == "inverse"
+    assert runs["R/ce+ssp/s0"][1].pretrained == "R/pretrain/moco/s0/last.pt"
+    assert runs["R/crt+ssp/s0"][1].ckpt == "R/ce+ssp/s0/last.pt" and runs["R/crt/s0"][1].ckpt == "R/ce/s0/last.pt"
+    table = reproduce("table", SET=dataset, RUNS="R").stdout
+    assert ("| crt+ssp | error % | 48.7 |" if dataset == "imagenet_lt" else "| crt+ssp | error % | 31.9 |") in table
+
+
+def test_cross_validation_group_dry_run():
+    """`cv`: one SimSiam stage 1 per seed with a --val-frac split, then rwSAM runs from it that vary h, α, ρ
+    one at a time, every run on the same split; nothing of the main table runs."""
+    p = reproduce("--dry-run", "cv", SEEDS="0 1", RUNS="R", CV_H="0.3", CV_ALPHA="2", CV_RHO="0.5 7", CV_FRAC="0.2")
+    assert p.returncode == 0, p.stderr
+    stage, made, settings = 0, {}, {}
+    for line in p.stdout.splitlines():
+        if line.startswith("# stage"):
+            stage += 1
+            continue
+        python, script, *argv = shlex.split(line)
+        args = importlib.import_module(script[:-3]).parse_args(argv)
+        out = flag(argv, "--out")
+        assert script == "simsiam_rwsam.py" and out.startswith("R/cv/") and args.val_frac == 0.2
+        if args.stage1:
+            assert made[args.stage1[:-len("/last.pt")]] < stage and args.opt == "rwsam"
+        made[out] = stage
+        settings.setdefault(out.split("/")[2], set()).add((args.bandwidth, args.alpha, args.sam_rho, args.seed))
+    assert settings == {
+        "stage1-simsiam": {(None, 1.2, 5.0, 0), (None, 1.2, 5.0, 1)},
+        "default": {(None, 1.2, 5.0, 0), (None, 1.2, 5.0, 1)},
+        "h=0.3": {(0.3, 1.2, 5.0, 0), (0.3, 1.2, 5.0, 1)},
+        "alpha=2": {(None, 2.0, 5.0, 0), (None, 2.0, 5.0, 1)},
+        "rho=0.5": {(None, 1.2, 0.5, 0), (None, 1.2, 0.5, 1)},
+        "rho=7": {(None, 1.2, 7.0, 0), (None, 1.2, 7.0, 1)},
+    }
+
+
+def test_cross_validation_table(tmp_path):
+    for setting, seed, top1, cm in [("default", 0, 70.0, 60.0), ("default", 1, 72.0, 62.0), ("h=0.3", 0, 65.5, 50.0)]:
+        d = tmp_path / "cv" / setting / f"s{seed}"
+        d.mkdir(parents=True)
+        (d / "final.json").write_text(json.dumps({"last": {"knn_top1": top1, "knn_class_mean": cm}}))
+    p = reproduce("cv-table", RUNS=str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    assert "| default | 71.00 ± 1.41 | 61.00 ± 1.41 | 2 |" in p.stdout
+    assert "| h=0.3 | 65.50 | 50.00 | 1 |" in p.stdout
 
 
 # ----- paper2-fig1: paper 2 Fig. 1(a), SL vs SSL at equal n --------------------------------------------

@@ -31,7 +31,8 @@ def data(tmp_path_factory):
 
 def _args(root, out, *extra):
     return ["--dataset", "folder", "--data-root", str(root / "task"), "--gpu", "-1", "--out", str(out), "--rho", "0.2",
-            "--epochs", "2", "--batch-size", "16", "--loss", "ce", "--rule", "none", *map(str, extra)]
+            "--epochs", "2", "--batch-size", "16", "--st-batch-size", "16", "--loss", "ce", "--rule", "none",
+            "--pool-shortfall", "cap", *map(str, extra)]      # the task's leftovers hold nothing of class 0
 
 
 def _final(out):
@@ -161,3 +162,130 @@ def test_empty_unlabeled_set_trains_on_d_l(tmp_path, data):
     S.main(_args(data, tmp_path / "st", "--base", data / "base" / "last.pt", "--unlabeled-mult", 0, "--epochs", 1))
     final = _final(tmp_path / "st")
     assert final["unlabeled"]["pseudo_labels"]["n"] == 0 and final["training_counts"] == final["labeled_counts"]
+
+
+def test_base_trained_on_another_d_l_is_refused(tmp_path, data):
+    """A base that saw other images of the dataset would pseudo-label D_U from memory: one line, exit 2."""
+    ldam_drw.main(["--dataset", "folder", "--data-root", str(data / "task"), "--gpu", "-1", "--out",
+                   str(tmp_path / "other"), "--rho", "0.2", "--epochs", "1", "--batch-size", "16", "--loss", "ce",
+                   "--rule", "none", "--data-seed", "1"])
+    other = tmp_path / "other" / "last.pt"
+    r = run_script("self_training.py", *_args(data, tmp_path / "st", "--base", other))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--data-seed 1, this run 0" in r.stderr and not (tmp_path / "st" / "last.pt").exists()
+    ckpt = torch.load(other, weights_only=True)                 # same flags, other images: the digest says so
+    ckpt["args"]["data_seed"] = 0
+    torch.save(ckpt, tmp_path / "forged.pt")
+    r = run_script("self_training.py", *_args(data, tmp_path / "st2", "--base", tmp_path / "forged.pt"))
+    assert r.returncode == 2 and "other images than this run's D_L" in r.stderr, r.stderr
+    r = run_script("self_training.py", *_args(data, tmp_path / "st3", "--base", other, "--data-seed", 1, "--epochs", 1,
+                                              "--unlabeled-mult", 0.2))
+    assert r.returncode == 0, r.stderr
+
+
+def _write_svhn(root, counts_by_split, seed=0):
+    """SVHN .mat files with the given images per digit (digit 0 stored as label 10)."""
+    import scipy.io
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, counts in counts_by_split.items():
+        y = np.repeat(np.arange(10), counts)
+        x = rng.integers(0, 256, (32, 32, 3, len(y)), dtype=np.uint8)
+        scipy.io.savemat(root / f"{split}_32x32.mat", {"X": x, "y": np.where(y == 0, 10, y).reshape(-1, 1).astype(np.uint8)})
+
+
+@pytest.fixture(scope="module")
+def svhn(tmp_path_factory):
+    root = tmp_path_factory.mktemp("svhn")
+    lt = D.lt_counts(1000, 10, 0.01)                        # digit 1 is the head, digit 0 the tail
+    train = [0] * 10
+    for digit, n in zip(D.CLASS_ORDER["svhn"], lt):
+        train[digit] = n
+    _write_svhn(root, {"train": train, "test": [3, 12, 9, 7, 6, 5, 4, 4, 3, 3], "extra": [250] * 10})
+    return root
+
+
+def test_svhn_unlabeled_set_follows_the_rotated_class_order(svhn):
+    """Digit 1 (head of D_L) gets the most unlabeled images, digit 0 (tail) the fewest, at rho_U = rho."""
+    args = S.parse_args(["--dataset", "svhn", "--data-root", str(svhn), "--rho", "0.01", "--rho-u", "0.01",
+                         "--unlabeled-mult", "0.2"])
+    d = S.build_data(args)
+    assert np.bincount(d["y_l"], minlength=10)[[1, 0]].tolist() == [1000, 10]
+    _, y_u, rep = S.choose_unlabeled(args, d)
+    counts = np.bincount(y_u, minlength=10)
+    assert counts.argmax() == 1 and counts.argmin() == 0 and rep["size"] == counts.sum()
+    profile = D.lt_counts(round(0.2 * 2478) // 10, 10, 0.01)
+    assert counts[D.CLASS_ORDER["svhn"]].tolist() == [int(b * round(0.2 * 2478) / sum(profile)) for b in profile]
+
+
+def test_svhn_headline_error_is_from_mean_per_class_accuracy(tmp_path, svhn, capsys):
+    ldam_drw.main(["--dataset", "svhn", "--data-root", str(svhn), "--gpu", "-1", "--out", str(tmp_path / "r"),
+                   "--epochs", "1", "--batch-size", "256", "--loss", "ce", "--rule", "none"])
+    out = capsys.readouterr().out
+    final = json.loads((tmp_path / "r" / "final.json").read_text())
+    per_class = final["last"]["per_class"]
+    assert final["headline"] == "mean_class_acc"
+    assert final["test_error"] == pytest.approx(100 - np.mean(per_class), abs=0.01)
+    test_counts = [3, 12, 9, 7, 6, 5, 4, 4, 3, 3]
+    assert final["test_error_top1"] == pytest.approx(100 - np.dot(per_class, test_counts) / sum(test_counts), abs=0.01)
+    assert "from mean per-class accuracy (top-1 error" in out
+    assert S.headline_metric("svhn") == "mean_class_acc" and S.headline_metric("cifar10") == "top1"
+
+
+def write_cinic10(root, classes, imagenet_per_split=40, cifar_per_split=5, seed=0):
+    """CINIC-10's layout: root/{train,valid,test}/<class>/, ImageNet-sourced files named like n02690373_12.png and
+    CIFAR-10's own files named cifar10-<split>-<n>.png (written all white here, so they can be recognised)."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split in ("train", "valid", "test"):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(imagenet_per_split):
+                Image.fromarray(rng.integers(0, 200, (32, 32, 3), dtype=np.uint8)).save(d / f"n0{c[:4]}_{i}.png")
+            for i in range(cifar_per_split):
+                Image.fromarray(np.full((32, 32, 3), 255, np.uint8)).save(d / f"cifar10-{split}-{i}.png")
+
+
+@pytest.mark.parametrize("rho_u", [1.0, 0.5])
+def test_cinic10_pool_skips_cifar_files_and_follows_rho_u(tmp_path, rho_u):
+    classes = ("airplane", "automobile", "bird")
+    write_folder(tmp_path / "task", classes=classes, per_class=(20, 20, 20), per_class_test=2)
+    write_cinic10(tmp_path / "cinic", classes)
+    paths, labels, names = D.cinic10_files(tmp_path / "cinic")
+    assert names == list(classes) and len(paths) == 3 * 3 * 40 and not any("cifar10-" in p for p in paths)
+    args = S.parse_args(["--dataset", "folder", "--data-root", str(tmp_path / "task"), "--rho", "0.5", "--rho-u",
+                         str(rho_u), "--pool", "cinic10", "--pool-root", str(tmp_path / "cinic")])
+    d = S.build_data(args)
+    x_u, y_u, rep = S.choose_unlabeled(args, d)
+    n_l = sum(D.lt_counts(20, 3, 0.5))
+    base = D.lt_counts(5 * n_l // 3, 3, rho_u)
+    assert np.bincount(y_u, minlength=3).tolist() == [int(b * 5 * n_l / sum(base)) for b in base] == rep["supplied_per_class"]
+    assert len(x_u) == len(y_u) and not (x_u == 255).all(axis=(1, 2, 3)).any()     # no CIFAR-10 file in D_U
+    assert rep["achieved_mult"] == pytest.approx(len(y_u) / n_l)
+
+
+def test_cinic10_pool_needs_its_folders(tmp_path):
+    write_folder(tmp_path / "task", classes=("airplane", "bird"), per_class=(10, 10))
+    r = run_script("self_training.py", "--dataset", "folder", "--data-root", tmp_path / "task", "--gpu", "-1",
+                   "--rho", "0.5", "--pool", "cinic10", "--pool-root", tmp_path / "nothing", "--out", tmp_path / "o")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "is not a CINIC-10 folder" in r.stderr
+
+
+def test_relevance_sweep_uses_cifar100_and_keeps_the_ten_class_task(tmp_path):
+    """Fig. 2: CIFAR-100 images are the irrelevant part; ratio within one image, |D_U| fixed, task unchanged."""
+    from conftest import write_cifar
+    write_folder(tmp_path / "task", classes=("airplane", "bird", "cat"), per_class=(20, 20, 20), per_class_test=2)
+    write_cinic10(tmp_path / "cinic", ("airplane", "bird", "cat"))
+    write_cifar(tmp_path / "c100", 100, per_class_train=3, per_class_test=1)
+    sizes = set()
+    for r in (0.2, 0.4, 0.6, 0.8):
+        args = S.parse_args(["--dataset", "folder", "--data-root", str(tmp_path / "task"), "--rho", "0.5", "--rho-u",
+                             "0.5", "--pool", "cinic10", "--pool-root", str(tmp_path / "cinic"), "--relevance", str(r),
+                             "--irrelevant-root", str(tmp_path / "c100"), "--unlabeled-mult", "3"])
+        d = S.build_data(args)
+        assert d["names"] == ["airplane", "bird", "cat"] and len(d["irr_x"]) == 300
+        x_u, y_u, rep = S.choose_unlabeled(args, d)
+        sizes.add(len(y_u))
+        assert abs((y_u >= 0).sum() - r * len(y_u)) <= 1 and rep["achieved_relevance"] == (y_u >= 0).mean()
+    assert sizes == {3 * sum(D.lt_counts(20, 3, 0.5))}

@@ -155,6 +155,31 @@ def test_perturbation_by_hand():
     assert torch.allclose(e[1], torch.tensor([[2.0 * 9 * -4 / n]]))
 
 
+@pytest.mark.parametrize("flags", [[], ["--no-adaptive"]])
+def test_default_perturbation_is_asam_by_hand(flags):
+    """Default (the authors' ASAM): the point of the second pass is w + ε with ε_i = ρ·T_i²·g_i/‖T·g‖₂,
+    T = |w| element-wise, over all parameters; --no-adaptive: ε = ρ·g/‖g‖₂."""
+    args = S.parse_args(["--opt", "sam", *flags])
+    assert args.adaptive == (flags == []) and args.sam_rho == 5.0
+    torch.manual_seed(4)
+    m = Tiny()
+    x1, x2 = _tiny_batch(4)
+    w = [p.detach().clone() for p in m.parameters()]
+    c = copy.deepcopy(m)
+    g = torch.autograd.grad(S.simsiam_loss(*c(x1, x2)).mean(), list(c.parameters()))
+    t = [wi.abs() if args.adaptive else torch.ones_like(wi) for wi in w]
+    norm = math.sqrt(sum(((ti * gi) ** 2).sum().item() for ti, gi in zip(t, g)))
+    expected = [args.sam_rho * ti ** 2 * gi / norm for ti, gi in zip(t, g)]
+    seen = []
+    m.register_forward_pre_hook(lambda mod, inp: seen.append([p.detach().clone() for p in mod.parameters()]))
+    S.train_step(m, _sgd(m), x1, x2, "sam", rho=args.sam_rho, adaptive=args.adaptive)
+    eps = [p2 - p1 for p1, p2 in zip(seen[0], seen[1])]
+    assert all(torch.equal(a, b) for a, b in zip(seen[0], w))
+    assert all(torch.allclose(e, x, rtol=1e-4, atol=1e-6) for e, x in zip(eps, expected))
+    scaled = [torch.where(ti > 0, e / ti, torch.zeros_like(e)) for e, ti in zip(eps, t)]   # ‖ε/T‖₂ = ρ
+    assert math.isclose(math.sqrt(sum(x.pow(2).sum().item() for x in scaled)), 5.0, rel_tol=1e-4)
+
+
 def test_batchnorm_statistics_change_in_the_first_pass_only():
     torch.manual_seed(3)
     m = S.SimSiam()
@@ -227,6 +252,30 @@ def test_knn_weighted_vote_by_hand():
 def test_generalization_gap_groups():
     gap = S.generalization_gap([0.1, 0.2, 0.3, 0.4], [0.15, 0.25, 0.5, float("nan")], [0, 1], [2, 3])
     assert gap["frequent"]["gap"] == pytest.approx(0.05) and gap["rare"]["gap"] == pytest.approx(0.5 - 0.35)
+
+
+def test_gap_is_averaged_over_view_draws_with_its_standard_error():
+    """--gap-views V: the gap is the mean over V seeded draws of view pairs (draw v = epoch v of the seeded
+    loaders, so draws are nested across V), reported with std(ddof=1)/√V, which shrinks as V grows."""
+    g = torch.Generator().manual_seed(0)
+    imgs = lambda n: torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g)
+    tr_y, ho_y = np.arange(20) % 5, np.arange(15) % 5
+    tr = D.GPULoader(imgs(20), tr_y, 8, MEAN, STD, "cpu", augment="ssl", shuffle=False, seed=1)
+    ho = D.GPULoader(imgs(15), ho_y, 8, MEAN, STD, "cpu", augment="ssl", shuffle=False, seed=1)
+    torch.manual_seed(0)
+    model = S.SimSiam()
+    few = S.gap_over_views(model, tr, ho, 5, [0, 1], [2, 3, 4], 3)
+    many = S.gap_over_views(model, tr, ho, 5, [0, 1], [2, 3, 4], 24)
+    one = S.generalization_gap(S.class_mean_loss(model, tr, 5, draw=2), S.class_mean_loss(model, ho, 5, draw=2),
+                               [0, 1], [2, 3, 4])
+    for name in ("frequent", "rare"):
+        v = np.array(many[name]["per_view"])
+        assert many[name]["gap"] == pytest.approx(v.mean()) and many[name]["views"] == 24
+        assert many[name]["se"] == pytest.approx(v.std(ddof=1) / math.sqrt(24))
+        assert few[name]["per_view"] == pytest.approx(list(v[:3])) and v[2] == pytest.approx(one[name]["gap"])
+        assert len(set(v.round(8))) == 24                         # every draw is a new pair of views
+        assert 0 < many[name]["se"] < few[name]["se"]
+    assert S.gap_over_views(model, tr, ho, 5, [0, 1], [2, 3, 4], 1)["rare"]["se"] is None
 
 
 def test_paper_2_subsets():
@@ -346,16 +395,19 @@ def test_smoke_run_outputs(rwsam_run):
     assert final["class_counts"] == [8, 6, 5, 4, 4] and final["n_train"] == 27
     for result in (final["last"], final["stage1_result"]):
         assert set(result["gap"]) == {"frequent", "rare"} and 0 <= result["knn_top1"] <= 100
+        assert result["gap"]["rare"]["views"] == 16 and result["gap"]["rare"]["se"] > 0
     assert final["best_knn_on_val"]["epoch"] == 2 and final["kde"]["alpha"] == 1.2
 
 
-def test_checkpoints_follow_the_contract(rwsam_run, capsys):
+def test_checkpoints_follow_the_contract(rwsam_run, data, capsys):
     last = torch.load(rwsam_run / "last.pt", weights_only=True)
     stage1 = torch.load(rwsam_run / "stage1.pt", weights_only=True)
     assert (last["script"], last["arch"], last["epoch"], stage1["epoch"]) == ("simsiam_rwsam.py", "resnet18", 2, 1)
     assert {"model", "optimizer", "args", "class_counts", "rng", "kde_weights"} <= set(last)
     assert stage1["kde_weights"] is None and (stage1["args"]["opt"], stage1["args"]["epochs"]) == ("sgd", 1)
     assert last["args"]["opt"] == "rwsam"
+    images = D.load_split("folder", data, True)[0]                              # the normalisation used
+    assert last["mean"] == stage1["mean"] == D.mean_std("folder", images)[0] and len(last["std"]) == 3
     kde = torch.load(rwsam_run / "kde_weights.pt", weights_only=True)
     assert torch.equal(kde["weights"], last["kde_weights"]["weights"]) and len(kde["weights"]) == 27
     assert kde["weights"].mean().item() == pytest.approx(1, rel=1e-5) and kde["bandwidth"] > 0
@@ -371,11 +423,25 @@ def test_checkpoints_follow_the_contract(rwsam_run, capsys):
     assert f"{len(own) - 2} tensors matched, 2 missing (fc.weight, fc.bias), {heads} unexpected" in report
 
 
-def test_stage_2_continues_from_stage_1(rwsam_run):
-    last, stage1 = _model(rwsam_run / "last.pt"), _model(rwsam_run / "stage1.pt")
-    init = S.init_state(0)
-    dist_to = lambda ref: sum((last[k].float() - ref[k].float()).norm() ** 2 for k in last if "running" not in k)
-    assert dist_to(stage1) < dist_to(init)
+@pytest.mark.parametrize("init", ["scratch", "stage1"])
+def test_stage_2_starts_from_a_fresh_model_or_from_stage_1(data, tmp_path, monkeypatch, init):
+    """Default (the authors' main_sam_weight.py): stage 2 starts from the initial weights of a fresh model
+    of the same seed; --stage2-init stage1: from the stage-1 model, bit for bit."""
+    start = {}
+    begin = S.begin_stage2
+
+    def spy(args, data_, net, *rest):
+        kde = begin(args, data_, net, *rest)
+        start.update({k: v.clone() for k, v in net.state_dict().items()})
+        return kde
+
+    monkeypatch.setattr(S, "begin_stage2", spy)
+    extra = [] if init == "scratch" else ["--stage2-init", "stage1"]
+    S.main(_args(data, tmp_path, "--stage1-epochs", 1, "--epochs", 1, "--knn-every", -1, "--seed", 3, *extra))
+    fresh, stage1 = S.init_state(3), _model(tmp_path / "stage1.pt")
+    same = lambda ref: all(torch.equal(start[k], ref[k]) for k in ref)
+    assert set(start) == set(fresh) == set(stage1)
+    assert (same(fresh), same(stage1)) == ((True, False) if init == "scratch" else (False, True))
 
 
 def test_resume_at_the_stage_boundary_equals_the_whole_run(rwsam_run, tmp_path):
@@ -386,10 +452,15 @@ def test_resume_at_the_stage_boundary_equals_the_whole_run(rwsam_run, tmp_path):
     torch.save(state, tmp_path / "last.pt")
     first = (rwsam_run / "metrics.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "metrics.jsonl").write_text("".join(first))                  # the second line is dropped
+    (tmp_path / "stage1.pt.tmp").write_bytes(b"half a file")                 # killed while writing stage1.pt
     S.main(["--resume", str(tmp_path / "last.pt"), "--gpu", "-1"])
     a, b = _model(rwsam_run / "last.pt"), _model(tmp_path / "last.pt")
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
     assert [json.loads(l)["epoch"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    stage1 = torch.load(tmp_path / "stage1.pt", weights_only=True)           # written again from last.pt
+    assert stage1["epoch"] == 1 and stage1["kde_weights"] is None
+    assert all(torch.equal(stage1["model"][k], state["model"][k]) for k in state["model"])
+    assert (tmp_path / "kde_weights.pt").exists() and not (tmp_path / "stage1.pt.tmp").exists()
 
 
 def test_stage1_from_a_checkpoint_gives_the_same_weights(rwsam_run, data, tmp_path, capsys):
@@ -404,15 +475,59 @@ def test_stage1_from_a_checkpoint_gives_the_same_weights(rwsam_run, data, tmp_pa
 def test_stage2_from_scratch_takes_only_the_backbone(data, tmp_path, capsys):
     torch.save({"script": "crt.py", "arch": "resnet18", "model": S.ResNet18().state_dict()}, tmp_path / "r18.pt")
     with pytest.raises(SystemExit) as e:
-        S.main(_args(data, tmp_path / "a", "--stage1", tmp_path / "r18.pt", "--epochs", 1))
+        S.main(_args(data, tmp_path / "a", "--stage1", tmp_path / "r18.pt", "--stage2-init", "stage1", "--epochs", 1))
     assert e.value.code == 2 and "--stage2-init scratch" in capsys.readouterr().err
-    S.main(_args(data, tmp_path / "b", "--stage1", tmp_path / "r18.pt", "--stage2-init", "scratch", "--epochs", 1,
-                 "--knn-every", -1))
+    S.main(_args(data, tmp_path / "b", "--stage1", tmp_path / "r18.pt", "--epochs", 1, "--knn-every", -1))
     last, init = _model(tmp_path / "b" / "last.pt"), S.init_state(0)
     r18 = torch.load(tmp_path / "r18.pt", weights_only=True)["model"]
     dist_to = lambda ref: sum((last[k].float() - ref[k].float()).norm() ** 2 for k in r18 if k in last
                               and "running" not in k)
     assert dist_to(init) < dist_to(r18)
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_subsample_trains_more_epochs_for_the_same_steps(tmp_path, monkeypatch, same):
+    """App. A.1: --subsample 0.25 trains 4× --epochs, the optimizer steps of the full variant (±1 batch);
+    --same-epochs keeps --epochs (a quarter of the steps)."""
+    root = tmp_path / "data"
+    write_folder(root, classes=tuple("abcd"), per_class=(16,) * 4, per_class_test=1, size=8)
+    steps = []
+    step = S.train_step
+    monkeypatch.setattr(S, "train_step", lambda *a, **k: steps.append(1) or step(*a, **k))
+    runs = {}
+    for name, extra in (("full", []), ("quarter", ["--subsample", 0.25] + (["--same-epochs"] if same else []))):
+        steps.clear()
+        S.main(_args(root, tmp_path / name, "--rho", 1, "--opt", "sgd", "--epochs", 1, "--knn-every", -1, *extra))
+        rows = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        runs[name] = (len(rows), len(steps), json.loads((tmp_path / name / "final.json").read_text())["n_train"])
+    assert runs["full"] == (1, 64 // 8, 64) and runs["quarter"][2] == 16
+    if same:
+        assert runs["quarter"][:2] == (1, 16 // 8)
+    else:
+        assert runs["quarter"][0] == 4 and abs(runs["quarter"][1] - runs["full"][1]) <= 1
+
+
+def test_size_sweep_rule():
+    rule = lambda *argv: S.run_epochs(S.parse_args(list(argv)), 1600)
+    assert (rule(), rule("--subsample", "0.75"), rule("--subsample", "0.125")) == (1600, 2133, 12800)
+    assert rule("--subsample", "0.5", "--same-epochs") == 1600
+
+
+def test_val_frac_scores_knn_on_the_held_out_split_only(data, tmp_path, monkeypatch):
+    """--val-frac: the kNN queries are exactly the validation images left out of pre-training (the score of
+    the cross-validation group), the memory bank every other image of the training split."""
+    seen = []
+    knn = S.knn_top1
+    monkeypatch.setattr(S, "knn_top1", lambda m, my, q, qy, *a, **k: seen.append((len(my), qy.tolist())) or
+                        knn(m, my, q, qy, *a, **k))
+    S.main(_args(data, tmp_path, "--opt", "sgd", "--epochs", 1, "--val-frac", 0.25, "--gap-views", 1))
+    final = json.loads((tmp_path / "final.json").read_text())
+    idx, val_idx = S.training_subset(np.repeat(np.arange(5), 8), S.parse_args(
+        ["--dataset", "folder", "--rho", "0.5", "--val-frac", "0.25"]))
+    assert final["n_train"] == len(idx) and len(val_idx) > 0 and final["knn_queries"].startswith("--val-frac")
+    labels = D.load_split("folder", data, True)[1]
+    assert seen == [(40 - len(val_idx), labels[np.asarray(val_idx)].tolist())]
+    assert 0 <= final["last"]["knn_class_mean"] <= 100
 
 
 def test_torchrun_two_processes_on_cpu(data, tmp_path):
@@ -435,6 +550,7 @@ def test_torchrun_two_processes_on_cpu(data, tmp_path):
     (["--opt", "adam"], "invalid choice"),
     (["--subsample", "0.3"], "invalid choice"),
     (["--sam-rho", "-1"], "--sam-rho"),
+    (["--gap-views", "0"], "--gap-views"),
     (["--opt", "sam", "--stage1", "x.pt"], "--opt rwsam"),
     (["--stage1", "missing.pt"], "does not exist"),
     (["--dataset", "imagenet_lt"], "not supported"),

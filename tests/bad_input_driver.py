@@ -1,0 +1,51 @@
+"""Helper of tests/test_bad_inputs.py: import one script once, then run each case's command line in a
+process forked from this one (its own exit code and stderr, as a fresh `python script.py ...` would give).
+
+    python tests/bad_input_driver.py ldam_drw.py < {"case": [argv...], ...}    → {"case": [code, stderr]}
+"""
+import importlib
+import json
+import os
+import sys
+import tempfile
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_case(module, script, argv):
+    with tempfile.TemporaryFile("w+") as err:
+        pid = os.fork()
+        if pid == 0:
+            os.dup2(err.fileno(), 2)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            sys.argv = [script, *argv]
+            code = 0
+            try:
+                module.main(argv)
+            except SystemExit as e:                      # what the interpreter does with sys.exit(code)
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        err.seek(0)
+        return [os.waitstatus_to_exitcode(status), err.read()]
+
+
+def main():
+    script = sys.argv[1]
+    sys.path.insert(0, ROOT)
+    os.chdir(ROOT)
+    module = importlib.import_module(script.removesuffix(".py"))
+    cases = json.load(sys.stdin)
+    print(json.dumps({case: run_case(module, script, argv) for case, argv in cases.items()}))
+
+
+if __name__ == "__main__":
+    main()
