@@ -5,6 +5,8 @@
 #   bash reproduce.sh ce ldam-drw      # only these rows (and the runs they need)
 #   bash reproduce.sh --dry-run        # print the commands, stage by stage, and run nothing
 #   bash reproduce.sh table            # the Markdown table of the runs finished so far
+#   bash reproduce.sh paper2-fig1      # paper 2 Fig. 1(a): SL vs SSL at equal n, balanced vs imbalanced
+#   bash reproduce.sh paper2-fig1 table            # its table of A(n, 1), A(n, r) and Δ (also --dry-run)
 #   POOL_ROOT=CINIC bash reproduce.sh ce+st ldam-drw+st          # paper 1 Table 1(a) with a real D_U
 #   SET=cifar100 RHO=0.02 bash reproduce.sh                      # Table 2, CIFAR-100-LT, ρ = 50 column
 #   SET=svhn bash reproduce.sh                                   # Table 1(b), SVHN-LT
@@ -40,6 +42,16 @@
 #   CV_FRAC validation fraction of the `cv` runs   (default 0.1)
 # RHO, GPU and the data that DATA names are checked before anything starts (one line, exit 2); a run
 # that fails is reported on the console with the last line of its log.txt.
+# paper2-fig1 only (RHO is not used; RUNS defaults to runs/paper2-fig1):
+#   RHOS    imbalance ratios r                   (default "0.1 0.01": n = 20,431 and 12,406 at full size)
+#   SIZES   downsampling ratios                  (default "1 0.75 0.5 0.25 0.125")
+#   METHODS pre-training methods                 (default "sl simsiam moco": ldam_drw.py --recipe he,
+#           simsiam_rwsam.py --opt sgd, moco_ssp.py)
+#   SCALE   multiplies every full-size epoch budget (SL 200, SimSiam 800, MoCo 200) and the probes' 100
+#           epochs, at least 1 each (default 1; SCALE=0.05 for a quick look). Downsampled variants train
+#           round(epochs / ratio) epochs, as the scripts do (App. A.1: equal optimizer steps)
+#   OOD     eval_ood.py's target flags for the OOD probe (default "--target stl10 --data-root ./data", the
+#           folder holding stl10_binary/; ARGS_eval_ood="--download" fetches it)
 #
 # Runs go to RUNS/<row>/s<seed>/ (the row's number is in its final.json) and pre-training runs to
 # RUNS/pretrain/<method>/s<seed>/. A run whose final.json exists is skipped; one with a last.pt but no
@@ -62,6 +74,7 @@ RHO=${RHO:-0.01}
 SEEDS=${SEEDS:-0 1 2}
 JOBS=${JOBS:-6}
 GPU=${GPU:-0}
+USER_RUNS=${RUNS:-}
 ARCH=${ARCH:-resnet50}
 if [[ $SET == cifar10 ]]; then RUNS=${RUNS:-runs/repro-$RHO}
 elif [[ $SET == imagenet_lt || $SET == inat ]]; then RUNS=${RUNS:-runs/repro-$SET-$ARCH}
@@ -76,6 +89,7 @@ POOL_ROOT=${POOL_ROOT:-}
 C100_ROOT=${C100_ROOT:-./data}
 ARGS=${ARGS:-}
 PYTHON=${PYTHON:-python}
+FIG1_RUNS=${RUNS_FIG1:-${USER_RUNS:-runs/paper2-fig1}}
 
 # Paper 1 Table 2: loss × rule of ldam_drw.py.
 SUPERVISED="ce cb-ce focal cb-focal ce-drw ce-drs ldam ldam-drw"
@@ -134,12 +148,14 @@ CV_FRAC=${CV_FRAC:-0.1}
 
 DRY=0
 TABLE=0
+FIG1=0
 CV=0
 ROWS=""
 for a in "$@"; do
     case $a in
         --dry-run) DRY=1 ;;
         table) TABLE=1 ;;
+        paper2-fig1) FIG1=1 ;;
         cv) CV=1 ;;
         cv-table) TABLE=2 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -152,6 +168,46 @@ for a in "$@"; do
 done
 [[ $CV == 1 && -z $ROWS ]] && ROWS=none
 ROWS=${ROWS:-$ALL_ROWS}
+
+if [[ $FIG1 == 1 && $TABLE == 1 ]]; then
+    RUNS=$FIG1_RUNS METHODS=${METHODS:-sl simsiam moco} exec "$PYTHON" - <<'EOF'
+# Paper 2 Fig. 1(a) / Eq. (1) on CIFAR-10 from the probes' final.json files, paired by eval_linear.gap_rows.
+import glob, os, sys
+sys.path.insert(0, os.getcwd())
+import eval_linear as E
+
+runs = os.environ["RUNS"]
+NAMES = {"sl": "SL", "simsiam": "SimSiam", "moco": "MoCo v2"}
+PREFIX = {"sl": "ldam_drw[he]:ce-none", "simsiam": "simsiam_rwsam+sgd", "moco": "moco_ssp+sgd"}
+methods = os.environ["METHODS"].split()
+paths = sorted(glob.glob(os.path.join(runs, "id", "*", "*", "s*", "final.json")) +
+               glob.glob(os.path.join(runs, "ood", "*", "*", "s*", "final.json")))
+if not paths:
+    sys.exit(f"no finished probe under {runs}/id or {runs}/ood yet")
+rows, unpaired = E.gap_rows([E.read_result(p) for p in paths])
+for key, why in unpaired:
+    print(f"note: eval={key[0]} method={key[2]} n={key[5]}: {why}", file=sys.stderr)
+by_method = {v: k for k, v in PREFIX.items()}
+cell = {(x["eval"], by_method.get(x["method"]), x["r"], x["n"]): x for x in rows}
+print(f"Paper 2 Fig. 1(a) on CIFAR-10, runs in {runs}. A: last-epoch test top-1 % of the probe, mean±sample std "
+      "over runs (a run: pre-training seed + its probe; the paper's std varies the probe only). Δ = (A(n,1) − A(n,r)) "
+      "/ A(n,1) in % (Eq. (1)), ± the sample std of the per-seed Δ. n and r from the pre-training class counts. "
+      "The paper's claim: Δ^SSL < Δ^SL at every n and r, in-domain and out-of-domain.")
+for ev in sorted({k[0] for k in cell}):
+    title = "ID: linear probe on the full training set" if ev.startswith("linear:") else f"OOD: {ev} linear probe"
+    print(f"\n### {title} ({ev})\n")
+    print("| r | n | " + " | ".join(f"{NAMES[m]} A(n,1) | {NAMES[m]} A(n,r) | Δ^{NAMES[m]} %" for m in methods) + " |")
+    print("|---|---|" + "---|---|---|" * len(methods))
+    for r, n in sorted({(k[2], k[3]) for k in cell if k[0] == ev}, key=lambda t: (-t[0], -t[1])):
+        parts = []
+        for m in methods:
+            x = cell.get((ev, m, r, n))
+            parts += ["—"] * 3 if x is None else [E.pm(x["A_balanced"], x["A_balanced_std"]),
+                                                   E.pm(x["A_imbalanced"], x["A_imbalanced_std"]),
+                                                   E.pm(x["delta"], x["delta_std"], 100)]
+        print(f"| {r:.4g} | {n} | " + " | ".join(parts) + " |")
+EOF
+fi
 
 if [[ $TABLE == 2 ]]; then
     RUNS=$RUNS exec "$PYTHON" - <<'EOF'
@@ -354,6 +410,64 @@ stage() {
     wait
     echo "== stage $1"
 }
+
+# Paper 2 Fig. 1(a) (§2.2, App. A.1): SL, SimSiam and MoCo v2 on every CIFAR-10 variant, each imbalanced
+# one with its balanced partner of the same n (one data seed: every method sees the same images), then
+# the ID probe (eval_linear.py) and the OOD probe (eval_ood.py, STL-10 by default) of every checkpoint.
+if [[ $FIG1 == 1 ]]; then
+    RHOS=${RHOS:-0.1 0.01}
+    SIZES=${SIZES:-1 0.75 0.5 0.25 0.125}
+    METHODS=${METHODS:-sl simsiam moco}
+    SCALE=${SCALE:-1}
+    OOD=${OOD:---target stl10 --data-root ./data}
+    awk -v s="$SCALE" 'BEGIN { exit !(s + 0 > 0) }' ||
+        { echo "reproduce.sh: SCALE must be a number > 0, got '$SCALE'" >&2; exit 2; }
+    for m in $METHODS; do
+        [[ " sl simsiam moco " == *" $m "* ]] ||
+            { echo "reproduce.sh: unknown method '$m' in METHODS; methods: sl simsiam moco" >&2; exit 2; }
+    done
+    epochs() { awk -v b="$1" -v s="$SCALE" 'BEGIN { e = int(b * s + 0.5); print (e < 1 ? 1 : e) }'; }
+    declare -A PRE=([sl]="ldam_drw.py --recipe he" [simsiam]="simsiam_rwsam.py --opt sgd" [moco]="moco_ssp.py")
+    declare -A BUDGET=([sl]=200 [simsiam]=800 [moco]=200)
+    PROBE=$(epochs 100)
+    stage 1
+    for s in $SEEDS; do
+        for m in $METHODS; do
+            for r in $RHOS; do
+                for q in $SIZES; do
+                    for v in imb bal; do
+                        flags=(--rho "$r" --seed "$s" --epochs "$(epochs "${BUDGET[$m]}")")
+                        [[ $q != 1 ]] && flags+=(--subsample "$q")
+                        [[ $v == bal ]] && flags+=(--balanced)
+                        job "$FIG1_RUNS/pretrain/$m/r$r-q$q-$v/s$s" - ${PRE[$m]} $DATA "${flags[@]}"
+                    done
+                done
+            done
+        done
+    done
+    stage 2
+    for s in $SEEDS; do
+        for m in $METHODS; do
+            for r in $RHOS; do
+                for q in $SIZES; do
+                    for v in imb bal; do
+                        cell=$m/r$r-q$q-$v/s$s
+                        ckpt=$FIG1_RUNS/pretrain/$cell/last.pt
+                        job "$FIG1_RUNS/id/$cell" "$ckpt" eval_linear.py --ckpt "$ckpt" --seed "$s" --epochs "$PROBE"
+                        job "$FIG1_RUNS/ood/$cell" "$ckpt" eval_ood.py --ckpt "$ckpt" $OOD --seed "$s" --epochs "$PROBE"
+                    done
+                done
+            done
+        done
+    done
+    [[ $DRY == 1 ]] && exit 0
+    wait
+    if [[ -s $FAILED ]]; then
+        echo "== $(wc -l <"$FAILED") run(s) did not finish:"; cat "$FAILED"; exit 1
+    fi
+    echo "== all runs finished"
+    RUNS_FIG1=$FIG1_RUNS exec bash "$0" paper2-fig1 table
+fi
 
 if [[ $SET == imagenet_lt || $SET == inat ]]; then
     LISTS="--train-list $TRAIN_LIST --test-list $TEST_LIST${VAL_LIST:+ --val-list $VAL_LIST}"

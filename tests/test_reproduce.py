@@ -260,3 +260,66 @@ def test_table_1a_rows_train_the_same_epochs():
     assert {a.epochs for a in runs.values()} == {1600} and all(a.subsample == 1 for a in runs.values())
     rw = runs["R/pretrain/simsiam+rwsam/s0"]
     assert rw.stage1 == "R/pretrain/simsiam/s0/last.pt" and rw.stage2_init == "scratch" and rw.stage1_epochs is None
+
+
+# ----- paper2-fig1: paper 2 Fig. 1(a), SL vs SSL at equal n --------------------------------------------
+
+def test_fig1_dry_run_parses_and_every_cell_has_its_balanced_partner():
+    p = reproduce("paper2-fig1", "--dry-run", SEEDS="0 1", RUNS="F", SCALE="0.5")
+    assert p.returncode == 0, p.stderr
+    pre, evals, stage = {}, {}, 0
+    for line in p.stdout.splitlines():
+        if line.startswith("# stage"):
+            stage += 1
+            continue
+        python, script, *argv = shlex.split(line)
+        args = importlib.import_module(script[:-3]).parse_args(argv)      # SystemExit on a bad flag or value
+        out = flag(argv, "--out")
+        if stage == 1:
+            assert out.startswith("F/pretrain/") and out not in pre
+            pre[out] = (script, argv, args)
+        else:
+            assert stage == 2 and flag(argv, "--ckpt") == out.replace("/id/", "/pretrain/").replace("/ood/", "/pretrain/") + "/last.pt"
+            evals[out] = args
+    cells = {o.rsplit("-", 1)[0].split("/", 2)[2] + "/" + o.rsplit("/", 1)[1] for o in pre}
+    assert len(cells) == 3 * 2 * 5 * 2 and len(pre) == 2 * len(cells)        # methods × r × sizes × seeds, bal + imb
+    for out, (script, argv, args) in pre.items():
+        if out.split("/")[3].endswith("-bal"):
+            continue
+        partner = out.replace("-imb/", "-bal/")
+        b_script, b_argv, b_args = pre[partner]
+        assert b_script == script and b_args.balanced and not args.balanced
+        drop = lambda a: [x for i, x in enumerate(a) if x != "--balanced" and (i == 0 or a[i - 1] != "--out") and x != "--out"]
+        assert drop(b_argv) == drop(argv)                                  # same data, seed, epochs: same n
+        for kind in ("id", "ood"):
+            assert out.replace("/pretrain/", f"/{kind}/") in evals and partner.replace("/pretrain/", f"/{kind}/") in evals
+    sl = pre["F/pretrain/sl/r0.01-q0.25-imb/s1"][2]
+    assert (sl.recipe, sl.arch, sl.loss, sl.rule, sl.epochs_full, sl.epochs) == ("he", "resnet18", "ce", "none", 100, 400)
+    moco = pre["F/pretrain/moco/r0.1-q1-bal/s0"][2]
+    assert (moco.epochs, moco.subsample, moco.rho) == (100, 1.0, 0.1)
+    assert evals["F/ood/simsiam/r0.1-q0.125-bal/s0"].target == "stl10" and evals["F/id/moco/r0.1-q1-imb/s1"].epochs == 50
+    bad = reproduce("paper2-fig1", "--dry-run", METHODS="sl byol")
+    assert bad.returncode == 2 and bad.stderr.strip() == "reproduce.sh: unknown method 'byol' in METHODS; methods: sl simsiam moco"
+
+
+def test_fig1_tiny_end_to_end_prints_the_table(tmp_path):
+    write_folder(tmp_path / "data", classes=tuple("abcd"), per_class=(40,) * 4, per_class_test=4, easy=True)
+    write_folder(tmp_path / "ood", classes=tuple("xyz"), per_class=(6,) * 3, per_class_test=2)   # STL-10 stand-in
+    env = dict(DATA=f"--dataset folder --data-root {tmp_path / 'data'}", RHOS="0.5", SIZES="1", METHODS="sl moco",
+               SEEDS="0", SCALE="0.001", JOBS="2", GPU="-1", RUNS=str(tmp_path / "runs"),
+               OOD=f"--target folder --data-root {tmp_path / 'ood'}",
+               ARGS_moco_ssp="--batch-size 16 --knn-every 0")
+    p = reproduce("paper2-fig1", **env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    runs = tmp_path / "runs"
+    ck = json.loads((runs / "pretrain/sl/r0.5-q1-bal/s0/final.json").read_text())
+    assert ck["epochs"] == 1 and ck["class_counts"] == [29] * 4                 # [40, 31, 25, 20] = 116, balanced
+    table = p.stdout[p.stdout.index("Paper 2 Fig. 1(a)"):]
+    for ev in ("linear:folder", "probe:ood"):
+        assert f"({ev})" in table
+    rows = [l for l in table.splitlines() if l.startswith("| 0.5 | 116 |")]
+    assert len(rows) == 2 and all(l.count("|") == 9 and "—" not in l for l in rows)
+    # each Δ cell is Eq. (1) of the two probes' accuracies it sits beside
+    id_sl = [json.loads((runs / f"id/sl/r0.5-q1-{v}/s0/final.json").read_text())["top1"] for v in ("bal", "imb")]
+    cells = rows[0].split(" | ")
+    assert cells[2:5] == [f"{id_sl[0]:.2f}", f"{id_sl[1]:.2f}", f"{100 * (id_sl[0] - id_sl[1]) / id_sl[0]:.2f}"]
