@@ -565,9 +565,6 @@ def build_data(args, device):
     train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
     test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
     idx, val_idx = training_subset(train_y, args)
-    if not args.resume:
-        os.makedirs(args.out, exist_ok=True)
-        D.save_indices(os.path.join(args.out, "train_indices.json"), idx, val_idx)
     mean, std = D.mean_std(args.dataset, train_x)
     C = len(names)
     counts = np.bincount(train_y[idx], minlength=C).tolist()
@@ -576,6 +573,7 @@ def build_data(args, device):
     test = D.GPULoader(test_x, test_y, 1000, mean, std, device)
     val = D.GPULoader(train_x[val_idx], train_y[val_idx], 1000, mean, std, device) if len(val_idx) else None
     train.indices = idx                                   # recorded (as a digest) for self_training.py --base
+    train.val_indices = val_idx                           # both written to <out>/train_indices.json
     return train, val, test, counts, C
 
 
@@ -724,6 +722,8 @@ def main(argv=None):
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         write_json(os.path.join(args.out, "args.json"), meta)
         copy_source(__file__, args.out)
+        if hasattr(train, "val_indices"):
+            D.save_indices(os.path.join(args.out, "train_indices.json"), train.indices, train.val_indices)
     # a resumed run drops the epochs logged after its checkpoint
     write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
     print(f"{args.dataset} rho={args.rho:g} ({args.imb_type}{', balanced' if args.balanced else ''}"
