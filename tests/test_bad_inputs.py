@@ -24,7 +24,8 @@ BASE["self_training.py"] += ["--unlabeled-mult", "0"]          # rho 1 leaves no
 BASE["crt.py"] = ["--ckpt", "{ckpt}", "--dataset", "folder", "--data-root", "{good}", "--gpu", "-1", "--epochs", "1"]
 BASE["eval_linear.py"] = ["--ckpt", "{ckpt}", "--dataset", "folder", "--data-root", "{good}", "--gpu", "-1",
                           "--epochs", "1"]
-BASE["eval_ood.py"] = ["--ckpt", "{ckpt}", "--target", "folder", "--data-root", "{good}", "--gpu", "-1", "--epochs", "1"]
+BASE["eval_ood.py"] = ["--ckpt", "{ckpt}", "--target", "folder", "--data-root", "{good}", "--gpu", "-1", "--epochs", "1",
+                       "--norm", "target"]
 
 # flags every script has, with a value outside its range
 SHARED = [["--epochs", "0"], ["--batch-size", "0"], ["--lr", "0"], ["--lr", "-0.1"], ["--lr", "nan"], ["--lr", "inf"], ["--lr", "1e300"],
