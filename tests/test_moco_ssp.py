@@ -440,7 +440,7 @@ def test_rwsam_run_from_a_stage1_run(tmp_path, tiny, single):
 
 @pytest.mark.parametrize("extra,message", [
     (["--opt", "rwsam"], "--opt rwsam needs --stage1 PATH"),
-    (["--sam-rho", "-1"], "--sam-rho must be >= 0"),
+    (["--sam-rho", "-1"], "--sam-rho must be in [0, inf), got -1"),
     (["--subsample", "0.3"], "argument --subsample: invalid choice: 0.3"),
     (["--opt", "adam"], "argument --opt: invalid choice"),
 ])
