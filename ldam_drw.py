@@ -691,8 +691,6 @@ def main(argv=None):
                  f"or pass another --out")
         device = setup_device(args)
         torch.manual_seed(args.seed)
-        if args.pretrained and not args.resume:
-            load_checkpoint(args.pretrained)              # unreadable: one line before anything is written
         train, val, test, counts, C = build_data(args, device)
     except D.DataError as e:
         fail(str(e))
