@@ -277,7 +277,7 @@ def paper(row):
     if dataset in T34:
         values = T34[dataset].get(row, (None, None))
         return ERR, values[0] if os.environ.get("ARCH") == "resnet10" else values[-1]
-    if row in P2:
+    if row in P2:                                         # a probe accuracy at every rho, paper number or not
         return ACC, P2[row] if col == 0 else None
     if col is None:
         return ERR, None
