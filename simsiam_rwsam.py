@@ -492,7 +492,7 @@ def forward_loss(model, x1, x2, amp):
 
 def sam_perturbation(params, grads, rho, adaptive):
     """ε of paper 2 Algorithm 1 line 12 with p = q = 2: ρ·g/‖g‖₂, one norm over all parameters (Foret
-    et al. Eq. (2)). adaptive (ASAM, Kwon et al. 2021, as the SAM code the authors used): ρ·w²·g/‖|w|·g‖₂."""
+    et al. Eq. (2)). adaptive (ASAM, Kwon et al. 2021, as the authors ran it; the default): ρ·w²·g/‖|w|·g‖₂."""
     if adaptive:
         scaled = torch._foreach_mul(grads, torch._foreach_abs(params))
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(scaled)))
