@@ -87,12 +87,10 @@ def parse_args(argv=None):
     p.add_argument("--rho", type=float, default=0.01, help="tail/head ratio in (0, 1]; 1 = balanced")
     p.add_argument("--imb-type", default="exp", choices=["exp", "step"])
     p.add_argument("--gpu", type=int, default=0, help="GPU index; -1 = CPU")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="default: 200 (CIFAR, SVHN), 90 (ImageNet-LT, iNat); the full-size variant's with --subsample")
+    p.add_argument("--epochs", type=int, default=None, help="default: 200 (CIFAR, SVHN), 90 (ImageNet-LT, iNat)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=None, help="default: 0.1 (CIFAR, SVHN), 0.2 (ImageNet-LT, iNat)")
-    p.add_argument("--wd", type=float, default=None,
-                   help="default: 2e-4 (CIFAR, SVHN), 5e-4 (ImageNet-LT, --recipe he), 1e-4 (iNat)")
+    p.add_argument("--wd", type=float, default=None, help="default: 2e-4 (CIFAR, SVHN), 5e-4 (ImageNet-LT), 1e-4 (iNat)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0,
                    help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
@@ -135,7 +133,8 @@ def parse_args(argv=None):
     p.add_argument("--balanced", action="store_true",
                    help="class-balanced subset with the same number of images as the long-tailed one (paper 2)")
     p.add_argument("--subsample", type=float, default=1.0, choices=SUBSAMPLE,
-                   help="keep this fraction of every class (paper 2's size sweep)")
+                   help="keep this fraction of every class (paper 2's size sweep); --epochs is then the full-size "
+                        "variant's budget and round(epochs / subsample) epochs are trained")
     p.add_argument("--same-epochs", action="store_true",
                    help="with --subsample < 1: train --epochs epochs, not round(epochs / subsample)")
     p.add_argument("--compile", action="store_true", help="torch.compile(mode='reduce-overhead'): CUDA graphs")

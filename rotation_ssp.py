@@ -90,7 +90,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="default: 200 (CIFAR, SVHN), 90 (ImageNet-LT, iNat)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=None, help="default: 0.1 (CIFAR, SVHN), 0.2 (ImageNet-LT, iNat)")
-    p.add_argument("--wd", type=float, default=None, help="default: 2e-4 (CIFAR, SVHN), 5e-4 (ImageNet-LT, iNat)")
+    p.add_argument("--wd", type=float, default=None, help="default: 2e-4 (CIFAR, SVHN), 5e-4 (ImageNet-LT), 1e-4 (iNat)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0,
                    help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
