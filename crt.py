@@ -34,7 +34,8 @@ DDP (torchrun), file lists only (CIFAR-size data is refused under torchrun: it r
 device): one process per GPU (NCCL; gloo on the CPU with --gpu -1), --batch-size is the global batch and is
 split evenly. Every process loads the backbone checkpoint, draws the same class-balanced epoch order and
 keeps its contiguous share of each global batch; the head's gradients (loss: sum over the share / global
-batch size) are summed by one all-reduce, so the update is the single-process update. Features are
+batch size) are summed by one all-reduce, so the update is the single-process update (a process left
+without an image by a short last batch passes an empty batch). Features are
 recomputed every step (no cache under torchrun). --bn train: SyncBatchNorm on CUDA (statistics over the
 global batch, as one GPU); per process on the CPU (gloo cannot run SyncBatchNorm), running statistics
 averaged over the processes after every epoch. Augmentation draws from a stream seeded by (seed, epoch,

@@ -47,10 +47,10 @@ refused under torchrun): one process per GPU (NCCL; gloo on the CPU with --gpu -
 process's own GPU, its LOCAL_RANK), --batch-size is the global batch and is split evenly. Every process
 draws the same seeded epoch order (the shuffle, the Resample / DRS draws with replacement, the deferred
 switch) and keeps its contiguous share of each global batch, so the shares together are the single-process
-batch; a short last batch is shared as evenly as it goes (a --batch-size that would leave a process
-without an image is refused). Each process's loss is the sum over its share divided by the global batch's
-denominator (its size, or Σ w_y under DRW / Reweight), the gradients are summed by one all-reduce, so the
-update is the single-process update of the global batch. BatchNorm is SyncBatchNorm on CUDA (statistics
+batch; a short last batch is shared as evenly as it goes (a process left without an image passes an
+empty batch). Each process's loss is the sum over its share divided by the global batch's denominator (its
+size, or Σ w_y under DRW / Reweight), and one all-reduce after the backward pass (not overlapped with it,
+as DDP's buckets are) sums the gradients, so the update is the single-process update of the global batch. BatchNorm is SyncBatchNorm on CUDA (statistics
 over the global batch, as one GPU); on the CPU (gloo cannot run SyncBatchNorm) it is per process, each
 normalising its own share, and the running statistics are averaged over the processes after every epoch.
 Augmentation draws from a stream seeded by (seed, epoch, rank). Evaluation: each process predicts a
