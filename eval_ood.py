@@ -653,9 +653,12 @@ class ListBatches:
             sampler = range(len(self.indices))
         order = torch.as_tensor(list(sampler))
         sub = torch.utils.data.Subset(self.dataset, [int(self.indices[i]) for i in order])
-        for b, (x, y) in enumerate(torch.utils.data.DataLoader(sub, **self.kw)):
-            idx = order[b * self.kw["batch_size"]:(b + 1) * self.kw["batch_size"]]
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
+        try:
+            for b, (x, y) in enumerate(torch.utils.data.DataLoader(sub, **self.kw)):
+                idx = order[b * self.kw["batch_size"]:(b + 1) * self.kw["batch_size"]]
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
+        except D.DataError as e:                   # an unreadable image mid-epoch: stop before saving anything
+            fail(str(e))
 # === end shared: list_batches ===
 
 
@@ -761,7 +764,7 @@ def finetune_data(args, device):
             if not os.path.isdir(path):
                 raise D.DataError(f"--target folder needs '{path}/<class>/<image>', but '{path}' does not exist")
         try:
-            train_ds, val_ds, test_ds = (torchvision.datasets.ImageFolder(path, tf) for path, tf in
+            train_ds, val_ds, test_ds = (torchvision.datasets.ImageFolder(path, tf, loader=D.open_image) for path, tf in
                                          ((paths[0], train_tf), (paths[0], test_tf), (paths[1], test_tf)))
         except FileNotFoundError as e:
             raise D.DataError(f"no images under '{args.data_root}': {e}") from None
