@@ -491,19 +491,28 @@ def ce_loss(logits, y, weight):
 
 
 def focal_loss(logits, y, weight, gamma):
-    """Lin et al. 2017 as in the LDAM-DRW code: mean over the batch of (1 − p)^γ · w_y·CE, p = e^{−w_y·CE}."""
-    return focal_term(F.cross_entropy(logits, y, weight=weight, reduction="none"), gamma).mean()
-
-
-def focal_term(ce, gamma):
-    """(1 − e^{−CE})^γ · CE; a CE rounded to just below 0 gives 0, not NaN, for γ < 1."""
-    return (1 - torch.exp(-ce)).clamp(min=0) ** gamma * ce
+    """Lin et al. 2017 as in the LDAM-DRW code: mean over the batch of (1 − p)^γ · w_y·CE, p = e^{−w_y·CE}.
+    The clamp: a CE rounded to just below 0 gives 0, not NaN, for γ < 1."""
+    ce = F.cross_entropy(logits, y, weight=weight, reduction="none")
+    return ((1 - torch.exp(-ce)).clamp(min=0) ** gamma * ce).mean()
 
 
 def ldam_loss(cosines, y, weight, margins, s):
     """Cao et al. 2019, Eq. (10): subtract Δ_y from the true-class cosine, scale all by s, (weighted) CE."""
     shifted = cosines - F.one_hot(y, cosines.shape[1]) * margins[y].unsqueeze(1)
     return F.cross_entropy(s * shifted, y, weight=weight)
+
+
+# === shared: deferred_rule (identical in ldam_drw.py and self_training.py) ===
+def deferred_rule(rule, epoch, epochs, cb_weights):
+    """The training rule at 0-based `epoch` of `epochs`: (loss weights or None, class-balanced sampling?).
+    reweight / resample apply throughout; DRW / DRS (Cao et al. 2019, §3.3) train plainly until epoch
+    int(0.8·epochs), then re-weight with `cb_weights` (DRW) or re-sample (DRS); none never does either."""
+    deferred = epoch >= int(0.8 * epochs)
+    weight = cb_weights if rule == "reweight" or (rule == "drw" and deferred) else None
+    resample = rule == "resample" or (rule == "drs" and deferred)
+    return weight, resample
+# === end shared: deferred_rule ===
 
 
 # === shared: lr_schedule (identical in every script that uses it) ===
@@ -715,7 +724,6 @@ def main(argv=None):
     sample_weights = (D.effective_number_sample_weights(train.labels.cpu(), args.beta)
                       if args.resample_weights == "effective" else D.balanced_sample_weights(train.labels.cpu()))
     subset = D.subset_digest(train.indices)
-    switch = int(0.8 * args.epochs)                       # DRW / DRS: deferred by 80% of the run
 
     os.makedirs(args.out, exist_ok=True)
     metrics = os.path.join(args.out, "metrics.jsonl")
@@ -746,9 +754,7 @@ def main(argv=None):
         lr = he_lr_at(epoch, args) if args.schedule == "he" else lr_at(epoch + (args.lr_sequence == "kang"), args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        deferred = epoch >= switch
-        weight = cb_weights if args.rule == "reweight" or (args.rule == "drw" and deferred) else None
-        resample = args.rule == "resample" or (args.rule == "drs" and deferred)
+        weight, resample = deferred_rule(args.rule, epoch, args.epochs, cb_weights)   # DRW / DRS: at 80% of the run
         model.train()
         loss_sum = torch.zeros((), device=device)
         hits = torch.zeros((), device=device, dtype=torch.long)

@@ -188,7 +188,6 @@ import datasets_lt as D
 LARGE = ("imagenet_lt", "inat")                            # file lists: ResNet-50, views in DataLoader workers
 ARCHS = ("resnet18", "resnet10", "resnet50")
 SUBSAMPLE = (1.0, 0.75, 0.5, 0.25, 0.125)
-KDE_PAIRS = 10_000
 
 
 def parse_args(argv=None):
@@ -357,6 +356,16 @@ class ResNet18(nn.Module):
 # === end shared: resnet18 ===
 
 
+def simsiam_heads(dim=2048, pred_dim=512, width=512):
+    """SimSiam's heads (Chen & He 2021, CIFAR variant; REFERENCE §6): projector width → dim (BN, ReLU)
+    → dim (BN without affine), predictor dim → pred_dim (BN, ReLU) → dim. Returns (projector, predictor)."""
+    projector = nn.Sequential(nn.Linear(width, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
+                              nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim, affine=False))
+    predictor = nn.Sequential(nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim),
+                              nn.ReLU(inplace=True), nn.Linear(pred_dim, dim))
+    return projector, predictor
+
+
 class SimSiam(ResNet18):
     """Chen & He 2021 on the CIFAR ResNet-18 (REFERENCE §6). The backbone's tensors keep their top-level
     names (what every script of the project loads); the heads live under projector. and predictor.
@@ -365,10 +374,7 @@ class SimSiam(ResNet18):
     def __init__(self, dim=2048, pred_dim=512):
         super().__init__()
         self.fc = nn.Identity()
-        self.projector = nn.Sequential(nn.Linear(512, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
-                                       nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim, affine=False))
-        self.predictor = nn.Sequential(nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim),
-                                       nn.ReLU(inplace=True), nn.Linear(pred_dim, dim))
+        self.projector, self.predictor = simsiam_heads(dim, pred_dim)
 
     def forward(self, x1, x2):
         z1, z2 = self.projector(self.features(x1)), self.projector(self.features(x2))
@@ -638,29 +644,27 @@ def train_step(model, optimizer, x1, x2, opt, rho=0.0, adaptive=False, weights=N
     return loss.detach().mean(), loss2.detach().mean(), z_std
 
 
-def median_distance(feats, pairs=KDE_PAIRS, seed=0):
-    """Median of ‖f_i − f_j‖ over `pairs` random pairs, i uniform and j uniform among the others."""
-    n = len(feats)
-    g = torch.Generator().manual_seed(seed)
-    i = torch.randint(0, n, (pairs,), generator=g)
-    j = (i + torch.randint(1, n, (pairs,), generator=g)) % n
-    i, j = i.to(feats.device), j.to(feats.device)
-    return (feats[i] - feats[j]).norm(dim=1).median().item()
-
-
-def kde_weights(feats, alpha, bandwidth=None, seed=0, chunk=2048):
+def kde_weights(feats, alpha, bandwidth=None, seed=0, chunk=2048, pairs=10_000):
     """Paper 2 §4 and Algorithm 1 line 8: w_i = ((1/n)·Σ_j K(f_i − f_j, h))^(−α), Gaussian K.
 
     density_i = mean_j exp(−‖f_i − f_j‖²/(2h²)) over all n rows of `feats` (j = i included), computed in
     float64 by chunks of rows; K's constant (2πh²)^(−d/2) is dropped and the weights rescaled to mean 1,
-    which changes no perturbation. Returns (weights float32, density float64, h)."""
+    which changes no perturbation. h = `bandwidth`, or by default the median of ‖f_i − f_j‖ over `pairs`
+    random pairs (i uniform, j uniform among the others; a CPU generator seeded with `seed`).
+    Returns (weights float32, density float64, h); ValueError for < 2 rows or h = 0."""
     f = feats.double()
     n = len(f)
     if n < 2:
-        raise D.DataError(f"the KDE needs at least 2 training images, got {n}")
-    h = median_distance(f, seed=seed) if bandwidth is None else float(bandwidth)
+        raise ValueError(f"the KDE needs at least 2 training images, got {n}")
+    if bandwidth is None:                                             # the median heuristic
+        g = torch.Generator().manual_seed(seed)
+        i = torch.randint(0, n, (pairs,), generator=g)
+        j = (i + torch.randint(1, n, (pairs,), generator=g)) % n
+        h = (f[i.to(f.device)] - f[j.to(f.device)]).norm(dim=1).median().item()
+    else:
+        h = float(bandwidth)
     if not h > 0:
-        raise D.DataError("every stage-1 feature is the same (a collapsed representation): the KDE bandwidth "
+        raise ValueError("every stage-1 feature is the same (a collapsed representation): the KDE bandwidth "
                           "is 0; pass --bandwidth or train stage 1 longer")
     sq = (f * f).sum(1)
     density = torch.empty(n, dtype=torch.float64, device=f.device)
@@ -690,7 +694,10 @@ def embed(model, loader, amp=False):
 def weights_from_training_set(model, loader, alpha, bandwidth, seed, amp=False):
     """Algorithm 1 line 8 on the training subset; the loader's labels are not read."""
     feats, _ = embed(model, loader, amp)
-    return kde_weights(feats, alpha, bandwidth, seed)
+    try:
+        return kde_weights(feats, alpha, bandwidth, seed)
+    except ValueError as e:                                # too few images or a collapsed representation
+        raise D.DataError(str(e)) from None
 
 
 # ----- monitors ------------------------------------------------------------------------------------

@@ -218,10 +218,10 @@ def test_kde_gives_isolated_points_larger_weights():
 
 
 def test_median_bandwidth():
-    assert S.median_distance(torch.eye(6, dtype=torch.float64)) == pytest.approx(math.sqrt(2))
-    assert S.median_distance(torch.tensor([[0.0, 0.0], [3.0, 4.0]])) == pytest.approx(5.0)
+    assert S.kde_weights(torch.eye(6, dtype=torch.float64), 1.0)[2] == pytest.approx(math.sqrt(2))
+    assert S.kde_weights(torch.tensor([[0.0, 0.0], [3.0, 4.0]]), 1.0)[2] == pytest.approx(5.0)
     f = torch.randn(50, 4, generator=torch.Generator().manual_seed(6))
-    assert S.median_distance(f, seed=1) == S.median_distance(f, seed=1)
+    assert S.kde_weights(f, 1.0, seed=1)[2] == S.kde_weights(f, 1.0, seed=1)[2]
 
 
 def test_kde_weights_read_features_not_labels():
