@@ -13,6 +13,7 @@
 #   RHO=0.02 POOL_ROOT=CINIC bash reproduce.sh fig2 fig3          # Figs. 2-3 (CIFAR-10-LT ρ = 50 only)
 #   SET=imagenet_lt LT_ROOT=IMNET LT_LISTS=LISTS bash reproduce.sh  # Table 3: MoCo SSP → CE / cRT (ResNet-50)
 #   SET=inat LT_ROOT=INAT LT_LISTS=LISTS bash reproduce.sh          # Table 4 (+ LDAM-DRW)
+#   SET=inat NPROC=8 LT_ROOT=INAT LT_LISTS=LISTS bash reproduce.sh  # the same, each run on 8 GPUs (torchrun)
 #   bash reproduce.sh cv               # paper 2's cross-validation of h, α, ρ for rwSAM (not part of "every row")
 #   bash reproduce.sh cv-table         # its table: kNN accuracy on the validation split per setting
 #
@@ -22,7 +23,11 @@
 #   LT_ROOT, LT_LISTS  ImageNet-LT / iNaturalist 2018: the image root and the folder of Kang et al.'s lists
 #          (ImageNet_LT_{train,val,test}.txt; iNaturalist18_{train,val}.txt, whose val list is the test set)
 #   ARCH   ImageNet-LT backbone: resnet50 (default) or resnet10 (Table 3's two columns); iNat: resnet50.
-#          One GPU per run, as every script here; Kang et al. trained on 4-8 GPUs.
+#   NPROC  ImageNet-LT / iNat: processes (GPUs) per run (default 1: one GPU, plain python). NPROC > 1 launches
+#          ldam_drw.py, moco_ssp.py and crt.py with torchrun --standalone --nproc_per_node NPROC on GPUs
+#          0 … NPROC-1 (GPU=-1: gloo on the CPU); --batch-size stays the global batch, so the runs are the
+#          one-GPU runs (BatchNorm synchronised). JOBS then defaults to 1: each run takes every GPU.
+#          Kang et al. trained on 4-8 GPUs.
 #   DATA   data flags of the training scripts   (default: cifar10: --dataset folder --data-root
 #          .data/cifar10_jpg, lossless elsewhere: DATA="--dataset cifar10 --download"; cifar100 / svhn:
 #          --dataset cifar100 / svhn --data-root ./data --download)
@@ -72,6 +77,11 @@ esac
 DATA=${DATA:-$DEFAULT_DATA}
 RHO=${RHO:-0.01}
 SEEDS=${SEEDS:-0 1 2}
+NPROC=${NPROC:-1}
+[[ $NPROC =~ ^[1-9][0-9]*$ ]] || { echo "reproduce.sh: NPROC must be a whole number >= 1, got '$NPROC'" >&2; exit 2; }
+[[ $NPROC == 1 || $SET == imagenet_lt || $SET == inat ]] ||
+    { echo "reproduce.sh: NPROC (torchrun) is for SET=imagenet_lt or inat; the $SET runs use one GPU each" >&2; exit 2; }
+[[ $NPROC != 1 ]] && JOBS=${JOBS:-1}
 JOBS=${JOBS:-6}
 GPU=${GPU:-0}
 USER_RUNS=${RUNS:-}
@@ -411,11 +421,14 @@ job() {
     local out=$1 needs=$2 script=$3; shift 3
     local stem=${script%.py} extra
     extra=ARGS_$stem
-    local cmd=("$PYTHON" "$script" "$@" --out "$out" --gpu "$GPU" $ARGS ${!extra:-})
+    local launch=("$PYTHON")
+    [[ $NPROC != 1 && " ldam_drw.py moco_ssp.py crt.py " == *" $script "* ]] &&
+        launch=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC")
+    local cmd=("${launch[@]}" "$script" "$@" --out "$out" --gpu "$GPU" $ARGS ${!extra:-})
     if [[ $DRY == 1 ]]; then echo "${cmd[*]}"; return; fi
     if [[ -f $out/final.json ]]; then echo "done already: $out"; return; fi
     if [[ -f $out/last.pt && $script != crt.py && $script != eval_linear.py ]]; then
-        cmd=("$PYTHON" "$script" --resume "$out/last.pt" --gpu "$GPU")
+        cmd=("${launch[@]}" "$script" --resume "$out/last.pt" --gpu "$GPU")
     fi
     while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n || true; done
     (

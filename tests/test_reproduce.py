@@ -367,3 +367,27 @@ def test_fig1_tiny_end_to_end_prints_the_table(tmp_path):
     id_sl = [json.loads((runs / f"id/sl/r0.5-q1-{v}/s0/final.json").read_text())["top1"] for v in ("bal", "imb")]
     cells = rows[0].split(" | ")
     assert cells[2:5] == [f"{id_sl[0]:.2f}", f"{id_sl[1]:.2f}", f"{100 * (id_sl[0] - id_sl[1]) / id_sl[0]:.2f}"]
+
+
+def test_tables_3_and_4_on_several_gpus_launch_with_torchrun():
+    """NPROC=8: every ldam_drw.py / moco_ssp.py / crt.py run of SET=imagenet_lt / inat is launched by torchrun
+    with 8 processes (the arguments are those of the one-process runs); NPROC is refused elsewhere."""
+    for dataset in ("imagenet_lt", "inat"):
+        p = reproduce("--dry-run", SET=dataset, SEEDS="0", RUNS="R", LT_ROOT="/img", LT_LISTS="/lists", NPROC="8")
+        assert p.returncode == 0, p.stderr
+        lines = [l for l in p.stdout.splitlines() if not l.startswith("# stage")]
+        scripts = set()
+        for line in lines:
+            python, *launch = shlex.split(line)
+            assert launch[:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8"], line
+            script, *argv = launch[5:]
+            importlib.import_module(script[:-3]).parse_args(argv)
+            scripts.add(script)
+        assert scripts == {"ldam_drw.py", "moco_ssp.py", "crt.py"}
+        single = reproduce("--dry-run", SET=dataset, SEEDS="0", RUNS="R", LT_ROOT="/img", LT_LISTS="/lists")
+        assert [shlex.split(l)[1:] for l in single.stdout.splitlines() if not l.startswith("#")] == \
+            [shlex.split(l)[6:] for l in lines]
+    for env, msg in ((dict(SET="cifar10", NPROC="2"), "NPROC (torchrun) is for SET=imagenet_lt or inat"),
+                     (dict(SET="inat", NPROC="0"), "NPROC must be a whole number >= 1")):
+        bad = reproduce("--dry-run", **env)
+        assert bad.returncode == 2 and msg in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
