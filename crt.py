@@ -575,9 +575,12 @@ class ListBatches:
             sampler = range(len(self.indices))
         order = torch.as_tensor(list(sampler))
         sub = torch.utils.data.Subset(self.dataset, [int(self.indices[i]) for i in order])
-        for b, (x, y) in enumerate(torch.utils.data.DataLoader(sub, **self.kw)):
-            idx = order[b * self.kw["batch_size"]:(b + 1) * self.kw["batch_size"]]
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
+        try:
+            for b, (x, y) in enumerate(torch.utils.data.DataLoader(sub, **self.kw)):
+                idx = order[b * self.kw["batch_size"]:(b + 1) * self.kw["batch_size"]]
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
+        except D.DataError as e:                   # an unreadable image mid-epoch: stop before saving anything
+            fail(str(e))
 # === end shared: list_batches ===
 
 

@@ -27,6 +27,14 @@ from torchvision import transforms
 class DataError(Exception):
     """A problem with the user's data or data arguments; scripts print it as one line and exit 2."""
 
+    def __str__(self):
+        # A DataLoader worker's DataError comes back re-raised as DataError("Caught DataError in DataLoader
+        # worker process 0.\nOriginal Traceback ...\ndatasets_lt.DataError: <message>"): keep <message>.
+        msg = super().__str__()
+        if msg.startswith("Caught DataError") and "DataError: " in msg:
+            return msg.rstrip().rsplit("DataError: ", 1)[1]
+        return msg
+
 
 # Paper 1 (App. D) and the LDAM-DRW code: images in the head class, and SVHN's rotated class order
 # (digit 1 is the head, digit 0 the tail), as the authors' imbalance_svhn.py did.
@@ -149,12 +157,18 @@ def _folder_files(path):
 
 def _read_image(file):
     """RGB uint8 array of one image file; a truncated or non-image file is a DataError naming it."""
+    return np.asarray(open_image(file), dtype=np.uint8)
+
+
+def open_image(file, listed_in=None):
+    """RGB PIL image of one file; a truncated or non-image file is a DataError naming it (and its list)."""
     try:
-        return np.asarray(torchvision.datasets.folder.pil_loader(file), dtype=np.uint8)
+        return torchvision.datasets.folder.pil_loader(file)
     except Exception as e:                                     # PIL raises OSError, SyntaxError, ValueError, ...
         why = (str(e).splitlines() or [""])[0][:80]
-        raise DataError(f"'{file}' is not a readable image ({e.__class__.__name__}: {why}); "
-                        f"replace or delete it") from None
+        where = f" (listed in {listed_in})" if listed_in else ""
+        raise DataError(f"'{file}'{where} is not a readable image ({e.__class__.__name__}: {why}); "
+                        f"replace or {'unlist' if listed_in else 'delete'} it") from None
 
 
 CINIC10_SPLITS = ("train", "valid", "test")
@@ -505,7 +519,8 @@ class FileListDataset(torch.utils.data.Dataset):
         self.transform = imagenet_transform(train) if transform is None else transform
         if not os.path.isfile(list_file):
             raise DataError(f"image list '{list_file}' does not exist")
-        self.samples = []
+        self.list_file = list_file
+        self.samples, line_of = [], []
         with open(list_file) as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -514,11 +529,15 @@ class FileListDataset(torch.utils.data.Dataset):
                 if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
                     raise DataError(f"{list_file}:{n}: expected 'relative/path label', got '{line.strip()}'")
                 self.samples.append((parts[0], int(parts[1])))
+                line_of.append(n)
         if not self.samples:
             raise DataError(f"image list '{list_file}' is empty")
-        first = os.path.join(root, self.samples[0][0])
-        if not os.path.isfile(first):
-            raise DataError(f"'{first}' (first entry of {list_file}) does not exist: check --data-root")
+        missing = _missing_files(root, [p for p, _ in self.samples])
+        if missing:
+            first = os.path.join(root, self.samples[missing[0]][0])
+            hint = "check --data-root" if len(missing) == len(self.samples) else "restore them or fix the list"
+            raise DataError(f"{len(missing)} of the {len(self.samples)} images listed in {list_file} do not exist, "
+                            f"the first: '{first}' (line {line_of[missing[0]]}); {hint}")
         self.labels = np.asarray([s[1] for s in self.samples], dtype=np.int64)
         self.num_classes = int(self.labels.max()) + 1
 
@@ -527,7 +546,23 @@ class FileListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        return self.transform(torchvision.datasets.folder.pil_loader(os.path.join(self.root, path))), label
+        return self.transform(open_image(os.path.join(self.root, path), self.list_file)), label
+
+
+def _missing_files(root, paths):
+    """Positions of the relative `paths` under root that are not files: one directory listing per folder
+    (seconds for ImageNet's 1.28M files), a stat only for the names a listing lacks."""
+    listed, missing = {}, []
+    for i, rel in enumerate(paths):
+        folder, name = os.path.split(os.path.join(root, rel))
+        if folder not in listed:
+            try:
+                listed[folder] = set(os.listdir(folder))
+            except OSError:
+                listed[folder] = set()
+        if name not in listed[folder] and not os.path.isfile(os.path.join(folder, name)):
+            missing.append(i)
+    return missing
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -511,19 +511,28 @@ def ce_loss(logits, y, weight):
 
 
 def focal_loss(logits, y, weight, gamma):
-    """Lin et al. 2017 as in the LDAM-DRW code: mean over the batch of (1 − p)^γ · w_y·CE, p = e^{−w_y·CE}."""
-    return focal_term(F.cross_entropy(logits, y, weight=weight, reduction="none"), gamma).mean()
-
-
-def focal_term(ce, gamma):
-    """(1 − e^{−CE})^γ · CE; a CE rounded to just below 0 gives 0, not NaN, for γ < 1."""
-    return (1 - torch.exp(-ce)).clamp(min=0) ** gamma * ce
+    """Lin et al. 2017 as in the LDAM-DRW code: mean over the batch of (1 − p)^γ · w_y·CE, p = e^{−w_y·CE}.
+    The clamp: a CE rounded to just below 0 gives 0, not NaN, for γ < 1."""
+    ce = F.cross_entropy(logits, y, weight=weight, reduction="none")
+    return ((1 - torch.exp(-ce)).clamp(min=0) ** gamma * ce).mean()
 
 
 def ldam_loss(cosines, y, weight, margins, s):
     """Cao et al. 2019, Eq. (10): subtract Δ_y from the true-class cosine, scale all by s, (weighted) CE."""
     shifted = cosines - F.one_hot(y, cosines.shape[1]) * margins[y].unsqueeze(1)
     return F.cross_entropy(s * shifted, y, weight=weight)
+
+
+# === shared: deferred_rule (identical in ldam_drw.py and self_training.py) ===
+def deferred_rule(rule, epoch, epochs, cb_weights):
+    """The training rule at 0-based `epoch` of `epochs`: (loss weights or None, class-balanced sampling?).
+    reweight / resample apply throughout; DRW / DRS (Cao et al. 2019, §3.3) train plainly until epoch
+    int(0.8·epochs), then re-weight with `cb_weights` (DRW) or re-sample (DRS); none never does either."""
+    deferred = epoch >= int(0.8 * epochs)
+    weight = cb_weights if rule == "reweight" or (rule == "drw" and deferred) else None
+    resample = rule == "resample" or (rule == "drs" and deferred)
+    return weight, resample
+# === end shared: deferred_rule ===
 
 
 # === shared: lr_schedule (identical in every script that uses it) ===
@@ -635,9 +644,12 @@ class ListBatches:
             sampler = range(len(self.indices))
         order = torch.as_tensor(list(sampler))
         sub = torch.utils.data.Subset(self.dataset, [int(self.indices[i]) for i in order])
-        for b, (x, y) in enumerate(torch.utils.data.DataLoader(sub, **self.kw)):
-            idx = order[b * self.kw["batch_size"]:(b + 1) * self.kw["batch_size"]]
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
+        try:
+            for b, (x, y) in enumerate(torch.utils.data.DataLoader(sub, **self.kw)):
+                idx = order[b * self.kw["batch_size"]:(b + 1) * self.kw["batch_size"]]
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
+        except D.DataError as e:                   # an unreadable image mid-epoch: stop before saving anything
+            fail(str(e))
 # === end shared: list_batches ===
 
 
@@ -830,14 +842,6 @@ def setup_device(args, world=1):
     return device
 
 
-def epoch_rule(epoch, args):
-    """(reweight, resample) of 0-based `epoch`: --rule reweight / resample from the start, DRW / DRS after
-    the deferred switch at 80% of the epochs (Cao et al. §3.2)."""
-    deferred = epoch >= int(0.8 * args.epochs)
-    return (args.rule == "reweight" or (args.rule == "drw" and deferred),
-            args.rule == "resample" or (args.rule == "drs" and deferred))
-
-
 def shard_loss(logits, y, y_batch, weight, margins, args):
     """torchrun: this process's share of the global batch's loss. The sum over its rows of ce_loss's /
     focal_loss's / ldam_loss's per-image term, divided by what the global batch's mean divides by (its size,
@@ -847,7 +851,7 @@ def shard_loss(logits, y, y_batch, weight, margins, args):
         logits = args.s * (logits - F.one_hot(y, logits.shape[1]) * margins[y].unsqueeze(1))
     terms = F.cross_entropy(logits, y, weight=weight, reduction="none")       # w_y · CE per image
     if args.loss == "focal":
-        return focal_term(terms, args.gamma).sum() / len(y_batch)
+        return ((1 - torch.exp(-terms)).clamp(min=0) ** args.gamma * terms).sum() / len(y_batch)   # focal_loss's term
     return terms.sum() / (weight[y_batch].sum() if weight is not None else len(y_batch))
 
 
@@ -946,8 +950,7 @@ def main(argv=None):
         lr = he_lr_at(epoch, args) if args.schedule == "he" else lr_at(epoch + (args.lr_sequence == "kang"), args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        reweight, resample = epoch_rule(epoch, args)
-        weight = cb_weights if reweight else None
+        weight, resample = deferred_rule(args.rule, epoch, args.epochs, cb_weights)   # DRW / DRS: at 80% of the run
         model.train()
         loss_sum = torch.zeros((), device=device)
         hits = torch.zeros((), device=device, dtype=torch.long)

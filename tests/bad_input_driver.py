@@ -2,6 +2,7 @@
 process forked from this one (its own exit code and stderr, as a fresh `python script.py ...` would give).
 
     python tests/bad_input_driver.py ldam_drw.py < {"case": [argv...], ...}    → {"case": [code, stderr]}
+    python tests/bad_input_driver.py < {"case": ["ldam_drw.py", [argv...]], ...}   (several scripts, one import)
 """
 import importlib
 import json
@@ -39,12 +40,13 @@ def run_case(module, script, argv):
 
 
 def main():
-    script = sys.argv[1]
     sys.path.insert(0, ROOT)
     os.chdir(ROOT)
-    module = importlib.import_module(script.removesuffix(".py"))
     cases = json.load(sys.stdin)
-    print(json.dumps({case: run_case(module, script, argv) for case, argv in cases.items()}))
+    if len(sys.argv) > 1:
+        cases = {case: [sys.argv[1], argv] for case, argv in cases.items()}
+    modules = {script: importlib.import_module(script.removesuffix(".py")) for script, _ in cases.values()}
+    print(json.dumps({case: run_case(modules[script], script, argv) for case, (script, argv) in cases.items()}))
 
 
 if __name__ == "__main__":

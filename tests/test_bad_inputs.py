@@ -75,6 +75,15 @@ def _cases():
 CASES = _cases()
 
 
+def _drive(todo):
+    """{case: [script, argv]} → {case: [exit code, stderr]}, each case in a process forked from one subprocess
+    that imported the scripts (tests/bad_input_driver.py)."""
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "bad_input_driver.py")],
+                       input=json.dumps(todo), capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.splitlines()[-1])
+
+
 def _argv(script, bad, paths, out):
     """The script's valid command line with `bad` replacing (or adding) flags, and its own --out."""
     base = [a.format(**paths) for a in BASE[script]]
@@ -125,16 +134,8 @@ def inputs(tmp_path_factory):
         torch.save({"script": script, "arch": "resnet32", "model": {}, "epoch": 1, "stage": "base",
                     "args": {"out": str(d), "seed": 0, "batch_size": 16}}, d / "last.pt")
         paths[f"resume_{script[:-3]}"] = d / "last.pt"
-    # every case, one forked process each, in one subprocess per script
-    results = {}
-    for script in SCRIPTS:
-        todo = {str(i): _argv(script, bad, paths, root / "out" / str(i))
-                for i, (s, _, bad) in enumerate(CASES) if s == script}
-        r = subprocess.run([sys.executable, str(ROOT / "tests" / "bad_input_driver.py"), script],
-                           input=json.dumps(todo), capture_output=True, text=True, cwd=ROOT, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
-        results.update(json.loads(r.stdout.splitlines()[-1]))
-    return root, results
+    # every case, one forked process each, from one subprocess that imported the scripts
+    return root, _drive({str(i): [s, _argv(s, bad, paths, root / "out" / str(i))] for i, (s, _, bad) in enumerate(CASES)})
 
 
 @pytest.mark.parametrize("script,kind,bad", CASES, ids=[f"{s}:{' '.join(b)}" for s, _, b in CASES])
@@ -165,3 +166,88 @@ def test_bad_input_is_one_line_exit_2_nothing_written(inputs, script, kind, bad)
         assert "'wasp'" in lines[0]
     else:
         assert "at least two" in lines[0]
+
+
+# ----- file lists (ImageNet-LT / iNat): a listed file that is missing (checked before anything starts) or
+# unreadable (met mid-epoch: one line naming it and its list, exit 2, the last good last.pt untouched) -----
+LIST_BASE = {
+    "ldam_drw.py": ["--dataset", "imagenet_lt", "--arch", "resnet10", "--loss", "ce", "--batch-size", "6"],
+    "crt.py": ["--ckpt", "{ldam_drw_run}", "--batch-size", "6"],
+    "moco_ssp.py": ["--dataset", "imagenet_lt", "--rho", "1", "--arch", "resnet10", "--batch-size", "4", "--queue", "4",
+                    "--bn-splits", "2"],
+    "eval_linear.py": ["--ckpt", "{moco_ssp_run}"],
+}
+LIST_TEST = {"ldam_drw.py": True, "crt.py": True, "moco_ssp.py": False, "eval_linear.py": True}   # takes --test-list
+LIST_CASES = [(s, kind) for s in LIST_BASE for kind in ("missing", "unreadable")] + \
+    [("ldam_drw.py", "unreadable_in_a_worker"), ("ldam_drw.py", "resume"), ("moco_ssp.py", "resume")]
+
+
+
+
+def _list_argv(script, paths, train_list, out, workers=0):
+    argv = [a.format(**paths) for a in LIST_BASE[script]] + [
+        "--data-root", str(paths["lists"]), "--train-list", str(train_list), "--gpu", "-1", "--epochs", "1",
+        "--workers", str(workers), "--out", str(out)]
+    return argv + (["--test-list", str(paths["good_list"])] if LIST_TEST[script] else [])
+
+
+@pytest.fixture(scope="module")
+def list_inputs(tmp_path_factory):
+    from conftest import write_file_list
+    root = tmp_path_factory.mktemp("lists")
+    paths = {"lists": root, "good_list": write_file_list(root, num_classes=3, per_class=2, size=24)}
+    good = paths["good_list"].read_text().splitlines()
+    (root / "images" / "bad").mkdir()
+    jpg = (root / "images" / "n00001" / "0.jpg").read_bytes()
+    (root / "images" / "bad" / "0.jpg").write_bytes(jpg[:len(jpg) // 3])           # truncated
+    paths["missing"] = root / "missing.txt"
+    paths["missing"].write_text("\n".join(good[:2] + ["images/gone/a.jpg 1", "images/gone/b.jpg 2"] + good[2:]) + "\n")
+    paths["unreadable"] = root / "unreadable.txt"
+    # listed 3 times: moco_ssp's epoch drops the images after the last full batch, at most 1 of these 9
+    paths["unreadable"].write_text("\n".join(good + ["images/bad/0.jpg 1"] * 3) + "\n")
+    # a 2-epoch run of each trainer stopped after epoch 1, on a list that then gains an unreadable image
+    resumable = root / "resumable.txt"
+    resumable.write_text("\n".join(good) + "\n")
+    runs = {s: root / ("run_" + s[:-3]) for s in ("ldam_drw.py", "moco_ssp.py")}
+    for s, (code, err) in _drive({s: [s, _list_argv(s, paths, resumable, run)] for s, run in runs.items()}).items():
+        assert code == 0, err
+    for script, run in runs.items():
+        ck = torch.load(run / "last.pt", weights_only=True)
+        ck["args"]["epochs"] = 2
+        torch.save(ck, run / "last.pt")
+        (run / "final.json").unlink()
+        paths[script[:-3] + "_run"] = run / "last.pt"
+        paths[script[:-3] + "_bytes"] = (run / "last.pt").read_bytes()
+    resumable.write_text(paths["unreadable"].read_text())
+    todo = {}
+    for i, (script, kind) in enumerate(LIST_CASES):
+        if kind == "resume":
+            todo[str(i)] = [script, ["--resume", str(paths[script[:-3] + "_run"]), "--gpu", "-1", "--workers", "0"]]
+        else:
+            todo[str(i)] = [script, _list_argv(script, paths, paths[kind.removesuffix("_in_a_worker")],
+                                               root / "out" / str(i), workers=1 if kind.endswith("worker") else 0)]
+    return paths, _drive(todo)
+
+
+@pytest.mark.parametrize("script,kind", LIST_CASES, ids=[f"{s}:{k}" for s, k in LIST_CASES])
+def test_bad_file_list_is_one_line_exit_2_no_work_lost(list_inputs, script, kind):
+    paths, results = list_inputs
+    i = LIST_CASES.index((script, kind))
+    code, err = results[str(i)]
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and len(lines[0]) <= 300, err
+    out = paths["lists"] / "out" / str(i)
+    if kind == "missing":                                     # found before anything is written
+        assert not out.exists()
+        assert "2 of the 8 images listed in" in lines[0] and "missing.txt" in lines[0]
+        assert "gone/a.jpg" in lines[0] and "(line 3)" in lines[0]
+    elif kind == "resume":                                    # the epoch-1 checkpoint is still there, as it was
+        run = paths[script[:-3] + "_run"]
+        assert "bad/0.jpg" in lines[0] and "resumable.txt" in lines[0]
+        assert run.read_bytes() == paths[script[:-3] + "_bytes"]
+        assert len((run.parent / "metrics.jsonl").read_text().splitlines()) == 1
+        assert not (run.parent / "final.json").exists()
+    else:
+        assert "bad/0.jpg" in lines[0] and "unreadable.txt" in lines[0] and "not a readable image" in lines[0]
+        assert not (out / "last.pt").exists() and not (out / "final.json").exists()

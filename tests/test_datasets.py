@@ -357,12 +357,26 @@ def test_file_list_dataset(tmp_path):
 
 def test_file_list_errors(tmp_path):
     lst = write_file_list(tmp_path)
-    with pytest.raises(D.DataError, match="does not exist: check --data-root"):
+    with pytest.raises(D.DataError, match="12 of the 12 images listed in .* do not exist.*check --data-root"):
         D.FileListDataset(tmp_path / "elsewhere", lst)
     bad = tmp_path / "bad.txt"
     bad.write_text("images/n00000/0.jpg 0\nimages/n00000/1.jpg\n")
     with pytest.raises(D.DataError, match="bad.txt:2"):
         D.FileListDataset(tmp_path, bad)
+
+
+def test_unreadable_listed_image_is_one_line_from_a_worker(tmp_path):
+    """A DataLoader worker re-raises the dataset's DataError with its whole traceback as the message; str()
+    gives back the one line naming the file and its list."""
+    lst = write_file_list(tmp_path, num_classes=2, per_class=1)
+    (tmp_path / "images" / "n00001" / "0.jpg").write_bytes(b"not a picture")
+    ds = D.FileListDataset(tmp_path, lst, train=False)
+    for workers in (0, 1):
+        with pytest.raises(D.DataError) as e:
+            list(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=workers))
+        msg = str(e.value)
+        assert len(msg.splitlines()) == 1 and "Traceback" not in msg, msg
+        assert msg.startswith(f"'{tmp_path}/images/n00001/0.jpg' (listed in {lst}) is not a readable image ("), msg
 
 
 # ----- command line and imports --------------------------------------------------------------------

@@ -71,7 +71,7 @@ def test_shares_of_two_processes_are_the_single_process_batch(module, rule):
                D.effective_number_sample_weights(labels, args.beta))
     switched = []
     for epoch in range(5):
-        resample = L.epoch_rule(epoch, args)[1]
+        resample = L.deferred_rule(args.rule, epoch, args.epochs, None)[1]
         w = weights if resample else None
         switched.append(resample)
         single = single_process_steps(module, w, epoch)
@@ -188,7 +188,7 @@ def reference_weights(root, lst):
     for epoch in range(args.epochs):
         for group in optimizer.param_groups:
             group["lr"] = L.lr_at(epoch, args)
-        reweight, _ = L.epoch_rule(epoch, args)
+        reweight = L.deferred_rule(args.rule, epoch, args.epochs, True)[0] is not None
         steps = [L.shard_batches(N, BATCH, args.seed, epoch, None, r, 2) for r in range(2)]
         views = []
         for r in range(2):
