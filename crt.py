@@ -640,11 +640,17 @@ class ShardedListBatches(ListBatches):
         kw = {k: v for k, v in self.kw.items() if k != "batch_size"}
         loader = iter(torch.utils.data.DataLoader(sub, batch_sampler=steps,
                                                   generator=torch.Generator().manual_seed(s), **kw))
+        x = None
         for b, share in shares:
-            if len(share):
-                x, y = next(loader)
-            else:                                          # the image shape, from the batch's first image
-                x, y = self.dataset[int(self.indices[b[0]])][0][None][:0], torch.zeros(0, dtype=torch.long)
+            try:
+                if len(share):
+                    x, y = next(loader)
+                else:                                      # the image shape: the last batch's, else the first image's
+                    x = (x if x is not None else self.dataset[int(self.indices[b[0]])][0][None])[:0]
+                    y = torch.zeros(0, dtype=torch.long)
+            except D.DataError as e:                       # an unreadable image: only this process met it, so
+                print(f"error: {e}", file=sys.stderr)      # it says so whatever its rank; torchrun stops the rest
+                sys.exit(2)
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), share, self.labels[b]
 
 

@@ -351,3 +351,16 @@ def test_torchrun_refuses_in_memory_data_and_unshareable_batches_on_every_rank(t
         assert e.value.code == 2
         assert err.count("error:") == (rank == 0) and (rank or msg in err and len(err.strip().splitlines()) == 1), err
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_unreadable_image_under_torchrun_is_one_line_from_the_process_that_met_it(tmp_path):
+    """Whichever process reads the damaged file says so (one line naming it, whatever its rank); the run
+    stops without a checkpoint, not in a hang."""
+    lst = write_list(tmp_path, TRAIN_LABELS)
+    (tmp_path / "images" / "n00001" / "6.jpg").write_bytes(b"not a jpeg")
+    r = subprocess.run(torchrun(*ldam_args(tmp_path, lst, tmp_path / "run", 1)), cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "6.jpg" in lines[0] and "is not a readable image" in lines[0], r.stderr[-2000:]
+    assert not (tmp_path / "run" / "last.pt").exists()
