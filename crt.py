@@ -846,11 +846,13 @@ def main(argv=None):
         write_json(os.path.join(args.out, "args.json"), meta)
         copy_source(__file__, args.out)
         write_metrics(os.path.join(args.out, "metrics.jsonl"), [])
+    ddp = ""
+    if world > 1:
+        bn = {"cuda": ", SyncBatchNorm"}.get(device.type, ", BatchNorm per process") if args.bn == "train" else ""
+        ddp = f", {world} processes × {args.batch_size // world} images per step{bn}"
     print(f"cRT on {source['arch']} from {args.ckpt} ({source.get('script', '?')}): {args.dataset} rho={args.rho:g}, "
           f"{sum(counts)} training images, bn={args.bn}, {'cached features' if cached else 'features every step'}"
-          f" ({feature_seconds:.1f} s), {args.epochs} epochs on {device}" + (f", {world} processes × "
-          f"{args.batch_size // world} images per step" + (f", {'SyncBatchNorm' if device.type == 'cuda' else 'BatchNorm per process'}"
-                                                          if args.bn == "train" else "") if world > 1 else ""))
+          f" ({feature_seconds:.1f} s), {args.epochs} epochs on {device}{ddp}")
     print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'test':>6} {'many':>6} {'med':>6} {'few':>6} {'val':>6} {'s':>6}")
 
     t_run = time.time()

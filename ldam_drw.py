@@ -50,9 +50,10 @@ switch) and keeps its contiguous share of each global batch, so the shares toget
 batch; a short last batch is shared as evenly as it goes (a process left without an image passes an
 empty batch). Each process's loss is the sum over its share divided by the global batch's denominator (its
 size, or Σ w_y under DRW / Reweight), and one all-reduce after the backward pass (not overlapped with it,
-as DDP's buckets are) sums the gradients, so the update is the single-process update of the global batch. BatchNorm is SyncBatchNorm on CUDA (statistics
-over the global batch, as one GPU); on the CPU (gloo cannot run SyncBatchNorm) it is per process, each
-normalising its own share, and the running statistics are averaged over the processes after every epoch.
+as DDP's buckets are) sums the gradients, so the update is the single-process update of the global batch.
+BatchNorm is SyncBatchNorm on CUDA (statistics over the global batch, as one GPU); on the CPU (gloo cannot
+run SyncBatchNorm) it is per process, each normalising its own share, and the running statistics are
+averaged over the processes after every epoch.
 Augmentation draws from a stream seeded by (seed, epoch, rank). Evaluation: each process predicts a
 contiguous part of the test / val list, the predictions are gathered and counted as one process counts
 them. Rank 0 writes every file; --resume under torchrun loads last.pt on every process, and with the same
