@@ -13,6 +13,8 @@ import torch
 
 from conftest import ROOT, write_folder
 
+pytestmark = pytest.mark.slow                  # the fixtures run ~250 cases and two short trainings
+
 SCRIPTS = ["ldam_drw.py", "rotation_ssp.py", "moco_ssp.py", "simsiam_rwsam.py", "self_training.py", "crt.py",
            "eval_linear.py", "eval_ood.py"]
 TRAINERS = SCRIPTS[:5]

@@ -133,6 +133,7 @@ def test_capping_is_reported(tmp_path, data):
     assert _final(tmp_path / "st")["unlabeled"]["capped"]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tmp_path, data):
     args = _args(data, tmp_path / "whole", "--base", data / "base" / "last.pt", "--epochs", 4, "--unlabeled-mult", 0.5)
     S.main(args)

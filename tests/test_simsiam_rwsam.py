@@ -530,6 +530,7 @@ def test_val_frac_scores_knn_on_the_held_out_split_only(data, tmp_path, monkeypa
     assert 0 <= final["last"]["knn_class_mean"] <= 100
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(data, tmp_path):
     r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, "simsiam_rwsam.py",
                    *_args(data, tmp_path, "--stage1-epochs", 1, "--epochs", 1, "--knn-every", -1), timeout=300)
