@@ -11,6 +11,7 @@ class-balanced sampling (every class equally likely per draw) on the same long-t
         --test-list ImageNet_LT_test.txt                                      # ImageNet-LT recipe
     python crt.py --ckpt runs/ldam_drw-cifar10-0.01-0/last.pt --bn train --augment   # the original's BN
     python crt.py --ckpt runs/ce20/last.pt --gpu -1                           # CPU
+    torchrun --nproc_per_node 8 crt.py --ckpt runs/ldam_drw-inat-0.01-0/last.pt --val-list iNaturalist18_val.txt
 
 The data flags (--dataset, --data-root, --rho, --imb-type, --seed, --data-seed, --val-frac, --train-list,
 --test-list) default to the values the checkpoint was trained with, so the classifier is re-trained
@@ -28,6 +29,17 @@ epoch (--lr-sequence kang: epoch e of E, 1-based, trains at lr·(1 + cos(π e/E)
 already below 0.2 and the last trains at lr 0); iNaturalist: 30 epochs, wd 1e-4, no colour jitter, mean
 (0.466, 0.471, 0.380) / std (0.195, 0.194, 0.192). Model selection: --val-list ImageNet_LT_val.txt (the
 official validation list, as Kang et al.), never the test list.
+
+DDP (torchrun), file lists only (CIFAR-size data is refused under torchrun: it re-trains in seconds on one
+device): one process per GPU (NCCL; gloo on the CPU with --gpu -1), --batch-size is the global batch and is
+split evenly. Every process loads the backbone checkpoint, draws the same class-balanced epoch order and
+keeps its contiguous share of each global batch; the head's gradients (loss: sum over the share / global
+batch size) are summed by one all-reduce, so the update is the single-process update. Features are
+recomputed every step (no cache under torchrun). --bn train: SyncBatchNorm on CUDA (statistics over the
+global batch, as one GPU); per process on the CPU (gloo cannot run SyncBatchNorm), running statistics
+averaged over the processes after every epoch. Augmentation draws from a stream seeded by (seed, epoch,
+rank). Evaluation: each process predicts a contiguous part of the list, the predictions are gathered and
+counted as one process counts them. Rank 0 writes every file. The head starts from torch.manual_seed(--seed).
 
 Deliberate differences from Kang et al.'s code (on CIFAR, SVHN and folders; file lists as released):
 1. --bn frozen (default there): the backbone runs in eval mode, so BatchNorm uses and keeps its running
@@ -57,6 +69,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -115,7 +128,8 @@ def check_args(args):
 
 
 def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:             # under torchrun every process fails alike: say it once
+        print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -485,8 +499,9 @@ class Classifier(nn.Module):
 
 # ----- data ----------------------------------------------------------------------------------------
 
-def build_data(args, device):
-    """Training / validation / test batches (raw images) and the training class counts."""
+def build_data(args, device, rank=0, world=1):
+    """Training / validation / test batches (raw images) and the training class counts; under torchrun
+    (file lists) this process's shares: ShardedListBatches for training, eval_shard for evaluation."""
     if args.dataset in ("imagenet_lt", "inat"):
         if not args.train_list or not args.test_list:
             fail(f"--dataset {args.dataset} needs --train-list and --test-list ('relative/path label' files)")
@@ -496,6 +511,17 @@ def build_data(args, device):
         C = max(train_ds.num_classes, test_ds.num_classes)
         idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.data_seed)
         counts = np.bincount(train_ds.labels[idx], minlength=C).tolist()
+        if world > 1:                                     # features every step, so no `plain` pass
+            check_shards(args.batch_size, world)
+            train = ShardedListBatches(train_ds, idx, args.batch_size, args.seed, args.workers, device, rank, world)
+            shard = lambda ds, indices: eval_shard(ds, indices, args.seed, args.workers, device, rank, world)
+            val = None
+            if len(val_idx):
+                val = shard(D.FileListDataset(args.data_root, args.train_list, transform=tf(False)), val_idx)
+            if args.val_list:
+                val_ds = D.FileListDataset(args.data_root, args.val_list, transform=tf(False))
+                val = shard(val_ds, np.arange(len(val_ds)))
+            return train, None, val, shard(test_ds, np.arange(len(test_ds))), counts, C
         train = ListBatches(train_ds, idx, args.batch_size, True, args.seed, args.workers, device)
         test = ListBatches(test_ds, np.arange(len(test_ds)), 256, False, args.seed, args.workers, device)
         val = None
@@ -557,16 +583,151 @@ class ListBatches:
 # === end shared: list_batches ===
 
 
+# === shared: ddp_lists (identical in ldam_drw.py and crt.py) ===
+def process_group():
+    """(rank, world): this process and the number of processes under torchrun; (0, 1) alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def stream_seed(*key):
+    """A seed for one random stream (e.g. one process's augmentations in one epoch)."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+
+
+def epoch_order(n, seed, epoch, weights=None):
+    """ListBatches' training order of the positions 0 … n-1 in `epoch`, seeded by (seed, epoch): a shuffle,
+    or n draws with replacement by `weights` (class-balanced / resampled epochs)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if weights is not None:
+        return torch.as_tensor(list(torch.utils.data.WeightedRandomSampler(weights, n, generator=g)))
+    return torch.as_tensor(list(torch.utils.data.RandomSampler(range(n), generator=g)))
+
+
+def shard_batches(n, batch_size, seed, epoch, weights, rank, world):
+    """[(global batch, this process's share)] of one training epoch, as positions 0 … n-1. Every process
+    draws the same order (epoch_order) and cuts the same global batches; process r keeps the r-th of
+    `world` contiguous parts of each (equal, except in a short last batch where they differ by at most
+    one, and may be empty), so the parts in rank order are one process's batch."""
+    order = epoch_order(n, seed, epoch, weights)
+    return [(b, torch.tensor_split(b, world)[rank]) for b in order.split(batch_size)]
+
+
+def check_shards(batch_size, world):
+    """Fail unless the global batch splits evenly over the processes."""
+    if batch_size % world:
+        fail(f"--batch-size {batch_size} (global) must be divisible by the {world} processes")
+
+
+class ShardedListBatches(ListBatches):
+    """ListBatches for one of `world` processes (torchrun): epoch(e, weights) → (x, y, positions, labels
+    of the whole global batch), this process's share of every global batch (shard_batches); an empty share
+    (a short last batch) is an empty batch, which every layer passes through (SyncBatchNorm included).
+    The augmentations draw from (seed, epoch, rank): each process its own stream, the same after --resume."""
+
+    def __init__(self, dataset, indices, batch_size, seed, workers, device, rank, world):
+        super().__init__(dataset, indices, batch_size, True, seed, workers, device)
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+
+    def epoch(self, epoch, weights=None):
+        shares = shard_batches(len(self.indices), self.batch_size, self.seed, epoch, weights, self.rank, self.world)
+        mine = torch.cat([s for _, s in shares])
+        sub = torch.utils.data.Subset(self.dataset, [int(self.indices[i]) for i in mine])
+        ends = np.cumsum([len(s) for _, s in shares]).tolist()
+        steps = [list(range(a, b)) for a, b in zip([0] + ends[:-1], ends) if b > a]
+        s = stream_seed(self.seed, epoch, self.rank)
+        torch.manual_seed(s)                               # the transforms' stream when there are no workers
+        kw = {k: v for k, v in self.kw.items() if k != "batch_size"}
+        loader = iter(torch.utils.data.DataLoader(sub, batch_sampler=steps,
+                                                  generator=torch.Generator().manual_seed(s), **kw))
+        for b, share in shares:
+            if len(share):
+                x, y = next(loader)
+            else:                                          # the image shape, from the batch's first image
+                x, y = self.dataset[int(self.indices[b[0]])][0][None][:0], torch.zeros(0, dtype=torch.long)
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), share, self.labels[b]
+
+
+def eval_shard(dataset, indices, seed, workers, device, rank, world):
+    """Evaluation batches of this process's contiguous part of `indices`; .sizes: every part's size."""
+    parts = np.array_split(np.asarray(indices), world)
+    batches = ListBatches(dataset, parts[rank], 256, False, seed, workers, device)
+    batches.sizes = [len(p) for p in parts]
+    return batches
+
+
+class Predicted(nn.Module):
+    """Stands in for a model in evaluate(): its input is the predicted class, its output the one-hot scores."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, pred):
+        return F.one_hot(pred, self.num_classes).float()
+
+
+@torch.no_grad()
+def evaluate_shards(model, shard, num_classes, train_counts, device):
+    """evaluate() of a list split across the processes (`shard` from eval_shard): each predicts its part,
+    predictions and labels are gathered in rank order and evaluate() counts them, so every number is the
+    one a single process reports for the same weights on the whole list."""
+    model.eval()
+    preds, labels = [torch.zeros(0, dtype=torch.long, device=device)], [torch.zeros(0, dtype=torch.long, device=device)]
+    for x, y, _ in shard.epoch(0):
+        preds.append(model(x).argmax(1))
+        labels.append(y.to(device))
+    mine = torch.stack([torch.cat(preds), torch.cat(labels)])
+    padded = torch.zeros(2, max(shard.sizes), dtype=torch.long, device=device)
+    padded[:, :mine.shape[1]] = mine
+    parts = [torch.empty_like(padded) for _ in shard.sizes]
+    dist.all_gather(parts, padded)
+    pred, y = torch.cat([p[:, :k] for p, k in zip(parts, shard.sizes)], 1)
+    return evaluate(Predicted(num_classes), [(pred[i:i + 1000], y[i:i + 1000], None) for i in range(0, len(y), 1000)],
+                    num_classes, train_counts)
+
+
+def all_reduce_grads(params):
+    """Sum the processes' gradients, as one flat buffer: each process's loss is its share of the global
+    batch's loss, so the sum is the gradient of the global batch."""
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(v.view_as(g))
+
+
+def broadcast_state(model):
+    """Rank 0's parameters and buffers on every process (the start of a run, as DDP does)."""
+    for t in model.state_dict().values():
+        dist.broadcast(t, 0)
+
+
+def average_bn_statistics(model, world):
+    """Per-process BatchNorm (the CPU): the running means and variances averaged over the processes, so
+    that every process evaluates and saves the same model. The mean of the running means is the one a
+    single process keeps; the running variance misses the spread of the processes' batch means."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for t in (m.running_mean, m.running_var):
+                dist.all_reduce(t)
+                t.div_(world)
+# === end shared: ddp_lists ===
+
+
 # ----- main ----------------------------------------------------------------------------------------
 
-def setup_device(args):
+def setup_device(args, world=1):
+    """--gpu's device; under torchrun the local rank's GPU (any --gpu ≥ 0) or the CPU (--gpu -1)."""
     if args.gpu >= 0 and not torch.cuda.is_available():
         print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
         args.gpu = -1
-    device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 else "cpu")
+    index = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else args.gpu
+    device = torch.device(f"cuda:{index}" if args.gpu >= 0 else "cpu")
     if device.type == "cuda":
-        if args.gpu >= torch.cuda.device_count():
-            fail(f"--gpu {args.gpu}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world > 1 else 0
+        if max(index, local - 1) >= torch.cuda.device_count():
+            fail(f"--gpu {max(index, local - 1)}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0"
+                 + (" (torchrun: one process per GPU, --nproc_per_node at most that many)" if world > 1 else ""))
         # DataLoader pin-memory threads run on the current device, which is cuda:0 unless set here
         torch.cuda.set_device(device)
     if args.amp and device.type != "cuda":
@@ -595,6 +756,9 @@ def previous_classifier(ckpt, C):
 
 def main(argv=None):
     args = parse_args(argv)
+    rank, world = process_group()
+    if rank:                                               # rank 0 prints the log
+        sys.stdout = open(os.devnull, "w")
     source = load_checkpoint(args.ckpt)
     trained = source.get("args", {})
     for name, default in (("dataset", "cifar10"), ("data_root", "./data"), ("rho", 0.01), ("imb_type", "exp"),
@@ -616,24 +780,36 @@ def main(argv=None):
             fail("--val-list is for --dataset imagenet_lt / inat, without --val-frac")
         if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
             fail("--epochs, --batch-size and --lr must be positive")
+        if world > 1 and not released:
+            fail(f"torchrun runs crt.py on file lists (--dataset imagenet_lt / inat); --dataset {args.dataset} "
+                 f"re-trains on one device: run it without torchrun")
         if os.path.exists(os.path.join(args.out, "last.pt")):
             fail(f"{args.out} already holds a run; pass another --out")
-        device = setup_device(args)
+        device = setup_device(args, world)
         torch.manual_seed(args.seed)
-        train, plain, val, test, counts, C = build_data(args, device)
+        train, plain, val, test, counts, C = build_data(args, device, rank, world)
     except D.DataError as e:
         fail(str(e))
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+        score = lambda m, batches: evaluate_shards(m, batches, C, counts, device)
+    else:
+        score = lambda m, batches: evaluate(m, batches.epoch(0), C, counts)
 
     backbone = build_backbone(source["arch"])
-    load_backbone(backbone, source["arch"], args.ckpt)
+    load_backbone(backbone, source["arch"], args.ckpt)      # every process reads the checkpoint
     feat_dim = backbone.fc.weight.shape[1]
     backbone.fc = nn.Identity()
+    if world > 1 and device.type == "cuda" and args.bn == "train":   # BN statistics over the global batch
+        backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
     backbone = backbone.to(device).requires_grad_(False)
     before_model = previous_classifier(source, C)
-    before = evaluate(before_model.to(device), test.epoch(0), C, counts) if before_model else None
+    before = score(before_model.to(device), test) if before_model else None
     frozen = snapshot(backbone)
 
-    cached = args.bn == "frozen" and not args.augment
+    # under torchrun the features are recomputed every step (no cache to split across the processes)
+    cached = args.bn == "frozen" and not args.augment and world == 1
     t0 = time.time()
     if cached:                                            # features once, test transform, BN in eval mode
         train_f, train_l = extract(backbone, plain.epoch(0), args.amp)
@@ -645,22 +821,29 @@ def main(argv=None):
         train_b, test_b, val_b = train, test, val
     feature_seconds = time.time() - t0
 
+    torch.manual_seed(args.seed)                           # the head's init: --seed alone, cached or not
     head = nn.Linear(feat_dim, C).to(device)
+    if world > 1:
+        broadcast_state(head)
     model = Classifier(backbone, head, cached)
     optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
     best = None
     labels = train.labels if not cached else train_l
     weights = D.balanced_sample_weights(labels.cpu())
 
-    os.makedirs(args.out, exist_ok=True)
-    meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    write_json(os.path.join(args.out, "args.json"), meta)
-    copy_source(__file__, args.out)
-    write_metrics(os.path.join(args.out, "metrics.jsonl"), [])
+    args.world_size = world
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+        write_json(os.path.join(args.out, "args.json"), meta)
+        copy_source(__file__, args.out)
+        write_metrics(os.path.join(args.out, "metrics.jsonl"), [])
     print(f"cRT on {source['arch']} from {args.ckpt} ({source.get('script', '?')}): {args.dataset} rho={args.rho:g}, "
           f"{sum(counts)} training images, bn={args.bn}, {'cached features' if cached else 'features every step'}"
-          f" ({feature_seconds:.1f} s), {args.epochs} epochs on {device}")
+          f" ({feature_seconds:.1f} s), {args.epochs} epochs on {device}" + (f", {world} processes × "
+          f"{args.batch_size // world} images per step" + (f", {'SyncBatchNorm' if device.type == 'cuda' else 'BatchNorm per process'}"
+                                                          if args.bn == "train" else "") if world > 1 else ""))
     print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'test':>6} {'many':>6} {'med':>6} {'few':>6} {'val':>6} {'s':>6}")
 
     t_run = time.time()
@@ -674,27 +857,48 @@ def main(argv=None):
         head.train()
         loss_sum, seen = torch.zeros((), device=device), 0
         first_bad = torch.full((), -1, device=device, dtype=torch.long)
-        for step, (x, y, _) in enumerate(train_b.epoch(epoch, weights)):
+        for step, (x, y, _, *y_batch) in enumerate(train_b.epoch(epoch, weights)):
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and not cached):
                 logits = model(x).float()
-            loss = F.cross_entropy(logits, y)
+            # torchrun: this process's share of the global batch's mean; the shares' gradients are summed
+            n_batch = len(y_batch[0]) if world > 1 else len(y)
+            loss = F.cross_entropy(logits, y, reduction="sum") / n_batch if world > 1 else F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1:
+                all_reduce_grads(list(head.parameters()))
             optimizer.step()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            loss_sum += loss.detach() * len(y)
-            seen += len(y)
+            loss_sum += loss.detach() * n_batch
+            seen += n_batch
+        if world > 1:
+            loss_sum = loss_sum.double()
+            dist.all_reduce(loss_sum)                      # the shares sum to the global batches' losses
+            if device.type != "cuda" and args.bn == "train":
+                average_bn_statistics(backbone, world)
+            bad_tensor = nonfinite_tensor(model)
+            bad = torch.stack([first_bad, torch.tensor(int(bad_tensor is not None), device=device)])
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad[0].item() >= 0 or bad[1].item() > 0:
+                where = (f"loss is not finite at epoch {epoch + 1}, step {bad[0].item() + 1}" if bad[0].item() >= 0
+                         else f"'{bad_tensor or 'a tensor of another process'}' is not finite after epoch "
+                              f"{epoch + 1}, step {step + 1}")
+                if rank == 0:
+                    stop_diverged(where, args.out, epoch)
+                sys.exit(1)
         if first_bad.item() >= 0:
             stop_diverged(f"loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}", args.out, epoch)
         bad_tensor = nonfinite_tensor(model)                # the head, and BN buffers with --bn train
         if bad_tensor:
             stop_diverged(f"'{bad_tensor}' is not finite after epoch {epoch + 1}, step {step + 1}", args.out, epoch)
-        test_m = evaluate(model, test_b.epoch(0), C, counts)
-        val_m = evaluate(model, val_b.epoch(0), C, counts) if val_b else None
+        test_m = score(model, test_b)
+        val_m = score(model, val_b) if val_b else None
         if val_m and (best is None or val_m["top1"] > best["val_top1"]):
             best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "test": test_m,
                "val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t_ep}
+        if rank != 0:
+            continue
         append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
         print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(test_m['top1'])} {fmt(test_m['many'])} "
               f"{fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_top1'])} {row['seconds']:6.2f}",
@@ -710,6 +914,10 @@ def main(argv=None):
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    if rank != 0:
+        dist.barrier()                                     # leaving while rank 0 still writes hangs gloo
+        dist.destroy_process_group()
+        return
     final = {"script": "crt.py", "ckpt": args.ckpt, "ckpt_script": source.get("script"), "arch": source["arch"],
              "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type, "seed": args.seed, "data_seed": args.data_seed, "bn": args.bn,
              "augment": args.augment, "cached_features": cached, "epochs": args.epochs, "class_counts": counts,
@@ -723,6 +931,9 @@ def main(argv=None):
                   f"{fmt(m['few'])}")
     print(f"backbone unchanged ({'parameters and BN buffers' if args.bn == 'frozen' else 'parameters'}); "
           f"test error {final['test_error']:.2f}%")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """Linear probe of a frozen backbone on the full balanced training set, and paper 2's relative gap Δ.
 
 Paper 2 (Liu et al. 2022, "Self-supervised learning is more robust to dataset imbalance"): §2.1
-"In-domain (ID) evaluation", §2.2, App. A.1 "Evaluation", and Eq. (1) (§2.3). A backbone pre-trained
-on n images with imbalance ratio r, by any script of this project (supervised: ldam_drw.py; self-
-supervised: rotation_ssp.py, moco_ssp.py, simsiam_rwsam.py), is frozen; a C-way linear classifier is
-trained on top of it on the full balanced training split of the same dataset (CIFAR-10: all 50,000
-images), and its test top-1 is A(n, r). Eq. (1): Δ(n, r) = (A(n, 1) − A(n, r)) / A(n, 1), the accuracy
-lost by imbalanced pre-training relative to balanced pre-training with the same n, for self-supervised
-(Δ^SSL) and supervised (Δ^SL) backbones separately.
+"In-domain (ID) evaluation", §2.2, App. A.1 "Evaluation", and Eq. (1) (§2.3). A backbone pre-trained on
+n images with imbalance ratio r by any script of this project (supervised: ldam_drw.py; self-supervised:
+rotation_ssp.py, moco_ssp.py, simsiam_rwsam.py) is frozen; a C-way linear head is trained on the full
+balanced training split of the same dataset (CIFAR-10: all 50,000 images); its test top-1 is A(n, r).
+Eq. (1): Δ(n, r) = (A(n, 1) − A(n, r)) / A(n, 1), for SSL (Δ^SSL) and supervised (Δ^SL) backbones apart.
+Recipe (REFERENCE §8; linear_probe): eval-mode backbone, head N(0, 0.01²), SGD lr 30, momentum 0.9, wd 0,
+batch 256, 100 epochs, lr ×0.1 at 60% and 80%. --protocol authors (default, Table 1(a)): fresh bicubic
+RandomResizedCrop + flip views every step (AuthorsViews); --protocol fast: cached features, no augmentation.
+Details of both protocols, outputs and speed: README "Judging a representation".
 
     python eval_linear.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --gpu 0    # ID probe, the authors' views
     python eval_linear.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --protocol fast   # cached features
@@ -17,56 +19,17 @@ lost by imbalanced pre-training relative to balanced pre-training with the same 
     python eval_linear.py --gap runs/eval_linear-*/final.json                           # Δ table, Eq. (1)
     python eval_linear.py --ckpt runs/ldam_drw-cifar10-0.01-0/last.pt --epochs 2 --gpu -1   # CPU smoke run
 
-Recipe (REFERENCE §8): the backbone is loaded completely or not at all, put in eval mode (BatchNorm uses
-its running statistics) and never updated; the head `fc` starts at N(0, 0.01²) with bias 0; SGD lr 30,
-momentum 0.9, wd 0, batch 256, 100 epochs, lr ×0.1 at 60% and 80% of the epochs (60 and 80 of 100),
-cross-entropy. Input, --protocol authors (default; the protocol behind Table 1(a)): the authors'
-cifar/main_lincls.py trains the head on fresh random views every epoch, RandomResizedCrop(32, scale
-0.8–1, ratio 3/4–4/3, bicubic) + horizontal flip, and tests on bicubic Resize(36) + CenterCrop(32)
-(Resize(int(S·8/7)) + CenterCrop(S) for S×S folder images), CIFAR-10 mean/std. The frozen backbone (eval
-mode) runs on every training batch; the views are made on the device in batches with PIL's bicubic
-kernel (a = −0.5, horizontal pass rounded to uint8, then vertical, as PIL resamples; within 1/255 of
-PIL), validation and test images get the test view once and their features are cached. File lists:
-RandomResizedCrop(224) + flip (MoCo's main_lincls), test Resize(256) + CenterCrop(224). --protocol fast:
-no augmentation, every image goes through the backbone once (eval mode, torch.no_grad) and the head
-trains on the cached features on the device (the 100 epochs are then only head updates); its number
-is a probe without augmentation, not the protocol of the paper's tables: compare it only with other
---protocol fast numbers (final.json records the protocol).
---protocol fast --augment: pad-4 random crop + flip (CIFAR-size data; RandomResizedCrop(224) + flip for
-file lists) with the backbone run every step. Normalisation: datasets_lt.mean_std of the probe's dataset (folder: from its training
-images). Sanity check: every backbone tensor (parameters and BatchNorm buffers) is copied before
-probing and compared bit for bit afterwards.
-Outputs in --out: args.json, metrics.jsonl, last.pt (backbone + trained head, written once at the end),
-final.json (last-epoch top-1 and per-class accuracy, best on validation, and the pre-training metadata
-the Δ table pairs runs by: script, SSL or supervised, dataset, n, r).
 Paper numbers: Table 1(a), CIFAR-10 linear probe accuracy (%), SimSiam ResNet-18, r = 0.01: step 84.3
 (balanced at equal n 85.8, +rwSAM 85.6), exp 81.4 (balanced 82.0, +rwSAM 82.7). Table 2 (ImageNet ID,
 n = 116K, r = 0.004): MoCo v2 50.4 → 49.5 (Δ^SSL = 1.8%), supervised 54.3 → 52.9 (Δ^SL = 2.6%).
-Speed target (one H200; not measured yet): a CIFAR ResNet-18 probe on the 50,000 CIFAR-10 training
-images, 100 epochs, in under 60 s. final.json records the feature and per-epoch seconds.
 
 Deliberate differences from the paper and the authors' code:
-1. Model selection: the last epoch is reported; with --val-frac > 0 a class-stratified validation split
-   carved from the training split picks the best epoch (its test accuracy is reported beside the last).
-   The authors reported the best of the 100 epochs on the test set.
-2. Batch 256 at lr 30 (MoCo's linear-classification recipe, REFERENCE §8); App. A.1 states lr 30 with
-   batch 4096 (--batch-size 4096 for that).
-3. --protocol authors keeps the last partial training batch (their loader dropped it, and also dropped
-   the last 16 test images: their test loader had drop_last=True); every test image is scored here.
-4. The probe's training set is always the full training split of the checkpoint's dataset, whatever
-   subset pre-training used. ImageNet needs the full-ImageNet lists passed explicitly: the list stored
-   in an ImageNet-LT checkpoint is the long-tailed one and is never used.
-5. No --rho, --imb-type or --resume (shared flags of the training scripts): the probe data has no
-   imbalance, and a probe is short enough to rerun. --dataset and --data-root default to the
-   checkpoint's.
-6. Δ (Eq. 1, --gap): n and r come from the class counts the backbone was pre-trained on (r = rarest /
-   most frequent class, 1 when they differ by at most one image), never from --rho. Runs are grouped by
-   evaluation, method (script, --opt, --loss/--rule, --pretrained; or --tag), architecture, dataset and
-   n, and balanced pairs with imbalanced only at exactly equal n. eval_ood.py fine-tuning results of one
-   checkpoint are first averaged over their targets (the paper's ImageNet OOD number is the mean of
-   four). A is the mean ± sample std over runs, a run being a pre-training seed with its evaluation: the
-   paper's 3 seeds vary the evaluation only, so our std is larger by the pre-training variance. Runs
-   without a partner are listed on stderr.
+1. Last epoch reported; --val-frac > 0: best epoch on a validation split of the training split (theirs: on test).
+2. Batch 256 at lr 30 (MoCo's linear recipe, REFERENCE §8); App. A.1 states batch 4096: --batch-size 4096.
+3. --protocol authors keeps the last partial training batch and scores every test image (they dropped the last 16).
+4. The probe trains on the full training split, whatever subset pre-training used (ImageNet: pass full lists).
+5. No --rho, --imb-type or --resume: the probe data are balanced, a probe is short; data flags default to the ckpt's.
+6. Δ (--gap): n and r from the pre-training class counts, never --rho; pairs only at equal n (gap_rows, README).
 """
 import argparse
 import json

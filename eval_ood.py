@@ -2,12 +2,14 @@
 
 Paper 2 (Liu et al. 2022, "Self-supervised learning is more robust to dataset imbalance"): §2.1
 "Out-of-domain (OOD) evaluation", §2.2 "Datasets", App. A.1 "Evaluation", Table 1(b) and Table 2.
-Representations pre-trained on CIFAR-10 are judged by a linear probe on STL-10 (App. A.1: "we use STL-10
-as the downstream target tasks and perform linear probe"); representations pre-trained on ImageNet are
-fine-tuned, backbone and a new linear head together, on CUB-200, Stanford Cars, Oxford Pets and FGVC
-Aircraft, and A^OOD(n, r) is the mean test top-1 over the four. Δ (Eq. 1) of these runs: eval_linear.py
---gap on their final.json files, which averages the fine-tuning targets of each checkpoint (and seed)
-first, and takes n and r from the class counts of pre-training.
+The checkpoint's architecture picks the protocol. CIFAR backbones (resnet32, resnet18): linear probe on
+STL-10 (App. A.1) or a folder, eval_linear.py's code (shared linear_probe region), features cached.
+ImageNet backbones (resnet10, resnet50): fine-tuning of backbone and a new linear head together on CUB-200,
+Stanford Cars, Oxford Pets and FGVC Aircraft, the authors' ft_moco.py recipe at the paper's lr 0.1 and 150
+epochs (finetune, finetune_lr, finetune_transform); A^OOD(n, r) is the mean test top-1 over the four.
+Δ (Eq. 1): eval_linear.py --gap on the final.json files (fine-tuning targets of a checkpoint averaged first).
+The backbone takes every tensor from --ckpt; a checkpoint that lacks one or holds another architecture is
+one line and exit 2. Targets, resolution, normalisation and outputs: README "Judging a representation".
 
     python eval_ood.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --target stl10 --data-root ./data
     python eval_ood.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --target stl10 --stl-size 96
@@ -17,55 +19,17 @@ first, and takes n and r from the class counts of pre-training.
     python eval_ood.py --ckpt runs/moco_ssp-imagenet_lt-1-0/last.pt --target cars --data-root ./data
     python eval_ood.py --ckpt runs/ldam_drw-cifar10-0.01-0/last.pt --target stl10 --epochs 2 --gpu -1   # CPU smoke run
 
-Which protocol runs follows from the checkpoint's architecture:
-- CIFAR backbones (resnet32, resnet18) → linear probe, the code path of eval_linear.py (copied in the
-  shared linear_probe region): frozen backbone in eval mode, features computed once (no augmentation;
-  --augment for crop/flip with the backbone run every step), head SGD lr 30, momentum 0.9, wd 0, batch
-  256, 100 epochs, lr ×0.1 at 60% and 80%; a sanity check compares every backbone tensor before and
-  after. Targets: --target stl10 (all 5,000 labelled training images rather than the ten predefined
-  1,000-image folds, and the 8,000 test images) or --target folder (root/{train,test}/<class>/*, one
-  image size, fed as stored).
-  STL-10 resolution, default --stl-size 32: every 96×96 image is resized once to 32×32 by bilinear
-  interpolation with antialiasing (torch.nn.functional.interpolate(..., antialias=True), the filter
-  PIL's resize uses when shrinking) and rounded back to uint8, so the backbone sees the scale it was
-  trained at; --stl-size 96 feeds the images as they are (the CIFAR ResNets are fully convolutional
-  with a global pool; 9× the compute). Normalisation (--norm pretrain, default): the mean/std the
-  backbone was pre-trained with, stored in the checkpoint (CIFAR-10's constants for a CIFAR-10
-  backbone): the frozen BatchNorm statistics expect inputs normalised that way. A checkpoint written
-  before the mean/std were stored falls back to the fixed constants of its pre-training dataset
-  (CIFAR, SVHN, ImageNet) with a printed note, and stops with one line when there are none (folder
-  data); --norm target uses the per-channel statistics of the (resized) target training images.
-- ImageNet backbones (resnet10, resnet50) → full fine-tuning, the authors' imagenet/ft_moco.py recipe
-  with the paper's length and lr: a new linear head at lr 0.1 and the backbone at 0.1× that (0.01),
-  SGD with Nesterov momentum 0.9, wd 5e-4, batch 48, 150 epochs (App. A.1: "initial learning rate
-  0.1 … 150 epochs in total"), lr ×0.1 at 25%, 50% and 75% of the epochs (their command's decays at
-  5, 10, 15 of 20), BatchNorm in train mode; input: square resize to 256×256, then train
-  RandomResizedCrop(224) + flip (no colour jitter), test CenterCrop(224); normalised with the
-  checkpoint's mean/std (ImageNet's for an ImageNet backbone); DataLoader with workers. Targets: --target folder (any
-  root/{train,test}/<class>/* tree, e.g. CUB-200 split by its train_test_split.txt; torchvision has no
-  CUB class), or torchvision's FGVCAircraft (--target aircraft: trainval/test, 100 variants),
-  OxfordIIITPet (pets: trainval/test, 37 breeds) and StanfordCars (cars: train/test, 196 models; its
-  download link is dead, so the files must already be in --data-root).
-The backbone is built from random weights and takes every tensor from --ckpt: a checkpoint that lacks
-any backbone tensor, or holds another architecture, ends the run with one line and exit code 2.
-Outputs in --out: args.json, metrics.jsonl, last.pt (written once at the end), final.json (last-epoch
-top-1, per-class accuracy, best on validation, pre-training metadata for the Δ table).
 Paper numbers: Table 1(b), fine-tuning of MoCo v2 ResNet-50 pre-trained on ImageNet-LT: CUB 69.9, Cars
 88.4, Aircraft 82.9, Pets 80.1, mean 80.3 (balanced at equal n: 80.2; +rwSAM 81.4). Table 2 (ImageNet
 OOD, n = 116K): MoCo v2 80.3 balanced → 80.2 at r = 0.004, supervised 76.6 → 75.5. Figure 2(c) gives
 the CIFAR-10 → STL-10 curves only as a plot.
 
 Deliberate differences from the paper and the authors' code:
-1. The paper states only "initial learning rate 0.1" and 150 epochs for fine-tuning; the rest is the
-   authors' ft_moco.py. Their "epoch" was 2,000 iterations of 48 images (20 of them in the released
-   command); here an epoch is one pass over the target's training split, as the paper counts.
-2. No fallback: the authors' fine-tuning started silently from torchvision's supervised ImageNet weights
-   when the checkpoint's keys did not match; here the weights come from --ckpt or the run stops.
-3. STL-10 code is new (the authors released none): resolution and normalisation as described above.
-4. Model selection: the last epoch is reported; with --val-frac > 0 a class-stratified validation split
-   carved from the target's training split picks the best epoch. The authors selected on the test set.
-5. No --dataset, --rho, --imb-type or --resume: --target names the data, and runs are short enough to
-   rerun (fine-tuning is the longest: 150 epochs of a few thousand images).
+1. An epoch is one pass over the target's training split (theirs: 2,000 iterations of 48 images, 20 epochs).
+2. No fallback to torchvision's supervised ImageNet weights when the keys do not match: the run stops.
+3. STL-10 code is new (the authors released none): 32×32 by antialiased resize, pre-training mean/std.
+4. Last epoch reported; --val-frac > 0: best epoch on a validation split of the training split (theirs: on test).
+5. No --dataset, --rho, --imb-type or --resume: --target names the data, and runs are short enough to rerun.
 """
 import argparse
 import contextlib

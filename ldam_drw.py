@@ -12,6 +12,8 @@ al. 2019 (class-balanced loss). Every row of Table 2 without SSP is one `--loss`
     python ldam_drw.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01        # CIFAR-10 JPEG copy
     python ldam_drw.py --dataset imagenet_lt --data-root IMNET --train-list ImageNet_LT_train.txt \\
         --test-list ImageNet_LT_test.txt --arch resnet10                                # 90 epochs, cosine
+    torchrun --nproc_per_node 8 ldam_drw.py --dataset inat --data-root INAT --train-list iNaturalist18_train.txt \
+        --test-list iNaturalist18_val.txt --loss ce --rule none    # Table 4 CE, ResNet-50, 8 GPUs × 16 images
     python ldam_drw.py --rho 0.01 --epochs 2 --gpu -1                                  # CPU smoke run
     python ldam_drw.py --recipe he --rho 0.01                  # paper 2: supervised pre-training (SL), Fig. 1(a)
     python ldam_drw.py --recipe he --rho 0.01 --balanced       # … on the balanced subset of the same n
@@ -39,6 +41,22 @@ as simsiam_rwsam.py and moco_ssp.py, so one --data-seed gives the same images in
 <out>/train_indices.json). `--epochs` is the budget of the full-size variant; with `--subsample r` < 1 the
 script trains round(epochs / r) epochs so that the number of optimizer steps matches the full variant
 (App. A.1), and prints it at start; `--same-epochs` turns the scaling off.
+
+DDP (torchrun), file lists only (ImageNet-LT, iNaturalist; CIFAR-size data trains on one device and is
+refused under torchrun): one process per GPU (NCCL; gloo on the CPU with --gpu -1; any --gpu ≥ 0 means each
+process's own GPU, its LOCAL_RANK), --batch-size is the global batch and is split evenly. Every process
+draws the same seeded epoch order (the shuffle, the Resample / DRS draws with replacement, the deferred
+switch) and keeps its contiguous share of each global batch, so the shares together are the single-process
+batch; a short last batch is shared as evenly as it goes (a --batch-size that would leave a process
+without an image is refused). Each process's loss is the sum over its share divided by the global batch's
+denominator (its size, or Σ w_y under DRW / Reweight), the gradients are summed by one all-reduce, so the
+update is the single-process update of the global batch. BatchNorm is SyncBatchNorm on CUDA (statistics
+over the global batch, as one GPU); on the CPU (gloo cannot run SyncBatchNorm) it is per process, each
+normalising its own share, and the running statistics are averaged over the processes after every epoch.
+Augmentation draws from a stream seeded by (seed, epoch, rank). Evaluation: each process predicts a
+contiguous part of the test / val list, the predictions are gathered and counted as one process counts
+them. Rank 0 writes every file; --resume under torchrun loads last.pt on every process, and with the same
+number of processes and --workers continues exactly as the uninterrupted run.
 
 Deliberate differences from the paper and the authors' code:
 1. The deferred switch (DRW, DRS) and the lr decays scale with --epochs (80% / 90%), not epochs 160/180.
@@ -68,6 +86,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -178,7 +197,8 @@ RESUME_FLAGS = ("gpu", "workers", "data_root", "download")
 
 
 def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:             # under torchrun every process fails alike: say it once
+        print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -491,19 +511,28 @@ def ce_loss(logits, y, weight):
 
 
 def focal_loss(logits, y, weight, gamma):
-    """Lin et al. 2017 as in the LDAM-DRW code: mean over the batch of (1 − p)^γ · w_y·CE, p = e^{−w_y·CE}."""
-    return focal_term(F.cross_entropy(logits, y, weight=weight, reduction="none"), gamma).mean()
-
-
-def focal_term(ce, gamma):
-    """(1 − e^{−CE})^γ · CE; a CE rounded to just below 0 gives 0, not NaN, for γ < 1."""
-    return (1 - torch.exp(-ce)).clamp(min=0) ** gamma * ce
+    """Lin et al. 2017 as in the LDAM-DRW code: mean over the batch of (1 − p)^γ · w_y·CE, p = e^{−w_y·CE}.
+    The clamp: a CE rounded to just below 0 gives 0, not NaN, for γ < 1."""
+    ce = F.cross_entropy(logits, y, weight=weight, reduction="none")
+    return ((1 - torch.exp(-ce)).clamp(min=0) ** gamma * ce).mean()
 
 
 def ldam_loss(cosines, y, weight, margins, s):
     """Cao et al. 2019, Eq. (10): subtract Δ_y from the true-class cosine, scale all by s, (weighted) CE."""
     shifted = cosines - F.one_hot(y, cosines.shape[1]) * margins[y].unsqueeze(1)
     return F.cross_entropy(s * shifted, y, weight=weight)
+
+
+# === shared: deferred_rule (identical in ldam_drw.py and self_training.py) ===
+def deferred_rule(rule, epoch, epochs, cb_weights):
+    """The training rule at 0-based `epoch` of `epochs`: (loss weights or None, class-balanced sampling?).
+    reweight / resample apply throughout; DRW / DRS (Cao et al. 2019, §3.3) train plainly until epoch
+    int(0.8·epochs), then re-weight with `cb_weights` (DRW) or re-sample (DRS); none never does either."""
+    deferred = epoch >= int(0.8 * epochs)
+    weight = cb_weights if rule == "reweight" or (rule == "drw" and deferred) else None
+    resample = rule == "resample" or (rule == "drs" and deferred)
+    return weight, resample
+# === end shared: deferred_rule ===
 
 
 # === shared: lr_schedule (identical in every script that uses it) ===
@@ -624,7 +653,140 @@ class ListBatches:
 # === end shared: list_batches ===
 
 
-def build_list_data(args, device):
+# === shared: ddp_lists (identical in ldam_drw.py and crt.py) ===
+def process_group():
+    """(rank, world): this process and the number of processes under torchrun; (0, 1) alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def stream_seed(*key):
+    """A seed for one random stream (e.g. one process's augmentations in one epoch)."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+
+
+def epoch_order(n, seed, epoch, weights=None):
+    """ListBatches' training order of the positions 0 … n-1 in `epoch`, seeded by (seed, epoch): a shuffle,
+    or n draws with replacement by `weights` (class-balanced / resampled epochs)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if weights is not None:
+        return torch.as_tensor(list(torch.utils.data.WeightedRandomSampler(weights, n, generator=g)))
+    return torch.as_tensor(list(torch.utils.data.RandomSampler(range(n), generator=g)))
+
+
+def shard_batches(n, batch_size, seed, epoch, weights, rank, world):
+    """[(global batch, this process's share)] of one training epoch, as positions 0 … n-1. Every process
+    draws the same order (epoch_order) and cuts the same global batches; process r keeps the r-th of
+    `world` contiguous parts of each (equal, except in a short last batch where they differ by at most
+    one, and may be empty), so the parts in rank order are one process's batch."""
+    order = epoch_order(n, seed, epoch, weights)
+    return [(b, torch.tensor_split(b, world)[rank]) for b in order.split(batch_size)]
+
+
+def check_shards(batch_size, world):
+    """Fail unless the global batch splits evenly over the processes."""
+    if batch_size % world:
+        fail(f"--batch-size {batch_size} (global) must be divisible by the {world} processes")
+
+
+class ShardedListBatches(ListBatches):
+    """ListBatches for one of `world` processes (torchrun): epoch(e, weights) → (x, y, positions, labels
+    of the whole global batch), this process's share of every global batch (shard_batches); an empty share
+    (a short last batch) is an empty batch, which every layer passes through (SyncBatchNorm included).
+    The augmentations draw from (seed, epoch, rank): each process its own stream, the same after --resume."""
+
+    def __init__(self, dataset, indices, batch_size, seed, workers, device, rank, world):
+        super().__init__(dataset, indices, batch_size, True, seed, workers, device)
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+
+    def epoch(self, epoch, weights=None):
+        shares = shard_batches(len(self.indices), self.batch_size, self.seed, epoch, weights, self.rank, self.world)
+        mine = torch.cat([s for _, s in shares])
+        sub = torch.utils.data.Subset(self.dataset, [int(self.indices[i]) for i in mine])
+        ends = np.cumsum([len(s) for _, s in shares]).tolist()
+        steps = [list(range(a, b)) for a, b in zip([0] + ends[:-1], ends) if b > a]
+        s = stream_seed(self.seed, epoch, self.rank)
+        torch.manual_seed(s)                               # the transforms' stream when there are no workers
+        kw = {k: v for k, v in self.kw.items() if k != "batch_size"}
+        loader = iter(torch.utils.data.DataLoader(sub, batch_sampler=steps,
+                                                  generator=torch.Generator().manual_seed(s), **kw))
+        for b, share in shares:
+            if len(share):
+                x, y = next(loader)
+            else:                                          # the image shape, from the batch's first image
+                x, y = self.dataset[int(self.indices[b[0]])][0][None][:0], torch.zeros(0, dtype=torch.long)
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), share, self.labels[b]
+
+
+def eval_shard(dataset, indices, seed, workers, device, rank, world):
+    """Evaluation batches of this process's contiguous part of `indices`; .sizes: every part's size."""
+    parts = np.array_split(np.asarray(indices), world)
+    batches = ListBatches(dataset, parts[rank], 256, False, seed, workers, device)
+    batches.sizes = [len(p) for p in parts]
+    return batches
+
+
+class Predicted(nn.Module):
+    """Stands in for a model in evaluate(): its input is the predicted class, its output the one-hot scores."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, pred):
+        return F.one_hot(pred, self.num_classes).float()
+
+
+@torch.no_grad()
+def evaluate_shards(model, shard, num_classes, train_counts, device):
+    """evaluate() of a list split across the processes (`shard` from eval_shard): each predicts its part,
+    predictions and labels are gathered in rank order and evaluate() counts them, so every number is the
+    one a single process reports for the same weights on the whole list."""
+    model.eval()
+    preds, labels = [torch.zeros(0, dtype=torch.long, device=device)], [torch.zeros(0, dtype=torch.long, device=device)]
+    for x, y, _ in shard.epoch(0):
+        preds.append(model(x).argmax(1))
+        labels.append(y.to(device))
+    mine = torch.stack([torch.cat(preds), torch.cat(labels)])
+    padded = torch.zeros(2, max(shard.sizes), dtype=torch.long, device=device)
+    padded[:, :mine.shape[1]] = mine
+    parts = [torch.empty_like(padded) for _ in shard.sizes]
+    dist.all_gather(parts, padded)
+    pred, y = torch.cat([p[:, :k] for p, k in zip(parts, shard.sizes)], 1)
+    return evaluate(Predicted(num_classes), [(pred[i:i + 1000], y[i:i + 1000], None) for i in range(0, len(y), 1000)],
+                    num_classes, train_counts)
+
+
+def all_reduce_grads(params):
+    """Sum the processes' gradients, as one flat buffer: each process's loss is its share of the global
+    batch's loss, so the sum is the gradient of the global batch."""
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(v.view_as(g))
+
+
+def broadcast_state(model):
+    """Rank 0's parameters and buffers on every process (the start of a run, as DDP does)."""
+    for t in model.state_dict().values():
+        dist.broadcast(t, 0)
+
+
+def average_bn_statistics(model, world):
+    """Per-process BatchNorm (the CPU): the running means and variances averaged over the processes, so
+    that every process evaluates and saves the same model. The mean of the running means is the one a
+    single process keeps; the running variance misses the spread of the processes' batch means."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for t in (m.running_mean, m.running_var):
+                dist.all_reduce(t)
+                t.div_(world)
+# === end shared: ddp_lists ===
+
+
+def build_list_data(args, device, rank=0, world=1):
+    """Training / validation / test batches of a file list; under torchrun this process's shares
+    (ShardedListBatches for training, eval_shard for evaluation)."""
     if not args.train_list or not args.test_list:
         fail(f"--dataset {args.dataset} needs --train-list and --test-list ('relative/path label' files)")
     if args.balanced or args.subsample < 1:
@@ -638,32 +800,41 @@ def build_list_data(args, device):
     C = max(train_ds.num_classes, test_ds.num_classes)
     idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.data_seed)
     counts = np.bincount(train_ds.labels[idx], minlength=C).tolist()
-    train = ListBatches(train_ds, idx, args.batch_size, True, args.seed, args.workers, device)
-    test = ListBatches(test_ds, np.arange(len(test_ds)), 256, False, args.seed, args.workers, device)
+    if world > 1:
+        check_shards(args.batch_size, world)
+        train = ShardedListBatches(train_ds, idx, args.batch_size, args.seed, args.workers, device, rank, world)
+        plain = lambda ds, indices: eval_shard(ds, indices, args.seed, args.workers, device, rank, world)
+    else:
+        train = ListBatches(train_ds, idx, args.batch_size, True, args.seed, args.workers, device)
+        plain = lambda ds, indices: ListBatches(ds, indices, 256, False, args.seed, args.workers, device)
+    test = plain(test_ds, np.arange(len(test_ds)))
     val = None
     if len(val_idx):
-        val_ds = D.FileListDataset(args.data_root, args.train_list, transform=tf(False))
-        val = ListBatches(val_ds, val_idx, 256, False, args.seed, args.workers, device)
+        val = plain(D.FileListDataset(args.data_root, args.train_list, transform=tf(False)), val_idx)
     if args.val_list:                                      # Kang et al. select on the official val list
         val_ds = D.FileListDataset(args.data_root, args.val_list, transform=tf(False))
-        val = ListBatches(val_ds, np.arange(len(val_ds)), 256, False, args.seed, args.workers, device)
+        val = plain(val_ds, np.arange(len(val_ds)))
     return train, val, test, counts, C
 
 
 # ----- main ----------------------------------------------------------------------------------------
 
-def setup_device(args):
+def setup_device(args, world=1):
+    """--gpu's device; under torchrun the local rank's GPU (any --gpu ≥ 0) or the CPU (--gpu -1)."""
     if args.gpu >= 0 and not torch.cuda.is_available():
         print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
         args.gpu = -1
-    device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 else "cpu")
+    index = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else args.gpu
+    device = torch.device(f"cuda:{index}" if args.gpu >= 0 else "cpu")
     for flag in ("amp", "compile"):
         if getattr(args, flag) and device.type != "cuda":
             print(f"warning: --{flag} needs CUDA; ignored on the CPU", file=sys.stderr)
             setattr(args, flag, False)
     if device.type == "cuda":
-        if args.gpu >= torch.cuda.device_count():
-            fail(f"--gpu {args.gpu}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world > 1 else 0
+        if max(index, local - 1) >= torch.cuda.device_count():
+            fail(f"--gpu {max(index, local - 1)}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0"
+                 + (" (torchrun: one process per GPU, --nproc_per_node at most that many)" if world > 1 else ""))
         torch.cuda.set_device(device)              # the DataLoader pins on the current device, not ours
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
     torch.backends.cudnn.benchmark = False
@@ -671,8 +842,24 @@ def setup_device(args):
     return device
 
 
+def shard_loss(logits, y, y_batch, weight, margins, args):
+    """torchrun: this process's share of the global batch's loss. The sum over its rows of ce_loss's /
+    focal_loss's / ldam_loss's per-image term, divided by what the global batch's mean divides by (its size,
+    or Σ w_y over it for weighted CE and LDAM, as nn.CrossEntropyLoss(weight)); the shares sum to the loss
+    one process computes on the whole batch."""
+    if args.loss == "ldam":
+        logits = args.s * (logits - F.one_hot(y, logits.shape[1]) * margins[y].unsqueeze(1))
+    terms = F.cross_entropy(logits, y, weight=weight, reduction="none")       # w_y · CE per image
+    if args.loss == "focal":
+        return ((1 - torch.exp(-terms)).clamp(min=0) ** args.gamma * terms).sum() / len(y_batch)   # focal_loss's term
+    return terms.sum() / (weight[y_batch].sum() if weight is not None else len(y_batch))
+
+
 def main(argv=None):
     args = parse_args(argv)
+    rank, world = process_group()
+    if rank:                                               # rank 0 prints the log
+        sys.stdout = open(os.devnull, "w")
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
@@ -684,20 +871,34 @@ def main(argv=None):
                         "recipe": "ldam", "same_epochs": False, **ckpt["args"]}
         args = resume_args(args, ckpt, RESUME_FLAGS)
         print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
+    args.world_size = world
     try:
         D.check_rho(args.rho)
         if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
             fail("--epochs, --batch-size and --lr must be positive")
+        if world > 1 and args.dataset not in ("imagenet_lt", "inat"):
+            fail(f"torchrun runs ldam_drw.py on file lists (--dataset imagenet_lt / inat); --dataset {args.dataset} "
+                 f"trains on one device: run it without torchrun")
         if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
             fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, "
                  f"or pass another --out")
-        device = setup_device(args)
+        device = setup_device(args, world)
         torch.manual_seed(args.seed)
-        train, val, test, counts, C = build_data(args, device)
+        train, val, test, counts, C = build_data(args, device) if world == 1 else \
+            build_list_data(args, device, rank, world)
     except D.DataError as e:
         fail(str(e))
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+        score = lambda m, batches: evaluate_shards(m, batches, C, counts, device)
+    else:
+        score = lambda m, batches: evaluate(m, batches.epoch(0), C, counts)
 
-    model = build_model(args.arch, C, cosine=args.loss == "ldam").to(device)
+    model = build_model(args.arch, C, cosine=args.loss == "ldam")
+    if world > 1 and device.type == "cuda":                # BN statistics over the global batch, as one GPU
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
     if args.pretrained and not args.resume:
         load_backbone(model, args.arch, args.pretrained)
         print(f"classifier re-initialised ({'cosine' if args.loss == 'ldam' else 'linear'}, {C} classes)")
@@ -708,6 +909,8 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start, best = ckpt["epoch"], ckpt.get("best")
+    if world > 1:
+        broadcast_state(model)
     step_model = torch.compile(model, mode="reduce-overhead") if args.compile else model
 
     cb_weights = class_balanced_weights(counts, args.beta).to(device)
@@ -715,23 +918,24 @@ def main(argv=None):
     sample_weights = (D.effective_number_sample_weights(train.labels.cpu(), args.beta)
                       if args.resample_weights == "effective" else D.balanced_sample_weights(train.labels.cpu()))
     subset = D.subset_digest(train.indices)
-    switch = int(0.8 * args.epochs)                       # DRW / DRS: deferred by 80% of the run
 
-    os.makedirs(args.out, exist_ok=True)
     metrics = os.path.join(args.out, "metrics.jsonl")
-    if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
-        meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
-                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-        write_json(os.path.join(args.out, "args.json"), meta)
-        copy_source(__file__, args.out)
-        if hasattr(train, "val_indices"):
-            D.save_indices(os.path.join(args.out, "train_indices.json"), train.indices, train.val_indices)
-    # a resumed run drops the epochs logged after its checkpoint
-    write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
+            meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+            write_json(os.path.join(args.out, "args.json"), meta)
+            copy_source(__file__, args.out)
+            if hasattr(train, "val_indices"):
+                D.save_indices(os.path.join(args.out, "train_indices.json"), train.indices, train.val_indices)
+        # a resumed run drops the epochs logged after its checkpoint
+        write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
     print(f"{args.dataset} rho={args.rho:g} ({args.imb_type}{', balanced' if args.balanced else ''}"
           f"{f', subsample {args.subsample:g}' if args.subsample < 1 else ''}): {sum(counts)} training images "
           f"{counts[:3]}…{counts[-1]}, loss={args.loss} rule={args.rule}, {args.arch}, recipe {args.recipe}, "
-          f"{args.epochs} epochs on {device}")
+          f"{args.epochs} epochs on {device}" + (f", {world} processes × {args.batch_size // world} images per step, "
+          f"{'SyncBatchNorm' if device.type == 'cuda' else 'BatchNorm per process'}" if world > 1 else ""))
     if args.subsample < 1:
         print(f"--subsample {args.subsample:g}: {args.epochs} epochs " +
               (f"(--same-epochs)" if args.same_epochs else
@@ -746,18 +950,19 @@ def main(argv=None):
         lr = he_lr_at(epoch, args) if args.schedule == "he" else lr_at(epoch + (args.lr_sequence == "kang"), args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        deferred = epoch >= switch
-        weight = cb_weights if args.rule == "reweight" or (args.rule == "drw" and deferred) else None
-        resample = args.rule == "resample" or (args.rule == "drs" and deferred)
+        weight, resample = deferred_rule(args.rule, epoch, args.epochs, cb_weights)   # DRW / DRS: at 80% of the run
         model.train()
         loss_sum = torch.zeros((), device=device)
         hits = torch.zeros((), device=device, dtype=torch.long)
         first_bad = torch.full((), -1, device=device, dtype=torch.long)
         seen = 0
-        for step, (x, y, _) in enumerate(train.epoch(epoch, sample_weights if resample else None)):
+        for step, (x, y, _, *y_batch) in enumerate(train.epoch(epoch, sample_weights if resample else None)):
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 logits = step_model(x).float()
-            if args.loss == "ce":
+            if world > 1:                                  # this process's share; summed with all_reduce_grads
+                y_batch = y_batch[0].to(device)
+                loss = shard_loss(logits, y, y_batch, weight, margins, args)
+            elif args.loss == "ce":
                 loss = ce_loss(logits, y, weight)
             elif args.loss == "focal":
                 loss = focal_loss(logits, y, weight, args.gamma)
@@ -765,22 +970,43 @@ def main(argv=None):
                 loss = ldam_loss(logits, y, weight, margins, args.s)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1:
+                all_reduce_grads(list(model.parameters()))
             optimizer.step()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            loss_sum += loss.detach() * len(y)
+            n_batch = len(y_batch) if world > 1 else len(y)
+            loss_sum += loss.detach() * n_batch
             hits += (logits.argmax(1) == y).sum()
-            seen += len(y)
+            seen += n_batch
+        if world > 1:
+            stats = torch.stack([loss_sum.double(), hits.double()])
+            dist.all_reduce(stats)                         # the shares sum to the global batches' losses
+            loss_sum, hits = stats[0], stats[1].long()
+            if device.type != "cuda":
+                average_bn_statistics(model, world)
+            bad_tensor = nonfinite_tensor(model)
+            bad = torch.stack([first_bad, torch.tensor(int(bad_tensor is not None), device=device)])
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad[0].item() >= 0 or bad[1].item() > 0:
+                where = (f"loss is not finite at epoch {epoch + 1}, step {bad[0].item() + 1}" if bad[0].item() >= 0
+                         else f"'{bad_tensor or 'a tensor of another process'}' is not finite after epoch "
+                              f"{epoch + 1}, step {step + 1}")
+                if rank == 0:
+                    stop_diverged(where, args.out, epoch)
+                sys.exit(1)
         if first_bad.item() >= 0:
             stop_diverged(f"loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}", args.out, epoch)
         bad_tensor = nonfinite_tensor(model)
         if bad_tensor:
             stop_diverged(f"'{bad_tensor}' is not finite after epoch {epoch + 1}, step {step + 1}", args.out, epoch)
-        test_m = evaluate(model, test.epoch(0), C, counts)
-        val_m = evaluate(model, val.epoch(0), C, counts) if val else None
+        test_m = score(model, test)
+        val_m = score(model, val) if val else None
         if val_m and (best is None or val_m["top1"] > best["val_top1"]):
             best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
                "test": test_m, "val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0}
+        if rank != 0:
+            continue
         append_metrics(metrics, row)
         print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
               f"{fmt(test_m['many'])} {fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_top1'])} "
@@ -792,7 +1018,11 @@ def main(argv=None):
         save_atomic(state, os.path.join(args.out, "last.pt"))
 
     if start >= args.epochs:
-        test_m = evaluate(model, test.epoch(0), C, counts)
+        test_m = score(model, test)
+    if rank != 0:
+        dist.barrier()                                     # leaving while rank 0 still writes hangs gloo
+        dist.destroy_process_group()
+        return
     seconds = [r["seconds"] for r in read_metrics(metrics)] or [float("nan")]
     # Paper 1 evaluates on balanced test sets; SVHN's is not, so its headline error is 100 − mean per-class
     # accuracy (the error on a class-balanced test set), top-1 printed beside it.
@@ -811,6 +1041,9 @@ def main(argv=None):
           f"{fmt(test_m['medium'])}, few {fmt(test_m['few'])})"
           + (f"; best on validation: epoch {best['epoch']}, test error {100 - best['test']['top1']:.2f}%"
              if best else ""))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -130,7 +130,6 @@ import datasets_lt as D
 
 LARGE = ("imagenet_lt", "inat")
 SUBSAMPLE = (1.0, 0.75, 0.5, 0.25, 0.125)
-KDE_PAIRS = 10_000
 
 
 def parse_args(argv=None):
@@ -632,30 +631,28 @@ def sam_moco_step(model, net, optimizer, x_q, keys, queue, args, weights=None):
     return per.detach().mean(), logits, loss2.detach()
 
 
-# === shared: kde (simsiam_rwsam.py's median_distance and kde_weights, byte-identical) ===
-def median_distance(feats, pairs=KDE_PAIRS, seed=0):
-    """Median of ‖f_i − f_j‖ over `pairs` random pairs, i uniform and j uniform among the others."""
-    n = len(feats)
-    g = torch.Generator().manual_seed(seed)
-    i = torch.randint(0, n, (pairs,), generator=g)
-    j = (i + torch.randint(1, n, (pairs,), generator=g)) % n
-    i, j = i.to(feats.device), j.to(feats.device)
-    return (feats[i] - feats[j]).norm(dim=1).median().item()
-
-
-def kde_weights(feats, alpha, bandwidth=None, seed=0, chunk=2048):
+# === shared: kde (simsiam_rwsam.py's kde_weights, byte-identical) ===
+def kde_weights(feats, alpha, bandwidth=None, seed=0, chunk=2048, pairs=10_000):
     """Paper 2 §4 and Algorithm 1 line 8: w_i = ((1/n)·Σ_j K(f_i − f_j, h))^(−α), Gaussian K.
 
     density_i = mean_j exp(−‖f_i − f_j‖²/(2h²)) over all n rows of `feats` (j = i included), computed in
     float64 by chunks of rows; K's constant (2πh²)^(−d/2) is dropped and the weights rescaled to mean 1,
-    which changes no perturbation. Returns (weights float32, density float64, h)."""
+    which changes no perturbation. h = `bandwidth`, or by default the median of ‖f_i − f_j‖ over `pairs`
+    random pairs (i uniform, j uniform among the others; a CPU generator seeded with `seed`).
+    Returns (weights float32, density float64, h); ValueError for < 2 rows or h = 0."""
     f = feats.double()
     n = len(f)
     if n < 2:
-        raise D.DataError(f"the KDE needs at least 2 training images, got {n}")
-    h = median_distance(f, seed=seed) if bandwidth is None else float(bandwidth)
+        raise ValueError(f"the KDE needs at least 2 training images, got {n}")
+    if bandwidth is None:                                             # the median heuristic
+        g = torch.Generator().manual_seed(seed)
+        i = torch.randint(0, n, (pairs,), generator=g)
+        j = (i + torch.randint(1, n, (pairs,), generator=g)) % n
+        h = (f[i.to(f.device)] - f[j.to(f.device)]).norm(dim=1).median().item()
+    else:
+        h = float(bandwidth)
     if not h > 0:
-        raise D.DataError("every stage-1 feature is the same (a collapsed representation): the KDE bandwidth "
+        raise ValueError("every stage-1 feature is the same (a collapsed representation): the KDE bandwidth "
                           "is 0; pass --bandwidth or train stage 1 longer")
     sq = (f * f).sum(1)
     density = torch.empty(n, dtype=torch.float64, device=f.device)
@@ -676,7 +673,10 @@ def stage1_weights(args, batches, device):
     load_backbone(backbone, args.arch, args.stage1)
     backbone.to(device).eval()
     feats = torch.cat([F.normalize(backbone(x).float(), dim=1) for x, _, _ in batches])
-    w, density, h = kde_weights(feats, args.alpha, args.bandwidth, args.seed)
+    try:
+        w, density, h = kde_weights(feats, args.alpha, args.bandwidth, args.seed)
+    except ValueError as e:                                # too few images or a collapsed representation
+        raise D.DataError(str(e)) from None
     return {"weights": w.cpu(), "density": density.cpu(), "bandwidth": h, "alpha": args.alpha, "source": args.stage1}
 
 

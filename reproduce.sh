@@ -13,6 +13,7 @@
 #   RHO=0.02 POOL_ROOT=CINIC bash reproduce.sh fig2 fig3          # Figs. 2-3 (CIFAR-10-LT ρ = 50 only)
 #   SET=imagenet_lt LT_ROOT=IMNET LT_LISTS=LISTS bash reproduce.sh  # Table 3: MoCo SSP → CE / cRT (ResNet-50)
 #   SET=inat LT_ROOT=INAT LT_LISTS=LISTS bash reproduce.sh          # Table 4 (+ LDAM-DRW)
+#   SET=inat NPROC=8 LT_ROOT=INAT LT_LISTS=LISTS bash reproduce.sh  # the same, each run on 8 GPUs (torchrun)
 #   bash reproduce.sh cv               # paper 2's cross-validation of h, α, ρ for rwSAM (not part of "every row")
 #   bash reproduce.sh cv-table         # its table: kNN accuracy on the validation split per setting
 #
@@ -22,7 +23,11 @@
 #   LT_ROOT, LT_LISTS  ImageNet-LT / iNaturalist 2018: the image root and the folder of Kang et al.'s lists
 #          (ImageNet_LT_{train,val,test}.txt; iNaturalist18_{train,val}.txt, whose val list is the test set)
 #   ARCH   ImageNet-LT backbone: resnet50 (default) or resnet10 (Table 3's two columns); iNat: resnet50.
-#          One GPU per run, as every script here; Kang et al. trained on 4-8 GPUs.
+#   NPROC  ImageNet-LT / iNat: processes (GPUs) per run (default 1: one GPU, plain python). NPROC > 1 launches
+#          ldam_drw.py, moco_ssp.py and crt.py with torchrun --standalone --nproc_per_node NPROC on GPUs
+#          0 … NPROC-1 (GPU=-1: gloo on the CPU); --batch-size stays the global batch, so the runs are the
+#          one-GPU runs (BatchNorm synchronised). JOBS then defaults to 1: each run takes every GPU.
+#          Kang et al. trained on 4-8 GPUs.
 #   DATA   data flags of the training scripts   (default: cifar10: --dataset folder --data-root
 #          .data/cifar10_jpg, lossless elsewhere: DATA="--dataset cifar10 --download"; cifar100 / svhn:
 #          --dataset cifar100 / svhn --data-root ./data --download)
@@ -72,6 +77,11 @@ esac
 DATA=${DATA:-$DEFAULT_DATA}
 RHO=${RHO:-0.01}
 SEEDS=${SEEDS:-0 1 2}
+NPROC=${NPROC:-1}
+[[ $NPROC =~ ^[1-9][0-9]*$ ]] || { echo "reproduce.sh: NPROC must be a whole number >= 1, got '$NPROC'" >&2; exit 2; }
+[[ $NPROC == 1 || $SET == imagenet_lt || $SET == inat ]] ||
+    { echo "reproduce.sh: NPROC (torchrun) is for SET=imagenet_lt or inat; the $SET runs use one GPU each" >&2; exit 2; }
+[[ $NPROC != 1 ]] && JOBS=${JOBS:-1}
 JOBS=${JOBS:-6}
 GPU=${GPU:-0}
 USER_RUNS=${RUNS:-}
@@ -128,7 +138,8 @@ else POOL="--pool-shortfall cap"; fi         # CIFAR-10's own leftovers: not the
 case $SET in
     cifar10)
         ALL_ROWS="$SUPERVISED $(for r in $SUPERVISED; do echo -n "$r+ssp "; done)$ST_ROWS ce+crt"
-        ALL_ROWS="$ALL_ROWS simsiam simsiam+sam simsiam-balanced simsiam+rwsam moco"
+        ALL_ROWS="$ALL_ROWS simsiam simsiam+sam simsiam-balanced simsiam+rwsam"
+        ALL_ROWS="$ALL_ROWS simsiam-step simsiam+sam-step simsiam-balanced-step simsiam+rwsam-step moco"
         [[ $RHO == 0.02 ]] && ALL_ROWS="$ALL_ROWS $FIG2 $FIG3" ;;
     cifar100) ALL_ROWS="$SUPERVISED $(for r in $SUPERVISED; do echo -n "$r+ssp "; done)" ;;
     svhn) ALL_ROWS="ce ldam-drw $ST_ROWS"; POOL="" ;;
@@ -240,8 +251,8 @@ import glob, json, os, statistics
 runs, rho, dataset = os.environ["RUNS"], float(os.environ["RHO"]), os.environ["SET"]
 rows = os.environ["ROWS"].split()
 # Paper numbers on lossless data, columns rho = 0.01 / 0.02 / 0.1 (the papers' ρ = 100 / 50 / 10): paper 1
-# Tables 1-2 (top-1 error %; SVHN: the paper's balanced-test error) and paper 2 Table 1(a) (linear-probe
-# accuracy %, exp, rho 0.01). None: no such number in the papers' text (Figs. 2-3 are plots).
+# Tables 1-2 (top-1 error %; SVHN: the paper's balanced-test error) and paper 2 Table 1(a) (T1A below,
+# rho 0.01 only). None: no such number in the papers' text (Figs. 2-3 are plots).
 ERR, ACC = "error %", "probe acc. %"
 T2 = {  # Table 2: CIFAR-10-LT then CIFAR-100-LT
     "ce": ((29.64, 25.19, 13.61), (61.68, 56.15, 44.29)), "cb-ce": ((27.63, 21.95, 13.23), (61.44, 55.45, 42.88)),
@@ -266,10 +277,16 @@ T34 = {  # Tables 3-4, top-1 error %: ImageNet-LT (ResNet-10, ResNet-50), iNatur
              "ldam-drw": (35.4,), "ldam-drw+ssp": (33.7,), "crt": (34.8,), "crt+ssp": (31.9,)},
 }
 SVHN_BASE = {"ce": (19.98, 17.50, 11.46), "ldam-drw": (16.66, 14.59, 10.27)}
-P2 = {"simsiam": 81.4, "simsiam+sam": 82.1, "simsiam-balanced": 82.0, "simsiam+rwsam": 82.7, "moco": None}
+# Paper 2 Table 1(a), CIFAR-10-LT rho 0.01: linear-probe accuracy % with exp and with step imbalance, and
+# the generalization gap (held-out − training SimSiam loss) of the step pre-training run on the frequent
+# and on the rare classes. Row <name> is the exp column, row <name>-step the step column.
+T1A = {"simsiam": (81.4, 84.3, 0.035, 0.081), "simsiam+sam": (82.1, 84.7, 0.044, 0.075),
+       "simsiam-balanced": (82.0, 85.8, 0.038, 0.037), "simsiam+rwsam": (82.7, 85.6, 0.037, 0.066)}
+P2 = {"moco": None}
 PRETRAIN = {"rotation": "rotation_ssp.py", "simsiam": "simsiam_rwsam.py --opt sgd",
             "simsiam+sam": "simsiam_rwsam.py --opt sam", "simsiam-balanced": "simsiam_rwsam.py --opt sgd --balanced",
-            "simsiam+rwsam": "simsiam_rwsam.py --opt rwsam (stage 2, fresh model; weights from the simsiam run)", "moco": "moco_ssp.py"}
+            "simsiam+rwsam": "simsiam_rwsam.py --opt rwsam (stage 2, fresh model; weights from the simsiam run)",
+            **{f"{m}-step": f"the {m} command with --imb-type step" for m in T1A}, "moco": "moco_ssp.py"}
 col = {0.01: 0, 0.02: 1, 0.1: 2}.get(rho)
 
 
@@ -297,12 +314,12 @@ def finals(folder):
     return out
 
 
-def mean_std(values):
+def mean_std(values, digits=2):
     if not values:
         return "not run"
     if len(values) == 1:
-        return f"{values[0]:.2f} (1 seed)"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} ({len(values)} seeds)"
+        return f"{values[0]:.{digits}f} (1 seed)"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f} ({len(values)} seeds)"
 
 
 def minutes(results):
@@ -318,6 +335,8 @@ print()
 print("| row | metric | paper (lossless) | ours | minutes per run |")
 print("|---|---|---|---|---|")
 for row in rows:
+    if row in T1A or row.removesuffix("-step") in T1A:      # the Table 1(a) block below
+        continue
     metric, ref = paper(row)
     results = finals(row)
     values = [r["test_error"] if metric == ERR else r["top1"] for r in results]
@@ -326,6 +345,24 @@ for row in rows:
         label += " (not the paper's pool)"
     print(f"| {label} | {metric} | {ref if ref is not None else '—'} | {mean_std(values)} | {minutes(results)} |")
 if dataset == "cifar10":
+    def gaps(row, group):
+        """The pre-training run's gap at its end (simsiam_rwsam.py's final.json "last"), per seed."""
+        runs_ = finals(os.path.join("pretrain", row))
+        found = [r["last"]["gap"][group]["gap"] for r in runs_ if (r.get("last") or {}).get("gap")]
+        return mean_std(found, 3) if found or not runs_ else "not measured (--knn-every -1)"
+    show = lambda v: "—" if v is None or col != 0 else v
+    print()
+    print(f"Paper 2 Table 1(a), rho {rho:g}: linear-probe top-1 % (row <name>: exp, row <name>-step: step) and the "
+          "generalization gap of the step pre-training run (held-out − training SimSiam loss, frequent / rare half "
+          "of the classes, mean over the run's --gap-views draws); paper numbers are for rho 0.01")
+    print()
+    print("| row | exp: paper | exp: ours | step: paper | step: ours | gap frequent: paper | gap frequent: ours "
+          "| gap rare: paper | gap rare: ours |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row, (exp, step, freq, rare) in T1A.items():
+        acc = lambda r: mean_std([x["top1"] for x in finals(r)])
+        print(f"| {row} | {show(exp)} | {acc(row)} | {show(step)} | {acc(row + '-step')} | {show(freq)} | "
+              f"{gaps(row + '-step', 'frequent')} | {show(rare)} | {gaps(row + '-step', 'rare')} |")
     print()
     print("| pre-training | command | minutes per run |")
     print("|---|---|---|")
@@ -384,11 +421,14 @@ job() {
     local out=$1 needs=$2 script=$3; shift 3
     local stem=${script%.py} extra
     extra=ARGS_$stem
-    local cmd=("$PYTHON" "$script" "$@" --out "$out" --gpu "$GPU" $ARGS ${!extra:-})
+    local launch=("$PYTHON")
+    [[ $NPROC != 1 && " ldam_drw.py moco_ssp.py crt.py " == *" $script "* ]] &&
+        launch=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC")
+    local cmd=("${launch[@]}" "$script" "$@" --out "$out" --gpu "$GPU" $ARGS ${!extra:-})
     if [[ $DRY == 1 ]]; then echo "${cmd[*]}"; return; fi
     if [[ -f $out/final.json ]]; then echo "done already: $out"; return; fi
     if [[ -f $out/last.pt && $script != crt.py && $script != eval_linear.py ]]; then
-        cmd=("$PYTHON" "$script" --resume "$out/last.pt" --gpu "$GPU")
+        cmd=("${launch[@]}" "$script" --resume "$out/last.pt" --gpu "$GPU")
     fi
     while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n || true; done
     (
@@ -506,11 +546,15 @@ for s in $SEEDS; do
     done
     want_any $(for r in $SUPERVISED; do echo "$r+ssp"; done) &&
         job "$RUNS/pretrain/rotation/s$s" - rotation_ssp.py $DATA --rho "$RHO" --seed "$s"
-    want_any simsiam simsiam+rwsam &&
-        job "$RUNS/pretrain/simsiam/s$s" - simsiam_rwsam.py $DATA --rho "$RHO" --seed "$s" --opt sgd
-    want simsiam+sam && job "$RUNS/pretrain/simsiam+sam/s$s" - simsiam_rwsam.py $DATA --rho "$RHO" --seed "$s" --opt sam
-    want simsiam-balanced &&
-        job "$RUNS/pretrain/simsiam-balanced/s$s" - simsiam_rwsam.py $DATA --rho "$RHO" --seed "$s" --opt sgd --balanced
+    for v in "" -step; do                           # paper 2 Table 1(a): exp and step columns
+        imb=${v:+--imb-type step}
+        want_any simsiam$v simsiam+rwsam$v &&
+            job "$RUNS/pretrain/simsiam$v/s$s" - simsiam_rwsam.py $DATA --rho "$RHO" --seed "$s" --opt sgd $imb
+        want simsiam+sam$v &&
+            job "$RUNS/pretrain/simsiam+sam$v/s$s" - simsiam_rwsam.py $DATA --rho "$RHO" --seed "$s" --opt sam $imb
+        want simsiam-balanced$v && job "$RUNS/pretrain/simsiam-balanced$v/s$s" - simsiam_rwsam.py $DATA --rho "$RHO" \
+            --seed "$s" --opt sgd --balanced $imb
+    done
     want moco && job "$RUNS/pretrain/moco/s$s" - moco_ssp.py $DATA --rho "$RHO" --seed "$s"
 done
 
@@ -534,10 +578,12 @@ for s in $SEEDS; do
     want ce+crt && job "$RUNS/ce+crt/s$s" "$RUNS/ce/s$s/last.pt" crt.py --ckpt "$RUNS/ce/s$s/last.pt"
     # rwSAM stage 2: KDE weights from the SimSiam run's features, then a fresh model trained for the same
     # --epochs as every other Table 1(a) row (simsiam_rwsam.py's default --stage2-init scratch).
-    ckpt=$RUNS/pretrain/simsiam/s$s/last.pt
-    want simsiam+rwsam &&
-        job "$RUNS/pretrain/simsiam+rwsam/s$s" "$ckpt" simsiam_rwsam.py $DATA --rho "$RHO" --seed "$s" --opt rwsam --stage1 "$ckpt"
-    for m in simsiam simsiam+sam simsiam-balanced moco; do
+    for v in "" -step; do
+        ckpt=$RUNS/pretrain/simsiam$v/s$s/last.pt
+        want simsiam+rwsam$v && job "$RUNS/pretrain/simsiam+rwsam$v/s$s" "$ckpt" simsiam_rwsam.py $DATA --rho "$RHO" \
+            --seed "$s" --opt rwsam --stage1 "$ckpt" ${v:+--imb-type step}
+    done
+    for m in simsiam simsiam+sam simsiam-balanced simsiam-step simsiam+sam-step simsiam-balanced-step moco; do
         ckpt=$RUNS/pretrain/$m/s$s/last.pt
         want $m && job "$RUNS/$m/s$s" "$ckpt" eval_linear.py --ckpt "$ckpt" --seed "$s"
     done
@@ -545,8 +591,10 @@ done
 
 stage 3
 for s in $SEEDS; do
-    ckpt=$RUNS/pretrain/simsiam+rwsam/s$s/last.pt
-    want simsiam+rwsam && job "$RUNS/simsiam+rwsam/s$s" "$ckpt" eval_linear.py --ckpt "$ckpt" --seed "$s"
+    for row in simsiam+rwsam simsiam+rwsam-step; do
+        ckpt=$RUNS/pretrain/$row/s$s/last.pt
+        want $row && job "$RUNS/$row/s$s" "$ckpt" eval_linear.py --ckpt "$ckpt" --seed "$s"
+    done
 done
 fi
 

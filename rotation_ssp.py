@@ -370,15 +370,15 @@ def rotation_labels(n, generator, device):
     """Rotation class (k: k·90°) of each of n images: a random permutation of the pattern 0, 1, 2, 3, 0, …
     started at a random phase. Exactly n/4 of each class when 4 divides n; every position is uniform
     over the four classes for any n (the random phase decides which classes get the extra images)."""
-    phase = torch.randint(ROTATIONS, (1,), generator=generator, device=device)
-    return (torch.randperm(n, generator=generator, device=device) + phase) % ROTATIONS
+    phase = torch.randint(4, (1,), generator=generator, device=device)
+    return (torch.randperm(n, generator=generator, device=device) + phase) % 4
 
 
 def rotate(x, k):
     """Turn image i of the N×C×H×W batch `x` by k[i]·90° counter-clockwise (torch.rot90 over H, W, the
     direction of the authors' code and of torchvision's rotate). H must equal W."""
     out = x
-    for r in range(1, ROTATIONS):
+    for r in range(1, 4):
         out = torch.where((k == r).view(-1, 1, 1, 1), torch.rot90(x, r, (2, 3)), out)
     return out.contiguous()                                # rot90's transposed strides slow the convolutions
 

@@ -432,8 +432,24 @@ def weighted_focal(logits, y, weight, c, gamma):
 
 def weighted_ldam(cosines, y, weight, c, margins, s):
     """Cao et al. 2019, Eq. (10), with the same weighting as weighted_ce."""
-    shifted = cosines - F.one_hot(y, cosines.shape[1]) * margins[y].unsqueeze(1)
-    return weighted_ce(s * shifted, y, weight, c)
+    logits = s * (cosines - F.one_hot(y, cosines.shape[1]) * margins[y].unsqueeze(1))
+    if c is None:
+        return F.cross_entropy(logits, y, weight=weight)
+    ce = F.cross_entropy(logits, y, reduction="none")
+    w = c if weight is None else c * weight[y]
+    return (w * ce).sum() / w.sum()
+
+
+# === shared: deferred_rule (identical in ldam_drw.py and self_training.py) ===
+def deferred_rule(rule, epoch, epochs, cb_weights):
+    """The training rule at 0-based `epoch` of `epochs`: (loss weights or None, class-balanced sampling?).
+    reweight / resample apply throughout; DRW / DRS (Cao et al. 2019, §3.3) train plainly until epoch
+    int(0.8·epochs), then re-weight with `cb_weights` (DRW) or re-sample (DRS); none never does either."""
+    deferred = epoch >= int(0.8 * epochs)
+    weight = cb_weights if rule == "reweight" or (rule == "drw" and deferred) else None
+    resample = rule == "resample" or (rule == "drs" and deferred)
+    return weight, resample
+# === end shared: deferred_rule ===
 
 
 # === shared: lr_schedule (identical in every script that uses it) ===
@@ -631,7 +647,6 @@ def fit(args, stage, x, y, c, counts, data, device, out, ckpt=None, batch_size=N
         sample_weights = D.effective_number_sample_weights(torch.as_tensor(y), args.beta, counts)
     else:
         sample_weights = 1.0 / torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)[torch.as_tensor(y)]
-    switch = int(0.8 * args.epochs)
     start, best = 0, None
     os.makedirs(out, exist_ok=True)
     metrics = os.path.join(out, "metrics.jsonl")
@@ -651,9 +666,7 @@ def fit(args, stage, x, y, c, counts, data, device, out, ckpt=None, batch_size=N
         lr = lr_at(epoch, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        deferred = epoch >= switch
-        weight = cb_weights if args.rule == "reweight" or (args.rule == "drw" and deferred) else None
-        resample = args.rule == "resample" or (args.rule == "drs" and deferred)
+        weight, resample = deferred_rule(args.rule, epoch, args.epochs, cb_weights)   # DRW / DRS: at 80% of the run
         model.train()
         loss_sum = torch.zeros((), device=device)
         hits = torch.zeros((), device=device, dtype=torch.long)

@@ -22,6 +22,18 @@ monitors (kNN accuracy, per-class gap) and the KDE diagnostic.
         --batch-size 64 --stage1-epochs 1 --epochs 1 --knn-every -1 --gpu -1  # CPU smoke, ~10 min on 2 cores
     python eval_linear.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0-rwsam/last.pt --gpu 0    # the paper's probe
 
+Paper 2 Table 1(b) (ImageNet-LT, ResNet-50; fine-tuned on CUB / Cars / Aircraft / Pets by eval_ood.py, mean
+of the four: SimSiam 80.6, SimSiam balanced 80.7, SimSiam + rwSAM 81.4):
+    python simsiam_rwsam.py --dataset imagenet_lt --data-root IMNET --train-list ImageNet_LT_train.txt \
+        --rho 1 --opt sgd                                  # SimSiam: 300 epochs, batch 256, lr 0.025
+    python simsiam_rwsam.py --dataset imagenet_lt --data-root IMNET --train-list imagenet_variants/bal-r0.004.txt \
+        --rho 1 --opt sgd --out runs/simsiam_rwsam-imagenet_lt-bal    # SimSiam, balanced (same n)
+    python simsiam_rwsam.py --dataset imagenet_lt --data-root IMNET --train-list ImageNet_LT_train.txt \
+        --rho 1 --stage1 runs/simsiam_rwsam-imagenet_lt-1-0-sgd/last.pt  # SimSiam + rwSAM (ρ 2, α 0.5)
+    torchrun --nproc_per_node 8 simsiam_rwsam.py --dataset imagenet_lt ...   # the same on 8 GPUs (SyncBN)
+    python simsiam_rwsam.py --dataset imagenet_lt --data-root IMNET --train-list ImageNet_LT_train.txt \
+        --rho 1 --arch resnet10 --batch-size 8 --epochs 1 --crop-size 64 --workers 2 --gpu -1   # CPU smoke run
+
 Outputs go to runs/simsiam_rwsam-<dataset>-<rho>-<seed>-<opt>[-step][-balanced][-sub<r>]/. With --opt
 rwsam, stage1.pt is the plain SimSiam model after stage 1 (the "SimSiam" row, same data and seed; its
 args say --opt sgd, so evaluation scripts label it SimSiam) and last.pt the rwSAM model. Both are
@@ -92,6 +104,26 @@ no training image left outside a rho 0.01 subset. The gap is reported, never use
 model is the last epoch; final.json also names the epoch with the best kNN accuracy. --knn-every -1
 turns every monitor off (the CPU smoke run: the gap alone embeds the 10,000 test images twice per draw).
 
+ImageNet-LT / iNat (--dataset imagenet_lt | inat with --train-list; the list is the variant: python
+datasets_lt.py --train-list writes paper 2's balanced, Pareto and downsampled ImageNet lists, and
+--subsample q then only names the list's size so that the epochs scale as above). Chen & He 2021's ImageNet
+SimSiam: torchvision ResNet-50 (zero_init_residual, as their builder), projector of three layers
+2048→2048 (BN, ReLU)→2048 (BN, ReLU)→2048 (BN without affine), predictor 2048→512 (BN, ReLU)→2048, SGD
+momentum 0.9, wd 1e-4, cosine per epoch, the predictor's lr fixed at --lr (their --fix-pred-lr;
+--no-fix-pred-lr schedules it too), views in DataLoader workers by MoCo v2's ImageNet augmentation at 224:
+RandomResizedCrop(0.2–1), ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2, Gaussian blur
+σ ∈ [0.1, 2] p 0.5, flip (moco_ssp.py's TwoViews). Paper 2 App. A.1 states for its self-supervised runs on
+ImageNet-LT "the initial learning rate ... 0.025 with batch-size 256 ... 300 epochs ... cosine", without
+naming MoCo or SimSiam, and the authors released no ImageNet SimSiam code, so the defaults follow the
+paper: 300 epochs, batch 256, lr 0.025 per 256 images (Chen & He: batch 512, 0.05 per 256, 100 epochs:
+--batch-size 512 --lr 0.1 --epochs 100). App. C.1: ρ = 2, α = 0.5 on ImageNet-LT and iNat (the
+defaults there). --arch resnet10 is a small torchvision ResNet for quick runs. The kNN and gap monitors need
+in-memory data and are off (--knn-every -1); probe the checkpoint with eval_linear.py (full ImageNet
+lists) or eval_ood.py (the four fine-tuning targets). rwSAM's KDE features: the stage-1 backbone on the
+training list with the test transform (Resize 256, CenterCrop 224). Checkpoints have arch resnet50 and
+torchvision's tensor names at the top level (the keys moco_ssp.py and ldam_drw.py use), heads under
+projector. and predictor.
+
 DDP (torchrun): one process per GPU (NCCL; gloo on the CPU), --batch-size is the global batch and is
 split evenly. Every rank draws the same seeded permutation per epoch and takes its slice of each global
 batch (the union is the single-process batch); augmentation draws from a per-rank seed. BatchNorm is
@@ -127,6 +159,11 @@ Deliberate differences from the paper and the authors' code (Liuhong99/Imbalance
    arrays; augmentation on the GPU, same distributions as torchvision. Linear layers followed by
    BatchNorm have no bias (BN removes it; the authors' layers had one that only weight decay moved).
 9. Runs on one GPU, the CPU, or under torchrun (the authors' code was single-GPU).
+10. ImageNet-LT / iNat: no ImageNet SimSiam code was released; Chen & He's recipe with paper 2's App. A.1
+   schedule (300 epochs, lr 0.025 at batch 256; Chen & He: 0.05 per 256 at batch 512), see above. The
+   projector's last linear layer has no bias (Chen & He's is frozen at its initial value; the BN that follows
+   removes it either way). Blur: torchvision's GaussianBlur with a kernel of 10% of the crop, as moco_ssp.py
+   (Chen & He: PIL's radius σ).
 """
 import argparse
 import contextlib
@@ -143,12 +180,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
+from torchvision.transforms import v2
 
 import datasets_lt as D
 
-ARCH = "resnet18"
+LARGE = ("imagenet_lt", "inat")                            # file lists: ResNet-50, views in DataLoader workers
+ARCHS = ("resnet18", "resnet10", "resnet50")
 SUBSAMPLE = (1.0, 0.75, 0.5, 0.25, 0.125)
-KDE_PAIRS = 10_000
 
 
 def parse_args(argv=None):
@@ -161,12 +200,17 @@ def parse_args(argv=None):
     p.add_argument("--rho", type=float, default=0.01, help="tail/head ratio in (0, 1]; 1 = balanced")
     p.add_argument("--imb-type", default="exp", choices=["exp", "step"])
     p.add_argument("--gpu", type=int, default=0, help="GPU index; -1 = CPU")
-    p.add_argument("--epochs", type=int, default=1600,
-                   help="SimSiam epochs (rwSAM: stage 2, and stage 1 unless --stage1-epochs); 1600 as the authors' "
-                        "long-tailed CIFAR runs (SimSiam-91: 800)")
-    p.add_argument("--batch-size", type=int, default=512, help="global batch (split across torchrun processes)")
-    p.add_argument("--lr", type=float, default=None, help="default: 0.06 · batch-size / 512")
-    p.add_argument("--wd", type=float, default=5e-4)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="SimSiam epochs (rwSAM: stage 2, and stage 1 unless --stage1-epochs); default 1600 as the "
+                        "authors' long-tailed CIFAR runs (SimSiam-91: 800), 300 for ImageNet-LT / iNat (paper 2 "
+                        "App. A.1); the full-size variant's with --subsample")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch (split across torchrun processes); default 512, 256 for ImageNet-LT / iNat "
+                        "(paper 2 App. A.1; Chen & He: 512)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="default: 0.06 · batch-size / 512; ImageNet-LT / iNat: 0.025 · batch-size / 256 (paper 2 "
+                        "App. A.1; Chen & He: 0.05 · batch-size / 256)")
+    p.add_argument("--wd", type=float, default=None, help="default: 5e-4; 1e-4 for ImageNet-LT / iNat (Chen & He)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0,
                    help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
@@ -181,12 +225,14 @@ def parse_args(argv=None):
     # --- this method ---
     p.add_argument("--opt", default="rwsam", choices=["sgd", "sam", "rwsam"],
                    help="sgd: SimSiam; sam: + SAM; rwsam: stage 1 SimSiam, KDE weights, stage 2 rwSAM")
-    p.add_argument("--sam-rho", type=float, default=5.0,
-                   help="SAM radius ρ (paper 2 App. C.1: 5 on CIFAR-10-LT, an ASAM radius)")
+    p.add_argument("--sam-rho", type=float, default=None,
+                   help="SAM radius ρ (paper 2 App. C.1, an ASAM radius): default 5 (CIFAR-10-LT), 2 (ImageNet-LT, iNat)")
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                    help="ASAM (Kwon et al.): ε = ρ·|w|²·g/‖|w|·g‖₂, as the authors always ran it (default); "
                         "--no-adaptive: plain SAM, ε = ρ·g/‖g‖₂")
-    p.add_argument("--alpha", type=float, default=1.2, help="rwSAM weight exponent: w = density^(-α)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="rwSAM weight exponent: w = density^(-α); default 1.2 (CIFAR-10-LT), 0.5 (ImageNet-LT, iNat), "
+                        "paper 2 App. C.1")
     p.add_argument("--bandwidth", type=float, default=None,
                    help="KDE bandwidth h; default: median distance between normalised stage-1 features")
     p.add_argument("--stage1", default=None, help="rwSAM: take stage 1 from this checkpoint instead of training it")
@@ -201,9 +247,9 @@ def parse_args(argv=None):
     p.add_argument("--same-epochs", action="store_true",
                    help="with --subsample r < 1, train --epochs epochs instead of round(epochs / r)")
     p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--knn-every", type=int, default=10,
+    p.add_argument("--knn-every", type=int, default=None,
                    help="kNN every N epochs and at the end of each stage (gap: at stage ends); 0: only at the ends; "
-                        "-1: no monitors")
+                        "-1: no monitors; default 10, -1 for ImageNet-LT / iNat (the monitors need in-memory data)")
     p.add_argument("--knn-k", type=int, default=200)
     p.add_argument("--knn-t", type=float, default=0.1, help="kNN vote temperature")
     p.add_argument("--knn-val-frac", type=float, default=0.1,
@@ -212,14 +258,29 @@ def parse_args(argv=None):
                    help="generalization gap: average over this many seeded draws of view pairs, standard error "
                         "reported")
     p.add_argument("--strict-fp32", action="store_true", help="disable TF32 in cuDNN convolutions and matmuls")
+    # ImageNet-LT / iNat (file lists): Chen & He's ImageNet SimSiam with paper 2's App. A.1 schedule
+    p.add_argument("--arch", default=None, choices=ARCHS,
+                   help="default: resnet18 (CIFAR ResNet-18: CIFAR, SVHN, folder), resnet50 (torchvision: "
+                        "ImageNet-LT, iNat); resnet10 is a small torchvision ResNet for file lists")
+    p.add_argument("--train-list", default=None, help="ImageNet-LT / iNat: 'relative/path label' list")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers per process (ImageNet-LT / iNat only)")
+    p.add_argument("--crop-size", type=int, default=224,
+                   help="ImageNet-LT / iNat: side of the RandomResizedCrop views (Chen & He: 224); a smaller one only "
+                        "for quick CPU checks")
+    p.add_argument("--fix-pred-lr", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the predictor's lr at --lr, no cosine (Chen & He's --fix-pred-lr); default: on for "
+                        "ImageNet-LT / iNat, off for CIFAR-size data")
     p.error = fail                                         # one line and exit 2, not the usage text
     args = p.parse_args(argv)
     args.cli_flags = given_flags(p, argv)
-    if args.dataset in ("imagenet_lt", "inat"):
-        fail(f"simsiam_rwsam.py runs paper 2's CIFAR recipe (ResNet-18 on small images held on the device); "
-             f"--dataset {args.dataset} is not supported")
-    if args.lr is None:
-        args.lr = 0.06 * args.batch_size / 512
+    large = args.dataset in LARGE
+    for name, small, imagenet in (("epochs", 1600, 300), ("batch_size", 512, 256), ("wd", 5e-4, 1e-4),
+                                  ("sam_rho", 5.0, 2.0), ("alpha", 1.2, 0.5), ("knn_every", 10, -1),
+                                  ("arch", "resnet18", "resnet50"), ("fix_pred_lr", False, True)):
+        if getattr(args, name) is None:
+            setattr(args, name, imagenet if large else small)
+    if args.lr is None:                                    # linear scaling rule (Goyal et al.)
+        args.lr = 0.025 * args.batch_size / 256 if large else 0.06 * args.batch_size / 512
     if args.out is None:
         tags = (["step"] if args.imb_type == "step" else []) + (["balanced"] if args.balanced else []) + \
                ([f"sub{args.subsample:g}"] if args.subsample < 1 else [])
@@ -235,11 +296,11 @@ def check_flag_ranges(args):
                                         ("bandwidth", 0, None, "()"), ("stage1_epochs", 1, None, "[)"),
                                         ("knn_every", -1, None, "[)"), ("knn_k", 1, None, "[)"),
                                         ("knn_t", 0, None, "()"), ("knn_val_frac", 0, 1, "()"),
-                                        ("gap_views", 1, None, "[)")])
+                                        ("gap_views", 1, None, "[)"), ("crop_size", 8, None, "[)")])
 
 
 # --resume continues a run with its own arguments; only these (where the run executes) may be given with it
-RESUME_FLAGS = ("gpu", "data_root", "download")
+RESUME_FLAGS = ("gpu", "workers", "data_root", "download")
 
 
 def fail(msg):
@@ -295,6 +356,16 @@ class ResNet18(nn.Module):
 # === end shared: resnet18 ===
 
 
+def simsiam_heads(dim=2048, pred_dim=512, width=512):
+    """SimSiam's heads (Chen & He 2021, CIFAR variant; REFERENCE §6): projector width → dim (BN, ReLU)
+    → dim (BN without affine), predictor dim → pred_dim (BN, ReLU) → dim. Returns (projector, predictor)."""
+    projector = nn.Sequential(nn.Linear(width, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
+                              nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim, affine=False))
+    predictor = nn.Sequential(nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim),
+                              nn.ReLU(inplace=True), nn.Linear(pred_dim, dim))
+    return projector, predictor
+
+
 class SimSiam(ResNet18):
     """Chen & He 2021 on the CIFAR ResNet-18 (REFERENCE §6). The backbone's tensors keep their top-level
     names (what every script of the project loads); the heads live under projector. and predictor.
@@ -303,14 +374,48 @@ class SimSiam(ResNet18):
     def __init__(self, dim=2048, pred_dim=512):
         super().__init__()
         self.fc = nn.Identity()
-        self.projector = nn.Sequential(nn.Linear(512, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
-                                       nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim, affine=False))
-        self.predictor = nn.Sequential(nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim),
-                                       nn.ReLU(inplace=True), nn.Linear(pred_dim, dim))
+        self.projector, self.predictor = simsiam_heads(dim, pred_dim)
 
     def forward(self, x1, x2):
         z1, z2 = self.projector(self.features(x1)), self.projector(self.features(x2))
         return z1, z2, self.predictor(z1), self.predictor(z2)
+
+
+class ResNetBackbone(torchvision.models.resnet.ResNet):
+    """torchvision ResNet-50 (ResNet-10: one basic block per stage) without its classifier: the pooled
+    feature (2048-d; 512-d for ResNet-10) under torchvision's tensor names, the backbone that moco_ssp.py,
+    ldam_drw.py and eval_linear.py build for file lists. zero_init_residual as Chen & He's builder."""
+
+    def __init__(self, arch):
+        block, layers = ((torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]) if arch == "resnet10" else
+                         (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]))
+        super().__init__(block, layers, zero_init_residual=True)
+        self.width = self.fc.in_features
+        self.fc = nn.Identity()
+
+    def features(self, x):
+        return torchvision.models.resnet.ResNet.forward(self, x)
+
+
+class SimSiamResNet(ResNetBackbone):
+    """Chen & He 2021's ImageNet SimSiam (their §4 and builder): projector of three layers, feature →
+    feature (BN, ReLU) → feature (BN, ReLU) → 2048 (BN without affine); predictor 2048 → 512 (BN, ReLU)
+    → 2048. Backbone keys at the top level, heads under projector. and predictor. (as SimSiam)."""
+
+    def __init__(self, arch, dim=2048, pred_dim=512):
+        super().__init__(arch)
+        w = self.width
+        self.projector = nn.Sequential(nn.Linear(w, w, bias=False), nn.BatchNorm1d(w), nn.ReLU(inplace=True),
+                                       nn.Linear(w, w, bias=False), nn.BatchNorm1d(w), nn.ReLU(inplace=True),
+                                       nn.Linear(w, dim, bias=False), nn.BatchNorm1d(dim, affine=False))
+        self.predictor = nn.Sequential(nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim),
+                                       nn.ReLU(inplace=True), nn.Linear(pred_dim, dim))
+
+    forward = SimSiam.forward
+
+
+def build_simsiam(arch):
+    return SimSiam() if arch == "resnet18" else SimSiamResNet(arch)
 
 
 # === shared: check_ranges (identical in every script) ===
@@ -539,29 +644,27 @@ def train_step(model, optimizer, x1, x2, opt, rho=0.0, adaptive=False, weights=N
     return loss.detach().mean(), loss2.detach().mean(), z_std
 
 
-def median_distance(feats, pairs=KDE_PAIRS, seed=0):
-    """Median of ‖f_i − f_j‖ over `pairs` random pairs, i uniform and j uniform among the others."""
-    n = len(feats)
-    g = torch.Generator().manual_seed(seed)
-    i = torch.randint(0, n, (pairs,), generator=g)
-    j = (i + torch.randint(1, n, (pairs,), generator=g)) % n
-    i, j = i.to(feats.device), j.to(feats.device)
-    return (feats[i] - feats[j]).norm(dim=1).median().item()
-
-
-def kde_weights(feats, alpha, bandwidth=None, seed=0, chunk=2048):
+def kde_weights(feats, alpha, bandwidth=None, seed=0, chunk=2048, pairs=10_000):
     """Paper 2 §4 and Algorithm 1 line 8: w_i = ((1/n)·Σ_j K(f_i − f_j, h))^(−α), Gaussian K.
 
     density_i = mean_j exp(−‖f_i − f_j‖²/(2h²)) over all n rows of `feats` (j = i included), computed in
     float64 by chunks of rows; K's constant (2πh²)^(−d/2) is dropped and the weights rescaled to mean 1,
-    which changes no perturbation. Returns (weights float32, density float64, h)."""
+    which changes no perturbation. h = `bandwidth`, or by default the median of ‖f_i − f_j‖ over `pairs`
+    random pairs (i uniform, j uniform among the others; a CPU generator seeded with `seed`).
+    Returns (weights float32, density float64, h); ValueError for < 2 rows or h = 0."""
     f = feats.double()
     n = len(f)
     if n < 2:
-        raise D.DataError(f"the KDE needs at least 2 training images, got {n}")
-    h = median_distance(f, seed=seed) if bandwidth is None else float(bandwidth)
+        raise ValueError(f"the KDE needs at least 2 training images, got {n}")
+    if bandwidth is None:                                             # the median heuristic
+        g = torch.Generator().manual_seed(seed)
+        i = torch.randint(0, n, (pairs,), generator=g)
+        j = (i + torch.randint(1, n, (pairs,), generator=g)) % n
+        h = (f[i.to(f.device)] - f[j.to(f.device)]).norm(dim=1).median().item()
+    else:
+        h = float(bandwidth)
     if not h > 0:
-        raise D.DataError("every stage-1 feature is the same (a collapsed representation): the KDE bandwidth "
+        raise ValueError("every stage-1 feature is the same (a collapsed representation): the KDE bandwidth "
                           "is 0; pass --bandwidth or train stage 1 longer")
     sq = (f * f).sum(1)
     density = torch.empty(n, dtype=torch.float64, device=f.device)
@@ -591,7 +694,10 @@ def embed(model, loader, amp=False):
 def weights_from_training_set(model, loader, alpha, bandwidth, seed, amp=False):
     """Algorithm 1 line 8 on the training subset; the loader's labels are not read."""
     feats, _ = embed(model, loader, amp)
-    return kde_weights(feats, alpha, bandwidth, seed)
+    try:
+        return kde_weights(feats, alpha, bandwidth, seed)
+    except ValueError as e:                                # too few images or a collapsed representation
+        raise D.DataError(str(e)) from None
 
 
 # ----- monitors ------------------------------------------------------------------------------------
@@ -699,8 +805,110 @@ def ssl_batches(images, batch_size, mean, std, epoch, seed, rank=0, world=1, chu
             yield [v[b:b + local] for v in views], idx[b:b + local]
 
 
+# File lists (ImageNet-LT / iNat). stream_seed, TwoViews, Positions, ListViews and list_plain_batches are
+# moco_ssp.py's, character for character (tests/test_simsiam_rwsam.py checks it): Chen & He's SimSiam views are
+# MoCo v2's ImageNet augmentation.
+def stream_seed(*key):
+    """A seed for one random stream (e.g. the shuffles of one epoch), independent of the data loader's."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+
+
+class TwoViews:
+    """MoCo v2's ImageNet augmentation (REFERENCE §5, the authors' main_moco.py --aug-plus), twice."""
+
+    def __init__(self, size):
+        self.t = v2.Compose([
+            v2.RandomResizedCrop(size, scale=(0.2, 1.0)),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=int(0.1 * size) // 2 * 2 + 1, sigma=(0.1, 2.0))], p=0.5),
+            v2.RandomHorizontalFlip(),
+            v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(D.IMAGENET_MEAN, D.IMAGENET_STD)])
+
+    def __call__(self, img):
+        return [self.t(img), self.t(img)]
+
+
+class Positions(torch.utils.data.Dataset):
+    """(item…, position) of the listed images `indices` of a dataset: rwSAM's weights are per position."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, [int(i) for i in indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return (*self.dataset[self.indices[i]], i)
+
+
+class ListViews:
+    """Two views of listed images per step, this process's share, with DistributedSampler (one permutation
+    seeded by (seed, epoch) on every process, each keeps every W-th index; set_epoch each epoch). Worker
+    seeds (and, without workers, this process's RNG) come from (seed, epoch, rank), so a resumed run draws
+    the same augmentations with the same --workers."""
+
+    def __init__(self, dataset, indices, batch_size, seed, workers, device, rank, world):
+        self.subset = Positions(dataset, indices)
+        self.sampler = torch.utils.data.DistributedSampler(self.subset, num_replicas=world, rank=rank, shuffle=True,
+                                                           seed=seed, drop_last=True)
+        self.batch_size, self.seed, self.workers, self.device, self.rank = batch_size, seed, workers, device, rank
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size
+
+    def epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+        s = stream_seed(self.seed, epoch, 2, self.rank)
+        torch.manual_seed(s)
+        loader = torch.utils.data.DataLoader(self.subset, self.batch_size, sampler=self.sampler, drop_last=True,
+                                             num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(s))
+        for views, y, pos in loader:
+            yield [v.to(self.device, non_blocking=True) for v in views], y.to(self.device, non_blocking=True), pos
+
+
+def list_plain_batches(args, idx, device):
+    """The training images of a file list in training order, test transform (rwSAM's KDE features)."""
+    plain = Positions(D.FileListDataset(args.data_root, args.train_list, train=False), idx)
+    loader = torch.utils.data.DataLoader(plain, 256, num_workers=args.workers, pin_memory=device.type == "cuda")
+    return ((x.to(device, non_blocking=True), y, pos) for x, y, pos in loader)
+
+
+class PlainList:
+    """list_plain_batches with GPULoader's epoch() interface, for embed(): rwSAM's KDE features."""
+
+    def __init__(self, args, idx, device):
+        self.args, self.idx, self.device = args, idx, device
+
+    def epoch(self, _):
+        return list_plain_batches(self.args, self.idx, self.device)
+
+
+def build_list_data(args, device):
+    """ImageNet-LT / iNat: the list is the variant (python datasets_lt.py --train-list writes paper 2's);
+    --val-frac carves a validation split from it. Two views per image in DataLoader workers."""
+    if not args.train_list:
+        fail(f"--dataset {args.dataset} needs --train-list ('relative/path label' file)")
+    if args.balanced:
+        fail(f"--balanced draws a CIFAR-size subset; for {args.dataset} pass the balanced list as --train-list "
+             f"(python datasets_lt.py --train-list ... writes paper 2's ImageNet variants)")
+    ds = D.FileListDataset(args.data_root, args.train_list, train=True, transform=TwoViews(args.crop_size))
+    idx, val_idx = D.carve_val(np.arange(len(ds)), ds.labels, args.val_frac, args.data_seed)
+    C = ds.num_classes
+    data = argparse.Namespace(names=None, C=C, idx=idx, val_idx=val_idx, mean=D.IMAGENET_MEAN, std=D.IMAGENET_STD,
+                              counts=np.bincount(ds.labels[idx], minlength=C).tolist(), labels=ds.labels[idx],
+                              images=None)
+    rank, world = dist_env()[:2]
+    data.train = ListViews(ds, idx, args.batch_size // world, args.seed, args.workers, device, rank, world)
+    data.train_eval = PlainList(args, idx, device)
+    return data
+
+
 def build_data(args, device, rank):
     """Everything the run reads: training images (device, uint8), eval loaders, monitor sets."""
+    if args.dataset in LARGE:
+        return build_list_data(args, device)
     train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
     test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
     C = len(names)
@@ -774,21 +982,30 @@ def check_args(args, world):
         fail("--stage1 replaces stage 1, so --stage1-epochs has nothing to do; drop one of them")
     if args.stage1_epochs is not None and args.stage1_epochs < 1:
         fail("--stage1-epochs must be positive")
+    large = args.dataset in LARGE
+    if large and args.knn_every >= 0:
+        fail(f"the kNN monitor and the generalization gap need in-memory data; for {args.dataset} pass "
+             f"--knn-every -1 (its default) and probe the checkpoint with eval_linear.py")
+    if large == (args.arch == "resnet18"):
+        fail(f"--arch {args.arch} is for {'CIFAR-size data' if large else 'file lists'}; use "
+             + ("resnet50 or resnet10 with --dataset " + args.dataset if large else "resnet18 (the CIFAR ResNet-18)"))
+    if args.train_list and not large:
+        fail("--train-list is for --dataset imagenet_lt or inat; drop it")
 
 
 def load_stage1(args):
     """--stage1 PATH: its backbone (checked and reported by the shared loader), and its heads when stage 2
     continues from it."""
-    backbone = ResNet18()
+    backbone = ResNet18() if args.arch == "resnet18" else ResNetBackbone(args.arch)
     arch = load_checkpoint(args.stage1)["arch"]
-    if arch != ARCH:                                       # this script has no --arch to switch to
-        fail(f"'{args.stage1}' holds a {arch} backbone; --stage1 needs a {ARCH} (CIFAR ResNet-18) checkpoint, "
+    if arch != args.arch:
+        fail(f"'{args.stage1}' holds a {arch} backbone; --stage1 needs a {args.arch} checkpoint, "
              f"e.g. the stage1.pt or last.pt of a simsiam_rwsam.py run")
-    ckpt = load_backbone(backbone, ARCH, args.stage1)
+    ckpt = load_backbone(backbone, args.arch, args.stage1)
     state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
     full = None
     if args.stage2_init == "stage1":
-        want = SimSiam().state_dict()
+        want = build_simsiam(args.arch).state_dict()
         bad = [k for k in want if k not in state or state[k].shape != want[k].shape]
         if bad:
             fail(f"'{args.stage1}' lacks the SimSiam heads ({bad[0]}, …) that stage 2 continues from; "
@@ -804,9 +1021,9 @@ def run_epochs(args, epochs):
     return epochs if args.subsample >= 1 or args.same_epochs else round(epochs / args.subsample)
 
 
-def init_state(seed):
+def init_state(seed, arch="resnet18"):
     torch.manual_seed(seed)
-    return SimSiam().state_dict()
+    return build_simsiam(arch).state_dict()
 
 
 def lr_at(epoch, epochs, base):
@@ -815,8 +1032,14 @@ def lr_at(epoch, epochs, base):
 
 
 def make_optimizer(model, args, device):
-    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
-                           fused=device.type == "cuda")
+    """SGD; with --fix-pred-lr the predictor is a group of its own whose lr stays at --lr (Chen & He)."""
+    if not args.fix_pred_lr:
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
+                               fused=device.type == "cuda")
+    pred = [p for n, p in model.named_parameters() if n.startswith("predictor.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("predictor.")]
+    return torch.optim.SGD([{"params": rest, "fix_lr": False}, {"params": pred, "fix_lr": True}], lr=args.lr,
+                           momentum=args.momentum, weight_decay=args.wd, fused=device.type == "cuda")
 
 
 def main(argv=None):
@@ -829,7 +1052,9 @@ def main(argv=None):
             fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not simsiam_rwsam.py; "
                  f"use --stage1 to start rwSAM from its backbone")
         # same_epochs, gap_views: what runs saved before these flags existed did
-        ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), "same_epochs": True, "gap_views": 1, **ckpt["args"]}
+        ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), "same_epochs": True, "gap_views": 1,
+                        "arch": "resnet18", "train_list": None, "workers": 8, "crop_size": 224, "fix_pred_lr": False,
+                        **ckpt["args"]}
         args = resume_args(args, ckpt, RESUME_FLAGS)
         if rank == 0:
             print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
@@ -860,7 +1085,7 @@ def main(argv=None):
         return ("sgd", g, e1) if g < e1 else (args.opt, g - e1, e2)
 
     torch.manual_seed(args.seed)
-    model = SimSiam().to(device)
+    model = build_simsiam(args.arch).to(device)
     optimizer = make_optimizer(model, args, device)
     start, kde, best, summary = 0, None, None, {}
     if ckpt is not None:
@@ -894,14 +1119,16 @@ def main(argv=None):
                 f"--same-epochs, {args.epochs} epochs as the full variant (fewer optimizer steps)" if args.same_epochs
                 else f"{e2} = round({args.epochs} / {args.subsample:g}) epochs, the optimizer steps of the full "
                      f"variant's {args.epochs} (paper 2 App. A.1; --same-epochs turns this off)"))
+        counts = data.counts if data.images is not None else f"{data.counts[:3]}…{data.counts[-1]}"
         print(f"{args.dataset} rho={args.rho:g} ({args.imb_type}{', balanced' if args.balanced else ''}"
               f"{f', subsample {args.subsample:g}' if args.subsample < 1 else ''}): {n} training images "
-              f"{data.counts}; {plan}; batch {args.batch_size} on {world} × {device}, lr {args.lr:g}"
+              f"{counts}; {plan}; {args.arch}, batch {args.batch_size} on {world} × {device}, lr {args.lr:g}"
+              + (" (predictor: fixed)" if args.fix_pred_lr else "")
               + (f", SAM ρ={args.sam_rho:g}{' adaptive' if args.adaptive else ''}" if args.opt != "sgd" else ""))
         print(f"{'epoch':>5} {'opt':>5} {'lr':>8} {'loss':>8} {'z_std':>7} {'knn':>6} {'s':>6}")
 
     def save(state_name, g, **recipe):
-        state = {"script": "simsiam_rwsam.py", "arch": ARCH, "model": net.state_dict(), "epoch": g,
+        state = {"script": "simsiam_rwsam.py", "arch": args.arch, "model": net.state_dict(), "epoch": g,
                  "optimizer": optimizer.state_dict(), "args": {**vars(args), **recipe}, "class_counts": data.counts,
                  "rng": {"torch": torch.get_rng_state()}, "kde_weights": kde, "best": best, "summary": summary,
                  "mean": data.mean, "std": data.std}
@@ -939,14 +1166,15 @@ def main(argv=None):
         t0 = time.time()
         lr = lr_at(e, epochs, args.lr)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = args.lr if group.get("fix_lr") else lr
         model.train()
         sums = torch.zeros(3, device=device, dtype=torch.float64)
         first_bad = torch.full((), -1, device=device, dtype=torch.long)
         steps = 0
-        for step, ((x1, x2), pos) in enumerate(ssl_batches(data.images, args.batch_size, data.mean, data.std, g,
-                                                           args.seed, rank, world)):
-            w = weights[pos] if opt == "rwsam" else None
+        batches = (ssl_batches(data.images, args.batch_size, data.mean, data.std, g, args.seed, rank, world)
+                   if data.images is not None else ((views, pos) for views, _, pos in data.train.epoch(g)))
+        for step, ((x1, x2), pos) in enumerate(batches):
+            w = weights[pos.to(device)] if opt == "rwsam" else None
             loss, loss2, z_std = train_step(model, optimizer, x1, x2, opt, args.sam_rho, args.adaptive, w, args.amp)
             bad = ~(torch.isfinite(loss) & torch.isfinite(loss2))
             first_bad = torch.where((first_bad < 0) & bad, step, first_bad)
@@ -994,7 +1222,7 @@ def main(argv=None):
         rows = read_metrics(metrics)
         per_epoch = {o: float(np.median([r["seconds"] for r in rows if r["opt"] == o]))
                      for o in sorted({r["opt"] for r in rows})}
-        final = {"script": "simsiam_rwsam.py", "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type,
+        final = {"script": "simsiam_rwsam.py", "arch": args.arch, "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type,
                  "balanced": args.balanced, "subsample": args.subsample, "opt": args.opt, "sam_rho": args.sam_rho,
                  "adaptive": args.adaptive, "alpha": args.alpha, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs,
                  "epochs_trained": e2, "same_epochs": args.same_epochs, "stage1_epochs": e1, "stage1": args.stage1, "stage2_init": args.stage2_init, "world_size": world,
@@ -1049,7 +1277,7 @@ def begin_stage2(args, data, net, stage1_backbone, stage1_full, device, rank, wo
     if kde is None:
         kde = {"weights": weights.cpu()}
     if args.stage2_init == "scratch":
-        net.load_state_dict(init_state(args.seed))
+        net.load_state_dict(init_state(args.seed, args.arch))
     elif stage1_full is not None:
         net.load_state_dict(stage1_full)
     return kde

@@ -15,28 +15,23 @@
 
 Every verdict compares what the model does (simulated; for the tails of thm1/thm3 also computed
 exactly from the model and checked against the simulation) with the bound; none uses the theorem's
-formula alone. Settings are chosen where the bounds say something: thm1/thm3 stated probabilities
-0.6 and 0.95, thm2 rows with an interior minimum, thm31 d = 100..800. kappa (thm1, thm3) is the largest
-factor by which the bound's exponents could be multiplied and still hold; a row holds when kappa >= 1.
-thm2 holds when the simulated minimum over 401 thresholds is >= 1/4 - 3 SE and the closed form is
-within 5 SE of the simulation at every threshold. thm31 holds when the log-log slope over d of the SL
-capture (SSL deficit) is <= -1/10 (-1/5) + 0.05. Exit code 0 when everything holds, 1 when a check
-fails, 2 on bad input. Trials: 20,000 per row (--trials), SE <= 0.0035; thm31: 5 data sets per d.
-`python theory_sim.py` takes about 10 s of CPU time on 2 cores (numpy 2.4, scipy 1.17), thm31 most of it.
+formula alone. kappa (thm1, thm3) is the largest factor by which the bound's exponents could be
+multiplied and still hold; a row holds when kappa >= 1. thm2 holds when the simulated minimum over 401
+thresholds is >= 1/4 - 3 SE and the closed form is within 5 SE of the simulation at every threshold.
+thm31 holds when the log-log slope over d of the SL capture (SSL deficit) is <= -1/10 (-1/5) + 0.05.
+Exit code 0 when everything holds, 1 when a check fails, 2 on bad input. Trials: 20,000 per row
+(--trials), SE <= 0.0035; thm31: 5 data sets per d. About 10 s of CPU time on 2 cores (numpy 2.4,
+scipy 1.17), thm31 most of it. Results: README "Theory checks".
 
 Deliberate choices (details next to the code and in README "Theory checks"):
- 1. Free constants: mu1 = 1, mu2 = -1, sigma = 1 (thm1); sigma1 = k1 = 1, k2 = 1, beta = 5 (thm3);
-    p+ = N+/N in thm3, so a small N+ is also a rare positive class at test time.
- 2. Exact reductions instead of raw samples (same law, tested against raw sampling): thm1 draws the
-    binomial counts of correct pseudo-labels plus one Gaussian, thm3 two chi-square sums.
- 3. Theorem 2's 1/4 holds for every beta > 0 (err >= p- Phi(t/sqrt(beta)) > p-/2), so beta = 2 is shown.
- 4. Theorem 3.1 (OCR-damaged) read as rho = d^(-1/5), tau = d^(1/5), n3 <= d^(1/5), SL O(d^(-1/10)),
-    SSL 1 - O(d^(-1/5)); n1 = n2 = d, n3 = floor(d^(1/5)), m = 3. Appendix E eqs. (33)-(34) prove
-    only O(d^(-1/20)) for SL; the check uses the stated, stricter -1/10. n1 = d^2 is not used: such
-    data are not linearly separable at any d we can simulate (the min-norm SVM is then undefined).
- 5. Min-norm two-layer network = min-norm multiclass SVM (their Lemma E.3), solved exactly with NNLS on
-    a growing working set; SSL features = top-m eigenvectors of the second moment (their proof).
- 6. As a script the file limits BLAS to one thread (many small calls: 2 threads were 1.6-15x slower).
+ 1. Free constants: mu1 = 1, mu2 = -1, sigma = 1 (thm1); sigma1 = k1 = 1, k2 = 1, beta = 5, p+ = N+/N (thm3).
+ 2. Settings where the bounds say something: stated P 0.6 / 0.95, thm2 interior minima, thm31 d = 100..800.
+ 3. Exact reductions of the samples (same law, tested): thm1 binomial counts + a Gaussian, thm3 chi-squares.
+ 4. Theorem 2's 1/4 holds for every beta > 0 (err >= p- Phi(t/sqrt(beta)) > p-/2), so beta = 2 is shown.
+ 5. Theorem 3.1 (OCR-damaged) read as rho = d^(-1/5), tau = d^(1/5), n3 = floor(d^(1/5)), n1 = n2 = d, m = 3.
+ 6. SL exponent -1/10 as stated, stricter than the -1/20 that appendix E eqs. (33)-(34) prove.
+ 7. Min-norm network = min-norm multiclass SVM (Lemma E.3) by NNLS; SSL = top-m eigenvectors (their proof).
+ 8. As a script the file limits BLAS to one thread (many small calls: 2 threads were 1.6-15x slower).
 """
 import argparse
 import json

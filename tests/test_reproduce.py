@@ -13,7 +13,8 @@ from conftest import ROOT, forkrun_env, write_folder
 ROWS = ["ce", "cb-ce", "focal", "cb-focal", "ce-drw", "ce-drs", "ldam", "ldam-drw",
         "ce+ssp", "cb-ce+ssp", "focal+ssp", "cb-focal+ssp", "ce-drw+ssp", "ce-drs+ssp", "ldam+ssp", "ldam-drw+ssp",
         "ce+st", "ce+st-half", "ce+st-same", "ce+st-double", "ldam-drw+st", "ldam-drw+st-half", "ldam-drw+st-same",
-        "ldam-drw+st-double", "ce+crt", "simsiam", "simsiam+sam", "simsiam-balanced", "simsiam+rwsam", "moco"]
+        "ldam-drw+st-double", "ce+crt", "simsiam", "simsiam+sam", "simsiam-balanced", "simsiam+rwsam",
+        "simsiam-step", "simsiam+sam-step", "simsiam-balanced-step", "simsiam+rwsam-step", "moco"]
 NEEDS = ("--pretrained", "--base", "--ckpt", "--stage1")
 
 
@@ -74,7 +75,7 @@ def test_table_is_mean_and_sample_std_of_the_seeds(tmp_path):
     assert p.returncode == 0, p.stderr
     lines = {l.split(" | ")[0][2:]: l for l in p.stdout.splitlines() if l.count(" | ") == 4}
     assert lines["ce"] == "| ce | error % | 29.64 | 32.00 ± 2.00 (3 seeds) | 1.5 |"
-    assert lines["simsiam"] == "| simsiam | probe acc. % | 81.4 | 80.25 (1 seed) | 0.5 |"
+    assert "simsiam" not in lines                                 # in the Table 1(a) block
     assert lines["ldam-drw+ssp"] == "| ldam-drw+ssp | error % | 22.17 | not run | — |"
     p = reproduce("table", RUNS=str(tmp_path), RHO="0.1")
     assert "| ce | error % | 13.61 | 32.00 ± 2.00 (3 seeds) | 1.5 |" in p.stdout
@@ -254,15 +255,58 @@ def test_cross_validation_table(tmp_path):
     assert "| h=0.3 | 65.50 | 50.00 | 1 |" in p.stdout
 
 
+T1A = ("simsiam", "simsiam+sam", "simsiam-balanced", "simsiam+rwsam")
+
+
 def test_table_1a_rows_train_the_same_epochs():
-    """Paper 2 Table 1(a): SimSiam, +SAM, balanced and +rwSAM each train their model for the same epochs;
-    rwSAM's stage 2 is a fresh model (its stage 1 is the SimSiam row's run, read through --stage1)."""
-    p = reproduce("--dry-run", "simsiam", "simsiam+sam", "simsiam-balanced", "simsiam+rwsam", SEEDS="0", RUNS="R")
-    runs = {o: a for o, (s, _, a) in _parse_dry_run(p.stdout).items() if s == "simsiam_rwsam.py"}
-    assert set(runs) == {f"R/pretrain/{m}/s0" for m in ("simsiam", "simsiam+sam", "simsiam-balanced", "simsiam+rwsam")}
-    assert {a.epochs for a in runs.values()} == {1600} and all(a.subsample == 1 for a in runs.values())
-    rw = runs["R/pretrain/simsiam+rwsam/s0"]
-    assert rw.stage1 == "R/pretrain/simsiam/s0/last.pt" and rw.stage2_init == "scratch" and rw.stage1_epochs is None
+    """Paper 2 Table 1(a): SimSiam, +SAM, balanced and +rwSAM each train their model for the same epochs, in
+    the exp column (row <name>) and the step column (row <name>-step); rwSAM's stage 2 is a fresh model (its
+    stage 1 is the SimSiam row's run of the same column, read through --stage1); every row is probed."""
+    rows = [m + v for v in ("", "-step") for m in T1A]
+    p = reproduce("--dry-run", *rows, SEEDS="0", RUNS="R")
+    parsed = _parse_dry_run(p.stdout)
+    runs = {o: a for o, (s, _, a) in parsed.items() if s == "simsiam_rwsam.py"}
+    assert set(runs) == {f"R/pretrain/{r}/s0" for r in rows}
+    assert {a.epochs for a in runs.values()} == {1600} and all(a.subsample == 1 and a.rho == 0.01 for a in runs.values())
+    for r in rows:
+        a = runs[f"R/pretrain/{r}/s0"]
+        assert a.imb_type == ("step" if r.endswith("-step") else "exp") and a.balanced == ("balanced" in r)
+        assert a.opt == {"simsiam": "sgd", "simsiam+sam": "sam", "simsiam-balanced": "sgd",
+                         "simsiam+rwsam": "rwsam"}[r.removesuffix("-step")]
+        assert parsed[f"R/{r}/s0"][2].ckpt == f"R/pretrain/{r}/s0/last.pt"          # the probe of that run
+    for v in ("", "-step"):
+        rw = runs[f"R/pretrain/simsiam+rwsam{v}/s0"]
+        assert rw.stage1 == f"R/pretrain/simsiam{v}/s0/last.pt" and rw.stage2_init == "scratch" and rw.stage1_epochs is None
+
+
+def test_table_1a_block_has_exp_step_and_gap_columns(tmp_path):
+    """The Table 1(a) block: probe top-1 of the exp and step rows, and the step pre-training runs' frequent /
+    rare generalization gap from their final.json, each beside the paper's number."""
+    def final(folder, seed, **values):
+        d = tmp_path / folder / f"s{seed}"
+        d.mkdir(parents=True)
+        (d / "final.json").write_text(json.dumps({"wall_seconds": 60, **values}))
+    gap = lambda f, r: {"gap": {"frequent": {"gap": f, "se": 0.001}, "rare": {"gap": r, "se": 0.002}}, "knn_top1": 50.0}
+    final("simsiam", 0, top1=80.0)
+    final("simsiam", 1, top1=81.0)
+    final("simsiam-step", 0, top1=84.5)
+    final("pretrain/simsiam-step", 0, last=gap(0.030, 0.090))
+    final("pretrain/simsiam-step", 1, last=gap(0.040, 0.070))
+    final("simsiam+rwsam-step", 2, top1=85.25)
+    final("pretrain/simsiam+rwsam-step", 2, last=None)                   # run with --knn-every -1
+    p = reproduce("table", RUNS=str(tmp_path), RHO="0.01")
+    assert p.returncode == 0, p.stderr
+    lines = {l.split(" | ")[0][2:]: l for l in p.stdout.splitlines() if l.count(" | ") == 8}
+    assert lines["simsiam"] == ("| simsiam | 81.4 | 80.50 ± 0.71 (2 seeds) | 84.3 | 84.50 (1 seed) | 0.035 | "
+                                "0.035 ± 0.007 (2 seeds) | 0.081 | 0.080 ± 0.014 (2 seeds) |")
+    assert lines["simsiam+rwsam"] == ("| simsiam+rwsam | 82.7 | not run | 85.6 | 85.25 (1 seed) | 0.037 | not measured "
+                                      "(--knn-every -1) | 0.066 | not measured (--knn-every -1) |")
+    assert lines["simsiam-balanced"] == ("| simsiam-balanced | 82.0 | not run | 85.8 | not run | 0.038 | not run | "
+                                         "0.037 | not run |")
+    assert "| simsiam+sam | 82.1 | not run | 84.7 | not run | 0.044 |" in lines["simsiam+sam"]
+    assert "| simsiam-step | the simsiam command with --imb-type step |" in p.stdout            # pre-training list
+    rho1 = reproduce("table", RUNS=str(tmp_path), RHO="0.1").stdout                     # the paper has rho 0.01 only
+    assert "| simsiam | — | 80.50 ± 0.71 (2 seeds) | — | 84.50 (1 seed) | — |" in rho1
 
 
 # ----- paper2-fig1: paper 2 Fig. 1(a), SL vs SSL at equal n --------------------------------------------
@@ -327,3 +371,27 @@ def test_fig1_tiny_end_to_end_prints_the_table(tmp_path):
     id_sl = [json.loads((runs / f"id/sl/r0.5-q1-{v}/s0/final.json").read_text())["top1"] for v in ("bal", "imb")]
     cells = rows[0].split(" | ")
     assert cells[2:5] == [f"{id_sl[0]:.2f}", f"{id_sl[1]:.2f}", f"{100 * (id_sl[0] - id_sl[1]) / id_sl[0]:.2f}"]
+
+
+def test_tables_3_and_4_on_several_gpus_launch_with_torchrun():
+    """NPROC=8: every ldam_drw.py / moco_ssp.py / crt.py run of SET=imagenet_lt / inat is launched by torchrun
+    with 8 processes (the arguments are those of the one-process runs); NPROC is refused elsewhere."""
+    for dataset in ("imagenet_lt", "inat"):
+        p = reproduce("--dry-run", SET=dataset, SEEDS="0", RUNS="R", LT_ROOT="/img", LT_LISTS="/lists", NPROC="8")
+        assert p.returncode == 0, p.stderr
+        lines = [l for l in p.stdout.splitlines() if not l.startswith("# stage")]
+        scripts = set()
+        for line in lines:
+            python, *launch = shlex.split(line)
+            assert launch[:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8"], line
+            script, *argv = launch[5:]
+            importlib.import_module(script[:-3]).parse_args(argv)
+            scripts.add(script)
+        assert scripts == {"ldam_drw.py", "moco_ssp.py", "crt.py"}
+        single = reproduce("--dry-run", SET=dataset, SEEDS="0", RUNS="R", LT_ROOT="/img", LT_LISTS="/lists")
+        assert [shlex.split(l)[1:] for l in single.stdout.splitlines() if not l.startswith("#")] == \
+            [shlex.split(l)[6:] for l in lines]
+    for env, msg in ((dict(SET="cifar10", NPROC="2"), "NPROC (torchrun) is for SET=imagenet_lt or inat"),
+                     (dict(SET="inat", NPROC="0"), "NPROC must be a whole number >= 1")):
+        bad = reproduce("--dry-run", **env)
+        assert bad.returncode == 2 and msg in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 import datasets_lt as D
 import simsiam_rwsam as S
-from conftest import run_script, write_folder
+from conftest import run_script, write_file_list, write_folder
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -218,10 +218,10 @@ def test_kde_gives_isolated_points_larger_weights():
 
 
 def test_median_bandwidth():
-    assert S.median_distance(torch.eye(6, dtype=torch.float64)) == pytest.approx(math.sqrt(2))
-    assert S.median_distance(torch.tensor([[0.0, 0.0], [3.0, 4.0]])) == pytest.approx(5.0)
+    assert S.kde_weights(torch.eye(6, dtype=torch.float64), 1.0)[2] == pytest.approx(math.sqrt(2))
+    assert S.kde_weights(torch.tensor([[0.0, 0.0], [3.0, 4.0]]), 1.0)[2] == pytest.approx(5.0)
     f = torch.randn(50, 4, generator=torch.Generator().manual_seed(6))
-    assert S.median_distance(f, seed=1) == S.median_distance(f, seed=1)
+    assert S.kde_weights(f, 1.0, seed=1)[2] == S.kde_weights(f, 1.0, seed=1)[2]
 
 
 def test_kde_weights_read_features_not_labels():
@@ -554,7 +554,12 @@ def test_torchrun_two_processes_on_cpu(data, tmp_path):
     (["--gap-views", "0"], "--gap-views"),
     (["--opt", "sam", "--stage1", "x.pt"], "--opt rwsam"),
     (["--stage1", "missing.pt"], "does not exist"),
-    (["--dataset", "imagenet_lt"], "not supported"),
+    (["--dataset", "imagenet_lt"], "needs --train-list"),
+    (["--dataset", "inat", "--train-list", "x.txt", "--knn-every", "0"], "pass --knn-every -1"),
+    (["--arch", "resnet50"], "--arch resnet50 is for file lists"),
+    (["--dataset", "imagenet_lt", "--arch", "resnet18", "--knn-every", "-1"], "use resnet50 or resnet10"),
+    (["--train-list", "x.txt"], "--train-list is for --dataset imagenet_lt or inat"),
+    (["--crop-size", "4"], "--crop-size"),
     (["--batch-size", "64"], "lower --batch-size"),
 ])
 def test_bad_input_one_line_exit_2(data, tmp_path, capsys, extra, msg):
@@ -572,3 +577,98 @@ def test_cli_error_and_no_overwrite(rwsam_run, data):
     torch.save({"script": "ldam_drw.py", "arch": "resnet32", "model": {}}, rwsam_run.parent / "other.pt")
     r = run_script("simsiam_rwsam.py", "--resume", rwsam_run.parent / "other.pt", "--gpu", "-1")
     assert r.returncode == 2 and "written by ldam_drw.py" in r.stderr
+
+
+# ----- ImageNet-LT / iNat file lists ---------------------------------------------------------------
+
+def test_file_list_defaults_are_the_imagenet_recipe():
+    """Chen & He's ImageNet SimSiam with paper 2's App. A.1 schedule and App. C.1's ρ, α; CIFAR unchanged."""
+    a = S.parse_args(["--dataset", "imagenet_lt", "--train-list", "l.txt"])
+    assert (a.arch, a.epochs, a.batch_size, a.lr, a.wd, a.momentum, a.fix_pred_lr) == \
+        ("resnet50", 300, 256, 0.025, 1e-4, 0.9, True)
+    assert (a.sam_rho, a.alpha, a.adaptive, a.opt, a.knn_every, a.crop_size) == (2.0, 0.5, True, "rwsam", -1, 224)
+    b = S.parse_args(["--dataset", "inat", "--batch-size", "512", "--arch", "resnet10", "--no-fix-pred-lr"])
+    assert (b.lr, b.arch, b.fix_pred_lr, b.epochs) == (0.05, "resnet10", False, 300)        # 0.025 per 256 images
+    c = S.parse_args([])
+    assert (c.arch, c.epochs, c.batch_size, c.lr, c.wd, c.sam_rho, c.alpha, c.knn_every, c.fix_pred_lr) == \
+        ("resnet18", 1600, 512, 0.06, 5e-4, 5.0, 1.2, 10, False)
+    epochs = lambda *argv: S.run_epochs(S.parse_args(["--dataset", "imagenet_lt", *argv]), 300)
+    assert (epochs("--subsample", "0.25"), epochs("--subsample", "0.75"), epochs("--subsample", "0.25", "--same-epochs")) \
+        == (1200, 400, 300)                                   # App. A.1: the full list's optimizer steps
+
+
+def test_imagenet_model_is_chen_and_he_on_the_project_backbone():
+    m = S.SimSiamResNet("resnet50")
+    own = m.state_dict()
+    tv = __import__("torchvision").models.resnet50().state_dict()
+    assert {k for k in own if not k.startswith(("projector.", "predictor."))} == {k for k in tv if not k.startswith("fc.")}
+    shapes = [tuple(l.weight.shape) for l in m.projector if isinstance(l, nn.Linear)]
+    assert shapes == [(2048, 2048)] * 3 and not m.projector[-1].affine
+    assert [tuple(l.weight.shape) for l in m.predictor if isinstance(l, nn.Linear)] == [(512, 2048), (2048, 512)]
+    assert all(torch.count_nonzero(b.bn3.weight) == 0 for layer in (m.layer1, m.layer4) for b in layer)  # zero_init_residual
+    z1, z2, p1, p2 = S.SimSiamResNet("resnet10").eval()(torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32))
+    assert z1.shape == p2.shape == (2, 2048)
+
+
+def test_sources_copied_from_moco_ssp_are_identical():
+    import inspect
+    import moco_ssp as M
+    for name in ("stream_seed", "TwoViews", "Positions", "ListViews", "list_plain_batches"):
+        assert inspect.getsource(getattr(M, name)) == inspect.getsource(getattr(S, name)), name
+
+
+@pytest.fixture(scope="module")
+def file_list(tmp_path_factory):
+    root = tmp_path_factory.mktemp("list")
+    return root, write_file_list(root, num_classes=3, per_class=4)
+
+
+def _list_args(root, lst, out, *extra):
+    return ["--dataset", "imagenet_lt", "--data-root", str(root), "--train-list", str(lst), "--rho", "1", "--gpu", "-1",
+            "--arch", "resnet10", "--batch-size", "4", "--crop-size", "32", "--workers", "0", "--out", str(out),
+            *map(str, extra)]
+
+
+def test_file_list_sgd_then_rwsam_then_linear_probe(file_list, tmp_path, capsys):
+    """SimSiam (sgd, fixed predictor lr), then rwSAM with its KDE weights from that run's backbone (Algorithm 1
+    line 8, recomputed here by hand) and a fresh model, then eval_linear.py on the same list loads it."""
+    root, lst = file_list
+    S.main(_list_args(root, lst, tmp_path / "sgd", "--opt", "sgd", "--epochs", 2))
+    sgd = torch.load(tmp_path / "sgd" / "last.pt", weights_only=True)
+    assert (sgd["arch"], sgd["epoch"], sgd["class_counts"], sgd["mean"]) == ("resnet10", 2, [4, 4, 4], D.IMAGENET_MEAN)
+    base = sgd["args"]["lr"]
+    groups = sgd["optimizer"]["param_groups"]
+    assert [g["fix_lr"] for g in groups] == [False, True] and groups[1]["lr"] == base       # predictor: no cosine
+    assert groups[0]["lr"] == pytest.approx(S.lr_at(1, 2, base))
+    assert len(groups[1]["params"]) == len([k for k, _ in S.SimSiamResNet("resnet10").named_parameters()
+                                            if k.startswith("predictor.")])
+    rows = [json.loads(l) for l in (tmp_path / "sgd" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["opt"] for r in rows] == ["sgd", "sgd"] and all(math.isfinite(r["loss"]) for r in rows)
+
+    S.main(_list_args(root, lst, tmp_path / "rw", "--stage1", tmp_path / "sgd" / "last.pt", "--epochs", 1))
+    rw = torch.load(tmp_path / "rw" / "last.pt", weights_only=True)
+    assert rw["args"]["opt"] == "rwsam" and rw["kde_weights"]["indices"].tolist() == list(range(12))
+    backbone = S.ResNetBackbone("resnet10")
+    backbone.load_state_dict({k: v for k, v in sgd["model"].items() if not k.startswith(("projector.", "predictor."))})
+    ds = D.FileListDataset(str(root), str(lst), train=False)                  # Resize 256, CenterCrop 224
+    with torch.no_grad():
+        feats = torch.nn.functional.normalize(backbone.eval()(torch.stack([ds[i][0] for i in range(12)])), dim=1)
+    w, _, h = S.kde_weights(feats, 0.5, None, 0)
+    assert torch.allclose(rw["kde_weights"]["weights"], w, atol=1e-5) and rw["kde_weights"]["bandwidth"] == pytest.approx(h)
+    assert [json.loads(l)["opt"] for l in (tmp_path / "rw" / "metrics.jsonl").read_text().splitlines()] == ["rwsam"]
+    final = json.loads((tmp_path / "rw" / "final.json").read_text())
+    assert (final["arch"], final["n_train"], final["sam_rho"], final["alpha"], final["kde"]["alpha"]) == \
+        ("resnet10", 12, 2.0, 0.5, 0.5)
+
+    import eval_linear as L
+    capsys.readouterr()
+    L.main(["--ckpt", str(tmp_path / "rw" / "last.pt"), "--data-root", str(root), "--train-list", str(lst),
+            "--test-list", str(lst), "--gpu", "-1", "--epochs", "1", "--protocol", "fast", "--workers", "0",
+            "--out", str(tmp_path / "probe")])
+    assert "2 missing (fc.weight, fc.bias)" in capsys.readouterr().out
+    probe = torch.load(tmp_path / "probe" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(probe[k], v) for k, v in rw["model"].items() if not k.startswith(("projector.", "predictor.")))
+    meta = json.loads((tmp_path / "probe" / "final.json").read_text())["pretrain"]
+    assert (meta["script"], meta["arch"], meta["n"], meta["method"]) == ("simsiam_rwsam.py", "resnet10", 12,
+                                                                          "simsiam_rwsam+rwsam")
+
