@@ -639,12 +639,15 @@ class ShardedListBatches(ListBatches):
         kw = {k: v for k, v in self.kw.items() if k != "batch_size"}
         loader = iter(torch.utils.data.DataLoader(sub, batch_sampler=steps,
                                                   generator=torch.Generator().manual_seed(s), **kw))
-        for b, share in shares:
-            if len(share):
-                x, y = next(loader)
-            else:                                          # the image shape, from the batch's first image
-                x, y = self.dataset[int(self.indices[b[0]])][0][None][:0], torch.zeros(0, dtype=torch.long)
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), share, self.labels[b]
+        try:
+            for b, share in shares:
+                if len(share):
+                    x, y = next(loader)
+                else:                                      # the image shape, from the batch's first image
+                    x, y = self.dataset[int(self.indices[b[0]])][0][None][:0], torch.zeros(0, dtype=torch.long)
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), share, self.labels[b]
+        except D.DataError as e:                   # an unreadable image mid-epoch: stop before saving anything
+            fail(str(e))
 
 
 def eval_shard(dataset, indices, seed, workers, device, rank, world):
