@@ -864,15 +864,22 @@ class ListViews:
         loader = torch.utils.data.DataLoader(self.subset, self.batch_size, sampler=self.sampler, drop_last=True,
                                              num_workers=self.workers, pin_memory=self.device.type == "cuda",
                                              generator=torch.Generator().manual_seed(s))
-        for views, y, pos in loader:
-            yield [v.to(self.device, non_blocking=True) for v in views], y.to(self.device, non_blocking=True), pos
+        try:
+            for views, y, pos in loader:
+                yield [v.to(self.device, non_blocking=True) for v in views], y.to(self.device, non_blocking=True), pos
+        except D.DataError as e:                   # an unreadable image mid-epoch: stop before saving anything
+            fail(str(e))
 
 
 def list_plain_batches(args, idx, device):
     """The training images of a file list in training order, test transform (rwSAM's KDE features)."""
     plain = Positions(D.FileListDataset(args.data_root, args.train_list, train=False), idx)
     loader = torch.utils.data.DataLoader(plain, 256, num_workers=args.workers, pin_memory=device.type == "cuda")
-    return ((x.to(device, non_blocking=True), y, pos) for x, y, pos in loader)
+    try:
+        for x, y, pos in loader:
+            yield x.to(device, non_blocking=True), y, pos
+    except D.DataError as e:                       # an unreadable image: stop before saving anything
+        fail(str(e))
 
 
 class PlainList:

@@ -2,6 +2,17 @@
 
 Only torchvision's md5 check is replaced (by a does-the-file-exist check): the fake files cannot
 match the published checksums, and a missing file must still be reported as missing.
+
+Keeping the suite fast (`python -m pytest -q tests` must stay well under 6 minutes on an idle 2-core machine):
+- Run a script in-process, `module.main([...])`, unless process isolation is what the test checks. Where it
+  is (exit code, stderr, a kill), use run_script(...) below: a process of its own, forked from a parent
+  that imported torch once (tests/forkrun.py), not a fresh `python` that re-imports it (2-4 s each). For
+  reproduce.sh, pass forkrun_env() in its environment. Many bad-input cases: tests/bad_input_driver.py.
+- Several tests that read the same run share it through a module- or session-scoped fixture.
+- Fake data, epochs, image sizes and archs as small as still exercises the behaviour (1-2 epochs,
+  resnet10/resnet32 on 32 px, a few images per class).
+- A test that still takes more than ~5 s carries @pytest.mark.slow, so `pytest -m "not slow"` is a quick
+  loop; the README's command runs everything.
 """
 import os
 import pickle
@@ -15,6 +26,10 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: more than ~5 s on an idle 2-core machine (deselect: -m 'not slow')")
 
 
 @pytest.fixture(autouse=True)
@@ -157,8 +172,36 @@ def fake_folder(tmp_path):
 
 
 def run_script(*args, timeout=600):
-    """Run a top-level script of the project as a user would; returns the CompletedProcess."""
+    """Run a top-level script of the project as a user would; returns the CompletedProcess. It runs in a
+    process of its own, forked from a parent that imported torch once (tests/forkrun.py)."""
     import subprocess
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **forkrun_env())
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "forkrun.py"), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+_FORKRUN = {}
+
+
+def forkrun_env():
+    """{FORKRUN_SOCKET, PYTHON}: the session's fork server (started on first use) and an interpreter
+    command for reproduce.sh that runs the project's scripts through it; {} if it could not start."""
+    if "env" not in _FORKRUN:
+        import atexit
+        import subprocess
+        import tempfile
+        tmp = tempfile.mkdtemp(prefix="forkrun-")
+        sock = os.path.join(tmp, "socket")
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}     # each run sets its own
+        server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkrun.py"), "--serve", sock],
+                                  stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        atexit.register(server.kill)
+        if server.stdout.readline().strip() != "ready":
+            _FORKRUN["env"] = {}
+        else:
+            python = os.path.join(tmp, "python")
+            with open(python, "w") as f:
+                f.write(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "forkrun.py"}" "$@"\n')
+            os.chmod(python, 0o755)
+            _FORKRUN["env"] = {"FORKRUN_SOCKET": sock, "PYTHON": python}
+    return _FORKRUN["env"]

@@ -13,6 +13,8 @@ import torch
 
 from conftest import ROOT, write_folder
 
+pytestmark = pytest.mark.slow                  # the fixtures run ~250 cases and two short trainings
+
 SCRIPTS = ["ldam_drw.py", "rotation_ssp.py", "moco_ssp.py", "simsiam_rwsam.py", "self_training.py", "crt.py",
            "eval_linear.py", "eval_ood.py"]
 TRAINERS = SCRIPTS[:5]
@@ -176,8 +178,10 @@ LIST_BASE = {
     "moco_ssp.py": ["--dataset", "imagenet_lt", "--rho", "1", "--arch", "resnet10", "--batch-size", "4", "--queue", "4",
                     "--bn-splits", "2"],
     "eval_linear.py": ["--ckpt", "{moco_ssp_run}"],
+    "simsiam_rwsam.py": ["--dataset", "imagenet_lt", "--rho", "1", "--arch", "resnet10", "--batch-size", "4"],
 }
-LIST_TEST = {"ldam_drw.py": True, "crt.py": True, "moco_ssp.py": False, "eval_linear.py": True}   # takes --test-list
+LIST_TEST = {"ldam_drw.py": True, "crt.py": True, "moco_ssp.py": False, "eval_linear.py": True,   # takes --test-list
+             "simsiam_rwsam.py": False}
 LIST_CASES = [(s, kind) for s in LIST_BASE for kind in ("missing", "unreadable")] + \
     [("ldam_drw.py", "unreadable_in_a_worker"), ("ldam_drw.py", "resume"), ("moco_ssp.py", "resume")]
 

@@ -114,6 +114,7 @@ def test_defaults_and_step_schedule():
 
 # ----- the probe measures the backbone -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_separating_backbone_scores_high_random_does_not(tmp_path, needles):
     root, images, (mean, std) = needles
     common = dict(dataset="folder", data_root=str(root), imb_type="exp", seed=0)

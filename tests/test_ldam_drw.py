@@ -116,8 +116,16 @@ def test_resnet32_shape_and_size():
 @pytest.fixture(scope="module")
 def easy(tmp_path_factory):
     root = tmp_path_factory.mktemp("easy")
-    write_folder(root, classes=tuple("abcde"), per_class=(40,) * 5, per_class_test=8, easy=True)
+    write_folder(root, classes=tuple("abcde"), per_class=(16,) * 5, per_class_test=4, easy=True)
     return root
+
+
+@pytest.fixture(scope="module")
+def run1(easy, tmp_path_factory):
+    """One finished 1-epoch run, shared by the tests that only read it or try to resume it."""
+    out = tmp_path_factory.mktemp("run1")
+    _run(out, easy, "--rho", "0.5", "--epochs", 1, "--batch-size", 16)
+    return out
 
 
 def _run(out, root, *extra):
@@ -125,13 +133,14 @@ def _run(out, root, *extra):
     return json.loads((out / "final.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["ce", "focal", "ldam"])
 @pytest.mark.parametrize("rule", ["none", "reweight", "resample", "drw", "drs"])
 def test_every_loss_and_rule_runs(tmp_path, easy, loss, rule):
     final = _run(tmp_path, easy, "--rho", "0.2", "--epochs", 2, "--batch-size", 16, "--loss", loss, "--rule", rule)
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
-    assert final["class_counts"] == [40, 26, 17, 11, 8] and final["loss"] == loss and final["rule"] == rule
+    assert final["class_counts"] == [16, 10, 7, 4, 3] and final["loss"] == loss and final["rule"] == rule
 
 
 def test_reported_accuracy_is_the_checkpoints(tmp_path, easy):
@@ -153,13 +162,14 @@ def test_reported_accuracy_is_the_checkpoints(tmp_path, easy):
 
 def test_val_split_and_best_on_val(tmp_path, easy):
     final = _run(tmp_path, easy, "--rho", "0.5", "--epochs", 2, "--batch-size", 16, "--val-frac", 0.2)
-    lt = D.lt_counts(40, 5, 0.5)
+    lt = D.lt_counts(16, 5, 0.5)
     assert final["class_counts"] == [n - round(0.2 * n) for n in lt]
     assert final["best_on_val"]["epoch"] in (1, 2)
     best_row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[final["best_on_val"]["epoch"] - 1])
     assert final["best_on_val"]["test"] == best_row["test"]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tmp_path, easy):
     args = ["--dataset", "folder", "--data-root", easy, "--gpu", "-1", "--rho", "0.5", "--epochs", 5,
             "--batch-size", 16, "--rule", "drs"]
@@ -182,29 +192,29 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, easy):
     assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3, 4, 5]
 
 
-def test_resume_continues_in_the_folder_of_the_checkpoint(tmp_path, easy):
+def test_resume_continues_in_the_folder_of_the_checkpoint(tmp_path, easy, run1):
     """A copied (or moved) run resumes where its last.pt lies, not in the --out it was started with, and
     --data-root may point at the data's new place; the original run is left alone."""
-    _run(tmp_path / "orig", easy, "--rho", "0.5", "--epochs", 1, "--batch-size", 16)
-    shutil.copytree(tmp_path / "orig", tmp_path / "copy")
+    shutil.copytree(run1, tmp_path / "copy")
     shutil.copytree(easy, tmp_path / "data")
     (tmp_path / "copy" / "final.json").unlink()
-    before = {p.name: p.read_bytes() for p in (tmp_path / "orig").iterdir()}
+    before = {p.name: p.read_bytes() for p in run1.iterdir()}
     r = run_script("ldam_drw.py", "--resume", tmp_path / "copy" / "last.pt", "--gpu", "-1", "--data-root",
                    tmp_path / "data")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "copy" / "final.json").read_text())["epochs"] == 1
-    assert {p.name: p.read_bytes() for p in (tmp_path / "orig").iterdir()} == before
+    assert {p.name: p.read_bytes() for p in run1.iterdir()} == before
 
 
 @pytest.mark.parametrize("flags", [["--epochs", "5"], ["--out", "elsewhere"], ["--ep", "5"], ["--amp"]])
-def test_resume_refuses_flags_it_would_not_apply(tmp_path, easy, capsys, flags):
-    _run(tmp_path, easy, "--rho", "0.5", "--epochs", 1, "--batch-size", 16)
+def test_resume_refuses_flags_it_would_not_apply(run1, capsys, flags):
+    before = {p.name: p.read_bytes() for p in run1.iterdir()}
     with pytest.raises(SystemExit) as e:
-        L.main(["--resume", str(tmp_path / "last.pt"), "--gpu", "-1", *flags])
+        L.main(["--resume", str(run1 / "last.pt"), "--gpu", "-1", *flags])
     err = capsys.readouterr().err.strip().splitlines()
     flag = {"--ep": "--epochs"}.get(flags[0], flags[0])
     assert e.value.code == 2 and len(err) == 1 and f"drop {flag}" in err[0]
+    assert {p.name: p.read_bytes() for p in run1.iterdir()} == before
 
 
 def test_nan_loss_in_the_first_epoch_stops_with_exit_1_and_no_false_claim(tmp_path, easy, capsys, monkeypatch):
@@ -233,7 +243,7 @@ def test_nonfinite_buffer_stops_the_run_and_keeps_last_pt(tmp_path, easy, capsys
     """An inf BatchNorm running variance with a finite loss (written after the last step of epoch 2) stops
     the run with exit 1; last.pt still holds epoch 1 and metrics.jsonl stays strict JSON."""
     models, real_build, real_step = [], L.build_model, torch.optim.SGD.step
-    steps_per_epoch = math.ceil(sum(D.lt_counts(40, 5, 0.5)) / 16)
+    steps_per_epoch = math.ceil(sum(D.lt_counts(16, 5, 0.5)) / 16)
     calls = []
 
     def build(*a, **k):
@@ -341,13 +351,13 @@ def test_resume_of_another_scripts_checkpoint(tmp_path):
     assert r.returncode == 2 and "written by rotation_ssp.py" in r.stderr
 
 
-def test_existing_run_is_not_overwritten(tmp_path, easy):
-    _run(tmp_path, easy, "--rho", "0.5", "--epochs", 1, "--batch-size", 16)
-    before = (tmp_path / "last.pt").read_bytes()
-    r = run_script("ldam_drw.py", "--dataset", "folder", "--data-root", easy, "--gpu", "-1", "--out", tmp_path)
-    assert r.returncode == 2 and "--resume" in r.stderr and (tmp_path / "last.pt").read_bytes() == before
+def test_existing_run_is_not_overwritten(easy, run1):
+    before = (run1 / "last.pt").read_bytes()
+    r = run_script("ldam_drw.py", "--dataset", "folder", "--data-root", easy, "--gpu", "-1", "--out", run1)
+    assert r.returncode == 2 and "--resume" in r.stderr and (run1 / "last.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_imagenet_lt_file_lists(tmp_path):
     """As released: cosine stepped before each epoch (Kang et al.), model selection on the official val list;
     then cRT on it with the released defaults (train-mode BN, augmentation, the same lr sequence)."""
@@ -380,6 +390,7 @@ def test_inaturalist_defaults_as_released():
     assert tuple(norm.mean) == (0.466, 0.471, 0.380) and tuple(norm.std) == (0.195, 0.194, 0.192)
 
 
+@pytest.mark.slow
 def test_resnet18_fine_tunes_a_cifar_resnet18_backbone(tmp_path, easy):
     torch.manual_seed(5)
     src = L.ResNet18(10)
@@ -391,9 +402,10 @@ def test_resnet18_fine_tunes_a_cifar_resnet18_backbone(tmp_path, easy):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items() if not k.startswith("projector"))
     final = _run(tmp_path / "run", easy, "--rho", "0.5", "--epochs", 1, "--batch-size", 16, "--arch", "resnet18",
                  "--pretrained", tmp_path / "ssl.pt")
-    assert final["class_counts"] == D.lt_counts(40, 5, 0.5)
+    assert final["class_counts"] == D.lt_counts(16, 5, 0.5)
 
 
+@pytest.mark.slow
 def test_compiled_run_saves_the_modules_own_keys(tmp_path, easy, monkeypatch):
     """--compile (CUDA only) trains through torch.compile's wrapper; the checkpoint must still hold the
     module's keys (no '_orig_mod.' prefix) so that --resume and the other scripts' --pretrained load it.
@@ -448,10 +460,10 @@ def test_balanced_subsampled_run_trains_on_the_shared_subset(tmp_path, easy):
                  "--batch-size", 16, "--same-epochs")
     train_y = D.load_split("folder", easy, True)[1]
     lt = D.make_long_tailed(train_y, 0.2, "exp", 0)
-    n = len(D.downsample(lt, train_y, 0.5, 0))                     # [20, 13, 8, 5, 4] = 50
+    n = len(D.downsample(lt, train_y, 0.5, 0))                     # [16, 10, 7, 4, 3] halved: [8, 5, 3, 2, 1] = 19
     saved = json.loads((tmp_path / "train_indices.json").read_text())
     assert saved["train"] == D.balanced_subset(train_y, n, 0).tolist() and saved["val"] == []
-    assert final["class_counts"] == [10] * 5 and final["n_train"] == 50 and final["arch"] == "resnet18"
+    assert final["class_counts"] == [4, 4, 4, 4, 3] and final["n_train"] == 19 and final["arch"] == "resnet18"
     assert (final["balanced"], final["subsample"], final["recipe"], final["epochs"]) == (True, 0.5, "he", 1)
 
 

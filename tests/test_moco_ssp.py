@@ -237,6 +237,7 @@ def test_queue_holds_the_last_keys_before_the_pointer(single, tiny):
     assert torch.allclose(ck["queue"][ptr - 16:ptr], keys, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_the_same_model_as_one_with_two_bn_splits(tmp_path, tiny, single):
     r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "moco_ssp.py",
                    *run_args(tiny, tmp_path / "ddp"))
@@ -302,6 +303,7 @@ def test_cifar_resnet18_run_loads_into_crt(tmp_path):
     assert 0 <= final["knn_test"]["top1"] <= 100
 
 
+@pytest.mark.slow
 def test_imagenet_lt_file_lists(tmp_path):
     lst = write_file_list(tmp_path, num_classes=3, per_class=4)
     M.main(["--dataset", "imagenet_lt", "--data-root", str(tmp_path), "--train-list", str(lst), "--rho", "1",

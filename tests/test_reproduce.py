@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, write_folder
+from conftest import ROOT, forkrun_env, write_folder
 
 ROWS = ["ce", "cb-ce", "focal", "cb-focal", "ce-drw", "ce-drs", "ldam", "ldam-drw",
         "ce+ssp", "cb-ce+ssp", "focal+ssp", "cb-focal+ssp", "ce-drw+ssp", "ce-drs+ssp", "ldam+ssp", "ldam-drw+ssp",
@@ -18,8 +18,9 @@ ROWS = ["ce", "cb-ce", "focal", "cb-focal", "ce-drw", "ce-drs", "ldam", "ldam-dr
 NEEDS = ("--pretrained", "--base", "--ckpt", "--stage1")
 
 
-def reproduce(*args, **env):
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED="1", **env)
+def reproduce(*args, fork=False, **env):
+    """Run reproduce.sh; fork=True runs its Python scripts through the session's fork server (conftest.py)."""
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", **(forkrun_env() if fork else {}), **env}
     return subprocess.run(["bash", "reproduce.sh", *args], cwd=ROOT, capture_output=True, text=True, env=env,
                           timeout=900)
 
@@ -96,9 +97,10 @@ def test_shared_settings_are_checked_before_anything_starts(tmp_path, env, msg):
     assert msg in p.stderr and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_failed_run_is_reported_and_its_dependents_skipped(tmp_path):
     write_folder(tmp_path / "data", per_class=(6, 6, 6))
-    p = reproduce("ce+crt", SEEDS="0", GPU="-1", RUNS=str(tmp_path / "runs"), ARGS_ldam_drw="--beta 1",
+    p = reproduce("ce+crt", fork=True, SEEDS="0", GPU="-1", RUNS=str(tmp_path / "runs"), ARGS_ldam_drw="--beta 1",
                   DATA=f"--dataset folder --data-root {tmp_path / 'data'}")
     assert p.returncode == 1
     assert (f"FAILED {tmp_path}/runs/ce/s0 (exit 2): error: --beta must be in [0, 1), got 1; see "
@@ -106,13 +108,14 @@ def test_failed_run_is_reported_and_its_dependents_skipped(tmp_path):
     assert f"skipped {tmp_path}/runs/ce+crt/s0: {tmp_path}/runs/ce/s0/last.pt is missing" in p.stdout
 
 
+@pytest.mark.slow
 def test_pipeline_on_fake_data_then_rerun_skips_and_resumes(tmp_path):
     write_folder(tmp_path / "data", per_class=(40, 30, 20), per_class_test=6, easy=True)
     env = dict(DATA=f"--dataset folder --data-root {tmp_path / 'data'}", RHO="0.5", SEEDS="0", JOBS="2",
                GPU="-1", RUNS=str(tmp_path / "runs"), ARGS="--epochs 1",
                ARGS_simsiam_rwsam="--batch-size 16 --knn-every -1")
     rows = ["ce+crt", "ce+ssp", "simsiam+rwsam"]
-    p = reproduce(*rows, **env)
+    p = reproduce(*rows, fork=True, **env)
     assert p.returncode == 0, p.stdout + p.stderr
     runs = tmp_path / "runs"
     for d in ["ce", "pretrain/rotation", "pretrain/simsiam", "pretrain/simsiam+rwsam", *rows]:
@@ -120,7 +123,7 @@ def test_pipeline_on_fake_data_then_rerun_skips_and_resumes(tmp_path):
 
     ce = json.loads((runs / "ce" / "s0" / "final.json").read_text())
     (runs / "ce" / "s0" / "final.json").unlink()                   # last.pt stays: continued with --resume
-    p = reproduce(*rows, **env)
+    p = reproduce(*rows, fork=True, **env)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("done already") == 6
     assert f"--resume {runs}/ce/s0/last.pt" in p.stdout
@@ -346,6 +349,7 @@ def test_fig1_dry_run_parses_and_every_cell_has_its_balanced_partner():
     assert bad.returncode == 2 and bad.stderr.strip() == "reproduce.sh: unknown method 'byol' in METHODS; methods: sl simsiam moco"
 
 
+@pytest.mark.slow
 def test_fig1_tiny_end_to_end_prints_the_table(tmp_path):
     write_folder(tmp_path / "data", classes=tuple("abcd"), per_class=(40,) * 4, per_class_test=4, easy=True)
     write_folder(tmp_path / "ood", classes=tuple("xyz"), per_class=(6,) * 3, per_class_test=2)   # STL-10 stand-in
@@ -353,7 +357,7 @@ def test_fig1_tiny_end_to_end_prints_the_table(tmp_path):
                SEEDS="0", SCALE="0.001", JOBS="2", GPU="-1", RUNS=str(tmp_path / "runs"),
                OOD=f"--target folder --data-root {tmp_path / 'ood'}",
                ARGS_moco_ssp="--batch-size 16 --knn-every 0")
-    p = reproduce("paper2-fig1", **env)
+    p = reproduce("paper2-fig1", fork=True, **env)
     assert p.returncode == 0, p.stdout + p.stderr
     runs = tmp_path / "runs"
     ck = json.loads((runs / "pretrain/sl/r0.5-q1-bal/s0/final.json").read_text())

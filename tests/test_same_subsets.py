@@ -4,6 +4,7 @@ train_indices.json each run saves (different training seeds on purpose)."""
 import json
 
 import numpy as np
+import pytest
 
 import datasets_lt as D
 from conftest import run_script, write_folder
@@ -11,6 +12,7 @@ from conftest import run_script, write_folder
 COMMON = ["--rho", "0.2", "--balanced", "--subsample", "0.5", "--data-seed", "3", "--epochs", "1", "--gpu", "-1"]
 
 
+@pytest.mark.slow
 def test_three_scripts_train_on_the_same_images(tmp_path):
     root = tmp_path / "data"
     write_folder(root, classes=tuple("abcde"), per_class=(40,) * 5, per_class_test=2, easy=True)

@@ -66,6 +66,7 @@ def test_unlabeled_profile_follows_rho_u(tmp_path, data):
     assert u["irrelevant"] == 0 and not u["capped"]
 
 
+@pytest.mark.slow
 def test_true_labels_of_d_u_never_reach_the_loss(tmp_path, data, monkeypatch):
     args = _args(data, tmp_path / "a", "--base", data / "base" / "last.pt", "--unlabeled-root",
                  data / "pool" / "train", "--unlabeled-mult", 1)
@@ -133,6 +134,7 @@ def test_capping_is_reported(tmp_path, data):
     assert _final(tmp_path / "st")["unlabeled"]["capped"]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tmp_path, data):
     args = _args(data, tmp_path / "whole", "--base", data / "base" / "last.pt", "--epochs", 4, "--unlabeled-mult", 0.5)
     S.main(args)
@@ -218,6 +220,7 @@ def test_svhn_unlabeled_set_follows_the_rotated_class_order(svhn):
     assert counts[D.CLASS_ORDER["svhn"]].tolist() == [int(b * round(0.2 * 2478) / sum(profile)) for b in profile]
 
 
+@pytest.mark.slow
 def test_svhn_headline_error_is_from_mean_per_class_accuracy(tmp_path, svhn, capsys):
     ldam_drw.main(["--dataset", "svhn", "--data-root", str(svhn), "--gpu", "-1", "--out", str(tmp_path / "r"),
                    "--epochs", "1", "--batch-size", "256", "--loss", "ce", "--rule", "none"])

@@ -254,6 +254,7 @@ def test_generalization_gap_groups():
     assert gap["frequent"]["gap"] == pytest.approx(0.05) and gap["rare"]["gap"] == pytest.approx(0.5 - 0.35)
 
 
+@pytest.mark.slow
 def test_gap_is_averaged_over_view_draws_with_its_standard_error():
     """--gap-views V: the gap is the mean over V seeded draws of view pairs (draw v = epoch v of the seeded
     loaders, so draws are nested across V), reported with std(ddof=1)/√V, which shrinks as V grows."""
@@ -352,6 +353,7 @@ def _ddp_worker(rank, port):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_sam_first_pass_is_per_rank_second_is_synced():
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)   # outlives both workers
     mp.spawn(_ddp_worker, args=(store.port,), nprocs=2)
@@ -530,6 +532,7 @@ def test_val_frac_scores_knn_on_the_held_out_split_only(data, tmp_path, monkeypa
     assert 0 <= final["last"]["knn_class_mean"] <= 100
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(data, tmp_path):
     r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, "simsiam_rwsam.py",
                    *_args(data, tmp_path, "--stage1-epochs", 1, "--epochs", 1, "--knn-every", -1), timeout=300)
