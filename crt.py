@@ -57,8 +57,8 @@ Deliberate differences from Kang et al.'s code (on CIFAR, SVHN and folders; file
    buffers too under --bn frozen), as facebookresearch's linear-evaluation sanity check does.
 5. The report is the last epoch; with a validation split (--val-frac) also the best-on-validation
    epoch. The test set never picks an epoch.
-6. No --resume: the whole stage takes seconds (cached features) to minutes (ImageNet with --augment);
-   rerun it. last.pt (backbone + new classifier, written after every epoch) loads like any checkpoint.
+6. --resume continues from last.pt (backbone + new classifier, written after every epoch; it loads like any
+   checkpoint): the stage takes seconds with cached features but hours on iNaturalist with --augment.
 """
 import argparse
 import json
@@ -96,11 +96,14 @@ def parse_args(argv=None):
     p.add_argument("--data-seed", type=int, default=None,
                    help="seed of the data subsets; default: the checkpoint's (its --seed for older checkpoints)")
     p.add_argument("--out", default=None, help="default: runs/<script>-<dataset>-<rho>-<seed>")
+    p.add_argument("--resume", default=None,
+                   help="continue the run saved in this last.pt, in its folder, with its arguments; only --gpu, "
+                        "--data-root, --download (and --workers) may be given with it, any other flag is refused")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--val-frac", type=float, default=None,
                    help="validation split carved from the training subset; 0 = report last epoch only")
     # --- this method ---
-    p.add_argument("--ckpt", required=True, help="backbone checkpoint of this project")
+    p.add_argument("--ckpt", default=None, help="backbone checkpoint of this project (required)")
     p.add_argument("--bn", default=None, choices=["frozen", "train"],
                    help="frozen: backbone in eval mode; train: BN statistics keep updating (original cRT). "
                         "Default: train on ImageNet-LT / iNat (as released), frozen elsewhere")
@@ -119,8 +122,15 @@ def parse_args(argv=None):
     p.add_argument("--momentum", type=float, default=0.9)
     p.error = fail
     args = p.parse_args(argv)
+    args.cli_flags = given_flags(p, argv)
+    if not args.ckpt and not args.resume:
+        fail("the following arguments are required: --ckpt")
     check_args(args)
     return args
+
+
+# --resume continues a run with its own arguments; only these (where the run executes) may be given with it
+RESUME_FLAGS = ("gpu", "workers", "data_root", "download")
 
 
 def check_args(args):
@@ -766,6 +776,13 @@ def main(argv=None):
     rank, world = process_group()
     if rank:                                               # rank 0 prints the log
         sys.stdout = open(os.devnull, "w")
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if ckpt.get("script") != "crt.py":
+            fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not crt.py; "
+                 f"pass it as --ckpt to re-train its classifier")
+        args = resume_args(args, ckpt, RESUME_FLAGS)
     source = load_checkpoint(args.ckpt)
     trained = source.get("args", {})
     for name, default in (("dataset", "cifar10"), ("data_root", "./data"), ("rho", 0.01), ("imb_type", "exp"),
@@ -790,8 +807,8 @@ def main(argv=None):
         if world > 1 and not released:
             fail(f"torchrun runs crt.py on file lists (--dataset imagenet_lt / inat); --dataset {args.dataset} "
                  f"re-trains on one device: run it without torchrun")
-        if os.path.exists(os.path.join(args.out, "last.pt")):
-            fail(f"{args.out} already holds a run; pass another --out")
+        if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
+            fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, or pass another --out")
         device = setup_device(args, world)
         torch.manual_seed(args.seed)
         train, plain, val, test, counts, C = build_data(args, device, rank, world)
@@ -834,7 +851,13 @@ def main(argv=None):
         broadcast_state(head)
     model = Classifier(backbone, head, cached)
     optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-    best = None
+    best, start = None, 0
+    if ckpt:                                               # the classifier, BN statistics, optimizer and RNG of last.pt
+        backbone.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("fc.")})
+        head.load_state_dict({k[3:]: v for k, v in ckpt["model"].items() if k.startswith("fc.")})
+        optimizer.load_state_dict(ckpt["optimizer"])
+        best, start = ckpt["best"], ckpt["epoch"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
     labels = train.labels if not cached else train_l
     weights = D.balanced_sample_weights(labels.cpu())
 
@@ -843,9 +866,12 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-        write_json(os.path.join(args.out, "args.json"), meta)
-        copy_source(__file__, args.out)
-        write_metrics(os.path.join(args.out, "metrics.jsonl"), [])
+        if not args.resume or not os.path.exists(os.path.join(args.out, "args.json")):
+            write_json(os.path.join(args.out, "args.json"), meta)
+            copy_source(__file__, args.out)
+        # a resumed run drops the epochs logged after its checkpoint
+        rows = read_metrics(os.path.join(args.out, "metrics.jsonl")) if args.resume else []
+        write_metrics(os.path.join(args.out, "metrics.jsonl"), [r for r in rows if r["epoch"] <= start])
     ddp = ""
     if world > 1:
         bn = {"cuda": ", SyncBatchNorm"}.get(device.type, ", BatchNorm per process") if args.bn == "train" else ""
@@ -856,7 +882,7 @@ def main(argv=None):
     print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'test':>6} {'many':>6} {'med':>6} {'few':>6} {'val':>6} {'s':>6}")
 
     t_run = time.time()
-    for epoch in range(args.epochs):
+    for epoch in range(start, args.epochs):
         t_ep = time.time()
         # Cosine, per epoch; Kang et al. step their scheduler before each epoch, one step ahead of this.
         lr = 0.5 * args.lr * (1 + math.cos(math.pi * (epoch + (args.lr_sequence == "kang")) / args.epochs))
@@ -918,6 +944,8 @@ def main(argv=None):
                 "class_counts": counts, "best": best, "rng": {"torch": torch.get_rng_state()}}
         save_atomic(ckpt, os.path.join(args.out, "last.pt"))
 
+    if start >= args.epochs:                               # --resume of a run that had finished its epochs
+        test_m = score(model, test_b)
     try:
         check_unchanged(backbone, frozen, buffers=args.bn == "frozen")
     except RuntimeError as e:

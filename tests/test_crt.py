@@ -125,3 +125,43 @@ def test_bad_checkpoint_one_line_exit_2(tmp_path, trained, kind):
     r = run_script("crt.py", "--ckpt", path, "--gpu", "-1", "--out", tmp_path / "o")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert {"missing": "does not exist", "arch": "unknown architecture 'vit_b16'"}[kind] in r.stderr
+
+
+@pytest.mark.parametrize("extra", [[], ["--augment", "--bn", "train"]])
+def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path, trained, monkeypatch, extra):
+    """A run stopped right after epoch 1's last.pt is written, then --resume, ends with the weights,
+    metrics and result of the uninterrupted run, bit for bit: with cached features, and with --augment
+    --bn train, whose augmentation stream and BatchNorm statistics must come back from last.pt."""
+    _, ckpt = trained
+    whole = _crt(tmp_path / "whole", ckpt, "--epochs", 3, *extra)
+    save = crt.save_atomic
+
+    def save_then_die(obj, path):
+        save(obj, path)
+        raise SystemExit(137)
+    monkeypatch.setattr(crt, "save_atomic", save_then_die)
+    with pytest.raises(SystemExit):
+        _crt(tmp_path / "cut", ckpt, "--epochs", 3, *extra)
+    monkeypatch.undo()
+    cut = tmp_path / "cut" / "crt"
+    assert torch.load(cut / "last.pt", weights_only=True)["epoch"] == 1 and not (cut / "final.json").exists()
+    crt.main(["--resume", str(cut / "last.pt"), "--gpu", "-1"])
+    a = torch.load(tmp_path / "whole" / "crt" / "last.pt", weights_only=True)["model"]
+    b = torch.load(cut / "last.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [[{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in (d / "metrics.jsonl").read_text().splitlines()]
+            for d in (tmp_path / "whole" / "crt", cut)]
+    assert rows[0] == rows[1] and [r["epoch"] for r in rows[1]] == [1, 2, 3]
+    resumed = json.loads((cut / "final.json").read_text())
+    assert (resumed["last"], resumed["before"]) == (whole["last"], whole["before"])
+
+
+def test_resume_refuses_other_flags_and_other_scripts(tmp_path, trained, capsys):
+    _, ckpt = trained
+    _crt(tmp_path, ckpt, "--epochs", 1)
+    for argv, says in ((["--resume", str(tmp_path / "crt" / "last.pt"), "--epochs", "5"], "drop --epochs"),
+                       (["--resume", str(ckpt)], "not crt.py"),
+                       (["--ckpt", str(ckpt), "--out", str(tmp_path / "crt")], "--resume")):
+        with pytest.raises(SystemExit) as e:
+            crt.main(argv)
+        assert e.value.code == 2 and says in capsys.readouterr().err
