@@ -66,7 +66,7 @@ def _cases():
         for kind in ("{empty_pt}", "{damaged_pt}"):
             if script in CKPT_FLAG:
                 cases.append((script, "checkpoint", [CKPT_FLAG[script], kind]))
-            if script in TRAINERS:
+            if script in TRAINERS + ["crt.py"]:
                 cases.append((script, "resume", ["--resume", kind]))
         if script in TRAINERS:
             cases.append((script, "resume", ["--resume", "{resume_" + script[:-3] + "}", "--lr", "0.5"]))
