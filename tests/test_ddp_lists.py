@@ -133,6 +133,11 @@ N, BATCH = 9, 4                 # 3 steps an epoch: 2 + 2 images, 2 + 2, then 1 
 TRAIN_LABELS = [0, 0, 0, 0, 0, 1, 1, 2, 2]
 
 
+# torchrun sets OMP_NUM_THREADS=1 only when the caller has not set it; the by-hand references below run on
+# one thread, so the processes must too, whatever the test run's own setting
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
+
+
 def torchrun(*args):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
 
@@ -144,7 +149,7 @@ def ldam_args(root, lst, out, epochs):
 
 
 def launch(root, lst, out, epochs):
-    r = subprocess.run(torchrun(*ldam_args(root, lst, out, epochs)), cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run(torchrun(*ldam_args(root, lst, out, epochs)), cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -257,7 +262,7 @@ def test_kill_and_resume_under_torchrun_equals_uninterrupted(ddp_long, tmp_path)
     statistics as the uninterrupted run."""
     root, lst, _ = ddp_long
     out = tmp_path / "killed"
-    proc = subprocess.Popen(torchrun(*ldam_args(root, lst, out, 3)), cwd=ROOT, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(torchrun(*ldam_args(root, lst, out, 3)), cwd=ROOT, env=ONE_THREAD, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
@@ -266,7 +271,7 @@ def test_kill_and_resume_under_torchrun_equals_uninterrupted(ddp_long, tmp_path)
     proc.wait(timeout=60)
     killed_at = torch.load(out / "last.pt", weights_only=True)["epoch"]
     assert 1 <= killed_at < 3, "the run finished before it could be stopped"
-    r = subprocess.run(torchrun("ldam_drw.py", "--resume", out / "last.pt", "--gpu", -1, "--workers", 0), cwd=ROOT,
+    r = subprocess.run(torchrun("ldam_drw.py", "--resume", out / "last.pt", "--gpu", -1, "--workers", 0), cwd=ROOT, env=ONE_THREAD,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     a = torch.load(root / "long" / "last.pt", weights_only=True)["model"]
@@ -284,7 +289,7 @@ def test_crt_loads_the_backbone_on_every_process_and_equals_one_process(ddp_run,
     ckpt = root / "run" / "last.pt"
     r = subprocess.run(torchrun("crt.py", "--ckpt", ckpt, "--gpu", -1, "--epochs", 2, "--batch-size", BATCH,
                                 "--workers", 0, "--bn", "frozen", "--no-augment", "--lr-sequence", "plain",
-                                "--out", tmp_path / "two"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+                                "--out", tmp_path / "two"), cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("loaded backbone from") == 1                  # said by rank 0, done by both
     two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["model"]
@@ -358,7 +363,7 @@ def test_unreadable_image_under_torchrun_is_one_line_from_the_process_that_met_i
     stops without a checkpoint, not in a hang."""
     lst = write_list(tmp_path, TRAIN_LABELS)
     (tmp_path / "images" / "n00001" / "6.jpg").write_bytes(b"not a jpeg")
-    r = subprocess.run(torchrun(*ldam_args(tmp_path, lst, tmp_path / "run", 1)), cwd=ROOT, capture_output=True,
+    r = subprocess.run(torchrun(*ldam_args(tmp_path, lst, tmp_path / "run", 1)), cwd=ROOT, env=ONE_THREAD, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode != 0
     lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]

@@ -416,8 +416,8 @@ def test_compiled_run_saves_the_modules_own_keys(tmp_path, easy, monkeypatch):
         modes.append(mode)
         return real_compile(model, backend="eager")
 
-    def keep_compile(args):
-        device = real_setup(args)
+    def keep_compile(args, *world):
+        device = real_setup(args, *world)
         args.compile = True
         return device
 
