@@ -1,169 +1,39 @@
-"""SimSiam with SAM and label-free reweighted SAM (rwSAM) on long-tailed data.
+"""SimSiam with SAM and label-free reweighted SAM (rwSAM) on long-tailed data (paper 2, Liu et al. 2022).
 
-Paper 2 (Liu, HaoChen, Gaidon & Ma, ICLR 2022, "Self-supervised learning is more robust to dataset
-imbalance"): §2.2 and App. A.1 (datasets), §4 Eq. (2)–(3) (SAM, reweighted SAM), §4 "Assigning weight
-with kernel density estimation", App. C.1 and Algorithm 1 (the two stages; ρ = 5, α = 1.2 on CIFAR-10-LT),
-Table 1(a) (accuracy and the pre-training generalization gap). SimSiam: Chen & He 2021; SAM: Foret et al.
-2021. Recipe: REFERENCE §6. Labels are never used for training or for the weights; they only label the
-monitors (kNN accuracy, per-class gap) and the KDE diagnostic.
+Paper 2 §2.2 and App. A.1 (datasets and the size sweep), §4 Eq. (2)–(3) (SAM, reweighted SAM), §4 "Assigning
+weight with kernel density estimation", App. C.1 and Algorithm 1 (ρ = 5, α = 1.2 on CIFAR-10-LT; ρ = 2,
+α = 0.5 on ImageNet-LT), Table 1 (accuracy and the generalization gap). SimSiam: Chen & He 2021; SAM:
+Foret et al. 2021; recipe: REFERENCE §6. Labels never train the model or the weights; they only label the
+monitors. README "SimSiam, SAM and label-free rwSAM" has the recipe, the monitors, DDP and ImageNet-LT.
 
-    python simsiam_rwsam.py --rho 0.01 --gpu 0            # SimSiam (stage 1) → KDE weights → SimSiam + rwSAM
-                                                          # (1600 + 1600 epochs: stage1.pt and last.pt)
-    python simsiam_rwsam.py --rho 0.01 --opt sgd          # SimSiam              (Table 1(a), exp column)
-    python simsiam_rwsam.py --rho 0.01 --opt sam          # SimSiam + SAM
+    python simsiam_rwsam.py --rho 0.01 --gpu 0            # SimSiam → KDE weights → SimSiam + rwSAM (stage1.pt, last.pt)
+    python simsiam_rwsam.py --rho 0.01 --opt sgd          # SimSiam (Table 1(a)); --opt sam: SimSiam + SAM
     python simsiam_rwsam.py --rho 0.01 --opt sgd --balanced              # SimSiam, balanced (same n)
     python simsiam_rwsam.py --rho 0.01 --imb-type step                    # the step column
     python simsiam_rwsam.py --rho 0.1 --subsample 0.25 --opt sgd         # §2.2 size sweep (6400 epochs)
     python simsiam_rwsam.py --rho 0.01 --stage1 runs/simsiam_rwsam-cifar10-0.01-0-sgd/last.pt   # reuse stage 1
-    python simsiam_rwsam.py --rho 0.01 --opt sgd --epochs 800            # SimSiam-91's CIFAR-10 length
     torchrun --nproc_per_node 4 simsiam_rwsam.py --rho 0.01              # DDP, --batch-size is global
-    python simsiam_rwsam.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01    # CIFAR-10 JPEG copy
-    python simsiam_rwsam.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01 --subsample 0.125 \\
-        --batch-size 64 --stage1-epochs 1 --epochs 1 --knn-every -1 --gpu -1  # CPU smoke, ~10 min on 2 cores
+    python simsiam_rwsam.py --dataset imagenet_lt --data-root IMNET --train-list ImageNet_LT_train.txt --rho 1
     python eval_linear.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0-rwsam/last.pt --gpu 0    # the paper's probe
 
-Paper 2 Table 1(b) (ImageNet-LT, ResNet-50; fine-tuned on CUB / Cars / Aircraft / Pets by eval_ood.py, mean
-of the four: SimSiam 80.6, SimSiam balanced 80.7, SimSiam + rwSAM 81.4):
-    python simsiam_rwsam.py --dataset imagenet_lt --data-root IMNET --train-list ImageNet_LT_train.txt \
-        --rho 1 --opt sgd                                  # SimSiam: 300 epochs, batch 256, lr 0.025
-    python simsiam_rwsam.py --dataset imagenet_lt --data-root IMNET --train-list imagenet_variants/bal-r0.004.txt \
-        --rho 1 --opt sgd --out runs/simsiam_rwsam-imagenet_lt-bal    # SimSiam, balanced (same n)
-    python simsiam_rwsam.py --dataset imagenet_lt --data-root IMNET --train-list ImageNet_LT_train.txt \
-        --rho 1 --stage1 runs/simsiam_rwsam-imagenet_lt-1-0-sgd/last.pt  # SimSiam + rwSAM (ρ 2, α 0.5)
-    torchrun --nproc_per_node 8 simsiam_rwsam.py --dataset imagenet_lt ...   # the same on 8 GPUs (SyncBN)
-    python simsiam_rwsam.py --dataset imagenet_lt --data-root IMNET --train-list ImageNet_LT_train.txt \
-        --rho 1 --arch resnet10 --batch-size 8 --epochs 1 --crop-size 64 --workers 2 --gpu -1   # CPU smoke run
+Paper (CIFAR-10-LT rho 0.01, linear probe %): exp SimSiam 81.4, +SAM 82.1, balanced 82.0, +rwSAM 82.7;
+step 84.3 / 84.7 / 85.8 / 85.6; gap frequent / rare: SimSiam 0.035 / 0.081, +rwSAM 0.037 / 0.066.
+ImageNet-LT (Table 1(b), mean of four fine-tuning targets): SimSiam 80.6, balanced 80.7, +rwSAM 81.4.
+Algorithm 1: one epoch loop in main() runs stage 1 (lines 3–7; or --stage1 PATH via load_stage1), then
+begin_stage2 (line 8: weights_from_training_set → kde_weights), then stage 2 (lines 9–14: train_step, whose
+SAM step is sam_perturbation).
 
-Outputs go to runs/simsiam_rwsam-<dataset>-<rho>-<seed>-<opt>[-step][-balanced][-sub<r>]/. With --opt
-rwsam, stage1.pt is the plain SimSiam model after stage 1 (the "SimSiam" row, same data and seed; its
-args say --opt sgd, so evaluation scripts label it SimSiam) and last.pt the rwSAM model. Both are
-backbone checkpoints of the project (backbone keys at the top level, heads under projector. and
-predictor.) for eval_linear.py, eval_ood.py, crt.py and any ResNet-18 fine-tuning.
-Paper numbers (CIFAR-10 lossless, linear probe on the full balanced training set, test accuracy %):
-exp rho 0.01: SimSiam 81.4, +SAM 82.1, balanced 82.0, +rwSAM 82.7; step rho 0.01: 84.3 / 84.7 / 85.8 /
-85.6; generalization gap (held-out − training SimSiam loss) frequent / rare: SimSiam 0.035 / 0.081,
-+rwSAM 0.037 / 0.066. Speed targets on one H200 (not measured yet): SimSiam ≤ 0.5 s / epoch at rho 0.01,
-batch 512; rwSAM ≤ 2× that.
-
-Recipe: CIFAR ResNet-18 (3×3 stem, no max-pool, 512-d feature); projector 512→2048 (BN, ReLU) → 2048
-(BN without affine); predictor 2048→512 (BN, ReLU) → 2048; loss ½·D(p1, sg z2) + ½·D(p2, sg z1), D the
-negative cosine. SGD lr 0.06 per 512 images (linear scaling), momentum 0.9, wd 5e-4, cosine per epoch,
-1600 epochs, drop_last; per view RandomResizedCrop(32, 0.2–1), flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8,
-grayscale p 0.2, on the GPU (datasets_lt.ssl_augment).
-Epochs: the paper gives none for CIFAR; the authors' README runs every long-tailed CIFAR job (plain
-SimSiam main.py, main_sam_exp.py, main_sam_weight.py) with --epochs 1600, so Table 1(a) came from 1600
-epochs per row and that is the default. SimSiam-91, which their CIFAR code adapts, used 800 (--epochs 800).
-Size sweep (§2.2, App. A.1: "more epochs on the down sampled variants to ensure the same number of total
-iterations"): `--epochs` is the budget of the full-size variant; with `--subsample r` < 1 the script
-trains round(epochs / r) epochs so that the number of optimizer steps matches the full variant
-(App. A.1), and prints it at start; `--same-epochs` turns the scaling off. Both stages of rwSAM scale.
-
-rwSAM, exactly Algorithm 1:
-  stage 1 (lines 3–7): plain SimSiam for --stage1-epochs (default --epochs), or --stage1 PATH.
-  line 8: features f_i = stage-1 backbone in eval mode, test transform, L2-normalised (SimSiam's loss and
-    the kNN monitor see only directions; the raw norm varies with image contrast, not with class
-    frequency). density_i = (1/n)·Σ_j exp(−‖f_i − f_j‖²/(2h²)) over all n training examples, j = i
-    included as in the paper's sum, in float64 row chunks (n = 50,000 needs chunk × n memory, not n²).
-    w_i = density_i^(−α), rescaled to mean 1: a constant factor in L_w does not change the perturbation
-    (ASAM or plain: both are normalised), it only keeps the logged weights readable.
-    h (--bandwidth, not reported in the paper): default the median of ‖f_i − f_j‖ over 10,000 pairs
-    (i uniform, j uniform among the other n − 1) drawn by a CPU torch.Generator seeded with --seed (the
-    median heuristic; torch.median, i.e. the lower middle value). Weights go to kde_weights.pt and into
-    every later checkpoint with the dataset indices they belong to.
-  stage 2 (lines 9–14): φ starts from a freshly initialised model, the same initial weights as stage 1
-    (same --seed), with a fresh optimiser and a cosine schedule of --epochs epochs: stage 1 only supplies
-    the features for the weights, as in the authors' main_sam_weight.py (a new SimSiam, nothing loaded),
-    so the rwSAM model trains exactly as many epochs as the SimSiam, SAM and balanced rows of Table 1(a),
-    and stage1.pt IS the SimSiam row at the same budget. --stage2-init stage1 continues φ from the
-    stage-1 model instead (Algorithm 1 read literally never re-initialises φ): rwSAM then follows
-    --stage1-epochs of SimSiam, twice the budget of the other rows, and any gain is confounded.
-    Each step: ℓ_i = per-example SimSiam loss; ε = ρ·T²∇L_w(φ)/‖T∇L_w(φ)‖₂ with T = |φ| element-wise
-    (ASAM, the authors' form, default; --no-adaptive: T = 1, line 12 with p = q = 2) and
-    L_w = mean_i(w_i·ℓ_i), one global norm over all parameters; φ ← φ − η·∇L(φ + ε) with L the plain
-    mean loss (line 13), the gradient taken at φ + ε and applied at φ (weight decay at φ). BatchNorm
-    running statistics change in the first pass only.
---opt sam is the same step with w ≡ 1 (Eq. (2)); --opt sgd is SimSiam.
-
-Monitors (no test-set selection): every --knn-every epochs and at the end of each stage, weighted kNN
-(k = 200, cosine, temperature 0.1, votes exp(sim/0.1), Wu et al. 2018) on L2-normalised backbone features:
-queries are a class-stratified --knn-val-frac split of the FULL training split (all 50,000 CIFAR-10
-images, so queries may include pre-training images, as the linear probe's training set does), the rest of
-it is the memory bank. With --val-frac > 0 the queries are that validation split alone (carved from the
-training subset and left out of pre-training), the memory bank the rest of the full training split: the
-score of reproduce.sh's cross-validation group for h, α and ρ. Top-1 and the mean of per-class
-accuracies are both logged. Collapse meter: z_std = std over the batch of L2-normalised projector outputs,
-mean over the 2048 channels (Chen & He Fig. 2: ≈ 1/√2048 = 0.022 healthy, 0 collapsed). Generalization gap
-(Table 1(a)), at the end of each stage: mean per-example SimSiam loss (eval mode, one seeded pair of
-views per image) on held-out images minus on the training images, averaged per class, then over the
-frequent half of the classes (the first C//2 of the long-tail profile: the head classes of step and exp)
-and over the rare half; averaged over --gap-views (default 16) seeded draws of the view pairs and
-reported with its standard error over the draws (std/√views): the paper's differences are ~0.015 and
-one pair of views of the 250 rare images of step CIFAR-10-LT is not enough to resolve them (README:
-the measurement behind the default). Held-out images are the test split: CIFAR-10's head classes have
-no training image left outside a rho 0.01 subset. The gap is reported, never used to choose anything. The kept
-model is the last epoch; final.json also names the epoch with the best kNN accuracy. --knn-every -1
-turns every monitor off (the CPU smoke run: the gap alone embeds the 10,000 test images twice per draw).
-
-ImageNet-LT / iNat (--dataset imagenet_lt | inat with --train-list; the list is the variant: python
-datasets_lt.py --train-list writes paper 2's balanced, Pareto and downsampled ImageNet lists, and
---subsample q then only names the list's size so that the epochs scale as above). Chen & He 2021's ImageNet
-SimSiam: torchvision ResNet-50 (zero_init_residual, as their builder), projector of three layers
-2048→2048 (BN, ReLU)→2048 (BN, ReLU)→2048 (BN without affine), predictor 2048→512 (BN, ReLU)→2048, SGD
-momentum 0.9, wd 1e-4, cosine per epoch, the predictor's lr fixed at --lr (their --fix-pred-lr;
---no-fix-pred-lr schedules it too), views in DataLoader workers by MoCo v2's ImageNet augmentation at 224:
-RandomResizedCrop(0.2–1), ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2, Gaussian blur
-σ ∈ [0.1, 2] p 0.5, flip (moco_ssp.py's TwoViews). Paper 2 App. A.1 states for its self-supervised runs on
-ImageNet-LT "the initial learning rate ... 0.025 with batch-size 256 ... 300 epochs ... cosine", without
-naming MoCo or SimSiam, and the authors released no ImageNet SimSiam code, so the defaults follow the
-paper: 300 epochs, batch 256, lr 0.025 per 256 images (Chen & He: batch 512, 0.05 per 256, 100 epochs:
---batch-size 512 --lr 0.1 --epochs 100). App. C.1: ρ = 2, α = 0.5 on ImageNet-LT and iNat (the
-defaults there). --arch resnet10 is a small torchvision ResNet for quick runs. The kNN and gap monitors need
-in-memory data and are off (--knn-every -1); probe the checkpoint with eval_linear.py (full ImageNet
-lists) or eval_ood.py (the four fine-tuning targets). rwSAM's KDE features: the stage-1 backbone on the
-training list with the test transform (Resize 256, CenterCrop 224). Checkpoints have arch resnet50 and
-torchvision's tensor names at the top level (the keys moco_ssp.py and ldam_drw.py use), heads under
-projector. and predictor.
-
-DDP (torchrun): one process per GPU (NCCL; gloo on the CPU), --batch-size is the global batch and is
-split evenly. Every rank draws the same seeded permutation per epoch and takes its slice of each global
-batch (the union is the single-process batch); augmentation draws from a per-rank seed. BatchNorm is
-SyncBatchNorm on CUDA (statistics over the global batch, as on one GPU; Chen & He use SyncBN) and
-per-rank on the CPU. SAM's first forward/backward runs under no_sync(): each rank perturbs along its own
-gradient, as Foret et al. advise (their m-sharpness; fewer all-reduces); the second backward is
-all-reduced. The KDE runs on rank 0 and the weights are broadcast. Rank 0 writes every file.
-
-Deliberate differences from the paper and the authors' code (Liuhong99/Imbalanced-SSL, cifar/):
-1. The weights are label-free KDE weights computed here. The authors' main_sam_exp.py weighted by the
-   ground-truth label (w = 1.2^y) and main_sam_weight.py read a weight file the repository lacks.
-2. The weighted loss weights. The authors' SimSiamLossRe ignores the weights in its default
-   'simplified' mode, so their "rwSAM" ran as plain adaptive SAM.
-3. SAM radius: none in kind. The authors always ran adaptive SAM (ASAM, Kwon et al. 2021): their CIFAR
-   scripts' --adaptive is argparse type=bool, so any value turns it on, and the ImageNet script
-   (pretrain_moco_sam_rare.py) hard-codes it. The paper's ρ = 5 (CIFAR-10-LT) and ρ = 2 (ImageNet)
-   (App. C.1) are therefore ASAM radii, ρ bounding ‖ε/|w|‖₂, and --adaptive is on by default with
-   --sam-rho 5. Algorithm 1's ℓ2 formula (p = q = 2, ‖ε‖₂ = ρ) is --no-adaptive: at ρ = 5 it moves
-   layer1.0.conv1 by ~43% of its norm in one perturbation, a different step. The authors' released
-   CIFAR commands used other radii: 0.5 (the default of main_sam_weight.py, the KDE-weight run) and 7.0
-   (main_sam_exp.py, the label-exponential-weight run); the default follows the paper's 5.
-4. BatchNorm running statistics are updated in the first pass only (buffers restored after the
-   second); the authors' SAM updated them at the perturbed weights too.
-5. No test-set selection: the authors kept the checkpoint with the best 1-NN accuracy on the CIFAR-10
-   test set (on 2048-d projector outputs); this script keeps the last epoch and monitors kNN on a
-   validation split of the training data (k = 200, T = 0.1, backbone features).
-6. None for stage 2: it starts from a fresh model, as the authors' main_sam_weight.py built it (equal
-   epochs for every row). --stage2-init stage1 is the literal reading of Algorithm 1 (φ kept after
-   line 8), which trains the rwSAM model for stage 1 + stage 2 epochs.
-7. lr 0.06 per 512 (REFERENCE §6, SimSiam-91's command); the authors' scripts default to 0.05. Cosine
-   per epoch from epoch 0 (their schedule started at epoch 1 and ended at lr 0).
-8. Data: seeded subsets of datasets_lt (same images in every script) instead of the authors' fixed .npy
-   arrays; augmentation on the GPU, same distributions as torchvision. Linear layers followed by
-   BatchNorm have no bias (BN removes it; the authors' layers had one that only weight decay moved).
-9. Runs on one GPU, the CPU, or under torchrun (the authors' code was single-GPU).
-10. ImageNet-LT / iNat: no ImageNet SimSiam code was released; Chen & He's recipe with paper 2's App. A.1
-   schedule (300 epochs, lr 0.025 at batch 256; Chen & He: 0.05 per 256 at batch 512), see above. The
-   projector's last linear layer has no bias (Chen & He's is frozen at its initial value; the BN that follows
-   removes it either way). Blur: torchvision's GaussianBlur with a kernel of 10% of the crop, as moco_ssp.py
-   (Chen & He: PIL's radius σ).
+Deliberate differences from the paper and the authors' code (README has the reasons):
+1. Label-free KDE weights computed here (the authors weighted by label, or read a missing weight file).
+2. The weighted loss weights (the authors' SimSiamLossRe ignored them: their "rwSAM" was plain ASAM).
+3. ASAM by default (the authors always ran it; ρ 5 / 2 are ASAM radii); --no-adaptive is ℓ2-SAM.
+4. BatchNorm running statistics update in SAM's first pass only.
+5. No test-set selection: the last epoch is kept; kNN monitors on training data only.
+6. Stage 2 starts from a fresh model (equal budgets); --stage2-init stage1 is the literal Algorithm 1.
+7. lr 0.06 per 512 (SimSiam-91), cosine from epoch 0; the authors' scripts default to 0.05.
+8. Seeded datasets_lt subsets and GPU augmentation; no bias before BatchNorm.
+9. One GPU, the CPU, or torchrun (the authors' code was single-GPU).
+10. ImageNet-LT / iNat: Chen & He's model with App. A.1's schedule (300 epochs, lr 0.025 at batch 256).
 """
 import argparse
 import contextlib
