@@ -1,113 +1,34 @@
 """MoCo v2 self-supervised pre-training on the long-tailed training images, on one GPU or many.
 
-Paper 1 (Yang & Xu 2020), §4.2 "Self-Supervised Imbalanced Learning": the self-supervised pre-training
-(SSP) of ImageNet-LT and iNaturalist 2018 (Tables 3–4) is MoCo, labels abandoned, then any long-tail
-method starts from the checkpoint. Paper 2 (Liu et al. 2022), §2.1–2.2 and App. A.1: MoCo v2 is the
-self-supervised method whose representations are compared after balanced and imbalanced pre-training
-(Table 2, Figs. 1–2). The method is He et al. 2020 (MoCo: Eq. (1) InfoNCE, Eq. (2) momentum update,
-Algorithm 1's queue, §3.3 shuffle-BN) with Chen et al. 2020's v2 changes (MLP head, τ = 0.2, blur,
-cosine schedule). Recipe: REFERENCE §5.
+Paper 1 (Yang & Xu 2020) §4.2: the self-supervised pre-training (SSP) of ImageNet-LT and iNaturalist
+(Tables 3–4), labels abandoned. Paper 2 (Liu et al. 2022) §2.1–2.2, App. A.1: MoCo v2 after balanced vs
+imbalanced pre-training (Table 2, Figs. 1–2), + SAM / rwSAM (Table 1(b), App. C.1). Method: He et al. 2020
+(Eq. (1) InfoNCE → info_nce, Eq. (2) momentum update → momentum_update, Algorithm 1's queue → enqueue,
+§3.3 shuffle-BN → split_batchnorm / shuffled_keys) with Chen et al. 2020's v2 changes (MLP head, τ 0.2,
+blur, cosine). Recipe: REFERENCE §5. README "MoCo v2 self-supervised pre-training" has the recipe per
+dataset, shuffle-BN, the rwSAM step (sam_moco_step, stage1_weights) and the outputs.
 
     python moco_ssp.py --rho 0.01 --gpu 0                      # CIFAR-10-LT ρ=100, ResNet-18, batch 512
-    python moco_ssp.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01 --amp   # CIFAR-10 JPEG copy
-    python moco_ssp.py --dataset imagenet_lt --data-root IMNET --train-list ImageNet_LT_train.txt \\
-        --rho 1                                                # ResNet-50, batch 256, queue 65,536, 1 GPU
-    torchrun --nproc_per_node 8 moco_ssp.py --dataset imagenet_lt --data-root IMNET \\
-        --train-list ImageNet_LT_train.txt --rho 1             # the same run on 8 GPUs, real shuffle-BN
-    python moco_ssp.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01 --arch resnet10 \\
-        --epochs 1 --batch-size 128 --gpu -1 --out runs/moco-cpu                     # CPU smoke run
-    python -m torch.distributed.run --standalone --nproc_per_node 2 moco_ssp.py --dataset folder \\
-        --data-root .data/cifar10_jpg --rho 0.01 --arch resnet10 --epochs 1 --batch-size 128 --gpu -1 \\
-        --out runs/moco-cpu-ddp                                # the same with 2 CPU processes (gloo)
-    python crt.py --ckpt runs/moco_ssp-cifar10-0.01-0/last.pt                  # then: cRT + SSP
-    python eval_linear.py --ckpt runs/moco_ssp-cifar10-0.01-0/last.pt          # or paper 2's linear probe
-    python ldam_drw.py --dataset imagenet_lt --data-root IMNET --train-list ImageNet_LT_train.txt \\
-        --test-list ImageNet_LT_test.txt --arch resnet50 --pretrained runs/moco_ssp-imagenet_lt-1-0/last.pt
+    python moco_ssp.py --dataset imagenet_lt --data-root IMNET --train-list ImageNet_LT_train.txt --rho 1
+    torchrun --nproc_per_node 8 moco_ssp.py --dataset imagenet_lt ...   # the same on 8 GPUs, real shuffle-BN
+    python moco_ssp.py --rho 0.01 --balanced                   # paper 2: the balanced subset, same n
+    python moco_ssp.py --rho 0.1 --subsample 0.25              # the size sweep: 800 epochs = 200 / 0.25
+    python moco_ssp.py --rho 0.01 --opt rwsam --stage1 runs/moco_ssp-cifar10-0.01-0/last.pt   # MoCo v2 + rwSAM
+    python crt.py --ckpt runs/moco_ssp-cifar10-0.01-0/last.pt  # then: cRT + SSP (or eval_linear.py)
 
-Recipe (REFERENCE §5): query and key encoders (ResNet backbone + MLP head feature → feature → ReLU →
-128), key encoder θ_k ← 0.999·θ_k + 0.001·θ_q, queue of K negatives (65,536 for ImageNet-LT / iNat),
-temperature 0.2, SGD momentum 0.9, wd 1e-4, lr 0.03 per 256 images (linear scaling) with a per-epoch
-cosine schedule, 200 epochs. Views: RandomResizedCrop(scale 0.2–1), ColorJitter(0.4, 0.4, 0.4, 0.1)
-with p 0.8, grayscale p 0.2, horizontal flip, and Gaussian blur σ ∈ [0.1, 2] with p 0.5 on ImageNet
-only. --batch-size is the global batch (all processes together).
-CIFAR-size data (cifar10/100, svhn, folder): CIFAR ResNet-18 (REFERENCE §6, the backbone of
-simsiam_rwsam.py), batch 512 as paper 2's CIFAR recipe (REFERENCE §6, 0.03 per 256 at batch 512) and
-the MoCo authors' single-GPU CIFAR demo, so lr 0.06; queue 4096 (the demo's; a third of CIFAR-10-LT
-ρ=0.01's 12,406 images), lowered to the largest multiple of the batch up to half the training set
-when the set is smaller (SVHN-LT: 1024); views on the GPU (datasets_lt.GPULoader(augment="ssl")).
-ImageNet-LT / iNat (file lists): torchvision ResNet-50 (ResNet-10 with --arch resnet10), batch 256,
-views by torchvision transforms in DataLoader workers; queue 65,536 wherever it is smaller than the
-training set (full ImageNet-LT and its 0.75 variant), else the largest multiple of the batch up to half
-the set (paper 2's variants of 58K images and fewer); the default K is printed at start, and an explicit
---queue that does not fit stops the run with one line.
 Paper numbers: paper 1 Table 3 (ImageNet-LT top-1 error, ResNet-10 / ResNet-50): cRT 58.2 / 52.7 →
 cRT + SSP 56.8 / 48.7; CE (Uniform) 65.2 / 61.6 → 64.1 / 54.4. Table 4 (iNat, ResNet-50): cRT 34.8 →
 31.9. Paper 2 Table 2 (ImageNet linear probe, n = 116K): MoCo v2 50.4 balanced, 49.5 ImageNet-LT.
-Speed target (one H200, not measurable on the CPU-only machine this was written on): CIFAR-10-LT
-ρ=0.01, ResNet-18, batch 512, ≤ 0.5 s per epoch.
-
-Paper 2 (§2.2, App. A.1, Table 1(b)): --balanced trains on a class-balanced subset of the same n as the
-long-tailed one, --subsample q ∈ {0.75, 0.5, 0.25, 0.125} keeps q of every class: the same datasets_lt
-calls in the same order as simsiam_rwsam.py and ldam_drw.py, so one --data-seed gives the same images in
-all three (each writes <out>/train_indices.json). For file lists the list is the variant (python
-datasets_lt.py --train-list writes them) and --subsample q only sets the epochs. `--epochs` is the budget
-of the full-size variant; with `--subsample r` < 1 the script trains round(epochs / r) epochs so that the
-number of optimizer steps matches the full variant (App. A.1), and prints it at start; `--same-epochs`
-turns the scaling off. --opt sam / rwsam: the SAM step of simsiam_rwsam.py (copied, byte-identical) on
-the per-query InfoNCE loss, adaptive (ASAM) by default as the authors always ran it (--no-adaptive: plain
-ℓ2 SAM), ρ = 5 / α = 1.2 on CIFAR-size data and ρ = 2 / α = 0.5 on ImageNet-LT / iNat (App. C.1). rwSAM
-perturbs along L_w = mean(w_i·ℓ_i), w_i = KDE density^(−α) of image i among the training images in the
-L2-normalised backbone features of --stage1 (a plain MoCo run on the same images; Algorithm 1 line 8,
-label-free) and trains a fresh model, as the authors' stage 2 did. Keys and queue come from the key
-encoder once per step and serve both SAM passes.
-
-    python moco_ssp.py --rho 0.01 --balanced                   # paper 2: MoCo v2 on the balanced subset, same n
-    python moco_ssp.py --rho 0.1 --subsample 0.25              # the size sweep: 800 epochs = 200 / 0.25
-    python moco_ssp.py --dataset imagenet_lt --data-root IMNET --train-list imagenet_variants/r0.004.txt \
-        --rho 1 --opt rwsam --stage1 runs/moco_ssp-imagenet_lt-1-0/last.pt      # Table 1(b): MoCo v2 + rwSAM
-
-Shuffle-BN (MoCo §3.3): each GPU of the authors' DDP run normalises its own 32 images, and the key
-batch is shuffled across GPUs first, so a query and its key never share BatchNorm statistics (which
-would let the pair be recognised from the statistics instead of the image). Under torchrun this script
-does the same: keys' images are gathered from all processes, permuted by a seeded permutation broadcast
-from rank 0, each process encodes its slice, keys are gathered and un-permuted. On one device
---bn-splits S (default 8) emulates S processes: every BatchNorm of both encoders normalises each of S
-contiguous sub-batches with its own statistics, and the key batch is permuted before the split. The
-split is a reshape (the batch is reordered once so that sub-batch s is rows s, s+S, …, and each BN
-folds the S sub-batches into channels: one batch_norm call, as the MoCo CIFAR demo's SplitBatchNorm);
-running statistics are the mean over the sub-batches. So one process with --bn-splits W trains the
-same model, step for step, as W processes with --bn-splits 1 (the tests check this on CPU).
-
-Outputs in --out (under torchrun written by rank 0 alone): args.json, metrics.jsonl, last.pt (every epoch,
-atomically), final.json and a copy of this script. The checkpoint's "model" is the query encoder:
-backbone tensors under the names every script uses (conv1.*, bn1.*, layer1.* …), so ldam_drw.py
---pretrained, crt.py and eval_linear.py load it, and the projection head under head.* (reported as
-unexpected by those loaders). The key encoder ("key_model"), the queue ("queue") and its pointer
-("queue_ptr") are stored beside it, so --resume continues the same run: same keys, same negatives,
-and per-epoch seeded data and shuffles.
 
 Deliberate differences from the papers and the authors' code (facebookresearch/moco main_moco.py):
-1. One process on one device works (the authors' code needs DDP): shuffle-BN is emulated with BN
-   sub-batches, see above. Under torchrun, real shuffle-BN, as the authors'.
-2. ImageNet-LT / iNat default to paper 2's App. A.1 recipe, 300 epochs at lr 0.025 per 256 images
-   (MoCo v2's own is 200 epochs at 0.03: --epochs 200 --lr 0.03). CIFAR-size data keeps 200 epochs at
-   0.03 per 256 (paper 2 gives no MoCo number for CIFAR-10).
-3. The queue is checked at start: a multiple of the global batch (so the pointer wraps exactly) and
-   smaller than the training set (one as large would hold an earlier key of every query's own image).
-4. A monitor the authors did not have on ImageNet: a weighted kNN classifier (k = 200, τ = 0.1, Wu et al.
-   2018, as the MoCo CIFAR demo) on the backbone features of the training images, scored on the test
-   split every --knn-every epochs (CIFAR-size data only). It is the only use of labels; training never
-   sees them. With --val-frac the validation images are left out of pre-training and scored too.
-5. CIFAR-size views are made on the GPU (datasets_lt.ssl_augment): the same distributions as
-   torchvision's transforms, but no antialiasing (CIFAR crops are only ever upscaled) and no blur
-   (REFERENCE §5: ImageNet only).
-6. Under torchrun only the query encoder is wrapped in DDP (the authors wrapped the whole MoCo module,
-   so rank 0's key-encoder buffers and queue were broadcast every step): the queue is identical on
-   every process by construction, and the key encoder's BN running statistics, which training never
-   uses (the key encoder always runs in train mode), are per process; the checkpoint holds rank 0's.
-7. ImageNet blur: torchvision's GaussianBlur with a kernel of 10% of the crop (23 px at 224); the
-   authors used PIL's ImageFilter.GaussianBlur(radius=σ). For σ ≤ 2 both cover ±3σ.
-8. Resume needs the same number of processes: --bn-splits and the sharding depend on it.
+1. One process works: shuffle-BN is emulated with --bn-splits BN sub-batches; torchrun does the real one.
+2. ImageNet-LT / iNat default to paper 2's App. A.1: 300 epochs at lr 0.025 per 256 (MoCo v2: 200, 0.03).
+3. The queue is checked at start: a multiple of the global batch and smaller than the training set.
+4. A kNN monitor (k 200, τ 0.1) on CIFAR-size data, the only use of labels.
+5. CIFAR-size views on the GPU (same distributions, no antialiasing, no blur as REFERENCE §5).
+6. Under torchrun only the query encoder is wrapped in DDP; the queue is identical by construction.
+7. ImageNet blur: torchvision's GaussianBlur, kernel 10% of the crop (the authors: PIL's radius σ).
+8. Resume needs the same number of processes (--bn-splits and the sharding depend on it).
 """
 import argparse
 import contextlib
