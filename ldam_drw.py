@@ -1,81 +1,37 @@
 """Supervised long-tailed training: CE / Focal / LDAM × None / Reweight / Resample / DRW / DRS.
 
-Paper 1 (Yang & Xu 2020), §4.2 and Table 2, whose baselines are Cao et al. 2019 (LDAM-DRW) and Cui et
-al. 2019 (class-balanced loss). Every row of Table 2 without SSP is one `--loss` × `--rule`; "+SSP" is
-`--pretrained` with a self-supervised checkpoint (rotation_ssp.py, moco_ssp.py, simsiam_rwsam.py).
+Paper 1 (Yang & Xu 2020) §4.2 and Table 2, whose baselines are Cao et al. 2019 (LDAM-DRW: Eq. (10) →
+ldam_loss, margins ∝ n_c^(-1/4) → ldam_margins, §3.3 deferred re-weighting → deferred_rule) and Cui et al.
+2019 (class-balanced weights → class_balanced_weights). Every row of Table 2 without SSP is one `--loss` ×
+`--rule`; "+SSP" is `--pretrained` with a self-supervised checkpoint. Paper 2's supervised pre-training is
+`--recipe he`. README "Supervised long-tail baselines" has the recipes, DDP and the reasons below.
 
     python ldam_drw.py --rho 0.01 --gpu 0                          # Table 2 LDAM-DRW, CIFAR-10-LT ρ=100
     python ldam_drw.py --rho 0.01 --loss ce --rule none            # CE;  --rule reweight: CB-CE
-    python ldam_drw.py --rho 0.01 --loss ce --rule drs             # CE-DRS (never released by the authors)
     python ldam_drw.py --rho 0.01 --pretrained runs/rotation_ssp-cifar10-0.01-0/last.pt   # + SSP
-    python ldam_drw.py --rho 0.01 --arch resnet18 --pretrained runs/simsiam_rwsam-cifar10-0.01-0/last.pt
-    python ldam_drw.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01        # CIFAR-10 JPEG copy
     python ldam_drw.py --dataset imagenet_lt --data-root IMNET --train-list ImageNet_LT_train.txt \\
         --test-list ImageNet_LT_test.txt --arch resnet10                                # 90 epochs, cosine
-    torchrun --nproc_per_node 8 ldam_drw.py --dataset inat --data-root INAT --train-list iNaturalist18_train.txt \
-        --test-list iNaturalist18_val.txt --loss ce --rule none    # Table 4 CE, ResNet-50, 8 GPUs × 16 images
-    python ldam_drw.py --rho 0.01 --epochs 2 --gpu -1                                  # CPU smoke run
-    python ldam_drw.py --recipe he --rho 0.01                  # paper 2: supervised pre-training (SL), Fig. 1(a)
-    python ldam_drw.py --recipe he --rho 0.01 --balanced       # … on the balanced subset of the same n
-    python ldam_drw.py --recipe he --rho 0.1 --subsample 0.25  # … the size sweep: 800 epochs = 200 / 0.25
-    python eval_linear.py --ckpt runs/ldam_drw-cifar10-0.01-0-he/last.pt   # A^SL(n, r); Δ: eval_linear.py --gap
+    torchrun --nproc_per_node 8 ldam_drw.py --dataset inat ...     # Table 4 on 8 GPUs × 16 images
+    python ldam_drw.py --recipe he --rho 0.01 [--balanced | --subsample 0.25]   # paper 2: SL pre-training
+    python ldam_drw.py --rho 0.01 --epochs 2 --gpu -1              # CPU smoke run
 
-Recipe (REFERENCE §2): ResNet-32, SGD lr 0.1, momentum 0.9, wd 2e-4, batch 128, 200 epochs, linear
-warm-up over 5 epochs, lr ×0.01 at 80% and again at 90% of the epochs (160 and 180 of 200); random crop
-32 with 4-pixel zero padding + horizontal flip. LDAM: margins ∝ n_c^(-1/4), largest 0.5, s = 30, cosine
-classifier. Focal γ = 1. Class-balanced weights with β = 0.9999. Deferred rules switch at 80%.
+Recipe (REFERENCE §2): ResNet-32, SGD lr 0.1, momentum 0.9, wd 2e-4, batch 128, 200 epochs, 5 warm-up
+epochs, lr ×0.01 at 80% and 90%; crop 32 (pad 4) + flip. LDAM: largest margin 0.5, s = 30, cosine
+classifier. Focal γ = 1. Class-balanced β = 0.9999. Deferred rules switch at 80%.
+--recipe he (paper 2 App. A.1): CIFAR ResNet-18, CE, SGD 0.1, wd 5e-4, batch 128, ÷10 at 50% / 75%, 200 epochs.
 Paper numbers (CIFAR-10-LT ρ=100, top-1 error, lossless data, best epoch): CE 29.64, CB-CE 27.63, Focal
-29.62, CE-DRW 24.94, LDAM-DRW 22.97. On the JPEG copy of CIFAR-10 the authors' code gives, at the last
-epoch, CE 34.6 and LDAM-DRW 29.3.
-
-Paper 2's supervised pre-training (Liu et al. 2022, §2.1–2.2, App. A.1: "the standard protocol of He et al.
-(2016)"), --recipe he: CIFAR ResNet-18 (the backbone of simsiam_rwsam.py / moco_ssp.py), cross-entropy, no
-re-balancing (--loss ce --rule none), SGD lr 0.1, momentum 0.9, wd 5e-4, batch 128, no warm-up, lr ÷10 at
-50% and 75% of the epochs (He et al.'s 32k and 48k of 64k iterations), same crop/flip. Epochs: 200 on the
-full-size variant. The paper gives no CIFAR number (on ImageNet its downsampled variants' epochs were
-"selected with cross validation"); 200 is the length of paper 1's recipe on these same long-tailed
-subsets, and He et al.'s 64k iterations at batch 128 would be 660 epochs of the 12,406 images of ρ = 0.01.
-The balanced control and size sweep of App. A.1: --balanced (a class-balanced subset of the same n) and
---subsample q ∈ {0.75, 0.5, 0.25, 0.125} (q of every class), the same datasets_lt calls in the same order
-as simsiam_rwsam.py and moco_ssp.py, so one --data-seed gives the same images in all three (each writes
-<out>/train_indices.json). `--epochs` is the budget of the full-size variant; with `--subsample r` < 1 the
-script trains round(epochs / r) epochs so that the number of optimizer steps matches the full variant
-(App. A.1), and prints it at start; `--same-epochs` turns the scaling off.
-
-DDP (torchrun), file lists only (ImageNet-LT, iNaturalist; CIFAR-size data trains on one device and is
-refused under torchrun): one process per GPU (NCCL; gloo on the CPU with --gpu -1; any --gpu ≥ 0 means each
-process's own GPU, its LOCAL_RANK), --batch-size is the global batch and is split evenly. Every process
-draws the same seeded epoch order (the shuffle, the Resample / DRS draws with replacement, the deferred
-switch) and keeps its contiguous share of each global batch, so the shares together are the single-process
-batch; a short last batch is shared as evenly as it goes (a process left without an image passes an
-empty batch). Each process's loss is the sum over its share divided by the global batch's denominator (its
-size, or Σ w_y under DRW / Reweight), and one all-reduce after the backward pass (not overlapped with it,
-as DDP's buckets are) sums the gradients, so the update is the single-process update of the global batch.
-BatchNorm is SyncBatchNorm on CUDA (statistics over the global batch, as one GPU); on the CPU (gloo cannot
-run SyncBatchNorm) it is per process, each normalising its own share, and the running statistics are
-averaged over the processes after every epoch.
-Augmentation draws from a stream seeded by (seed, epoch, rank). Evaluation: each process predicts a
-contiguous part of the test / val list, the predictions are gathered and counted as one process counts
-them. Rank 0 writes every file; --resume under torchrun loads last.pt on every process, and with the same
-number of processes and --workers continues exactly as the uninterrupted run.
+29.62, CE-DRW 24.94, LDAM-DRW 22.97. On the JPEG copy the authors' code gives CE 34.6, LDAM-DRW 29.3.
 
 Deliberate differences from the paper and the authors' code:
 1. The deferred switch (DRW, DRS) and the lr decays scale with --epochs (80% / 90%), not epochs 160/180.
 2. DRS is implemented: plain sampling until the switch, class-balanced sampling after it.
-3. The final report is the last epoch; with --val-frac > 0 also the epoch best on a validation split
-   carved from the training subset. The authors reported the best epoch on the test set.
-4. The focal term (1 − p) is clamped at 0, so γ < 1 stays finite when the CE rounds slightly below 0.
+3. The report is the last epoch (and the best on a --val-frac split); the authors picked on the test set.
+4. The focal term (1 − p) is clamped at 0, so γ < 1 stays finite.
 5. Data and crop/flip live on the GPU (datasets_lt.GPULoader); the distribution is torchvision's.
-6. --pretrained loads only the backbone, reports matched / missing / unexpected keys and fails unless
-   every backbone tensor was found; the authors' loader silently loaded nothing.
-7. ImageNet-LT / iNaturalist as paper 1's released feature-stage configs (feat_uniform.yaml, Kang et
-   al.'s code): torchvision ResNet-10/50, 90 epochs, lr 0.2, cosine stepped before each epoch
-   (--lr-sequence kang: epoch e of E, 1-based, at lr·(1 + cos(π e/E))/2), wd 5e-4 (iNat 1e-4), batch 128
-   (Kang et al.'s own: 512; paper 1's iNat config: 100), no warm-up, DataLoader input; iNat without
-   colour jitter and with its own mean/std. Model selection on --val-list (the official val list).
-8. Resample / DRS draw with the authors' ImbalancedDatasetSampler weights (1 − β)/(1 − β^{n_c}),
-   β = 0.9999, which are close to but not exactly class-balanced (the head class of CIFAR-10-LT ρ=100
-   is drawn 1.27× as often as the tail); --resample-weights inverse draws with 1/n_c (exactly balanced).
+6. --pretrained fails unless every backbone tensor was found (the authors' loader loaded nothing).
+7. ImageNet-LT / iNat as paper 1's released configs: 90 epochs, lr 0.2, --lr-sequence kang, batch 128.
+8. Resample / DRS draw with the authors' effective-number weights (--resample-weights inverse: 1/n_c).
+9. --recipe he trains 200 epochs on CIFAR (the paper gives none); --subsample keeps the iterations equal.
 """
 import argparse
 import json
