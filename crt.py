@@ -2,63 +2,30 @@
 classifier for long-tailed recognition", §4; the strongest baseline of paper 1 (Yang & Xu 2020,
 Tables 3–4, where "cRT + SSP" is cRT on top of a self-supervised initialisation).
 
-Take any backbone checkpoint of this project (an ldam_drw.py run, rotation_ssp.py, moco_ssp.py,
-simsiam_rwsam.py), freeze it, re-initialise the linear classifier, and train only the classifier with
-class-balanced sampling (every class equally likely per draw) on the same long-tailed training subset.
+Take any backbone checkpoint of this project, freeze it, re-initialise the linear classifier (Classifier:
+frozen backbone + new head) and train only the classifier with class-balanced sampling on the same
+long-tailed training subset: the data flags default to the checkpoint's own. README "Classifier
+re-training" has the recipe per dataset, DDP and the reasons below.
 
     python crt.py --ckpt runs/ldam_drw-cifar10-0.01-0/last.pt --gpu 0          # CE → CE + cRT
-    python crt.py --ckpt runs/ldam_drw-imagenet_lt-1-0/last.pt --train-list ImageNet_LT_train.txt \\
-        --test-list ImageNet_LT_test.txt                                      # ImageNet-LT recipe
+    python crt.py --ckpt runs/ldam_drw-imagenet_lt-1-0/last.pt --val-list ImageNet_LT_val.txt   # Table 3
     python crt.py --ckpt runs/ldam_drw-cifar10-0.01-0/last.pt --bn train --augment   # the original's BN
-    python crt.py --ckpt runs/ce20/last.pt --gpu -1                           # CPU
     torchrun --nproc_per_node 8 crt.py --ckpt runs/ldam_drw-inat-0.01-0/last.pt --val-list iNaturalist18_val.txt
+    python crt.py --resume runs/crt-inat-0.01-0/last.pt                       # continue a stopped run
 
-The data flags (--dataset, --data-root, --rho, --imb-type, --seed, --data-seed, --val-frac, --train-list,
---test-list) default to the values the checkpoint was trained with, so the classifier is re-trained
-on exactly the images the backbone saw.
-
-Recipe (REFERENCE §7, Kang et al. on ImageNet-LT): SGD momentum 0.9, batch 512, lr 0.2 with a cosine
-schedule over 10 epochs, wd 5e-4, each epoch len(train set) class-balanced draws with replacement.
-The same recipe is the default on CIFAR, SVHN and folders: with cached 64-d features 10 epochs of
-CIFAR-10-LT take well under a second. Paper 1, top-1 error: ImageNet-LT (Table 3, ResNet-10 / ResNet-50)
-cRT 58.2 / 52.7, cRT + SSP 56.8 / 48.7; iNaturalist 2018 (Table 4, ResNet-50) cRT 34.8, cRT + SSP 31.9.
-
-ImageNet-LT / iNaturalist run as released (Kang et al.'s and paper 1's cls_crt.yaml): backbone in train
-mode every epoch (--bn train), training augmentation (--augment), the cosine scheduler stepped before each
-epoch (--lr-sequence kang: epoch e of E, 1-based, trains at lr·(1 + cos(π e/E))/2, so the first epoch is
-already below 0.2 and the last trains at lr 0); iNaturalist: 30 epochs, wd 1e-4, no colour jitter, mean
-(0.466, 0.471, 0.380) / std (0.195, 0.194, 0.192). Model selection: --val-list ImageNet_LT_val.txt (the
-official validation list, as Kang et al.), never the test list.
-
-DDP (torchrun), file lists only (CIFAR-size data is refused under torchrun: it re-trains in seconds on one
-device): one process per GPU (NCCL; gloo on the CPU with --gpu -1), --batch-size is the global batch and is
-split evenly. Every process loads the backbone checkpoint, draws the same class-balanced epoch order and
-keeps its contiguous share of each global batch; the head's gradients (loss: sum over the share / global
-batch size) are summed by one all-reduce, so the update is the single-process update (a process left
-without an image by a short last batch passes an empty batch). Features are
-recomputed every step (no cache under torchrun). --bn train: SyncBatchNorm on CUDA (statistics over the
-global batch, as one GPU); per process on the CPU (gloo cannot run SyncBatchNorm), running statistics
-averaged over the processes after every epoch. Augmentation draws from a stream seeded by (seed, epoch,
-rank). Evaluation: each process predicts a contiguous part of the list, the predictions are gathered and
-counted as one process counts them. Rank 0 writes every file. The head starts from torch.manual_seed(--seed).
+Recipe (REFERENCE §7, Kang et al. on ImageNet-LT): SGD momentum 0.9, batch 512, lr 0.2 cosine over 10
+epochs, wd 5e-4, len(train set) class-balanced draws per epoch; also the default on CIFAR, SVHN and
+folders. ImageNet-LT / iNat as released (cls_crt.yaml): --bn train, --augment, --lr-sequence kang; iNat:
+30 epochs, wd 1e-4. Paper 1, top-1 error: ImageNet-LT (Table 3, ResNet-10 / ResNet-50) cRT 58.2 / 52.7,
+cRT + SSP 56.8 / 48.7; iNaturalist 2018 (Table 4, ResNet-50) cRT 34.8, cRT + SSP 31.9.
 
 Deliberate differences from Kang et al.'s code (on CIFAR, SVHN and folders; file lists as released):
-1. --bn frozen (default there): the backbone runs in eval mode, so BatchNorm uses and keeps its running
-   statistics. The original kept the backbone in train mode, so BN statistics of the "frozen" backbone
-   were re-estimated under class-balanced batches; --bn train reproduces that.
-2. With --bn frozen and --no-augment (default there) the features are computed once, with the test
-   transform, and the classifier is trained on the cached features. The original recomputed features
-   with training augmentation every step; --augment does that (crop/flip on CIFAR-like data). The cosine
-   starts at --lr in the first epoch (--lr-sequence plain).
-3. Class-balanced sampling draws classes with equal probability by weighting each image with 1/n_y
-   and drawing with replacement (torch.multinomial), the same distribution over classes as the
-   original ClassAwareSampler, which cycles through a shuffled list per class.
-4. After training every backbone tensor is compared with its value before (parameters always, BN
-   buffers too under --bn frozen), as facebookresearch's linear-evaluation sanity check does.
-5. The report is the last epoch; with a validation split (--val-frac) also the best-on-validation
-   epoch. The test set never picks an epoch.
-6. --resume continues from last.pt (backbone + new classifier, written after every epoch; it loads like any
-   checkpoint): the stage takes seconds with cached features but hours on iNaturalist with --augment.
+1. --bn frozen (default there): BatchNorm keeps its running statistics; --bn train is the original.
+2. --bn frozen --no-augment: features cached once with the test transform; --augment recomputes them.
+3. Class-balanced draws with replacement (1/n_y weights): the ClassAwareSampler's class distribution.
+4. Every backbone tensor is compared with its value before, after training (a sanity check).
+5. The report is the last epoch (and the best on a --val-frac / --val-list split), never the test set.
+6. --resume continues from last.pt: hours on iNaturalist with --augment.
 """
 import argparse
 import json
