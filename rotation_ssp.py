@@ -2,61 +2,30 @@
 
 Paper 1 (Yang & Xu 2020), §4.2 "Self-Supervised Imbalanced Learning" and the "+ SSP" rows of Table 2:
 abandon the labels, pre-train the classifier's network by predicting which of four rotations (0°, 90°,
-180°, 270°; Gidaris et al. 2018) was applied to each image of the same long-tailed training set, then
-train any long-tail method from that initialisation. This script is the first stage; ldam_drw.py
---pretrained is the second. Recipe: REFERENCE §4 (pretext) and §2 (optimiser, schedule, augmentation).
+180°, 270°; Gidaris et al. 2018 → rotation_labels, rotate) was applied to each image of the same
+long-tailed training set, then train any long-tail method from that initialisation. This script is the
+first stage; ldam_drw.py --pretrained is the second (same --dataset, --rho, --imb-type, --seed and
+--val-frac; the last line of a run prints that command). Recipe: REFERENCE §4 (pretext) and §2.
+README "Rotation self-supervised pre-training" has the rotation-label argument and the reasons below.
 
     python rotation_ssp.py --rho 0.01 --gpu 0                     # → runs/rotation_ssp-cifar10-0.01-0/last.pt
     python ldam_drw.py --rho 0.01 --pretrained runs/rotation_ssp-cifar10-0.01-0/last.pt           # LDAM-DRW + SSP
-    python ldam_drw.py --rho 0.01 --loss ce --rule drw --pretrained runs/rotation_ssp-cifar10-0.01-0/last.pt
-    python ldam_drw.py --rho 0.01 --loss ce --rule reweight --pretrained runs/rotation_ssp-cifar10-0.01-0/last.pt
-    python rotation_ssp.py --dataset folder --data-root .data/cifar10_jpg --rho 0.01      # CIFAR-10 JPEG copy
     python rotation_ssp.py --rho 0.01 --epochs 2 --gpu -1                                # CPU smoke run
 
-Fine-tune with the same --dataset, --rho, --imb-type, --seed and --val-frac as the pre-training, so that
-both stages see the same images; the last line of a run prints that command.
-
 Recipe: ResNet-32 with a 4-way linear head `fc`; SGD lr 0.1, momentum 0.9, wd 2e-4, batch 128, 200
-epochs, linear warm-up over 5 epochs, lr ×0.01 at 80% and again at 90% of the epochs; random crop 32
-with 4-pixel zero padding + horizontal flip, then one rotation per image; plain cross-entropy on the
-rotation label. The log reports "rotation accuracy (pretext)": every test image under all four
-rotations. It measures the pretext task only; the class labels of the test images are used to break it
-down by class, never for training.
+epochs, 5 warm-up epochs, lr ×0.01 at 80% and 90%; crop 32 (pad 4) + flip, then one rotation per image
+(each batch exactly B/4 of each rotation); cross-entropy on the rotation label. The log's "rotation
+accuracy (pretext)" scores every test image under all four rotations.
 Paper numbers (CIFAR-10-LT ρ=100, top-1 test error %, lossless data, after fine-tuning from this
-checkpoint): LDAM-DRW 22.97 → 22.17, CE-DRW 24.94 → 23.04, CB-CE 27.63 → 23.47. The paper reports no
-pretext accuracy. Neither the pretext accuracy nor the fine-tuned errors have been measured on a GPU
-with this script yet.
-
-Rotation labels and the data distribution: every epoch visits each training image once (a permutation)
-and gives it exactly one rotation. A batch's labels are a random permutation of the repeated pattern
-0, 1, 2, 3 started at a random phase, so a batch of B holds exactly B/4 of each rotation when 4 divides
-B, and, for every image and every batch size, its rotation is uniform over the four and independent of
-the image and its class. The distribution of (image, rotation) pairs is therefore the same as with an
-independent uniform draw per image; balancing removes only the multinomial noise of the label counts
-within a batch. The long tail of the inputs is left as it is (the head class still supplies 5000 of the
-12,406 CIFAR-10-LT images); the four pretext classes are balanced. Gidaris et al. put all four
-rotations of each image into a batch; paper 1's code, and this script, give each image one per epoch.
+checkpoint): LDAM-DRW 22.97 → 22.17, CE-DRW 24.94 → 23.04, CB-CE 27.63 → 23.47. No pretext accuracy.
 
 Deliberate differences from the paper and the authors' code (pretrain_rot.py, utils.rotation):
-1. Architecture: ResNet-32 with the pretext head named `fc`, so the checkpoint's backbone keys are
-   exactly those ldam_drw.py fine-tunes. The authors' pre-training defaulted to an ImageNet ResNet-50,
-   whose fixed 7×7 average pool fails on the 1×1 maps a 32×32 image leaves.
-2. Loading: the authors' pre-training saved keys with a `module.` prefix (DataParallel) and their
-   fine-tuning loaded them with strict=False, which loaded nothing without a word. ldam_drw.py
-   --pretrained strips the prefix, reports matched / missing / unexpected keys and fails unless every
-   backbone tensor is found.
-3. Exactly balanced batches: the authors permuted B + 4 pattern entries and dropped 4, so their batches
-   were only nearly balanced; here the phase and the permutation are drawn per batch from a generator
-   seeded by (seed, epoch), so a resumed run draws the same rotations.
-4. Schedule: the decays scale with --epochs (80% / 90%), both of them happen. The authors' first upload
-   (utils.adjust_learning_rate, September 2020) tested `epoch > 160` before `epoch > 180` and so never
-   reached its ×0.0001 branch; their current code (fixed in April 2021) does, as here at 200 epochs.
-5. Evaluation: every test image under all four rotations, reported per rotation and per class; the
-   authors scored one random rotation per test image. Pre-training keeps the last epoch (no selection);
-   with --val-frac > 0 the validation images are left out of pre-training, as ldam_drw.py leaves them
-   out of training, and their pretext accuracy is logged.
-6. Data, crop/flip and rotation run on the GPU (datasets_lt.GPULoader, then torch.rot90 on the
-   normalised batch, as the authors rotated normalised tensors); the distributions are torchvision's.
+1. ResNet-32 with the pretext head `fc` (the authors' default ResNet-50 fails on 32×32 images).
+2. ldam_drw.py --pretrained fails unless every backbone tensor loads (the authors' loaded nothing).
+3. Exactly balanced rotation batches, seeded by (seed, epoch) (the authors': nearly balanced).
+4. Both lr decays scale with --epochs (the authors' first upload never reached its ×0.0001 branch).
+5. Every test image under all four rotations, per rotation and class; the last epoch is kept.
+6. Data, crop/flip and rotation on the GPU (torch.rot90 on the normalised batch, as the authors).
 """
 import argparse
 import json
