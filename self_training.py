@@ -2,72 +2,34 @@
 
 Imbalanced labels are valuable: (a) train a classifier on the long-tailed labeled set D_L, (b) let it
 pseudo-label an extra unlabeled set D_U (hard argmax, eval mode, test transform), (c) train a fresh
-model on D_L ∪ D_U with the same recipe. Paper 1 minimises L(D_L) + ω·L(D_U) (§3); the authors' code
-merges both into one shuffled set, which is ω = 1.
+model on D_L ∪ D_U with the same recipe. Paper 1 minimises L(D_L) + ω·L(D_U) (§3 → weighted_ce,
+weighted_focal, weighted_ldam); the authors' code merges both into one shuffled set, which is ω = 1.
+README "Self-training with extra unlabeled data" has the pools, relevance, evaluation and the reasons below.
 
     python self_training.py --rho 0.01 --pool cinic10 --pool-root CINIC --gpu 0   # Table 1: LDAM-DRW, D_U@5x, rho_U = 1
     python self_training.py --rho 0.01 --pool cinic10 --pool-root CINIC --loss ce --rule none --rho-u 0.005  # CE, 2ρ
     python self_training.py --rho 0.01 --base runs/ldam_drw-cifar10-0.01-0/last.pt ...  # reuse a base model
     python self_training.py --dataset svhn --rho 0.01                   # Table 1(b): D_U from SVHN's extra split
-    python self_training.py --rho 0.02 --rho-u 0.02 --pool cinic10 --pool-root CINIC --relevance 0.6 \
+    python self_training.py --rho 0.02 --rho-u 0.02 --pool cinic10 --pool-root CINIC --relevance 0.6 \\
         --unlabeled-mult 4                                              # Figs. 2-3: CIFAR-100 as irrelevant data
-    python self_training.py --dataset folder --data-root .data/cifar10_jpg --rho 0.5 --epochs 2 --gpu -1  # CPU
 
-The unlabeled pool. The authors drew D_U from 80 Million Tiny Images, which its creators withdrew in
-2020, so their script cannot be run today. Here D_U comes from data that exists:
-- --pool cinic10 --pool-root CINIC (CIFAR-10): CINIC-10's ImageNet-sourced images of the ten CIFAR-10
-  classes, ~21,000 per class over its train/valid/test folders; its `cifar10-…` files are CIFAR-10's
-  own images and are skipped, so no D_L image can come back as unlabeled. At ρ = 100 it gives D_U@5x
-  at ρ_U = 1 (6,203 per class); the imbalanced columns need more head-class images than its 21,000
-  (24,999 at ρ_U = ρ), so they keep their profile at 4.74x (ρ/2), 4.20x (ρ) and 3.79x (2ρ) |D_L|.
-- --pool rest (default): the training images of the same dataset that are not in D_L; SVHN uses its
-  `extra` split (the authors' pool). For CIFAR-10 at rho 0.01 this leaves 37,594 images and none of
-  class 0: NOT the paper's pool, it cannot give D_U@5x or any ρ_U profile.
-- --unlabeled-root DIR/<class>/*: any image folder (classes named like the task's).
-|D_U| = --unlabeled-mult · |D_L| (paper: 5), split over classes with ratio --rho-u in the task's class
-order (SVHN: digit 1 first, digit 0 last, as its D_L); which images enter each class is chosen with the
-TRUE labels (the experimenter's control), training sees only pseudo-labels. A pool too small for the
-request keeps the profile: |D_U| shrinks to the largest size every class can fill and the run prints
-the multiple it reached (--pool-shortfall cap instead caps class by class, which can hand a head
-class fewer images than a tail class).
-
-Data relevance (Figs. 2-3): --relevance r puts exactly round(r·|D_U|) pool images in D_U and fills the
-rest with CIFAR-100 training images (--irrelevant-root, default --data-root): classes disjoint from
-CIFAR-10's, from the same Tiny Images source as the paper's irrelevant data; the 10-class task stays.
-Ratio and |D_U| are what was asked at every point of a sweep as long as the pools hold them (with
-CIFAR-100's 50,000 images, --unlabeled-mult 4 at ρ = 50 fits r ≥ 0.2); the run prints the achieved
-relevance. --irrelevant-classes instead holds task classes out (the task shrinks).
-
-Evaluation: top-1 error on the balanced test set; SVHN's test split is imbalanced, so its headline
-error is 100 − mean per-class accuracy (the paper evaluates "on corresponding balanced test
-datasets"), with top-1 printed beside it.
-
+D_U: --pool cinic10 (CINIC-10's ImageNet-sourced images, its cifar10-* files skipped), --pool rest (the
+dataset's images outside D_L; SVHN: its extra split; NOT the paper's pool for CIFAR-10), or
+--unlabeled-root; |D_U| = --unlabeled-mult · |D_L| with profile --rho-u in the task's class order, kept
+when the pool is short (the multiple reached is printed). Relevance: CIFAR-100 images fill the rest.
+SVHN's headline error is 100 − mean per-class accuracy (its test split is imbalanced), top-1 beside it.
 Paper numbers (CIFAR-10-LT ρ=100, top-1 error, 80M TI pool, lossless): CE 29.64 → 17.48 and LDAM-DRW
 22.97 → 14.96 with D_U@5x, ρ_U = 1. CINIC-10's ImageNet images are a different source than 80M TI.
 
 Deliberate differences from the paper and the authors' code:
-1. D_U comes from existing data (above); a short pool shrinks |D_U| with a warning, the profile kept.
-2. --omega is a per-example weight: each pseudo-labeled example's loss counts ω times a labeled one.
-   ω = 1, the default, is the authors' merged set (D_L and D_U shuffled together, every example equal),
-   so D_U carries |D_U|/(|D_L| + |D_U|) of the loss (5/6 at D_U@5x); read as L(D_L) + ω'·L(D_U) with
-   both terms averaged per set, that is ω' = |D_U|/|D_L| = 5. ω = 0 drops D_U and is exactly
-   ldam_drw.py on D_L. With ω ≠ 1 the batch loss is Σ c_i w_{y_i} ℓ_i / Σ c_i w_{y_i} for CE / LDAM
-   and mean(c_i · focal_i) for focal, c_i ∈ {1, ω}.
-3. --threshold keeps only pseudo-labels whose softmax confidence reaches it (off by default, as in
-   the paper; for LDAM the confidence is softmax(s · cosine), the training logits).
-4. Class counts for LDAM margins, DRW weights and re-sampling include the pseudo-labels, as the
-   authors did; --labeled-counts uses D_L's counts only. Re-sampling draws with the authors'
-   ImbalancedDatasetSampler weights (1 − β)/(1 − β^{n_c}) (--resample-weights inverse: 1/n_c).
-5. Data relevance (Fig. 2): irrelevant images are CIFAR-100's (the paper's came from other 80M TI
-   classes); --irrelevant-classes removes task classes instead (D_L, test set, labels renumbered).
-6. Every stage reports on the balanced test set at the last epoch; model selection, where wanted,
-   uses --val-frac (a split of D_L), never the test set.
-7. Batch sizes as the authors ran them: stage (a) --batch-size 128 (their train.py), stage (c)
-   --st-batch-size 256 (their train_semi.py), both at lr 0.1; --st-batch-size 128 trains stage (c)
-   with the base recipe's batch.
-8. --base must come from a run on this D_L (same --dataset, --rho, --imb-type, --data-seed, --val-frac,
-   class counts and training images, which checkpoints record as a digest); anything else is refused:
-   a base that trained on other images of the dataset would pseudo-label them from memory.
+1. D_U comes from existing data (80M Tiny Images was withdrawn); a short pool keeps its profile.
+2. --omega is a per-example weight; ω = 1 is the authors' merged set (ω' = |D_U|/|D_L| per-set).
+3. --threshold on pseudo-label confidence is off by default, as in the paper.
+4. Class counts include the pseudo-labels, as the authors did (--labeled-counts: D_L's only).
+5. Irrelevant images are CIFAR-100's (the paper's: other 80M TI classes).
+6. Every stage reports on the balanced test set at the last epoch; selection only with --val-frac.
+7. Batch 128 in stage (a) and --st-batch-size 256 in stage (c), as the authors' train.py / train_semi.py.
+8. --base must come from a run on this D_L (same data flags, counts and image digest), else refused.
 """
 import argparse
 import json
