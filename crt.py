@@ -25,7 +25,7 @@ Deliberate differences from Kang et al.'s code (on CIFAR, SVHN and folders; file
 3. Class-balanced draws with replacement (1/n_y weights): the ClassAwareSampler's class distribution.
 4. Every backbone tensor is compared with its value before, after training (a sanity check).
 5. The report is the last epoch (and the best on a --val-frac / --val-list split), never the test set.
-6. --resume continues from last.pt: hours on iNaturalist with --augment.
+6. --resume continues from last.pt (with --augment every epoch re-runs the backbone on every image).
 """
 import argparse
 import json

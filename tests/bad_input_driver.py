@@ -9,7 +9,8 @@ import json
 import os
 import sys
 import tempfile
-import traceback
+
+from forkrun import exit_code
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,19 +22,7 @@ def run_case(module, script, argv):
             os.dup2(err.fileno(), 2)
             os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
             sys.argv = [script, *argv]
-            code = 0
-            try:
-                module.main(argv)
-            except SystemExit as e:                      # what the interpreter does with sys.exit(code)
-                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-                if not isinstance(e.code, (int, type(None))):
-                    print(e.code, file=sys.stderr)
-            except BaseException:
-                traceback.print_exc()
-                code = 1
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            os._exit(exit_code(module.main, argv))
         _, status = os.waitpid(pid, 0)
         err.seek(0)
         return [os.waitstatus_to_exitcode(status), err.read()]

@@ -15,16 +15,34 @@ import os
 import signal
 import socket
 import sys
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(f for f in os.listdir(ROOT) if f.endswith(".py") and not f.startswith("bench"))
 
 
+
+def exit_code(main, argv):
+    """Run main(argv) and return the exit code `python script.py argv` would end with: sys.exit's code
+    (a message instead of a code is printed and gives 1), 1 and the traceback for any other exception."""
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as e:                              # what the interpreter does with sys.exit(code)
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
+
 def _child(conn, module):
     """In the forked process: take over the client's fds, cwd and environment, run module.main."""
     import io
     import threading
-    import traceback
     fds, msg = _recv(conn)
     request = json.loads(msg)
     for target, fd in zip((0, 1, 2), fds):
@@ -50,18 +68,7 @@ def _child(conn, module):
             pass
         os.kill(os.getpid(), signal.SIGKILL)
     threading.Thread(target=watch, daemon=True).start()
-    code = 0
-    try:
-        module.main(sys.argv[1:])
-    except SystemExit as e:                              # what the interpreter does with sys.exit(code)
-        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-        if not isinstance(e.code, (int, type(None))):
-            print(e.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
+    code = exit_code(module.main, sys.argv[1:])
     try:
         conn.sendall(json.dumps({"code": code}).encode() + b"\n")
     except OSError:
