@@ -6,7 +6,8 @@ The checkpoint's architecture picks the protocol. CIFAR backbones (resnet32, res
 STL-10 (App. A.1) or a folder, eval_linear.py's code (shared linear_probe region), features cached.
 ImageNet backbones (resnet10, resnet50): fine-tuning of backbone and a new linear head together on CUB-200,
 Stanford Cars, Oxford Pets and FGVC Aircraft, the authors' ft_moco.py recipe at the paper's lr 0.1 and 150
-epochs (finetune, train_one_epoch, finetune_lr, finetune_transform); A^OOD(n, r) is the mean test top-1 over the four.
+epochs (finetune, train_one_epoch, finetune_lr, finetune_transform); A^OOD(n, r) is the mean test top-1
+over the four.
 Δ (Eq. 1): eval_linear.py --gap on the final.json files (fine-tuning targets of a checkpoint averaged first).
 The backbone takes every tensor from --ckpt; a checkpoint that lacks one or holds another architecture is
 one line and exit 2. Targets, resolution, normalisation and outputs: README "Judging a representation".
