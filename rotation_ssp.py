@@ -46,6 +46,8 @@ ARCH = "resnet32"
 ROTATIONS = 4
 
 
+# ----- flags ---------------------------------------------------------------------------------------
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Rotation self-supervised pre-training (paper 1, §4.2).")
     # --- shared flags (same names and order in every script; defaults and help are this method's) ---
@@ -111,6 +113,8 @@ def fmt(v):
     return f"{v:6.2f}" if v is not None else f"{'-':>6}"
 
 
+# ----- model ---------------------------------------------------------------------------------------
+
 # === shared: resnet32 (identical in every script that uses it) ===
 class BasicBlock(nn.Module):
     """3×3 conv → BN → ReLU → 3×3 conv → BN, plus a parameter-free shortcut (He et al.'s option A:
@@ -172,6 +176,8 @@ class ResNet32(nn.Module):
         return self.fc(self.features(x))
 # === end shared: resnet32 ===
 
+
+# ----- run files -----------------------------------------------------------------------------------
 
 # === shared: check_ranges (identical in every script) ===
 def check_ranges(args, ranges):
@@ -333,7 +339,7 @@ def load_backbone(model, arch, path):
 # === end shared: checkpoints ===
 
 
-# ----- the pretext task (paper 1 §4.2; Gidaris et al. 2018) ----------------------------------------
+# ----- the method (paper 1 §4.2: rotation pretext task; Gidaris et al. 2018) -----------------------
 
 def rotation_labels(n, generator, device):
     """Rotation class (k: k·90°) of each of n images: a random permutation of the pattern 0, 1, 2, 3, 0, …
@@ -373,6 +379,63 @@ def lr_at(epoch, args):
 # === end shared: lr_schedule ===
 
 
+# ----- data ----------------------------------------------------------------------------------------
+
+def build_data(args, device):
+    """The training subset of ldam_drw.py (the same calls, so the same seed selects the same images), with
+    its labels replaced by zeros: §4.2 abandons them. Returns train / validation / test batches, the
+    training class counts (recorded in the checkpoint) and the number of classes."""
+    train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
+    test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
+    for split, x in (("training", train_x), ("test", test_x)):
+        if x.shape[1] != x.shape[2]:
+            raise D.DataError(f"rotation needs square images, but the {split} images are {x.shape[2]}x{x.shape[1]}; "
+                              f"crop or resize them to a square first")
+    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
+                             D.CLASS_ORDER.get(args.dataset))
+    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.data_seed)
+    mean, std = D.mean_std(args.dataset, train_x)
+    C = len(names)
+    counts = np.bincount(train_y[idx], minlength=C).tolist()
+    train = D.GPULoader(train_x[idx], np.zeros(len(idx), dtype=np.int64), args.batch_size, mean, std, device,
+                        augment="crop_flip", seed=args.seed)
+    test = D.GPULoader(test_x, test_y, 1000, mean, std, device)
+    val = D.GPULoader(train_x[val_idx], train_y[val_idx], 1000, mean, std, device) if len(val_idx) else None
+    return train, val, test, counts, C
+
+
+# ----- one epoch -----------------------------------------------------------------------------------
+
+def train_one_epoch(model, step_model, optimizer, train, epoch, args, device):
+    """One epoch of the pretext task: the row's lr, loss and rotation accuracy, with the first step whose
+    loss is not finite (-1: none) and the last step for end_epoch's divergence guard."""
+    lr = lr_at(epoch, args)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    g = torch.Generator(device=device)
+    g.manual_seed(rotation_seed(args.seed, epoch))
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    hits = torch.zeros((), device=device, dtype=torch.long)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    seen = 0
+    for step, (x, _, _) in enumerate(train.epoch(epoch)):
+        k = rotation_labels(len(x), g, device)
+        x = rotate(x, k)                                   # after crop/flip, as REFERENCE §4
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+            logits = step_model(x).float()
+        loss = F.cross_entropy(logits, k)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+        loss_sum += loss.detach() * len(k)
+        hits += (logits.argmax(1) == k).sum()
+        seen += len(k)
+    return {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_rotation_acc": 100 * hits.item() / seen,
+            "first_bad": first_bad, "step": step}
+
+
 @torch.no_grad()
 def rotation_accuracy(model, batches, num_classes, train_counts, amp=False):
     """Rotation accuracy (pretext) with every image under all four rotations: overall, per rotation, per
@@ -401,39 +464,6 @@ def rotation_accuracy(model, batches, num_classes, train_counts, amp=False):
     return result
 
 
-# ----- data ----------------------------------------------------------------------------------------
-
-def build_data(args, device):
-    """The training subset of ldam_drw.py (the same calls, so the same seed selects the same images), with
-    its labels replaced by zeros: §4.2 abandons them. Returns train / validation / test batches, the
-    training class counts (recorded in the checkpoint) and the number of classes."""
-    train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
-    test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
-    for split, x in (("training", train_x), ("test", test_x)):
-        if x.shape[1] != x.shape[2]:
-            raise D.DataError(f"rotation needs square images, but the {split} images are {x.shape[2]}x{x.shape[1]}; "
-                              f"crop or resize them to a square first")
-    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
-                             D.CLASS_ORDER.get(args.dataset))
-    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.data_seed)
-    mean, std = D.mean_std(args.dataset, train_x)
-    C = len(names)
-    counts = np.bincount(train_y[idx], minlength=C).tolist()
-    train = D.GPULoader(train_x[idx], np.zeros(len(idx), dtype=np.int64), args.batch_size, mean, std, device,
-                        augment="crop_flip", seed=args.seed)
-    test = D.GPULoader(test_x, test_y, 1000, mean, std, device)
-    val = D.GPULoader(train_x[val_idx], train_y[val_idx], 1000, mean, std, device) if len(val_idx) else None
-    return train, val, test, counts, C
-
-
-def finetune_command(args):
-    cmd = (f"python ldam_drw.py --dataset {args.dataset} --data-root {args.data_root} --rho {args.rho:g} "
-           f"--imb-type {args.imb_type} --seed {args.seed} --data-seed {args.data_seed}")
-    if args.val_frac:
-        cmd += f" --val-frac {args.val_frac:g}"
-    return cmd + f" --pretrained {os.path.join(args.out, 'last.pt')}"
-
-
 # ----- main ----------------------------------------------------------------------------------------
 
 def setup_device(args):
@@ -455,8 +485,10 @@ def setup_device(args):
     return device
 
 
-def main(argv=None):
-    args = parse_args(argv)
+
+def resume_run(args):
+    """--resume: the run's own arguments from its last.pt (→ args, ckpt; ckpt None for a new run); the
+    checks that need them, and a new run refuses an --out that already holds one."""
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
@@ -468,20 +500,22 @@ def main(argv=None):
         print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
     try:
         D.check_rho(args.rho)
-        if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-            fail("--epochs, --batch-size and --lr must be positive")
-        if args.warmup < 0:
-            fail("--warmup must be 0 or more epochs")
-        if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
-            fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, "
-                 f"or pass another --out")
-        device = setup_device(args)
-        torch.manual_seed(args.seed)
-        train, val, test, counts, C = build_data(args, device)
     except D.DataError as e:
         fail(str(e))
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+        fail("--epochs, --batch-size and --lr must be positive")
+    if args.warmup < 0:
+        fail("--warmup must be 0 or more epochs")
+    if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
+        fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, "
+             f"or pass another --out")
+    return args, ckpt
 
-    model = ResNet32(ROTATIONS).to(device)                 # 4-way rotation classifier, linear head `fc`
+
+def init_state(args, device, ckpt):
+    """The 4-way rotation classifier (ResNet-32, linear head `fc`) and its optimizer, from last.pt on --resume;
+    (model, optimizer, first epoch)."""
+    model = ResNet32(ROTATIONS).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
                                 fused=device.type == "cuda")
     start = 0
@@ -489,11 +523,15 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start = ckpt["epoch"]
-    step_model = torch.compile(model, mode="reduce-overhead") if args.compile else model
+    return model, optimizer, start
 
+
+def open_run(args, device, counts, start):
+    """<out> with args.json and the source (kept on --resume), metrics.jsonl cut back to `start`, and the
+    header lines of the log."""
     os.makedirs(args.out, exist_ok=True)
     metrics = os.path.join(args.out, "metrics.jsonl")
-    if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
+    if not args.resume or not os.path.exists(os.path.join(args.out, "args.json")):
         meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         write_json(os.path.join(args.out, "args.json"), meta)
@@ -507,55 +545,40 @@ def main(argv=None):
     print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'train':>6} {'test':>6} {'many':>6} {'med':>6} {'few':>6} "
           f"{'val':>6} {'s':>6}")
 
-    t_run = time.time()
-    test_m = None
-    for epoch in range(start, args.epochs):
-        t0 = time.time()
-        lr = lr_at(epoch, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        g = torch.Generator(device=device)
-        g.manual_seed(rotation_seed(args.seed, epoch))
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        hits = torch.zeros((), device=device, dtype=torch.long)
-        first_bad = torch.full((), -1, device=device, dtype=torch.long)
-        seen = 0
-        for step, (x, _, _) in enumerate(train.epoch(epoch)):
-            k = rotation_labels(len(x), g, device)
-            x = rotate(x, k)                               # after crop/flip, as REFERENCE §4
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                logits = step_model(x).float()
-            loss = F.cross_entropy(logits, k)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            loss_sum += loss.detach() * len(k)
-            hits += (logits.argmax(1) == k).sum()
-            seen += len(k)
-        if first_bad.item() >= 0:
-            stop_diverged(f"loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}", args.out, epoch)
-        bad_tensor = nonfinite_tensor(model)
-        if bad_tensor:
-            stop_diverged(f"'{bad_tensor}' is not finite after epoch {epoch + 1}, step {step + 1}", args.out, epoch)
-        test_m = rotation_accuracy(model, test.epoch(0), C, counts, args.amp)
-        val_m = rotation_accuracy(model, val.epoch(0), C, counts, args.amp) if val else None
-        row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen,
-               "train_rotation_acc": 100 * hits.item() / seen, "test_rotation_pretext": test_m,
-               "val_rotation_acc": val_m["top1"] if val_m else None, "seconds": time.time() - t0}
-        append_metrics(metrics, row)
-        print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_rotation_acc'])} {fmt(test_m['top1'])} "
-              f"{fmt(test_m['many'])} {fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_rotation_acc'])} "
-              f"{row['seconds']:6.2f}", flush=True)
-        state = {"script": "rotation_ssp.py", "arch": ARCH, "model": model.state_dict(), "epoch": epoch + 1,
-                 "optimizer": optimizer.state_dict(), "args": vars(args), "class_counts": counts, "best": None,
-                 "rng": {"torch": torch.get_rng_state()}, "mean": test.mean, "std": test.std}
-        save_atomic(state, os.path.join(args.out, "last.pt"))
 
-    if test_m is None:
-        test_m = rotation_accuracy(model, test.epoch(0), C, counts, args.amp)
-    rows = read_metrics(metrics) or [{"val_rotation_acc": None, "loss": None, "seconds": float("nan")}]
+def end_epoch(args, model, optimizer, epoch, row, t0, test, counts):
+    """The divergence guard (a non-finite loss or tensor stops the run, last.pt untouched), then the metrics
+    row, the printed row and last.pt."""
+    first_bad, step = row.pop("first_bad"), row.pop("step")
+    if first_bad.item() >= 0:
+        stop_diverged(f"loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}", args.out, epoch)
+    bad_tensor = nonfinite_tensor(model)
+    if bad_tensor:
+        stop_diverged(f"'{bad_tensor}' is not finite after epoch {epoch + 1}, step {step + 1}", args.out, epoch)
+    row["seconds"] = time.time() - t0
+    test_m = row["test_rotation_pretext"]
+    append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
+    print(f"{epoch + 1:5d} {row['lr']:8.5f} {row['loss']:8.4f} {fmt(row['train_rotation_acc'])} {fmt(test_m['top1'])} "
+          f"{fmt(test_m['many'])} {fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_rotation_acc'])} "
+          f"{row['seconds']:6.2f}", flush=True)
+    state = {"script": "rotation_ssp.py", "arch": ARCH, "model": model.state_dict(), "epoch": epoch + 1,
+             "optimizer": optimizer.state_dict(), "args": vars(args), "class_counts": counts, "best": None,
+             "rng": {"torch": torch.get_rng_state()}, "mean": test.mean, "std": test.std}
+    save_atomic(state, os.path.join(args.out, "last.pt"))
+
+
+def finetune_command(args):
+    cmd = (f"python ldam_drw.py --dataset {args.dataset} --data-root {args.data_root} --rho {args.rho:g} "
+           f"--imb-type {args.imb_type} --seed {args.seed} --data-seed {args.data_seed}")
+    if args.val_frac:
+        cmd += f" --val-frac {args.val_frac:g}"
+    return cmd + f" --pretrained {os.path.join(args.out, 'last.pt')}"
+
+
+def finish_run(args, test_m, counts, t_run):
+    """final.json (the last epoch's pretext accuracy and the fine-tuning command) and the last lines."""
+    rows = read_metrics(os.path.join(args.out, "metrics.jsonl")) or [{"val_rotation_acc": None, "loss": None,
+                                                                      "seconds": float("nan")}]
     final = {"script": "rotation_ssp.py", "arch": ARCH, "dataset": args.dataset, "rho": args.rho,
              "imb_type": args.imb_type, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs, "class_counts": counts,
              "rotation_accuracy_pretext": test_m, "val_rotation_accuracy_pretext": rows[-1]["val_rotation_acc"],
@@ -567,6 +590,31 @@ def main(argv=None):
     print(f"last epoch: rotation accuracy (pretext) on the test images, each under all 4 rotations: "
           f"{test_m['top1']:.2f}% ({per_rot}; chance 25%)")
     print(f"fine-tune from it: {final['finetune']}")
+
+
+def main(argv=None):
+    args, ckpt = resume_run(parse_args(argv))
+    device = setup_device(args)
+    try:
+        torch.manual_seed(args.seed)
+        train, val, test, counts, C = build_data(args, device)
+    except D.DataError as e:
+        fail(str(e))
+    model, optimizer, start = init_state(args, device, ckpt)
+    step_model = torch.compile(model, mode="reduce-overhead") if args.compile else model
+    open_run(args, device, counts, start)
+    t_run = time.time()
+    test_m = None
+    for epoch in range(start, args.epochs):
+        t0 = time.time()
+        row = train_one_epoch(model, step_model, optimizer, train, epoch, args, device)
+        test_m = rotation_accuracy(model, test.epoch(0), C, counts, args.amp)
+        val_m = rotation_accuracy(model, val.epoch(0), C, counts, args.amp) if val else None
+        row.update({"test_rotation_pretext": test_m, "val_rotation_acc": val_m["top1"] if val_m else None})
+        end_epoch(args, model, optimizer, epoch, row, t0, test, counts)
+    if test_m is None:                                     # --resume of a run that had finished its epochs
+        test_m = rotation_accuracy(model, test.epoch(0), C, counts, args.amp)
+    finish_run(args, test_m, counts, t_run)
 
 
 if __name__ == "__main__":
