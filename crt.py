@@ -799,7 +799,6 @@ def setup_device(args, world=1):
     return device
 
 
-
 def resume_run(args, world=1):
     """--resume: the saved run's arguments; then the --ckpt checkpoint, whose own arguments fill the data
     flags left unset; without --resume, an --out that already holds a run is refused. → (args, ckpt, the
@@ -916,7 +915,6 @@ def stop_if_diverged(out, model, epoch, first_bad, step, rank=0, world=1):
     bad_tensor = nonfinite_tensor(model)
     if bad_tensor:
         stop_diverged(f"'{bad_tensor}' is not finite after epoch {epoch + 1}, step {step + 1}", out, epoch)
-
 
 
 def end_epoch(args, out, model, optimizer, epoch, row, val_m, best, t0, saved, rank=0):

@@ -406,9 +406,9 @@ def build_data(args, device):
 
 # ----- one epoch -----------------------------------------------------------------------------------
 
-def train_one_epoch(model, step_model, optimizer, train, epoch, args, device):
-    """One epoch of the pretext task: the row's lr, loss and rotation accuracy, with the first step whose
-    loss is not finite (-1: none) and the last step for end_epoch's divergence guard."""
+def train_one_epoch(model, optimizer, train, epoch, args, device, step_model):
+    """SGD over one epoch of the pretext task: (the row's lr / loss / rotation accuracy, the first step with
+    a non-finite loss or -1, the last step)."""
     lr = lr_at(epoch, args)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -432,8 +432,8 @@ def train_one_epoch(model, step_model, optimizer, train, epoch, args, device):
         loss_sum += loss.detach() * len(k)
         hits += (logits.argmax(1) == k).sum()
         seen += len(k)
-    return {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_rotation_acc": 100 * hits.item() / seen,
-            "first_bad": first_bad, "step": step}
+    row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_rotation_acc": 100 * hits.item() / seen}
+    return row, first_bad, step
 
 
 @torch.no_grad()
@@ -485,10 +485,8 @@ def setup_device(args):
     return device
 
 
-
 def resume_run(args):
-    """--resume: the run's own arguments from its last.pt (→ args, ckpt; ckpt None for a new run); the
-    checks that need them, and a new run refuses an --out that already holds one."""
+    """--resume: the saved run's arguments; without it, an --out that already holds a run is refused."""
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
@@ -498,10 +496,7 @@ def resume_run(args):
         ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), **ckpt["args"]}
         args = resume_args(args, ckpt, RESUME_FLAGS)
         print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
-    try:
-        D.check_rho(args.rho)
-    except D.DataError as e:
-        fail(str(e))
+    D.check_rho(args.rho)
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
         fail("--epochs, --batch-size and --lr must be positive")
     if args.warmup < 0:
@@ -512,9 +507,9 @@ def resume_run(args):
     return args, ckpt
 
 
-def init_state(args, device, ckpt):
-    """The 4-way rotation classifier (ResNet-32, linear head `fc`) and its optimizer, from last.pt on --resume;
-    (model, optimizer, first epoch)."""
+def init_state(args, ckpt, device):
+    """The 4-way rotation classifier (ResNet-32, linear head `fc`), SGD, and the start epoch from the --resume
+    checkpoint."""
     model = ResNet32(ROTATIONS).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
                                 fused=device.type == "cuda")
@@ -526,17 +521,17 @@ def init_state(args, device, ckpt):
     return model, optimizer, start
 
 
-def open_run(args, device, counts, start):
-    """<out> with args.json and the source (kept on --resume), metrics.jsonl cut back to `start`, and the
-    header lines of the log."""
+def open_run(args, ckpt, device, counts, start):
+    """The run folder: args.json, the source, metrics.jsonl cut back to the resumed epoch; then the lines
+    printed above the epoch table."""
     os.makedirs(args.out, exist_ok=True)
-    metrics = os.path.join(args.out, "metrics.jsonl")
-    if not args.resume or not os.path.exists(os.path.join(args.out, "args.json")):
+    if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
         meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         write_json(os.path.join(args.out, "args.json"), meta)
         copy_source(__file__, args.out)
     # a resumed run drops the epochs logged after its checkpoint
+    metrics = os.path.join(args.out, "metrics.jsonl")
     write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
     print(f"{args.dataset} rho={args.rho:g} ({args.imb_type}): {sum(counts)} training images {counts[:3]}…"
           f"{counts[-1]}, labels unused; rotation pretext (4-way), {ARCH}, {args.epochs} epochs on {device}")
@@ -546,25 +541,27 @@ def open_run(args, device, counts, start):
           f"{'val':>6} {'s':>6}")
 
 
-def end_epoch(args, model, optimizer, epoch, row, t0, test, counts):
-    """The divergence guard (a non-finite loss or tensor stops the run, last.pt untouched), then the metrics
-    row, the printed row and last.pt."""
-    first_bad, step = row.pop("first_bad"), row.pop("step")
+def stop_if_diverged(out, model, epoch, first_bad, step):
+    """The divergence guard, before the epoch is evaluated or saved: a non-finite loss in the epoch or a
+    non-finite tensor after it stops the run (exit 1)."""
     if first_bad.item() >= 0:
-        stop_diverged(f"loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}", args.out, epoch)
+        stop_diverged(f"loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}", out, epoch)
     bad_tensor = nonfinite_tensor(model)
     if bad_tensor:
-        stop_diverged(f"'{bad_tensor}' is not finite after epoch {epoch + 1}, step {step + 1}", args.out, epoch)
-    row["seconds"] = time.time() - t0
-    test_m = row["test_rotation_pretext"]
-    append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
-    print(f"{epoch + 1:5d} {row['lr']:8.5f} {row['loss']:8.4f} {fmt(row['train_rotation_acc'])} {fmt(test_m['top1'])} "
+        stop_diverged(f"'{bad_tensor}' is not finite after epoch {epoch + 1}, step {step + 1}", out, epoch)
+
+
+def end_epoch(args, out, model, optimizer, epoch, row, val_m, t0, saved):
+    """The metrics row, the printed line and last.pt."""
+    lr, test_m = row["lr"], row["test_rotation_pretext"]
+    row.update({"val_rotation_acc": val_m["top1"] if val_m else None, "seconds": time.time() - t0})
+    append_metrics(os.path.join(out, "metrics.jsonl"), row)
+    print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_rotation_acc'])} {fmt(test_m['top1'])} "
           f"{fmt(test_m['many'])} {fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_rotation_acc'])} "
           f"{row['seconds']:6.2f}", flush=True)
-    state = {"script": "rotation_ssp.py", "arch": ARCH, "model": model.state_dict(), "epoch": epoch + 1,
-             "optimizer": optimizer.state_dict(), "args": vars(args), "class_counts": counts, "best": None,
-             "rng": {"torch": torch.get_rng_state()}, "mean": test.mean, "std": test.std}
-    save_atomic(state, os.path.join(args.out, "last.pt"))
+    state = {**saved, "model": model.state_dict(), "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+             "args": vars(args), "best": None, "rng": {"torch": torch.get_rng_state()}}
+    save_atomic(state, os.path.join(out, "last.pt"))
 
 
 def finetune_command(args):
@@ -575,8 +572,8 @@ def finetune_command(args):
     return cmd + f" --pretrained {os.path.join(args.out, 'last.pt')}"
 
 
-def finish_run(args, test_m, counts, t_run):
-    """final.json (the last epoch's pretext accuracy and the fine-tuning command) and the last lines."""
+def finish_run(args, counts, test_m, t_run):
+    """final.json (the last epoch's pretext accuracy, the fine-tuning command) and the last printed lines."""
     rows = read_metrics(os.path.join(args.out, "metrics.jsonl")) or [{"val_rotation_acc": None, "loss": None,
                                                                       "seconds": float("nan")}]
     final = {"script": "rotation_ssp.py", "arch": ARCH, "dataset": args.dataset, "rho": args.rho,
@@ -593,28 +590,30 @@ def finish_run(args, test_m, counts, t_run):
 
 
 def main(argv=None):
-    args, ckpt = resume_run(parse_args(argv))
-    device = setup_device(args)
+    args = parse_args(argv)
     try:
+        args, ckpt = resume_run(args)
+        device = setup_device(args)
         torch.manual_seed(args.seed)
         train, val, test, counts, C = build_data(args, device)
     except D.DataError as e:
         fail(str(e))
-    model, optimizer, start = init_state(args, device, ckpt)
+    model, optimizer, start = init_state(args, ckpt, device)
     step_model = torch.compile(model, mode="reduce-overhead") if args.compile else model
-    open_run(args, device, counts, start)
+    saved = {"script": "rotation_ssp.py", "arch": ARCH, "class_counts": counts, "mean": test.mean, "std": test.std}
+    open_run(args, ckpt, device, counts, start)
+
     t_run = time.time()
-    test_m = None
     for epoch in range(start, args.epochs):
         t0 = time.time()
-        row = train_one_epoch(model, step_model, optimizer, train, epoch, args, device)
-        test_m = rotation_accuracy(model, test.epoch(0), C, counts, args.amp)
+        row, first_bad, step = train_one_epoch(model, optimizer, train, epoch, args, device, step_model)
+        stop_if_diverged(args.out, model, epoch, first_bad, step)
+        row["test_rotation_pretext"] = rotation_accuracy(model, test.epoch(0), C, counts, args.amp)
         val_m = rotation_accuracy(model, val.epoch(0), C, counts, args.amp) if val else None
-        row.update({"test_rotation_pretext": test_m, "val_rotation_acc": val_m["top1"] if val_m else None})
-        end_epoch(args, model, optimizer, epoch, row, t0, test, counts)
-    if test_m is None:                                     # --resume of a run that had finished its epochs
-        test_m = rotation_accuracy(model, test.epoch(0), C, counts, args.amp)
-    finish_run(args, test_m, counts, t_run)
+        end_epoch(args, args.out, model, optimizer, epoch, row, val_m, t0, saved)
+    test_m = rotation_accuracy(model, test.epoch(0), C, counts, args.amp) if start >= args.epochs else \
+        row["test_rotation_pretext"]
+    finish_run(args, counts, test_m, t_run)
 
 
 if __name__ == "__main__":
