@@ -2,10 +2,11 @@
 classifier for long-tailed recognition", §4; the strongest baseline of paper 1 (Yang & Xu 2020,
 Tables 3–4, where "cRT + SSP" is cRT on top of a self-supervised initialisation).
 
-Take any backbone checkpoint of this project, freeze it, re-initialise the linear classifier (Classifier:
-frozen backbone + new head) and train only the classifier with class-balanced sampling on the same
-long-tailed training subset: the data flags default to the checkpoint's own. README "Classifier
-re-training" has the recipe per dataset, DDP and the reasons below.
+Take any backbone checkpoint of this project and freeze it (frozen_backbone), cache its features
+(cache_features), re-initialise the linear classifier (init_state; Classifier: frozen backbone + new head)
+and train only the classifier with class-balanced sampling (train_one_epoch) on the same long-tailed
+training subset: the data flags default to the checkpoint's own. README "Classifier re-training" has the
+recipe per dataset, DDP and the reasons below.
 
     python crt.py --ckpt runs/ldam_drw-cifar10-0.01-0/last.pt --gpu 0          # CE → CE + cRT
     python crt.py --ckpt runs/ldam_drw-imagenet_lt-1-0/last.pt --val-list ImageNet_LT_val.txt   # Table 3
@@ -491,41 +492,10 @@ class Classifier(nn.Module):
 # ----- data ----------------------------------------------------------------------------------------
 
 def build_data(args, device, rank=0, world=1):
-    """Training / validation / test batches (raw images) and the training class counts; under torchrun
-    (file lists) this process's shares: ShardedListBatches for training, eval_shard for evaluation."""
+    """Training / validation / test batches (raw images), `plain` (the training images under the test
+    transform, for cached features) and the training class counts."""
     if args.dataset in ("imagenet_lt", "inat"):
-        if not args.train_list or not args.test_list:
-            fail(f"--dataset {args.dataset} needs --train-list and --test-list ('relative/path label' files)")
-        tf = lambda train: D.imagenet_transform(train, dataset=args.dataset)
-        train_ds = D.FileListDataset(args.data_root, args.train_list, transform=tf(args.augment))
-        test_ds = D.FileListDataset(args.data_root, args.test_list, transform=tf(False))
-        C = max(train_ds.num_classes, test_ds.num_classes)
-        idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.data_seed)
-        counts = np.bincount(train_ds.labels[idx], minlength=C).tolist()
-        if world > 1:                                     # features every step, so no `plain` pass
-            check_shards(args.batch_size, world)
-            train = ShardedListBatches(train_ds, idx, args.batch_size, args.seed, args.workers, device, rank, world)
-            shard = lambda ds, indices: eval_shard(ds, indices, args.seed, args.workers, device, rank, world)
-            val = None
-            if len(val_idx):
-                val = shard(D.FileListDataset(args.data_root, args.train_list, transform=tf(False)), val_idx)
-            if args.val_list:
-                val_ds = D.FileListDataset(args.data_root, args.val_list, transform=tf(False))
-                val = shard(val_ds, np.arange(len(val_ds)))
-            return train, None, val, shard(test_ds, np.arange(len(test_ds))), counts, C
-        train = ListBatches(train_ds, idx, args.batch_size, True, args.seed, args.workers, device)
-        test = ListBatches(test_ds, np.arange(len(test_ds)), 256, False, args.seed, args.workers, device)
-        val = None
-        if len(val_idx):
-            val = ListBatches(D.FileListDataset(args.data_root, args.train_list, transform=tf(False)), val_idx, 256,
-                              False, args.seed, args.workers, device)
-        if args.val_list:                                     # Kang et al. select on the official val list
-            val_ds = D.FileListDataset(args.data_root, args.val_list, transform=tf(False))
-            val = ListBatches(val_ds, np.arange(len(val_ds)), 256, False, args.seed, args.workers, device)
-        plain = train if not args.augment else ListBatches(
-            D.FileListDataset(args.data_root, args.train_list, transform=tf(False)), idx, 256, False, args.seed,
-            args.workers, device)
-        return train, plain, val, test, counts, C
+        return build_list_data(args, device, rank, world)
     train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
     test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
     idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
@@ -709,6 +679,38 @@ def average_bn_statistics(model, world):
                 dist.all_reduce(t)
                 t.div_(world)
 # === end shared: ddp_lists ===
+
+
+def build_list_data(args, device, rank=0, world=1):
+    """build_data of a file list; under torchrun this process's shares (ShardedListBatches for training,
+    eval_shard for evaluation) and no `plain`: the features are computed every step."""
+    if not args.train_list or not args.test_list:
+        fail(f"--dataset {args.dataset} needs --train-list and --test-list ('relative/path label' files)")
+    tf = lambda train: D.imagenet_transform(train, dataset=args.dataset)
+    train_ds = D.FileListDataset(args.data_root, args.train_list, transform=tf(args.augment))
+    test_ds = D.FileListDataset(args.data_root, args.test_list, transform=tf(False))
+    C = max(train_ds.num_classes, test_ds.num_classes)
+    idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.data_seed)
+    counts = np.bincount(train_ds.labels[idx], minlength=C).tolist()
+    if world > 1:
+        check_shards(args.batch_size, world)
+        train = ShardedListBatches(train_ds, idx, args.batch_size, args.seed, args.workers, device, rank, world)
+        plain = lambda ds, indices: eval_shard(ds, indices, args.seed, args.workers, device, rank, world)
+    else:
+        train = ListBatches(train_ds, idx, args.batch_size, True, args.seed, args.workers, device)
+        plain = lambda ds, indices: ListBatches(ds, indices, 256, False, args.seed, args.workers, device)
+    test = plain(test_ds, np.arange(len(test_ds)))
+    val = None
+    if len(val_idx):
+        val = plain(D.FileListDataset(args.data_root, args.train_list, transform=tf(False)), val_idx)
+    if args.val_list:                                      # Kang et al. select on the official val list
+        val_ds = D.FileListDataset(args.data_root, args.val_list, transform=tf(False))
+        val = plain(val_ds, np.arange(len(val_ds)))
+    if world > 1:
+        return train, None, val, test, counts, C
+    train_plain = train if not args.augment else plain(
+        D.FileListDataset(args.data_root, args.train_list, transform=tf(False)), idx)
+    return train, train_plain, val, test, counts, C
 
 
 # ----- one epoch -----------------------------------------------------------------------------------
@@ -936,11 +938,11 @@ def end_epoch(args, out, model, optimizer, epoch, row, val_m, best, t0, saved, r
     return best
 
 
-def finish_run(args, counts, test_m, best, t_run, rank=0, world=1, model=None, frozen=None, report=None):
-    """The frozen-backbone check; final.json and the last printed lines (rank 0); under torchrun every process
-    then leaves together."""
+def finish_run(args, counts, test_m, best, t_run, rank=0, world=1, *, backbone, frozen, report):
+    """The check that the backbone did not move (`frozen`: its tensors before); final.json and the last
+    printed lines (rank 0); under torchrun every process then leaves together."""
     try:
-        check_unchanged(model.backbone, frozen, buffers=args.bn == "frozen")
+        check_unchanged(backbone, frozen, buffers=args.bn == "frozen")
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -1008,7 +1010,7 @@ def main(argv=None):
     test_m = score(model, test) if start >= args.epochs else row["test"]
     report = {"ckpt_script": source.get("script"), "arch": source["arch"], "before": before, "cached": cached,
               "feature_seconds": feature_seconds}
-    finish_run(args, counts, test_m, best, t_run, rank, world, model, frozen, report)
+    finish_run(args, counts, test_m, best, t_run, rank, world, backbone=backbone, frozen=frozen, report=report)
 
 
 if __name__ == "__main__":
