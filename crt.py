@@ -825,7 +825,8 @@ def resume_run(args, world=1):
         fail(f"torchrun runs crt.py on file lists (--dataset imagenet_lt / inat); --dataset {args.dataset} "
              f"re-trains on one device: run it without torchrun")
     if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
-        fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, or pass another --out")
+        fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, "
+             f"or pass another --out")
     return args, ckpt, source
 
 

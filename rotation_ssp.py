@@ -598,6 +598,7 @@ def main(argv=None):
         train, val, test, counts, C = build_data(args, device)
     except D.DataError as e:
         fail(str(e))
+    score = lambda m, batches: rotation_accuracy(m, batches.epoch(0), C, counts, args.amp)
     model, optimizer, start = init_state(args, ckpt, device)
     step_model = torch.compile(model, mode="reduce-overhead") if args.compile else model
     saved = {"script": "rotation_ssp.py", "arch": ARCH, "class_counts": counts, "mean": test.mean, "std": test.std}
@@ -608,11 +609,10 @@ def main(argv=None):
         t0 = time.time()
         row, first_bad, step = train_one_epoch(model, optimizer, train, epoch, args, device, step_model)
         stop_if_diverged(args.out, model, epoch, first_bad, step)
-        row["test_rotation_pretext"] = rotation_accuracy(model, test.epoch(0), C, counts, args.amp)
-        val_m = rotation_accuracy(model, val.epoch(0), C, counts, args.amp) if val else None
+        row["test_rotation_pretext"] = score(model, test)
+        val_m = score(model, val) if val else None
         end_epoch(args, args.out, model, optimizer, epoch, row, val_m, t0, saved)
-    test_m = rotation_accuracy(model, test.epoch(0), C, counts, args.amp) if start >= args.epochs else \
-        row["test_rotation_pretext"]
+    test_m = score(model, test) if start >= args.epochs else row["test_rotation_pretext"]
     finish_run(args, counts, test_m, t_run)
 
 
