@@ -2,10 +2,11 @@
 classifier for long-tailed recognition", §4; the strongest baseline of paper 1 (Yang & Xu 2020,
 Tables 3–4, where "cRT + SSP" is cRT on top of a self-supervised initialisation).
 
-Take any backbone checkpoint of this project, freeze it, re-initialise the linear classifier (Classifier:
-frozen backbone + new head) and train only the classifier with class-balanced sampling on the same
-long-tailed training subset: the data flags default to the checkpoint's own. README "Classifier
-re-training" has the recipe per dataset, DDP and the reasons below.
+Take any backbone checkpoint of this project and freeze it (frozen_backbone), cache its features
+(cache_features), re-initialise the linear classifier (init_state; Classifier: frozen backbone + new head)
+and train only the classifier with class-balanced sampling (train_one_epoch) on the same long-tailed
+training subset: the data flags default to the checkpoint's own. README "Classifier re-training" has the
+recipe per dataset, DDP and the reasons below.
 
     python crt.py --ckpt runs/ldam_drw-cifar10-0.01-0/last.pt --gpu 0          # CE → CE + cRT
     python crt.py --ckpt runs/ldam_drw-imagenet_lt-1-0/last.pt --val-list ImageNet_LT_val.txt   # Table 3
@@ -44,6 +45,8 @@ import torchvision
 
 import datasets_lt as D
 
+
+# ----- flags ---------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Classifier re-training on a frozen backbone (Kang et al. 2020).")
@@ -96,13 +99,13 @@ def parse_args(argv=None):
     return args
 
 
-# --resume continues a run with its own arguments; only these (where the run executes) may be given with it
-RESUME_FLAGS = ("gpu", "workers", "data_root", "download")
-
-
 def check_args(args):
     """Range of every numeric flag, before anything is read or written."""
-    check_ranges(args, SHARED_RANGES)                      # --rho: D.check_rho in main(), with its hint
+    check_ranges(args, SHARED_RANGES)                      # --rho: D.check_rho in resume_run(), with its hint
+
+
+# --resume continues a run with its own arguments; only these (where the run executes) may be given with it
+RESUME_FLAGS = ("gpu", "workers", "data_root", "download")
 
 
 def fail(msg):
@@ -114,6 +117,26 @@ def fail(msg):
 def fmt(v):
     return f"{v:6.2f}" if v is not None else f"{'-':>6}"
 
+
+def checkpoint_defaults(args, trained):
+    """Flags left unset: the data flags from `trained`, the --ckpt run's arguments; the recipe's from the
+    dataset (Kang et al.'s released configs on ImageNet-LT / iNat)."""
+    for name, default in (("dataset", "cifar10"), ("data_root", "./data"), ("rho", 0.01), ("imb_type", "exp"),
+                          ("seed", 0), ("data_seed", trained.get("data_seed", trained.get("seed", 0))),
+                          ("val_frac", 0.0), ("train_list", None), ("test_list", None)):
+        if getattr(args, name) is None:
+            setattr(args, name, trained.get(name, default))
+    released = args.dataset in ("imagenet_lt", "inat")        # Kang et al.'s / paper 1's released configs
+    for name, plain, config in (("epochs", 10, 30 if args.dataset == "inat" else 10),
+                                ("wd", 5e-4, 1e-4 if args.dataset == "inat" else 5e-4),
+                                ("bn", "frozen", "train"), ("augment", False, True), ("lr_sequence", "plain", "kang")):
+        if getattr(args, name) is None:
+            setattr(args, name, config if released else plain)
+    if args.out is None:
+        args.out = os.path.join("runs", f"crt-{args.dataset}-{args.rho:g}-{args.seed}")
+
+
+# ----- model ---------------------------------------------------------------------------------------
 
 # === shared: resnet32 (identical in every script that uses it) ===
 class BasicBlock(nn.Module):
@@ -233,6 +256,24 @@ def build_backbone(arch):
         return torchvision.models.resnet.ResNet(block, layers, num_classes=1)
     fail(f"unknown architecture '{arch}' in the checkpoint")
 
+
+def previous_classifier(ckpt, C):
+    """The checkpoint's own classifier, when it is one for this task (a supervised run): for the
+    'before' column."""
+    if ckpt.get("script") not in ("ldam_drw.py", "self_training.py"):
+        return None
+    model = build_backbone(ckpt["arch"])
+    head = ckpt["model"].get("fc.weight")
+    if head is None or head.shape[0] != C:
+        return None
+    cosine = "fc.bias" not in ckpt["model"]
+    in_features = head.shape[1]
+    model.fc = NormedLinear(in_features, C) if cosine else nn.Linear(in_features, C)
+    model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["model"].items()})
+    return model
+
+
+# ----- run files -----------------------------------------------------------------------------------
 
 # === shared: check_ranges (identical in every script) ===
 def check_ranges(args, ranges):
@@ -394,34 +435,7 @@ def load_backbone(model, arch, path):
 # === end shared: checkpoints ===
 
 
-# === shared: evaluate (identical in every script) ===
-@torch.no_grad()
-def evaluate(model, batches, num_classes, train_counts):
-    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
-
-    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
-    index, i.e. to the head classes."""
-    model.eval()
-    correct = torch.zeros(num_classes, dtype=torch.long)
-    total = torch.zeros(num_classes, dtype=torch.long)
-    for x, y, _ in batches:
-        pred = model(x).argmax(1)
-        y = y.to(pred.device)
-        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
-        total += torch.bincount(y, minlength=num_classes).cpu()
-    per_class = (correct.double() / total.clamp(min=1)).tolist()
-    seen = total > 0
-    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
-              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
-              "per_class": [round(100 * a, 2) for a in per_class]}
-    for group, mask in D.shot_groups(train_counts).items():
-        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
-        result[group] = 100 * float(np.mean(accs)) if accs else None
-    return result
-# === end shared: evaluate ===
-
-
-# ----- the method ----------------------------------------------------------------------------------
+# ----- the method (Kang et al. 2020 §4: classifier re-training on a frozen backbone) ---------------
 
 def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -478,41 +492,10 @@ class Classifier(nn.Module):
 # ----- data ----------------------------------------------------------------------------------------
 
 def build_data(args, device, rank=0, world=1):
-    """Training / validation / test batches (raw images) and the training class counts; under torchrun
-    (file lists) this process's shares: ShardedListBatches for training, eval_shard for evaluation."""
+    """Training / validation / test batches (raw images), `plain` (the training images under the test
+    transform, for cached features) and the training class counts."""
     if args.dataset in ("imagenet_lt", "inat"):
-        if not args.train_list or not args.test_list:
-            fail(f"--dataset {args.dataset} needs --train-list and --test-list ('relative/path label' files)")
-        tf = lambda train: D.imagenet_transform(train, dataset=args.dataset)
-        train_ds = D.FileListDataset(args.data_root, args.train_list, transform=tf(args.augment))
-        test_ds = D.FileListDataset(args.data_root, args.test_list, transform=tf(False))
-        C = max(train_ds.num_classes, test_ds.num_classes)
-        idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.data_seed)
-        counts = np.bincount(train_ds.labels[idx], minlength=C).tolist()
-        if world > 1:                                     # features every step, so no `plain` pass
-            check_shards(args.batch_size, world)
-            train = ShardedListBatches(train_ds, idx, args.batch_size, args.seed, args.workers, device, rank, world)
-            shard = lambda ds, indices: eval_shard(ds, indices, args.seed, args.workers, device, rank, world)
-            val = None
-            if len(val_idx):
-                val = shard(D.FileListDataset(args.data_root, args.train_list, transform=tf(False)), val_idx)
-            if args.val_list:
-                val_ds = D.FileListDataset(args.data_root, args.val_list, transform=tf(False))
-                val = shard(val_ds, np.arange(len(val_ds)))
-            return train, None, val, shard(test_ds, np.arange(len(test_ds))), counts, C
-        train = ListBatches(train_ds, idx, args.batch_size, True, args.seed, args.workers, device)
-        test = ListBatches(test_ds, np.arange(len(test_ds)), 256, False, args.seed, args.workers, device)
-        val = None
-        if len(val_idx):
-            val = ListBatches(D.FileListDataset(args.data_root, args.train_list, transform=tf(False)), val_idx, 256,
-                              False, args.seed, args.workers, device)
-        if args.val_list:                                     # Kang et al. select on the official val list
-            val_ds = D.FileListDataset(args.data_root, args.val_list, transform=tf(False))
-            val = ListBatches(val_ds, np.arange(len(val_ds)), 256, False, args.seed, args.workers, device)
-        plain = train if not args.augment else ListBatches(
-            D.FileListDataset(args.data_root, args.train_list, transform=tf(False)), idx, 256, False, args.seed,
-            args.workers, device)
-        return train, plain, val, test, counts, C
+        return build_list_data(args, device, rank, world)
     train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
     test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
     idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
@@ -698,6 +681,103 @@ def average_bn_statistics(model, world):
 # === end shared: ddp_lists ===
 
 
+def build_list_data(args, device, rank=0, world=1):
+    """build_data of a file list; under torchrun this process's shares (ShardedListBatches for training,
+    eval_shard for evaluation) and no `plain`: the features are computed every step."""
+    if not args.train_list or not args.test_list:
+        fail(f"--dataset {args.dataset} needs --train-list and --test-list ('relative/path label' files)")
+    tf = lambda train: D.imagenet_transform(train, dataset=args.dataset)
+    train_ds = D.FileListDataset(args.data_root, args.train_list, transform=tf(args.augment))
+    test_ds = D.FileListDataset(args.data_root, args.test_list, transform=tf(False))
+    C = max(train_ds.num_classes, test_ds.num_classes)
+    idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.data_seed)
+    counts = np.bincount(train_ds.labels[idx], minlength=C).tolist()
+    if world > 1:
+        check_shards(args.batch_size, world)
+        train = ShardedListBatches(train_ds, idx, args.batch_size, args.seed, args.workers, device, rank, world)
+        plain = lambda ds, indices: eval_shard(ds, indices, args.seed, args.workers, device, rank, world)
+    else:
+        train = ListBatches(train_ds, idx, args.batch_size, True, args.seed, args.workers, device)
+        plain = lambda ds, indices: ListBatches(ds, indices, 256, False, args.seed, args.workers, device)
+    test = plain(test_ds, np.arange(len(test_ds)))
+    val = None
+    if len(val_idx):
+        val = plain(D.FileListDataset(args.data_root, args.train_list, transform=tf(False)), val_idx)
+    if args.val_list:                                      # Kang et al. select on the official val list
+        val_ds = D.FileListDataset(args.data_root, args.val_list, transform=tf(False))
+        val = plain(val_ds, np.arange(len(val_ds)))
+    if world > 1:
+        return train, None, val, test, counts, C
+    train_plain = train if not args.augment else plain(
+        D.FileListDataset(args.data_root, args.train_list, transform=tf(False)), idx)
+    return train, train_plain, val, test, counts, C
+
+
+# ----- one epoch -----------------------------------------------------------------------------------
+
+def train_one_epoch(model, optimizer, train, epoch, args, weights, world, cached):
+    """SGD on the head over one epoch of class-balanced draws: (the row's lr / loss, the first step with a
+    non-finite loss or -1, the last step)."""
+    device = model.head.weight.device
+    # Cosine, per epoch; Kang et al. step their scheduler before each epoch, one step ahead of this.
+    lr = 0.5 * args.lr * (1 + math.cos(math.pi * (epoch + (args.lr_sequence == "kang")) / args.epochs))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.backbone.train(args.bn == "train")
+    model.head.train()
+    loss_sum = torch.zeros((), device=device)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    seen = 0
+    for step, (x, y, _, *y_batch) in enumerate(train.epoch(epoch, weights)):
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and not cached):
+            logits = model(x).float()
+        # torchrun: this process's share of the global batch's mean; the shares' gradients are summed
+        n_batch = len(y_batch[0]) if world > 1 else len(y)
+        loss = F.cross_entropy(logits, y, reduction="sum") / n_batch if world > 1 else F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            all_reduce_grads(list(model.head.parameters()))
+        optimizer.step()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+        loss_sum += loss.detach() * n_batch
+        seen += n_batch
+    if world > 1:
+        loss_sum = loss_sum.double()
+        dist.all_reduce(loss_sum)                          # the shares sum to the global batches' losses
+        if device.type != "cuda" and args.bn == "train":
+            average_bn_statistics(model.backbone, world)
+    row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen}
+    return row, first_bad, step
+
+
+# === shared: evaluate (identical in every script) ===
+@torch.no_grad()
+def evaluate(model, batches, num_classes, train_counts):
+    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
+
+    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
+    index, i.e. to the head classes."""
+    model.eval()
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    total = torch.zeros(num_classes, dtype=torch.long)
+    for x, y, _ in batches:
+        pred = model(x).argmax(1)
+        y = y.to(pred.device)
+        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
+        total += torch.bincount(y, minlength=num_classes).cpu()
+    per_class = (correct.double() / total.clamp(min=1)).tolist()
+    seen = total > 0
+    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
+              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
+              "per_class": [round(100 * a, 2) for a in per_class]}
+    for group, mask in D.shot_groups(train_counts).items():
+        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
+        result[group] = 100 * float(np.mean(accs)) if accs else None
+    return result
+# === end shared: evaluate ===
+
+
 # ----- main ----------------------------------------------------------------------------------------
 
 def setup_device(args, world=1):
@@ -707,42 +787,24 @@ def setup_device(args, world=1):
         args.gpu = -1
     index = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else args.gpu
     device = torch.device(f"cuda:{index}" if args.gpu >= 0 else "cpu")
+    if args.amp and device.type != "cuda":
+        print("warning: --amp needs CUDA; ignored on the CPU", file=sys.stderr)
+        args.amp = False
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world > 1 else 0
         if max(index, local - 1) >= torch.cuda.device_count():
             fail(f"--gpu {max(index, local - 1)}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0"
                  + (" (torchrun: one process per GPU, --nproc_per_node at most that many)" if world > 1 else ""))
-        # DataLoader pin-memory threads run on the current device, which is cuda:0 unless set here
-        torch.cuda.set_device(device)
-    if args.amp and device.type != "cuda":
-        print("warning: --amp needs CUDA; ignored on the CPU", file=sys.stderr)
-        args.amp = False
+        torch.cuda.set_device(device)              # the DataLoader pins on the current device, not ours
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     return device
 
 
-def previous_classifier(ckpt, C):
-    """The checkpoint's own classifier, when it is one for this task (a supervised run): for the
-    'before' column."""
-    if ckpt.get("script") not in ("ldam_drw.py", "self_training.py"):
-        return None
-    model = build_backbone(ckpt["arch"])
-    head = ckpt["model"].get("fc.weight")
-    if head is None or head.shape[0] != C:
-        return None
-    cosine = "fc.bias" not in ckpt["model"]
-    in_features = head.shape[1]
-    model.fc = NormedLinear(in_features, C) if cosine else nn.Linear(in_features, C)
-    model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["model"].items()})
-    return model
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world = process_group()
-    if rank:                                               # rank 0 prints the log
-        sys.stdout = open(os.devnull, "w")
+def resume_run(args, world=1):
+    """--resume: the saved run's arguments; then the --ckpt checkpoint, whose own arguments fill the data
+    flags left unset; without --resume, an --out that already holds a run is refused. → (args, ckpt, the
+    --ckpt checkpoint)."""
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
@@ -751,94 +813,82 @@ def main(argv=None):
                  f"pass it as --ckpt to re-train its classifier")
         args = resume_args(args, ckpt, RESUME_FLAGS)
     source = load_checkpoint(args.ckpt)
-    trained = source.get("args", {})
-    for name, default in (("dataset", "cifar10"), ("data_root", "./data"), ("rho", 0.01), ("imb_type", "exp"),
-                          ("seed", 0), ("data_seed", trained.get("data_seed", trained.get("seed", 0))),
-                          ("val_frac", 0.0), ("train_list", None), ("test_list", None)):
-        if getattr(args, name) is None:
-            setattr(args, name, trained.get(name, default))
-    released = args.dataset in ("imagenet_lt", "inat")        # Kang et al.'s / paper 1's released configs
-    for name, plain, config in (("epochs", 10, 30 if args.dataset == "inat" else 10),
-                                ("wd", 5e-4, 1e-4 if args.dataset == "inat" else 5e-4),
-                                ("bn", "frozen", "train"), ("augment", False, True), ("lr_sequence", "plain", "kang")):
-        if getattr(args, name) is None:
-            setattr(args, name, config if released else plain)
-    if args.out is None:
-        args.out = os.path.join("runs", f"crt-{args.dataset}-{args.rho:g}-{args.seed}")
-    try:
-        D.check_rho(args.rho)
-        if args.val_list and (not released or args.val_frac):
-            fail("--val-list is for --dataset imagenet_lt / inat, without --val-frac")
-        if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-            fail("--epochs, --batch-size and --lr must be positive")
-        if world > 1 and not released:
-            fail(f"torchrun runs crt.py on file lists (--dataset imagenet_lt / inat); --dataset {args.dataset} "
-                 f"re-trains on one device: run it without torchrun")
-        if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
-            fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, or pass another --out")
-        device = setup_device(args, world)
-        torch.manual_seed(args.seed)
-        train, plain, val, test, counts, C = build_data(args, device, rank, world)
-    except D.DataError as e:
-        fail(str(e))
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-        score = lambda m, batches: evaluate_shards(m, batches, C, counts, device)
-    else:
-        score = lambda m, batches: evaluate(m, batches.epoch(0), C, counts)
+    checkpoint_defaults(args, source.get("args", {}))
+    args.world_size = world
+    released = args.dataset in ("imagenet_lt", "inat")
+    D.check_rho(args.rho)
+    if args.val_list and (not released or args.val_frac):
+        fail("--val-list is for --dataset imagenet_lt / inat, without --val-frac")
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+        fail("--epochs, --batch-size and --lr must be positive")
+    if world > 1 and not released:
+        fail(f"torchrun runs crt.py on file lists (--dataset imagenet_lt / inat); --dataset {args.dataset} "
+             f"re-trains on one device: run it without torchrun")
+    if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
+        fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, "
+             f"or pass another --out")
+    return args, ckpt, source
 
+
+def frozen_backbone(args, source, device, world=1):
+    """Stage 1: the --ckpt backbone (every process reads the checkpoint), its head replaced by the identity,
+    frozen; (backbone, feature dimension)."""
     backbone = build_backbone(source["arch"])
-    load_backbone(backbone, source["arch"], args.ckpt)      # every process reads the checkpoint
+    load_backbone(backbone, source["arch"], args.ckpt)
     feat_dim = backbone.fc.weight.shape[1]
     backbone.fc = nn.Identity()
     if world > 1 and device.type == "cuda" and args.bn == "train":   # BN statistics over the global batch
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
-    backbone = backbone.to(device).requires_grad_(False)
-    before_model = previous_classifier(source, C)
-    before = score(before_model.to(device), test) if before_model else None
-    frozen = snapshot(backbone)
+    return backbone.to(device).requires_grad_(False), feat_dim
 
-    # under torchrun the features are recomputed every step (no cache to split across the processes)
-    cached = args.bn == "frozen" and not args.augment and world == 1
+
+def cache_features(args, backbone, train, plain, val, test, cached):
+    """Stage 2: with `cached`, the training / validation / test features computed once (test transform, BN in
+    eval mode) as Features batches; else the image batches, the features recomputed every step. → (train,
+    val, test, seconds)."""
     t0 = time.time()
-    if cached:                                            # features once, test transform, BN in eval mode
-        train_f, train_l = extract(backbone, plain.epoch(0), args.amp)
-        test_f, test_l = extract(backbone, test.epoch(0), args.amp)
-        train_b = Features(train_f, train_l, args.batch_size, args.seed)
-        test_b = Features(test_f, test_l, 1000, args.seed)
-        val_b = Features(*extract(backbone, val.epoch(0), args.amp), 1000, args.seed) if val else None
-    else:
-        train_b, test_b, val_b = train, test, val
-    feature_seconds = time.time() - t0
+    if not cached:
+        return train, val, test, time.time() - t0
+    train_f, train_l = extract(backbone, plain.epoch(0), args.amp)
+    test_f, test_l = extract(backbone, test.epoch(0), args.amp)
+    train_b = Features(train_f, train_l, args.batch_size, args.seed)
+    test_b = Features(test_f, test_l, 1000, args.seed)
+    val_b = Features(*extract(backbone, val.epoch(0), args.amp), 1000, args.seed) if val else None
+    return train_b, val_b, test_b, time.time() - t0
 
+
+def init_state(args, ckpt, backbone, feat_dim, C, device, world=1, cached=False):
+    """Stage 3: the new linear head on the frozen backbone (Classifier) and its SGD; with --resume the head,
+    BN statistics, optimizer and RNG of last.pt. → (model, optimizer, start epoch, best)."""
     torch.manual_seed(args.seed)                           # the head's init: --seed alone, cached or not
     head = nn.Linear(feat_dim, C).to(device)
     if world > 1:
         broadcast_state(head)
     model = Classifier(backbone, head, cached)
     optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-    best, start = None, 0
-    if ckpt:                                               # the classifier, BN statistics, optimizer and RNG of last.pt
+    start, best = 0, None
+    if ckpt is not None:
         backbone.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("fc.")})
         head.load_state_dict({k[3:]: v for k, v in ckpt["model"].items() if k.startswith("fc.")})
         optimizer.load_state_dict(ckpt["optimizer"])
-        best, start = ckpt["best"], ckpt["epoch"]
+        start, best = ckpt["epoch"], ckpt["best"]
         torch.set_rng_state(ckpt["rng"]["torch"])
-    labels = train.labels if not cached else train_l
-    weights = D.balanced_sample_weights(labels.cpu())
+    return model, optimizer, start, best
 
-    args.world_size = world
+
+def open_run(args, ckpt, device, source, counts, start, cached, feature_seconds, rank=0, world=1):
+    """The run folder (rank 0): args.json, the source, metrics.jsonl cut back to the resumed epoch; then the
+    lines printed above the epoch table."""
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
-                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-        if not args.resume or not os.path.exists(os.path.join(args.out, "args.json")):
+        if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
+            meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
             write_json(os.path.join(args.out, "args.json"), meta)
             copy_source(__file__, args.out)
         # a resumed run drops the epochs logged after its checkpoint
-        rows = read_metrics(os.path.join(args.out, "metrics.jsonl")) if args.resume else []
-        write_metrics(os.path.join(args.out, "metrics.jsonl"), [r for r in rows if r["epoch"] <= start])
+        metrics = os.path.join(args.out, "metrics.jsonl")
+        write_metrics(metrics, [r for r in (read_metrics(metrics) if ckpt else []) if r["epoch"] <= start])
     ddp = ""
     if world > 1:
         bn = {"cuda": ", SyncBatchNorm"}.get(device.type, ", BatchNorm per process") if args.bn == "train" else ""
@@ -848,85 +898,65 @@ def main(argv=None):
           f" ({feature_seconds:.1f} s), {args.epochs} epochs on {device}{ddp}")
     print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'test':>6} {'many':>6} {'med':>6} {'few':>6} {'val':>6} {'s':>6}")
 
-    t_run = time.time()
-    for epoch in range(start, args.epochs):
-        t_ep = time.time()
-        # Cosine, per epoch; Kang et al. step their scheduler before each epoch, one step ahead of this.
-        lr = 0.5 * args.lr * (1 + math.cos(math.pi * (epoch + (args.lr_sequence == "kang")) / args.epochs))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        backbone.train(args.bn == "train")
-        head.train()
-        loss_sum, seen = torch.zeros((), device=device), 0
-        first_bad = torch.full((), -1, device=device, dtype=torch.long)
-        for step, (x, y, _, *y_batch) in enumerate(train_b.epoch(epoch, weights)):
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and not cached):
-                logits = model(x).float()
-            # torchrun: this process's share of the global batch's mean; the shares' gradients are summed
-            n_batch = len(y_batch[0]) if world > 1 else len(y)
-            loss = F.cross_entropy(logits, y, reduction="sum") / n_batch if world > 1 else F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:
-                all_reduce_grads(list(head.parameters()))
-            optimizer.step()
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            loss_sum += loss.detach() * n_batch
-            seen += n_batch
-        if world > 1:
-            loss_sum = loss_sum.double()
-            dist.all_reduce(loss_sum)                      # the shares sum to the global batches' losses
-            if device.type != "cuda" and args.bn == "train":
-                average_bn_statistics(backbone, world)
-            bad_tensor = nonfinite_tensor(model)
-            bad = torch.stack([first_bad, torch.tensor(int(bad_tensor is not None), device=device)])
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            if bad[0].item() >= 0 or bad[1].item() > 0:
-                where = (f"loss is not finite at epoch {epoch + 1}, step {bad[0].item() + 1}" if bad[0].item() >= 0
-                         else f"'{bad_tensor or 'a tensor of another process'}' is not finite after epoch "
-                              f"{epoch + 1}, step {step + 1}")
-                if rank == 0:
-                    stop_diverged(where, args.out, epoch)
-                sys.exit(1)
-        if first_bad.item() >= 0:
-            stop_diverged(f"loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}", args.out, epoch)
-        bad_tensor = nonfinite_tensor(model)                # the head, and BN buffers with --bn train
-        if bad_tensor:
-            stop_diverged(f"'{bad_tensor}' is not finite after epoch {epoch + 1}, step {step + 1}", args.out, epoch)
-        test_m = score(model, test_b)
-        val_m = score(model, val_b) if val_b else None
-        if val_m and (best is None or val_m["top1"] > best["val_top1"]):
-            best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
-        row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "test": test_m,
-               "val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t_ep}
-        if rank != 0:
-            continue
-        append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
-        print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(test_m['top1'])} {fmt(test_m['many'])} "
-              f"{fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_top1'])} {row['seconds']:6.2f}",
-              flush=True)
-        ckpt = {"script": "crt.py", "arch": source["arch"],
-                "model": {**backbone.state_dict(), **{f"fc.{k}": v for k, v in head.state_dict().items()}},
-                "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "args": vars(args),
-                "class_counts": counts, "best": best, "rng": {"torch": torch.get_rng_state()}}
-        save_atomic(ckpt, os.path.join(args.out, "last.pt"))
 
-    if start >= args.epochs:                               # --resume of a run that had finished its epochs
-        test_m = score(model, test_b)
+def stop_if_diverged(out, model, epoch, first_bad, step, rank=0, world=1):
+    """The divergence guard, before the epoch is evaluated or saved: a non-finite loss in the epoch or a
+    non-finite tensor after it stops the run (exit 1)."""
+    if world > 1:                                          # torchrun: every process stops
+        bad_tensor = nonfinite_tensor(model)
+        bad = torch.stack([first_bad, torch.tensor(int(bad_tensor is not None), device=first_bad.device)])
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad[0].item() >= 0 or bad[1].item() > 0:
+            where = (f"loss is not finite at epoch {epoch + 1}, step {bad[0].item() + 1}" if bad[0].item() >= 0
+                     else f"'{bad_tensor or 'a tensor of another process'}' is not finite after epoch "
+                          f"{epoch + 1}, step {step + 1}")
+            if rank == 0:
+                stop_diverged(where, out, epoch)
+            sys.exit(1)
+    if first_bad.item() >= 0:
+        stop_diverged(f"loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}", out, epoch)
+    bad_tensor = nonfinite_tensor(model)
+    if bad_tensor:
+        stop_diverged(f"'{bad_tensor}' is not finite after epoch {epoch + 1}, step {step + 1}", out, epoch)
+
+
+def end_epoch(args, out, model, optimizer, epoch, row, val_m, best, t0, saved, rank=0):
+    """The best epoch on validation, then the metrics row, the printed line and last.pt."""
+    lr, test_m = row["lr"], row["test"]
+    if val_m and (best is None or val_m["top1"] > best["val_top1"]):
+        best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
+    row.update({"val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0})
+    if rank != 0:                                          # rank 0 writes
+        return best
+    append_metrics(os.path.join(out, "metrics.jsonl"), row)
+    print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(test_m['top1'])} {fmt(test_m['many'])} "
+          f"{fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_top1'])} {row['seconds']:6.2f}",
+          flush=True)
+    weights = {**model.backbone.state_dict(), **{f"fc.{k}": v for k, v in model.head.state_dict().items()}}
+    state = {**saved, "model": weights, "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+             "args": vars(args), "best": best, "rng": {"torch": torch.get_rng_state()}}
+    save_atomic(state, os.path.join(out, "last.pt"))
+    return best
+
+
+def finish_run(args, counts, test_m, best, t_run, rank=0, world=1, *, backbone, frozen, report):
+    """The check that the backbone did not move (`frozen`: its tensors before), final.json and the last
+    printed lines."""
     try:
         check_unchanged(backbone, frozen, buffers=args.bn == "frozen")
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    if rank != 0:
+    if rank != 0:                                          # rank 0 writes; every process leaves together
         dist.barrier()                                     # leaving while rank 0 still writes hangs gloo
         dist.destroy_process_group()
         return
-    final = {"script": "crt.py", "ckpt": args.ckpt, "ckpt_script": source.get("script"), "arch": source["arch"],
+    before = report["before"]
+    final = {"script": "crt.py", "ckpt": args.ckpt, "ckpt_script": report["ckpt_script"], "arch": report["arch"],
              "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type, "seed": args.seed, "data_seed": args.data_seed, "bn": args.bn,
-             "augment": args.augment, "cached_features": cached, "epochs": args.epochs, "class_counts": counts,
+             "augment": args.augment, "cached_features": report["cached"], "epochs": args.epochs, "class_counts": counts,
              "before": before, "last": test_m, "test_error": 100 - test_m["top1"], "best_on_val": best,
-             "feature_seconds": feature_seconds, "wall_seconds": time.time() - t_run}
+             "feature_seconds": report["feature_seconds"], "wall_seconds": time.time() - t_run}
     write_json(os.path.join(args.out, "final.json"), final)
     print(f"{'':13}{'top1':>7} {'mean/cls':>8} {'many':>6} {'med':>6} {'few':>6}")
     for name, m in (("before cRT", before), ("after cRT", test_m)):
@@ -938,6 +968,50 @@ def main(argv=None):
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world = process_group()
+    if rank:                                               # rank 0 prints the log
+        sys.stdout = open(os.devnull, "w")
+    try:
+        args, ckpt, source = resume_run(args, world)
+        device = setup_device(args, world)
+        torch.manual_seed(args.seed)
+        train, plain, val, test, counts, C = build_data(args, device, rank, world)
+    except D.DataError as e:
+        fail(str(e))
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+        score = lambda m, batches: evaluate_shards(m, batches, C, counts, device)
+    else:
+        score = lambda m, batches: evaluate(m, batches.epoch(0), C, counts)
+    backbone, feat_dim = frozen_backbone(args, source, device, world)
+    before_model = previous_classifier(source, C)
+    before = score(before_model.to(device), test) if before_model else None
+    frozen = snapshot(backbone)
+    # under torchrun the features are recomputed every step (no cache to split across the processes)
+    cached = args.bn == "frozen" and not args.augment and world == 1
+    train, val, test, feature_seconds = cache_features(args, backbone, train, plain, val, test, cached)
+    model, optimizer, start, best = init_state(args, ckpt, backbone, feat_dim, C, device, world, cached)
+    weights = D.balanced_sample_weights(train.labels.cpu())
+    saved = {"script": "crt.py", "arch": source["arch"], "class_counts": counts}
+    open_run(args, ckpt, device, source, counts, start, cached, feature_seconds, rank, world)
+
+    t_run = time.time()
+    for epoch in range(start, args.epochs):
+        t0 = time.time()
+        row, first_bad, step = train_one_epoch(model, optimizer, train, epoch, args, weights, world, cached)
+        stop_if_diverged(args.out, model, epoch, first_bad, step, rank, world)
+        row["test"] = score(model, test)
+        val_m = score(model, val) if val else None
+        best = end_epoch(args, args.out, model, optimizer, epoch, row, val_m, best, t0, saved, rank)
+    test_m = score(model, test) if start >= args.epochs else row["test"]
+    report = {"ckpt_script": source.get("script"), "arch": source["arch"], "before": before, "cached": cached,
+              "feature_seconds": feature_seconds}
+    finish_run(args, counts, test_m, best, t_run, rank, world, backbone=backbone, frozen=frozen, report=report)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ ARCH = "resnet32"
 ROTATIONS = 4
 
 
+# ----- flags ---------------------------------------------------------------------------------------
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Rotation self-supervised pre-training (paper 1, §4.2).")
     # --- shared flags (same names and order in every script; defaults and help are this method's) ---
@@ -111,6 +113,8 @@ def fmt(v):
     return f"{v:6.2f}" if v is not None else f"{'-':>6}"
 
 
+# ----- model ---------------------------------------------------------------------------------------
+
 # === shared: resnet32 (identical in every script that uses it) ===
 class BasicBlock(nn.Module):
     """3×3 conv → BN → ReLU → 3×3 conv → BN, plus a parameter-free shortcut (He et al.'s option A:
@@ -172,6 +176,8 @@ class ResNet32(nn.Module):
         return self.fc(self.features(x))
 # === end shared: resnet32 ===
 
+
+# ----- run files -----------------------------------------------------------------------------------
 
 # === shared: check_ranges (identical in every script) ===
 def check_ranges(args, ranges):
@@ -333,7 +339,7 @@ def load_backbone(model, arch, path):
 # === end shared: checkpoints ===
 
 
-# ----- the pretext task (paper 1 §4.2; Gidaris et al. 2018) ----------------------------------------
+# ----- the method (paper 1 §4.2: rotation pretext task; Gidaris et al. 2018) -----------------------
 
 def rotation_labels(n, generator, device):
     """Rotation class (k: k·90°) of each of n images: a random permutation of the pattern 0, 1, 2, 3, 0, …
@@ -373,6 +379,63 @@ def lr_at(epoch, args):
 # === end shared: lr_schedule ===
 
 
+# ----- data ----------------------------------------------------------------------------------------
+
+def build_data(args, device):
+    """The training subset of ldam_drw.py (the same calls, so the same seed selects the same images), with
+    its labels replaced by zeros: §4.2 abandons them. Returns train / validation / test batches, the
+    training class counts (recorded in the checkpoint) and the number of classes."""
+    train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
+    test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
+    for split, x in (("training", train_x), ("test", test_x)):
+        if x.shape[1] != x.shape[2]:
+            raise D.DataError(f"rotation needs square images, but the {split} images are {x.shape[2]}x{x.shape[1]}; "
+                              f"crop or resize them to a square first")
+    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
+                             D.CLASS_ORDER.get(args.dataset))
+    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.data_seed)
+    mean, std = D.mean_std(args.dataset, train_x)
+    C = len(names)
+    counts = np.bincount(train_y[idx], minlength=C).tolist()
+    train = D.GPULoader(train_x[idx], np.zeros(len(idx), dtype=np.int64), args.batch_size, mean, std, device,
+                        augment="crop_flip", seed=args.seed)
+    test = D.GPULoader(test_x, test_y, 1000, mean, std, device)
+    val = D.GPULoader(train_x[val_idx], train_y[val_idx], 1000, mean, std, device) if len(val_idx) else None
+    return train, val, test, counts, C
+
+
+# ----- one epoch -----------------------------------------------------------------------------------
+
+def train_one_epoch(model, optimizer, train, epoch, args, device, step_model):
+    """SGD over one epoch of the pretext task: (the row's lr / loss / rotation accuracy, the first step with
+    a non-finite loss or -1, the last step)."""
+    lr = lr_at(epoch, args)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    g = torch.Generator(device=device)
+    g.manual_seed(rotation_seed(args.seed, epoch))
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    hits = torch.zeros((), device=device, dtype=torch.long)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    seen = 0
+    for step, (x, _, _) in enumerate(train.epoch(epoch)):
+        k = rotation_labels(len(x), g, device)
+        x = rotate(x, k)                                   # after crop/flip, as REFERENCE §4
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+            logits = step_model(x).float()
+        loss = F.cross_entropy(logits, k)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+        loss_sum += loss.detach() * len(k)
+        hits += (logits.argmax(1) == k).sum()
+        seen += len(k)
+    row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_rotation_acc": 100 * hits.item() / seen}
+    return row, first_bad, step
+
+
 @torch.no_grad()
 def rotation_accuracy(model, batches, num_classes, train_counts, amp=False):
     """Rotation accuracy (pretext) with every image under all four rotations: overall, per rotation, per
@@ -401,39 +464,6 @@ def rotation_accuracy(model, batches, num_classes, train_counts, amp=False):
     return result
 
 
-# ----- data ----------------------------------------------------------------------------------------
-
-def build_data(args, device):
-    """The training subset of ldam_drw.py (the same calls, so the same seed selects the same images), with
-    its labels replaced by zeros: §4.2 abandons them. Returns train / validation / test batches, the
-    training class counts (recorded in the checkpoint) and the number of classes."""
-    train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
-    test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
-    for split, x in (("training", train_x), ("test", test_x)):
-        if x.shape[1] != x.shape[2]:
-            raise D.DataError(f"rotation needs square images, but the {split} images are {x.shape[2]}x{x.shape[1]}; "
-                              f"crop or resize them to a square first")
-    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
-                             D.CLASS_ORDER.get(args.dataset))
-    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.data_seed)
-    mean, std = D.mean_std(args.dataset, train_x)
-    C = len(names)
-    counts = np.bincount(train_y[idx], minlength=C).tolist()
-    train = D.GPULoader(train_x[idx], np.zeros(len(idx), dtype=np.int64), args.batch_size, mean, std, device,
-                        augment="crop_flip", seed=args.seed)
-    test = D.GPULoader(test_x, test_y, 1000, mean, std, device)
-    val = D.GPULoader(train_x[val_idx], train_y[val_idx], 1000, mean, std, device) if len(val_idx) else None
-    return train, val, test, counts, C
-
-
-def finetune_command(args):
-    cmd = (f"python ldam_drw.py --dataset {args.dataset} --data-root {args.data_root} --rho {args.rho:g} "
-           f"--imb-type {args.imb_type} --seed {args.seed} --data-seed {args.data_seed}")
-    if args.val_frac:
-        cmd += f" --val-frac {args.val_frac:g}"
-    return cmd + f" --pretrained {os.path.join(args.out, 'last.pt')}"
-
-
 # ----- main ----------------------------------------------------------------------------------------
 
 def setup_device(args):
@@ -455,8 +485,8 @@ def setup_device(args):
     return device
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def resume_run(args):
+    """--resume: the saved run's arguments; without it, an --out that already holds a run is refused."""
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
@@ -466,22 +496,21 @@ def main(argv=None):
         ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), **ckpt["args"]}
         args = resume_args(args, ckpt, RESUME_FLAGS)
         print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
-    try:
-        D.check_rho(args.rho)
-        if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-            fail("--epochs, --batch-size and --lr must be positive")
-        if args.warmup < 0:
-            fail("--warmup must be 0 or more epochs")
-        if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
-            fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, "
-                 f"or pass another --out")
-        device = setup_device(args)
-        torch.manual_seed(args.seed)
-        train, val, test, counts, C = build_data(args, device)
-    except D.DataError as e:
-        fail(str(e))
+    D.check_rho(args.rho)
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+        fail("--epochs, --batch-size and --lr must be positive")
+    if args.warmup < 0:
+        fail("--warmup must be 0 or more epochs")
+    if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
+        fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, "
+             f"or pass another --out")
+    return args, ckpt
 
-    model = ResNet32(ROTATIONS).to(device)                 # 4-way rotation classifier, linear head `fc`
+
+def init_state(args, ckpt, device):
+    """The 4-way rotation classifier (ResNet-32, linear head `fc`), SGD, and the start epoch from the --resume
+    checkpoint."""
+    model = ResNet32(ROTATIONS).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
                                 fused=device.type == "cuda")
     start = 0
@@ -489,16 +518,20 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start = ckpt["epoch"]
-    step_model = torch.compile(model, mode="reduce-overhead") if args.compile else model
+    return model, optimizer, start
 
+
+def open_run(args, ckpt, device, counts, start):
+    """The run folder: args.json, the source, metrics.jsonl cut back to the resumed epoch; then the lines
+    printed above the epoch table."""
     os.makedirs(args.out, exist_ok=True)
-    metrics = os.path.join(args.out, "metrics.jsonl")
     if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
         meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         write_json(os.path.join(args.out, "args.json"), meta)
         copy_source(__file__, args.out)
     # a resumed run drops the epochs logged after its checkpoint
+    metrics = os.path.join(args.out, "metrics.jsonl")
     write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
     print(f"{args.dataset} rho={args.rho:g} ({args.imb_type}): {sum(counts)} training images {counts[:3]}…"
           f"{counts[-1]}, labels unused; rotation pretext (4-way), {ARCH}, {args.epochs} epochs on {device}")
@@ -507,55 +540,42 @@ def main(argv=None):
     print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'train':>6} {'test':>6} {'many':>6} {'med':>6} {'few':>6} "
           f"{'val':>6} {'s':>6}")
 
-    t_run = time.time()
-    test_m = None
-    for epoch in range(start, args.epochs):
-        t0 = time.time()
-        lr = lr_at(epoch, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        g = torch.Generator(device=device)
-        g.manual_seed(rotation_seed(args.seed, epoch))
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        hits = torch.zeros((), device=device, dtype=torch.long)
-        first_bad = torch.full((), -1, device=device, dtype=torch.long)
-        seen = 0
-        for step, (x, _, _) in enumerate(train.epoch(epoch)):
-            k = rotation_labels(len(x), g, device)
-            x = rotate(x, k)                               # after crop/flip, as REFERENCE §4
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                logits = step_model(x).float()
-            loss = F.cross_entropy(logits, k)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            loss_sum += loss.detach() * len(k)
-            hits += (logits.argmax(1) == k).sum()
-            seen += len(k)
-        if first_bad.item() >= 0:
-            stop_diverged(f"loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}", args.out, epoch)
-        bad_tensor = nonfinite_tensor(model)
-        if bad_tensor:
-            stop_diverged(f"'{bad_tensor}' is not finite after epoch {epoch + 1}, step {step + 1}", args.out, epoch)
-        test_m = rotation_accuracy(model, test.epoch(0), C, counts, args.amp)
-        val_m = rotation_accuracy(model, val.epoch(0), C, counts, args.amp) if val else None
-        row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen,
-               "train_rotation_acc": 100 * hits.item() / seen, "test_rotation_pretext": test_m,
-               "val_rotation_acc": val_m["top1"] if val_m else None, "seconds": time.time() - t0}
-        append_metrics(metrics, row)
-        print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_rotation_acc'])} {fmt(test_m['top1'])} "
-              f"{fmt(test_m['many'])} {fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_rotation_acc'])} "
-              f"{row['seconds']:6.2f}", flush=True)
-        state = {"script": "rotation_ssp.py", "arch": ARCH, "model": model.state_dict(), "epoch": epoch + 1,
-                 "optimizer": optimizer.state_dict(), "args": vars(args), "class_counts": counts, "best": None,
-                 "rng": {"torch": torch.get_rng_state()}, "mean": test.mean, "std": test.std}
-        save_atomic(state, os.path.join(args.out, "last.pt"))
 
-    if test_m is None:
-        test_m = rotation_accuracy(model, test.epoch(0), C, counts, args.amp)
-    rows = read_metrics(metrics) or [{"val_rotation_acc": None, "loss": None, "seconds": float("nan")}]
+def stop_if_diverged(out, model, epoch, first_bad, step):
+    """The divergence guard, before the epoch is evaluated or saved: a non-finite loss in the epoch or a
+    non-finite tensor after it stops the run (exit 1)."""
+    if first_bad.item() >= 0:
+        stop_diverged(f"loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}", out, epoch)
+    bad_tensor = nonfinite_tensor(model)
+    if bad_tensor:
+        stop_diverged(f"'{bad_tensor}' is not finite after epoch {epoch + 1}, step {step + 1}", out, epoch)
+
+
+def end_epoch(args, out, model, optimizer, epoch, row, val_m, t0, saved):
+    """The metrics row, the printed line and last.pt."""
+    lr, test_m = row["lr"], row["test_rotation_pretext"]
+    row.update({"val_rotation_acc": val_m["top1"] if val_m else None, "seconds": time.time() - t0})
+    append_metrics(os.path.join(out, "metrics.jsonl"), row)
+    print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_rotation_acc'])} {fmt(test_m['top1'])} "
+          f"{fmt(test_m['many'])} {fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_rotation_acc'])} "
+          f"{row['seconds']:6.2f}", flush=True)
+    state = {**saved, "model": model.state_dict(), "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+             "args": vars(args), "best": None, "rng": {"torch": torch.get_rng_state()}}
+    save_atomic(state, os.path.join(out, "last.pt"))
+
+
+def finetune_command(args):
+    cmd = (f"python ldam_drw.py --dataset {args.dataset} --data-root {args.data_root} --rho {args.rho:g} "
+           f"--imb-type {args.imb_type} --seed {args.seed} --data-seed {args.data_seed}")
+    if args.val_frac:
+        cmd += f" --val-frac {args.val_frac:g}"
+    return cmd + f" --pretrained {os.path.join(args.out, 'last.pt')}"
+
+
+def finish_run(args, counts, test_m, t_run):
+    """final.json (the last epoch's pretext accuracy, the fine-tuning command) and the last printed lines."""
+    rows = read_metrics(os.path.join(args.out, "metrics.jsonl")) or [{"val_rotation_acc": None, "loss": None,
+                                                                      "seconds": float("nan")}]
     final = {"script": "rotation_ssp.py", "arch": ARCH, "dataset": args.dataset, "rho": args.rho,
              "imb_type": args.imb_type, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs, "class_counts": counts,
              "rotation_accuracy_pretext": test_m, "val_rotation_accuracy_pretext": rows[-1]["val_rotation_acc"],
@@ -567,6 +587,33 @@ def main(argv=None):
     print(f"last epoch: rotation accuracy (pretext) on the test images, each under all 4 rotations: "
           f"{test_m['top1']:.2f}% ({per_rot}; chance 25%)")
     print(f"fine-tune from it: {final['finetune']}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        args, ckpt = resume_run(args)
+        device = setup_device(args)
+        torch.manual_seed(args.seed)
+        train, val, test, counts, C = build_data(args, device)
+    except D.DataError as e:
+        fail(str(e))
+    score = lambda m, batches: rotation_accuracy(m, batches.epoch(0), C, counts, args.amp)
+    model, optimizer, start = init_state(args, ckpt, device)
+    step_model = torch.compile(model, mode="reduce-overhead") if args.compile else model
+    saved = {"script": "rotation_ssp.py", "arch": ARCH, "class_counts": counts, "mean": test.mean, "std": test.std}
+    open_run(args, ckpt, device, counts, start)
+
+    t_run = time.time()
+    for epoch in range(start, args.epochs):
+        t0 = time.time()
+        row, first_bad, step = train_one_epoch(model, optimizer, train, epoch, args, device, step_model)
+        stop_if_diverged(args.out, model, epoch, first_bad, step)
+        row["test_rotation_pretext"] = score(model, test)
+        val_m = score(model, val) if val else None
+        end_epoch(args, args.out, model, optimizer, epoch, row, val_m, t0, saved)
+    test_m = score(model, test) if start >= args.epochs else row["test_rotation_pretext"]
+    finish_run(args, counts, test_m, t_run)
 
 
 if __name__ == "__main__":
