@@ -909,7 +909,7 @@ def resume_run(args, world=1):
 
 
 def init_state(args, ckpt, C, device, world=1):
-    """The model (its backbone from --pretrained), SGD, and (start epoch, best) from the --resume checkpoint."""
+    """The model, SGD, and (start epoch, best) from the --resume checkpoint."""
     model = build_model(args.arch, C, cosine=args.loss == "ldam")
     if world > 1 and device.type == "cuda":                # BN statistics over the global batch, as one GPU
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -960,8 +960,8 @@ def open_run(args, ckpt, device, train, counts, start, rank=0, world=1):
 
 def stop_if_diverged(out, model, epoch, first_bad, step, rank=0, world=1):
     """The divergence guard, before the epoch is evaluated or saved: a non-finite loss in the epoch or a
-    non-finite tensor after it stops the run (exit 1); under torchrun every process stops."""
-    if world > 1:
+    non-finite tensor after it stops the run (exit 1)."""
+    if world > 1:                                          # torchrun: every process stops
         bad_tensor = nonfinite_tensor(model)
         bad = torch.stack([first_bad, torch.tensor(int(bad_tensor is not None), device=first_bad.device)])
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -980,12 +980,12 @@ def stop_if_diverged(out, model, epoch, first_bad, step, rank=0, world=1):
 
 
 def end_epoch(args, out, model, optimizer, epoch, row, val_m, best, t0, saved, rank=0):
-    """The best epoch on validation, then (rank 0) the metrics row, the printed line and last.pt."""
+    """The best epoch on validation, then the metrics row, the printed line and last.pt."""
     lr, test_m = row["lr"], row["test"]
     if val_m and (best is None or val_m["top1"] > best["val_top1"]):
         best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
     row.update({"val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0})
-    if rank != 0:
+    if rank != 0:                                          # rank 0 writes
         return best
     append_metrics(os.path.join(out, "metrics.jsonl"), row)
     print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
@@ -998,8 +998,8 @@ def end_epoch(args, out, model, optimizer, epoch, row, val_m, best, t0, saved, r
 
 
 def finish_run(args, counts, test_m, best, t_run, rank=0, world=1):
-    """final.json and the last printed line (rank 0); under torchrun every process then leaves together."""
-    if rank != 0:
+    """final.json and the last printed line."""
+    if rank != 0:                                          # rank 0 writes; every process leaves together
         dist.barrier()                                     # leaving while rank 0 still writes hangs gloo
         dist.destroy_process_group()
         return
