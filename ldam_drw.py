@@ -545,6 +545,13 @@ def he_lr_at(epoch, args):
 
 # ----- data ----------------------------------------------------------------------------------------
 
+def headline_metric(dataset):
+    """Paper 1 evaluates "on corresponding balanced test datasets" (§2.2). SVHN's test split is not
+    balanced (digit 1 has 5,099 images, digit 9 1,595), so its headline error is 100 − the mean per-class
+    accuracy, which is the error on a class-balanced test set; top-1 is reported beside it."""
+    return "mean_class_acc" if dataset == "svhn" else "top1"
+
+
 def build_data(args, device, rank=0, world=1):
     """Training / validation / test batches and the training class counts."""
     if args.dataset in ("imagenet_lt", "inat"):
@@ -875,7 +882,7 @@ def setup_device(args, world=1):
         if max(index, local - 1) >= torch.cuda.device_count():
             fail(f"--gpu {max(index, local - 1)}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0"
                  + (" (torchrun: one process per GPU, --nproc_per_node at most that many)" if world > 1 else ""))
-        torch.cuda.set_device(device)              # the DataLoader pins on the current device, not ours
+        torch.cuda.set_device(device)              # what uses the current device (pinning, ...) stays on ours, not cuda:0
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
@@ -1004,9 +1011,7 @@ def finish_run(args, counts, test_m, best, t_run, rank=0, world=1):
         dist.destroy_process_group()
         return
     seconds = [r["seconds"] for r in read_metrics(os.path.join(args.out, "metrics.jsonl"))] or [float("nan")]
-    # Paper 1 evaluates on balanced test sets; SVHN's is not, so its headline error is 100 − mean per-class
-    # accuracy (the error on a class-balanced test set), top-1 printed beside it.
-    headline = "mean_class_acc" if args.dataset == "svhn" else "top1"
+    headline = headline_metric(args.dataset)
     final = {"script": "ldam_drw.py", "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type,
              "loss": args.loss, "rule": args.rule, "pretrained": args.pretrained, "seed": args.seed, "data_seed": args.data_seed,
              "epochs": args.epochs, "class_counts": counts, "arch": args.arch, "recipe": args.recipe,

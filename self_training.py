@@ -656,7 +656,7 @@ def setup_device(args):
     if device.type == "cuda":
         if args.gpu >= torch.cuda.device_count():
             fail(f"--gpu {args.gpu}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
-        torch.cuda.set_device(device)              # anything using the current device stays on --gpu, not cuda:0
+        torch.cuda.set_device(device)              # what uses the current device (pinning, ...) stays on ours, not cuda:0
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     return device
@@ -851,17 +851,18 @@ def self_train(args, data, x_u, pseudo, keep, device, ckpt):
 def finish_run(args, data, counts, pool_report, pl_report, base_m, test_m, best, t_run):
     """final.json and the last printed line."""
     counts_l = np.bincount(data["y_l"], minlength=len(data["names"]))
+    headline = headline_metric(args.dataset)
     final = {"script": "self_training.py", "dataset": args.dataset, "rho": args.rho, "rho_u": args.rho_u,
              "pool": "folder" if args.unlabeled_root else args.pool, "relevance": args.relevance,
              "loss": args.loss, "rule": args.rule, "omega": args.omega, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs,
              "labeled_counts": counts_l.tolist(), "training_counts": [int(n) for n in counts],
              "unlabeled": {**pool_report, "pseudo_labels": pl_report}, "base": base_m, "last": test_m,
-             "headline": headline_metric(args.dataset), "base_error": 100 - base_m[headline_metric(args.dataset)],
-             "test_error": 100 - test_m[headline_metric(args.dataset)], "base_error_top1": 100 - base_m["top1"],
+             "headline": headline, "base_error": 100 - base_m[headline],
+             "test_error": 100 - test_m[headline], "base_error_top1": 100 - base_m["top1"],
              "test_error_top1": 100 - test_m["top1"], "best_on_val": best,
              "wall_seconds": time.time() - t_run}
     write_json(os.path.join(args.out, "final.json"), final)
-    what = "test error" if final["headline"] == "top1" else "test error from mean per-class accuracy"
+    what = "test error" if headline == "top1" else "test error from mean per-class accuracy"
     print(f"{what}: base {final['base_error']:.2f}% → self-trained {final['test_error']:.2f}% "
           f"(top-1 error {final['base_error_top1']:.2f}% → {final['test_error_top1']:.2f}%; many "
           f"{fmt(test_m['many'])}, medium {fmt(test_m['medium'])}, few {fmt(test_m['few'])})")
