@@ -451,7 +451,7 @@ def load_backbone(model, arch, path):
 # === end shared: checkpoints ===
 
 
-# ----- the method (Cao et al. 2019 Eq. (10), (13), §3.3; Cui et al. 2019 Eq. (3)) ------------------
+# ----- the method (REFERENCE §2; Cao et al. 2019 Eq. (10), (13), §3.3; Cui et al. 2019 Eq. (3)) ----
 
 # === shared: class_balance (identical in every script that uses it) ===
 def class_balanced_weights(counts, beta):
