@@ -53,6 +53,8 @@ import datasets_lt as D
 SUBSAMPLE = (1.0, 0.75, 0.5, 0.25, 0.125)
 
 
+# ----- flags ---------------------------------------------------------------------------------------
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Supervised long-tailed training (paper 1, Table 2).")
     # --- shared flags (same names and order in every script; defaults and help are this method's) ---
@@ -162,6 +164,8 @@ def fail(msg):
 def fmt(v):
     return f"{v:6.2f}" if v is not None else f"{'-':>6}"
 
+
+# ----- model ---------------------------------------------------------------------------------------
 
 # === shared: resnet32 (identical in every script that uses it) ===
 class BasicBlock(nn.Module):
@@ -284,6 +288,8 @@ def build_model(arch, num_classes, cosine):
         model.fc = NormedLinear(model.fc.in_features, num_classes)
     return model
 
+
+# ----- run files -----------------------------------------------------------------------------------
 
 # === shared: check_ranges (identical in every script) ===
 def check_ranges(args, ranges):
@@ -445,7 +451,7 @@ def load_backbone(model, arch, path):
 # === end shared: checkpoints ===
 
 
-# ----- losses (REFERENCE §2) -----------------------------------------------------------------------
+# ----- the method (REFERENCE §2; Cao et al. 2019 Eq. (10), (13), §3.3; Cui et al. 2019 Eq. (3)) ----
 
 # === shared: class_balance (identical in every script that uses it) ===
 def class_balanced_weights(counts, beta):
@@ -480,6 +486,19 @@ def ldam_loss(cosines, y, weight, margins, s):
     return F.cross_entropy(s * shifted, y, weight=weight)
 
 
+def shard_loss(logits, y, y_batch, weight, margins, args):
+    """torchrun: this process's share of the global batch's loss. The sum over its rows of ce_loss's /
+    focal_loss's / ldam_loss's per-image term, divided by what the global batch's mean divides by (its size,
+    or Σ w_y over it for weighted CE and LDAM, as nn.CrossEntropyLoss(weight)); the shares sum to the loss
+    one process computes on the whole batch."""
+    if args.loss == "ldam":
+        logits = args.s * (logits - F.one_hot(y, logits.shape[1]) * margins[y].unsqueeze(1))
+    terms = F.cross_entropy(logits, y, weight=weight, reduction="none")       # w_y · CE per image
+    if args.loss == "focal":
+        return ((1 - torch.exp(-terms)).clamp(min=0) ** args.gamma * terms).sum() / len(y_batch)   # focal_loss's term
+    return terms.sum() / (weight[y_batch].sum() if weight is not None else len(y_batch))
+
+
 # === shared: deferred_rule (identical in ldam_drw.py and self_training.py) ===
 def deferred_rule(rule, epoch, epochs, cb_weights):
     """The training rule at 0-based `epoch` of `epochs`: (loss weights or None, class-balanced sampling?).
@@ -490,6 +509,16 @@ def deferred_rule(rule, epoch, epochs, cb_weights):
     resample = rule == "resample" or (rule == "drs" and deferred)
     return weight, resample
 # === end shared: deferred_rule ===
+
+
+def class_weights(args, counts, labels, device):
+    """The rules' weights: class-balanced loss weights (Reweight, DRW), LDAM margins, and the per-image draw
+    weights of Resample / DRS."""
+    cb_weights = class_balanced_weights(counts, args.beta).to(device)
+    margins = ldam_margins(counts, args.max_m).to(device)
+    sample_weights = (D.effective_number_sample_weights(labels.cpu(), args.beta)
+                      if args.resample_weights == "effective" else D.balanced_sample_weights(labels.cpu()))
+    return cb_weights, margins, sample_weights
 
 
 # === shared: lr_schedule (identical in every script that uses it) ===
@@ -514,39 +543,19 @@ def he_lr_at(epoch, args):
     return args.lr * 0.1 ** sum(epoch >= int(f * args.epochs) for f in (0.5, 0.75))
 
 
-# === shared: evaluate (identical in every script) ===
-@torch.no_grad()
-def evaluate(model, batches, num_classes, train_counts):
-    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
-
-    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
-    index, i.e. to the head classes."""
-    model.eval()
-    correct = torch.zeros(num_classes, dtype=torch.long)
-    total = torch.zeros(num_classes, dtype=torch.long)
-    for x, y, _ in batches:
-        pred = model(x).argmax(1)
-        y = y.to(pred.device)
-        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
-        total += torch.bincount(y, minlength=num_classes).cpu()
-    per_class = (correct.double() / total.clamp(min=1)).tolist()
-    seen = total > 0
-    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
-              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
-              "per_class": [round(100 * a, 2) for a in per_class]}
-    for group, mask in D.shot_groups(train_counts).items():
-        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
-        result[group] = 100 * float(np.mean(accs)) if accs else None
-    return result
-# === end shared: evaluate ===
-
-
 # ----- data ----------------------------------------------------------------------------------------
 
-def build_data(args, device):
+def headline_metric(dataset):
+    """Paper 1 evaluates "on corresponding balanced test datasets" (§2.2). SVHN's test split is not
+    balanced (digit 1 has 5,099 images, digit 9 1,595), so its headline error is 100 − the mean per-class
+    accuracy, which is the error on a class-balanced test set; top-1 is reported beside it."""
+    return "mean_class_acc" if dataset == "svhn" else "top1"
+
+
+def build_data(args, device, rank=0, world=1):
     """Training / validation / test batches and the training class counts."""
     if args.dataset in ("imagenet_lt", "inat"):
-        return build_list_data(args, device)
+        return build_list_data(args, device, rank, world)
     train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
     test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
     idx, val_idx = training_subset(train_y, args)
@@ -780,6 +789,81 @@ def build_list_data(args, device, rank=0, world=1):
     return train, val, test, counts, C
 
 
+# ----- one epoch -----------------------------------------------------------------------------------
+
+def train_one_epoch(model, optimizer, train, epoch, args, weights, world, step_model):
+    """SGD over one epoch of `train` under the epoch's rule: (the row's lr / loss / train top-1, the first
+    step with a non-finite loss or -1, the last step)."""
+    cb_weights, margins, sample_weights = weights
+    device = cb_weights.device
+    lr = he_lr_at(epoch, args) if args.schedule == "he" else lr_at(epoch + (args.lr_sequence == "kang"), args)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    weight, resample = deferred_rule(args.rule, epoch, args.epochs, cb_weights)   # DRW / DRS: at 80% of the run
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    hits = torch.zeros((), device=device, dtype=torch.long)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    seen = 0
+    for step, (x, y, _, *y_batch) in enumerate(train.epoch(epoch, sample_weights if resample else None)):
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+            logits = step_model(x).float()
+        if world > 1:                                      # this process's share; summed with all_reduce_grads
+            y_batch = y_batch[0].to(device)
+            loss = shard_loss(logits, y, y_batch, weight, margins, args)
+        elif args.loss == "ce":
+            loss = ce_loss(logits, y, weight)
+        elif args.loss == "focal":
+            loss = focal_loss(logits, y, weight, args.gamma)
+        else:
+            loss = ldam_loss(logits, y, weight, margins, args.s)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            all_reduce_grads(list(model.parameters()))
+        optimizer.step()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+        n_batch = len(y_batch) if world > 1 else len(y)
+        loss_sum += loss.detach() * n_batch
+        hits += (logits.argmax(1) == y).sum()
+        seen += n_batch
+    if world > 1:
+        stats = torch.stack([loss_sum.double(), hits.double()])
+        dist.all_reduce(stats)                             # the shares sum to the global batches' losses
+        loss_sum, hits = stats[0], stats[1].long()
+        if device.type != "cuda":
+            average_bn_statistics(model, world)
+    row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen}
+    return row, first_bad, step
+
+
+# === shared: evaluate (identical in every script) ===
+@torch.no_grad()
+def evaluate(model, batches, num_classes, train_counts):
+    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
+
+    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
+    index, i.e. to the head classes."""
+    model.eval()
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    total = torch.zeros(num_classes, dtype=torch.long)
+    for x, y, _ in batches:
+        pred = model(x).argmax(1)
+        y = y.to(pred.device)
+        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
+        total += torch.bincount(y, minlength=num_classes).cpu()
+    per_class = (correct.double() / total.clamp(min=1)).tolist()
+    seen = total > 0
+    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
+              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
+              "per_class": [round(100 * a, 2) for a in per_class]}
+    for group, mask in D.shot_groups(train_counts).items():
+        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
+        result[group] = 100 * float(np.mean(accs)) if accs else None
+    return result
+# === end shared: evaluate ===
+
+
 # ----- main ----------------------------------------------------------------------------------------
 
 def setup_device(args, world=1):
@@ -798,31 +882,15 @@ def setup_device(args, world=1):
         if max(index, local - 1) >= torch.cuda.device_count():
             fail(f"--gpu {max(index, local - 1)}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0"
                  + (" (torchrun: one process per GPU, --nproc_per_node at most that many)" if world > 1 else ""))
-        torch.cuda.set_device(device)              # the DataLoader pins on the current device, not ours
+        torch.cuda.set_device(device)              # what uses the current device (pinning, ...) stays on ours, not cuda:0
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     return device
 
 
-def shard_loss(logits, y, y_batch, weight, margins, args):
-    """torchrun: this process's share of the global batch's loss. The sum over its rows of ce_loss's /
-    focal_loss's / ldam_loss's per-image term, divided by what the global batch's mean divides by (its size,
-    or Σ w_y over it for weighted CE and LDAM, as nn.CrossEntropyLoss(weight)); the shares sum to the loss
-    one process computes on the whole batch."""
-    if args.loss == "ldam":
-        logits = args.s * (logits - F.one_hot(y, logits.shape[1]) * margins[y].unsqueeze(1))
-    terms = F.cross_entropy(logits, y, weight=weight, reduction="none")       # w_y · CE per image
-    if args.loss == "focal":
-        return ((1 - torch.exp(-terms)).clamp(min=0) ** args.gamma * terms).sum() / len(y_batch)   # focal_loss's term
-    return terms.sum() / (weight[y_batch].sum() if weight is not None else len(y_batch))
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world = process_group()
-    if rank:                                               # rank 0 prints the log
-        sys.stdout = open(os.devnull, "w")
+def resume_run(args, world=1):
+    """--resume: the saved run's arguments; without it, an --out that already holds a run is refused."""
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
@@ -835,29 +903,20 @@ def main(argv=None):
         args = resume_args(args, ckpt, RESUME_FLAGS)
         print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
     args.world_size = world
-    try:
-        D.check_rho(args.rho)
-        if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-            fail("--epochs, --batch-size and --lr must be positive")
-        if world > 1 and args.dataset not in ("imagenet_lt", "inat"):
-            fail(f"torchrun runs ldam_drw.py on file lists (--dataset imagenet_lt / inat); --dataset {args.dataset} "
-                 f"trains on one device: run it without torchrun")
-        if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
-            fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, "
-                 f"or pass another --out")
-        device = setup_device(args, world)
-        torch.manual_seed(args.seed)
-        train, val, test, counts, C = build_data(args, device) if world == 1 else \
-            build_list_data(args, device, rank, world)
-    except D.DataError as e:
-        fail(str(e))
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-        score = lambda m, batches: evaluate_shards(m, batches, C, counts, device)
-    else:
-        score = lambda m, batches: evaluate(m, batches.epoch(0), C, counts)
+    D.check_rho(args.rho)
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+        fail("--epochs, --batch-size and --lr must be positive")
+    if world > 1 and args.dataset not in ("imagenet_lt", "inat"):
+        fail(f"torchrun runs ldam_drw.py on file lists (--dataset imagenet_lt / inat); --dataset {args.dataset} "
+             f"trains on one device: run it without torchrun")
+    if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
+        fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, "
+             f"or pass another --out")
+    return args, ckpt
 
+
+def init_state(args, ckpt, C, device, world=1):
+    """The model, SGD, and (start epoch, best) from the --resume checkpoint."""
     model = build_model(args.arch, C, cosine=args.loss == "ldam")
     if world > 1 and device.type == "cuda":                # BN statistics over the global batch, as one GPU
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -874,15 +933,12 @@ def main(argv=None):
         start, best = ckpt["epoch"], ckpt.get("best")
     if world > 1:
         broadcast_state(model)
-    step_model = torch.compile(model, mode="reduce-overhead") if args.compile else model
+    return model, optimizer, start, best
 
-    cb_weights = class_balanced_weights(counts, args.beta).to(device)
-    margins = ldam_margins(counts, args.max_m).to(device)
-    sample_weights = (D.effective_number_sample_weights(train.labels.cpu(), args.beta)
-                      if args.resample_weights == "effective" else D.balanced_sample_weights(train.labels.cpu()))
-    subset = D.subset_digest(train.indices)
 
-    metrics = os.path.join(args.out, "metrics.jsonl")
+def open_run(args, ckpt, device, train, counts, start, rank=0, world=1):
+    """The run folder (rank 0): args.json, the source, the training indices, metrics.jsonl cut back to the
+    resumed epoch; then the lines printed above the epoch table."""
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
@@ -893,6 +949,7 @@ def main(argv=None):
             if hasattr(train, "val_indices"):
                 D.save_indices(os.path.join(args.out, "train_indices.json"), train.indices, train.val_indices)
         # a resumed run drops the epochs logged after its checkpoint
+        metrics = os.path.join(args.out, "metrics.jsonl")
         write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
     print(f"{args.dataset} rho={args.rho:g} ({args.imb_type}{', balanced' if args.balanced else ''}"
           f"{f', subsample {args.subsample:g}' if args.subsample < 1 else ''}): {sum(counts)} training images "
@@ -907,89 +964,54 @@ def main(argv=None):
     print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'train':>6} {'test':>6} {'many':>6} {'med':>6} {'few':>6} "
           f"{'val':>6} {'s':>6}")
 
-    t_run = time.time()
-    for epoch in range(start, args.epochs):
-        t0 = time.time()
-        lr = he_lr_at(epoch, args) if args.schedule == "he" else lr_at(epoch + (args.lr_sequence == "kang"), args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        weight, resample = deferred_rule(args.rule, epoch, args.epochs, cb_weights)   # DRW / DRS: at 80% of the run
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        hits = torch.zeros((), device=device, dtype=torch.long)
-        first_bad = torch.full((), -1, device=device, dtype=torch.long)
-        seen = 0
-        for step, (x, y, _, *y_batch) in enumerate(train.epoch(epoch, sample_weights if resample else None)):
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                logits = step_model(x).float()
-            if world > 1:                                  # this process's share; summed with all_reduce_grads
-                y_batch = y_batch[0].to(device)
-                loss = shard_loss(logits, y, y_batch, weight, margins, args)
-            elif args.loss == "ce":
-                loss = ce_loss(logits, y, weight)
-            elif args.loss == "focal":
-                loss = focal_loss(logits, y, weight, args.gamma)
-            else:
-                loss = ldam_loss(logits, y, weight, margins, args.s)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:
-                all_reduce_grads(list(model.parameters()))
-            optimizer.step()
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            n_batch = len(y_batch) if world > 1 else len(y)
-            loss_sum += loss.detach() * n_batch
-            hits += (logits.argmax(1) == y).sum()
-            seen += n_batch
-        if world > 1:
-            stats = torch.stack([loss_sum.double(), hits.double()])
-            dist.all_reduce(stats)                         # the shares sum to the global batches' losses
-            loss_sum, hits = stats[0], stats[1].long()
-            if device.type != "cuda":
-                average_bn_statistics(model, world)
-            bad_tensor = nonfinite_tensor(model)
-            bad = torch.stack([first_bad, torch.tensor(int(bad_tensor is not None), device=device)])
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            if bad[0].item() >= 0 or bad[1].item() > 0:
-                where = (f"loss is not finite at epoch {epoch + 1}, step {bad[0].item() + 1}" if bad[0].item() >= 0
-                         else f"'{bad_tensor or 'a tensor of another process'}' is not finite after epoch "
-                              f"{epoch + 1}, step {step + 1}")
-                if rank == 0:
-                    stop_diverged(where, args.out, epoch)
-                sys.exit(1)
-        if first_bad.item() >= 0:
-            stop_diverged(f"loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}", args.out, epoch)
-        bad_tensor = nonfinite_tensor(model)
-        if bad_tensor:
-            stop_diverged(f"'{bad_tensor}' is not finite after epoch {epoch + 1}, step {step + 1}", args.out, epoch)
-        test_m = score(model, test)
-        val_m = score(model, val) if val else None
-        if val_m and (best is None or val_m["top1"] > best["val_top1"]):
-            best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
-        row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
-               "test": test_m, "val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0}
-        if rank != 0:
-            continue
-        append_metrics(metrics, row)
-        print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
-              f"{fmt(test_m['many'])} {fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_top1'])} "
-              f"{row['seconds']:6.2f}", flush=True)
-        state = {"script": "ldam_drw.py", "arch": args.arch, "model": model.state_dict(), "epoch": epoch + 1,
-                 "optimizer": optimizer.state_dict(), "args": vars(args), "class_counts": counts, "best": best,
-                 "train_subset": subset, "rng": {"torch": torch.get_rng_state()},
-                 "mean": getattr(test, "mean", D.IMAGENET_MEAN), "std": getattr(test, "std", D.IMAGENET_STD)}
-        save_atomic(state, os.path.join(args.out, "last.pt"))
 
-    if start >= args.epochs:
-        test_m = score(model, test)
-    if rank != 0:
+def stop_if_diverged(out, model, epoch, first_bad, step, rank=0, world=1):
+    """The divergence guard, before the epoch is evaluated or saved: a non-finite loss in the epoch or a
+    non-finite tensor after it stops the run (exit 1)."""
+    if world > 1:                                          # torchrun: every process stops
+        bad_tensor = nonfinite_tensor(model)
+        bad = torch.stack([first_bad, torch.tensor(int(bad_tensor is not None), device=first_bad.device)])
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad[0].item() >= 0 or bad[1].item() > 0:
+            where = (f"loss is not finite at epoch {epoch + 1}, step {bad[0].item() + 1}" if bad[0].item() >= 0
+                     else f"'{bad_tensor or 'a tensor of another process'}' is not finite after epoch "
+                          f"{epoch + 1}, step {step + 1}")
+            if rank == 0:
+                stop_diverged(where, out, epoch)
+            sys.exit(1)
+    if first_bad.item() >= 0:
+        stop_diverged(f"loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}", out, epoch)
+    bad_tensor = nonfinite_tensor(model)
+    if bad_tensor:
+        stop_diverged(f"'{bad_tensor}' is not finite after epoch {epoch + 1}, step {step + 1}", out, epoch)
+
+
+def end_epoch(args, out, model, optimizer, epoch, row, val_m, best, t0, saved, rank=0):
+    """The best epoch on validation, then the metrics row, the printed line and last.pt."""
+    lr, test_m = row["lr"], row["test"]
+    if val_m and (best is None or val_m["top1"] > best["val_top1"]):
+        best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
+    row.update({"val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0})
+    if rank != 0:                                          # rank 0 writes
+        return best
+    append_metrics(os.path.join(out, "metrics.jsonl"), row)
+    print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
+          f"{fmt(test_m['many'])} {fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_top1'])} "
+          f"{row['seconds']:6.2f}", flush=True)
+    state = {**saved, "model": model.state_dict(), "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+             "args": vars(args), "best": best, "rng": {"torch": torch.get_rng_state()}}
+    save_atomic(state, os.path.join(out, "last.pt"))
+    return best
+
+
+def finish_run(args, counts, test_m, best, t_run, rank=0, world=1):
+    """final.json and the last printed line."""
+    if rank != 0:                                          # rank 0 writes; every process leaves together
         dist.barrier()                                     # leaving while rank 0 still writes hangs gloo
         dist.destroy_process_group()
         return
-    seconds = [r["seconds"] for r in read_metrics(metrics)] or [float("nan")]
-    # Paper 1 evaluates on balanced test sets; SVHN's is not, so its headline error is 100 − mean per-class
-    # accuracy (the error on a class-balanced test set), top-1 printed beside it.
-    headline = "mean_class_acc" if args.dataset == "svhn" else "top1"
+    seconds = [r["seconds"] for r in read_metrics(os.path.join(args.out, "metrics.jsonl"))] or [float("nan")]
+    headline = headline_metric(args.dataset)
     final = {"script": "ldam_drw.py", "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type,
              "loss": args.loss, "rule": args.rule, "pretrained": args.pretrained, "seed": args.seed, "data_seed": args.data_seed,
              "epochs": args.epochs, "class_counts": counts, "arch": args.arch, "recipe": args.recipe,
@@ -1007,6 +1029,44 @@ def main(argv=None):
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world = process_group()
+    if rank:                                               # rank 0 prints the log
+        sys.stdout = open(os.devnull, "w")
+    try:
+        args, ckpt = resume_run(args, world)
+        device = setup_device(args, world)
+        torch.manual_seed(args.seed)
+        train, val, test, counts, C = build_data(args, device, rank, world)
+    except D.DataError as e:
+        fail(str(e))
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+        score = lambda m, batches: evaluate_shards(m, batches, C, counts, device)
+    else:
+        score = lambda m, batches: evaluate(m, batches.epoch(0), C, counts)
+    model, optimizer, start, best = init_state(args, ckpt, C, device, world)
+    step_model = torch.compile(model, mode="reduce-overhead") if args.compile else model
+    weights = class_weights(args, counts, train.labels, device)
+    saved = {"script": "ldam_drw.py", "arch": args.arch, "class_counts": counts,
+             "train_subset": D.subset_digest(train.indices),
+             "mean": getattr(test, "mean", D.IMAGENET_MEAN), "std": getattr(test, "std", D.IMAGENET_STD)}
+    open_run(args, ckpt, device, train, counts, start, rank, world)
+
+    t_run = time.time()
+    for epoch in range(start, args.epochs):
+        t0 = time.time()
+        row, first_bad, step = train_one_epoch(model, optimizer, train, epoch, args, weights, world, step_model)
+        stop_if_diverged(args.out, model, epoch, first_bad, step, rank, world)
+        row["test"] = score(model, test)
+        val_m = score(model, val) if val else None
+        best = end_epoch(args, args.out, model, optimizer, epoch, row, val_m, best, t0, saved, rank)
+    test_m = score(model, test) if start >= args.epochs else row["test"]
+    finish_run(args, counts, test_m, best, t_run, rank, world)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Self-training with extra unlabeled data: paper 1 (Yang & Xu 2020), §2.2–3, Table 1, Figs. 2–3.
 
-Imbalanced labels are valuable: (a) train a classifier on the long-tailed labeled set D_L, (b) let it
-pseudo-label an extra unlabeled set D_U (hard argmax, eval mode, test transform), (c) train a fresh
-model on D_L ∪ D_U with the same recipe. Paper 1 minimises L(D_L) + ω·L(D_U) (§3 → weighted_ce,
-weighted_focal, weighted_ldam); the authors' code merges both into one shuffled set, which is ω = 1.
+Imbalanced labels are valuable: (a) train a classifier on the long-tailed labeled set D_L (base_model),
+(b) let it pseudo-label an extra unlabeled set D_U (pseudo_label: hard argmax, eval mode, test transform),
+(c) train a fresh model on D_L ∪ D_U with the same recipe (self_train; (a) and (c) both run fit).
+Paper 1 minimises L(D_L) + ω·L(D_U) (§3 → weighted_ce, weighted_focal, weighted_ldam); the authors'
+code merges both into one shuffled set, which is ω = 1.
 README "Self-training with extra unlabeled data" has the pools, relevance, evaluation and the reasons below.
 
     python self_training.py --rho 0.01 --pool cinic10 --pool-root CINIC --gpu 0   # Table 1: LDAM-DRW, D_U@5x, rho_U = 1
@@ -33,13 +34,13 @@ Deliberate differences from the paper and the authors' code:
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
 import time
 import warnings
 
-import math
 import numpy as np
 import torch
 import torch.nn as nn
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 
 import datasets_lt as D
 
+# ----- flags ---------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Self-training with extra unlabeled data (paper 1, §2-3).")
@@ -137,6 +139,8 @@ def fmt(v):
     return f"{v:6.2f}" if v is not None else f"{'-':>6}"
 
 
+# ----- model ---------------------------------------------------------------------------------------
+
 # === shared: resnet32 (identical in every script that uses it) ===
 class BasicBlock(nn.Module):
     """3×3 conv → BN → ReLU → 3×3 conv → BN, plus a parameter-free shortcut (He et al.'s option A:
@@ -198,6 +202,8 @@ class ResNet32(nn.Module):
         return self.fc(self.features(x))
 # === end shared: resnet32 ===
 
+
+# ----- run files -----------------------------------------------------------------------------------
 
 # === shared: check_ranges (identical in every script) ===
 def check_ranges(args, ranges):
@@ -359,6 +365,8 @@ def load_backbone(model, arch, path):
 # === end shared: checkpoints ===
 
 
+# ----- the method (paper 1 §2.2–3; Cao et al. 2019 Eq. (10), §3.3; Cui et al. 2019 Eq. (3)) --------
+
 # === shared: class_balance (identical in every script that uses it) ===
 def class_balanced_weights(counts, beta):
     """Cui et al. 2019, Eq. (3): w_c ∝ (1 − β) / (1 − β^{n_c}), normalised to sum to C."""
@@ -374,8 +382,7 @@ def ldam_margins(counts, max_m):
 # === end shared: class_balance ===
 
 
-# ----- losses with a per-example weight c_i (1 for D_L, ω for D_U) ----------------------------------
-
+# losses with a per-example weight c_i (1 for D_L, ω for D_U)
 def weighted_ce(logits, y, weight, c):
     """Σ c_i w_{y_i} CE_i / Σ c_i w_{y_i}; c = None is nn.CrossEntropyLoss(weight), as in ldam_drw.py."""
     if c is None:
@@ -414,6 +421,20 @@ def deferred_rule(rule, epoch, epochs, cb_weights):
 # === end shared: deferred_rule ===
 
 
+def class_weights(args, counts, labels, device):
+    """The rules' weights: class-balanced loss weights (Reweight, DRW), LDAM margins, and the per-image draw
+    weights of Resample / DRS."""
+    cb_weights = class_balanced_weights(counts, args.beta).to(device)
+    margins = ldam_margins(counts, args.max_m).to(device)
+    # Re-sampling weights from `counts` (pseudo-labels included unless --labeled-counts): the authors'
+    # ImbalancedDatasetSampler's (1 − β)/(1 − β^{n_y}), or 1/n_y with --resample-weights inverse.
+    if args.resample_weights == "effective":
+        sample_weights = D.effective_number_sample_weights(torch.as_tensor(labels), args.beta, counts)
+    else:
+        sample_weights = 1.0 / torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)[torch.as_tensor(labels)]
+    return cb_weights, margins, sample_weights
+
+
 # === shared: lr_schedule (identical in every script that uses it) ===
 def lr_at(epoch, args):
     """Learning rate of 0-based `epoch`: CIFAR step schedule with warm-up, or cosine (ImageNet)."""
@@ -430,34 +451,22 @@ def lr_at(epoch, args):
 # === end shared: lr_schedule ===
 
 
-# === shared: evaluate (identical in every script) ===
 @torch.no_grad()
-def evaluate(model, batches, num_classes, train_counts):
-    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
-
-    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
-    index, i.e. to the head classes."""
+def predict(model, x_u, mean, std, device, scale):
+    """Stage (b): hard argmax of the base model (eval mode, test transform) and its softmax confidence."""
     model.eval()
-    correct = torch.zeros(num_classes, dtype=torch.long)
-    total = torch.zeros(num_classes, dtype=torch.long)
-    for x, y, _ in batches:
-        pred = model(x).argmax(1)
-        y = y.to(pred.device)
-        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
-        total += torch.bincount(y, minlength=num_classes).cpu()
-    per_class = (correct.double() / total.clamp(min=1)).tolist()
-    seen = total > 0
-    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
-              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
-              "per_class": [round(100 * a, 2) for a in per_class]}
-    for group, mask in D.shot_groups(train_counts).items():
-        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
-        result[group] = 100 * float(np.mean(accs)) if accs else None
-    return result
-# === end shared: evaluate ===
+    if not len(x_u):                                          # --unlabeled-mult 0: nothing to label, no batch
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    preds, confs = [], []
+    for x, _, _ in D.GPULoader(x_u, np.zeros(len(x_u), dtype=np.int64), 1000, mean, std, device).epoch(0):
+        prob = F.softmax(scale * model(x).float(), dim=1)
+        conf, pred = prob.max(1)
+        preds.append(pred)
+        confs.append(conf)
+    return torch.cat(preds).cpu().numpy(), torch.cat(confs).cpu().numpy()
 
 
-# ----- data: D_L, the pool, D_U ---------------------------------------------------------------------
+# ----- data ----------------------------------------------------------------------------------------
 
 def headline_metric(dataset):
     """Paper 1 evaluates "on corresponding balanced test datasets" (§2.2). SVHN's test split is not
@@ -569,138 +578,92 @@ def choose_unlabeled(args, data):
     return x_u, y_u, report
 
 
+# ----- one epoch -----------------------------------------------------------------------------------
+
+def train_one_epoch(model, optimizer, train, epoch, args, weights, c):
+    """SGD over one epoch of `train` under the epoch's rule: (the row's lr / loss / train top-1, the first
+    step with a non-finite loss or -1, the last step)."""
+    cb_weights, margins, sample_weights = weights
+    device = cb_weights.device
+    lr = lr_at(epoch, args)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    weight, resample = deferred_rule(args.rule, epoch, args.epochs, cb_weights)   # DRW / DRS: at 80% of the run
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    hits = torch.zeros((), device=device, dtype=torch.long)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    seen = 0
+    for step, (x, y, idx) in enumerate(train.epoch(epoch, sample_weights if resample else None)):
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+            logits = model(x).float()
+        cb = None if c is None else c[idx]                 # c_i: 1 for D_L, ω for D_U (None: all 1)
+        if args.loss == "ce":
+            loss = weighted_ce(logits, y, weight, cb)
+        elif args.loss == "focal":
+            loss = weighted_focal(logits, y, weight, cb, args.gamma)
+        else:
+            loss = weighted_ldam(logits, y, weight, cb, margins, args.s)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+        loss_sum += loss.detach() * len(y)
+        hits += (logits.argmax(1) == y).sum()
+        seen += len(y)
+    row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen}
+    return row, first_bad, step
+
+
+# === shared: evaluate (identical in every script) ===
 @torch.no_grad()
-def pseudo_label(model, x_u, mean, std, device, scale):
-    """Stage (b): hard argmax of the base model (eval mode, test transform) and its softmax confidence."""
+def evaluate(model, batches, num_classes, train_counts):
+    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
+
+    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
+    index, i.e. to the head classes."""
     model.eval()
-    if not len(x_u):                                          # --unlabeled-mult 0: nothing to label, no batch
-        return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    preds, confs = [], []
-    for x, _, _ in D.GPULoader(x_u, np.zeros(len(x_u), dtype=np.int64), 1000, mean, std, device).epoch(0):
-        prob = F.softmax(scale * model(x).float(), dim=1)
-        conf, pred = prob.max(1)
-        preds.append(pred)
-        confs.append(conf)
-    return torch.cat(preds).cpu().numpy(), torch.cat(confs).cpu().numpy()
-
-
-# ----- training (shared by stage (a) and stage (c)) -------------------------------------------------
-
-def fit(args, stage, x, y, c, counts, data, device, out, ckpt=None, batch_size=None):
-    """Train a fresh ResNet-32 on (x, y) with per-example loss weights c, the ldam_drw.py recipe.
-
-    Writes metrics.jsonl and last.pt (after every epoch) in `out`; returns (model, last test metrics)."""
-    mean, std = data["mean_std"]
-    C = len(data["names"])
-    groups = np.bincount(data["y_l"], minlength=C)             # many/medium/few by labeled counts
-    torch.manual_seed(args.seed)
-    model = ResNet32(C, cosine=args.loss == "ldam").to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
-                                fused=device.type == "cuda")
-    train = D.GPULoader(x, y, batch_size or args.batch_size, mean, std, device, augment="crop_flip", seed=args.seed)
-    test = D.GPULoader(data["x_test"], data["y_test"], 1000, mean, std, device)
-    val = D.GPULoader(data["x_val"], data["y_val"], 1000, mean, std, device) if len(data["y_val"]) else None
-    c = None if c is None else torch.as_tensor(c, dtype=torch.float32, device=device)
-    cb_weights = class_balanced_weights(counts, args.beta).to(device)
-    margins = ldam_margins(counts, args.max_m).to(device)
-    # Re-sampling weights from `counts` (pseudo-labels included unless --labeled-counts): the authors'
-    # ImbalancedDatasetSampler's (1 − β)/(1 − β^{n_y}), or 1/n_y with --resample-weights inverse.
-    if args.resample_weights == "effective":
-        sample_weights = D.effective_number_sample_weights(torch.as_tensor(y), args.beta, counts)
-    else:
-        sample_weights = 1.0 / torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)[torch.as_tensor(y)]
-    start, best = 0, None
-    os.makedirs(out, exist_ok=True)
-    metrics = os.path.join(out, "metrics.jsonl")
-    if ckpt is not None and ckpt.get("stage") == stage:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, best = ckpt["epoch"], ckpt.get("best")
-    # a resumed stage drops the epochs logged after its checkpoint; a new stage starts an empty file
-    write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
-    print(f"stage {stage}: {len(y)} training images, counts {[int(n) for n in counts]}, "
-          f"loss={args.loss} rule={args.rule}, {args.epochs} epochs on {device}")
-    print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'train':>6} {'test':>6} {'many':>6} {'med':>6} {'few':>6} "
-          f"{'val':>6} {'s':>6}")
-    test_m = None
-    for epoch in range(start, args.epochs):
-        t0 = time.time()
-        lr = lr_at(epoch, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        weight, resample = deferred_rule(args.rule, epoch, args.epochs, cb_weights)   # DRW / DRS: at 80% of the run
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        hits = torch.zeros((), device=device, dtype=torch.long)
-        first_bad = torch.full((), -1, device=device, dtype=torch.long)
-        seen = 0
-        for step, (xb, yb, idx) in enumerate(train.epoch(epoch, sample_weights if resample else None)):
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                logits = model(xb).float()
-            cb = None if c is None else c[idx]
-            if args.loss == "ce":
-                loss = weighted_ce(logits, yb, weight, cb)
-            elif args.loss == "focal":
-                loss = weighted_focal(logits, yb, weight, cb, args.gamma)
-            else:
-                loss = weighted_ldam(logits, yb, weight, cb, margins, args.s)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            loss_sum += loss.detach() * len(yb)
-            hits += (logits.argmax(1) == yb).sum()
-            seen += len(yb)
-        if first_bad.item() >= 0:
-            stop_diverged(f"loss is not finite at stage {stage}, epoch {epoch + 1}, step {first_bad.item() + 1}",
-                          out, epoch)
-        bad_tensor = nonfinite_tensor(model)
-        if bad_tensor:
-            stop_diverged(f"'{bad_tensor}' is not finite at stage {stage} after epoch {epoch + 1}, step {step + 1}",
-                          out, epoch)
-        test_m = evaluate(model, test.epoch(0), C, groups)
-        val_m = evaluate(model, val.epoch(0), C, groups) if val else None
-        if val_m and (best is None or val_m["top1"] > best["val_top1"]):
-            best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
-        row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
-               "test": test_m, "val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0}
-        append_metrics(metrics, row)
-        print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
-              f"{fmt(test_m['many'])} {fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_top1'])} "
-              f"{row['seconds']:6.2f}", flush=True)
-        state = {"script": "self_training.py", "stage": stage, "arch": "resnet32", "model": model.state_dict(),
-                 "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "args": vars(args),
-                 "class_counts": [int(n) for n in counts], "best": best, "rng": {"torch": torch.get_rng_state()},
-                 "train_subset": data["subset"] if stage == "base" else None,
-                 "mean": mean, "std": std}
-        save_atomic(state, os.path.join(out, "last.pt"))
-    if test_m is None:
-        test_m = evaluate(model, test.epoch(0), C, groups)
-    return model, test_m, best
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    total = torch.zeros(num_classes, dtype=torch.long)
+    for x, y, _ in batches:
+        pred = model(x).argmax(1)
+        y = y.to(pred.device)
+        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
+        total += torch.bincount(y, minlength=num_classes).cpu()
+    per_class = (correct.double() / total.clamp(min=1)).tolist()
+    seen = total > 0
+    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
+              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
+              "per_class": [round(100 * a, 2) for a in per_class]}
+    for group, mask in D.shot_groups(train_counts).items():
+        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
+        result[group] = 100 * float(np.mean(accs)) if accs else None
+    return result
+# === end shared: evaluate ===
 
 
 # ----- main ----------------------------------------------------------------------------------------
 
 def setup_device(args):
+    """--gpu's device."""
     if args.gpu >= 0 and not torch.cuda.is_available():
         print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
         args.gpu = -1
     device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 else "cpu")
-    if device.type == "cuda":
-        if args.gpu >= torch.cuda.device_count():
-            fail(f"--gpu {args.gpu}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
-        # anything that uses the current device stays on --gpu rather than opening a context on cuda:0
-        torch.cuda.set_device(device)
     if args.amp and device.type != "cuda":
         print("warning: --amp needs CUDA; ignored on the CPU", file=sys.stderr)
         args.amp = False
+    if device.type == "cuda":
+        if args.gpu >= torch.cuda.device_count():
+            fail(f"--gpu {args.gpu}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+        torch.cuda.set_device(device)              # what uses the current device (pinning, ...) stays on ours, not cuda:0
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     return device
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def resume_run(args):
+    """--resume: the saved run's arguments; without it, an --out that already holds a run is refused."""
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
@@ -713,37 +676,117 @@ def main(argv=None):
         if ckpt.get("stage") == "base":                   # <out>/base/last.pt: the run is <out>
             args.out = os.path.dirname(args.out)
         print(f"resuming {args.out} in stage {ckpt['stage']} after epoch {ckpt['epoch']}")
-    try:
-        D.check_rho(args.rho)
-        D.check_rho(args.rho_u, "rho_u")
-        if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.omega < 0 or args.unlabeled_mult < 0:
-            fail("--epochs, --batch-size, --lr must be positive and --omega, --unlabeled-mult non-negative")
-        if args.st_batch_size < 1:
-            fail(f"--st-batch-size must be a positive number of images, got {args.st_batch_size}")
-        for held in (os.path.join(args.out, "last.pt"), os.path.join(args.out, "base", "last.pt")):
-            if not args.resume and os.path.exists(held):
-                fail(f"{args.out} already holds a run: continue it with --resume {held}, or pass another --out")
-        device = setup_device(args)
-        data = build_data(args)
-        if args.base:                                          # before anything is chosen or written
-            check_base(args.base, load_checkpoint(args.base), args, data,
-                       np.bincount(data["y_l"], minlength=len(data["names"])))
-        x_u, y_u_true, pool_report = choose_unlabeled(args, data)
-    except D.DataError as e:
-        fail(str(e))
-    base_ckpt = load_checkpoint(args.base) if args.base else None    # a bad --base fails before any write
+    D.check_rho(args.rho)
+    D.check_rho(args.rho_u, "rho_u")
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.omega < 0 or args.unlabeled_mult < 0:
+        fail("--epochs, --batch-size, --lr must be positive and --omega, --unlabeled-mult non-negative")
+    if args.st_batch_size < 1:
+        fail(f"--st-batch-size must be a positive number of images, got {args.st_batch_size}")
+    for held in (os.path.join(args.out, "last.pt"), os.path.join(args.out, "base", "last.pt")):
+        if not args.resume and os.path.exists(held):
+            fail(f"{args.out} already holds a run: continue it with --resume {held}, or pass another --out")
+    return args, ckpt
+
+
+def init_state(args, ckpt, C, device, stage):
+    """The model, SGD, and (start epoch, best) from the --resume checkpoint."""
+    model = ResNet32(C, cosine=args.loss == "ldam").to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
+                                fused=device.type == "cuda")
+    start, best = 0, None
+    if ckpt is not None and ckpt.get("stage") == stage:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, best = ckpt["epoch"], ckpt.get("best")
+    return model, optimizer, start, best
+
+
+def open_run(args, ckpt, device):
+    """The run folder: args.json and the source (each stage's own files: open_stage)."""
     os.makedirs(args.out, exist_ok=True)
     if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
         meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         write_json(os.path.join(args.out, "args.json"), meta)
         copy_source(__file__, args.out)
+
+
+def open_stage(args, stage, out, start, y, counts, device):
+    """A stage's folder with metrics.jsonl cut back to the resumed epoch, then the lines printed above its
+    epoch table."""
+    os.makedirs(out, exist_ok=True)
+    # a resumed stage drops the epochs logged after its checkpoint; a new stage starts an empty file
+    metrics = os.path.join(out, "metrics.jsonl")
+    write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
+    print(f"stage {stage}: {len(y)} training images, counts {[int(n) for n in counts]}, "
+          f"loss={args.loss} rule={args.rule}, {args.epochs} epochs on {device}")
+    print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'train':>6} {'test':>6} {'many':>6} {'med':>6} {'few':>6} "
+          f"{'val':>6} {'s':>6}")
+
+
+def stop_if_diverged(out, model, epoch, first_bad, step, stage):
+    """The divergence guard, before the epoch is evaluated or saved: a non-finite loss in the epoch or a
+    non-finite tensor after it stops the run (exit 1)."""
+    if first_bad.item() >= 0:
+        stop_diverged(f"loss is not finite at stage {stage}, epoch {epoch + 1}, step {first_bad.item() + 1}",
+                      out, epoch)
+    bad_tensor = nonfinite_tensor(model)
+    if bad_tensor:
+        stop_diverged(f"'{bad_tensor}' is not finite at stage {stage} after epoch {epoch + 1}, step {step + 1}",
+                      out, epoch)
+
+
+def end_epoch(args, out, model, optimizer, epoch, row, val_m, best, t0, saved):
+    """The best epoch on validation, then the metrics row, the printed line and last.pt."""
+    lr, test_m = row["lr"], row["test"]
+    if val_m and (best is None or val_m["top1"] > best["val_top1"]):
+        best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
+    row.update({"val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0})
+    append_metrics(os.path.join(out, "metrics.jsonl"), row)
+    print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
+          f"{fmt(test_m['many'])} {fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_top1'])} "
+          f"{row['seconds']:6.2f}", flush=True)
+    state = {**saved, "model": model.state_dict(), "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+             "args": vars(args), "best": best, "rng": {"torch": torch.get_rng_state()}}
+    save_atomic(state, os.path.join(out, "last.pt"))
+    return best
+
+
+def fit(args, stage, x, y, c, counts, data, device, out, ckpt=None, batch_size=None):
+    """Stages (a) and (c): a fresh ResNet-32 on (x, y) with per-example loss weights c, the ldam_drw.py
+    recipe; metrics.jsonl and last.pt (every epoch) in `out`. Returns (model, last test metrics, best)."""
+    mean, std = data["mean_std"]
+    C = len(data["names"])
+    groups = np.bincount(data["y_l"], minlength=C)             # many/medium/few by labeled counts
+    torch.manual_seed(args.seed)
+    model, optimizer, start, best = init_state(args, ckpt, C, device, stage)
+    train = D.GPULoader(x, y, batch_size or args.batch_size, mean, std, device, augment="crop_flip", seed=args.seed)
+    test = D.GPULoader(data["x_test"], data["y_test"], 1000, mean, std, device)
+    val = D.GPULoader(data["x_val"], data["y_val"], 1000, mean, std, device) if len(data["y_val"]) else None
+    score = lambda m, batches: evaluate(m, batches.epoch(0), C, groups)
+    c = None if c is None else torch.as_tensor(c, dtype=torch.float32, device=device)
+    weights = class_weights(args, counts, y, device)
+    saved = {"script": "self_training.py", "stage": stage, "arch": "resnet32", "class_counts": [int(n) for n in counts],
+             "train_subset": data["subset"] if stage == "base" else None, "mean": mean, "std": std}
+    open_stage(args, stage, out, start, y, counts, device)
+
+    for epoch in range(start, args.epochs):
+        t0 = time.time()
+        row, first_bad, step = train_one_epoch(model, optimizer, train, epoch, args, weights, c)
+        stop_if_diverged(out, model, epoch, first_bad, step, stage)
+        row["test"] = score(model, test)
+        val_m = score(model, val) if val else None
+        best = end_epoch(args, out, model, optimizer, epoch, row, val_m, best, t0, saved)
+    test_m = score(model, test) if start >= args.epochs else row["test"]
+    return model, test_m, best
+
+
+def base_model(args, data, device, ckpt, base_ckpt):
+    """Stage (a): the base classifier on D_L: --base's, the finished stage (a) of a resumed run, or one
+    trained here with fit. Returns (model, its test metrics, its loss)."""
     C = len(data["names"])
     counts_l = np.bincount(data["y_l"], minlength=C)
     mean, std = data["mean_std"]
-    t_run = time.time()
-
-    # Stage (a): the base classifier on D_L.
     if args.base:
         if base_ckpt.get("arch") != "resnet32" or base_ckpt["model"].get("fc.weight", torch.empty(0)).shape[:1] != (C,):
             fail(f"'{args.base}' is not a ResNet-32 classifier with {C} classes (an ldam_drw.py run on this task)")
@@ -763,9 +806,15 @@ def main(argv=None):
         base, base_m, _ = fit(args, "base", data["x_l"], data["y_l"], None, counts_l, data, device,
                               os.path.join(args.out, "base"), ckpt)
         base_loss = args.loss
+    return base, base_m, base_loss
 
-    # Stage (b): pseudo-labels for D_U.
-    pseudo, conf = pseudo_label(base, x_u, mean, std, device, args.s if base_loss == "ldam" else 1.0)
+
+def pseudo_label(args, base, base_loss, x_u, y_u_true, data, device):
+    """Stage (b): the base model's labels for D_U (predict), those kept by --threshold, their accuracy on the
+    true labels (reported only), saved in pseudo_labels.pt. Returns (labels, kept mask, report)."""
+    C = len(data["names"])
+    mean, std = data["mean_std"]
+    pseudo, conf = predict(base, x_u, mean, std, device, args.s if base_loss == "ldam" else 1.0)
     keep = np.ones(len(x_u), bool) if args.threshold is None else conf >= args.threshold
     relevant = y_u_true >= 0
     per_class = [float(100 * np.mean(pseudo[relevant & (y_u_true == k)] == k))
@@ -781,8 +830,14 @@ def main(argv=None):
     acc = pl_report["accuracy"]
     print(f"D_U: {len(x_u)} images ({pl_report['irrelevant']} irrelevant), {keep.sum()} pseudo-labels kept, "
           f"pseudo-label accuracy on the relevant ones: {fmt(acc)}%")
+    return pseudo, keep, pl_report
 
-    # Stage (c): a fresh model on D_L ∪ D_U, the unlabeled term weighted by ω.
+
+def self_train(args, data, x_u, pseudo, keep, device, ckpt):
+    """Stage (c): a fresh model on D_L ∪ D_U with fit, the unlabeled term weighted by ω. Returns (last test
+    metrics, best on validation, the class counts of the rules)."""
+    C = len(data["names"])
+    counts_l = np.bincount(data["y_l"], minlength=C)
     use_u = args.omega > 0
     x = np.concatenate([data["x_l"], x_u[keep]]) if use_u else data["x_l"]
     y = np.concatenate([data["y_l"], pseudo[keep]]) if use_u else data["y_l"]
@@ -790,21 +845,49 @@ def main(argv=None):
     counts = counts_l if args.labeled_counts or not use_u else np.bincount(y, minlength=C)
     resume_c = ckpt if ckpt is not None and ckpt["stage"] == "self_training" else None
     _, test_m, best = fit(args, "self_training", x, y, c, counts, data, device, args.out, resume_c, args.st_batch_size)
+    return test_m, best, counts
 
+
+def finish_run(args, data, counts, pool_report, pl_report, base_m, test_m, best, t_run):
+    """final.json and the last printed line."""
+    counts_l = np.bincount(data["y_l"], minlength=len(data["names"]))
+    headline = headline_metric(args.dataset)
     final = {"script": "self_training.py", "dataset": args.dataset, "rho": args.rho, "rho_u": args.rho_u,
              "pool": "folder" if args.unlabeled_root else args.pool, "relevance": args.relevance,
              "loss": args.loss, "rule": args.rule, "omega": args.omega, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs,
              "labeled_counts": counts_l.tolist(), "training_counts": [int(n) for n in counts],
              "unlabeled": {**pool_report, "pseudo_labels": pl_report}, "base": base_m, "last": test_m,
-             "headline": headline_metric(args.dataset), "base_error": 100 - base_m[headline_metric(args.dataset)],
-             "test_error": 100 - test_m[headline_metric(args.dataset)], "base_error_top1": 100 - base_m["top1"],
+             "headline": headline, "base_error": 100 - base_m[headline],
+             "test_error": 100 - test_m[headline], "base_error_top1": 100 - base_m["top1"],
              "test_error_top1": 100 - test_m["top1"], "best_on_val": best,
              "wall_seconds": time.time() - t_run}
     write_json(os.path.join(args.out, "final.json"), final)
-    what = "test error" if final["headline"] == "top1" else "test error from mean per-class accuracy"
+    what = "test error" if headline == "top1" else "test error from mean per-class accuracy"
     print(f"{what}: base {final['base_error']:.2f}% → self-trained {final['test_error']:.2f}% "
           f"(top-1 error {final['base_error_top1']:.2f}% → {final['test_error_top1']:.2f}%; many "
           f"{fmt(test_m['many'])}, medium {fmt(test_m['medium'])}, few {fmt(test_m['few'])})")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        args, ckpt = resume_run(args)
+        device = setup_device(args)
+        data = build_data(args)
+        if args.base:                                      # before anything is chosen or written
+            check_base(args.base, load_checkpoint(args.base), args, data,
+                       np.bincount(data["y_l"], minlength=len(data["names"])))
+        x_u, y_u_true, pool_report = choose_unlabeled(args, data)
+    except D.DataError as e:
+        fail(str(e))
+    base_ckpt = load_checkpoint(args.base) if args.base else None    # a bad --base fails before any write
+    open_run(args, ckpt, device)
+
+    t_run = time.time()
+    base, base_m, base_loss = base_model(args, data, device, ckpt, base_ckpt)                   # stage (a)
+    pseudo, keep, pl_report = pseudo_label(args, base, base_loss, x_u, y_u_true, data, device)   # stage (b)
+    test_m, best, counts = self_train(args, data, x_u, pseudo, keep, device, ckpt)               # stage (c)
+    finish_run(args, data, counts, pool_report, pl_report, base_m, test_m, best, t_run)
 
 
 if __name__ == "__main__":
