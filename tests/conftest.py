@@ -180,6 +180,17 @@ def run_script(*args, timeout=600):
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def torchrun(script, *args, nproc=2):
+    """`python -m torch.distributed.run --standalone --nproc_per_node N SCRIPT ARGS`, the real launcher, whose
+    worker processes run through the session's fork server (torchrun's --no-python with forkrun's interpreter
+    command), so no worker re-imports torch. As a plain torchrun command if the server could not start."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    python = forkrun_env().get("PYTHON")
+    if python is None:
+        return launch + [script, *map(str, args)]
+    return launch + ["--no-python", python, str(ROOT / script), *map(str, args)]
+
+
 _FORKRUN = {}
 
 
@@ -201,7 +212,8 @@ def forkrun_env():
         else:
             python = os.path.join(tmp, "python")
             with open(python, "w") as f:
-                f.write(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "forkrun.py"}" "$@"\n')
+                f.write(f'#!/bin/sh\nFORKRUN_SOCKET="${{FORKRUN_SOCKET:-{sock}}}" exec "{sys.executable}" '
+                        f'"{ROOT / "tests" / "forkrun.py"}" "$@"\n')
             os.chmod(python, 0o755)
             _FORKRUN["env"] = {"FORKRUN_SOCKET": sock, "PYTHON": python}
     return _FORKRUN["env"]

@@ -5,6 +5,7 @@ import copy
 import inspect
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torchvision
 import crt
 import ldam_drw as L
 import moco_ssp as M
-from conftest import run_script, write_file_list, write_folder
+from conftest import ROOT, run_script, torchrun, write_file_list, write_folder
 
 CPU = torch.device("cpu")
 PARAMS = ("running_mean", "running_var", "num_batches_tracked")   # BN buffers: not parameters
@@ -239,8 +240,8 @@ def test_queue_holds_the_last_keys_before_the_pointer(single, tiny):
 
 @pytest.mark.slow
 def test_two_gloo_processes_train_the_same_model_as_one_with_two_bn_splits(tmp_path, tiny, single):
-    r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "moco_ssp.py",
-                   *run_args(tiny, tmp_path / "ddp"))
+    r = subprocess.run(torchrun("moco_ssp.py", *run_args(tiny, tmp_path / "ddp")), cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("epoch       lr") == 1                                  # rank 0 prints, alone
     meta = json.loads((tmp_path / "ddp" / "args.json").read_text())

@@ -10,6 +10,7 @@ import gc
 import json
 import math
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ import torch.nn as nn
 
 import datasets_lt as D
 import simsiam_rwsam as S
-from conftest import run_script, write_file_list, write_folder
+from conftest import ROOT, run_script, torchrun, write_file_list, write_folder
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -534,8 +535,9 @@ def test_val_frac_scores_knn_on_the_held_out_split_only(data, tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(data, tmp_path):
-    r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, "simsiam_rwsam.py",
-                   *_args(data, tmp_path, "--stage1-epochs", 1, "--epochs", 1, "--knn-every", -1), timeout=300)
+    r = subprocess.run(torchrun("simsiam_rwsam.py", *_args(data, tmp_path, "--stage1-epochs", 1, "--epochs", 1,
+                                                           "--knn-every", -1)), cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("done:") == 1                                     # rank 0 alone reports and writes
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
