@@ -110,7 +110,7 @@ def test_failed_run_is_reported_and_its_dependents_skipped(tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_on_fake_data_then_rerun_skips_and_resumes(tmp_path):
-    write_folder(tmp_path / "data", per_class=(40, 30, 20), per_class_test=6, easy=True)
+    write_folder(tmp_path / "data", per_class=(20, 15, 10), per_class_test=4, size=16, easy=True)
     env = dict(DATA=f"--dataset folder --data-root {tmp_path / 'data'}", RHO="0.5", SEEDS="0", JOBS="2",
                GPU="-1", RUNS=str(tmp_path / "runs"), ARGS="--epochs 1",
                ARGS_simsiam_rwsam="--batch-size 16 --knn-every -1")
