@@ -52,6 +52,8 @@ CIFAR_ARCHS = ("resnet32", "resnet18")
 IMAGENET_ARCHS = ("resnet10", "resnet50")
 
 
+# ----- flags ---------------------------------------------------------------------------------------
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Linear probe of a frozen backbone (paper 2, §2.1) and the "
                                             "relative gap Δ of Eq. (1).")
@@ -119,6 +121,8 @@ def fail(msg):
 def fmt(v):
     return f"{v:6.2f}" if v is not None else f"{'-':>6}"
 
+
+# ----- model ---------------------------------------------------------------------------------------
 
 # === shared: resnet32 (identical in every script that uses it) ===
 class BasicBlock(nn.Module):
@@ -240,6 +244,16 @@ def build_backbone(arch, num_classes):
                      (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]))
     return torchvision.models.resnet.ResNet(block, layers, num_classes=num_classes)
 
+
+def build_model(args, ckpt, num_classes, device):
+    """The checkpoint's architecture on `device` with a fresh num_classes-way `fc`; every backbone tensor
+    from --ckpt (load_backbone)."""
+    model = build_backbone(ckpt["arch"], num_classes).to(device)
+    load_backbone(model, ckpt["arch"], args.ckpt)
+    return model
+
+
+# ----- run files -----------------------------------------------------------------------------------
 
 # === shared: check_ranges (identical in every script) ===
 def check_ranges(args, ranges):
@@ -401,32 +415,51 @@ def load_backbone(model, arch, path):
 # === end shared: checkpoints ===
 
 
-# === shared: evaluate (identical in every script) ===
-@torch.no_grad()
-def evaluate(model, batches, num_classes, train_counts):
-    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
+# === shared: pretrain_meta (identical in eval_linear.py and eval_ood.py) ===
+SSL_SCRIPTS = ("rotation_ssp.py", "moco_ssp.py", "simsiam_rwsam.py")
+SUPERVISED_SCRIPTS = ("ldam_drw.py", "self_training.py", "crt.py")
 
-    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
-    index, i.e. to the head classes."""
-    model.eval()
-    correct = torch.zeros(num_classes, dtype=torch.long)
-    total = torch.zeros(num_classes, dtype=torch.long)
-    for x, y, _ in batches:
-        pred = model(x).argmax(1)
-        y = y.to(pred.device)
-        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
-        total += torch.bincount(y, minlength=num_classes).cpu()
-    per_class = (correct.double() / total.clamp(min=1)).tolist()
-    seen = total > 0
-    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
-              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
-              "per_class": [round(100 * a, 2) for a in per_class]}
-    for group, mask in D.shot_groups(train_counts).items():
-        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
-        result[group] = 100 * float(np.mean(accs)) if accs else None
-    return result
-# === end shared: evaluate ===
 
+def ratio_from_counts(counts):
+    """r of paper 2 (§2.1): images of the rarest class over images of the most frequent, from the class
+    counts the run trained on. 1 when they differ by at most one image (a balanced subset of n images
+    over C classes gives n mod C classes one image more)."""
+    if not counts or max(counts) == 0:
+        return None
+    lo, hi = min(counts), max(counts)
+    return 1.0 if hi - lo <= 1 else lo / hi
+
+
+def method_key(script, a, tag=None):
+    """Everything that makes two pre-training runs different methods (paper 2 pairs A(n, 1) and A(n, r)
+    of one method only): the script, its --recipe, its --opt (SimSiam / MoCo with SGD, SAM or rwSAM), its
+    --loss and --rule (CE and LDAM-DRW are different supervised methods), and whether it started from
+    --pretrained weights. --tag replaces it."""
+    if tag:
+        return tag
+    key = script.removesuffix(".py") + (f"[{a['recipe']}]" if a.get("recipe") else "") + \
+        (f"+{a['opt']}" if a.get("opt") else "")
+    if a.get("loss") or a.get("rule"):
+        key += f":{a.get('loss')}-{a.get('rule')}"
+    return key + ("+pretrained" if a.get("pretrained") else "")
+
+
+def pretrain_meta(ckpt, path, tag=None):
+    """What paper 2's Δ (Eq. 1) needs to pair runs: the pre-training method (method_key) and architecture,
+    whether it was self-supervised, its dataset, n (images it trained on) and imbalance ratio r, both from
+    the class counts it trained on (never from --rho, which an ImageNet-LT list run does not use)."""
+    a = ckpt.get("args") or {}
+    script = ckpt.get("script") or "unknown"
+    counts = ckpt.get("class_counts")
+    return {"checkpoint": os.path.abspath(path), "script": script, "method": method_key(script, a, tag),
+            "kind": "SSL" if script in SSL_SCRIPTS else "SL" if script in SUPERVISED_SCRIPTS else "?",
+            "arch": ckpt["arch"], "dataset": a.get("dataset"), "rho": a.get("rho"), "imb_type": a.get("imb_type"),
+            "balanced": bool(a.get("balanced")), "subsample": a.get("subsample", 1.0), "r": ratio_from_counts(counts),
+            "n": int(sum(counts)) if counts else None, "seed": a.get("seed"), "data_seed": a.get("data_seed", a.get("seed")), "epoch": ckpt.get("epoch")}
+# === end shared: pretrain_meta ===
+
+
+# ----- the method (paper 2 §2.1 in-domain linear probe; the relative gap Δ, Eq. (1)) ---------------
 
 # === shared: linear_probe (identical in eval_linear.py and eval_ood.py) ===
 def backbone_features(model, x):
@@ -577,222 +610,7 @@ def linear_probe(model, plain, aug, val, test, num_classes, counts, args):
 # === end shared: linear_probe ===
 
 
-# === shared: list_batches (identical in every script that uses it) ===
-class ListBatches:
-    """DataLoader over a FileListDataset with GPULoader's interface: epoch(e, weights) → (x, y, idx)."""
-
-    def __init__(self, dataset, indices, batch_size, train, seed, workers, device):
-        self.dataset, self.indices, self.train, self.seed, self.device = dataset, indices, train, seed, device
-        self.labels = torch.as_tensor(dataset.labels[indices])
-        self.kw = dict(batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                       persistent_workers=workers > 0)
-
-    def __len__(self):
-        return -(-len(self.indices) // self.kw["batch_size"])
-
-    def epoch(self, epoch, weights=None):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        if weights is not None:
-            sampler = torch.utils.data.WeightedRandomSampler(weights, len(self.indices), generator=g)
-        elif self.train:
-            sampler = torch.utils.data.RandomSampler(range(len(self.indices)), generator=g)
-        else:
-            sampler = range(len(self.indices))
-        order = torch.as_tensor(list(sampler))
-        sub = torch.utils.data.Subset(self.dataset, [int(self.indices[i]) for i in order])
-        try:
-            for b, (x, y) in enumerate(torch.utils.data.DataLoader(sub, **self.kw)):
-                idx = order[b * self.kw["batch_size"]:(b + 1) * self.kw["batch_size"]]
-                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
-        except D.DataError as e:                   # an unreadable image mid-epoch: stop before saving anything
-            fail(str(e))
-# === end shared: list_batches ===
-
-
-# === shared: pretrain_meta (identical in eval_linear.py and eval_ood.py) ===
-SSL_SCRIPTS = ("rotation_ssp.py", "moco_ssp.py", "simsiam_rwsam.py")
-SUPERVISED_SCRIPTS = ("ldam_drw.py", "self_training.py", "crt.py")
-
-
-def ratio_from_counts(counts):
-    """r of paper 2 (§2.1): images of the rarest class over images of the most frequent, from the class
-    counts the run trained on. 1 when they differ by at most one image (a balanced subset of n images
-    over C classes gives n mod C classes one image more)."""
-    if not counts or max(counts) == 0:
-        return None
-    lo, hi = min(counts), max(counts)
-    return 1.0 if hi - lo <= 1 else lo / hi
-
-
-def method_key(script, a, tag=None):
-    """Everything that makes two pre-training runs different methods (paper 2 pairs A(n, 1) and A(n, r)
-    of one method only): the script, its --recipe, its --opt (SimSiam / MoCo with SGD, SAM or rwSAM), its
-    --loss and --rule (CE and LDAM-DRW are different supervised methods), and whether it started from
-    --pretrained weights. --tag replaces it."""
-    if tag:
-        return tag
-    key = script.removesuffix(".py") + (f"[{a['recipe']}]" if a.get("recipe") else "") + \
-        (f"+{a['opt']}" if a.get("opt") else "")
-    if a.get("loss") or a.get("rule"):
-        key += f":{a.get('loss')}-{a.get('rule')}"
-    return key + ("+pretrained" if a.get("pretrained") else "")
-
-
-def pretrain_meta(ckpt, path, tag=None):
-    """What paper 2's Δ (Eq. 1) needs to pair runs: the pre-training method (method_key) and architecture,
-    whether it was self-supervised, its dataset, n (images it trained on) and imbalance ratio r, both from
-    the class counts it trained on (never from --rho, which an ImageNet-LT list run does not use)."""
-    a = ckpt.get("args") or {}
-    script = ckpt.get("script") or "unknown"
-    counts = ckpt.get("class_counts")
-    return {"checkpoint": os.path.abspath(path), "script": script, "method": method_key(script, a, tag),
-            "kind": "SSL" if script in SSL_SCRIPTS else "SL" if script in SUPERVISED_SCRIPTS else "?",
-            "arch": ckpt["arch"], "dataset": a.get("dataset"), "rho": a.get("rho"), "imb_type": a.get("imb_type"),
-            "balanced": bool(a.get("balanced")), "subsample": a.get("subsample", 1.0), "r": ratio_from_counts(counts),
-            "n": int(sum(counts)) if counts else None, "seed": a.get("seed"), "data_seed": a.get("data_seed", a.get("seed")), "epoch": ckpt.get("epoch")}
-# === end shared: pretrain_meta ===
-
-
-# ----- data ----------------------------------------------------------------------------------------
-
-def build_data(args, device):
-    """The probe's batches over the full training split: (train_plain, train_aug, val, test, counts, C)."""
-    if args.dataset in ("imagenet_lt", "inat"):
-        return build_list_data(args, device)
-    train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
-    test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
-    mean, std = D.mean_std(args.dataset, train_x)
-    C = len(names)
-    if args.protocol == "authors":
-        return (*authors_batches(D.to_device(train_x, device), train_y, D.to_device(test_x, device), test_y, C,
-                                 mean, std, args), C)
-    batches = probe_batches(D.to_device(train_x, device), train_y, D.to_device(test_x, device), test_y, C,
-                            mean, std, args)
-    return (*batches, C)
-
-
-def build_list_data(args, device):
-    if not args.train_list or not args.test_list:
-        fail(f"--dataset {args.dataset}: the probe trains on the full balanced training set, not the "
-             f"long-tailed list of pre-training; pass --train-list (e.g. all 1.28M ImageNet training "
-             f"images) and --test-list")
-    train_ds = D.FileListDataset(args.data_root, args.train_list, train=False)
-    test_ds = D.FileListDataset(args.data_root, args.test_list, train=False)
-    C = max(train_ds.num_classes, test_ds.num_classes)
-    idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.data_seed)
-    make = lambda ds, i, bs, shuffle: ListBatches(ds, i, bs, shuffle, args.seed, args.workers, device)
-    plain = make(train_ds, idx, 256, False)
-    aug = None
-    if args.augment or args.protocol == "authors":                 # MoCo's main_lincls training view
-        crop_flip = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
-                                        transforms.ToTensor(), transforms.Normalize(D.IMAGENET_MEAN, D.IMAGENET_STD)])
-        aug = make(D.FileListDataset(args.data_root, args.train_list, transform=crop_flip), idx, args.batch_size, True)
-    val = make(train_ds, val_idx, 256, False) if len(val_idx) else None
-    test = make(test_ds, np.arange(len(test_ds)), 256, False)
-    return plain, aug, val, test, np.bincount(train_ds.labels[idx], minlength=C).tolist(), C
-
-
-# ----- the authors' CIFAR probe views (Liuhong99/Imbalanced-SSL cifar/main_lincls.py) ---------------
-
-def pil_cubic(t, a=-0.5):
-    """PIL's bicubic kernel (Keys, a = −0.5)."""
-    t = t.abs()
-    return torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
-                       torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, torch.zeros_like(t)))
-
-
-def resize_matrix(start, length, out_size, in_size):
-    """B × out_size × in_size weights of PIL's bicubic resize of the pixels [start, start + length) of one
-    axis to out_size pixels: output i is centred at start + (i + ½)·length/out_size, taps inside the box
-    only, the kernel widened by the scale when shrinking, each row normalised to sum 1."""
-    scale = length.double() / out_size
-    support = scale.clamp(min=1)
-    centre = start.double()[:, None] + (torch.arange(out_size, device=start.device, dtype=torch.float64) + 0.5) \
-        * scale[:, None]
-    j = torch.arange(in_size, device=start.device, dtype=torch.float64)
-    w = pil_cubic((j[None, None, :] + 0.5 - centre[:, :, None]) / support[:, None, None])
-    inside = (j[None, :] >= start[:, None]) & (j[None, :] < (start + length)[:, None])
-    w = w * inside[:, None, :]
-    return (w / w.sum(2, keepdim=True)).float()
-
-
-def bicubic_resized_crop(x, top, left, h, w, size, flip=None):
-    """PIL's img.crop(box).resize((size, size), BICUBIC) [+ mirror] of every uint8 N×3×H×W image at once:
-    the horizontal pass first, rounded to uint8, then the vertical pass, rounded (as PIL resamples 8-bit
-    images). uint8 out. Used only for the CIFAR-size probe views of --protocol authors."""
-    B, C, H, W = x.shape
-    rx = resize_matrix(left, w, size, W)                                  # B × size × W
-    if flip is not None:
-        rx = torch.where(flip[:, None, None], rx.flip(1), rx)
-    ry = resize_matrix(top, h, size, H)                                   # B × size × H
-    horizontal = torch.einsum("bchw,bxw->bchx", x.float(), rx).round_().clamp_(0, 255)
-    return torch.einsum("bchx,byh->bcyx", horizontal, ry).round_().clamp_(0, 255).to(torch.uint8)
-
-
-def authors_test_view(x, chunk=2048):
-    """Resize(int(S·8/7), bicubic) + CenterCrop(S) of S×S uint8 images (CIFAR: 32 → 36 → the centre 32)."""
-    B, C, H, W = x.shape
-    big_h, big_w = int(H * 8 / 7), int(W * 8 / 7)
-    top, left = int(round((big_h - H) / 2)), int(round((big_w - W) / 2))
-    out = torch.empty_like(x)
-    for s in range(0, B, chunk):
-        n, dev = len(x[s:s + chunk]), x.device
-        zero = torch.zeros(n, dtype=torch.long, device=dev)
-        ry = resize_matrix(zero, zero + H, big_h, H)[:, top:top + H]
-        rx = resize_matrix(zero, zero + W, big_w, W)[:, left:left + W]
-        horizontal = torch.einsum("bchw,bxw->bchx", x[s:s + chunk].float(), rx).round_().clamp_(0, 255)
-        out[s:s + chunk] = torch.einsum("bchx,byh->bcyx", horizontal, ry).round_().clamp_(0, 255).to(torch.uint8)
-    return out
-
-
-def authors_train_view(x, generator, scale=(0.8, 1.0)):
-    """RandomResizedCrop(S, scale=(0.8, 1), ratio=(3/4, 4/3), bicubic) + RandomHorizontalFlip() (uint8)."""
-    B, C, H, W = x.shape
-    top, left, h, w = D.sample_resized_crop(B, H, W, generator, x.device, scale)
-    flip = torch.rand(B, generator=generator, device=x.device) < 0.5
-    return bicubic_resized_crop(x, top, left, h, w, W, flip)
-
-
-class AuthorsViews:
-    """Training batches of the authors' CIFAR probe with GPULoader's interface: epoch(e) → (x, y, idx), a
-    permutation and views drawn from a generator seeded by (seed, epoch); the last partial batch is kept
-    (their loader dropped it: 80 random images of 50,000 per epoch)."""
-
-    def __init__(self, images, labels, batch_size, mean, std, seed=0, chunk=8192):
-        self.images, self.batch_size, self.mean, self.std, self.seed = images, batch_size, mean, std, seed
-        self.labels = torch.as_tensor(np.asarray(labels)).long().to(images.device)
-        self.chunk = max(1, chunk // batch_size) * batch_size
-
-    def __len__(self):
-        return -(-len(self.labels) // self.batch_size)
-
-    def epoch(self, epoch):
-        dev = self.images.device
-        g = torch.Generator(device=dev)
-        g.manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.labels), generator=g, device=dev)
-        for start in range(0, len(order), self.chunk):
-            idx = order[start:start + self.chunk]
-            x = D.normalize(authors_train_view(self.images[idx], g), self.mean, self.std)
-            for b in range(0, len(idx), self.batch_size):
-                yield x[b:b + self.batch_size], self.labels[idx[b:b + self.batch_size]], idx[b:b + self.batch_size]
-
-
-def authors_batches(images, labels, test_images, test_labels, num_classes, mean, std, args):
-    """probe_batches for --protocol authors: (None, training views, val or None, test, counts); validation
-    and test images go through the test view once (then cached as features like every evaluation)."""
-    idx, val_idx = D.carve_val(np.arange(len(labels)), labels, args.val_frac, args.data_seed)
-    dev = images.device
-    train = AuthorsViews(images[torch.as_tensor(idx, device=dev)], labels[idx], args.batch_size, mean, std,
-                         args.seed)
-    val = (D.GPULoader(authors_test_view(images[torch.as_tensor(val_idx, device=dev)]), labels[val_idx], 1024,
-                       mean, std, dev) if len(val_idx) else None)
-    test = D.GPULoader(authors_test_view(test_images), test_labels, 1024, mean, std, dev)
-    return None, train, val, test, np.bincount(labels[idx], minlength=num_classes).tolist()
-
-
-# ----- the Δ table, Eq. (1) ------------------------------------------------------------------------
-
+# the Δ table, Eq. (1)
 def read_result(path):
     try:
         with open(path) as f:
@@ -902,6 +720,212 @@ def print_gap(paths):
     return rows
 
 
+# ----- data ----------------------------------------------------------------------------------------
+
+def build_data(args, device):
+    """The probe's batches over the full training split: (train_plain, train_aug, val, test, counts, C);
+    data that cannot be read is one line and exit 2."""
+    torch.manual_seed(args.seed)
+    try:
+        if args.dataset in ("imagenet_lt", "inat"):
+            return build_list_data(args, device)
+        return probe_data(args, device)
+    except D.DataError as e:
+        fail(str(e))
+
+
+def probe_data(args, device):
+    """CIFAR, SVHN or a folder on the device: (train_plain, train_aug, val, test, counts, C); --protocol
+    authors: the authors' views (authors_batches), fast: probe_batches."""
+    train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
+    test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
+    mean, std = D.mean_std(args.dataset, train_x)
+    train_t, test_t = D.to_device(train_x, device), D.to_device(test_x, device)
+    C = len(names)
+    batches = authors_batches if args.protocol == "authors" else probe_batches
+    return (*batches(train_t, train_y, test_t, test_y, C, mean, std, args), C)
+
+
+def build_list_data(args, device):
+    if not args.train_list or not args.test_list:
+        fail(f"--dataset {args.dataset}: the probe trains on the full balanced training set, not the "
+             f"long-tailed list of pre-training; pass --train-list (e.g. all 1.28M ImageNet training "
+             f"images) and --test-list")
+    train_ds = D.FileListDataset(args.data_root, args.train_list, train=False)
+    test_ds = D.FileListDataset(args.data_root, args.test_list, train=False)
+    C = max(train_ds.num_classes, test_ds.num_classes)
+    idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.data_seed)
+    make = lambda ds, i, bs, shuffle: ListBatches(ds, i, bs, shuffle, args.seed, args.workers, device)
+    plain = make(train_ds, idx, 256, False)
+    aug = None
+    if args.augment or args.protocol == "authors":                 # MoCo's main_lincls training view
+        crop_flip = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                                        transforms.ToTensor(), transforms.Normalize(D.IMAGENET_MEAN, D.IMAGENET_STD)])
+        aug = make(D.FileListDataset(args.data_root, args.train_list, transform=crop_flip), idx, args.batch_size, True)
+    val = make(train_ds, val_idx, 256, False) if len(val_idx) else None
+    test = make(test_ds, np.arange(len(test_ds)), 256, False)
+    return plain, aug, val, test, np.bincount(train_ds.labels[idx], minlength=C).tolist(), C
+
+
+# the authors' CIFAR probe views (Liuhong99/Imbalanced-SSL cifar/main_lincls.py)
+def pil_cubic(t, a=-0.5):
+    """PIL's bicubic kernel (Keys, a = −0.5)."""
+    t = t.abs()
+    return torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                       torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, torch.zeros_like(t)))
+
+
+def resize_matrix(start, length, out_size, in_size):
+    """B × out_size × in_size weights of PIL's bicubic resize of the pixels [start, start + length) of one
+    axis to out_size pixels: output i is centred at start + (i + ½)·length/out_size, taps inside the box
+    only, the kernel widened by the scale when shrinking, each row normalised to sum 1."""
+    scale = length.double() / out_size
+    support = scale.clamp(min=1)
+    centre = start.double()[:, None] + (torch.arange(out_size, device=start.device, dtype=torch.float64) + 0.5) \
+        * scale[:, None]
+    j = torch.arange(in_size, device=start.device, dtype=torch.float64)
+    w = pil_cubic((j[None, None, :] + 0.5 - centre[:, :, None]) / support[:, None, None])
+    inside = (j[None, :] >= start[:, None]) & (j[None, :] < (start + length)[:, None])
+    w = w * inside[:, None, :]
+    return (w / w.sum(2, keepdim=True)).float()
+
+
+def bicubic_resized_crop(x, top, left, h, w, size, flip=None):
+    """PIL's img.crop(box).resize((size, size), BICUBIC) [+ mirror] of every uint8 N×3×H×W image at once:
+    the horizontal pass first, rounded to uint8, then the vertical pass, rounded (as PIL resamples 8-bit
+    images). uint8 out. Used only for the CIFAR-size probe views of --protocol authors."""
+    B, C, H, W = x.shape
+    rx = resize_matrix(left, w, size, W)                                  # B × size × W
+    if flip is not None:
+        rx = torch.where(flip[:, None, None], rx.flip(1), rx)
+    ry = resize_matrix(top, h, size, H)                                   # B × size × H
+    horizontal = torch.einsum("bchw,bxw->bchx", x.float(), rx).round_().clamp_(0, 255)
+    return torch.einsum("bchx,byh->bcyx", horizontal, ry).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def authors_test_view(x, chunk=2048):
+    """Resize(int(S·8/7), bicubic) + CenterCrop(S) of S×S uint8 images (CIFAR: 32 → 36 → the centre 32)."""
+    B, C, H, W = x.shape
+    big_h, big_w = int(H * 8 / 7), int(W * 8 / 7)
+    top, left = int(round((big_h - H) / 2)), int(round((big_w - W) / 2))
+    out = torch.empty_like(x)
+    for s in range(0, B, chunk):
+        n, dev = len(x[s:s + chunk]), x.device
+        zero = torch.zeros(n, dtype=torch.long, device=dev)
+        ry = resize_matrix(zero, zero + H, big_h, H)[:, top:top + H]
+        rx = resize_matrix(zero, zero + W, big_w, W)[:, left:left + W]
+        horizontal = torch.einsum("bchw,bxw->bchx", x[s:s + chunk].float(), rx).round_().clamp_(0, 255)
+        out[s:s + chunk] = torch.einsum("bchx,byh->bcyx", horizontal, ry).round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def authors_train_view(x, generator, scale=(0.8, 1.0)):
+    """RandomResizedCrop(S, scale=(0.8, 1), ratio=(3/4, 4/3), bicubic) + RandomHorizontalFlip() (uint8)."""
+    B, C, H, W = x.shape
+    top, left, h, w = D.sample_resized_crop(B, H, W, generator, x.device, scale)
+    flip = torch.rand(B, generator=generator, device=x.device) < 0.5
+    return bicubic_resized_crop(x, top, left, h, w, W, flip)
+
+
+class AuthorsViews:
+    """Training batches of the authors' CIFAR probe with GPULoader's interface: epoch(e) → (x, y, idx), a
+    permutation and views drawn from a generator seeded by (seed, epoch); the last partial batch is kept
+    (their loader dropped it: 80 random images of 50,000 per epoch)."""
+
+    def __init__(self, images, labels, batch_size, mean, std, seed=0, chunk=8192):
+        self.images, self.batch_size, self.mean, self.std, self.seed = images, batch_size, mean, std, seed
+        self.labels = torch.as_tensor(np.asarray(labels)).long().to(images.device)
+        self.chunk = max(1, chunk // batch_size) * batch_size
+
+    def __len__(self):
+        return -(-len(self.labels) // self.batch_size)
+
+    def epoch(self, epoch):
+        dev = self.images.device
+        g = torch.Generator(device=dev)
+        g.manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.labels), generator=g, device=dev)
+        for start in range(0, len(order), self.chunk):
+            idx = order[start:start + self.chunk]
+            x = D.normalize(authors_train_view(self.images[idx], g), self.mean, self.std)
+            for b in range(0, len(idx), self.batch_size):
+                yield x[b:b + self.batch_size], self.labels[idx[b:b + self.batch_size]], idx[b:b + self.batch_size]
+
+
+def authors_batches(images, labels, test_images, test_labels, num_classes, mean, std, args):
+    """probe_batches for --protocol authors: (None, training views, val or None, test, counts); validation
+    and test images go through the test view once (then cached as features like every evaluation)."""
+    idx, val_idx = D.carve_val(np.arange(len(labels)), labels, args.val_frac, args.data_seed)
+    dev = images.device
+    train = AuthorsViews(images[torch.as_tensor(idx, device=dev)], labels[idx], args.batch_size, mean, std,
+                         args.seed)
+    val = (D.GPULoader(authors_test_view(images[torch.as_tensor(val_idx, device=dev)]), labels[val_idx], 1024,
+                       mean, std, dev) if len(val_idx) else None)
+    test = D.GPULoader(authors_test_view(test_images), test_labels, 1024, mean, std, dev)
+    return None, train, val, test, np.bincount(labels[idx], minlength=num_classes).tolist()
+
+
+# === shared: list_batches (identical in every script that uses it) ===
+class ListBatches:
+    """DataLoader over a FileListDataset with GPULoader's interface: epoch(e, weights) → (x, y, idx)."""
+
+    def __init__(self, dataset, indices, batch_size, train, seed, workers, device):
+        self.dataset, self.indices, self.train, self.seed, self.device = dataset, indices, train, seed, device
+        self.labels = torch.as_tensor(dataset.labels[indices])
+        self.kw = dict(batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                       persistent_workers=workers > 0)
+
+    def __len__(self):
+        return -(-len(self.indices) // self.kw["batch_size"])
+
+    def epoch(self, epoch, weights=None):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        if weights is not None:
+            sampler = torch.utils.data.WeightedRandomSampler(weights, len(self.indices), generator=g)
+        elif self.train:
+            sampler = torch.utils.data.RandomSampler(range(len(self.indices)), generator=g)
+        else:
+            sampler = range(len(self.indices))
+        order = torch.as_tensor(list(sampler))
+        sub = torch.utils.data.Subset(self.dataset, [int(self.indices[i]) for i in order])
+        try:
+            for b, (x, y) in enumerate(torch.utils.data.DataLoader(sub, **self.kw)):
+                idx = order[b * self.kw["batch_size"]:(b + 1) * self.kw["batch_size"]]
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
+        except D.DataError as e:                   # an unreadable image mid-epoch: stop before saving anything
+            fail(str(e))
+# === end shared: list_batches ===
+
+
+# ----- one epoch -----------------------------------------------------------------------------------
+
+# === shared: evaluate (identical in every script) ===
+@torch.no_grad()
+def evaluate(model, batches, num_classes, train_counts):
+    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
+
+    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
+    index, i.e. to the head classes."""
+    model.eval()
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    total = torch.zeros(num_classes, dtype=torch.long)
+    for x, y, _ in batches:
+        pred = model(x).argmax(1)
+        y = y.to(pred.device)
+        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
+        total += torch.bincount(y, minlength=num_classes).cpu()
+    per_class = (correct.double() / total.clamp(min=1)).tolist()
+    seen = total > 0
+    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
+              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
+              "per_class": [round(100 * a, 2) for a in per_class]}
+    for group, mask in D.shot_groups(train_counts).items():
+        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
+        result[group] = 100 * float(np.mean(accs)) if accs else None
+    return result
+# === end shared: evaluate ===
+
+
 # ----- main ----------------------------------------------------------------------------------------
 
 def setup_device(args):
@@ -923,13 +947,70 @@ def setup_device(args):
     return device
 
 
-def describe_input(args):
+def resume_run(args):
+    """No --resume (a probe is short): loads --ckpt, takes --dataset and --data-root from it unless given,
+    and refuses an --out that already holds a final.json. Returns (args, ckpt)."""
+    ckpt = load_checkpoint(args.ckpt)
+    stored = ckpt.get("args") or {}
+    args.dataset = args.dataset or stored.get("dataset")
+    args.data_root = args.data_root or stored.get("data_root")
+    if args.dataset is None or args.data_root is None:
+        fail(f"'{args.ckpt}' does not say which data it was trained on; pass --dataset and --data-root")
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.wd < 0:
+        fail("--epochs, --batch-size and --lr must be positive, --wd not negative")
+    if os.path.exists(os.path.join(args.out, "final.json")):
+        fail(f"{args.out} already holds a probe; pass another --out")
+    return args, ckpt
+
+
+def eval_name(args):
+    """The evaluation's name in final.json and the Δ table."""
+    return f"linear:{args.dataset}"
+
+
+def describe_eval(args):
+    """(what runs, on which data, how the head sees the images + ", ") for the line open_run prints."""
     if args.protocol == "authors":
-        return ("the authors' protocol: RandomResizedCrop(224) + flip views, backbone every step"
-                if args.dataset in ("imagenet_lt", "inat") else
-                "the authors' protocol: RandomResizedCrop(0.8–1, bicubic) + flip views, backbone every step; "
-                "test Resize(8/7) + CenterCrop, bicubic")
-    return "fast protocol: " + ("pad-4 crop/flip, backbone every step" if args.augment else "cached features")
+        how = ("the authors' protocol: RandomResizedCrop(224) + flip views, backbone every step"
+               if args.dataset in ("imagenet_lt", "inat") else
+               "the authors' protocol: RandomResizedCrop(0.8–1, bicubic) + flip views, backbone every step; "
+               "test Resize(8/7) + CenterCrop, bicubic")
+    else:
+        how = "fast protocol: " + ("pad-4 crop/flip, backbone every step" if args.augment else "cached features")
+    return "linear probe", args.dataset, f"{how}, "
+
+
+def open_run(args, meta, counts, num_classes, device):
+    """<out>/args.json (with the pre-training metadata), the source copy, an empty metrics.jsonl, and the
+    line that says what runs on what."""
+    os.makedirs(args.out, exist_ok=True)
+    write_json(os.path.join(args.out, "args.json"),
+               {**vars(args), "pretrain": meta, "torch": torch.__version__, "cuda": torch.version.cuda,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})
+    copy_source(__file__, args.out)
+    write_metrics(os.path.join(args.out, "metrics.jsonl"), [])
+    what, where, how = describe_eval(args)
+    print(f"{what} of {meta['arch']} from {meta['script']} ({meta['kind']}, pre-trained on {meta['dataset']} "
+          f"n={meta['n']} r={meta['r']}) on {where}: {sum(counts)} training images, {num_classes} classes, "
+          f"{how}{args.epochs} epochs on {device}")
+
+
+def finish_run(args, model, meta, counts, last, best, timing, t_run):
+    """<out>/last.pt (backbone and trained head), final.json, and the last line."""
+    save_atomic({"script": "eval_linear.py", "arch": meta["arch"], "model": model.state_dict(),
+                 "epoch": args.epochs, "args": vars(args), "class_counts": counts, "pretrain": meta},
+                os.path.join(args.out, "last.pt"))
+    final = {"script": "eval_linear.py", "eval": eval_name(args), "dataset": args.dataset, "pretrain": meta,
+             "protocol": args.protocol,
+             "augment": args.augment, "seed": args.seed, "data_seed": args.data_seed,
+             "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+             "class_counts": counts, "last": last, "top1": last["top1"], "per_class": last["per_class"],
+             "best_on_val": best, "sanity_check": "passed", **timing,
+             "wall_seconds": time.time() - t_run}
+    write_json(os.path.join(args.out, "final.json"), final)
+    print(f"last epoch: test top-1 {last['top1']:.2f}%, mean per-class {last['mean_class_acc']:.2f}%"
+          + (f"; best on validation: epoch {best['epoch']}, test top-1 {best['test']['top1']:.2f}%" if best else "")
+          + f" ({timing['feature_seconds']:.1f} s features, {timing['probe_seconds']:.1f} s in all)")
 
 
 def main(argv=None):
@@ -937,52 +1018,16 @@ def main(argv=None):
     if args.gap:
         print_gap(args.gap)
         return
-    ckpt = load_checkpoint(args.ckpt)
-    stored = ckpt.get("args") or {}
-    args.dataset = args.dataset or stored.get("dataset")
-    args.data_root = args.data_root or stored.get("data_root")
-    if args.dataset is None or args.data_root is None:
-        fail(f"'{args.ckpt}' does not say which data it was trained on; pass --dataset and --data-root")
-    arch = ckpt["arch"]
-    try:
-        if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.wd < 0:
-            fail("--epochs, --batch-size and --lr must be positive, --wd not negative")
-        if os.path.exists(os.path.join(args.out, "final.json")):
-            fail(f"{args.out} already holds a probe; pass another --out")
-        device = setup_device(args)
-        torch.manual_seed(args.seed)
-        plain, aug, val, test, counts, C = build_data(args, device)
-    except D.DataError as e:
-        fail(str(e))
-    model = build_backbone(arch, C).to(device)
-    load_backbone(model, arch, args.ckpt)
+    args, ckpt = resume_run(args)
+    device = setup_device(args)
+    *batches, counts, C = build_data(args, device)
+    model = build_model(args, ckpt, C, device)
     meta = pretrain_meta(ckpt, args.ckpt, args.tag)
-
-    os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, "args.json"),
-               {**vars(args), "pretrain": meta, "torch": torch.__version__, "cuda": torch.version.cuda,
-                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})
-    copy_source(__file__, args.out)
-    write_metrics(os.path.join(args.out, "metrics.jsonl"), [])
-    print(f"linear probe of {arch} from {meta['script']} ({meta['kind']}, pre-trained on {meta['dataset']} "
-          f"n={meta['n']} r={meta['r']}) on {args.dataset}: {sum(counts)} training images, {C} classes, "
-          f"{describe_input(args)}, {args.epochs} epochs "
-          f"on {device}")
-
+    open_run(args, meta, counts, C, device)
     t_run = time.time()
-    last, best, timing = linear_probe(model, plain, aug, val, test, C, counts, args)
+    last, best, timing = linear_probe(model, *batches, C, counts, args)
     print("sanity check passed: every backbone tensor (parameters and BatchNorm buffers) is unchanged")
-    save_atomic({"script": "eval_linear.py", "arch": arch, "model": model.state_dict(), "epoch": args.epochs,
-                 "args": vars(args), "class_counts": counts, "pretrain": meta}, os.path.join(args.out, "last.pt"))
-    final = {"script": "eval_linear.py", "eval": f"linear:{args.dataset}", "dataset": args.dataset,
-             "pretrain": meta, "protocol": args.protocol, "augment": args.augment, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs, "lr": args.lr,
-             "batch_size": args.batch_size, "class_counts": counts, "last": last, "top1": last["top1"],
-             "per_class": last["per_class"], "best_on_val": best, "sanity_check": "passed",
-             **timing, "wall_seconds": time.time() - t_run}
-    write_json(os.path.join(args.out, "final.json"), final)
-    print(f"last epoch: test top-1 {last['top1']:.2f}%, mean per-class {last['mean_class_acc']:.2f}%"
-          + (f"; best on validation: epoch {best['epoch']}, test top-1 {best['test']['top1']:.2f}%" if best else "")
-          + f" ({timing['feature_seconds']:.1f} s features, {timing['probe_seconds']:.1f} s in all)")
+    finish_run(args, model, meta, counts, last, best, timing, t_run)
 
 
 if __name__ == "__main__":

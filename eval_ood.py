@@ -6,7 +6,8 @@ The checkpoint's architecture picks the protocol. CIFAR backbones (resnet32, res
 STL-10 (App. A.1) or a folder, eval_linear.py's code (shared linear_probe region), features cached.
 ImageNet backbones (resnet10, resnet50): fine-tuning of backbone and a new linear head together on CUB-200,
 Stanford Cars, Oxford Pets and FGVC Aircraft, the authors' ft_moco.py recipe at the paper's lr 0.1 and 150
-epochs (finetune, finetune_lr, finetune_transform); A^OOD(n, r) is the mean test top-1 over the four.
+epochs (finetune, train_one_epoch, finetune_lr, finetune_transform); A^OOD(n, r) is the mean test top-1
+over the four.
 Δ (Eq. 1): eval_linear.py --gap on the final.json files (fine-tuning targets of a checkpoint averaged first).
 The backbone takes every tensor from --ckpt; a checkpoint that lacks one or holds another architecture is
 one line and exit 2. Targets, resolution, normalisation and outputs: README "Judging a representation".
@@ -57,6 +58,8 @@ TORCHVISION_TARGETS = {
     "cars": (torchvision.datasets.StanfordCars, ("train", "test"), {}),
 }
 
+
+# ----- flags ---------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Out-of-domain evaluation (paper 2, §2.1): STL-10 linear probe "
@@ -139,6 +142,8 @@ def fail(msg):
 def fmt(v):
     return f"{v:6.2f}" if v is not None else f"{'-':>6}"
 
+
+# ----- model ---------------------------------------------------------------------------------------
 
 # === shared: resnet32 (identical in every script that uses it) ===
 class BasicBlock(nn.Module):
@@ -253,10 +258,24 @@ def build_backbone(arch, num_classes):
         return ResNet32(num_classes)
     if arch == "resnet18":
         return ResNet18(num_classes)
+    if arch not in IMAGENET_ARCHS:
+        fail(f"unknown architecture '{arch}' in the checkpoint; this script knows "
+             f"{', '.join(CIFAR_ARCHS + IMAGENET_ARCHS)}")
     block, layers = ((torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]) if arch == "resnet10" else
                      (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]))
     return torchvision.models.resnet.ResNet(block, layers, num_classes=num_classes)
 
+
+def build_model(args, ckpt, num_classes, device):
+    """The checkpoint's architecture on `device` with a fresh num_classes-way `fc`; every backbone tensor
+    from --ckpt (load_backbone)."""
+    torch.manual_seed(args.seed)
+    model = build_backbone(ckpt["arch"], num_classes).to(device)
+    load_backbone(model, ckpt["arch"], args.ckpt)
+    return model
+
+
+# ----- run files -----------------------------------------------------------------------------------
 
 # === shared: check_ranges (identical in every script) ===
 def check_ranges(args, ranges):
@@ -418,32 +437,51 @@ def load_backbone(model, arch, path):
 # === end shared: checkpoints ===
 
 
-# === shared: evaluate (identical in every script) ===
-@torch.no_grad()
-def evaluate(model, batches, num_classes, train_counts):
-    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
+# === shared: pretrain_meta (identical in eval_linear.py and eval_ood.py) ===
+SSL_SCRIPTS = ("rotation_ssp.py", "moco_ssp.py", "simsiam_rwsam.py")
+SUPERVISED_SCRIPTS = ("ldam_drw.py", "self_training.py", "crt.py")
 
-    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
-    index, i.e. to the head classes."""
-    model.eval()
-    correct = torch.zeros(num_classes, dtype=torch.long)
-    total = torch.zeros(num_classes, dtype=torch.long)
-    for x, y, _ in batches:
-        pred = model(x).argmax(1)
-        y = y.to(pred.device)
-        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
-        total += torch.bincount(y, minlength=num_classes).cpu()
-    per_class = (correct.double() / total.clamp(min=1)).tolist()
-    seen = total > 0
-    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
-              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
-              "per_class": [round(100 * a, 2) for a in per_class]}
-    for group, mask in D.shot_groups(train_counts).items():
-        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
-        result[group] = 100 * float(np.mean(accs)) if accs else None
-    return result
-# === end shared: evaluate ===
 
+def ratio_from_counts(counts):
+    """r of paper 2 (§2.1): images of the rarest class over images of the most frequent, from the class
+    counts the run trained on. 1 when they differ by at most one image (a balanced subset of n images
+    over C classes gives n mod C classes one image more)."""
+    if not counts or max(counts) == 0:
+        return None
+    lo, hi = min(counts), max(counts)
+    return 1.0 if hi - lo <= 1 else lo / hi
+
+
+def method_key(script, a, tag=None):
+    """Everything that makes two pre-training runs different methods (paper 2 pairs A(n, 1) and A(n, r)
+    of one method only): the script, its --recipe, its --opt (SimSiam / MoCo with SGD, SAM or rwSAM), its
+    --loss and --rule (CE and LDAM-DRW are different supervised methods), and whether it started from
+    --pretrained weights. --tag replaces it."""
+    if tag:
+        return tag
+    key = script.removesuffix(".py") + (f"[{a['recipe']}]" if a.get("recipe") else "") + \
+        (f"+{a['opt']}" if a.get("opt") else "")
+    if a.get("loss") or a.get("rule"):
+        key += f":{a.get('loss')}-{a.get('rule')}"
+    return key + ("+pretrained" if a.get("pretrained") else "")
+
+
+def pretrain_meta(ckpt, path, tag=None):
+    """What paper 2's Δ (Eq. 1) needs to pair runs: the pre-training method (method_key) and architecture,
+    whether it was self-supervised, its dataset, n (images it trained on) and imbalance ratio r, both from
+    the class counts it trained on (never from --rho, which an ImageNet-LT list run does not use)."""
+    a = ckpt.get("args") or {}
+    script = ckpt.get("script") or "unknown"
+    counts = ckpt.get("class_counts")
+    return {"checkpoint": os.path.abspath(path), "script": script, "method": method_key(script, a, tag),
+            "kind": "SSL" if script in SSL_SCRIPTS else "SL" if script in SUPERVISED_SCRIPTS else "?",
+            "arch": ckpt["arch"], "dataset": a.get("dataset"), "rho": a.get("rho"), "imb_type": a.get("imb_type"),
+            "balanced": bool(a.get("balanced")), "subsample": a.get("subsample", 1.0), "r": ratio_from_counts(counts),
+            "n": int(sum(counts)) if counts else None, "seed": a.get("seed"), "data_seed": a.get("data_seed", a.get("seed")), "epoch": ckpt.get("epoch")}
+# === end shared: pretrain_meta ===
+
+
+# ----- the method (paper 2 §2.1 out-of-domain: linear probe, fine-tuning; App. A.1) ----------------
 
 # === shared: linear_probe (identical in eval_linear.py and eval_ood.py) ===
 def backbone_features(model, x):
@@ -594,110 +632,60 @@ def linear_probe(model, plain, aug, val, test, num_classes, counts, args):
 # === end shared: linear_probe ===
 
 
-# === shared: list_batches (identical in every script that uses it) ===
-class ListBatches:
-    """DataLoader over a FileListDataset with GPULoader's interface: epoch(e, weights) → (x, y, idx)."""
-
-    def __init__(self, dataset, indices, batch_size, train, seed, workers, device):
-        self.dataset, self.indices, self.train, self.seed, self.device = dataset, indices, train, seed, device
-        self.labels = torch.as_tensor(dataset.labels[indices])
-        self.kw = dict(batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                       persistent_workers=workers > 0)
-
-    def __len__(self):
-        return -(-len(self.indices) // self.kw["batch_size"])
-
-    def epoch(self, epoch, weights=None):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        if weights is not None:
-            sampler = torch.utils.data.WeightedRandomSampler(weights, len(self.indices), generator=g)
-        elif self.train:
-            sampler = torch.utils.data.RandomSampler(range(len(self.indices)), generator=g)
-        else:
-            sampler = range(len(self.indices))
-        order = torch.as_tensor(list(sampler))
-        sub = torch.utils.data.Subset(self.dataset, [int(self.indices[i]) for i in order])
-        try:
-            for b, (x, y) in enumerate(torch.utils.data.DataLoader(sub, **self.kw)):
-                idx = order[b * self.kw["batch_size"]:(b + 1) * self.kw["batch_size"]]
-                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
-        except D.DataError as e:                   # an unreadable image mid-epoch: stop before saving anything
-            fail(str(e))
-# === end shared: list_batches ===
+def finetune_lr(epoch, args):
+    """--lr (the new head; paper 2 App. A.1: initial lr 0.1) × 0.1 at 25%, 50% and 75% of the epochs (the
+    authors' ft_moco.py command: decays at epochs 5, 10, 15 of 20)."""
+    return args.lr * 0.1 ** sum(epoch >= max(1, int(f * args.epochs)) for f in (0.25, 0.5, 0.75))
 
 
-# === shared: pretrain_meta (identical in eval_linear.py and eval_ood.py) ===
-SSL_SCRIPTS = ("rotation_ssp.py", "moco_ssp.py", "simsiam_rwsam.py")
-SUPERVISED_SCRIPTS = ("ldam_drw.py", "self_training.py", "crt.py")
-
-
-def ratio_from_counts(counts):
-    """r of paper 2 (§2.1): images of the rarest class over images of the most frequent, from the class
-    counts the run trained on. 1 when they differ by at most one image (a balanced subset of n images
-    over C classes gives n mod C classes one image more)."""
-    if not counts or max(counts) == 0:
-        return None
-    lo, hi = min(counts), max(counts)
-    return 1.0 if hi - lo <= 1 else lo / hi
-
-
-def method_key(script, a, tag=None):
-    """Everything that makes two pre-training runs different methods (paper 2 pairs A(n, 1) and A(n, r)
-    of one method only): the script, its --recipe, its --opt (SimSiam / MoCo with SGD, SAM or rwSAM), its
-    --loss and --rule (CE and LDAM-DRW are different supervised methods), and whether it started from
-    --pretrained weights. --tag replaces it."""
-    if tag:
-        return tag
-    key = script.removesuffix(".py") + (f"[{a['recipe']}]" if a.get("recipe") else "") + \
-        (f"+{a['opt']}" if a.get("opt") else "")
-    if a.get("loss") or a.get("rule"):
-        key += f":{a.get('loss')}-{a.get('rule')}"
-    return key + ("+pretrained" if a.get("pretrained") else "")
-
-
-def pretrain_meta(ckpt, path, tag=None):
-    """What paper 2's Δ (Eq. 1) needs to pair runs: the pre-training method (method_key) and architecture,
-    whether it was self-supervised, its dataset, n (images it trained on) and imbalance ratio r, both from
-    the class counts it trained on (never from --rho, which an ImageNet-LT list run does not use)."""
-    a = ckpt.get("args") or {}
-    script = ckpt.get("script") or "unknown"
-    counts = ckpt.get("class_counts")
-    return {"checkpoint": os.path.abspath(path), "script": script, "method": method_key(script, a, tag),
-            "kind": "SSL" if script in SSL_SCRIPTS else "SL" if script in SUPERVISED_SCRIPTS else "?",
-            "arch": ckpt["arch"], "dataset": a.get("dataset"), "rho": a.get("rho"), "imb_type": a.get("imb_type"),
-            "balanced": bool(a.get("balanced")), "subsample": a.get("subsample", 1.0), "r": ratio_from_counts(counts),
-            "n": int(sum(counts)) if counts else None, "seed": a.get("seed"), "data_seed": a.get("data_seed", a.get("seed")), "epoch": ckpt.get("epoch")}
-# === end shared: pretrain_meta ===
+def finetune(model, train, val, test, num_classes, counts, args):
+    """Paper 2 §2.1, OOD evaluation: fine-tune the backbone φ and a randomly initialised head θ together
+    on the target; the backbone's learning rate is --backbone-lr-mult × the head's. Logs one row per epoch
+    to <out>/metrics.jsonl; returns (last-epoch test metrics, best epoch on validation or None, s/epoch)."""
+    device = next(model.parameters()).device
+    backbone = [p for name, p in model.named_parameters() if not name.startswith(HEAD_PREFIXES)]
+    optimizer = torch.optim.SGD([{"params": backbone, "lr_mult": args.backbone_lr_mult},
+                                 {"params": model.fc.parameters(), "lr_mult": 1.0}],
+                                lr=args.lr, momentum=args.momentum, weight_decay=args.wd, nesterov=True,
+                                fused=device.type == "cuda")
+    print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'train':>6} {'test':>6} {'val':>6} {'s':>6}")
+    best, seconds = None, []
+    for epoch in range(args.epochs):
+        t0 = time.time()
+        row, first_bad, steps = train_one_epoch(model, optimizer, train, epoch, args)
+        if first_bad >= 0:
+            print(f"error: loss is not finite at epoch {epoch + 1}, step {first_bad + 1}; stopped, nothing "
+                  f"saved", file=sys.stderr)
+            sys.exit(1)
+        bad_tensor = nonfinite_tensor(model)
+        if bad_tensor:
+            print(f"error: '{bad_tensor}' is not finite after epoch {epoch + 1}, step {steps}; stopped, nothing "
+                  f"saved (try a lower --lr)", file=sys.stderr)
+            sys.exit(1)
+        test_m = evaluate(model, test.epoch(0), num_classes, counts)
+        val_m = evaluate(model, val.epoch(0), num_classes, counts) if val is not None else None
+        if val_m and (best is None or val_m["top1"] > best["val_top1"]):
+            best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
+        seconds.append(time.time() - t0)
+        row.update(test=test_m, val_top1=val_m["top1"] if val_m else None, seconds=seconds[-1])
+        append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
+        print(f"{epoch + 1:5d} {row['lr']:8.5f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
+              f"{fmt(row['val_top1'])} {row['seconds']:6.2f}", flush=True)
+    return test_m, best, {"seconds_per_epoch": float(np.median(seconds))}
 
 
 # ----- data ----------------------------------------------------------------------------------------
 
-def resize_images(x, size, chunk=1024):
-    """uint8 N×3×H×W → uint8 N×3×size×size: bilinear with antialiasing (PIL's low-pass filter when
-    shrinking), rounded to the nearest integer."""
-    out = torch.empty(len(x), 3, size, size, dtype=torch.uint8, device=x.device)
-    for s in range(0, len(x), chunk):
-        y = F.interpolate(x[s:s + chunk].float(), size=(size, size), mode="bilinear", antialias=True,
-                          align_corners=False)
-        out[s:s + chunk] = y.round_().clamp_(0, 255).to(torch.uint8)
-    return out
-
-
-def pretrain_norm(ckpt, path):
-    """The mean/std the backbone was pre-trained with: stored in every checkpoint of this project; an older
-    checkpoint falls back, with a note, to the fixed constants of its pre-training dataset."""
-    if ckpt.get("mean") is not None and ckpt.get("std") is not None:
-        return tuple(ckpt["mean"]), tuple(ckpt["std"]), "checkpoint"
-    dataset = (ckpt.get("args") or {}).get("dataset")
-    if dataset not in ("cifar10", "cifar100", "svhn", "imagenet_lt", "inat"):
-        with contextlib.redirect_stdout(io.StringIO()):             # a checkpoint that does not fit says so first
-            load_backbone(build_backbone(ckpt["arch"], 1), ckpt["arch"], path)
-        fail(f"'{path}' stores no mean/std (written before checkpoints carried them) and its pre-training data "
-             f"({dataset}) has no fixed constants; pass --norm target to use the target's own statistics")
-    mean, std = D.mean_std(dataset)
-    print(f"note: '{path}' stores no mean/std (written before checkpoints carried them); normalising with the "
-          f"constants of its pre-training dataset {dataset}: mean {mean}, std {std}")
-    return mean, std, f"{dataset} constants"
+def build_data(args, device):
+    """Probe: (train_plain, train_aug, val, test, counts, C); fine-tuning: (train, val, test, counts, C);
+    data that cannot be read is one line and exit 2."""
+    torch.manual_seed(args.seed)
+    try:
+        if args.protocol == "finetune":
+            return finetune_data(args, device)
+        return probe_data(args, device)
+    except D.DataError as e:
+        fail(str(e))
 
 
 def probe_data(args, device):
@@ -757,6 +745,34 @@ def finetune_data(args, device):
     return train, val, test, np.bincount(labels[idx], minlength=C).tolist(), C
 
 
+def resize_images(x, size, chunk=1024):
+    """uint8 N×3×H×W → uint8 N×3×size×size: bilinear with antialiasing (PIL's low-pass filter when
+    shrinking), rounded to the nearest integer."""
+    out = torch.empty(len(x), 3, size, size, dtype=torch.uint8, device=x.device)
+    for s in range(0, len(x), chunk):
+        y = F.interpolate(x[s:s + chunk].float(), size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False)
+        out[s:s + chunk] = y.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def pretrain_norm(ckpt, path):
+    """The mean/std the backbone was pre-trained with: stored in every checkpoint of this project; an older
+    checkpoint falls back, with a note, to the fixed constants of its pre-training dataset."""
+    if ckpt.get("mean") is not None and ckpt.get("std") is not None:
+        return tuple(ckpt["mean"]), tuple(ckpt["std"]), "checkpoint"
+    dataset = (ckpt.get("args") or {}).get("dataset")
+    if dataset not in ("cifar10", "cifar100", "svhn", "imagenet_lt", "inat"):
+        with contextlib.redirect_stdout(io.StringIO()):             # a checkpoint that does not fit says so first
+            load_backbone(build_backbone(ckpt["arch"], 1), ckpt["arch"], path)
+        fail(f"'{path}' stores no mean/std (written before checkpoints carried them) and its pre-training data "
+             f"({dataset}) has no fixed constants; pass --norm target to use the target's own statistics")
+    mean, std = D.mean_std(dataset)
+    print(f"note: '{path}' stores no mean/std (written before checkpoints carried them); normalising with the "
+          f"constants of its pre-training dataset {dataset}: mean {mean}, std {std}")
+    return mean, std, f"{dataset} constants"
+
+
 def target_labels(ds):
     """Labels of a torchvision FGVCAircraft / OxfordIIITPet (`_labels`) or StanfordCars (`_samples`)
     without decoding an image."""
@@ -764,8 +780,6 @@ def target_labels(ds):
         return list(ds._labels)
     return [label for _, label in ds._samples]
 
-
-# ----- fine-tuning ---------------------------------------------------------------------------------
 
 def finetune_transform(train, size, mean, std):
     """The authors' ft_moco.py: square resize to size·256/224 (their ResizeImage(256)), then train:
@@ -777,65 +791,92 @@ def finetune_transform(train, size, mean, std):
                                            torchvision.transforms.ToTensor(), torchvision.transforms.Normalize(mean, std)])
 
 
-def finetune_lr(epoch, args):
-    """--lr (the new head; paper 2 App. A.1: initial lr 0.1) × 0.1 at 25%, 50% and 75% of the epochs (the
-    authors' ft_moco.py command: decays at epochs 5, 10, 15 of 20)."""
-    return args.lr * 0.1 ** sum(epoch >= max(1, int(f * args.epochs)) for f in (0.25, 0.5, 0.75))
+# === shared: list_batches (identical in every script that uses it) ===
+class ListBatches:
+    """DataLoader over a FileListDataset with GPULoader's interface: epoch(e, weights) → (x, y, idx)."""
+
+    def __init__(self, dataset, indices, batch_size, train, seed, workers, device):
+        self.dataset, self.indices, self.train, self.seed, self.device = dataset, indices, train, seed, device
+        self.labels = torch.as_tensor(dataset.labels[indices])
+        self.kw = dict(batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                       persistent_workers=workers > 0)
+
+    def __len__(self):
+        return -(-len(self.indices) // self.kw["batch_size"])
+
+    def epoch(self, epoch, weights=None):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        if weights is not None:
+            sampler = torch.utils.data.WeightedRandomSampler(weights, len(self.indices), generator=g)
+        elif self.train:
+            sampler = torch.utils.data.RandomSampler(range(len(self.indices)), generator=g)
+        else:
+            sampler = range(len(self.indices))
+        order = torch.as_tensor(list(sampler))
+        sub = torch.utils.data.Subset(self.dataset, [int(self.indices[i]) for i in order])
+        try:
+            for b, (x, y) in enumerate(torch.utils.data.DataLoader(sub, **self.kw)):
+                idx = order[b * self.kw["batch_size"]:(b + 1) * self.kw["batch_size"]]
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
+        except D.DataError as e:                   # an unreadable image mid-epoch: stop before saving anything
+            fail(str(e))
+# === end shared: list_batches ===
 
 
-def finetune(model, train, val, test, num_classes, counts, args):
-    """Paper 2 §2.1, OOD evaluation: fine-tune the backbone φ and a randomly initialised head θ together
-    on the target; the backbone's learning rate is --backbone-lr-mult × the head's. Logs one row per epoch
-    to <out>/metrics.jsonl; returns (last-epoch test metrics, best epoch on validation or None, s/epoch)."""
+# ----- one epoch -----------------------------------------------------------------------------------
+
+def train_one_epoch(model, optimizer, train, epoch, args):
+    """One fine-tuning pass over the target's training split at finetune_lr: (row with the epoch, lr, mean
+    loss and training top-1; the first step with a non-finite loss or -1; the steps taken)."""
     device = next(model.parameters()).device
-    backbone = [p for name, p in model.named_parameters() if not name.startswith(HEAD_PREFIXES)]
-    optimizer = torch.optim.SGD([{"params": backbone, "lr_mult": args.backbone_lr_mult},
-                                 {"params": model.fc.parameters(), "lr_mult": 1.0}],
-                                lr=args.lr, momentum=args.momentum, weight_decay=args.wd, nesterov=True,
-                                fused=device.type == "cuda")
-    print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'train':>6} {'test':>6} {'val':>6} {'s':>6}")
-    best, seconds = None, []
-    for epoch in range(args.epochs):
-        t0 = time.time()
-        lr = finetune_lr(epoch, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_mult"]
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        hits = torch.zeros((), device=device, dtype=torch.long)
-        first_bad = torch.full((), -1, device=device, dtype=torch.long)
-        seen = 0
-        for step, (x, y, _) in enumerate(train.epoch(epoch)):
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                logits = model(x).float()
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            loss_sum += loss.detach() * len(y)
-            hits += (logits.argmax(1) == y).sum()
-            seen += len(y)
-        if first_bad.item() >= 0:
-            print(f"error: loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1}; stopped, nothing "
-                  f"saved", file=sys.stderr)
-            sys.exit(1)
-        bad_tensor = nonfinite_tensor(model)
-        if bad_tensor:
-            print(f"error: '{bad_tensor}' is not finite after epoch {epoch + 1}, step {step + 1}; stopped, nothing "
-                  f"saved (try a lower --lr)", file=sys.stderr)
-            sys.exit(1)
-        test_m = evaluate(model, test.epoch(0), num_classes, counts)
-        val_m = evaluate(model, val.epoch(0), num_classes, counts) if val is not None else None
-        if val_m and (best is None or val_m["top1"] > best["val_top1"]):
-            best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
-        seconds.append(time.time() - t0)
-        row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
-               "test": test_m, "val_top1": val_m["top1"] if val_m else None, "seconds": seconds[-1]}
-        append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
-        print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
-              f"{fmt(row['val_top1'])} {row['seconds']:6.2f}", flush=True)
-    return test_m, best, {"seconds_per_epoch": float(np.median(seconds))}
+    lr = finetune_lr(epoch, args)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_mult"]
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    hits = torch.zeros((), device=device, dtype=torch.long)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    seen = 0
+    for step, (x, y, _) in enumerate(train.epoch(epoch)):
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+            logits = model(x).float()
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+        loss_sum += loss.detach() * len(y)
+        hits += (logits.argmax(1) == y).sum()
+        seen += len(y)
+    row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen}
+    return row, first_bad.item(), step + 1
+
+
+# === shared: evaluate (identical in every script) ===
+@torch.no_grad()
+def evaluate(model, batches, num_classes, train_counts):
+    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
+
+    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
+    index, i.e. to the head classes."""
+    model.eval()
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    total = torch.zeros(num_classes, dtype=torch.long)
+    for x, y, _ in batches:
+        pred = model(x).argmax(1)
+        y = y.to(pred.device)
+        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
+        total += torch.bincount(y, minlength=num_classes).cpu()
+    per_class = (correct.double() / total.clamp(min=1)).tolist()
+    seen = total > 0
+    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
+              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
+              "per_class": [round(100 * a, 2) for a in per_class]}
+    for group, mask in D.shot_groups(train_counts).items():
+        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
+        result[group] = 100 * float(np.mean(accs)) if accs else None
+    return result
+# === end shared: evaluate ===
 
 
 # ----- main ----------------------------------------------------------------------------------------
@@ -859,19 +900,12 @@ def setup_device(args):
     return device
 
 
-def eval_name(args):
-    if args.protocol == "probe":
-        return f"stl10@{args.stl_size}" if args.target == "stl10" else \
-            f"probe:{os.path.basename(os.path.normpath(args.data_root))}"
-    name = args.target if args.target != "folder" else os.path.basename(os.path.normpath(args.data_root))
-    return f"finetune:{name}"
-
-
-def main(argv=None):
-    args = parse_args(argv)
+def resume_run(args):
+    """No --resume (a run is short enough to rerun): loads --ckpt, picks the protocol from its architecture
+    (set_protocol_defaults) and the normalisation (pretrain_norm), and refuses an --out that already holds
+    a final.json. Returns (args, ckpt)."""
     ckpt = load_checkpoint(args.ckpt)
-    arch = ckpt["arch"]
-    set_protocol_defaults(args, arch)
+    set_protocol_defaults(args, ckpt["arch"])
     if args.norm == "target" and args.protocol == "finetune":
         fail("--norm target applies to the probe of CIFAR backbones; fine-tuning normalises with the "
              "pre-training statistics (drop --norm)")
@@ -879,56 +913,78 @@ def main(argv=None):
         fail(f"--momentum {args.momentum:g}: fine-tuning uses Nesterov SGD, which needs a momentum > 0")
     args.mean, args.std, args.norm_source = pretrain_norm(ckpt, args.ckpt) if args.norm == "pretrain" else \
         (None, None, "target")
-    try:
-        if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.wd < 0 or args.backbone_lr_mult < 0:
-            fail("--epochs, --batch-size and --lr must be positive, --wd and --backbone-lr-mult not negative")
-        if os.path.exists(os.path.join(args.out, "final.json")):
-            fail(f"{args.out} already holds a result; pass another --out")
-        device = setup_device(args)
-        torch.manual_seed(args.seed)
-        if args.protocol == "probe":
-            plain, aug, val, test, counts, C = probe_data(args, device)
-        else:
-            train, val, test, counts, C = finetune_data(args, device)
-    except D.DataError as e:
-        fail(str(e))
-    torch.manual_seed(args.seed)
-    model = build_backbone(arch, C).to(device)
-    load_backbone(model, arch, args.ckpt)
-    meta = pretrain_meta(ckpt, args.ckpt, args.tag)
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.wd < 0 or args.backbone_lr_mult < 0:
+        fail("--epochs, --batch-size and --lr must be positive, --wd and --backbone-lr-mult not negative")
+    if os.path.exists(os.path.join(args.out, "final.json")):
+        fail(f"{args.out} already holds a result; pass another --out")
+    return args, ckpt
 
+
+def eval_name(args):
+    """The evaluation's name in final.json and the Δ table."""
+    if args.protocol == "probe":
+        return f"stl10@{args.stl_size}" if args.target == "stl10" else \
+            f"probe:{os.path.basename(os.path.normpath(args.data_root))}"
+    name = args.target if args.target != "folder" else os.path.basename(os.path.normpath(args.data_root))
+    return f"finetune:{name}"
+
+
+def describe_eval(args):
+    """(what runs, on which data, "") for the line open_run prints."""
+    what = (f"linear probe ({'crop/flip, backbone every step' if args.augment else 'cached features'}"
+            f"{f', STL-10 at {args.stl_size} px' if args.target == 'stl10' else ''})" if args.protocol == "probe" else
+            f"fine-tuning (head lr {args.lr:g}, backbone lr {args.lr * args.backbone_lr_mult:g}, {args.size} px)")
+    return what, args.target, ""
+
+
+def open_run(args, meta, counts, num_classes, device):
+    """<out>/args.json (with the pre-training metadata), the source copy, an empty metrics.jsonl, and the
+    line that says what runs on what."""
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "args.json"),
                {**vars(args), "pretrain": meta, "torch": torch.__version__, "cuda": torch.version.cuda,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})
     copy_source(__file__, args.out)
     write_metrics(os.path.join(args.out, "metrics.jsonl"), [])
-    what = (f"linear probe ({'crop/flip, backbone every step' if args.augment else 'cached features'}"
-            f"{f', STL-10 at {args.stl_size} px' if args.target == 'stl10' else ''})" if args.protocol == "probe" else
-            f"fine-tuning (head lr {args.lr:g}, backbone lr {args.lr * args.backbone_lr_mult:g}, {args.size} px)")
-    print(f"{what} of {arch} from {meta['script']} ({meta['kind']}, pre-trained on {meta['dataset']} n={meta['n']} "
-          f"r={meta['r']}) on {args.target}: {sum(counts)} training images, {C} classes, {args.epochs} epochs on "
-          f"{device}")
+    what, where, how = describe_eval(args)
+    print(f"{what} of {meta['arch']} from {meta['script']} ({meta['kind']}, pre-trained on {meta['dataset']} "
+          f"n={meta['n']} r={meta['r']}) on {where}: {sum(counts)} training images, {num_classes} classes, "
+          f"{how}{args.epochs} epochs on {device}")
 
-    t_run = time.time()
-    if args.protocol == "probe":
-        last, best, timing = linear_probe(model, plain, aug, val, test, C, counts, args)
-        print("sanity check passed: every backbone tensor (parameters and BatchNorm buffers) is unchanged")
-    else:
-        last, best, timing = finetune(model, train, val, test, C, counts, args)
-    save_atomic({"script": "eval_ood.py", "arch": arch, "model": model.state_dict(), "epoch": args.epochs,
-                 "args": vars(args), "class_counts": counts, "pretrain": meta}, os.path.join(args.out, "last.pt"))
+
+def finish_run(args, model, meta, counts, last, best, timing, t_run):
+    """<out>/last.pt (backbone and trained head), final.json, and the last line."""
+    save_atomic({"script": "eval_ood.py", "arch": meta["arch"], "model": model.state_dict(),
+                 "epoch": args.epochs, "args": vars(args), "class_counts": counts, "pretrain": meta},
+                os.path.join(args.out, "last.pt"))
     final = {"script": "eval_ood.py", "eval": eval_name(args), "target": args.target, "protocol": args.protocol,
              "stl_size": args.stl_size if args.target == "stl10" else None, "pretrain": meta,
-             "augment": args.augment, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs, "lr": args.lr,
-             "batch_size": args.batch_size, "wd": args.wd,
-             "normalisation": {"mean": args.mean, "std": args.std, "source": args.norm_source}, "class_counts": counts, "last": last,
-             "top1": last["top1"], "per_class": last["per_class"], "best_on_val": best,
-             "sanity_check": "passed" if args.protocol == "probe" else None, **timing,
+             "augment": args.augment, "seed": args.seed, "data_seed": args.data_seed,
+             "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "wd": args.wd,
+             "normalisation": {"mean": args.mean, "std": args.std, "source": args.norm_source},
+             "class_counts": counts, "last": last, "top1": last["top1"], "per_class": last["per_class"],
+             "best_on_val": best, "sanity_check": "passed" if args.protocol == "probe" else None, **timing,
              "wall_seconds": time.time() - t_run}
     write_json(os.path.join(args.out, "final.json"), final)
     print(f"last epoch: test top-1 {last['top1']:.2f}%, mean per-class {last['mean_class_acc']:.2f}%"
           + (f"; best on validation: epoch {best['epoch']}, test top-1 {best['test']['top1']:.2f}%" if best else ""))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args, ckpt = resume_run(args)
+    device = setup_device(args)
+    *batches, counts, C = build_data(args, device)
+    model = build_model(args, ckpt, C, device)
+    meta = pretrain_meta(ckpt, args.ckpt, args.tag)
+    open_run(args, meta, counts, C, device)
+    t_run = time.time()
+    if args.protocol == "probe":
+        last, best, timing = linear_probe(model, *batches, C, counts, args)
+        print("sanity check passed: every backbone tensor (parameters and BatchNorm buffers) is unchanged")
+    else:
+        last, best, timing = finetune(model, *batches, C, counts, args)
+    finish_run(args, model, meta, counts, last, best, timing, t_run)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ imbalanced pre-training (Table 2, Figs. 1–2), + SAM / rwSAM (Table 1(b), App. 
 (Eq. (1) InfoNCE → info_nce, Eq. (2) momentum update → momentum_update, Algorithm 1's queue → enqueue,
 §3.3 shuffle-BN → split_batchnorm / shuffled_keys) with Chen et al. 2020's v2 changes (MLP head, τ 0.2,
 blur, cosine). Recipe: REFERENCE §5. README "MoCo v2 self-supervised pre-training" has the recipe per
-dataset, shuffle-BN, the rwSAM step (sam_moco_step, stage1_weights) and the outputs.
+dataset, shuffle-BN, the rwSAM step and the outputs. main(): train_one_epoch, monitor (kNN), end_epoch;
+rwSAM's Algorithm 1: stage1 (lines 3–7: --stage1, a plain moco_ssp.py run), stage1_weights (line 8,
+kde_weights), stage2 (lines 9–14: this run, sam_moco_step with the weights).
 
     python moco_ssp.py --rho 0.01 --gpu 0                      # CIFAR-10-LT ρ=100, ResNet-18, batch 512
     python moco_ssp.py --dataset imagenet_lt --data-root IMNET --train-list ImageNet_LT_train.txt --rho 1
@@ -52,6 +54,8 @@ import datasets_lt as D
 LARGE = ("imagenet_lt", "inat")
 SUBSAMPLE = (1.0, 0.75, 0.5, 0.25, 0.125)
 
+
+# ----- flags --------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="MoCo v2 self-supervised pre-training (paper 1 §4.2, paper 2 §2).")
@@ -155,6 +159,33 @@ def check_args(args):
                                         ("sam_rho", 0, None, "[)"), ("alpha", 0, None, "[)"), ("bandwidth", 0, None, "()")])
 
 
+def check_run(args, world):
+    """The checks of the run's own arguments (after --resume) that need the number of processes."""
+    D.check_rho(args.rho)
+    if min(args.epochs, args.batch_size, args.bn_splits, args.moco_dim) < 1 or args.lr <= 0:
+        fail("--epochs, --batch-size, --bn-splits, --moco-dim and --lr must be positive")
+    if not 0 <= args.moco_m < 1 or args.moco_t <= 0 or args.knn_every < 0:
+        fail("--moco-m must be in [0, 1), --moco-t positive and --knn-every 0 or more")
+    if args.sam_rho < 0:
+        fail(f"--sam-rho must be >= 0, got {args.sam_rho:g}")
+    if args.alpha < 0:
+        fail(f"--alpha must be >= 0, got {args.alpha:g}")
+    if args.bandwidth is not None and args.bandwidth <= 0:
+        fail(f"--bandwidth must be > 0, got {args.bandwidth:g}")
+    if (args.opt == "rwsam") != bool(args.stage1):
+        fail("--opt rwsam needs --stage1 PATH (a plain moco_ssp.py run on the same images: its features give "
+             "the KDE weights)" if args.opt == "rwsam" else
+             "--stage1 gives rwSAM its weights; pass --opt rwsam or drop it")
+    if args.batch_size % world:
+        fail(f"--batch-size {args.batch_size} (global) must be divisible by the {world} processes")
+    b = args.batch_size // world
+    if b % args.bn_splits:
+        fail(f"--bn-splits {args.bn_splits} must divide the {b} images each process encodes per step")
+    if args.dataset in LARGE and args.knn_every:
+        fail(f"the kNN monitor needs in-memory data; for {args.dataset} pass --knn-every 0 and probe the "
+             f"checkpoint with eval_linear.py")
+
+
 # --resume continues a run with its own arguments; only these (where the run executes) may be given with it
 RESUME_FLAGS = ("gpu", "workers", "data_root", "download")
 
@@ -168,6 +199,8 @@ def fail(msg):
 def fmt(v):
     return f"{v:6.2f}" if v is not None else f"{'-':>6}"
 
+
+# ----- model --------------------------------------------------------------------------------------
 
 # === shared: resnet18 (identical in every script that uses it) ===
 class ResBlock(nn.Module):
@@ -212,6 +245,128 @@ class ResNet18(nn.Module):
         return self.fc(self.features(x))
 # === end shared: resnet18 ===
 
+
+def build_backbone(arch):
+    """The backbone with its classifier `fc` replaced by the identity, and its feature width."""
+    if arch == "resnet18":
+        net = ResNet18()
+    else:
+        block, layers = ((torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]) if arch == "resnet10" else
+                         (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]))
+        net = torchvision.models.resnet.ResNet(block, layers)
+    width = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, width
+
+
+class Encoder(nn.Module):
+    """Backbone + MoCo v2 projection head (Chen et al. 2020, §2; REFERENCE §5): fc (feature → feature) →
+    ReLU → fc (feature → dim); 2048 → 2048 → 128 for ResNet-50, 512 → 512 → 128 for ResNet-18.
+    Returns the unit-length float32 embedding."""
+
+    def __init__(self, arch, dim):
+        super().__init__()
+        self.backbone, width = build_backbone(arch)
+        self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim))
+
+    def forward(self, x):
+        return F.normalize(self.head(self.backbone(x)).float(), dim=1)
+
+
+def contract_state(encoder):
+    """The project's checkpoint layout: backbone tensors at the top level, the head under `head.`."""
+    return {k.removeprefix("backbone."): v for k, v in encoder.state_dict().items()}
+
+
+def load_contract_state(encoder, state):
+    encoder.load_state_dict({k if k.startswith("head.") else f"backbone.{k}": v for k, v in state.items()})
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d that, in training, normalises `splits` groups of the batch separately: rows s, s+S,
+    s+2S, … form group s. The groups are folded into the channel axis, (N, C) → (N/S, S·C), so one
+    batch_norm call computes S·C statistics (the MoCo CIFAR demo's SplitBatchNorm). Running statistics
+    are the mean of the groups' updates. Same state_dict keys as BatchNorm2d."""
+
+    def __init__(self, bn, splits):
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        self.load_state_dict(bn.state_dict())
+        self.splits = splits
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        N, C, H, W = x.shape
+        S = self.splits
+        mean, var = self.running_mean.repeat(S), self.running_var.repeat(S)
+        out = F.batch_norm(x.view(N // S, S * C, H, W), mean, var, self.weight.repeat(S), self.bias.repeat(S),
+                           True, self.momentum, self.eps)
+        with torch.no_grad():
+            self.running_mean.copy_(mean.view(S, C).mean(0))
+            self.running_var.copy_(var.view(S, C).mean(0))
+            self.num_batches_tracked.add_(1)
+        return out.view(N, C, H, W)
+
+
+def split_batchnorm(module, splits):
+    """Replace every BatchNorm2d of `module` by a SplitBatchNorm with the same weights and statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, SplitBatchNorm(child, splits))
+        else:
+            split_batchnorm(child, splits)
+    return module
+
+
+def split_forward(encoder, x, splits):
+    """encoder(x) with BN statistics per contiguous sub-batch: chunk s (rows s·b … s·b + b − 1) is moved
+    to rows s, s+S, …, SplitBatchNorm's group s, and the outputs are moved back."""
+    if splits == 1:
+        return encoder(x)
+    x = x.unflatten(0, (splits, -1)).transpose(0, 1).flatten(0, 1)
+    return encoder(x).unflatten(0, (-1, splits)).transpose(0, 1).flatten(0, 1)
+
+
+def build_model(args, ckpt, n, device, rank, world):
+    """The queue (--queue or default_queue, checked), query and key encoders (shuffle-BN splits) and SGD, as
+    --resume's checkpoint left them; under torchrun the query encoder in DDP. Returns (run, first epoch):
+    run holds what an epoch changes."""
+    if args.queue is None:
+        args.queue = default_queue(args, n)
+        if rank == 0:
+            print(f"queue: K = {args.queue} negatives (default for {n} training images at global batch "
+                  f"{args.batch_size}; --queue sets it)")
+    check_queue(args.queue, args.batch_size, n)
+    encoder_q = Encoder(args.arch, args.moco_dim)
+    encoder_k = Encoder(args.arch, args.moco_dim)
+    if args.bn_splits > 1:
+        split_batchnorm(encoder_q, args.bn_splits)
+        split_batchnorm(encoder_k, args.bn_splits)
+    encoder_q, encoder_k = encoder_q.to(device), encoder_k.to(device)
+    queue = F.normalize(torch.randn(args.queue, args.moco_dim, generator=torch.Generator().manual_seed(args.seed)),
+                        dim=1).to(device)
+    optimizer = torch.optim.SGD(encoder_q.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
+                                fused=device.type == "cuda")
+    start, ptr = 0, 0
+    if ckpt is not None:
+        load_contract_state(encoder_q, ckpt["model"])
+        load_contract_state(encoder_k, ckpt["key_model"])
+        queue.copy_(ckpt["queue"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, ptr = ckpt["epoch"], ckpt["queue_ptr"]
+    else:
+        encoder_k.load_state_dict(encoder_q.state_dict())  # θ_k starts as θ_q (MoCo Algorithm 1)
+    encoder_k.requires_grad_(False)
+    model = encoder_q
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(encoder_q, device_ids=[device.index] if device.type == "cuda"
+                                                    else None)
+    run = argparse.Namespace(model=model, net=encoder_q, key=encoder_k, queue=queue, ptr=ptr, optimizer=optimizer,
+                             kde=None, weights=None, device=device, rank=rank, world=world)
+    return run, start
+
+
+# ----- run files ----------------------------------------------------------------------------------
 
 # === shared: check_ranges (identical in every script) ===
 def check_ranges(args, ranges):
@@ -373,117 +528,7 @@ def load_backbone(model, arch, path):
 # === end shared: checkpoints ===
 
 
-# === shared: evaluate (identical in every script) ===
-@torch.no_grad()
-def evaluate(model, batches, num_classes, train_counts):
-    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
-
-    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
-    index, i.e. to the head classes."""
-    model.eval()
-    correct = torch.zeros(num_classes, dtype=torch.long)
-    total = torch.zeros(num_classes, dtype=torch.long)
-    for x, y, _ in batches:
-        pred = model(x).argmax(1)
-        y = y.to(pred.device)
-        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
-        total += torch.bincount(y, minlength=num_classes).cpu()
-    per_class = (correct.double() / total.clamp(min=1)).tolist()
-    seen = total > 0
-    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
-              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
-              "per_class": [round(100 * a, 2) for a in per_class]}
-    for group, mask in D.shot_groups(train_counts).items():
-        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
-        result[group] = 100 * float(np.mean(accs)) if accs else None
-    return result
-# === end shared: evaluate ===
-
-
-# ----- encoders ------------------------------------------------------------------------------------
-
-def build_backbone(arch):
-    """The backbone with its classifier `fc` replaced by the identity, and its feature width."""
-    if arch == "resnet18":
-        net = ResNet18()
-    else:
-        block, layers = ((torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]) if arch == "resnet10" else
-                         (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]))
-        net = torchvision.models.resnet.ResNet(block, layers)
-    width = net.fc.in_features
-    net.fc = nn.Identity()
-    return net, width
-
-
-class Encoder(nn.Module):
-    """Backbone + MoCo v2 projection head (Chen et al. 2020, §2; REFERENCE §5): fc (feature → feature) →
-    ReLU → fc (feature → dim); 2048 → 2048 → 128 for ResNet-50, 512 → 512 → 128 for ResNet-18.
-    Returns the unit-length float32 embedding."""
-
-    def __init__(self, arch, dim):
-        super().__init__()
-        self.backbone, width = build_backbone(arch)
-        self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim))
-
-    def forward(self, x):
-        return F.normalize(self.head(self.backbone(x)).float(), dim=1)
-
-
-def contract_state(encoder):
-    """The project's checkpoint layout: backbone tensors at the top level, the head under `head.`."""
-    return {k.removeprefix("backbone."): v for k, v in encoder.state_dict().items()}
-
-
-def load_contract_state(encoder, state):
-    encoder.load_state_dict({k if k.startswith("head.") else f"backbone.{k}": v for k, v in state.items()})
-
-
-class SplitBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d that, in training, normalises `splits` groups of the batch separately: rows s, s+S,
-    s+2S, … form group s. The groups are folded into the channel axis, (N, C) → (N/S, S·C), so one
-    batch_norm call computes S·C statistics (the MoCo CIFAR demo's SplitBatchNorm). Running statistics
-    are the mean of the groups' updates. Same state_dict keys as BatchNorm2d."""
-
-    def __init__(self, bn, splits):
-        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-        self.load_state_dict(bn.state_dict())
-        self.splits = splits
-
-    def forward(self, x):
-        if not self.training:
-            return super().forward(x)
-        N, C, H, W = x.shape
-        S = self.splits
-        mean, var = self.running_mean.repeat(S), self.running_var.repeat(S)
-        out = F.batch_norm(x.view(N // S, S * C, H, W), mean, var, self.weight.repeat(S), self.bias.repeat(S),
-                           True, self.momentum, self.eps)
-        with torch.no_grad():
-            self.running_mean.copy_(mean.view(S, C).mean(0))
-            self.running_var.copy_(var.view(S, C).mean(0))
-            self.num_batches_tracked.add_(1)
-        return out.view(N, C, H, W)
-
-
-def split_batchnorm(module, splits):
-    """Replace every BatchNorm2d of `module` by a SplitBatchNorm with the same weights and statistics."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, SplitBatchNorm(child, splits))
-        else:
-            split_batchnorm(child, splits)
-    return module
-
-
-def split_forward(encoder, x, splits):
-    """encoder(x) with BN statistics per contiguous sub-batch: chunk s (rows s·b … s·b + b − 1) is moved
-    to rows s, s+S, …, SplitBatchNorm's group s, and the outputs are moved back."""
-    if splits == 1:
-        return encoder(x)
-    x = x.unflatten(0, (splits, -1)).transpose(0, 1).flatten(0, 1)
-    return encoder(x).unflatten(0, (-1, splits)).transpose(0, 1).flatten(0, 1)
-
-
-# ----- the method ----------------------------------------------------------------------------------
+# ----- the method (MoCo Eq. (1)–(2) and §3.3, paper 2 Eq. (3) and Algorithm 1) --------------------
 
 @torch.no_grad()
 def momentum_update(key, query, m):
@@ -502,7 +547,45 @@ def info_nce(q, k, queue, t):
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device)), logits
 
 
-# === shared: sam (simsiam_rwsam.py's sam_perturbation and bn_buffers, byte-identical) ===
+@torch.no_grad()
+def enqueue(queue, keys, ptr):
+    """MoCo Algorithm 1: enqueue this batch's keys, dequeue the oldest (they occupy rows ptr …); the
+    queue is a ring, its size a multiple of the batch. Returns the new pointer."""
+    queue[ptr:ptr + len(keys)] = keys
+    return (ptr + len(keys)) % len(queue)
+
+
+def gather(x, world):
+    """Concatenation over the processes in rank order (no gradient), the authors' concat_all_gather."""
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def shuffle_order(n, generator, device, world):
+    """The key batch's permutation for shuffle-BN: drawn from the epoch's seeded generator, rank 0's copy
+    broadcast to every process (MoCo §3.3)."""
+    perm = torch.randperm(n, generator=generator, device=device)
+    if world > 1:
+        dist.broadcast(perm, 0)
+    return perm
+
+
+@torch.no_grad()
+def shuffled_keys(encoder_k, x, perm, splits, rank, world):
+    """Keys of the whole global batch under shuffle-BN (MoCo §3.3), in the original order.
+
+    The global batch's key views are gathered, permuted by `perm`; process r encodes rows perm[r·b …
+    (r+1)·b − 1] (split into `splits` BN groups); the keys are gathered and un-permuted."""
+    x_all = gather(x, world)
+    mine = perm.view(world, -1)[rank]
+    k = split_forward(encoder_k, x_all[mine], splits)
+    return gather(k, world)[torch.argsort(perm)]
+
+
+# === shared: sam (identical in moco_ssp.py and simsiam_rwsam.py) ===
 def sam_perturbation(params, grads, rho, adaptive):
     """ε of paper 2 Algorithm 1 line 12 with p = q = 2: ρ·g/‖g‖₂, one norm over all parameters (Foret
     et al. Eq. (2)). adaptive (ASAM, Kwon et al. 2021, as the authors ran it; the default): ρ·w²·g/‖|w|·g‖₂."""
@@ -552,7 +635,35 @@ def sam_moco_step(model, net, optimizer, x_q, keys, queue, args, weights=None):
     return per.detach().mean(), logits, loss2.detach()
 
 
-# === shared: kde (simsiam_rwsam.py's kde_weights, byte-identical) ===
+def train_step(run, x_q, x_k, g, weights, args):
+    """One update: momentum update and shuffled keys (MoCo Eq. (2), §3.3), then sgd: the InfoNCE step of Eq. (1);
+    sam / rwsam: sam_moco_step (weights: rwSAM's w_i of the batch). Enqueues the keys; returns (mean loss at w,
+    logits) without gradient."""
+    device, rank, world, b = run.device, run.rank, run.world, args.batch_size // run.world
+    if args.opt != "sgd":
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp), torch.no_grad():
+            momentum_update(run.key, run.net, args.moco_m)
+            perm = shuffle_order(len(x_k) * world, g, device, world)
+            keys = shuffled_keys(run.key, x_k, perm, args.bn_splits, rank, world)
+        loss, logits, _ = sam_moco_step(run.model, run.net, run.optimizer, x_q, keys[rank * b:(rank + 1) * b],
+                                        run.queue, args, weights)
+    else:
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+            q = split_forward(run.model, x_q, args.bn_splits)
+            with torch.no_grad():
+                momentum_update(run.key, run.net, args.moco_m)
+                perm = shuffle_order(len(x_k) * world, g, device, world)
+                keys = shuffled_keys(run.key, x_k, perm, args.bn_splits, rank, world)
+        loss, logits = info_nce(q, keys[rank * b:(rank + 1) * b], run.queue, args.moco_t)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        loss = loss.detach()
+    run.ptr = enqueue(run.queue, keys, run.ptr)
+    return loss, logits
+
+
+# === shared: kde (identical in moco_ssp.py and simsiam_rwsam.py) ===
 def kde_weights(feats, alpha, bandwidth=None, seed=0, chunk=2048, pairs=10_000):
     """Paper 2 §4 and Algorithm 1 line 8: w_i = ((1/n)·Σ_j K(f_i − f_j, h))^(−α), Gaussian K.
 
@@ -586,67 +697,9 @@ def kde_weights(feats, alpha, bandwidth=None, seed=0, chunk=2048, pairs=10_000):
 # === end shared: kde ===
 
 
-@torch.no_grad()
-def stage1_weights(args, batches, device):
-    """Algorithm 1 line 8 for --opt rwsam: L2-normalised backbone features of the training images (test
-    transform, eval mode, in training order) from --stage1's backbone, then kde_weights. Labels unused."""
-    backbone, _ = build_backbone(args.arch)
-    load_backbone(backbone, args.arch, args.stage1)
-    backbone.to(device).eval()
-    feats = torch.cat([F.normalize(backbone(x).float(), dim=1) for x, _, _ in batches])
-    try:
-        w, density, h = kde_weights(feats, args.alpha, args.bandwidth, args.seed)
-    except ValueError as e:                                # too few images or a collapsed representation
-        raise D.DataError(str(e)) from None
-    return {"weights": w.cpu(), "density": density.cpu(), "bandwidth": h, "alpha": args.alpha, "source": args.stage1}
-
-
-@torch.no_grad()
-def enqueue(queue, keys, ptr):
-    """MoCo Algorithm 1: enqueue this batch's keys, dequeue the oldest (they occupy rows ptr …); the
-    queue is a ring, its size a multiple of the batch. Returns the new pointer."""
-    queue[ptr:ptr + len(keys)] = keys
-    return (ptr + len(keys)) % len(queue)
-
-
-def gather(x, world):
-    """Concatenation over the processes in rank order (no gradient), the authors' concat_all_gather."""
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def shuffle_order(n, generator, device, world):
-    """The key batch's permutation for shuffle-BN: drawn from the epoch's seeded generator, rank 0's copy
-    broadcast to every process (MoCo §3.3)."""
-    perm = torch.randperm(n, generator=generator, device=device)
-    if world > 1:
-        dist.broadcast(perm, 0)
-    return perm
-
-
-@torch.no_grad()
-def shuffled_keys(encoder_k, x, perm, splits, rank, world):
-    """Keys of the whole global batch under shuffle-BN (MoCo §3.3), in the original order.
-
-    The global batch's key views are gathered, permuted by `perm`; process r encodes rows perm[r·b …
-    (r+1)·b − 1] (split into `splits` BN groups); the keys are gathered and un-permuted."""
-    x_all = gather(x, world)
-    mine = perm.view(world, -1)[rank]
-    k = split_forward(encoder_k, x_all[mine], splits)
-    return gather(k, world)[torch.argsort(perm)]
-
-
 def lr_at(epoch, args):
     """Per-epoch cosine schedule of MoCo v2 (the authors' adjust_learning_rate with --cos), 0-based epoch."""
     return 0.5 * args.lr * (1 + math.cos(math.pi * epoch / args.epochs))
-
-
-def stream_seed(*key):
-    """A seed for one random stream (e.g. the shuffles of one epoch), independent of the data loader's."""
-    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
 
 
 def check_queue(K, B, n):
@@ -671,37 +724,23 @@ def default_queue(args, n):
     return min(4096, fit) if fit else args.batch_size
 
 
-class KNN(nn.Module):
-    """Weighted kNN on unit-length backbone features (Wu et al. 2018; the MoCo CIFAR demo's monitor):
-    class score = Σ over the k most cosine-similar bank images of that class of exp(similarity / t)."""
+# ----- data ---------------------------------------------------------------------------------------
 
-    def __init__(self, backbone, bank, bank_labels, num_classes, k, t):
-        super().__init__()
-        self.backbone, self.bank, self.bank_labels = backbone, bank, bank_labels
-        self.num_classes, self.k, self.t = num_classes, min(k, len(bank)), t
+# === shared: training_subset (identical in ldam_drw.py, moco_ssp.py and simsiam_rwsam.py) ===
+def training_subset(train_y, args):
+    """Dataset indices of the training images and of the --val-frac images left out of them: paper 2
+    §2.2 / App. A.1, the same datasets_lt calls in the same order as simsiam_rwsam.py, so one --data-seed
+    gives the same images in every script. The exp or step long-tailed subset, downsampled per class by
+    --subsample; --balanced replaces it by a class-balanced subset of the same size."""
+    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
+                             D.CLASS_ORDER.get(args.dataset))
+    if args.subsample < 1:
+        idx = D.downsample(idx, train_y, args.subsample, args.data_seed)
+    if args.balanced:
+        idx = D.balanced_subset(train_y, len(idx), args.data_seed)
+    return D.carve_val(idx, train_y, args.val_frac, args.data_seed)
+# === end shared: training_subset ===
 
-    def forward(self, x):
-        f = F.normalize(self.backbone(x).float(), dim=1)
-        # float32 even inside an autocast region: bf16 resolves a cosine near 1 only to 2^-8, which ties
-        # and reorders the k nearest bank images
-        with torch.autocast(x.device.type, enabled=False):
-            sim, idx = (f @ self.bank.t()).topk(self.k, dim=1)
-        scores = torch.zeros(len(x), self.num_classes, device=x.device)
-        return scores.scatter_add_(1, self.bank_labels[idx], (sim / self.t).exp())
-
-
-@torch.no_grad()
-def knn_eval(backbone, bank_batches, batches, num_classes, counts, args):
-    backbone.eval()
-    feats, labels = [], []
-    for x, y, _ in bank_batches:                  # float32, as the queries in evaluate()
-        feats.append(F.normalize(backbone(x).float(), dim=1))
-        labels.append(y)
-    knn = KNN(backbone, torch.cat(feats), torch.cat(labels), num_classes, args.knn_k, args.knn_t)
-    return evaluate(knn, batches, num_classes, counts)
-
-
-# ----- data ----------------------------------------------------------------------------------------
 
 class ShardedViews:
     """Two GPU-augmented views of each global batch of a GPULoader (seeded by (seed, epoch)); process r of
@@ -722,6 +761,11 @@ class ShardedViews:
             yield [v[sl] for v in views], y[sl], idx[sl]
 
 
+def stream_seed(*key):
+    """A seed for one random stream (e.g. the shuffles of one epoch), independent of the data loader's."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+
+
 class TwoViews:
     """MoCo v2's ImageNet augmentation (REFERENCE §5, the authors' main_moco.py --aug-plus), twice."""
 
@@ -736,22 +780,6 @@ class TwoViews:
 
     def __call__(self, img):
         return [self.t(img), self.t(img)]
-
-
-# === shared: training_subset (identical in ldam_drw.py and moco_ssp.py) ===
-def training_subset(train_y, args):
-    """Dataset indices of the training images and of the --val-frac images left out of them: paper 2
-    §2.2 / App. A.1, the same datasets_lt calls in the same order as simsiam_rwsam.py, so one --data-seed
-    gives the same images in every script. The exp or step long-tailed subset, downsampled per class by
-    --subsample; --balanced replaces it by a class-balanced subset of the same size."""
-    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
-                             D.CLASS_ORDER.get(args.dataset))
-    if args.subsample < 1:
-        idx = D.downsample(idx, train_y, args.subsample, args.data_seed)
-    if args.balanced:
-        idx = D.balanced_subset(train_y, len(idx), args.data_seed)
-    return D.carve_val(idx, train_y, args.val_frac, args.data_seed)
-# === end shared: training_subset ===
 
 
 class Positions(torch.utils.data.Dataset):
@@ -807,36 +835,148 @@ def list_plain_batches(args, idx, device):
         fail(str(e))
 
 
+def build_list_data(args, device, rank, world):
+    """ImageNet-LT / iNat: the list is the variant (python datasets_lt.py --train-list writes paper 2's);
+    --val-frac carves a validation split from it. Two views per image in DataLoader workers; no kNN sets."""
+    if not args.train_list:
+        fail(f"--dataset {args.dataset} needs --train-list ('relative/path label' file)")
+    if args.balanced:
+        fail(f"--balanced draws a CIFAR-size subset; for {args.dataset} pass the balanced list as --train-list "
+             f"(python datasets_lt.py --train-list ... writes paper 2's ImageNet variants)")
+    ds = D.FileListDataset(args.data_root, args.train_list, train=True, transform=TwoViews(224))
+    idx, val_idx = D.carve_val(np.arange(len(ds)), ds.labels, args.val_frac, args.data_seed)
+    C = ds.num_classes
+    data = argparse.Namespace(C=C, idx=idx, val_idx=val_idx, counts=np.bincount(ds.labels[idx], minlength=C).tolist(),
+                              bank=None, val=None, test=None)
+    data.train = ListViews(ds, idx, args.batch_size // world, args.seed, args.workers, device, rank, world)
+    return data
+
+
 def build_data(args, device, rank, world):
-    """Training views (this process's share), kNN bank / validation / test batches (None for file lists),
-    class counts, number of classes, the training indices and their validation split; bank is the
-    training images in order (None for file lists: list_plain_batches)."""
+    """Everything the run reads: training views (this process's share), the kNN bank (the training images in
+    order), validation and test batches, class counts, number of classes C, the training indices and their
+    validation split."""
     if args.dataset in LARGE:
-        if not args.train_list:
-            fail(f"--dataset {args.dataset} needs --train-list ('relative/path label' file)")
-        if args.balanced:
-            fail(f"--balanced draws a CIFAR-size subset; for {args.dataset} pass the balanced list as --train-list "
-                 f"(python datasets_lt.py --train-list ... writes paper 2's ImageNet variants)")
-        ds = D.FileListDataset(args.data_root, args.train_list, train=True, transform=TwoViews(224))
-        idx, val_idx = D.carve_val(np.arange(len(ds)), ds.labels, args.val_frac, args.data_seed)
-        counts = np.bincount(ds.labels[idx], minlength=ds.num_classes).tolist()
-        train = ListViews(ds, idx, args.batch_size // world, args.seed, args.workers, device, rank, world)
-        return train, None, None, None, counts, ds.num_classes, idx, val_idx
+        return build_list_data(args, device, rank, world)
     train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
     test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
+    C = len(names)
     idx, val_idx = training_subset(train_y, args)
     mean, std = D.mean_std(args.dataset, train_x)
-    C = len(names)
-    counts = np.bincount(train_y[idx], minlength=C).tolist()
+    data = argparse.Namespace(C=C, idx=idx, val_idx=val_idx, counts=np.bincount(train_y[idx], minlength=C).tolist())
     loader = D.GPULoader(train_x[idx], train_y[idx], args.batch_size, mean, std, device, augment="ssl", views=2,
                          blur=False, drop_last=True, seed=args.seed)
-    bank = D.GPULoader(loader.images, train_y[idx], 1000, mean, std, device)
-    test = D.GPULoader(test_x, test_y, 1000, mean, std, device)
-    val = D.GPULoader(train_x[val_idx], train_y[val_idx], 1000, mean, std, device) if len(val_idx) else None
-    return ShardedViews(loader, rank, world), bank, val, test, counts, C, idx, val_idx
+    data.train = ShardedViews(loader, rank, world)
+    data.bank = D.GPULoader(loader.images, train_y[idx], 1000, mean, std, device)
+    data.test = D.GPULoader(test_x, test_y, 1000, mean, std, device)
+    data.val = D.GPULoader(train_x[val_idx], train_y[val_idx], 1000, mean, std, device) if len(val_idx) else None
+    return data
 
 
-# ----- main ----------------------------------------------------------------------------------------
+# ----- one epoch ----------------------------------------------------------------------------------
+
+def train_one_epoch(run, data, epoch, args):
+    """One epoch of MoCo v2 steps (train_step: sgd, or SAM / rwSAM through sam_moco_step). Returns (row: epoch,
+    lr, mean loss and % of queries whose positive ranks first, over all processes; the first step whose loss
+    was not finite, -1 if none; steps)."""
+    lr = lr_at(epoch, args)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.net.train()
+    run.key.train()
+    device, rank, world = run.device, run.rank, run.world
+    g = torch.Generator(device=device)
+    g.manual_seed(stream_seed(args.seed, epoch, 1))
+    sums = torch.zeros(2, device=device)              # loss sum, queries whose positive ranks first
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    steps = seen = 0
+    batches = ((views, pos) for views, _, pos in data.train.epoch(epoch))
+    for step, ((x1, x2), pos) in enumerate(batches):
+        steps += 1
+        w = run.weights[pos.to(device)] if run.weights is not None else None
+        loss, logits = train_step(run, x1, x2, g, w, args)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+        sums += torch.stack([loss * len(x1), (logits.argmax(1) == 0).sum().float()])
+        seen += len(x1) * world
+    if world > 1:
+        dist.all_reduce(sums)
+    loss_sum, pos = sums.tolist()
+    return {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / seen, "pos_top1": 100 * pos / seen}, first_bad, steps
+
+
+def monitor(args, run, data, epoch):
+    """The kNN monitor (rank 0, CIFAR-size data) every --knn-every epochs and at the last: knn_eval of the query
+    backbone on the test set and on the --val-frac split. Returns (test, validation), None when off."""
+    if not (args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs)):
+        return None, None
+    knn_m = knn_eval(run.net.backbone, data.bank.epoch(0), data.test.epoch(0), data.C, data.counts, args)
+    val_m = knn_eval(run.net.backbone, data.bank.epoch(0), data.val.epoch(0), data.C, data.counts, args) \
+        if data.val else None
+    return knn_m, val_m
+
+
+# === shared: evaluate (identical in every script) ===
+@torch.no_grad()
+def evaluate(model, batches, num_classes, train_counts):
+    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
+
+    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
+    index, i.e. to the head classes."""
+    model.eval()
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    total = torch.zeros(num_classes, dtype=torch.long)
+    for x, y, _ in batches:
+        pred = model(x).argmax(1)
+        y = y.to(pred.device)
+        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
+        total += torch.bincount(y, minlength=num_classes).cpu()
+    per_class = (correct.double() / total.clamp(min=1)).tolist()
+    seen = total > 0
+    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
+              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
+              "per_class": [round(100 * a, 2) for a in per_class]}
+    for group, mask in D.shot_groups(train_counts).items():
+        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
+        result[group] = 100 * float(np.mean(accs)) if accs else None
+    return result
+# === end shared: evaluate ===
+
+
+class KNN(nn.Module):
+    """Weighted kNN on unit-length backbone features (Wu et al. 2018; the MoCo CIFAR demo's monitor):
+    class score = Σ over the k most cosine-similar bank images of that class of exp(similarity / t)."""
+
+    def __init__(self, backbone, bank, bank_labels, num_classes, k, t):
+        super().__init__()
+        self.backbone, self.bank, self.bank_labels = backbone, bank, bank_labels
+        self.num_classes, self.k, self.t = num_classes, min(k, len(bank)), t
+
+    def forward(self, x):
+        f = F.normalize(self.backbone(x).float(), dim=1)
+        # float32 even inside an autocast region: bf16 resolves a cosine near 1 only to 2^-8, which ties
+        # and reorders the k nearest bank images
+        with torch.autocast(x.device.type, enabled=False):
+            sim, idx = (f @ self.bank.t()).topk(self.k, dim=1)
+        scores = torch.zeros(len(x), self.num_classes, device=x.device)
+        return scores.scatter_add_(1, self.bank_labels[idx], (sim / self.t).exp())
+
+
+@torch.no_grad()
+def knn_eval(backbone, bank_batches, batches, num_classes, counts, args):
+    backbone.eval()
+    feats, labels = [], []
+    for x, y, _ in bank_batches:                  # float32, as the queries in evaluate()
+        feats.append(F.normalize(backbone(x).float(), dim=1))
+        labels.append(y)
+    knn = KNN(backbone, torch.cat(feats), torch.cat(labels), num_classes, args.knn_k, args.knn_t)
+    return evaluate(knn, batches, num_classes, counts)
+
+
+# ----- main ---------------------------------------------------------------------------------------
+
+def dist_env():
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
 
 def setup_device(args, local_rank, world):
     if args.gpu >= 0 and not torch.cuda.is_available():
@@ -854,13 +994,15 @@ def setup_device(args, local_rank, world):
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
     return device
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    log = print if rank == 0 else (lambda *a, **k: None)
+def resume_run(args, rank, world):
+    """--resume PATH: the run's own arguments back (resume_args), then the run's checks (check_run) and no new
+    run over an occupied --out. Returns (args, checkpoint or None)."""
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
@@ -873,223 +1015,179 @@ def main(argv=None):
         if args.world_size != world:
             fail(f"'{args.resume}' was trained by {args.world_size} process(es) but this is {world}; resume it with "
                  f"the same number (torchrun --nproc_per_node {args.world_size}, or no torchrun for 1)")
-        log(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
+        if rank == 0:
+            print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
     else:
         args.world_size = world
         if args.bn_splits is None:
             args.bn_splits = 8 if world == 1 else 1
     try:
-        D.check_rho(args.rho)
-        if min(args.epochs, args.batch_size, args.bn_splits, args.moco_dim) < 1 or args.lr <= 0:
-            fail("--epochs, --batch-size, --bn-splits, --moco-dim and --lr must be positive")
-        if not 0 <= args.moco_m < 1 or args.moco_t <= 0 or args.knn_every < 0:
-            fail("--moco-m must be in [0, 1), --moco-t positive and --knn-every 0 or more")
-        if args.sam_rho < 0:
-            fail(f"--sam-rho must be >= 0, got {args.sam_rho:g}")
-        if args.alpha < 0:
-            fail(f"--alpha must be >= 0, got {args.alpha:g}")
-        if args.bandwidth is not None and args.bandwidth <= 0:
-            fail(f"--bandwidth must be > 0, got {args.bandwidth:g}")
-        if (args.opt == "rwsam") != bool(args.stage1):
-            fail("--opt rwsam needs --stage1 PATH (a plain moco_ssp.py run on the same images: its features give "
-                 "the KDE weights)" if args.opt == "rwsam" else
-                 "--stage1 gives rwSAM its weights; pass --opt rwsam or drop it")
-        if args.batch_size % world:
-            fail(f"--batch-size {args.batch_size} (global) must be divisible by the {world} processes")
-        b = args.batch_size // world
-        if b % args.bn_splits:
-            fail(f"--bn-splits {args.bn_splits} must divide the {b} images each process encodes per step")
-        if args.dataset in LARGE and args.knn_every:
-            fail(f"the kNN monitor needs in-memory data; for {args.dataset} pass --knn-every 0 and probe the "
-                 f"checkpoint with eval_linear.py")
-        if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
-            fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, "
-                 f"or pass another --out")
-        device = setup_device(args, int(os.environ.get("LOCAL_RANK", "0")), world)
-        torch.manual_seed(args.seed)
-        train, bank, val, test, counts, C, idx, val_idx = build_data(args, device, rank, world)
+        check_run(args, world)
     except D.DataError as e:
         fail(str(e))
-    n = len(idx)
-    kde = ckpt.get("kde_weights") if ckpt is not None else None
-    if args.opt == "rwsam" and kde is None:
-        stage1 = load_checkpoint(args.stage1)
-        if stage1.get("script") != "moco_ssp.py" or stage1.get("class_counts") != counts:
-            fail(f"--stage1 '{args.stage1}' is not a moco_ssp.py run on these training images (its class counts "
-                 f"{stage1.get('class_counts')} differ from {counts}); pass the plain MoCo run of the same data")
-        if rank == 0:
-            try:
-                kde = stage1_weights(args, bank.epoch(0) if bank is not None else list_plain_batches(args, idx, device),
-                                     device)
-            except D.DataError as e:
-                fail(str(e))
-            kde["indices"] = torch.as_tensor(idx)
-            log(f"KDE weights from {args.stage1}: h = {kde['bandwidth']:.4f}, α = {args.alpha:g}, weights "
-                f"{kde['weights'].min().item():.3f}–{kde['weights'].max().item():.3f} (mean 1)")
-    if args.queue is None:
-        args.queue = default_queue(args, n)
-        if rank == 0:
-            print(f"queue: K = {args.queue} negatives (default for {n} training images at global batch "
-                  f"{args.batch_size}; --queue sets it)")
-    check_queue(args.queue, args.batch_size, n)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-    weights = None
-    if args.opt == "rwsam":
-        weights = kde["weights"].to(device) if kde is not None else torch.empty(n, device=device)
-        if world > 1:
-            dist.broadcast(weights, 0)
+    if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
+        fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, "
+             f"or pass another --out")
+    return args, ckpt
 
-    encoder_q = Encoder(args.arch, args.moco_dim)
-    encoder_k = Encoder(args.arch, args.moco_dim)
-    if args.bn_splits > 1:
-        split_batchnorm(encoder_q, args.bn_splits)
-        split_batchnorm(encoder_k, args.bn_splits)
-    encoder_q, encoder_k = encoder_q.to(device), encoder_k.to(device)
-    queue = F.normalize(torch.randn(args.queue, args.moco_dim, generator=torch.Generator().manual_seed(args.seed)),
-                        dim=1).to(device)
-    optimizer = torch.optim.SGD(encoder_q.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
-                                fused=device.type == "cuda")
-    start, ptr = 0, 0
-    if ckpt is not None:
-        load_contract_state(encoder_q, ckpt["model"])
-        load_contract_state(encoder_k, ckpt["key_model"])
-        queue.copy_(ckpt["queue"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, ptr = ckpt["epoch"], ckpt["queue_ptr"]
-    else:
-        encoder_k.load_state_dict(encoder_q.state_dict())  # θ_k starts as θ_q (MoCo Algorithm 1)
-    encoder_k.requires_grad_(False)
-    model = encoder_q
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(encoder_q, device_ids=[device.index] if device.type == "cuda"
-                                                    else None)
 
+def open_run(args, ckpt, run, data, start):
+    """Rank 0: the run's folder with args.json, the source and the training indices (a new run), metrics.jsonl
+    cut back to the checkpoint (a resumed run), then the lines printed above the epoch table."""
+    if run.rank != 0:
+        return
     metrics = os.path.join(args.out, "metrics.jsonl")
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
-            meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
-                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-            write_json(os.path.join(args.out, "args.json"), meta)
-            copy_source(__file__, args.out)
-            D.save_indices(os.path.join(args.out, "train_indices.json"), idx, val_idx)
-        # a resumed run drops the epochs logged after its checkpoint
-        write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
-    log(f"{args.dataset} rho={args.rho:g} ({args.imb_type}{', balanced' if args.balanced else ''}"
-        f"{f', subsample {args.subsample:g}' if args.subsample < 1 else ''}): {n} training images "
-        f"{counts[:3]}…{counts[-1]}, labels "
-        f"unused (kNN monitor only); MoCo v2 {args.arch}, batch {args.batch_size} = {world} process(es) × {b} "
-        f"in {args.bn_splits} BN split(s), queue {args.queue}, m={args.moco_m:g}, τ={args.moco_t:g}, lr "
-        f"{args.lr:g}, {args.epochs} epochs on {device}"
-        + (f", {'rwSAM' if args.opt == 'rwsam' else 'SAM'} ρ={args.sam_rho:g}{' adaptive' if args.adaptive else ''}"
-           if args.opt != "sgd" else ""))
+    os.makedirs(args.out, exist_ok=True)
+    if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
+        meta = {**vars(args), "world_size": run.world, "torch": torch.__version__, "cuda": torch.version.cuda,
+                "device": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"}
+        write_json(os.path.join(args.out, "args.json"), meta)
+        copy_source(__file__, args.out)
+        D.save_indices(os.path.join(args.out, "train_indices.json"), data.idx, data.val_idx)
+    # a resumed run drops the epochs logged after its checkpoint
+    write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
+    n, counts, b = len(data.idx), data.counts, args.batch_size // run.world
+    print(f"{args.dataset} rho={args.rho:g} ({args.imb_type}{', balanced' if args.balanced else ''}"
+          f"{f', subsample {args.subsample:g}' if args.subsample < 1 else ''}): {n} training images "
+          f"{counts[:3]}…{counts[-1]}, labels "
+          f"unused (kNN monitor only); MoCo v2 {args.arch}, batch {args.batch_size} = {run.world} process(es) × {b} "
+          f"in {args.bn_splits} BN split(s), queue {args.queue}, m={args.moco_m:g}, τ={args.moco_t:g}, lr "
+          f"{args.lr:g}, {args.epochs} epochs on {run.device}"
+          + (f", {'rwSAM' if args.opt == 'rwsam' else 'SAM'} ρ={args.sam_rho:g}{' adaptive' if args.adaptive else ''}"
+             if args.opt != "sgd" else ""))
     if args.subsample < 1:
-        log(f"--subsample {args.subsample:g}: {args.epochs} epochs " +
-            (f"(--same-epochs)" if args.same_epochs else
-             f"= round({args.epochs_full} / {args.subsample:g}), the full variant's optimizer steps (App. A.1); "
-             f"--same-epochs keeps {args.epochs_full}"))
-    log("pos: % of queries whose positive key beats all queue keys; knn / many / med / few / val: weighted kNN "
-        "top-1 on backbone features")
-    log(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'pos':>6} {'knn':>6} {'many':>6} {'med':>6} {'few':>6} {'val':>6} "
-        f"{'s':>6}")
+        print(f"--subsample {args.subsample:g}: {args.epochs} epochs " +
+              (f"(--same-epochs)" if args.same_epochs else
+               f"= round({args.epochs_full} / {args.subsample:g}), the full variant's optimizer steps (App. A.1); "
+               f"--same-epochs keeps {args.epochs_full}"))
+    print("pos: % of queries whose positive key beats all queue keys; knn / many / med / few / val: weighted kNN "
+          "top-1 on backbone features")
+    print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'pos':>6} {'knn':>6} {'many':>6} {'med':>6} {'few':>6} {'val':>6} "
+          f"{'s':>6}")
 
-    t_run, knn_m = time.time(), None
+
+def stage1(args, data):
+    """Algorithm 1 lines 3–7, trained beforehand: --stage1 PATH, a plain moco_ssp.py run on the same images
+    (checked on every process); its backbone gives stage1_weights its features."""
+    ckpt = load_checkpoint(args.stage1)
+    if ckpt.get("script") != "moco_ssp.py" or ckpt.get("class_counts") != data.counts:
+        fail(f"--stage1 '{args.stage1}' is not a moco_ssp.py run on these training images (its class counts "
+             f"{ckpt.get('class_counts')} differ from {data.counts}); pass the plain MoCo run of the same data")
+
+
+@torch.no_grad()
+def stage1_weights(args, data, device, rank):
+    """Algorithm 1 line 8 on rank 0 (None elsewhere): L2-normalised backbone features of the training images
+    (test transform, eval mode, in training order) from --stage1's backbone, then kde_weights. Labels unused."""
+    if rank != 0:
+        return None
+    backbone, _ = build_backbone(args.arch)
+    load_backbone(backbone, args.arch, args.stage1)
+    backbone.to(device).eval()
+    batches = data.bank.epoch(0) if data.bank is not None else list_plain_batches(args, data.idx, device)
+    feats = torch.cat([F.normalize(backbone(x).float(), dim=1) for x, _, _ in batches])
+    try:
+        w, density, h = kde_weights(feats, args.alpha, args.bandwidth, args.seed)
+    except ValueError as e:                                # too few images or a collapsed representation
+        fail(str(e))
+    kde = {"weights": w.cpu(), "density": density.cpu(), "bandwidth": h, "alpha": args.alpha, "source": args.stage1,
+           "indices": torch.as_tensor(data.idx)}
+    print(f"KDE weights from {args.stage1}: h = {h:.4f}, α = {args.alpha:g}, weights "
+          f"{w.min().item():.3f}–{w.max().item():.3f} (mean 1)")
+    return kde
+
+
+def stage2(args, run, kde, n):
+    """Algorithm 1 lines 9–14 are this run: a fresh model whose SAM steps (--opt rwsam) perturb along the loss
+    reweighted by line 8's weights, rank 0's copy on every process."""
+    run.kde = kde
+    if args.opt == "rwsam":
+        run.weights = kde["weights"].to(run.device) if kde is not None else torch.empty(n, device=run.device)
+        if run.world > 1:
+            dist.broadcast(run.weights, 0)
+
+
+def end_epoch(args, run, data, epoch, row, first_bad, steps, t0):
+    """The divergence guard (every process), then on rank 0 the monitor, the metrics row, the printed row and
+    last.pt."""
+    bad_tensor = nonfinite_tensor(run.net) or nonfinite_tensor(run.key)
+    bad = torch.stack([first_bad, torch.tensor(int(bad_tensor is not None), device=run.device)])
+    if run.world > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad[0].item() >= 0 or bad[1].item() > 0:
+        where = (f"loss is not finite at epoch {epoch + 1}, step {bad[0].item() + 1}" if bad[0].item() >= 0 else
+                 f"'{bad_tensor or 'a tensor of another process'}' is not finite after epoch {epoch + 1}, "
+                 f"step {steps}")
+        if run.rank == 0:
+            stop_diverged(where, args.out, epoch)
+        sys.exit(1)
+    if run.rank != 0:
+        return
+    knn_m, val_m = monitor(args, run, data, epoch)
+    row.update({"knn_test": knn_m, "knn_val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0})
+    append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
+    m = knn_m or {}
+    print(f"{epoch + 1:5d} {row['lr']:8.5f} {row['loss']:8.4f} {fmt(row['pos_top1'])} {fmt(m.get('top1'))} "
+          f"{fmt(m.get('many'))} {fmt(m.get('medium'))} {fmt(m.get('few'))} {fmt(row['knn_val_top1'])} "
+          f"{row['seconds']:6.2f}", flush=True)
+    save_state(args, run, data, "last.pt", epoch + 1)
+
+
+def save_state(args, run, data, name, epoch):
+    state = {"script": "moco_ssp.py", "arch": args.arch, "model": contract_state(run.net),
+             "key_model": contract_state(run.key), "queue": run.queue, "queue_ptr": run.ptr, "epoch": epoch,
+             "optimizer": run.optimizer.state_dict(), "args": vars(args), "class_counts": data.counts,
+             "rng": {"torch": torch.get_rng_state()}, "mean": getattr(data.test, "mean", D.IMAGENET_MEAN),
+             "std": getattr(data.test, "std", D.IMAGENET_STD), "kde_weights": run.kde}
+    save_atomic(state, os.path.join(args.out, name))
+
+
+def finish_run(args, run, data, t_run):
+    """Rank 0: final.json (the last epoch's numbers and the run's recipe) and the last printed line."""
+    if run.rank != 0:
+        return
+    rows = read_metrics(os.path.join(args.out, "metrics.jsonl")) or \
+        [dict.fromkeys(("loss", "pos_top1", "knn_test", "knn_val_top1"), None) | {"seconds": float("nan")}]
+    ckpt_path = os.path.join(args.out, "last.pt")
+    final = {"script": "moco_ssp.py", "arch": args.arch, "dataset": args.dataset, "rho": args.rho,
+             "imb_type": args.imb_type, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs,
+             "batch_size": args.batch_size, "processes": run.world, "bn_splits": args.bn_splits, "queue": args.queue,
+             "class_counts": data.counts, "n_train": len(data.idx), "balanced": args.balanced,
+             "subsample": args.subsample, "opt": args.opt, "sam_rho": args.sam_rho if args.opt != "sgd" else None,
+             "adaptive": args.adaptive, "alpha": args.alpha if args.opt == "rwsam" else None, "stage1": args.stage1,
+             "final_loss": rows[-1]["loss"], "final_pos_top1": rows[-1]["pos_top1"],
+             "knn_test": rows[-1]["knn_test"], "knn_val_top1": rows[-1]["knn_val_top1"], "checkpoint": ckpt_path,
+             "next": [f"python crt.py --ckpt {ckpt_path}", f"python eval_linear.py --ckpt {ckpt_path}"],
+             "seconds_per_epoch": float(np.median([r["seconds"] for r in rows])),
+             "wall_seconds": time.time() - t_run}
+    write_json(os.path.join(args.out, "final.json"), final)
+    knn = rows[-1]["knn_test"]
+    print(f"done: {ckpt_path} (loss {final['final_loss']:.4f}"
+          + (f", kNN test top-1 {knn['top1']:.2f}%" if knn else "") + f"); next: {final['next'][0]}")
+
+
+def main(argv=None):
+    rank, world, local_rank = dist_env()
+    args, ckpt = resume_run(parse_args(argv), rank, world)
+    device = setup_device(args, local_rank, world)
+    torch.manual_seed(args.seed)
+    try:
+        data = build_data(args, device, rank, world)
+    except D.DataError as e:
+        fail(str(e))
+    kde = ckpt.get("kde_weights") if ckpt is not None else None
+    if args.opt == "rwsam" and kde is None:                # Algorithm 1 lines 3–7 (--stage1), then line 8
+        stage1(args, data)
+        kde = stage1_weights(args, data, device, rank)
+    run, start = build_model(args, ckpt, len(data.idx), device, rank, world)
+    stage2(args, run, kde, len(data.idx))
+    open_run(args, ckpt, run, data, start)
+    t_run = time.time()
     for epoch in range(start, args.epochs):
         t0 = time.time()
-        lr = lr_at(epoch, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        encoder_q.train()
-        encoder_k.train()
-        g = torch.Generator(device=device)
-        g.manual_seed(stream_seed(args.seed, epoch, 1))
-        stats = torch.zeros(2, device=device)             # loss sum, queries whose positive ranks first
-        first_bad = torch.full((), -1, device=device, dtype=torch.long)
-        seen = 0
-        for step, (views, _, pos) in enumerate(train.epoch(epoch)):
-            x_q, x_k = views
-            if args.opt != "sgd":
-                with torch.autocast(device.type, torch.bfloat16, enabled=args.amp), torch.no_grad():
-                    momentum_update(encoder_k, encoder_q, args.moco_m)
-                    perm = shuffle_order(len(x_k) * world, g, device, world)
-                    keys = shuffled_keys(encoder_k, x_k, perm, args.bn_splits, rank, world)
-                w = weights[pos.to(device)] if weights is not None else None
-                loss, logits, _ = sam_moco_step(model, encoder_q, optimizer, x_q, keys[rank * b:(rank + 1) * b],
-                                                queue, args, w)
-                ptr = enqueue(queue, keys, ptr)
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-                stats += torch.stack([loss * len(x_q), (logits.argmax(1) == 0).sum().float()])
-                seen += len(x_q) * world
-                continue
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                q = split_forward(model, x_q, args.bn_splits)
-                with torch.no_grad():
-                    momentum_update(encoder_k, encoder_q, args.moco_m)
-                    perm = shuffle_order(len(x_k) * world, g, device, world)
-                    keys = shuffled_keys(encoder_k, x_k, perm, args.bn_splits, rank, world)
-            loss, logits = info_nce(q, keys[rank * b:(rank + 1) * b], queue, args.moco_t)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            ptr = enqueue(queue, keys, ptr)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            stats += torch.stack([loss.detach() * len(q), (logits.argmax(1) == 0).sum().float()])
-            seen += len(q) * world
-        if world > 1:
-            dist.all_reduce(stats)
-        bad_tensor = nonfinite_tensor(encoder_q) or nonfinite_tensor(encoder_k)
-        bad = torch.stack([first_bad, torch.tensor(int(bad_tensor is not None), device=device)])
-        if world > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad[0].item() >= 0 or bad[1].item() > 0:
-            where = (f"loss is not finite at epoch {epoch + 1}, step {bad[0].item() + 1}" if bad[0].item() >= 0 else
-                     f"'{bad_tensor or 'a tensor of another process'}' is not finite after epoch {epoch + 1}, "
-                     f"step {step + 1}")
-            if rank == 0:
-                stop_diverged(where, args.out, epoch)
-            sys.exit(1)
-        if rank != 0:
-            continue
-        last = epoch + 1 == args.epochs
-        monitor = args.knn_every and ((epoch + 1) % args.knn_every == 0 or last)
-        knn_m = knn_eval(encoder_q.backbone, bank.epoch(0), test.epoch(0), C, counts, args) if monitor else None
-        val_m = knn_eval(encoder_q.backbone, bank.epoch(0), val.epoch(0), C, counts, args) if monitor and val else None
-        loss_sum, pos = stats.tolist()
-        row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / seen, "pos_top1": 100 * pos / seen,
-               "knn_test": knn_m, "knn_val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0}
-        append_metrics(metrics, row)
-        m = knn_m or {}
-        print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['pos_top1'])} {fmt(m.get('top1'))} "
-              f"{fmt(m.get('many'))} {fmt(m.get('medium'))} {fmt(m.get('few'))} {fmt(row['knn_val_top1'])} "
-              f"{row['seconds']:6.2f}", flush=True)
-        state = {"script": "moco_ssp.py", "arch": args.arch, "model": contract_state(encoder_q),
-                 "key_model": contract_state(encoder_k), "queue": queue, "queue_ptr": ptr, "epoch": epoch + 1,
-                 "optimizer": optimizer.state_dict(), "args": vars(args), "class_counts": counts,
-                 "rng": {"torch": torch.get_rng_state()},
-                 "mean": getattr(test, "mean", D.IMAGENET_MEAN), "std": getattr(test, "std", D.IMAGENET_STD), "kde_weights": kde}
-        save_atomic(state, os.path.join(args.out, "last.pt"))
-
-    if rank == 0:
-        rows = read_metrics(metrics) or [dict.fromkeys(("loss", "pos_top1", "knn_test", "knn_val_top1"),
-                                                        None) | {"seconds": float("nan")}]
-        ckpt_path = os.path.join(args.out, "last.pt")
-        final = {"script": "moco_ssp.py", "arch": args.arch, "dataset": args.dataset, "rho": args.rho,
-                 "imb_type": args.imb_type, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs, "batch_size": args.batch_size,
-                 "processes": world, "bn_splits": args.bn_splits, "queue": args.queue, "class_counts": counts,
-                 "n_train": n, "balanced": args.balanced, "subsample": args.subsample, "opt": args.opt,
-                 "sam_rho": args.sam_rho if args.opt != "sgd" else None, "adaptive": args.adaptive,
-                 "alpha": args.alpha if args.opt == "rwsam" else None, "stage1": args.stage1,
-                 "final_loss": rows[-1]["loss"], "final_pos_top1": rows[-1]["pos_top1"],
-                 "knn_test": rows[-1]["knn_test"], "knn_val_top1": rows[-1]["knn_val_top1"], "checkpoint": ckpt_path,
-                 "next": [f"python crt.py --ckpt {ckpt_path}", f"python eval_linear.py --ckpt {ckpt_path}"],
-                 "seconds_per_epoch": float(np.median([r["seconds"] for r in rows])),
-                 "wall_seconds": time.time() - t_run}
-        write_json(os.path.join(args.out, "final.json"), final)
-        knn = rows[-1]["knn_test"]
-        print(f"done: {ckpt_path} (loss {final['final_loss']:.4f}"
-              + (f", kNN test top-1 {knn['top1']:.2f}%" if knn else "") + f"); next: {final['next'][0]}")
+        row, first_bad, steps = train_one_epoch(run, data, epoch, args)
+        end_epoch(args, run, data, epoch, row, first_bad, steps, t0)
+    finish_run(args, run, data, t_run)
     if world > 1:
         dist.barrier()                                     # leaving while another process still works hangs gloo
         dist.destroy_process_group()

@@ -19,9 +19,9 @@ monitors. README "SimSiam, SAM and label-free rwSAM" has the recipe, the monitor
 Paper (CIFAR-10-LT rho 0.01, linear probe %): exp SimSiam 81.4, +SAM 82.1, balanced 82.0, +rwSAM 82.7;
 step 84.3 / 84.7 / 85.8 / 85.6; gap frequent / rare: SimSiam 0.035 / 0.081, +rwSAM 0.037 / 0.066.
 ImageNet-LT (Table 1(b), mean of four fine-tuning targets): SimSiam 80.6, balanced 80.7, +rwSAM 81.4.
-Algorithm 1: one epoch loop in main() runs stage 1 (lines 3–7; or --stage1 PATH via load_stage1), then
-begin_stage2 (line 8: weights_from_training_set → kde_weights), then stage 2 (lines 9–14: train_step, whose
-SAM step is sam_perturbation).
+Algorithm 1 in main(): stage 1 (lines 3–7) is the epoch loop's first epochs (phase) or --stage1 PATH (stage1);
+stage1_weights (line 8: weights_from_training_set → kde_weights); stage2 (line 9), then train_one_epoch (lines
+10–14: train_step, whose SAM step is sam_perturbation); monitor (kNN) and end_epoch after each epoch.
 
 Deliberate differences from the paper and the authors' code (README has the reasons):
 1. Label-free KDE weights computed here (the authors weighted by label, or read a missing weight file).
@@ -59,6 +59,8 @@ LARGE = ("imagenet_lt", "inat")                            # file lists: ResNet-
 ARCHS = ("resnet18", "resnet10", "resnet50")
 SUBSAMPLE = (1.0, 0.75, 0.5, 0.25, 0.125)
 
+
+# ----- flags --------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="SimSiam + SAM / label-free reweighted SAM (paper 2, §4, Algorithm 1).")
@@ -156,17 +158,45 @@ def parse_args(argv=None):
                ([f"sub{args.subsample:g}"] if args.subsample < 1 else [])
         args.out = os.path.join("runs", "-".join(["simsiam_rwsam", args.dataset, f"{args.rho:g}", str(args.seed),
                                                   args.opt, *tags]))
-    check_flag_ranges(args)
+    check_args(args)
     return args
 
 
-def check_flag_ranges(args):
+def check_args(args):
     """Range of every numeric flag, before anything is read or written."""
     check_ranges(args, SHARED_RANGES + [("sam_rho", 0, None, "[)"), ("alpha", 0, None, "[)"),
                                         ("bandwidth", 0, None, "()"), ("stage1_epochs", 1, None, "[)"),
                                         ("knn_every", -1, None, "[)"), ("knn_k", 1, None, "[)"),
                                         ("knn_t", 0, None, "()"), ("knn_val_frac", 0, 1, "()"),
                                         ("gap_views", 1, None, "[)"), ("crop_size", 8, None, "[)")])
+
+
+def check_run(args, world):
+    """The checks of the run's own arguments (after --resume) that need the number of processes."""
+    D.check_rho(args.rho)
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+        fail("--epochs, --batch-size and --lr must be positive")
+    if args.batch_size % world or args.batch_size // world < 2:
+        fail(f"--batch-size {args.batch_size} must split into at least 2 images on each of {world} processes")
+    if args.sam_rho < 0 or args.alpha < 0 or (args.bandwidth is not None and args.bandwidth <= 0):
+        fail("--sam-rho and --alpha must be >= 0 and --bandwidth > 0")
+    if args.knn_k < 1 or args.knn_t <= 0 or not 0 < args.knn_val_frac < 1:
+        fail("--knn-k must be >= 1, --knn-t > 0 and --knn-val-frac in (0, 1)")
+    if args.stage1 and args.opt != "rwsam":
+        fail("--stage1 is the first stage of rwSAM; pass --opt rwsam or drop --stage1")
+    if args.stage1 and args.stage1_epochs is not None:
+        fail("--stage1 replaces stage 1, so --stage1-epochs has nothing to do; drop one of them")
+    if args.stage1_epochs is not None and args.stage1_epochs < 1:
+        fail("--stage1-epochs must be positive")
+    large = args.dataset in LARGE
+    if large and args.knn_every >= 0:
+        fail(f"the kNN monitor and the generalization gap need in-memory data; for {args.dataset} pass "
+             f"--knn-every -1 (its default) and probe the checkpoint with eval_linear.py")
+    if large == (args.arch == "resnet18"):
+        fail(f"--arch {args.arch} is for {'CIFAR-size data' if large else 'file lists'}; use "
+             + ("resnet50 or resnet10 with --dataset " + args.dataset if large else "resnet18 (the CIFAR ResNet-18)"))
+    if args.train_list and not large:
+        fail("--train-list is for --dataset imagenet_lt or inat; drop it")
 
 
 # --resume continues a run with its own arguments; only these (where the run executes) may be given with it
@@ -181,6 +211,8 @@ def fail(msg):
 def fmt(v, width=6, digits=2):
     return f"{v:{width}.{digits}f}" if v is not None else f"{'-':>{width}}"
 
+
+# ----- model --------------------------------------------------------------------------------------
 
 # === shared: resnet18 (identical in every script that uses it) ===
 class ResBlock(nn.Module):
@@ -287,6 +319,40 @@ class SimSiamResNet(ResNetBackbone):
 def build_simsiam(arch):
     return SimSiam() if arch == "resnet18" else SimSiamResNet(arch)
 
+
+def init_state(seed, arch="resnet18"):
+    torch.manual_seed(seed)
+    return build_simsiam(arch).state_dict()
+
+
+def build_model(args, ckpt, n, device, rank, world):
+    """The stages' epochs (run_epochs), SimSiam and SGD (make_optimizer), as --resume's checkpoint left them;
+    under torchrun in DDP (SyncBatchNorm on GPUs). Returns (run, first epoch): run holds what an epoch
+    changes."""
+    if n < args.batch_size:
+        fail(f"the training subset has {n} images, fewer than one batch of {args.batch_size}; lower --batch-size")
+    e1 = run_epochs(args, args.stage1_epochs or args.epochs) if args.opt == "rwsam" and not args.stage1 else 0
+    e2 = run_epochs(args, args.epochs)
+    torch.manual_seed(args.seed)
+    model = build_simsiam(args.arch).to(device)
+    optimizer = make_optimizer(model, args, device)
+    start, kde, best, summary = 0, None, None, {}
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, kde, best, summary = ckpt["epoch"], ckpt.get("kde_weights"), ckpt.get("best"), ckpt.get("summary", {})
+    net = model
+    if world > 1:
+        if device.type == "cuda":
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    run = argparse.Namespace(model=model, net=net, optimizer=optimizer, kde=kde,
+                             weights=kde["weights"].to(device) if kde is not None else None, best=best,
+                             summary=summary, e1=e1, e2=e2, device=device, rank=rank, world=world)
+    return run, start
+
+
+# ----- run files ----------------------------------------------------------------------------------
 
 # === shared: check_ranges (identical in every script) ===
 def check_ranges(args, ranges):
@@ -448,7 +514,7 @@ def load_backbone(model, arch, path):
 # === end shared: checkpoints ===
 
 
-# ----- SimSiam loss, SAM and rwSAM -----------------------------------------------------------------
+# ----- the method (SimSiam Eq. (1)–(2), paper 2 Eq. (2)–(3) and Algorithm 1) ----------------------
 
 def simsiam_loss(z1, z2, p1, p2):
     """Per-example ℓ_i = ½·D(p1, sg z2) + ½·D(p2, sg z1), D = negative cosine (Chen & He Eq. (1)–(2))."""
@@ -465,6 +531,7 @@ def forward_loss(model, x1, x2, amp):
     return simsiam_loss(z1, z2, p1, p2), z_std
 
 
+# === shared: sam (identical in moco_ssp.py and simsiam_rwsam.py) ===
 def sam_perturbation(params, grads, rho, adaptive):
     """ε of paper 2 Algorithm 1 line 12 with p = q = 2: ρ·g/‖g‖₂, one norm over all parameters (Foret
     et al. Eq. (2)). adaptive (ASAM, Kwon et al. 2021, as the authors ran it; the default): ρ·w²·g/‖|w|·g‖₂."""
@@ -478,6 +545,7 @@ def sam_perturbation(params, grads, rho, adaptive):
 
 def bn_buffers(model):
     return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+# === end shared: sam ===
 
 
 def train_step(model, optimizer, x1, x2, opt, rho=0.0, adaptive=False, weights=None, amp=False):
@@ -514,6 +582,7 @@ def train_step(model, optimizer, x1, x2, opt, rho=0.0, adaptive=False, weights=N
     return loss.detach().mean(), loss2.detach().mean(), z_std
 
 
+# === shared: kde (identical in moco_ssp.py and simsiam_rwsam.py) ===
 def kde_weights(feats, alpha, bandwidth=None, seed=0, chunk=2048, pairs=10_000):
     """Paper 2 §4 and Algorithm 1 line 8: w_i = ((1/n)·Σ_j K(f_i − f_j, h))^(−α), Gaussian K.
 
@@ -544,6 +613,7 @@ def kde_weights(feats, alpha, bandwidth=None, seed=0, chunk=2048, pairs=10_000):
     log_w = -alpha * density.log()
     weights = torch.exp(log_w - torch.logsumexp(log_w, 0)) * n
     return weights.float(), density, h
+# === end shared: kde ===
 
 
 @torch.no_grad()
@@ -570,78 +640,37 @@ def weights_from_training_set(model, loader, alpha, bandwidth, seed, amp=False):
         raise D.DataError(str(e)) from None
 
 
-# ----- monitors ------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def knn_top1(mem_f, mem_y, q_f, q_y, num_classes, k=200, t=0.1, chunk=1024, class_mean=False):
-    """Weighted kNN (Wu et al. 2018): the k most cosine-similar memory features vote for their class with
-    weight exp(sim/t); top-1 % over the queries (class_mean: and the mean over classes of per-class %)."""
-    k = min(k, len(mem_f))
-    hits = torch.zeros(num_classes, dtype=torch.long)
-    for s in range(0, len(q_f), chunk):
-        sim, i = (q_f[s:s + chunk] @ mem_f.T).topk(k, dim=1)
-        votes = torch.zeros(len(sim), num_classes, device=sim.device, dtype=sim.dtype)
-        votes.scatter_add_(1, mem_y[i], (sim / t).exp())
-        y = q_y[s:s + chunk]
-        hits += torch.bincount(y[votes.argmax(1) == y], minlength=num_classes).cpu()
-    top1 = 100.0 * hits.sum().item() / len(q_f)
-    if not class_mean:
-        return top1
-    seen = torch.bincount(q_y, minlength=num_classes).cpu()
-    return top1, float(100.0 * (hits[seen > 0].double() / seen[seen > 0]).mean())
+def lr_at(epoch, epochs, base):
+    """Cosine per epoch (0-based) over one stage."""
+    return 0.5 * base * (1 + math.cos(math.pi * epoch / epochs))
 
 
-@torch.no_grad()
-def class_mean_loss(model, loader, num_classes, amp=False, draw=0):
-    """Mean per-example SimSiam loss per class, eval mode, the loader's seeded views of draw `draw` (one
-    pair of views per image; NaN: no image)."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(num_classes, dtype=torch.float64)
-    count = torch.zeros(num_classes, dtype=torch.float64)
-    for (x1, x2), y, _ in loader.epoch(draw):
-        loss, _ = forward_loss(model, x1, x2, amp)
-        total += torch.bincount(y, weights=loss.double(), minlength=num_classes).cpu()
-        count += torch.bincount(y, minlength=num_classes).cpu().double()
-    model.train(was_training)
-    return (total / count).tolist()
+def run_epochs(args, epochs):
+    """The size-sweep rule: `--epochs` is the budget of the full-size variant; with `--subsample r` < 1 the
+    script trains round(epochs / r) epochs so that the number of optimizer steps matches the full variant
+    (App. A.1), and prints it at start; `--same-epochs` turns the scaling off."""
+    return epochs if args.subsample >= 1 or args.same_epochs else round(epochs / args.subsample)
 
 
-def gap_over_views(model, train_loader, heldout_loader, num_classes, frequent, rare, views, amp=False):
-    """Table 1(a)'s gap averaged over `views` seeded draws of view pairs (draw v = epoch v of the seeded
-    loaders), with its standard error over the draws, std(ddof=1)/√views: one pair of views of the 250
-    rare training images of step CIFAR-10-LT leaves an error of the order of the gaps' differences."""
-    draws = [generalization_gap(class_mean_loss(model, train_loader, num_classes, amp, v),
-                                class_mean_loss(model, heldout_loader, num_classes, amp, v), frequent, rare)
-             for v in range(views)]
-    out = {}
-    for name in ("frequent", "rare"):
-        gaps = np.array([d[name]["gap"] for d in draws])
-        out[name] = {"gap": float(gaps.mean()),
-                     "se": float(gaps.std(ddof=1) / math.sqrt(views)) if views > 1 else None,
-                     "train_loss": float(np.mean([d[name]["train_loss"] for d in draws])),
-                     "heldout_loss": float(np.mean([d[name]["heldout_loss"] for d in draws])),
-                     "views": views, "per_view": gaps.tolist()}
-    return out
+def make_optimizer(model, args, device):
+    """SGD; with --fix-pred-lr the predictor is a group of its own whose lr stays at --lr (Chen & He)."""
+    if not args.fix_pred_lr:
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
+                               fused=device.type == "cuda")
+    pred = [p for n, p in model.named_parameters() if n.startswith("predictor.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("predictor.")]
+    return torch.optim.SGD([{"params": rest, "fix_lr": False}, {"params": pred, "fix_lr": True}], lr=args.lr,
+                           momentum=args.momentum, weight_decay=args.wd, fused=device.type == "cuda")
 
 
-def generalization_gap(train_loss, heldout_loss, frequent, rare):
-    """Paper 2 Table 1(a): held-out minus training pre-training loss, class means averaged per group."""
-    out = {}
-    for name, classes in (("frequent", frequent), ("rare", rare)):
-        tr = float(np.nanmean([train_loss[c] for c in classes]))
-        ho = float(np.nanmean([heldout_loss[c] for c in classes]))
-        out[name] = {"gap": ho - tr, "train_loss": tr, "heldout_loss": ho}
-    return out
+# ----- data ---------------------------------------------------------------------------------------
 
-
-# ----- data ----------------------------------------------------------------------------------------
-
+# === shared: training_subset (identical in ldam_drw.py, moco_ssp.py and simsiam_rwsam.py) ===
 def training_subset(train_y, args):
-    """Dataset indices of the pre-training images and of the --val-frac images left out of them.
-
-    Paper 2 §2.2 / App. A.1: the exp or step long-tailed subset, downsampled per class by --subsample;
-    --balanced replaces it by a class-balanced subset of the same size."""
+    """Dataset indices of the training images and of the --val-frac images left out of them: paper 2
+    §2.2 / App. A.1, the same datasets_lt calls in the same order as simsiam_rwsam.py, so one --data-seed
+    gives the same images in every script. The exp or step long-tailed subset, downsampled per class by
+    --subsample; --balanced replaces it by a class-balanced subset of the same size."""
     idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
                              D.CLASS_ORDER.get(args.dataset))
     if args.subsample < 1:
@@ -649,6 +678,7 @@ def training_subset(train_y, args):
     if args.balanced:
         idx = D.balanced_subset(train_y, len(idx), args.data_seed)
     return D.carve_val(idx, train_y, args.val_frac, args.data_seed)
+# === end shared: training_subset ===
 
 
 def ssl_batches(images, batch_size, mean, std, epoch, seed, rank=0, world=1, chunk=8192):
@@ -762,7 +792,7 @@ class PlainList:
         return list_plain_batches(self.args, self.idx, self.device)
 
 
-def build_list_data(args, device):
+def build_list_data(args, device, rank, world):
     """ImageNet-LT / iNat: the list is the variant (python datasets_lt.py --train-list writes paper 2's);
     --val-frac carves a validation split from it. Two views per image in DataLoader workers."""
     if not args.train_list:
@@ -776,16 +806,15 @@ def build_list_data(args, device):
     data = argparse.Namespace(names=None, C=C, idx=idx, val_idx=val_idx, mean=D.IMAGENET_MEAN, std=D.IMAGENET_STD,
                               counts=np.bincount(ds.labels[idx], minlength=C).tolist(), labels=ds.labels[idx],
                               images=None)
-    rank, world = dist_env()[:2]
     data.train = ListViews(ds, idx, args.batch_size // world, args.seed, args.workers, device, rank, world)
     data.train_eval = PlainList(args, idx, device)
     return data
 
 
-def build_data(args, device, rank):
+def build_data(args, device, rank, world):
     """Everything the run reads: training images (device, uint8), eval loaders, monitor sets."""
     if args.dataset in LARGE:
-        return build_list_data(args, device)
+        return build_list_data(args, device, rank, world)
     train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
     test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
     C = len(names)
@@ -815,7 +844,128 @@ def build_data(args, device, rank):
     return data
 
 
-# ----- main ----------------------------------------------------------------------------------------
+# ----- one epoch ----------------------------------------------------------------------------------
+
+def train_one_epoch(run, data, epoch, args):
+    """One epoch of the stage's rule (phase): SimSiam steps (sgd), SAM or rwSAM steps (train_step). Returns (row:
+    epoch, rule, epoch of the stage, lr, mean loss, second-pass loss and z_std over all processes; the first
+    step whose loss was not finite, -1 if none; steps)."""
+    opt, e, epochs = phase(args, run, epoch)
+    lr = lr_at(e, epochs, args.lr)
+    for group in run.optimizer.param_groups:
+        group["lr"] = args.lr if group.get("fix_lr") else lr
+    run.model.train()
+    device, rank, world = run.device, run.rank, run.world
+    sums = torch.zeros(3, device=device, dtype=torch.float64)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    steps = 0
+    batches = (ssl_batches(data.images, args.batch_size, data.mean, data.std, epoch, args.seed, rank, world)
+               if data.images is not None else ((views, pos) for views, _, pos in data.train.epoch(epoch)))
+    for step, ((x1, x2), pos) in enumerate(batches):
+        steps += 1
+        w = run.weights[pos.to(device)] if opt == "rwsam" else None
+        loss, loss2, z_std = train_step(run.model, run.optimizer, x1, x2, opt, args.sam_rho, args.adaptive, w, args.amp)
+        bad = ~(torch.isfinite(loss) & torch.isfinite(loss2))
+        first_bad = torch.where((first_bad < 0) & bad, step, first_bad)
+        sums += torch.stack([loss, loss2, z_std]).double()
+    if world > 1:
+        dist.all_reduce(sums)
+        sums /= world
+    loss_avg, loss2_avg, z_avg = (sums / steps).tolist()
+    return {"epoch": epoch + 1, "opt": opt, "stage_epoch": e + 1, "lr": lr, "loss": loss_avg,
+            "loss_perturbed": loss2_avg if opt != "sgd" else None, "z_std": z_avg}, first_bad, steps
+
+
+def monitor(args, run, data, epoch):
+    """The kNN monitor (rank 0, CIFAR-size data) every --knn-every epochs and at each stage's end (-1: off):
+    knn_top1 of the backbone features, queries against the memory bank; the best stage-2 epoch goes to
+    run.best. Returns (top-1, class mean), None when off."""
+    _, e, epochs = phase(args, run, epoch)
+    if not (args.knn_every >= 0 and (e + 1 == epochs or (args.knn_every and (e + 1) % args.knn_every == 0))):
+        return None, None
+    mem_f, mem_y = embed(run.net, data.knn_mem, args.amp)
+    q_f, q_y = embed(run.net, data.knn_query, args.amp)
+    knn_now, knn_cm = knn_top1(mem_f, mem_y, q_f, q_y, data.C, args.knn_k, args.knn_t, class_mean=True)
+    if epoch >= run.e1 and (run.best is None or knn_now > run.best["knn_top1"]):
+        run.best = {"epoch": epoch + 1, "knn_top1": knn_now}
+    return knn_now, knn_cm
+
+
+@torch.no_grad()
+def knn_top1(mem_f, mem_y, q_f, q_y, num_classes, k=200, t=0.1, chunk=1024, class_mean=False):
+    """Weighted kNN (Wu et al. 2018): the k most cosine-similar memory features vote for their class with
+    weight exp(sim/t); top-1 % over the queries (class_mean: and the mean over classes of per-class %)."""
+    k = min(k, len(mem_f))
+    hits = torch.zeros(num_classes, dtype=torch.long)
+    for s in range(0, len(q_f), chunk):
+        sim, i = (q_f[s:s + chunk] @ mem_f.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device, dtype=sim.dtype)
+        votes.scatter_add_(1, mem_y[i], (sim / t).exp())
+        y = q_y[s:s + chunk]
+        hits += torch.bincount(y[votes.argmax(1) == y], minlength=num_classes).cpu()
+    top1 = 100.0 * hits.sum().item() / len(q_f)
+    if not class_mean:
+        return top1
+    seen = torch.bincount(q_y, minlength=num_classes).cpu()
+    return top1, float(100.0 * (hits[seen > 0].double() / seen[seen > 0]).mean())
+
+
+@torch.no_grad()
+def class_mean_loss(model, loader, num_classes, amp=False, draw=0):
+    """Mean per-example SimSiam loss per class, eval mode, the loader's seeded views of draw `draw` (one
+    pair of views per image; NaN: no image)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(num_classes, dtype=torch.float64)
+    count = torch.zeros(num_classes, dtype=torch.float64)
+    for (x1, x2), y, _ in loader.epoch(draw):
+        loss, _ = forward_loss(model, x1, x2, amp)
+        total += torch.bincount(y, weights=loss.double(), minlength=num_classes).cpu()
+        count += torch.bincount(y, minlength=num_classes).cpu().double()
+    model.train(was_training)
+    return (total / count).tolist()
+
+
+def gap_over_views(model, train_loader, heldout_loader, num_classes, frequent, rare, views, amp=False):
+    """Table 1(a)'s gap averaged over `views` seeded draws of view pairs (draw v = epoch v of the seeded
+    loaders), with its standard error over the draws, std(ddof=1)/√views: one pair of views of the 250
+    rare training images of step CIFAR-10-LT leaves an error of the order of the gaps' differences."""
+    draws = [generalization_gap(class_mean_loss(model, train_loader, num_classes, amp, v),
+                                class_mean_loss(model, heldout_loader, num_classes, amp, v), frequent, rare)
+             for v in range(views)]
+    out = {}
+    for name in ("frequent", "rare"):
+        gaps = np.array([d[name]["gap"] for d in draws])
+        out[name] = {"gap": float(gaps.mean()),
+                     "se": float(gaps.std(ddof=1) / math.sqrt(views)) if views > 1 else None,
+                     "train_loss": float(np.mean([d[name]["train_loss"] for d in draws])),
+                     "heldout_loss": float(np.mean([d[name]["heldout_loss"] for d in draws])),
+                     "views": views, "per_view": gaps.tolist()}
+    return out
+
+
+def generalization_gap(train_loss, heldout_loss, frequent, rare):
+    """Paper 2 Table 1(a): held-out minus training pre-training loss, class means averaged per group."""
+    out = {}
+    for name, classes in (("frequent", frequent), ("rare", rare)):
+        tr = float(np.nanmean([train_loss[c] for c in classes]))
+        ho = float(np.nanmean([heldout_loss[c] for c in classes]))
+        out[name] = {"gap": ho - tr, "train_loss": tr, "heldout_loss": ho}
+    return out
+
+
+def stage_end(args, run, data, name, knn_now, knn_cm=None):
+    """kNN and generalization gap of the model as it stands (rank 0), stored under run.summary[name]."""
+    gap = gap_over_views(run.net, data.gap_train, data.gap_heldout, data.C, data.frequent, data.rare,
+                         args.gap_views, args.amp)
+    run.summary[name] = {"knn_top1": knn_now, "knn_class_mean": knn_cm, "gap": gap}
+    se = lambda g: f" ± {g['se']:.4f}" if g["se"] is not None else ""
+    print(f"{name}: kNN {fmt(knn_now)}%, generalization gap frequent {gap['frequent']['gap']:.4f}"
+          f"{se(gap['frequent'])}, rare {gap['rare']['gap']:.4f}{se(gap['rare'])} (± standard error over "
+          f"{args.gap_views} seeded view draws)")
+
+
+# ----- main ---------------------------------------------------------------------------------------
 
 def dist_env():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
@@ -843,85 +993,9 @@ def setup_device(args, local_rank, world):
     return device
 
 
-def check_args(args, world):
-    D.check_rho(args.rho)
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-        fail("--epochs, --batch-size and --lr must be positive")
-    if args.batch_size % world or args.batch_size // world < 2:
-        fail(f"--batch-size {args.batch_size} must split into at least 2 images on each of {world} processes")
-    if args.sam_rho < 0 or args.alpha < 0 or (args.bandwidth is not None and args.bandwidth <= 0):
-        fail("--sam-rho and --alpha must be >= 0 and --bandwidth > 0")
-    if args.knn_k < 1 or args.knn_t <= 0 or not 0 < args.knn_val_frac < 1:
-        fail("--knn-k must be >= 1, --knn-t > 0 and --knn-val-frac in (0, 1)")
-    if args.stage1 and args.opt != "rwsam":
-        fail("--stage1 is the first stage of rwSAM; pass --opt rwsam or drop --stage1")
-    if args.stage1 and args.stage1_epochs is not None:
-        fail("--stage1 replaces stage 1, so --stage1-epochs has nothing to do; drop one of them")
-    if args.stage1_epochs is not None and args.stage1_epochs < 1:
-        fail("--stage1-epochs must be positive")
-    large = args.dataset in LARGE
-    if large and args.knn_every >= 0:
-        fail(f"the kNN monitor and the generalization gap need in-memory data; for {args.dataset} pass "
-             f"--knn-every -1 (its default) and probe the checkpoint with eval_linear.py")
-    if large == (args.arch == "resnet18"):
-        fail(f"--arch {args.arch} is for {'CIFAR-size data' if large else 'file lists'}; use "
-             + ("resnet50 or resnet10 with --dataset " + args.dataset if large else "resnet18 (the CIFAR ResNet-18)"))
-    if args.train_list and not large:
-        fail("--train-list is for --dataset imagenet_lt or inat; drop it")
-
-
-def load_stage1(args):
-    """--stage1 PATH: its backbone (checked and reported by the shared loader), and its heads when stage 2
-    continues from it."""
-    backbone = ResNet18() if args.arch == "resnet18" else ResNetBackbone(args.arch)
-    arch = load_checkpoint(args.stage1)["arch"]
-    if arch != args.arch:
-        fail(f"'{args.stage1}' holds a {arch} backbone; --stage1 needs a {args.arch} checkpoint, "
-             f"e.g. the stage1.pt or last.pt of a simsiam_rwsam.py run")
-    ckpt = load_backbone(backbone, args.arch, args.stage1)
-    state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
-    full = None
-    if args.stage2_init == "stage1":
-        want = build_simsiam(args.arch).state_dict()
-        bad = [k for k in want if k not in state or state[k].shape != want[k].shape]
-        if bad:
-            fail(f"'{args.stage1}' lacks the SimSiam heads ({bad[0]}, …) that stage 2 continues from; "
-                 f"pass --stage2-init scratch to use only its backbone for the weights")
-        full = {k: state[k] for k in want}
-    return backbone, full
-
-
-def run_epochs(args, epochs):
-    """The size-sweep rule: `--epochs` is the budget of the full-size variant; with `--subsample r` < 1 the
-    script trains round(epochs / r) epochs so that the number of optimizer steps matches the full variant
-    (App. A.1), and prints it at start; `--same-epochs` turns the scaling off."""
-    return epochs if args.subsample >= 1 or args.same_epochs else round(epochs / args.subsample)
-
-
-def init_state(seed, arch="resnet18"):
-    torch.manual_seed(seed)
-    return build_simsiam(arch).state_dict()
-
-
-def lr_at(epoch, epochs, base):
-    """Cosine per epoch (0-based) over one stage."""
-    return 0.5 * base * (1 + math.cos(math.pi * epoch / epochs))
-
-
-def make_optimizer(model, args, device):
-    """SGD; with --fix-pred-lr the predictor is a group of its own whose lr stays at --lr (Chen & He)."""
-    if not args.fix_pred_lr:
-        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
-                               fused=device.type == "cuda")
-    pred = [p for n, p in model.named_parameters() if n.startswith("predictor.")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("predictor.")]
-    return torch.optim.SGD([{"params": rest, "fix_lr": False}, {"params": pred, "fix_lr": True}], lr=args.lr,
-                           momentum=args.momentum, weight_decay=args.wd, fused=device.type == "cuda")
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, local_rank = dist_env()
+def resume_run(args, rank, world):
+    """--resume PATH: the run's own arguments back (resume_args), then the run's checks (check_run) and no new
+    run over an occupied --out. Returns (args, checkpoint or None)."""
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
@@ -936,210 +1010,95 @@ def main(argv=None):
         if rank == 0:
             print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
     try:
-        check_args(args, world)
+        check_run(args, world)
     except D.DataError as e:
         fail(str(e))
     if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
-        fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, or pass another --out")
-    stage1_backbone = stage1_full = None
-    if args.stage1 and (ckpt is None or ckpt.get("kde_weights") is None):
-        stage1_backbone, stage1_full = load_stage1(args) if rank == 0 else load_stage1_quiet(args)
-    device = setup_device(args, local_rank, world)
-    try:
-        data = build_data(args, device, rank)
-    except D.DataError as e:
-        fail(str(e))
-    n = len(data.idx)
-    if n < args.batch_size:
-        fail(f"the training subset has {n} images, fewer than one batch of {args.batch_size}; lower --batch-size")
+        fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, "
+             f"or pass another --out")
+    return args, ckpt
 
-    e1 = run_epochs(args, args.stage1_epochs or args.epochs) if args.opt == "rwsam" and not args.stage1 else 0
-    e2 = run_epochs(args, args.epochs)
-    total = e1 + e2
 
-    def phase(g):
-        """(optimiser rule, epoch within the stage, epochs of the stage) of 0-based global epoch g."""
-        return ("sgd", g, e1) if g < e1 else (args.opt, g - e1, e2)
-
-    torch.manual_seed(args.seed)
-    model = build_simsiam(args.arch).to(device)
-    optimizer = make_optimizer(model, args, device)
-    start, kde, best, summary = 0, None, None, {}
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, kde, best, summary = ckpt["epoch"], ckpt.get("kde_weights"), ckpt.get("best"), ckpt.get("summary", {})
-    net = model
-    if world > 1:
-        if device.type == "cuda":
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    weights = kde["weights"].to(device) if kde is not None else None
-
+def open_run(args, ckpt, run, data, start):
+    """Rank 0: the run's folder with args.json, the source and the training indices (a new run), metrics.jsonl
+    cut back to the checkpoint (a resumed run), then the lines printed above the epoch table; a resumed run
+    writes again the stage1.pt / kde_weights.pt an interrupted write may have lost."""
+    if run.rank != 0:
+        return
     metrics = os.path.join(args.out, "metrics.jsonl")
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
-            meta = {**vars(args), "world_size": world, "torch": torch.__version__, "cuda": torch.version.cuda,
-                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-            write_json(os.path.join(args.out, "args.json"), meta)
-            copy_source(__file__, args.out)
-            D.save_indices(os.path.join(args.out, "train_indices.json"), data.idx, data.val_idx)
-        # a resumed run drops the epochs logged after its checkpoint
-        write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
-        init = "from a fresh model" if args.stage2_init == "scratch" else "continuing stage 1"
-        plan = (f"stage 1 SimSiam {e1} epochs, then rwSAM {e2} {init}" if e1 else
-                f"rwSAM {e2} epochs {init}, weights from --stage1 {args.stage1}" if args.opt == "rwsam" else
-                f"{'SimSiam' if args.opt == 'sgd' else 'SimSiam + SAM'} {e2} epochs")
-        if args.subsample < 1:
-            print(f"--subsample {args.subsample:g}: " + (
-                f"--same-epochs, {args.epochs} epochs as the full variant (fewer optimizer steps)" if args.same_epochs
-                else f"{e2} = round({args.epochs} / {args.subsample:g}) epochs, the optimizer steps of the full "
-                     f"variant's {args.epochs} (paper 2 App. A.1; --same-epochs turns this off)"))
-        counts = data.counts if data.images is not None else f"{data.counts[:3]}…{data.counts[-1]}"
-        print(f"{args.dataset} rho={args.rho:g} ({args.imb_type}{', balanced' if args.balanced else ''}"
-              f"{f', subsample {args.subsample:g}' if args.subsample < 1 else ''}): {n} training images "
-              f"{counts}; {plan}; {args.arch}, batch {args.batch_size} on {world} × {device}, lr {args.lr:g}"
-              + (" (predictor: fixed)" if args.fix_pred_lr else "")
-              + (f", SAM ρ={args.sam_rho:g}{' adaptive' if args.adaptive else ''}" if args.opt != "sgd" else ""))
-        print(f"{'epoch':>5} {'opt':>5} {'lr':>8} {'loss':>8} {'z_std':>7} {'knn':>6} {'s':>6}")
-
-    def save(state_name, g, **recipe):
-        state = {"script": "simsiam_rwsam.py", "arch": args.arch, "model": net.state_dict(), "epoch": g,
-                 "optimizer": optimizer.state_dict(), "args": {**vars(args), **recipe}, "class_counts": data.counts,
-                 "rng": {"torch": torch.get_rng_state()}, "kde_weights": kde, "best": best, "summary": summary,
-                 "mean": data.mean, "std": data.std}
-        save_atomic(state, os.path.join(args.out, state_name))
-
-    def stage_end(name, knn_now, knn_cm=None):
-        """kNN and generalization gap of the model as it stands (rank 0), stored under summary[name]."""
-        gap = gap_over_views(net, data.gap_train, data.gap_heldout, data.C, data.frequent, data.rare,
-                             args.gap_views, args.amp)
-        summary[name] = {"knn_top1": knn_now, "knn_class_mean": knn_cm, "gap": gap}
-        se = lambda g: f" ± {g['se']:.4f}" if g["se"] is not None else ""
-        print(f"{name}: kNN {fmt(knn_now)}%, generalization gap frequent {gap['frequent']['gap']:.4f}"
-              f"{se(gap['frequent'])}, rare {gap['rare']['gap']:.4f}{se(gap['rare'])} (± standard error over "
-              f"{args.gap_views} seeded view draws)")
-
-    if rank == 0 and ckpt is not None:                     # what an interrupted write may have lost
-        if e1 and start == e1 and kde is None and not os.path.exists(os.path.join(args.out, "stage1.pt")):
-            save("stage1.pt", e1, opt="sgd", epochs=args.stage1_epochs or args.epochs, stage1_epochs=None,
-                 stage1_of=args.out)
-        if kde is not None and "density" in kde and not os.path.exists(os.path.join(args.out, "kde_weights.pt")):
-            save_atomic(kde, os.path.join(args.out, "kde_weights.pt"))
-
-    t_run = time.time()
-    for g in range(start, total):
-        opt, e, epochs = phase(g)
-        if opt == "rwsam" and kde is None:                 # Algorithm 1 line 8, then stage 2 from line 9
-            try:
-                kde = begin_stage2(args, data, net, stage1_backbone, stage1_full, device, rank, world)
-            except D.DataError as err:
-                fail(str(err))
-            weights = kde["weights"].to(device)
-            if rank == 0:
-                save_atomic(kde, os.path.join(args.out, "kde_weights.pt"))
-            optimizer = make_optimizer(net, args, device)
-        t0 = time.time()
-        lr = lr_at(e, epochs, args.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr if group.get("fix_lr") else lr
-        model.train()
-        sums = torch.zeros(3, device=device, dtype=torch.float64)
-        first_bad = torch.full((), -1, device=device, dtype=torch.long)
-        steps = 0
-        batches = (ssl_batches(data.images, args.batch_size, data.mean, data.std, g, args.seed, rank, world)
-                   if data.images is not None else ((views, pos) for views, _, pos in data.train.epoch(g)))
-        for step, ((x1, x2), pos) in enumerate(batches):
-            w = weights[pos.to(device)] if opt == "rwsam" else None
-            loss, loss2, z_std = train_step(model, optimizer, x1, x2, opt, args.sam_rho, args.adaptive, w, args.amp)
-            bad = ~(torch.isfinite(loss) & torch.isfinite(loss2))
-            first_bad = torch.where((first_bad < 0) & bad, step, first_bad)
-            sums += torch.stack([loss, loss2, z_std]).double()
-            steps += 1
-        if world > 1:
-            dist.all_reduce(sums)
-            sums /= world
-        bad_tensor = nonfinite_tensor(net)
-        bad = torch.stack([first_bad, torch.tensor(int(bad_tensor is not None), device=device)])
-        if world > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad[0].item() >= 0 or bad[1].item() > 0:
-            where = (f"loss is not finite at epoch {g + 1}, step {bad[0].item() + 1}" if bad[0].item() >= 0 else
-                     f"'{bad_tensor or 'a tensor of another process'}' is not finite after epoch {g + 1}, "
-                     f"step {steps}")
-            if rank == 0:
-                stop_diverged(where, args.out, g)
-            sys.exit(1)
-        seconds = time.time() - t0
-        loss_avg, loss2_avg, z_avg = (sums / steps).tolist()
-        if rank == 0:
-            last_of_stage = e + 1 == epochs
-            knn_now, knn_cm, t_knn = None, None, time.time()
-            if args.knn_every >= 0 and (last_of_stage or (args.knn_every and (e + 1) % args.knn_every == 0)):
-                mem_f, mem_y = embed(net, data.knn_mem, args.amp)
-                q_f, q_y = embed(net, data.knn_query, args.amp)
-                knn_now, knn_cm = knn_top1(mem_f, mem_y, q_f, q_y, data.C, args.knn_k, args.knn_t, class_mean=True)
-                if g >= e1 and (best is None or knn_now > best["knn_top1"]):
-                    best = {"epoch": g + 1, "knn_top1": knn_now}
-            row = {"epoch": g + 1, "opt": opt, "stage_epoch": e + 1, "lr": lr, "loss": loss_avg,
-                   "loss_perturbed": loss2_avg if opt != "sgd" else None, "z_std": z_avg, "knn_top1": knn_now,
-                   "knn_class_mean": knn_cm, "seconds": seconds, "knn_seconds": time.time() - t_knn}
-            append_metrics(metrics, row)
-            print(f"{g + 1:5d} {opt:>5} {lr:8.5f} {loss_avg:8.4f} {z_avg:7.4f} {fmt(knn_now)} {seconds:6.2f}",
-                  flush=True)
-            if last_of_stage and args.knn_every >= 0:
-                stage_end("stage1" if g < e1 else "final", knn_now, knn_cm)
-            if g + 1 == e1:                                # before last.pt: a kill between the two redoes the epoch
-                save("stage1.pt", g + 1, opt="sgd", epochs=args.stage1_epochs or args.epochs, stage1_epochs=None,
-                     stage1_of=args.out)
-            save("last.pt", g + 1)
-
-    if rank == 0:
-        rows = read_metrics(metrics)
-        per_epoch = {o: float(np.median([r["seconds"] for r in rows if r["opt"] == o]))
-                     for o in sorted({r["opt"] for r in rows})}
-        final = {"script": "simsiam_rwsam.py", "arch": args.arch, "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type,
-                 "balanced": args.balanced, "subsample": args.subsample, "opt": args.opt, "sam_rho": args.sam_rho,
-                 "adaptive": args.adaptive, "alpha": args.alpha, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs,
-                 "epochs_trained": e2, "same_epochs": args.same_epochs, "stage1_epochs": e1, "stage1": args.stage1, "stage2_init": args.stage2_init, "world_size": world,
-                 "n_train": n, "class_counts": data.counts, "last": summary.get("final"),
-                 "stage1_result": summary.get("stage1"), "best_knn_on_val": best,
-                 "knn_queries": "--val-frac split (left out of pre-training)" if len(data.val_idx) else
-                                "--knn-val-frac of the full training split",
-                 "kde": None if kde is None else {k: kde[k] for k in ("bandwidth", "alpha", "source",
-                                                                      "per_class_mean_weight")},
-                 "checkpoint": os.path.join(args.out, "last.pt"), "seconds_per_epoch": per_epoch,
-                 "wall_seconds": time.time() - t_run}
-        write_json(os.path.join(args.out, "final.json"), final)
-        last = summary.get("final") or {}
-        knn = last.get("knn_top1")
-        print(f"done: {args.out}/last.pt" + (f"; kNN (validation split) {knn:.2f}%" if knn is not None else "")
-              + (f"; stage 1 (SimSiam) in {args.out}/stage1.pt" if e1 else ""))
-    if world > 1:
-        # DDP's reducer must not hold the last reference to a gloo group: freeing the group there (with
-        # the GIL held) can deadlock against a worker thread still releasing the barrier's tensors.
-        dist.barrier()
-        del model
-        gc.collect()
-        dist.destroy_process_group()
+    os.makedirs(args.out, exist_ok=True)
+    if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
+        meta = {**vars(args), "world_size": run.world, "torch": torch.__version__, "cuda": torch.version.cuda,
+                "device": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"}
+        write_json(os.path.join(args.out, "args.json"), meta)
+        copy_source(__file__, args.out)
+        D.save_indices(os.path.join(args.out, "train_indices.json"), data.idx, data.val_idx)
+    # a resumed run drops the epochs logged after its checkpoint
+    write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
+    n, e1, e2 = len(data.idx), run.e1, run.e2
+    init = "from a fresh model" if args.stage2_init == "scratch" else "continuing stage 1"
+    plan = (f"stage 1 SimSiam {e1} epochs, then rwSAM {e2} {init}" if e1 else
+            f"rwSAM {e2} epochs {init}, weights from --stage1 {args.stage1}" if args.opt == "rwsam" else
+            f"{'SimSiam' if args.opt == 'sgd' else 'SimSiam + SAM'} {e2} epochs")
+    if args.subsample < 1:
+        print(f"--subsample {args.subsample:g}: " + (
+            f"--same-epochs, {args.epochs} epochs as the full variant (fewer optimizer steps)" if args.same_epochs
+            else f"{e2} = round({args.epochs} / {args.subsample:g}) epochs, the optimizer steps of the full "
+                 f"variant's {args.epochs} (paper 2 App. A.1; --same-epochs turns this off)"))
+    counts = data.counts if data.images is not None else f"{data.counts[:3]}…{data.counts[-1]}"
+    print(f"{args.dataset} rho={args.rho:g} ({args.imb_type}{', balanced' if args.balanced else ''}"
+          f"{f', subsample {args.subsample:g}' if args.subsample < 1 else ''}): {n} training images "
+          f"{counts}; {plan}; {args.arch}, batch {args.batch_size} on {run.world} × {run.device}, lr {args.lr:g}"
+          + (" (predictor: fixed)" if args.fix_pred_lr else "")
+          + (f", SAM ρ={args.sam_rho:g}{' adaptive' if args.adaptive else ''}" if args.opt != "sgd" else ""))
+    print(f"{'epoch':>5} {'opt':>5} {'lr':>8} {'loss':>8} {'z_std':>7} {'knn':>6} {'s':>6}")
+    if ckpt is not None:                                   # what an interrupted write may have lost
+        if e1 and start == e1 and run.kde is None and not os.path.exists(os.path.join(args.out, "stage1.pt")):
+            save_state(args, run, data, "stage1.pt", e1, opt="sgd", epochs=args.stage1_epochs or args.epochs,
+                       stage1_epochs=None, stage1_of=args.out)
+        if run.kde is not None and "density" in run.kde and not os.path.exists(os.path.join(args.out, "kde_weights.pt")):
+            save_atomic(run.kde, os.path.join(args.out, "kde_weights.pt"))
 
 
-def load_stage1_quiet(args):
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-        return load_stage1(args)
+def stage1(args, ckpt, rank):
+    """Algorithm 1 lines 3–7: without --stage1, the epoch loop's first epochs (phase); with --stage1 PATH, its
+    backbone (checked and reported by the shared loader, quiet on ranks > 0) gives stage1_weights the features,
+    and its heads stage 2 when it continues from it. Returns (backbone, full state), None where unused."""
+    if not args.stage1 or (ckpt is not None and ckpt.get("kde_weights") is not None):
+        return None, None
+    with open(os.devnull, "w") as sink, (contextlib.redirect_stdout(sink) if rank else contextlib.nullcontext()):
+        backbone = ResNet18() if args.arch == "resnet18" else ResNetBackbone(args.arch)
+        arch = load_checkpoint(args.stage1)["arch"]
+        if arch != args.arch:
+            fail(f"'{args.stage1}' holds a {arch} backbone; --stage1 needs a {args.arch} checkpoint, "
+                 f"e.g. the stage1.pt or last.pt of a simsiam_rwsam.py run")
+        saved = load_backbone(backbone, args.arch, args.stage1)
+    state = {k.removeprefix("module."): v for k, v in saved["model"].items()}
+    full = None
+    if args.stage2_init == "stage1":
+        want = build_simsiam(args.arch).state_dict()
+        bad = [k for k in want if k not in state or state[k].shape != want[k].shape]
+        if bad:
+            fail(f"'{args.stage1}' lacks the SimSiam heads ({bad[0]}, …) that stage 2 continues from; "
+                 f"pass --stage2-init scratch to use only its backbone for the weights")
+        full = {k: state[k] for k in want}
+    return backbone, full
 
 
-def begin_stage2(args, data, net, stage1_backbone, stage1_full, device, rank, world):
-    """Algorithm 1 line 8 (KDE weights from the stage-1 features, rank 0, broadcast), then the model stage 2
-    starts from: the stage-1 model as it stands (line 9 keeps φ), --stage1's, or a fresh one."""
+def stage1_weights(args, data, net, stage1_backbone, device, rank, world):
+    """Algorithm 1 line 8 on rank 0, broadcast: KDE weights (weights_from_training_set → kde_weights) of the
+    stage-1 features, from this run's stage-1 model `net` or --stage1's backbone. Labels are read only for the
+    printed mean weight per class."""
     source = "stage 1 of this run" if stage1_backbone is None else args.stage1
     weights = torch.empty(len(data.idx), device=device)
     kde = None
     if rank == 0:
         feature_net = net if stage1_backbone is None else stage1_backbone.to(device)
-        w, density, h = weights_from_training_set(feature_net, data.train_eval, args.alpha, args.bandwidth,
-                                                  args.seed, args.amp)
+        try:
+            w, density, h = weights_from_training_set(feature_net, data.train_eval, args.alpha, args.bandwidth,
+                                                      args.seed, args.amp)
+        except D.DataError as e:
+            fail(str(e))
         weights.copy_(w)
         labels = np.asarray(data.labels)
         w_np = w.cpu().numpy()
@@ -1151,13 +1110,124 @@ def begin_stage2(args, data, net, stage1_backbone, stage1_full, device, rank, wo
               + " ".join(f"{v:.2f}" if v is not None else "-" for v in per_class))
     if world > 1:
         dist.broadcast(weights, 0)
-    if kde is None:
-        kde = {"weights": weights.cpu()}
+    return kde if kde is not None else {"weights": weights.cpu()}
+
+
+def stage2(args, run, kde, stage1_full):
+    """Algorithm 1 line 9: stage 2 starts from a fresh model with the seed of stage 1 (--stage2-init scratch) or
+    from the stage-1 model (--stage1's with its heads, or this run's as it stands), with a fresh optimizer and
+    line 8's weights on every process (kde_weights.pt); lines 10–14 are train_one_epoch with --opt rwsam."""
     if args.stage2_init == "scratch":
-        net.load_state_dict(init_state(args.seed, args.arch))
+        run.net.load_state_dict(init_state(args.seed, args.arch))
     elif stage1_full is not None:
-        net.load_state_dict(stage1_full)
-    return kde
+        run.net.load_state_dict(stage1_full)
+    run.kde, run.weights = kde, kde["weights"].to(run.device)
+    if run.rank == 0:
+        save_atomic(kde, os.path.join(args.out, "kde_weights.pt"))
+    run.optimizer = make_optimizer(run.net, args, run.device)
+
+
+def phase(args, run, epoch):
+    """(optimiser rule, epoch within the stage, epochs of the stage) of 0-based global epoch `epoch`."""
+    return ("sgd", epoch, run.e1) if epoch < run.e1 else (args.opt, epoch - run.e1, run.e2)
+
+
+def end_epoch(args, run, data, epoch, row, first_bad, steps, t0):
+    """The divergence guard (every process), then on rank 0 the monitor, the metrics row, the printed row, the
+    stage's kNN and generalization gap at its end (stage_end), stage1.pt after stage 1 and last.pt."""
+    bad_tensor = nonfinite_tensor(run.net)
+    bad = torch.stack([first_bad, torch.tensor(int(bad_tensor is not None), device=run.device)])
+    if run.world > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad[0].item() >= 0 or bad[1].item() > 0:
+        where = (f"loss is not finite at epoch {epoch + 1}, step {bad[0].item() + 1}" if bad[0].item() >= 0 else
+                 f"'{bad_tensor or 'a tensor of another process'}' is not finite after epoch {epoch + 1}, "
+                 f"step {steps}")
+        if run.rank == 0:
+            stop_diverged(where, args.out, epoch)
+        sys.exit(1)
+    seconds = time.time() - t0
+    if run.rank != 0:
+        return
+    opt, e, epochs = phase(args, run, epoch)
+    t_knn = time.time()
+    knn_now, knn_cm = monitor(args, run, data, epoch)
+    row.update({"knn_top1": knn_now, "knn_class_mean": knn_cm, "seconds": seconds, "knn_seconds": time.time() - t_knn})
+    append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
+    print(f"{epoch + 1:5d} {opt:>5} {row['lr']:8.5f} {row['loss']:8.4f} {row['z_std']:7.4f} {fmt(knn_now)} "
+          f"{seconds:6.2f}", flush=True)
+    if e + 1 == epochs and args.knn_every >= 0:
+        stage_end(args, run, data, "stage1" if epoch < run.e1 else "final", knn_now, knn_cm)
+    if epoch + 1 == run.e1:                                # before last.pt: a kill between the two redoes the epoch
+        save_state(args, run, data, "stage1.pt", epoch + 1, opt="sgd", epochs=args.stage1_epochs or args.epochs,
+                   stage1_epochs=None, stage1_of=args.out)
+    save_state(args, run, data, "last.pt", epoch + 1)
+
+
+def save_state(args, run, data, name, epoch, **recipe):
+    state = {"script": "simsiam_rwsam.py", "arch": args.arch, "model": run.net.state_dict(), "epoch": epoch,
+             "optimizer": run.optimizer.state_dict(), "args": {**vars(args), **recipe}, "class_counts": data.counts,
+             "rng": {"torch": torch.get_rng_state()}, "kde_weights": run.kde, "best": run.best,
+             "summary": run.summary, "mean": data.mean, "std": data.std}
+    save_atomic(state, os.path.join(args.out, name))
+
+
+def finish_run(args, run, data, t_run):
+    """Rank 0: final.json (the stages' kNN and generalization gaps and the run's recipe) and the last printed
+    line."""
+    if run.rank != 0:
+        return
+    rows = read_metrics(os.path.join(args.out, "metrics.jsonl"))
+    per_epoch = {o: float(np.median([r["seconds"] for r in rows if r["opt"] == o]))
+                 for o in sorted({r["opt"] for r in rows})}
+    final = {"script": "simsiam_rwsam.py", "arch": args.arch, "dataset": args.dataset, "rho": args.rho,
+             "imb_type": args.imb_type, "balanced": args.balanced, "subsample": args.subsample, "opt": args.opt,
+             "sam_rho": args.sam_rho, "adaptive": args.adaptive, "alpha": args.alpha, "seed": args.seed,
+             "data_seed": args.data_seed, "epochs": args.epochs, "epochs_trained": run.e2,
+             "same_epochs": args.same_epochs, "stage1_epochs": run.e1, "stage1": args.stage1,
+             "stage2_init": args.stage2_init, "world_size": run.world, "n_train": len(data.idx),
+             "class_counts": data.counts, "last": run.summary.get("final"), "stage1_result": run.summary.get("stage1"),
+             "best_knn_on_val": run.best,
+             "knn_queries": "--val-frac split (left out of pre-training)" if len(data.val_idx) else
+                            "--knn-val-frac of the full training split",
+             "kde": None if run.kde is None else {k: run.kde[k] for k in ("bandwidth", "alpha", "source",
+                                                                          "per_class_mean_weight")},
+             "checkpoint": os.path.join(args.out, "last.pt"), "seconds_per_epoch": per_epoch,
+             "wall_seconds": time.time() - t_run}
+    write_json(os.path.join(args.out, "final.json"), final)
+    last = run.summary.get("final") or {}
+    knn = last.get("knn_top1")
+    print(f"done: {args.out}/last.pt" + (f"; kNN (validation split) {knn:.2f}%" if knn is not None else "")
+          + (f"; stage 1 (SimSiam) in {args.out}/stage1.pt" if run.e1 else ""))
+
+
+def main(argv=None):
+    rank, world, local_rank = dist_env()
+    args, ckpt = resume_run(parse_args(argv), rank, world)
+    stage1_backbone, stage1_full = stage1(args, ckpt, rank)
+    device = setup_device(args, local_rank, world)
+    try:
+        data = build_data(args, device, rank, world)
+    except D.DataError as e:
+        fail(str(e))
+    run, start = build_model(args, ckpt, len(data.idx), device, rank, world)
+    open_run(args, ckpt, run, data, start)
+    t_run = time.time()
+    for epoch in range(start, run.e1 + run.e2):
+        if phase(args, run, epoch)[0] == "rwsam" and run.kde is None:    # Algorithm 1 line 8, then stage 2
+            kde = stage1_weights(args, data, run.net, stage1_backbone, device, rank, world)
+            stage2(args, run, kde, stage1_full)
+        t0 = time.time()
+        row, first_bad, steps = train_one_epoch(run, data, epoch, args)
+        end_epoch(args, run, data, epoch, row, first_bad, steps, t0)
+    finish_run(args, run, data, t_run)
+    if world > 1:
+        # DDP's reducer must not hold the last reference to a gloo group: freeing the group there (with
+        # the GIL held) can deadlock against a worker thread still releasing the barrier's tensors.
+        dist.barrier()
+        del run
+        gc.collect()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

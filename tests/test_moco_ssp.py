@@ -226,7 +226,7 @@ def test_queue_holds_the_last_keys_before_the_pointer(single, tiny):
     made them: the momentum update precedes the keys) and find them in rows ptr − 16 … ptr − 1."""
     ck = load(single / "last.pt")
     args = M.parse_args(run_args(tiny, single, "--bn-splits", 2))
-    train = M.build_data(args, CPU, 0, 1)[0]
+    train = M.build_data(args, CPU, 0, 1).train
     *_, (views, _, _) = train.epoch(1)
     g = torch.Generator().manual_seed(M.stream_seed(args.seed, 1, 1))
     for _ in range(len(train)):

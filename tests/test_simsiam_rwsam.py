@@ -431,14 +431,13 @@ def test_stage_2_starts_from_a_fresh_model_or_from_stage_1(data, tmp_path, monke
     """Default (the authors' main_sam_weight.py): stage 2 starts from the initial weights of a fresh model
     of the same seed; --stage2-init stage1: from the stage-1 model, bit for bit."""
     start = {}
-    begin = S.begin_stage2
+    begin = S.stage2
 
-    def spy(args, data_, net, *rest):
-        kde = begin(args, data_, net, *rest)
-        start.update({k: v.clone() for k, v in net.state_dict().items()})
-        return kde
+    def spy(args, run, *rest):
+        begin(args, run, *rest)
+        start.update({k: v.clone() for k, v in run.net.state_dict().items()})
 
-    monkeypatch.setattr(S, "begin_stage2", spy)
+    monkeypatch.setattr(S, "stage2", spy)
     extra = [] if init == "scratch" else ["--stage2-init", "stage1"]
     S.main(_args(data, tmp_path, "--stage1-epochs", 1, "--epochs", 1, "--knn-every", -1, "--seed", 3, *extra))
     fresh, stage1 = S.init_state(3), _model(tmp_path / "stage1.pt")
