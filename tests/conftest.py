@@ -8,6 +8,7 @@ Keeping the suite fast (`python -m pytest -q tests` must stay well under 6 minut
   is (exit code, stderr, a kill), use run_script(...) below: a process of its own, forked from a parent
   that imported torch once (tests/forkrun.py), not a fresh `python` that re-imports it (2-4 s each). For
   reproduce.sh, pass forkrun_env() in its environment. Many bad-input cases: tests/bad_input_driver.py.
+  Under torchrun: torchrun(script, ...), the real launcher with its workers forked from that parent.
 - Several tests that read the same run share it through a module- or session-scoped fixture.
 - Fake data, epochs, image sizes and archs as small as still exercises the behaviour (1-2 epochs,
   resnet10/resnet32 on 32 px, a few images per class).
