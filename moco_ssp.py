@@ -354,13 +354,13 @@ def build_model(args, ckpt, n, device, rank, world):
         queue.copy_(ckpt["queue"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start, ptr = ckpt["epoch"], ckpt["queue_ptr"]
-    else:
-        encoder_k.load_state_dict(encoder_q.state_dict())  # θ_k starts as θ_q (MoCo Algorithm 1)
     encoder_k.requires_grad_(False)
     model = encoder_q
-    if world > 1:
+    if world > 1:                                          # DDP starts every process from rank 0's θ_q
         model = nn.parallel.DistributedDataParallel(encoder_q, device_ids=[device.index] if device.type == "cuda"
                                                     else None)
+    if ckpt is None:
+        encoder_k.load_state_dict(encoder_q.state_dict())  # θ_k starts as θ_q (MoCo Algorithm 1), on every process
     run = argparse.Namespace(model=model, net=encoder_q, key=encoder_k, queue=queue, ptr=ptr, optimizer=optimizer,
                              kde=None, weights=None, device=device, rank=rank, world=world)
     return run, start

@@ -8,6 +8,7 @@ Keeping the suite fast (`python -m pytest -q tests` must stay well under 6 minut
   is (exit code, stderr, a kill), use run_script(...) below: a process of its own, forked from a parent
   that imported torch once (tests/forkrun.py), not a fresh `python` that re-imports it (2-4 s each). For
   reproduce.sh, pass forkrun_env() in its environment. Many bad-input cases: tests/bad_input_driver.py.
+  Under torchrun: torchrun(script, ...), the real launcher with its workers forked from that parent.
 - Several tests that read the same run share it through a module- or session-scoped fixture.
 - Fake data, epochs, image sizes and archs as small as still exercises the behaviour (1-2 epochs,
   resnet10/resnet32 on 32 px, a few images per class).
@@ -180,6 +181,17 @@ def run_script(*args, timeout=600):
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def torchrun(script, *args, nproc=2):
+    """`python -m torch.distributed.run --standalone --nproc_per_node N SCRIPT ARGS`, the real launcher, whose
+    worker processes run through the session's fork server (torchrun's --no-python with forkrun's interpreter
+    command), so no worker re-imports torch. As a plain torchrun command if the server could not start."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    python = forkrun_env().get("PYTHON")
+    if python is None:
+        return launch + [script, *map(str, args)]
+    return launch + ["--no-python", python, str(ROOT / script), *map(str, args)]
+
+
 _FORKRUN = {}
 
 
@@ -201,7 +213,8 @@ def forkrun_env():
         else:
             python = os.path.join(tmp, "python")
             with open(python, "w") as f:
-                f.write(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "forkrun.py"}" "$@"\n')
+                f.write(f'#!/bin/sh\nFORKRUN_SOCKET="${{FORKRUN_SOCKET:-{sock}}}" exec "{sys.executable}" '
+                        f'"{ROOT / "tests" / "forkrun.py"}" "$@"\n')
             os.chmod(python, 0o755)
             _FORKRUN["env"] = {"FORKRUN_SOCKET": sock, "PYTHON": python}
     return _FORKRUN["env"]

@@ -20,7 +20,7 @@ from PIL import Image
 import crt
 import datasets_lt as D
 import ldam_drw as L
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, torchrun
 
 def write_list(root, labels, size=40):
     """A file list of random-pixel JPEGs with the given labels (ImageNet-LT's 'relative/path label')."""
@@ -136,10 +136,6 @@ TRAIN_LABELS = [0, 0, 0, 0, 0, 1, 1, 2, 2]
 # torchrun sets OMP_NUM_THREADS=1 only when the caller has not set it; the by-hand references below run on
 # one thread, so the processes must too, whatever the test run's own setting
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
-
-
-def torchrun(*args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
 
 
 def ldam_args(root, lst, out, epochs):

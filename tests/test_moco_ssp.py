@@ -5,18 +5,21 @@ import copy
 import inspect
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 import torchvision
 
 import crt
 import ldam_drw as L
 import moco_ssp as M
-from conftest import run_script, write_file_list, write_folder
+from conftest import ROOT, run_script, torchrun, write_file_list, write_folder
 
 CPU = torch.device("cpu")
 PARAMS = ("running_mean", "running_var", "num_batches_tracked")   # BN buffers: not parameters
@@ -239,8 +242,8 @@ def test_queue_holds_the_last_keys_before_the_pointer(single, tiny):
 
 @pytest.mark.slow
 def test_two_gloo_processes_train_the_same_model_as_one_with_two_bn_splits(tmp_path, tiny, single):
-    r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "moco_ssp.py",
-                   *run_args(tiny, tmp_path / "ddp"))
+    r = subprocess.run(torchrun("moco_ssp.py", *run_args(tiny, tmp_path / "ddp")), cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("epoch       lr") == 1                                  # rank 0 prints, alone
     meta = json.loads((tmp_path / "ddp" / "args.json").read_text())
@@ -250,6 +253,31 @@ def test_two_gloo_processes_train_the_same_model_as_one_with_two_bn_splits(tmp_p
     # BN running statistics differ (rank 0's vs the mean over splits); everything that trains is equal up to
     # float summation order (gloo all-reduce vs one backward pass), about 1e-6 on this data
     assert_same_run(load(tmp_path / "ddp" / "last.pt"), load(single / "last.pt"), atol=1e-4, buffers=False)
+
+
+def _key_encoder_worker(rank, port):
+    store = dist.TCPStore("127.0.0.1", port, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    args = M.parse_args(["--dataset", "folder", "--data-root", "unused", "--rho", "1", "--gpu", "-1", "--arch", "resnet10",
+                         "--batch-size", "16", "--queue", "48", "--bn-splits", "1"])
+    torch.manual_seed(args.seed)
+    if rank == 0:
+        torch.randn(1000)                   # rwSAM: rank 0 alone built stage1_weights' backbone (Algorithm 1 line 8)
+    run, _ = M.build_model(args, None, 64, torch.device("cpu"), rank, 2)
+    flat = lambda m: torch.cat([t.flatten().float() for t in m.state_dict().values()])
+    key, query = flat(run.key), flat(run.net)
+    keys = [torch.empty_like(key) for _ in range(2)]
+    dist.all_gather(keys, key)
+    dist.destroy_process_group()
+    assert torch.equal(key, query) and torch.equal(keys[0], keys[1]), f"rank {rank}: θ_k is not rank 0's θ_q"
+
+
+@pytest.mark.slow
+def test_every_process_starts_with_rank_zeros_query_and_key_encoders():
+    """MoCo Algorithm 1 starts θ_k = θ_q. Under torchrun DDP gives every process rank 0's θ_q; θ_k must be copied
+    after that, or a process whose random stream differs (rwSAM's rank 0) keeps a key encoder of its own."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    mp.spawn(_key_encoder_worker, args=(store.port,), nprocs=2)
 
 
 class Crash(Exception):

@@ -110,7 +110,7 @@ def test_failed_run_is_reported_and_its_dependents_skipped(tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_on_fake_data_then_rerun_skips_and_resumes(tmp_path):
-    write_folder(tmp_path / "data", per_class=(40, 30, 20), per_class_test=6, easy=True)
+    write_folder(tmp_path / "data", per_class=(20, 15, 10), per_class_test=4, size=16, easy=True)
     env = dict(DATA=f"--dataset folder --data-root {tmp_path / 'data'}", RHO="0.5", SEEDS="0", JOBS="2",
                GPU="-1", RUNS=str(tmp_path / "runs"), ARGS="--epochs 1",
                ARGS_simsiam_rwsam="--batch-size 16 --knn-every -1")
@@ -351,8 +351,8 @@ def test_fig1_dry_run_parses_and_every_cell_has_its_balanced_partner():
 
 @pytest.mark.slow
 def test_fig1_tiny_end_to_end_prints_the_table(tmp_path):
-    write_folder(tmp_path / "data", classes=tuple("abcd"), per_class=(40,) * 4, per_class_test=4, easy=True)
-    write_folder(tmp_path / "ood", classes=tuple("xyz"), per_class=(6,) * 3, per_class_test=2)   # STL-10 stand-in
+    write_folder(tmp_path / "data", classes=tuple("abcd"), per_class=(20,) * 4, per_class_test=4, size=16, easy=True)
+    write_folder(tmp_path / "ood", classes=tuple("xyz"), per_class=(6,) * 3, per_class_test=2, size=16)  # STL-10 stand-in
     env = dict(DATA=f"--dataset folder --data-root {tmp_path / 'data'}", RHOS="0.5", SIZES="1", METHODS="sl moco",
                SEEDS="0", SCALE="0.001", JOBS="2", GPU="-1", RUNS=str(tmp_path / "runs"),
                OOD=f"--target folder --data-root {tmp_path / 'ood'}",
@@ -361,11 +361,11 @@ def test_fig1_tiny_end_to_end_prints_the_table(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     runs = tmp_path / "runs"
     ck = json.loads((runs / "pretrain/sl/r0.5-q1-bal/s0/final.json").read_text())
-    assert ck["epochs"] == 1 and ck["class_counts"] == [29] * 4                 # [40, 31, 25, 20] = 116, balanced
+    assert ck["epochs"] == 1 and ck["class_counts"] == [15, 14, 14, 14]        # [20, 15, 12, 10] = 57, balanced
     table = p.stdout[p.stdout.index("Paper 2 Fig. 1(a)"):]
     for ev in ("linear:folder", "probe:ood"):
         assert f"({ev})" in table
-    rows = [l for l in table.splitlines() if l.startswith("| 0.5 | 116 |")]
+    rows = [l for l in table.splitlines() if l.startswith("| 0.5 | 57 |")]
     assert len(rows) == 2 and all(l.count("|") == 9 and "—" not in l for l in rows)
     # each Δ cell is Eq. (1) of the two probes' accuracies it sits beside
     id_sl = [json.loads((runs / f"id/sl/r0.5-q1-{v}/s0/final.json").read_text())["top1"] for v in ("bal", "imb")]

@@ -15,10 +15,10 @@ COMMON = ["--rho", "0.2", "--balanced", "--subsample", "0.5", "--data-seed", "3"
 @pytest.mark.slow
 def test_three_scripts_train_on_the_same_images(tmp_path):
     root = tmp_path / "data"
-    write_folder(root, classes=tuple("abcde"), per_class=(40,) * 5, per_class_test=2, easy=True)
+    write_folder(root, classes=tuple("abcde"), per_class=(40,) * 5, per_class_test=2, size=8, easy=True)
     data = ["--dataset", "folder", "--data-root", root]
     runs = {"ldam_drw.py": ["--batch-size", "16", "--seed", "1", "--same-epochs"],
-            "simsiam_rwsam.py": ["--opt", "sgd", "--batch-size", "16", "--knn-every", "-1", "--seed", "2"],
+            "simsiam_rwsam.py": ["--opt", "sgd", "--batch-size", "16", "--knn-every", "-1", "--seed", "2", "--same-epochs"],
             "moco_ssp.py": ["--arch", "resnet10", "--batch-size", "16", "--queue", "32", "--knn-every", "0",
                             "--seed", "4", "--same-epochs"]}
     saved = {}
