@@ -571,11 +571,11 @@ def build_data(args, device, rank=0, world=1):
     return train, val, test, counts, C
 
 
-# === shared: training_subset (identical in ldam_drw.py and moco_ssp.py) ===
+# === shared: training_subset (identical in ldam_drw.py, moco_ssp.py and simsiam_rwsam.py) ===
 def training_subset(train_y, args):
     """Dataset indices of the training images and of the --val-frac images left out of them: paper 2
-    §2.2 / App. A.1, the same datasets_lt calls in the same order as simsiam_rwsam.py, so one --data-seed
-    gives the same images in every script. The exp or step long-tailed subset, downsampled per class by
+    §2.2 / App. A.1, the same datasets_lt calls in the same order in every script that draws these subsets,
+    so one --data-seed gives the same images in all of them. The exp or step long-tailed subset, downsampled per class by
     --subsample; --balanced replaces it by a class-balanced subset of the same size."""
     idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
                              D.CLASS_ORDER.get(args.dataset))
