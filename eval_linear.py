@@ -947,7 +947,7 @@ def setup_device(args):
     return device
 
 
-def resume_run(args):
+def start_run(args):
     """No --resume (a probe is short): loads --ckpt, takes --dataset and --data-root from it unless given,
     and refuses an --out that already holds a final.json. Returns (args, ckpt)."""
     ckpt = load_checkpoint(args.ckpt)
@@ -1018,7 +1018,7 @@ def main(argv=None):
     if args.gap:
         print_gap(args.gap)
         return
-    args, ckpt = resume_run(args)
+    args, ckpt = start_run(args)
     device = setup_device(args)
     *batches, counts, C = build_data(args, device)
     model = build_model(args, ckpt, C, device)

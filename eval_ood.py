@@ -900,7 +900,7 @@ def setup_device(args):
     return device
 
 
-def resume_run(args):
+def start_run(args):
     """No --resume (a run is short enough to rerun): loads --ckpt, picks the protocol from its architecture
     (set_protocol_defaults) and the normalisation (pretrain_norm), and refuses an --out that already holds
     a final.json. Returns (args, ckpt)."""
@@ -972,7 +972,7 @@ def finish_run(args, model, meta, counts, last, best, timing, t_run):
 
 def main(argv=None):
     args = parse_args(argv)
-    args, ckpt = resume_run(args)
+    args, ckpt = start_run(args)
     device = setup_device(args)
     *batches, counts, C = build_data(args, device)
     model = build_model(args, ckpt, C, device)
