@@ -20,8 +20,14 @@ import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 from torchvision import transforms
+from torchvision.transforms import v2
+
+from run_lt import fail
 
 
 class DataError(Exception):
@@ -1009,6 +1015,252 @@ class GPULoader:
             for b in range(0, len(idx), self.batch_size):
                 sl = slice(b, b + self.batch_size)
                 yield ([v[sl] for v in x] if isinstance(x, list) else x[sl]), y[sl], idx[sl]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training subsets, file lists in batches (one process or a share under torchrun), evaluation
+# ---------------------------------------------------------------------------------------------------
+
+def training_subset(train_y, args):
+    """Dataset indices of the training images and of the --val-frac images left out of them: paper 2
+    §2.2 / App. A.1, the same datasets_lt calls in the same order in every script that draws these subsets,
+    so one --data-seed gives the same images in all of them. The exp or step long-tailed subset, downsampled per class by
+    --subsample; --balanced replaces it by a class-balanced subset of the same size."""
+    idx = make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, N_MAX.get(args.dataset),
+                             CLASS_ORDER.get(args.dataset))
+    if args.subsample < 1:
+        idx = downsample(idx, train_y, args.subsample, args.data_seed)
+    if args.balanced:
+        idx = balanced_subset(train_y, len(idx), args.data_seed)
+    return carve_val(idx, train_y, args.val_frac, args.data_seed)
+
+
+def headline_metric(dataset):
+    """Paper 1 evaluates "on corresponding balanced test datasets" (§2.2). SVHN's test split is not
+    balanced (digit 1 has 5,099 images, digit 9 1,595), so its headline error is 100 − the mean per-class
+    accuracy, which is the error on a class-balanced test set; top-1 is reported beside it."""
+    return "mean_class_acc" if dataset == "svhn" else "top1"
+
+
+class ListBatches:
+    """DataLoader over a FileListDataset with GPULoader's interface: epoch(e, weights) → (x, y, idx)."""
+
+    def __init__(self, dataset, indices, batch_size, train, seed, workers, device):
+        self.dataset, self.indices, self.train, self.seed, self.device = dataset, indices, train, seed, device
+        self.labels = torch.as_tensor(dataset.labels[indices])
+        self.kw = dict(batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                       persistent_workers=workers > 0)
+
+    def __len__(self):
+        return -(-len(self.indices) // self.kw["batch_size"])
+
+    def epoch(self, epoch, weights=None):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        if weights is not None:
+            sampler = torch.utils.data.WeightedRandomSampler(weights, len(self.indices), generator=g)
+        elif self.train:
+            sampler = torch.utils.data.RandomSampler(range(len(self.indices)), generator=g)
+        else:
+            sampler = range(len(self.indices))
+        order = torch.as_tensor(list(sampler))
+        sub = torch.utils.data.Subset(self.dataset, [int(self.indices[i]) for i in order])
+        try:
+            for b, (x, y) in enumerate(torch.utils.data.DataLoader(sub, **self.kw)):
+                idx = order[b * self.kw["batch_size"]:(b + 1) * self.kw["batch_size"]]
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
+        except DataError as e:                   # an unreadable image mid-epoch: stop before saving anything
+            fail(str(e))
+
+
+def stream_seed(*key):
+    """A seed for one random stream (e.g. one process's augmentations in one epoch)."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+
+
+def epoch_order(n, seed, epoch, weights=None):
+    """ListBatches' training order of the positions 0 … n-1 in `epoch`, seeded by (seed, epoch): a shuffle,
+    or n draws with replacement by `weights` (class-balanced / resampled epochs)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if weights is not None:
+        return torch.as_tensor(list(torch.utils.data.WeightedRandomSampler(weights, n, generator=g)))
+    return torch.as_tensor(list(torch.utils.data.RandomSampler(range(n), generator=g)))
+
+
+def shard_batches(n, batch_size, seed, epoch, weights, rank, world):
+    """[(global batch, this process's share)] of one training epoch, as positions 0 … n-1. Every process
+    draws the same order (epoch_order) and cuts the same global batches; process r keeps the r-th of
+    `world` contiguous parts of each (equal, except in a short last batch where they differ by at most
+    one, and may be empty), so the parts in rank order are one process's batch."""
+    order = epoch_order(n, seed, epoch, weights)
+    return [(b, torch.tensor_split(b, world)[rank]) for b in order.split(batch_size)]
+
+
+class ShardedListBatches(ListBatches):
+    """ListBatches for one of `world` processes (torchrun): epoch(e, weights) → (x, y, positions, labels
+    of the whole global batch), this process's share of every global batch (shard_batches); an empty share
+    (a short last batch) is an empty batch, which every layer passes through (SyncBatchNorm included).
+    The augmentations draw from (seed, epoch, rank): each process its own stream, the same after --resume."""
+
+    def __init__(self, dataset, indices, batch_size, seed, workers, device, rank, world):
+        super().__init__(dataset, indices, batch_size, True, seed, workers, device)
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+
+    def epoch(self, epoch, weights=None):
+        shares = shard_batches(len(self.indices), self.batch_size, self.seed, epoch, weights, self.rank, self.world)
+        mine = torch.cat([s for _, s in shares])
+        sub = torch.utils.data.Subset(self.dataset, [int(self.indices[i]) for i in mine])
+        ends = np.cumsum([len(s) for _, s in shares]).tolist()
+        steps = [list(range(a, b)) for a, b in zip([0] + ends[:-1], ends) if b > a]
+        s = stream_seed(self.seed, epoch, self.rank)
+        torch.manual_seed(s)                               # the transforms' stream when there are no workers
+        kw = {k: v for k, v in self.kw.items() if k != "batch_size"}
+        loader = iter(torch.utils.data.DataLoader(sub, batch_sampler=steps,
+                                                  generator=torch.Generator().manual_seed(s), **kw))
+        x = None
+        for b, share in shares:
+            try:
+                if len(share):
+                    x, y = next(loader)
+                else:                                      # the image shape: the last batch's, else the first image's
+                    x = (x if x is not None else self.dataset[int(self.indices[b[0]])][0][None])[:0]
+                    y = torch.zeros(0, dtype=torch.long)
+            except DataError as e:                       # an unreadable image: only this process met it, so
+                print(f"error: {e}", file=sys.stderr)      # it says so whatever its rank; torchrun stops the rest
+                sys.exit(2)
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), share, self.labels[b]
+
+
+def eval_shard(dataset, indices, seed, workers, device, rank, world):
+    """Evaluation batches of this process's contiguous part of `indices`; .sizes: every part's size."""
+    parts = np.array_split(np.asarray(indices), world)
+    batches = ListBatches(dataset, parts[rank], 256, False, seed, workers, device)
+    batches.sizes = [len(p) for p in parts]
+    return batches
+
+
+class Predicted(nn.Module):
+    """Stands in for a model in evaluate(): its input is the predicted class, its output the one-hot scores."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, pred):
+        return F.one_hot(pred, self.num_classes).float()
+
+
+@torch.no_grad()
+def evaluate_shards(model, shard, num_classes, train_counts, device):
+    """evaluate() of a list split across the processes (`shard` from eval_shard): each predicts its part,
+    predictions and labels are gathered in rank order and evaluate() counts them, so every number is the
+    one a single process reports for the same weights on the whole list."""
+    model.eval()
+    preds, labels = [torch.zeros(0, dtype=torch.long, device=device)], [torch.zeros(0, dtype=torch.long, device=device)]
+    for x, y, _ in shard.epoch(0):
+        preds.append(model(x).argmax(1))
+        labels.append(y.to(device))
+    mine = torch.stack([torch.cat(preds), torch.cat(labels)])
+    padded = torch.zeros(2, max(shard.sizes), dtype=torch.long, device=device)
+    padded[:, :mine.shape[1]] = mine
+    parts = [torch.empty_like(padded) for _ in shard.sizes]
+    dist.all_gather(parts, padded)
+    pred, y = torch.cat([p[:, :k] for p, k in zip(parts, shard.sizes)], 1)
+    return evaluate(Predicted(num_classes), [(pred[i:i + 1000], y[i:i + 1000], None) for i in range(0, len(y), 1000)],
+                    num_classes, train_counts)
+
+
+class TwoViews:
+    """MoCo v2's ImageNet augmentation (REFERENCE §5, the authors' main_moco.py --aug-plus), twice."""
+
+    def __init__(self, size):
+        self.t = v2.Compose([
+            v2.RandomResizedCrop(size, scale=(0.2, 1.0)),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=int(0.1 * size) // 2 * 2 + 1, sigma=(0.1, 2.0))], p=0.5),
+            v2.RandomHorizontalFlip(),
+            v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def __call__(self, img):
+        return [self.t(img), self.t(img)]
+
+
+class Positions(torch.utils.data.Dataset):
+    """(item…, position) of the listed images `indices` of a dataset: rwSAM's weights are per position."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, [int(i) for i in indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return (*self.dataset[self.indices[i]], i)
+
+
+class ListViews:
+    """Two views of listed images per step, this process's share, with DistributedSampler (one permutation
+    seeded by (seed, epoch) on every process, each keeps every W-th index; set_epoch each epoch). Worker
+    seeds (and, without workers, this process's RNG) come from (seed, epoch, rank), so a resumed run draws
+    the same augmentations with the same --workers."""
+
+    def __init__(self, dataset, indices, batch_size, seed, workers, device, rank, world):
+        self.subset = Positions(dataset, indices)
+        self.sampler = torch.utils.data.DistributedSampler(self.subset, num_replicas=world, rank=rank, shuffle=True,
+                                                           seed=seed, drop_last=True)
+        self.batch_size, self.seed, self.workers, self.device, self.rank = batch_size, seed, workers, device, rank
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size
+
+    def epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+        s = stream_seed(self.seed, epoch, 2, self.rank)
+        torch.manual_seed(s)
+        loader = torch.utils.data.DataLoader(self.subset, self.batch_size, sampler=self.sampler, drop_last=True,
+                                             num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(s))
+        try:
+            for views, y, pos in loader:
+                yield [v.to(self.device, non_blocking=True) for v in views], y.to(self.device, non_blocking=True), pos
+        except DataError as e:                   # an unreadable image mid-epoch: stop before saving anything
+            fail(str(e))
+
+
+def list_plain_batches(args, idx, device):
+    """The training images of a file list in training order, test transform (rwSAM's KDE features)."""
+    plain = Positions(FileListDataset(args.data_root, args.train_list, train=False), idx)
+    loader = torch.utils.data.DataLoader(plain, 256, num_workers=args.workers, pin_memory=device.type == "cuda")
+    try:
+        for x, y, pos in loader:
+            yield x.to(device, non_blocking=True), y, pos
+    except DataError as e:                       # an unreadable image: stop before saving anything
+        fail(str(e))
+
+
+@torch.no_grad()
+def evaluate(model, batches, num_classes, train_counts):
+    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
+
+    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
+    index, i.e. to the head classes."""
+    model.eval()
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    total = torch.zeros(num_classes, dtype=torch.long)
+    for x, y, _ in batches:
+        pred = model(x).argmax(1)
+        y = y.to(pred.device)
+        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
+        total += torch.bincount(y, minlength=num_classes).cpu()
+    per_class = (correct.double() / total.clamp(min=1)).tolist()
+    seen = total > 0
+    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
+              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
+              "per_class": [round(100 * a, 2) for a in per_class]}
+    for group, mask in shot_groups(train_counts).items():
+        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
+        result[group] = 100 * float(np.mean(accs)) if accs else None
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------

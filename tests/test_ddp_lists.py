@@ -53,15 +53,14 @@ class Labels(torch.utils.data.Dataset):
 LABELS = np.repeat(np.arange(4), [23, 9, 4, 2])                       # 38 images: last batch of 8 holds 6
 
 
-def single_process_steps(module, weights, epoch, batch_size=8, seed=3):
-    batches = module.ListBatches(Labels(LABELS), np.arange(len(LABELS)), batch_size, True, seed, 0,
+def single_process_steps(weights, epoch, batch_size=8, seed=3):
+    batches = D.ListBatches(Labels(LABELS), np.arange(len(LABELS)), batch_size, True, seed, 0,
                                  torch.device("cpu"))
     return [idx for _, _, idx in batches.epoch(epoch, weights)]
 
 
-@pytest.mark.parametrize("module", [L, crt])
 @pytest.mark.parametrize("rule", ["none", "resample", "drs", "drw", "balanced"])
-def test_shares_of_two_processes_are_the_single_process_batch(module, rule):
+def test_shares_of_two_processes_are_the_single_process_batch(rule):
     """Every epoch of a 5-epoch run (the DRW / DRS switch at epoch 4): process 0's share then process 1's
     is, step for step, the batch one process draws (ListBatches), for plain shuffles, the authors'
     effective-number resampling, and crt's class-balanced sampler."""
@@ -74,9 +73,9 @@ def test_shares_of_two_processes_are_the_single_process_batch(module, rule):
         resample = L.deferred_rule(args.rule, epoch, args.epochs, None)[1]
         w = weights if resample else None
         switched.append(resample)
-        single = single_process_steps(module, w, epoch)
-        one = module.shard_batches(len(LABELS), 8, 3, epoch, w, 0, 1)
-        two = [module.shard_batches(len(LABELS), 8, 3, epoch, w, r, 2) for r in range(2)]
+        single = single_process_steps(w, epoch)
+        one = D.shard_batches(len(LABELS), 8, 3, epoch, w, 0, 1)
+        two = [D.shard_batches(len(LABELS), 8, 3, epoch, w, r, 2) for r in range(2)]
         assert len(single) == len(one) == len(two[0]) == len(two[1]) == 5
         for s, (b, mine), (b0, p0), (b1, p1) in zip(single, one, *two):
             assert torch.equal(s, b) and torch.equal(s, mine) and torch.equal(b0, s) and torch.equal(b1, s)
@@ -95,9 +94,9 @@ def test_sharded_loader_yields_its_share_and_the_global_labels(world):
     w = D.balanced_sample_weights(torch.as_tensor(LABELS))
     empty = 0
     for r in range(world):
-        b = L.ShardedListBatches(Labels(LABELS), np.arange(len(LABELS)), 8, 3, 0, torch.device("cpu"), r, world)
+        b = D.ShardedListBatches(Labels(LABELS), np.arange(len(LABELS)), 8, 3, 0, torch.device("cpu"), r, world)
         got = list(b.epoch(1, w))
-        want = L.shard_batches(len(LABELS), 8, 3, 1, w, r, world)
+        want = D.shard_batches(len(LABELS), 8, 3, 1, w, r, world)
         assert len(got) == len(want) == 5
         for (x, y, share, y_batch), (batch, mine) in zip(got, want):
             assert torch.equal(x.flatten().long(), mine) and torch.equal(share, mine) and x.shape[1:] == (1,)
@@ -190,10 +189,10 @@ def reference_weights(root, lst):
         for group in optimizer.param_groups:
             group["lr"] = L.lr_at(epoch, args)
         reweight = L.deferred_rule(args.rule, epoch, args.epochs, True)[0] is not None
-        steps = [L.shard_batches(N, BATCH, args.seed, epoch, None, r, 2) for r in range(2)]
+        steps = [D.shard_batches(N, BATCH, args.seed, epoch, None, r, 2) for r in range(2)]
         views = []
         for r in range(2):
-            torch.manual_seed(L.stream_seed(args.seed, epoch, r))
+            torch.manual_seed(D.stream_seed(args.seed, epoch, r))
             views.append([torch.stack([ds[int(i)][0] for i in share]) if len(share) else None for _, share in steps[r]])
         for step, (batch, _) in enumerate(steps[0]):
             optimizer.zero_grad()
@@ -236,7 +235,7 @@ def test_reported_accuracy_is_the_single_process_evaluation(ddp_run):
     model = L.build_model("resnet10", 3, cosine=True)
     model.load_state_dict(ckpt["model"])
     ds = D.FileListDataset(str(root), str(lst), transform=D.imagenet_transform(False, dataset="inat"))
-    single = L.evaluate(model, L.ListBatches(ds, np.arange(N), 3, False, 0, 0, torch.device("cpu")).epoch(0), 3,
+    single = D.evaluate(model, D.ListBatches(ds, np.arange(N), 3, False, 0, 0, torch.device("cpu")).epoch(0), 3,
                         ckpt["class_counts"])
     final = json.loads((root / "run" / "final.json").read_text())
     assert final["last"] == json.loads(json.dumps(single))
@@ -306,7 +305,7 @@ def test_crt_loads_the_backbone_on_every_process_and_equals_one_process(ddp_run,
     for epoch in range(2):
         for group in optimizer.param_groups:
             group["lr"] = 0.1 * (1 + np.cos(np.pi * epoch / 2))
-        for batch, _ in crt.shard_batches(N, BATCH, 0, epoch, D.balanced_sample_weights(labels), 0, 1):
+        for batch, _ in D.shard_batches(N, BATCH, 0, epoch, D.balanced_sample_weights(labels), 0, 1):
             optimizer.zero_grad()
             F.cross_entropy(head(feats[batch]), labels[batch]).backward()
             optimizer.step()

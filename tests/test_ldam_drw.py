@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import datasets_lt as D
 import ldam_drw as L
+import run_lt
 from conftest import ROOT, run_script, write_file_list, write_folder
 
 CIFAR10_LT = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
@@ -271,7 +272,7 @@ def test_nonfinite_buffer_stops_the_run_and_keeps_last_pt(tmp_path, easy, capsys
 
 
 def test_metrics_are_strict_json():
-    text = L.strict_json({"loss": float("nan"), "test": {"few": float("inf")}, "per_class": [1.5, float("-inf")]})
+    text = run_lt.strict_json({"loss": float("nan"), "test": {"few": float("inf")}, "per_class": [1.5, float("-inf")]})
     assert text == '{"loss": null, "test": {"few": null}, "per_class": [1.5, null]}'
 
 
@@ -281,7 +282,7 @@ def test_damaged_checkpoints_are_one_short_line(tmp_path, capsys):
     (tmp_path / "cut.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:3000])
     for name in ("empty.pt", "cut.pt"):
         with pytest.raises(SystemExit) as e:
-            L.load_checkpoint(str(tmp_path / name))
+            run_lt.load_checkpoint(str(tmp_path / name))
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and name in err[0]
         assert len(err[0]) - len(str(tmp_path)) <= 150
@@ -305,7 +306,7 @@ def test_load_backbone_copies_every_backbone_tensor(tmp_path, capsys):
     torch.manual_seed(0)
     model = L.ResNet32(10, cosine=True)
     head = model.fc.weight.detach().clone()
-    L.load_backbone(model, "resnet32", tmp_path / "rot.pt")
+    run_lt.load_backbone(model, "resnet32", tmp_path / "rot.pt")
     own = model.state_dict()
     assert all(torch.equal(own[k], src[k]) for k in own if not k.startswith("fc."))
     assert torch.equal(own["fc.weight"], head)
@@ -398,7 +399,7 @@ def test_resnet18_fine_tunes_a_cifar_resnet18_backbone(tmp_path, easy):
     sd["projector.0.weight"] = torch.zeros(2048, 512)                  # an SSL head: reported as unexpected
     torch.save({"script": "simsiam_rwsam.py", "arch": "resnet18", "model": sd}, tmp_path / "ssl.pt")
     model = L.build_model("resnet18", 5, cosine=True)
-    L.load_backbone(model, "resnet18", tmp_path / "ssl.pt")
+    run_lt.load_backbone(model, "resnet18", tmp_path / "ssl.pt")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items() if not k.startswith("projector"))
     final = _run(tmp_path / "run", easy, "--rho", "0.5", "--epochs", 1, "--batch-size", 16, "--arch", "resnet18",
                  "--pretrained", tmp_path / "ssl.pt")
@@ -410,7 +411,7 @@ def test_compiled_run_saves_the_modules_own_keys(tmp_path, easy, monkeypatch):
     """--compile (CUDA only) trains through torch.compile's wrapper; the checkpoint must still hold the
     module's keys (no '_orig_mod.' prefix) so that --resume and the other scripts' --pretrained load it.
     On the CPU the wrapper is compiled with the eager backend and kept on past setup_device."""
-    real_compile, real_setup, modes = torch.compile, L.setup_device, []
+    real_compile, real_setup, modes = torch.compile, run_lt.setup_device, []
 
     def eager_compile(model, mode=None):
         modes.append(mode)
@@ -422,7 +423,7 @@ def test_compiled_run_saves_the_modules_own_keys(tmp_path, easy, monkeypatch):
         return device
 
     monkeypatch.setattr(torch, "compile", eager_compile)
-    monkeypatch.setattr(L, "setup_device", keep_compile)
+    monkeypatch.setattr(run_lt, "setup_device", keep_compile)
     _run(tmp_path / "run", easy, "--rho", "0.5", "--epochs", 1, "--batch-size", 16, "--compile")
     assert modes == ["reduce-overhead"]
     sd = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
@@ -435,7 +436,7 @@ def test_gpu_index_beyond_the_machine_is_one_line_exit_2(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(SystemExit) as e:
-        L.setup_device(L.parse_args(["--gpu", "3"]))
+        run_lt.setup_device(L.parse_args(["--gpu", "3"]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--gpu 3: this machine has 1 GPU(s)" in err and len(err.strip().splitlines()) == 1
 

@@ -1,0 +1,375 @@
+"""Run files of every script: one run folder, its checkpoints, --resume, and the torchrun plumbing.
+
+No part of any method lives here. A script passes in what is its own (its name, its `__file__`, the flags
+--resume may change, its rows and final numbers) and calls these plain functions in this order:
+
+    args.cli_flags = given_flags(parser, argv); check_ranges(args, SHARED_RANGES + [...])
+    args, ckpt = resume_run(args, "ldam_drw.py", RESUME_FLAGS, defaults)      # or a new run
+    refuse_occupied(args.out, args.resume)
+    device = setup_device(args, world)
+    ... data, model ...
+    open_run(args, ckpt, device, __file__, start)                             # args.json, source, metrics
+    for epoch: ...; stop_if_diverged(...); end_epoch(out, row, line, state)   # metrics row, line, last.pt
+    finish_run(out, final, t_run)                                             # final.json
+
+A run folder holds args.json (the resolved arguments + torch / CUDA / GPU versions), metrics.jsonl (one
+row per epoch), last.pt (a plain dict: arch, model, epoch, optimizer, args, class_counts, rng, ...),
+final.json and a copy of the script. Every file is written to a temp file and renamed, so a killed run
+leaves the previous version whole. A user's mistake ends with one line and exit 2; a diverged run with
+one line and exit 1, its last good checkpoint untouched.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+# ----- errors and flags ----------------------------------------------------------------------------
+
+def fail(msg):
+    """A user's mistake: one line on stderr and exit 2."""
+    if int(os.environ.get("RANK", "0")) == 0:             # under torchrun every process fails alike: say it once
+        print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def fmt(v, width=6, digits=2):
+    return f"{v:{width}.{digits}f}" if v is not None else f"{'-':>{width}}"
+
+
+def table_header(*columns):
+    """The header of the epoch table: epoch, lr, loss, six-wide `columns`, seconds."""
+    return f"{'epoch':>5} {'lr':>8} {'loss':>8} " + " ".join(f"{c:>6}" for c in columns) + f" {'s':>6}"
+
+
+def table_row(epoch, lr, loss, values, seconds):
+    """One row of the epoch table (1-based `epoch`); None prints as '-'."""
+    return f"{epoch:5d} {lr:8.5f} {loss:8.4f} " + " ".join(map(fmt, values)) + f" {seconds:6.2f}"
+
+
+def given_flags(parser, argv):
+    """Destinations of the flags written on the command line (abbreviations included), so --resume can
+    apply or refuse each of them instead of dropping it."""
+    unset = object()
+    seen = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return sorted(k for k, v in vars(seen).items() if v is not unset and k != "help")
+
+
+def check_ranges(args, ranges):
+    """Every (flag, low, high, bounds) of `ranges`: the flag's value lies in the interval, bounds "[)" meaning
+    low <= value < high (None: no bound; a flag left at None is skipped). Else one line and exit 2."""
+    for name, low, high, bounds in ranges:
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        ok = abs(v) <= float(np.finfo(np.float32).max) and (low is None or (v >= low if bounds[0] == "[" else v > low)) \
+            and (high is None or (v <= high if bounds[1] == "]" else v < high))      # NaN, inf, 1e300 fail
+        if not ok:
+            interval = f"{bounds[0]}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{bounds[1]}"
+            fail(f"--{name.replace('_', '-')} must be in {interval}, got {v:g}")
+
+
+SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
+                 ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
+
+
+# ----- files, written atomically -------------------------------------------------------------------
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path, text):
+    """Temp file + rename, as save_atomic: a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def strict_json(obj, **kw):
+    """JSON without the bare NaN / Infinity tokens Python writes by default: a non-finite float is null."""
+    def clean(v):
+        if isinstance(v, float):
+            return v if np.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
+def write_json(path, obj):
+    write_text_atomic(path, strict_json(obj, indent=1))
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl; none when a moved or copied run lacks the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_metrics(path, rows):
+    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in rows))
+
+
+def append_metrics(path, row):
+    write_metrics(path, read_metrics(path) + [row])
+
+
+def copy_source(path, out):
+    """The script's own source beside its outputs (temp file + rename)."""
+    tmp = os.path.join(out, os.path.basename(path) + ".tmp")
+    shutil.copy(path, tmp)
+    os.replace(tmp, os.path.join(out, os.path.basename(path)))
+
+
+# ----- checkpoints ---------------------------------------------------------------------------------
+
+HEAD_PREFIXES = ("fc.",)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"checkpoint '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                                 # empty, truncated, another format, ...
+        why = (str(e).splitlines() or [""])[0][:60]
+        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}{': ' if why else ''}{why})")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
+        fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
+    return ckpt
+
+
+def load_backbone(model, arch, path):
+    """Copy every backbone tensor of the checkpoint at `path` into `model`; the head stays as it is.
+
+    Prints matched / missing / unexpected counts; fails unless every backbone key of `model` was found
+    with the right shape."""
+    ckpt = load_checkpoint(path)
+    if ckpt["arch"] != arch:
+        fail(f"'{path}' holds a {ckpt['arch']} backbone but this run trains {arch}; pre-train the same "
+             f"architecture or pass --arch {ckpt['arch']}")
+    src = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    own = model.state_dict()
+    backbone = [k for k in own if not k.startswith(HEAD_PREFIXES)]
+    matched = [k for k in backbone if k in src and src[k].shape == own[k].shape]
+    missing = [k for k in own if k not in matched]
+    unexpected = [k for k in src if k not in own]
+    skipped = [k for k in src if k in own and k not in matched]
+    names = lambda keys: ", ".join(keys[:4]) + (", …" if len(keys) > 4 else "") or "-"
+    print(f"loaded backbone from {path}: {len(matched)} tensors matched, {len(missing)} missing "
+          f"({names(missing)}), {len(unexpected)} unexpected ({names(unexpected)}), {len(skipped)} not loaded "
+          f"({names(skipped)})")
+    bad = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
+    if bad:
+        fail(f"'{path}' lacks {len(bad)} backbone tensors of {arch} (first: {bad[0]}); it is not a "
+             f"{arch} backbone of this project")
+    own.update({k: src[k] for k in matched})
+    model.load_state_dict(own)
+    return ckpt
+
+
+# ----- a run: resume, device, folder, epochs, end ---------------------------------------------------
+
+def resume_args(args, ckpt, applied):
+    """--resume PATH: continue the run in dirname(PATH) with the arguments it was started with. A flag in
+    `applied` given on this command line replaces the stored value (--gpu and --workers always do: they
+    describe this machine); any other flag given with --resume is refused."""
+    flag = lambda k: "--" + k.replace("_", "-")
+    refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
+    if refused:
+        fail(f"--resume continues a run with its own arguments; drop {' '.join(map(flag, refused))} (with "
+             f"--resume only {', '.join(map(flag, applied))} may be given)")
+    now = {k: getattr(args, k) for k in applied if k in args.cli_flags or k in ("gpu", "workers")}
+    return argparse.Namespace(**{**vars(args), **ckpt["args"], **now, "resume": args.resume,
+                                 "out": os.path.dirname(os.path.abspath(args.resume)), "cli_flags": args.cli_flags})
+
+
+def resume_run(args, script, applied, defaults=None, hint="", say=True):
+    """--resume: (the saved run's arguments, its checkpoint), else (args, None). The checkpoint must be one of
+    `script`'s (`hint` says what to do instead); `defaults` fills arguments that older runs did not save
+    (--data-seed: their --seed)."""
+    if not args.resume:
+        return args, None
+    ckpt = load_checkpoint(args.resume)
+    if ckpt.get("script") != script:
+        fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not {script}{hint}")
+    ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), **(defaults or {}), **ckpt["args"]}
+    args = resume_args(args, ckpt, applied)
+    if say and int(os.environ.get("RANK", "0")) == 0:
+        print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
+    return args, ckpt
+
+
+def refuse_occupied(out, resume, held=("last.pt",)):
+    """A new run over a folder that already holds one is refused: it would overwrite that run's files."""
+    for name in held:
+        if not resume and os.path.exists(os.path.join(out, name)):
+            fail(f"{out} already holds a run: continue it with --resume {out}/{name}, or pass another --out")
+
+
+def setup_device(args, world=1):
+    """--gpu's device; under torchrun the local rank's GPU (any --gpu ≥ 0) or the CPU (--gpu -1). Without
+    CUDA: the CPU, a warning, and --amp / --compile off. TF32 follows --strict-fp32 where a script has it."""
+    if args.gpu >= 0 and not torch.cuda.is_available():
+        print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
+        args.gpu = -1
+    index = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else args.gpu
+    device = torch.device(f"cuda:{index}" if args.gpu >= 0 else "cpu")
+    for flag in ("amp", "compile"):
+        if getattr(args, flag, False) and device.type != "cuda":
+            print(f"warning: --{flag} needs CUDA; ignored on the CPU", file=sys.stderr)
+            setattr(args, flag, False)
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world > 1 else 0
+        if max(index, local - 1) >= torch.cuda.device_count():
+            fail(f"--gpu {max(index, local - 1)}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0"
+                 + (" (torchrun: one process per GPU, --nproc_per_node at most that many)" if world > 1 else ""))
+        torch.cuda.set_device(device)              # what uses the current device (pinning, ...) stays on ours, not cuda:0
+        if hasattr(args, "strict_fp32"):
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    return device
+
+
+def open_run(args, ckpt, device, source, start, out=None, extra=None, rank=0):
+    """Rank 0: the run folder. A new run writes args.json (with `extra` and the versions) and the script's
+    `source` into --out; metrics.jsonl in `out` (default --out, a stage's folder) is cut back to epoch `start`,
+    so a resumed run drops the epochs logged after its checkpoint. True when args.json was written."""
+    if rank:
+        return False
+    os.makedirs(args.out, exist_ok=True)
+    fresh = ckpt is None or not os.path.exists(os.path.join(args.out, "args.json"))
+    if fresh:
+        meta = {**vars(args), **(extra or {}), "torch": torch.__version__, "cuda": torch.version.cuda,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+        write_json(os.path.join(args.out, "args.json"), meta)
+        copy_source(source, args.out)
+    os.makedirs(out or args.out, exist_ok=True)
+    metrics = os.path.join(out or args.out, "metrics.jsonl")
+    write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
+    return fresh
+
+
+def nonfinite_tensor(model):
+    """Name of the first parameter or buffer holding NaN / inf (a BatchNorm running_var, say), or None."""
+    named = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist() if named else []
+    return next((k for (k, _), ok in zip(named, finite) if not ok), None)
+
+
+def stop_diverged(what, out, epoch):
+    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint,
+    exit 1."""
+    last = os.path.join(out, "last.pt")
+    kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
+    print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
+    sys.exit(1)
+
+
+def stop_if_diverged(out, models, epoch, first_bad, steps, rank=0, world=1, stage=None):
+    """The divergence guard, before the epoch is evaluated or saved: a non-finite loss in the epoch (`first_bad`,
+    the first such step or -1) or a non-finite tensor of `models` after its `steps` steps stops every process
+    (exit 1)."""
+    bad_tensor = next(filter(None, map(nonfinite_tensor, models)), None)
+    bad = torch.stack([first_bad, torch.tensor(int(bad_tensor is not None), device=first_bad.device)])
+    if world > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    at, after = (f"stage {stage}, ", f" at stage {stage}") if stage else ("", "")
+    if bad[0].item() >= 0:
+        where = f"loss is not finite at {at}epoch {epoch + 1}, step {bad[0].item() + 1}"
+    elif bad[1].item() > 0:
+        where = (f"'{bad_tensor or 'a tensor of another process'}' is not finite{after} after epoch {epoch + 1}, "
+                 f"step {steps}")
+    else:
+        return
+    if rank == 0:
+        stop_diverged(where, out, epoch)
+    sys.exit(1)
+
+
+def end_epoch(out, row, line, state, rank=0):
+    """Rank 0: the epoch's row in metrics.jsonl, its printed line, and `state` as last.pt."""
+    if rank:
+        return
+    append_metrics(os.path.join(out, "metrics.jsonl"), row)
+    print(line, flush=True)
+    save_atomic(state, os.path.join(out, "last.pt"))
+
+
+def finish_run(out, final, t_run, rank=0):
+    """Rank 0: final.json, with the median seconds per epoch of metrics.jsonl and the run's wall time."""
+    if rank:
+        return final
+    seconds = [r["seconds"] for r in read_metrics(os.path.join(out, "metrics.jsonl"))] or [float("nan")]
+    final.update(seconds_per_epoch=float(np.median(seconds)), wall_seconds=time.time() - t_run)
+    write_json(os.path.join(out, "final.json"), final)
+    return final
+
+
+# ----- torchrun ------------------------------------------------------------------------------------
+
+def process_group():
+    """(rank, world): this process and the number of processes under torchrun; (0, 1) alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_process_group(device):
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+
+
+def leave_process_group(world):
+    """Every process leaves together: leaving while rank 0 still writes hangs gloo."""
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def check_shards(batch_size, world):
+    """Fail unless the global batch splits evenly over the processes."""
+    if batch_size % world:
+        fail(f"--batch-size {batch_size} (global) must be divisible by the {world} processes")
+
+
+def all_reduce_grads(params):
+    """Sum the processes' gradients, as one flat buffer: each process's loss is its share of the global
+    batch's loss, so the sum is the gradient of the global batch."""
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(v.view_as(g))
+
+
+def broadcast_state(model):
+    """Rank 0's parameters and buffers on every process (the start of a run, as DDP does)."""
+    for t in model.state_dict().values():
+        dist.broadcast(t, 0)
+
+
+def average_bn_statistics(model, world):
+    """Per-process BatchNorm (the CPU): the running means and variances averaged over the processes, so
+    that every process evaluates and saves the same model. The mean of the running means is the one a
+    single process keeps; the running variance misses the spread of the processes' batch means."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for t in (m.running_mean, m.running_var):
+                dist.all_reduce(t)
+                t.div_(world)
