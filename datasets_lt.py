@@ -1,8 +1,9 @@
 """Long-tailed data for every script of this project: loading, subsets, and a fast GPU input pipeline.
 
-The only module the method scripts share. Part 1 loads a split into memory as uint8 arrays and chooses
-the seeded long-tailed subsets of Yang & Xu 2020 (§3, App. D) and Liu et al. 2022 (§2); part 2 (below
-it) keeps those arrays on the GPU and augments whole batches there.
+The data module the method scripts share (run_lt.py holds their run files). Part 1 loads a split into
+memory as uint8 arrays and chooses the seeded long-tailed subsets of Yang & Xu 2020 (§3, App. D) and
+Liu et al. 2022 (§2); part 2 keeps those arrays on the GPU and augments whole batches there; part 3 holds
+the training subsets, file-list batches (torchrun shares included) and the evaluation every script uses.
 
     python datasets_lt.py --dataset cifar10 --rho 0.01 --download      # print the subset a run trains on
     python datasets_lt.py --train-list ImageNet_train.txt --lt-list ImageNet_LT_train.txt \
@@ -21,8 +22,6 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 from torchvision import transforms
 from torchvision.transforms import v2
@@ -58,18 +57,12 @@ def check_rho(rho, name="rho"):
         raise DataError(f"--{name.replace('_', '-')} must be in (0, 1] as tail/head, got {rho:g}{hint}")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Loading a split
-# ---------------------------------------------------------------------------------------------------
+# ----- Loading a split -----------------------------------------------------------------------------
 
 def load_split(dataset, root, train, download=False):
-    """Load one split into memory: (uint8 images N×H×W×3, int64 labels, class names).
-
-    `train` is True (training split), False (test split) or a split name: "extra" for SVHN,
-    "unlabeled" for STL-10 (labels are then -1). `folder` reads root/{train,test}/<class>/* with
-    classes sorted by name, the test split labelled by the training split's class names; every image
-    must have the same size.
-    """
+    """Load one split into memory: (uint8 images N×H×W×3, int64 labels, class names). `train` is True,
+    False or a split name ("extra" for SVHN, "unlabeled" for STL-10, labels -1). `folder` reads
+    root/{train,test}/<class>/* (classes sorted by name; one image size)."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset '{dataset}'; choose one of {', '.join(DATASETS)}")
     split = train if isinstance(train, str) else ("train" if train else "test")
@@ -138,7 +131,7 @@ def _load_folder(root, split):
         raise DataError(f"no images under '{path}' (one folder per class of {', '.join(_IMAGE_EXTENSIONS)} files)")
     images, first = [], None
     for file, _ in samples:
-        img = _read_image(file)
+        img = np.asarray(open_image(file), dtype=np.uint8)
         if first is None:
             first = (img.shape, file)
         elif img.shape != first[0]:
@@ -161,11 +154,6 @@ def _folder_files(path):
     return out
 
 
-def _read_image(file):
-    """RGB uint8 array of one image file; a truncated or non-image file is a DataError naming it."""
-    return np.asarray(open_image(file), dtype=np.uint8)
-
-
 def open_image(file, listed_in=None):
     """RGB PIL image of one file; a truncated or non-image file is a DataError naming it (and its list)."""
     try:
@@ -181,10 +169,9 @@ CINIC10_SPLITS = ("train", "valid", "test")
 
 
 def cinic10_files(root):
-    """CINIC-10 as an unlabeled pool for CIFAR-10 (paper 1's D_U, REFERENCE §3): (paths, labels, class
-    names) of every image under root/{train,valid,test}/<class>/ EXCEPT the files named `cifar10-…`,
-    which are CIFAR-10's own images (a D_L image must never come back as unlabeled). What remains are
-    the ImageNet-sourced images, ~21,000 per class. Classes are the folder names, sorted."""
+    """CINIC-10 as an unlabeled pool for CIFAR-10 (paper 1's D_U): (paths, labels, class names) of every
+    image under root/{train,valid,test}/<class>/ but the `cifar10-…` files, CIFAR-10's own images (a D_L
+    image must never come back as unlabeled): ~21,000 ImageNet-sourced images per class."""
     if not all(os.path.isdir(os.path.join(root, s)) for s in CINIC10_SPLITS):
         raise DataError(f"--pool-root '{root}' is not a CINIC-10 folder: it needs train/, valid/ and test/ "
                         f"with one folder per class (download CINIC-10 and unpack it there)")
@@ -228,9 +215,7 @@ def mean_std(dataset, train_images=None):
     return tuple(x.mean(0).tolist()), tuple(x.std(0).tolist())
 
 
-# ---------------------------------------------------------------------------------------------------
-# Long-tailed subsets (REFERENCE §1)
-# ---------------------------------------------------------------------------------------------------
+# ----- Long-tailed subsets (REFERENCE §1) ----------------------------------------------------------
 
 def lt_counts(n_max, num_classes, rho, imb_type="exp"):
     """Images per class, head first. exp: int(n_max·rho^(i/(C-1))); step: half n_max, half int(n_max·rho)."""
@@ -257,12 +242,9 @@ def _num_classes(labels):
 
 
 def make_long_tailed(labels, rho, imb_type="exp", seed=0, n_max=None, class_order=None):
-    """Indices (into `labels`) of the seeded long-tailed subset.
-
-    The class class_order[i] keeps lt_counts(...)[i] images: its indices are shuffled by one
-    np.random.RandomState(seed), class after class, and the first k kept, which is the LDAM-DRW
-    code's IMBALANCECIFAR10 rule. n_max defaults to the size of the smallest class.
-    """
+    """Indices (into `labels`) of the seeded long-tailed subset: class class_order[i] keeps lt_counts(...)[i]
+    images, its indices shuffled by one np.random.RandomState(seed), class after class, the first k kept
+    (LDAM-DRW's IMBALANCECIFAR10 rule). n_max defaults to the size of the smallest class."""
     labels = np.asarray(labels)
     C = _num_classes(labels)
     if C < 2:
@@ -332,9 +314,8 @@ def downsample(indices, labels, ratio, seed=0, keep_one=False):
 
 
 def carve_val(indices, labels, frac, seed=0):
-    """Class-stratified validation split of a training subset: (train_indices, val_indices).
-
-    Each class gives round(frac·n_c) images, at least one and never all of them."""
+    """Class-stratified validation split of a training subset: (train_indices, val_indices). Each class
+    gives round(frac·n_c) images, at least one and never all of them."""
     indices = np.asarray(indices)
     if frac == 0:
         return indices, indices[:0]
@@ -380,21 +361,14 @@ def unlabeled_pool(pool_labels, n_labeled, mult=5, rho_u=1.0, imb_type="exp", se
                    irrelevant=None, relevance=1.0, class_order=None, shortfall="shrink"):
     """Choose paper 1's extra unlabeled set D_U: (pool indices, irrelevant picks, report).
 
-    `pool_labels` are the TRUE labels of the candidate images, used only to choose them (the
-    experimenter's control); training sees pseudo-labels. |D_U| = mult·n_labeled, split over the
-    classes by the exp (or step) profile with ratio rho_u rescaled to keep the total, as in the
-    authors' get_img_num_per_cls_unlabeled; the i-th profile count goes to class class_order[i]
-    (SVHN: digit 1 gets the most, digit 0 the fewest, as in the authors' imbalance_svhn.py).
-    With relevance r < 1 (paper 1 Fig. 2), exactly round(r·|D_U|) images come from the pool (the
-    images the per-class flooring leaves over go to the classes with the largest remainders) and the
-    rest is drawn uniformly from `irrelevant` (an array of whatever ids the caller uses for images
-    outside the task); the second return value holds those picks.
-
-    A pool too small for the request: shortfall="shrink" (default) keeps the profile and the relevance
-    ratio and takes the largest |D_U| that every class (and the irrelevant pool) can supply, with a
-    warning that gives the achieved multiple; shortfall="cap" keeps |D_U| and caps each short class,
-    which can hand a class fewer images than a rarer one (the profile is then not the one asked).
-    """
+    `pool_labels` are the TRUE labels of the candidates, used only to choose them; training sees
+    pseudo-labels. |D_U| = mult·n_labeled on the exp (or step) profile with ratio rho_u, rescaled to keep
+    the total (the authors' get_img_num_per_cls_unlabeled); the i-th count goes to class class_order[i].
+    With relevance r < 1 (paper 1 Fig. 2) exactly round(r·|D_U|) images come from the pool (flooring's
+    leftovers to the largest remainders), the rest uniformly from `irrelevant` (the caller's ids).
+    A pool too small: shortfall="shrink" keeps profile and relevance and takes the largest |D_U| that
+    fits, with a warning; "cap" keeps |D_U| and caps each short class (the profile is then not the one
+    asked)."""
     check_rho(rho_u, "rho_u")
     if not 0 <= relevance <= 1:
         raise DataError(f"relevance must be in [0, 1], got {relevance:g}")
@@ -482,20 +456,18 @@ def unlabeled_pool(pool_labels, n_labeled, mult=5, rho_u=1.0, imb_type="exp", se
     return np.sort(np.concatenate([irr[:0], *chosen])).astype(np.int64), irr, report
 
 
-# ---------------------------------------------------------------------------------------------------
-# ImageNet-LT / iNaturalist text lists
-# ---------------------------------------------------------------------------------------------------
+# ----- ImageNet-LT / iNaturalist text lists --------------------------------------------------------
 
 def imagenet_transform(train, size=224, dataset="imagenet_lt"):
     """The decoupling (Kang et al. 2020) / paper 1 ImageNet-LT transforms: train = RandomResizedCrop,
     flip, ColorJitter(0.4, 0.4, 0.4, 0); test = Resize(256/224·size), CenterCrop(size). dataset="inat":
-    iNaturalist's statistics and no colour jitter, as their dataloader.py."""
-    if dataset == "inat":
-        return inat_transform(train, size)
-    norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    iNaturalist's statistics and no colour jitter, as their dataloader.py (and paper 1's released code)."""
+    inat = dataset == "inat"
+    norm = transforms.Normalize(*((INAT_MEAN, INAT_STD) if inat else (IMAGENET_MEAN, IMAGENET_STD)))
     if train:
-        return transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
-                                   transforms.ColorJitter(0.4, 0.4, 0.4, 0), transforms.ToTensor(), norm])
+        jitter = [] if inat else [transforms.ColorJitter(0.4, 0.4, 0.4, 0)]
+        return transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), *jitter,
+                                   transforms.ToTensor(), norm])
     return transforms.Compose([transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size),
                                transforms.ToTensor(), norm])
 
@@ -503,48 +475,23 @@ def imagenet_transform(train, size=224, dataset="imagenet_lt"):
 INAT_MEAN, INAT_STD = (0.466, 0.471, 0.380), (0.195, 0.194, 0.192)
 
 
-def inat_transform(train, size=224):
-    """Kang et al.'s (and paper 1's released) iNaturalist 2018 transforms: the ImageNet-LT ones without
-    ColorJitter, normalised with iNaturalist's mean / std."""
-    norm = transforms.Normalize(INAT_MEAN, INAT_STD)
-    if train:
-        return transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
-                                   transforms.ToTensor(), norm])
-    return transforms.Compose([transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size),
-                               transforms.ToTensor(), norm])
-
-
 class FileListDataset(torch.utils.data.Dataset):
-    """Images listed in a text file, one `relative/path label` per line (ImageNet-LT, iNaturalist).
-
-    For a DataLoader with workers; `transform` defaults to imagenet_transform(train).
-    """
+    """Images listed in a text file, one `relative/path label` per line (ImageNet-LT, iNaturalist), for a
+    DataLoader with workers; `transform` defaults to imagenet_transform(train)."""
 
     def __init__(self, root, list_file, train=True, transform=None):
         self.root = root
         self.transform = imagenet_transform(train) if transform is None else transform
-        if not os.path.isfile(list_file):
-            raise DataError(f"image list '{list_file}' does not exist")
         self.list_file = list_file
-        self.samples, line_of = [], []
-        with open(list_file) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                parts = line.rsplit(maxsplit=1)
-                if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
-                    raise DataError(f"{list_file}:{n}: expected 'relative/path label', got '{line.strip()}'")
-                self.samples.append((parts[0], int(parts[1])))
-                line_of.append(n)
-        if not self.samples:
-            raise DataError(f"image list '{list_file}' is empty")
+        paths, labels, line_of = read_file_list(list_file)
+        self.samples = list(zip(paths, labels.tolist()))
         missing = _missing_files(root, [p for p, _ in self.samples])
         if missing:
             first = os.path.join(root, self.samples[missing[0]][0])
             hint = "check --data-root" if len(missing) == len(self.samples) else "restore them or fix the list"
             raise DataError(f"{len(missing)} of the {len(self.samples)} images listed in {list_file} do not exist, "
                             f"the first: '{first}' (line {line_of[missing[0]]}); {hint}")
-        self.labels = np.asarray([s[1] for s in self.samples], dtype=np.int64)
+        self.labels = labels
         self.num_classes = int(self.labels.max()) + 1
 
     def __len__(self):
@@ -574,7 +521,6 @@ def _missing_files(root, paths):
 # ---------------------------------------------------------------------------------------------------
 # Paper 2's ImageNet variants (§2.2, App. A.1, Table 2, Fig. 1(b)): the long-tailed lists, a balanced
 # list of the same n for each, and the {0.75, 0.5, 0.25, 0.125} downsampled lists of every one of them.
-# ---------------------------------------------------------------------------------------------------
 
 # App. A.1: ImageNet-LT (Liu et al. 2019, Pareto with power 6, 1280 down to 5 images per class) has
 # n = 115,846; the "more imbalanced" Pareto list has 3 images in its rarest class and n = 80,218. §2.2
@@ -586,11 +532,9 @@ SIZE_SWEEP = (0.75, 0.5, 0.25, 0.125)
 def pareto_counts(num_classes, n_max, n_min, total):
     """Images per class, head first, on a Pareto rank profile with the given head, tail and total.
 
-    Neither paper gives how its Pareto lists were drawn and the authors released neither the lists nor
-    the code, so this is our construction: the rank-size form of a Pareto law (Zipf–Mandelbrot),
-    n(k) = n_max·(1 + k/k0)^(−s) for rank k = 0 … C−1, with s fixed by n(C−1) = n_min and k0 found by
-    bisection so that Σ n(k) = total; the counts are floor(n(k)) plus one image for the classes with
-    the largest fractional parts until the total is exact. Head n_max and tail n_min stay exact."""
+    Neither paper nor code gives how its Pareto lists were drawn, so this is our construction: the
+    rank-size form n(k) = n_max·(1 + k/k0)^(−s), s fixed by n(C−1) = n_min, k0 by bisection so that
+    Σ n(k) = total; floor(n(k)) plus one image for the largest fractional parts. Head and tail stay exact."""
     C = int(num_classes)
     if C < 2 or not 1 <= n_min <= n_max or not C * n_min <= total <= C * n_max:
         raise DataError(f"no Pareto profile of {C} classes from {n_max} down to {n_min} images sums to {total}")
@@ -618,10 +562,10 @@ def pareto_counts(num_classes, n_max, n_min, total):
 
 
 def read_file_list(path):
-    """(paths, labels) of a 'relative/path label' list (the images need not be present)."""
+    """(paths, labels, line numbers) of a 'relative/path label' list (the images need not be present)."""
     if not os.path.isfile(path):
         raise DataError(f"image list '{path}' does not exist")
-    paths, labels = [], []
+    paths, labels, lines = [], [], []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -631,17 +575,16 @@ def read_file_list(path):
                 raise DataError(f"{path}:{n}: expected 'relative/path label', got '{line.strip()}'")
             paths.append(parts[0])
             labels.append(int(parts[1]))
+            lines.append(n)
     if not paths:
         raise DataError(f"image list '{path}' is empty")
-    return paths, np.asarray(labels, dtype=np.int64)
+    return paths, np.asarray(labels, dtype=np.int64), lines
 
 
 def profile_subset(labels, counts, seed=0, class_order=None):
     """Indices of a subset where the class at rank k keeps counts[k] images (a seeded draw per class).
-
-    Ranks go to classes in `class_order` (default: a seeded permutation of the classes); a class with
-    fewer images than its rank asks for is passed over for the next one that has enough (ImageNet's
-    classes hold 732–1300 images, the head asks for up to 1280)."""
+    Ranks go to classes in `class_order` (default: a seeded permutation); a class with too few images
+    for its rank is passed over for the next one (ImageNet's classes hold 732–1300, the head asks 1280)."""
     labels = np.asarray(labels)
     C = _num_classes(labels)
     if len(counts) != C:
@@ -665,16 +608,12 @@ def profile_subset(labels, counts, seed=0, class_order=None):
 
 
 def imagenet_variants(labels, seed=0, lt_labels=None, ratios=SIZE_SWEEP):
-    """Paper 2's ImageNet pre-training lists: {name: ("full" or "lt", indices)}.
-
-    `labels` are those of the full ImageNet training list. `lt_labels` (optional) those of Liu et al.'s
-    ImageNet_LT_train.txt: its r0.004 variants are then that list itself (indices into it, source "lt");
-    without it r0.004 is drawn from the full list on pareto_counts(C, 1280, 5, 115,846), which has the
-    published ImageNet-LT's head, tail and n but not its images. r0.0025 is always drawn from the full
-    list on pareto_counts(C, 1200, 3, 80,218), ranks given to classes in ImageNet-LT's order (most images
-    first) when lt_labels is given. For each long-tailed list L and each size ratio q: L_sub<q> =
-    downsample(L, q) keeping one image of a class that int(q·n_c) would empty, and bal-… = balanced_subset(full, |…|) — the same calls in the same order as the
-    training scripts' --subsample / --balanced, so a variant is fixed by its data seed."""
+    """Paper 2's ImageNet pre-training lists: {name: ("full" or "lt", indices)}, from the full ImageNet
+    training list's `labels`. With `lt_labels` (Liu et al.'s ImageNet_LT_train.txt) r0.004 is that list
+    itself (source "lt"), else drawn from the full list on pareto_counts(C, 1280, 5, 115,846) (ImageNet-LT's
+    head, tail and n, not its images); r0.0025 is drawn on pareto_counts(C, 1200, 3, 80,218), in ImageNet-LT's
+    class order when given. For each list L and ratio q: L_sub<q> = downsample(L, q, keep_one) and bal-… =
+    balanced_subset(full, |…|), the training scripts' --subsample / --balanced calls, fixed by the seed."""
     labels = np.asarray(labels)
     C = _num_classes(labels)
     out = {}
@@ -698,8 +637,8 @@ def imagenet_variants(labels, seed=0, lt_labels=None, ratios=SIZE_SWEEP):
 
 def write_imagenet_variants(train_list, out_dir, seed=0, lt_list=None):
     """Write every variant of imagenet_variants as <out_dir>/<name>.txt; returns {name: class counts}."""
-    paths, labels = read_file_list(train_list)
-    lt = read_file_list(lt_list) if lt_list else None
+    paths, labels, _ = read_file_list(train_list)
+    lt = read_file_list(lt_list)[:2] if lt_list else None
     variants = imagenet_variants(labels, seed, None if lt is None else lt[1])
     os.makedirs(out_dir, exist_ok=True)
     lines = {"full": [f"{p} {y}\n" for p, y in zip(paths, labels)]}
@@ -720,7 +659,6 @@ def write_imagenet_variants(train_list, out_dir, seed=0, lt_list=None):
 # Part 2: GPU input pipeline. uint8 images live on the device (CIFAR-10's 50,000 train images take
 # 154 MB); whole chunks of an epoch are augmented there with per-sample random parameters drawn from
 # the same distributions as the torchvision transforms the authors used (REFERENCE §2, §5, §6).
-# ---------------------------------------------------------------------------------------------------
 
 def to_device(images, device):
     """uint8 N×H×W×3 array → contiguous uint8 N×3×H×W tensor on `device`."""
@@ -764,11 +702,9 @@ def random_crop_flip(x, generator, padding=4):
 # ----- self-supervised: RandomResizedCrop, flip, ColorJitter, RandomGrayscale, GaussianBlur ----------
 
 def sample_resized_crop(n, height, width, generator, device, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop.get_params for n images at once: (top, left, h, w) integer tensors.
-
-    torchvision's rule: up to 10 tries of area ~ U(scale)·H·W and log aspect ~ U(log ratio), w and h
-    rounded, the first box that fits is kept at a uniform position; else a centred crop of the
-    whole image with its aspect clamped to `ratio`."""
+    """RandomResizedCrop.get_params for n images at once: (top, left, h, w) integer tensors. torchvision's
+    rule: up to 10 tries of area ~ U(scale)·H·W and log aspect ~ U(log ratio), the first box that fits at a
+    uniform position; else a centred crop of the whole image, its aspect clamped to `ratio`."""
     tries = 10
     area = height * width * torch.empty(n, tries, device=device).uniform_(*scale, generator=generator)
     log_r = torch.empty(n, tries, device=device).uniform_(np.log(ratio[0]), np.log(ratio[1]),
@@ -795,12 +731,9 @@ def sample_resized_crop(n, height, width, generator, device, scale=(0.2, 1.0), r
 
 
 def resized_crop(x, top, left, h, w, size, flip=None):
-    """Crop box (top, left, h, w) of each image, resized to size×size by bilinear interpolation
-    (half-pixel centres, edges clamped to the box, as torch.nn.functional.interpolate with
-    align_corners=False), mirrored where `flip`. uint8 in, float in [0, 1] out.
-
-    No antialiasing: for a box larger than `size` (downscaling) torchvision/PIL would low-pass
-    filter first. The CIFAR recipes resize 32×32 boxes of 32×32 images to 32, never downscaling."""
+    """Crop box (top, left, h, w) of each image, resized to size×size bilinearly (half-pixel centres, edges
+    clamped, as interpolate(align_corners=False)), mirrored where `flip`; uint8 in, float in [0, 1] out.
+    No antialiasing, which only downscaling would need: the CIFAR recipes never downscale."""
     B, C, H, W = x.shape
     u = torch.arange(size, device=x.device, dtype=torch.float32) + 0.5
 
@@ -945,30 +878,22 @@ def balanced_sample_weights(labels):
 
 
 def effective_number_sample_weights(labels, beta=0.9999, counts=None):
-    """Per-image weight (1 − β)/(1 − β^{n_y}) (Cui et al.'s effective number): the sampling weights of
-    the authors' ImbalancedDatasetSampler (paper 1's code, β = 0.9999). A class is then drawn with
-    probability ∝ n_c·(1 − β)/(1 − β^{n_c}), which is not exactly uniform: at CIFAR-10-LT ρ = 100 the
-    head class (5,000 images) is drawn 1.27× as often as the tail (50). `counts` defaults to the class
-    counts of `labels`."""
+    """Per-image weight (1 − β)/(1 − β^{n_y}) (Cui et al.'s effective number; `counts` default: those of
+    `labels`), the authors' ImbalancedDatasetSampler (β = 0.9999). Not exactly uniform over classes: at
+    CIFAR-10-LT ρ = 100 the head class is drawn 1.27× as often as the tail."""
     labels = labels if torch.is_tensor(labels) else torch.as_tensor(np.asarray(labels))
     n = (torch.bincount(labels) if counts is None else torch.as_tensor(counts)).double()
     return ((1 - beta) / (1 - beta ** n.clamp(min=1)))[labels]
 
 
 class GPULoader:
-    """Batches of a device-resident uint8 dataset: normalised float, augmented on the device.
+    """Batches of a device-resident uint8 dataset, normalised and augmented on the device:
+    `for x, y, idx in GPULoader(images, labels, 128, mean, std, device, augment="crop_flip").epoch(e)`.
 
-        loader = GPULoader(images, labels, 128, mean, std, device, augment="crop_flip", seed=0)
-        for x, y, idx in loader.epoch(e):                     # or loader.epoch(e, weights=w)
-            ...
-
-    augment: None (test transform), "crop_flip" (supervised CIFAR recipe) or "ssl" (`views`
-    independent views, x is then a list). Each epoch's order and augmentation are drawn from a
-    generator seeded by (seed, epoch), so a resumed run sees exactly the batches it would have.
-    `weights` (per image) switches from a permutation to drawing len(dataset) images with
-    replacement, as torch's WeightedRandomSampler. Augmentation runs on chunks of `chunk` images
-    (rounded to whole batches) to cut kernel launches.
-    """
+    augment: None (test transform), "crop_flip" (supervised CIFAR recipe) or "ssl" (`views` views, x a
+    list). Each epoch's order and augmentation come from a generator seeded by (seed, epoch), so a resumed
+    run sees exactly the batches it would have. epoch(e, weights) draws len(dataset) images with
+    replacement, as WeightedRandomSampler. Augmentation runs on chunks of `chunk` images (whole batches)."""
 
     def __init__(self, images, labels, batch_size, mean, std, device, augment=None, shuffle=None,
                  drop_last=False, seed=0, views=2, size=None, blur=False, chunk=8192):
@@ -1017,17 +942,14 @@ class GPULoader:
                 yield ([v[sl] for v in x] if isinstance(x, list) else x[sl]), y[sl], idx[sl]
 
 
-# ---------------------------------------------------------------------------------------------------
-# Training subsets, file lists in batches (one process or a share under torchrun), evaluation
-# ---------------------------------------------------------------------------------------------------
+# ----- Training subsets, file lists in batches (one process or a share under torchrun), evaluation ---
 
 def training_subset(train_y, args):
-    """Dataset indices of the training images and of the --val-frac images left out of them: paper 2
-    §2.2 / App. A.1, the same datasets_lt calls in the same order in every script that draws these subsets,
-    so one --data-seed gives the same images in all of them. The exp or step long-tailed subset, downsampled per class by
-    --subsample; --balanced replaces it by a class-balanced subset of the same size."""
+    """Dataset indices of the training images and of the --val-frac images left out of them (paper 2 §2.2 /
+    App. A.1): the exp or step long-tailed subset, downsampled per class by --subsample; --balanced replaces
+    it by a class-balanced subset of the same size. One --data-seed gives the same images in every script."""
     idx = make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, N_MAX.get(args.dataset),
-                             CLASS_ORDER.get(args.dataset))
+                           CLASS_ORDER.get(args.dataset))
     if args.subsample < 1:
         idx = downsample(idx, train_y, args.subsample, args.data_seed)
     if args.balanced:
@@ -1055,14 +977,8 @@ class ListBatches:
         return -(-len(self.indices) // self.kw["batch_size"])
 
     def epoch(self, epoch, weights=None):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        if weights is not None:
-            sampler = torch.utils.data.WeightedRandomSampler(weights, len(self.indices), generator=g)
-        elif self.train:
-            sampler = torch.utils.data.RandomSampler(range(len(self.indices)), generator=g)
-        else:
-            sampler = range(len(self.indices))
-        order = torch.as_tensor(list(sampler))
+        n = len(self.indices)
+        order = epoch_order(n, self.seed, epoch, weights) if self.train or weights is not None else torch.arange(n)
         sub = torch.utils.data.Subset(self.dataset, [int(self.indices[i]) for i in order])
         try:
             for b, (x, y) in enumerate(torch.utils.data.DataLoader(sub, **self.kw)):
@@ -1138,22 +1054,11 @@ def eval_shard(dataset, indices, seed, workers, device, rank, world):
     return batches
 
 
-class Predicted(nn.Module):
-    """Stands in for a model in evaluate(): its input is the predicted class, its output the one-hot scores."""
-
-    def __init__(self, num_classes):
-        super().__init__()
-        self.num_classes = num_classes
-
-    def forward(self, pred):
-        return F.one_hot(pred, self.num_classes).float()
-
-
 @torch.no_grad()
 def evaluate_shards(model, shard, num_classes, train_counts, device):
     """evaluate() of a list split across the processes (`shard` from eval_shard): each predicts its part,
-    predictions and labels are gathered in rank order and evaluate() counts them, so every number is the
-    one a single process reports for the same weights on the whole list."""
+    predictions and labels are gathered in rank order and counted once, so every number is the one a single
+    process reports for the same weights on the whole list."""
     model.eval()
     preds, labels = [torch.zeros(0, dtype=torch.long, device=device)], [torch.zeros(0, dtype=torch.long, device=device)]
     for x, y, _ in shard.epoch(0):
@@ -1165,8 +1070,7 @@ def evaluate_shards(model, shard, num_classes, train_counts, device):
     parts = [torch.empty_like(padded) for _ in shard.sizes]
     dist.all_gather(parts, padded)
     pred, y = torch.cat([p[:, :k] for p, k in zip(parts, shard.sizes)], 1)
-    return evaluate(Predicted(num_classes), [(pred[i:i + 1000], y[i:i + 1000], None) for i in range(0, len(y), 1000)],
-                    num_classes, train_counts)
+    return accuracies(pred, y, num_classes, train_counts)
 
 
 class TwoViews:
@@ -1240,18 +1144,20 @@ def list_plain_batches(args, idx, device):
 
 @torch.no_grad()
 def evaluate(model, batches, num_classes, train_counts):
-    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
+    """accuracies() of the model's argmax over `batches` of (x, y, _).
 
     Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
     index, i.e. to the head classes."""
     model.eval()
-    correct = torch.zeros(num_classes, dtype=torch.long)
-    total = torch.zeros(num_classes, dtype=torch.long)
-    for x, y, _ in batches:
-        pred = model(x).argmax(1)
-        y = y.to(pred.device)
-        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
-        total += torch.bincount(y, minlength=num_classes).cpu()
+    preds, labels = zip(*[(model(x).argmax(1).cpu(), y.cpu()) for x, y, _ in batches])
+    return accuracies(torch.cat(preds), torch.cat(labels), num_classes, train_counts)
+
+
+def accuracies(pred, y, num_classes, train_counts):
+    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means (a class with no test
+    image is left out of the means)."""
+    correct = torch.bincount(y[pred == y], minlength=num_classes).cpu()
+    total = torch.bincount(y, minlength=num_classes).cpu()
     per_class = (correct.double() / total.clamp(min=1)).tolist()
     seen = total > 0
     result = {"top1": 100 * correct.sum().item() / total.sum().item(),
@@ -1263,9 +1169,7 @@ def evaluate(model, batches, num_classes, train_counts):
     return result
 
 
-# ---------------------------------------------------------------------------------------------------
-# Command line: show the subset a run would train on
-# ---------------------------------------------------------------------------------------------------
+# ----- Command line: show the subset a run would train on ------------------------------------------
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Print the long-tailed training subset for a dataset and seed.")
@@ -1290,8 +1194,7 @@ def main(argv=None):
         idx = make_long_tailed(labels, args.rho, args.imb_type, args.data_seed, N_MAX.get(args.dataset),
                                CLASS_ORDER.get(args.dataset))
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
     counts = np.bincount(labels[idx], minlength=len(names))
     groups = shot_groups(counts)
     print(f"{args.dataset} train: {len(labels)} images {images.shape[1]}x{images.shape[2]}, "
@@ -1305,8 +1208,7 @@ def imagenet_main(args):
     try:
         report = write_imagenet_variants(args.train_list, args.out_dir, args.data_seed, args.lt_list)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
     print(f"paper 2's ImageNet variants from {args.train_list}"
           + (f" and {args.lt_list}" if args.lt_list else " (no --lt-list: r0.004 is drawn on ImageNet-LT's profile)")
           + f", data seed {args.data_seed}, in {args.out_dir}/:")

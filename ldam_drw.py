@@ -4,7 +4,7 @@ Paper 1 (Yang & Xu 2020) §4.2 and Table 2, whose baselines are Cao et al. 2019 
 ldam_loss, margins ∝ n_c^(-1/4) → ldam_margins, §3.3 deferred re-weighting → deferred_rule) and Cui et al.
 2019 (class-balanced weights → class_balanced_weights). Every row of Table 2 without SSP is one `--loss` ×
 `--rule`; "+SSP" is `--pretrained` with a self-supervised checkpoint. Paper 2's supervised pre-training is
-`--recipe he`. README "Supervised long-tail baselines" has the recipes, DDP and the reasons below.
+`--recipe he`. README "Supervised long-tail baselines" has the recipes and the DDP commands.
 
     python ldam_drw.py --rho 0.01 --gpu 0                          # Table 2 LDAM-DRW, CIFAR-10-LT ρ=100
     python ldam_drw.py --rho 0.01 --loss ce --rule none            # CE;  --rule reweight: CB-CE
@@ -34,10 +34,8 @@ Deliberate differences from the paper and the authors' code:
 9. --recipe he trains 200 epochs on CIFAR (the paper gives none); --subsample keeps the iterations equal.
 """
 import argparse
-import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -513,11 +511,7 @@ def init_state(args, ckpt, C, device, world=1):
         print(f"classifier re-initialised ({'cosine' if args.loss == 'ldam' else 'linear'}, {C} classes)")
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
                                 fused=device.type == "cuda")
-    start, best = 0, None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, best = ckpt["epoch"], ckpt.get("best")
+    start, best = R.restore(ckpt, model, optimizer)
     if world > 1:
         R.broadcast_state(model)
     return model, optimizer, start, best

@@ -1,22 +1,15 @@
 """Run files of every script: one run folder, its checkpoints, --resume, and the torchrun plumbing.
 
 No part of any method lives here. A script passes in what is its own (its name, its `__file__`, the flags
---resume may change, its rows and final numbers) and calls these plain functions in this order:
+--resume may change, its rows and final numbers) and calls plain functions: given_flags and check_ranges
+(flags), resume_run and refuse_occupied, setup_device, open_run (args.json, the source, metrics.jsonl cut
+back to the resumed epoch), stop_if_diverged and end_epoch (each epoch), finish_run (final.json).
 
-    args.cli_flags = given_flags(parser, argv); check_ranges(args, SHARED_RANGES + [...])
-    args, ckpt = resume_run(args, "ldam_drw.py", RESUME_FLAGS, defaults)      # or a new run
-    refuse_occupied(args.out, args.resume)
-    device = setup_device(args, world)
-    ... data, model ...
-    open_run(args, ckpt, device, __file__, start)                             # args.json, source, metrics
-    for epoch: ...; stop_if_diverged(...); end_epoch(out, row, line, state)   # metrics row, line, last.pt
-    finish_run(out, final, t_run)                                             # final.json
-
-A run folder holds args.json (the resolved arguments + torch / CUDA / GPU versions), metrics.jsonl (one
-row per epoch), last.pt (a plain dict: arch, model, epoch, optimizer, args, class_counts, rng, ...),
-final.json and a copy of the script. Every file is written to a temp file and renamed, so a killed run
-leaves the previous version whole. A user's mistake ends with one line and exit 2; a diverged run with
-one line and exit 1, its last good checkpoint untouched.
+A run folder holds args.json (resolved arguments + torch / CUDA / GPU versions), metrics.jsonl (a row per
+epoch), last.pt (a plain dict: arch, model, epoch, optimizer, args, class_counts, rng, ...), final.json
+and a copy of the script, each written to a temp file and renamed, so a killed run leaves the previous
+version whole. A user's mistake ends with one line and exit 2; a diverged run with one line and exit 1,
+its last good checkpoint untouched.
 """
 import argparse
 import json
@@ -182,6 +175,15 @@ def load_backbone(model, arch, path):
     own.update({k: src[k] for k in matched})
     model.load_state_dict(own)
     return ckpt
+
+
+def restore(ckpt, model, optimizer):
+    """A --resume checkpoint's model and optimizer state loaded: (start epoch, best); (0, None) for a new run."""
+    if ckpt is None:
+        return 0, None
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt["epoch"], ckpt.get("best")
 
 
 # ----- a run: resume, device, folder, epochs, end ---------------------------------------------------
