@@ -13,17 +13,15 @@
   python theory_sim.py thm3 --seed 1 --trials 50000
   python theory_sim.py thm31 --datasets 10
 
-Every verdict compares what the model does (simulated; for the tails of thm1/thm3 also computed
-exactly from the model and checked against the simulation) with the bound; none uses the theorem's
-formula alone. kappa (thm1, thm3) is the largest factor by which the bound's exponents could be
-multiplied and still hold; a row holds when kappa >= 1. thm2 holds when the simulated minimum over 401
-thresholds is >= 1/4 - 3 SE and the closed form is within 5 SE of the simulation at every threshold.
-thm31 holds when the log-log slope over d of the SL capture (SSL deficit) is <= -1/10 (-1/5) + 0.05.
-Exit code 0 when everything holds, 1 when a check fails, 2 on bad input. Trials: 20,000 per row
-(--trials), SE <= 0.0035; thm31: 5 data sets per d. About 10 s of CPU time on 2 cores (numpy 2.4,
-scipy 1.17), thm31 most of it. Results: README "Theory checks".
+Every verdict compares what the model does (simulated; the tails of thm1/thm3 also exactly, checked
+against the simulation) with the bound, never the theorem's formula alone. kappa (thm1, thm3): the largest
+factor on the bound's exponents that still holds; a row holds when kappa >= 1. thm2 holds when the
+simulated minimum over 401 thresholds is >= 1/4 - 3 SE and the closed form is within 5 SE of it everywhere;
+thm31 when the log-log slope over d of the SL capture (SSL deficit) is <= -1/10 (-1/5) + 0.05. Exit 0 when
+all hold, 1 when a check fails, 2 on bad input. 20,000 trials per row (SE <= 0.0035), thm31 5 data sets
+per d: about 10 s on 2 CPU cores, most of it thm31. Results: README "Theory checks".
 
-Deliberate choices (details next to the code and in README "Theory checks"):
+Deliberate choices (details next to the code):
  1. Free constants: mu1 = 1, mu2 = -1, sigma = 1 (thm1); sigma1 = k1 = 1, k2 = 1, beta = 5, p+ = N+/N (thm3).
  2. Settings where the bounds say something: stated P 0.6 / 0.95, thm2 interior minima, thm31 d = 100..800.
  3. Exact reductions of the samples (same law, tested): thm1 binomial counts + a Gaussian, thm3 chi-squares.
@@ -31,7 +29,6 @@ Deliberate choices (details next to the code and in README "Theory checks"):
  5. Theorem 3.1 (OCR-damaged) read as rho = d^(-1/5), tau = d^(1/5), n3 = floor(d^(1/5)), n1 = n2 = d, m = 3.
  6. SL exponent -1/10 as stated, stricter than the -1/20 that appendix E eqs. (33)-(34) prove.
  7. Min-norm network = min-norm multiclass SVM (Lemma E.3) by NNLS; SSL = top-m eigenvectors (their proof).
- 8. As a script the file limits BLAS to one thread (many small calls: 2 threads were 1.6-15x slower).
 """
 import argparse
 import json
@@ -41,8 +38,7 @@ import sys
 import time
 
 if __name__ == "__main__":
-    # The linear algebra here is many small calls, where a multi-threaded BLAS only adds
-    # synchronisation: measured 1.6x slower on an idle 2-core CPU and up to 15x on a busy one.
+    # many small linear-algebra calls: a multi-threaded BLAS was 1.6x slower on 2 idle cores, 15x on busy ones
     for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_var, "1")
 
@@ -58,9 +54,8 @@ DATASETS = 5
 # ----- slack: how much stronger a bound could be and still hold ------------------------------------
 
 def slack(holds, lo=1e-2, hi=1e3, steps=40):
-    """The largest kappa in [lo, hi] with holds(kappa) true, for a holds() that is true up to some kappa
-    and false beyond (a bound whose exponents are multiplied by kappa only gets stronger). Geometric
-    bisection to a relative precision of (hi/lo)^(2^-steps); 0.0 if holds(lo) is false, inf if holds(hi)."""
+    """The largest kappa in [lo, hi] with holds(kappa) true (holds is monotone: larger exponents only make a
+    bound stronger), by geometric bisection; 0.0 if holds(lo) is false, inf if holds(hi)."""
     if not holds(lo):
         return 0.0
     if holds(hi):
@@ -72,8 +67,7 @@ def slack(holds, lo=1e-2, hi=1e3, steps=40):
 
 
 def binomial_agrees(count, trials, prob, level=1e-4):
-    """Whether `count` successes in `trials` are consistent with success probability `prob`: the
-    two-sided binomial tail probability of the count is >= level."""
+    """Whether `count` successes in `trials` are consistent with `prob` (two-sided binomial tail >= level)."""
     tail = min(binom.cdf(count, trials, prob), binom.sf(count - 1, trials, prob))
     return bool(2 * tail >= level)
 
@@ -96,7 +90,6 @@ def thm1_fail_bound(delta, n_pos, n_neg, mu1, mu2, sigma, kappa=1.0):
 
 
 def thm1_bound(delta, n_pos, n_neg, mu1, mu2, sigma):
-    """Theorem 1's stated probability."""
     return 1 - thm1_fail_bound(delta, n_pos, n_neg, mu1, mu2, sigma)
 
 
@@ -107,10 +100,9 @@ def thm1_delta_for(target, n_pos, n_neg, mu1, mu2, sigma):
 
 
 def thm1_sample_theta(rng, trials, n_pos, n_neg, p, q, mu1, mu2, sigma):
-    """theta_hat = (mean of the pseudo-positives + mean of the pseudo-negatives) / 2, one per trial.
-
-    A pseudo-positive is N(mu1, s^2) with probability p (I+ ~ Bernoulli(p)), else N(mu2, s^2);
-    a pseudo-negative is N(mu2, s^2) with probability q, else N(mu1, s^2) (§2.1)."""
+    """theta_hat = (mean of the pseudo-positives + mean of the pseudo-negatives) / 2, one per trial (§2.1):
+    a pseudo-positive is N(mu1, s^2) with probability p, else N(mu2, s^2); a pseudo-negative N(mu2, s^2)
+    with probability q, else N(mu1, s^2)."""
     k_pos = rng.binomial(n_pos, p, trials)
     k_neg = rng.binomial(n_neg, q, trials)
     sum_pos = k_pos * mu1 + (n_pos - k_pos) * mu2 + sigma * math.sqrt(n_pos) * rng.standard_normal(trials)
@@ -119,10 +111,11 @@ def thm1_sample_theta(rng, trials, n_pos, n_neg, p, q, mu1, mu2, sigma):
 
 
 def thm1_fail_exact(delta, center, n_pos, n_neg, p, q, mu1, mu2, sigma):
-    """P(|theta_hat - center| > delta) in the §2.1 model, exactly: given the numbers K+ ~ Bin(n+, p),
-    K- ~ Bin(n-, q) of correct pseudo-labels, theta_hat is Gaussian with mean
-    (K+ mu1 + (n+-K+) mu2)/(2n+) + (K- mu2 + (n--K-) mu1)/(2n-) and sd (s/2) sqrt(1/n+ + 1/n-); the
-    Gaussian tails are summed against both binomial pmfs (counts with pmf < 1e-30 of the mode dropped)."""
+    """P(|theta_hat - center| > delta) in the §2.1 model, exactly: at the stated probabilities the true failure
+    rate is 1e-6 to 1e-13, so 20,000 trials alone would pass exponents 8x too strong. Given K+ ~ Bin(n+, p),
+    K- ~ Bin(n-, q) correct pseudo-labels, theta_hat is Gaussian with mean (K+ mu1 + (n+-K+) mu2)/(2n+) +
+    (K- mu2 + (n--K-) mu1)/(2n-) and sd (s/2) sqrt(1/n+ + 1/n-); its tails are summed against both binomial
+    pmfs (counts with pmf < 1e-30 of the mode dropped)."""
     def support(n, prob):
         k = np.arange(n + 1)
         pmf = binom.pmf(k, n, prob)
@@ -206,8 +199,7 @@ def thm2_search(beta, p_pos, allow_negative_b=False, closed_form=thm2_error):
 
 
 def thm2_simulate(rng, trials, theta, thresholds, sigma1, beta, p_pos):
-    """Error rates of sign(<theta, X> + b), one per b in `thresholds`, on the same `trials` fresh draws
-    from the §4.1 mixture (X | Y=+1 ~ N(0, s1^2 I), X | Y=-1 ~ N(0, beta s1^2 I), P(Y=+1) = p+)."""
+    """Error rates of sign(<theta, X> + b) per b in `thresholds` on `trials` draws of the §4.1 mixture."""
     y_pos = rng.random(trials) < p_pos
     scale = np.where(y_pos, sigma1, math.sqrt(beta) * sigma1)
     u = (rng.standard_normal((trials, len(theta))) * scale[:, None]) @ theta
@@ -220,14 +212,11 @@ def thm2_simulate(rng, trials, theta, thresholds, sigma1, beta, p_pos):
 
 def thm2(trials=TRIALS, seed=0, pairs=THM2_ROWS, sigma1=1.0, dim=THM2_DIM,
          allow_negative_b=False, closed_form=thm2_error, quarter=0.25):
-    """Rows of the simulated minimum error over a grid of thresholds b > 0 against 1/4, with the
-    closed form compared with the simulation at every threshold.
-
-    A random unit direction theta in R^dim is drawn per row (the error depends on theta, b only through
-    b / ||theta||, by rotation invariance). A row holds when the simulated minimum is >= quarter - 3 SE,
-    the closed form's minimum over b > 0 is >= quarter, and the closed form is within 5 SE of the
-    simulated error at every threshold. allow_negative_b searches b < 0 too; closed_form (same
-    signature as thm2_error) and quarter replace the theorem's: false variants, for the tests."""
+    """Rows of the simulated minimum error over thresholds b > 0 against 1/4, the closed form compared with
+    the simulation at every threshold. A random unit theta in R^dim per row (by rotation invariance only
+    b / ||theta|| matters). A row holds when the simulated minimum is >= quarter - 3 SE, the closed form's
+    minimum over b > 0 is >= quarter, and it is within 5 SE of the simulation at every threshold.
+    allow_negative_b, closed_form (thm2_error's signature) and quarter: false variants, for the tests."""
     rng = np.random.default_rng([seed, 2])
     grid = np.concatenate([-THM2_GRID[::-1], THM2_GRID]) if allow_negative_b else THM2_GRID
     rows = []
@@ -371,6 +360,9 @@ def thm3(trials=TRIALS, seed=0, settings=THM3_SETTINGS, targets=THM3_TARGETS, be
 
 # ----- Paper 2, Theorem 3.1 (§3.1, appendix E) -----------------------------------------------------
 
+# n1 = n2 = d, not the proof's d^2: such data are not linearly separable at any d one can simulate (no SVM
+# solution at d = 32, 64, 128); Lemma E.1 needs d of order 10^4. The margin is the seed-to-seed spread of
+# the SL slope (-0.45 to -0.56 over seeds 0-2).
 THM31_DIMS = (100, 200, 400, 800)
 THM31_MARGIN = 0.05     # a fitted slope may exceed the theorem's exponent by this much
 
