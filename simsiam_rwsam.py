@@ -19,9 +19,7 @@ monitors. README "SimSiam, SAM and label-free rwSAM" has the recipe, the monitor
 Paper (CIFAR-10-LT rho 0.01, linear probe %): exp SimSiam 81.4, +SAM 82.1, balanced 82.0, +rwSAM 82.7;
 step 84.3 / 84.7 / 85.8 / 85.6; gap frequent / rare: SimSiam 0.035 / 0.081, +rwSAM 0.037 / 0.066.
 ImageNet-LT (Table 1(b), mean of four fine-tuning targets): SimSiam 80.6, balanced 80.7, +rwSAM 81.4.
-Algorithm 1 in main(): stage 1 (lines 3–7) is the epoch loop's first epochs (phase) or --stage1 PATH (stage1);
-stage1_weights (line 8: weights_from_training_set → kde_weights); stage2 (line 9), then train_one_epoch (lines
-10–14: train_step, whose SAM step is sam_perturbation); monitor (kNN) and end_epoch after each epoch.
+Algorithm 1: stage1 (lines 3–7), stage1_weights (8), stage2 (9), train_one_epoch and train_step (10–14).
 
 Deliberate differences from the paper and the authors' code (README has the reasons):
 1. Label-free KDE weights computed here (the authors weighted by label, or read a missing weight file).
@@ -171,20 +169,12 @@ def check_args(args):
 def check_run(args, world):
     """The checks of the run's own arguments (after --resume) that need the number of processes."""
     D.check_rho(args.rho)
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-        R.fail("--epochs, --batch-size and --lr must be positive")
     if args.batch_size % world or args.batch_size // world < 2:
         R.fail(f"--batch-size {args.batch_size} must split into at least 2 images on each of {world} processes")
-    if args.sam_rho < 0 or args.alpha < 0 or (args.bandwidth is not None and args.bandwidth <= 0):
-        R.fail("--sam-rho and --alpha must be >= 0 and --bandwidth > 0")
-    if args.knn_k < 1 or args.knn_t <= 0 or not 0 < args.knn_val_frac < 1:
-        R.fail("--knn-k must be >= 1, --knn-t > 0 and --knn-val-frac in (0, 1)")
     if args.stage1 and args.opt != "rwsam":
         R.fail("--stage1 is the first stage of rwSAM; pass --opt rwsam or drop --stage1")
     if args.stage1 and args.stage1_epochs is not None:
         R.fail("--stage1 replaces stage 1, so --stage1-epochs has nothing to do; drop one of them")
-    if args.stage1_epochs is not None and args.stage1_epochs < 1:
-        R.fail("--stage1-epochs must be positive")
     large = args.dataset in LARGE
     if large and args.knn_every >= 0:
         R.fail(f"the kNN monitor and the generalization gap need in-memory data; for {args.dataset} pass "
@@ -257,9 +247,8 @@ def simsiam_heads(dim=2048, pred_dim=512, width=512):
 
 
 class SimSiam(ResNet18):
-    """Chen & He 2021 on the CIFAR ResNet-18 (REFERENCE §6). The backbone's tensors keep their top-level
-    names (what every script of the project loads); the heads live under projector. and predictor.
-    `fc` is dropped: SimSiam has no classifier."""
+    """Chen & He 2021 on the CIFAR ResNet-18 (REFERENCE §6), no classifier: the backbone's tensors keep their
+    top-level names (what every script of the project loads), the heads live under projector. and predictor."""
 
     def __init__(self, dim=2048, pred_dim=512):
         super().__init__()
@@ -288,9 +277,7 @@ class ResNetBackbone(torchvision.models.resnet.ResNet):
 
 
 class SimSiamResNet(ResNetBackbone):
-    """Chen & He 2021's ImageNet SimSiam (their §4 and builder): projector of three layers, feature →
-    feature (BN, ReLU) → feature (BN, ReLU) → 2048 (BN without affine); predictor 2048 → 512 (BN, ReLU)
-    → 2048. Backbone keys at the top level, heads under projector. and predictor. (as SimSiam)."""
+    """Chen & He 2021's ImageNet SimSiam (their §4 and builder): a projector of three layers; names as SimSiam's."""
 
     def __init__(self, arch, dim=2048, pred_dim=512):
         super().__init__(arch)
@@ -314,9 +301,8 @@ def init_state(seed, arch="resnet18"):
 
 
 def build_model(args, ckpt, n, device, rank, world):
-    """The stages' epochs (run_epochs), SimSiam and SGD (make_optimizer), as --resume's checkpoint left them;
-    under torchrun in DDP (SyncBatchNorm on GPUs). Returns (run, first epoch): run holds what an epoch
-    changes."""
+    """The stages' epochs, SimSiam and SGD as --resume's checkpoint left them, in DDP under torchrun
+    (SyncBatchNorm on GPUs). Returns (run: what an epoch changes, first epoch)."""
     if n < args.batch_size:
         R.fail(f"the training subset has {n} images, fewer than one batch of {args.batch_size}; lower --batch-size")
     e1 = run_epochs(args, args.stage1_epochs or args.epochs) if args.opt == "rwsam" and not args.stage1 else 0
@@ -472,9 +458,7 @@ def lr_at(epoch, epochs, base):
 
 
 def run_epochs(args, epochs):
-    """The size-sweep rule: `--epochs` is the budget of the full-size variant; with `--subsample r` < 1 the
-    script trains round(epochs / r) epochs so that the number of optimizer steps matches the full variant
-    (App. A.1), and prints it at start; `--same-epochs` turns the scaling off."""
+    """App. A.1's size sweep: round(epochs / r) epochs with --subsample r < 1 (the full variant's steps)."""
     return epochs if args.subsample >= 1 or args.same_epochs else round(epochs / args.subsample)
 
 
@@ -519,10 +503,7 @@ class PlainList:
     """list_plain_batches with GPULoader's epoch() interface, for embed(): rwSAM's KDE features."""
 
     def __init__(self, args, idx, device):
-        self.args, self.idx, self.device = args, idx, device
-
-    def epoch(self, _):
-        return D.list_plain_batches(self.args, self.idx, self.device)
+        self.epoch = lambda _: D.list_plain_batches(args, idx, device)
 
 
 def build_list_data(args, device, rank, world):
@@ -554,10 +535,10 @@ def build_data(args, device, rank, world):
     idx, val_idx = D.training_subset(train_y, args)
     mean, std = D.mean_std(args.dataset, train_x)
     full = D.to_device(train_x, device)
-    sel = torch.as_tensor(idx, device=device)
+    pick = lambda i: full[torch.as_tensor(i, device=device)]
     data = argparse.Namespace(names=names, C=C, idx=idx, val_idx=val_idx, mean=mean, std=std,
                               counts=np.bincount(train_y[idx], minlength=C).tolist(), labels=train_y[idx])
-    data.images = full[sel]
+    data.images = pick(idx)
     data.train_eval = D.GPULoader(data.images, train_y[idx], 1024, mean, std, device)
     order = D.CLASS_ORDER.get(args.dataset, list(range(C)))
     data.frequent, data.rare = order[:C // 2], order[C // 2:]
@@ -567,7 +548,6 @@ def build_data(args, device, rank, world):
             mem = np.setdiff1d(np.arange(len(train_y)), queries)
         else:
             mem, queries = D.carve_val(np.arange(len(train_y)), train_y, args.knn_val_frac, args.data_seed)
-        pick = lambda i: full[torch.as_tensor(i, device=device)]
         data.knn_mem = D.GPULoader(pick(mem), train_y[mem], 1024, mean, std, device)
         data.knn_query = D.GPULoader(pick(queries), train_y[queries], 1024, mean, std, device)
         data.gap_train = D.GPULoader(data.images, train_y[idx], 1024, mean, std, device, augment="ssl",
@@ -580,8 +560,7 @@ def build_data(args, device, rank, world):
 # ----- one epoch ----------------------------------------------------------------------------------
 
 def train_one_epoch(run, data, epoch, args):
-    """One epoch of the stage's rule (phase): SimSiam steps (sgd), SAM or rwSAM steps (train_step). Returns (row:
-    epoch, rule, epoch of the stage, lr, mean loss, second-pass loss and z_std over all processes; the first
+    """One epoch of the stage's rule (phase) with train_step. Returns (row: means over all processes; the first
     step whose loss was not finite, -1 if none; steps)."""
     opt, e, epochs = phase(args, run, epoch)
     lr = lr_at(e, epochs, args.lr)
@@ -610,9 +589,8 @@ def train_one_epoch(run, data, epoch, args):
 
 
 def monitor(args, run, data, epoch):
-    """The kNN monitor (rank 0, CIFAR-size data) every --knn-every epochs and at each stage's end (-1: off):
-    knn_top1 of the backbone features, queries against the memory bank; the best stage-2 epoch goes to
-    run.best. Returns (top-1, class mean), None when off."""
+    """Rank 0: knn_top1 of the backbone features every --knn-every epochs and at each stage's end (-1: off); the
+    best stage-2 epoch goes to run.best. Returns (top-1, class mean), None when off."""
     _, e, epochs = phase(args, run, epoch)
     if not (args.knn_every >= 0 and (e + 1 == epochs or (args.knn_every and (e + 1) % args.knn_every == 0))):
         return None, None
@@ -706,8 +684,7 @@ OLD_DEFAULTS = {"same_epochs": True, "gap_views": 1, "arch": "resnet18", "train_
 
 
 def resume_run(args, world):
-    """--resume PATH: the run's own arguments back, then the run's checks (check_run) and no new run over an
-    occupied --out. Returns (args, checkpoint or None)."""
+    """(args, checkpoint or None): --resume's run arguments, checked (check_run); no new run over an old one."""
     args, ckpt = R.resume_run(args, "simsiam_rwsam.py", RESUME_FLAGS, OLD_DEFAULTS,
                               "; use --stage1 to start rwSAM from its backbone")
     try:
@@ -762,16 +739,15 @@ def stage1(args, ckpt, rank):
             R.fail(f"'{args.stage1}' holds a {arch} backbone; --stage1 needs a {args.arch} checkpoint, "
                    f"e.g. the stage1.pt or last.pt of a simsiam_rwsam.py run")
         saved = R.load_backbone(backbone, args.arch, args.stage1)
+    if args.stage2_init == "scratch":
+        return backbone, None
     state = {k.removeprefix("module."): v for k, v in saved["model"].items()}
-    full = None
-    if args.stage2_init == "stage1":
-        want = build_simsiam(args.arch).state_dict()
-        bad = [k for k in want if k not in state or state[k].shape != want[k].shape]
-        if bad:
-            R.fail(f"'{args.stage1}' lacks the SimSiam heads ({bad[0]}, …) that stage 2 continues from; "
-                   f"pass --stage2-init scratch to use only its backbone for the weights")
-        full = {k: state[k] for k in want}
-    return backbone, full
+    want = build_simsiam(args.arch).state_dict()
+    bad = [k for k in want if k not in state or state[k].shape != want[k].shape]
+    if bad:
+        R.fail(f"'{args.stage1}' lacks the SimSiam heads ({bad[0]}, …) that stage 2 continues from; "
+               f"pass --stage2-init scratch to use only its backbone for the weights")
+    return backbone, {k: state[k] for k in want}
 
 
 def stage1_weights(args, data, net, stage1_backbone, device, rank, world):
@@ -789,8 +765,7 @@ def stage1_weights(args, data, net, stage1_backbone, device, rank, world):
         except D.DataError as e:
             R.fail(str(e))
         weights.copy_(w)
-        labels = np.asarray(data.labels)
-        w_np = w.cpu().numpy()
+        labels, w_np = np.asarray(data.labels), w.cpu().numpy()
         per_class = [float(w_np[labels == c].mean()) if (labels == c).any() else None for c in range(data.C)]
         kde = {"weights": w.cpu(), "density": density.cpu(), "indices": torch.as_tensor(data.idx),
                "bandwidth": h, "alpha": args.alpha, "source": source, "per_class_mean_weight": per_class}
@@ -852,8 +827,7 @@ def run_state(args, run, data, epoch, stage1=False):
 
 
 def finish_run(args, run, data, t_run):
-    """Rank 0: final.json (the stages' kNN and generalization gaps and the run's recipe) and the last printed
-    line."""
+    """Rank 0: final.json (the stages' kNN and generalization gaps, the run's recipe) and the last line."""
     if run.rank != 0:
         return
     rows = R.read_metrics(os.path.join(args.out, "metrics.jsonl"))
