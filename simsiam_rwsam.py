@@ -19,9 +19,7 @@ monitors. README "SimSiam, SAM and label-free rwSAM" has the recipe, the monitor
 Paper (CIFAR-10-LT rho 0.01, linear probe %): exp SimSiam 81.4, +SAM 82.1, balanced 82.0, +rwSAM 82.7;
 step 84.3 / 84.7 / 85.8 / 85.6; gap frequent / rare: SimSiam 0.035 / 0.081, +rwSAM 0.037 / 0.066.
 ImageNet-LT (Table 1(b), mean of four fine-tuning targets): SimSiam 80.6, balanced 80.7, +rwSAM 81.4.
-Algorithm 1 in main(): stage 1 (lines 3–7) is the epoch loop's first epochs (phase) or --stage1 PATH (stage1);
-stage1_weights (line 8: weights_from_training_set → kde_weights); stage2 (line 9), then train_one_epoch (lines
-10–14: train_step, whose SAM step is sam_perturbation); monitor (kNN) and end_epoch after each epoch.
+Algorithm 1: stage1 (lines 3–7), stage1_weights (8), stage2 (9), train_one_epoch and train_step (10–14).
 
 Deliberate differences from the paper and the authors' code (README has the reasons):
 1. Label-free KDE weights computed here (the authors weighted by label, or read a missing weight file).
@@ -38,11 +36,8 @@ Deliberate differences from the paper and the authors' code (README has the reas
 import argparse
 import contextlib
 import gc
-import json
 import math
 import os
-import shutil
-import sys
 import time
 
 import numpy as np
@@ -51,9 +46,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torchvision.transforms import v2
 
 import datasets_lt as D
+import run_lt as R
 
 LARGE = ("imagenet_lt", "inat")                            # file lists: ResNet-50, views in DataLoader workers
 ARCHS = ("resnet18", "resnet10", "resnet50")
@@ -142,9 +137,9 @@ def parse_args(argv=None):
     p.add_argument("--fix-pred-lr", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the predictor's lr at --lr, no cosine (Chen & He's --fix-pred-lr); default: on for "
                         "ImageNet-LT / iNat, off for CIFAR-size data")
-    p.error = fail                                         # one line and exit 2, not the usage text
+    p.error = R.fail                                       # one line and exit 2, not the usage text
     args = p.parse_args(argv)
-    args.cli_flags = given_flags(p, argv)
+    args.cli_flags = R.given_flags(p, argv)
     large = args.dataset in LARGE
     for name, small, imagenet in (("epochs", 1600, 300), ("batch_size", 512, 256), ("wd", 5e-4, 1e-4),
                                   ("sam_rho", 5.0, 2.0), ("alpha", 1.2, 0.5), ("knn_every", 10, -1),
@@ -164,52 +159,35 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Range of every numeric flag, before anything is read or written."""
-    check_ranges(args, SHARED_RANGES + [("sam_rho", 0, None, "[)"), ("alpha", 0, None, "[)"),
-                                        ("bandwidth", 0, None, "()"), ("stage1_epochs", 1, None, "[)"),
-                                        ("knn_every", -1, None, "[)"), ("knn_k", 1, None, "[)"),
-                                        ("knn_t", 0, None, "()"), ("knn_val_frac", 0, 1, "()"),
-                                        ("gap_views", 1, None, "[)"), ("crop_size", 8, None, "[)")])
+    R.check_ranges(args, R.SHARED_RANGES + [("sam_rho", 0, None, "[)"), ("alpha", 0, None, "[)"),
+                                            ("bandwidth", 0, None, "()"), ("stage1_epochs", 1, None, "[)"),
+                                            ("knn_every", -1, None, "[)"), ("knn_k", 1, None, "[)"),
+                                            ("knn_t", 0, None, "()"), ("knn_val_frac", 0, 1, "()"),
+                                            ("gap_views", 1, None, "[)"), ("crop_size", 8, None, "[)")])
 
 
 def check_run(args, world):
     """The checks of the run's own arguments (after --resume) that need the number of processes."""
     D.check_rho(args.rho)
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-        fail("--epochs, --batch-size and --lr must be positive")
     if args.batch_size % world or args.batch_size // world < 2:
-        fail(f"--batch-size {args.batch_size} must split into at least 2 images on each of {world} processes")
-    if args.sam_rho < 0 or args.alpha < 0 or (args.bandwidth is not None and args.bandwidth <= 0):
-        fail("--sam-rho and --alpha must be >= 0 and --bandwidth > 0")
-    if args.knn_k < 1 or args.knn_t <= 0 or not 0 < args.knn_val_frac < 1:
-        fail("--knn-k must be >= 1, --knn-t > 0 and --knn-val-frac in (0, 1)")
+        R.fail(f"--batch-size {args.batch_size} must split into at least 2 images on each of {world} processes")
     if args.stage1 and args.opt != "rwsam":
-        fail("--stage1 is the first stage of rwSAM; pass --opt rwsam or drop --stage1")
+        R.fail("--stage1 is the first stage of rwSAM; pass --opt rwsam or drop --stage1")
     if args.stage1 and args.stage1_epochs is not None:
-        fail("--stage1 replaces stage 1, so --stage1-epochs has nothing to do; drop one of them")
-    if args.stage1_epochs is not None and args.stage1_epochs < 1:
-        fail("--stage1-epochs must be positive")
+        R.fail("--stage1 replaces stage 1, so --stage1-epochs has nothing to do; drop one of them")
     large = args.dataset in LARGE
     if large and args.knn_every >= 0:
-        fail(f"the kNN monitor and the generalization gap need in-memory data; for {args.dataset} pass "
-             f"--knn-every -1 (its default) and probe the checkpoint with eval_linear.py")
+        R.fail(f"the kNN monitor and the generalization gap need in-memory data; for {args.dataset} pass "
+               f"--knn-every -1 (its default) and probe the checkpoint with eval_linear.py")
     if large == (args.arch == "resnet18"):
-        fail(f"--arch {args.arch} is for {'CIFAR-size data' if large else 'file lists'}; use "
-             + ("resnet50 or resnet10 with --dataset " + args.dataset if large else "resnet18 (the CIFAR ResNet-18)"))
+        R.fail(f"--arch {args.arch} is for {'CIFAR-size data' if large else 'file lists'}; use "
+               + ("resnet50 or resnet10 with --dataset " + args.dataset if large else "resnet18 (the CIFAR ResNet-18)"))
     if args.train_list and not large:
-        fail("--train-list is for --dataset imagenet_lt or inat; drop it")
+        R.fail("--train-list is for --dataset imagenet_lt or inat; drop it")
 
 
 # --resume continues a run with its own arguments; only these (where the run executes) may be given with it
 RESUME_FLAGS = ("gpu", "workers", "data_root", "download")
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def fmt(v, width=6, digits=2):
-    return f"{v:{width}.{digits}f}" if v is not None else f"{'-':>{width}}"
 
 
 # ----- model --------------------------------------------------------------------------------------
@@ -269,9 +247,8 @@ def simsiam_heads(dim=2048, pred_dim=512, width=512):
 
 
 class SimSiam(ResNet18):
-    """Chen & He 2021 on the CIFAR ResNet-18 (REFERENCE §6). The backbone's tensors keep their top-level
-    names (what every script of the project loads); the heads live under projector. and predictor.
-    `fc` is dropped: SimSiam has no classifier."""
+    """Chen & He 2021 on the CIFAR ResNet-18 (REFERENCE §6), no classifier: the backbone's tensors keep their
+    top-level names (what every script of the project loads), the heads live under projector. and predictor."""
 
     def __init__(self, dim=2048, pred_dim=512):
         super().__init__()
@@ -300,9 +277,7 @@ class ResNetBackbone(torchvision.models.resnet.ResNet):
 
 
 class SimSiamResNet(ResNetBackbone):
-    """Chen & He 2021's ImageNet SimSiam (their §4 and builder): projector of three layers, feature →
-    feature (BN, ReLU) → feature (BN, ReLU) → 2048 (BN without affine); predictor 2048 → 512 (BN, ReLU)
-    → 2048. Backbone keys at the top level, heads under projector. and predictor. (as SimSiam)."""
+    """Chen & He 2021's ImageNet SimSiam (their §4 and builder): a projector of three layers; names as SimSiam's."""
 
     def __init__(self, arch, dim=2048, pred_dim=512):
         super().__init__(arch)
@@ -326,11 +301,10 @@ def init_state(seed, arch="resnet18"):
 
 
 def build_model(args, ckpt, n, device, rank, world):
-    """The stages' epochs (run_epochs), SimSiam and SGD (make_optimizer), as --resume's checkpoint left them;
-    under torchrun in DDP (SyncBatchNorm on GPUs). Returns (run, first epoch): run holds what an epoch
-    changes."""
+    """The stages' epochs, SimSiam and SGD as --resume's checkpoint left them, in DDP under torchrun
+    (SyncBatchNorm on GPUs). Returns (run: what an epoch changes, first epoch)."""
     if n < args.batch_size:
-        fail(f"the training subset has {n} images, fewer than one batch of {args.batch_size}; lower --batch-size")
+        R.fail(f"the training subset has {n} images, fewer than one batch of {args.batch_size}; lower --batch-size")
     e1 = run_epochs(args, args.stage1_epochs or args.epochs) if args.opt == "rwsam" and not args.stage1 else 0
     e2 = run_epochs(args, args.epochs)
     torch.manual_seed(args.seed)
@@ -350,168 +324,6 @@ def build_model(args, ckpt, n, device, rank, world):
                              weights=kde["weights"].to(device) if kde is not None else None, best=best,
                              summary=summary, e1=e1, e2=e2, device=device, rank=rank, world=world)
     return run, start
-
-
-# ----- run files ----------------------------------------------------------------------------------
-
-# === shared: check_ranges (identical in every script) ===
-def check_ranges(args, ranges):
-    """Every (flag, low, high, bounds) of `ranges`: the flag's value lies in the interval, bounds "[)" meaning
-    low <= value < high (None: no bound; a flag left at None is skipped). Else one line and exit 2."""
-    for name, low, high, bounds in ranges:
-        v = getattr(args, name, None)
-        if v is None:
-            continue
-        ok = abs(v) <= float(np.finfo(np.float32).max) and (low is None or (v >= low if bounds[0] == "[" else v > low)) \
-            and (high is None or (v <= high if bounds[1] == "]" else v < high))      # NaN, inf, 1e300 fail
-        if not ok:
-            interval = f"{bounds[0]}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{bounds[1]}"
-            fail(f"--{name.replace('_', '-')} must be in {interval}, got {v:g}")
-
-
-SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
-                 ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
-                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
-# === end shared: check_ranges ===
-
-
-# === shared: checkpoints (identical in every script) ===
-HEAD_PREFIXES = ("fc.",)
-
-
-def save_atomic(obj, path):
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path, text):
-    """Temp file + rename, as save_atomic: a killed run never leaves a half-written file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def strict_json(obj, **kw):
-    """JSON without the bare NaN / Infinity tokens Python writes by default: a non-finite float is null."""
-    def clean(v):
-        if isinstance(v, float):
-            return v if np.isfinite(v) else None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-    return json.dumps(clean(obj), allow_nan=False, **kw)
-
-
-def write_json(path, obj):
-    write_text_atomic(path, strict_json(obj, indent=1))
-
-
-def read_metrics(path):
-    """The rows of a metrics.jsonl; none when a moved or copied run lacks the file."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def write_metrics(path, rows):
-    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in rows))
-
-
-def append_metrics(path, row):
-    write_metrics(path, read_metrics(path) + [row])
-
-
-def copy_source(path, out):
-    """The script's own source beside its outputs (temp file + rename)."""
-    tmp = os.path.join(out, os.path.basename(path) + ".tmp")
-    shutil.copy(path, tmp)
-    os.replace(tmp, os.path.join(out, os.path.basename(path)))
-
-
-def given_flags(parser, argv):
-    """Destinations of the flags written on the command line (abbreviations included), so --resume can
-    apply or refuse each of them instead of dropping it."""
-    unset = object()
-    seen = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
-    return sorted(k for k, v in vars(seen).items() if v is not unset and k != "help")
-
-
-def resume_args(args, ckpt, applied):
-    """--resume PATH: continue the run in dirname(PATH) with the arguments it was started with. A flag in
-    `applied` given on this command line replaces the stored value (--gpu and --workers always do: they
-    describe this machine); any other flag given with --resume is refused."""
-    flag = lambda k: "--" + k.replace("_", "-")
-    refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
-    if refused:
-        fail(f"--resume continues a run with its own arguments; drop {' '.join(map(flag, refused))} (with "
-             f"--resume only {', '.join(map(flag, applied))} may be given)")
-    now = {k: getattr(args, k) for k in applied if k in args.cli_flags or k in ("gpu", "workers")}
-    return argparse.Namespace(**{**vars(args), **ckpt["args"], **now, "resume": args.resume,
-                                 "out": os.path.dirname(os.path.abspath(args.resume)), "cli_flags": args.cli_flags})
-
-
-def nonfinite_tensor(model):
-    """Name of the first parameter or buffer holding NaN / inf (a BatchNorm running_var, say), or None."""
-    named = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
-    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist() if named else []
-    return next((k for (k, _), ok in zip(named, finite) if not ok), None)
-
-
-def stop_diverged(what, out, epoch):
-    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint,
-    exit 1."""
-    last = os.path.join(out, "last.pt")
-    kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
-    print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
-    sys.exit(1)
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        fail(f"checkpoint '{path}' does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:                                 # empty, truncated, another format, ...
-        why = (str(e).splitlines() or [""])[0][:60]
-        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}{': ' if why else ''}{why})")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
-        fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
-    return ckpt
-
-
-def load_backbone(model, arch, path):
-    """Copy every backbone tensor of the checkpoint at `path` into `model`; the head stays as it is.
-
-    Prints matched / missing / unexpected counts; fails unless every backbone key of `model` was found
-    with the right shape."""
-    ckpt = load_checkpoint(path)
-    if ckpt["arch"] != arch:
-        fail(f"'{path}' holds a {ckpt['arch']} backbone but this run trains {arch}; pre-train the same "
-             f"architecture or pass --arch {ckpt['arch']}")
-    src = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
-    own = model.state_dict()
-    backbone = [k for k in own if not k.startswith(HEAD_PREFIXES)]
-    matched = [k for k in backbone if k in src and src[k].shape == own[k].shape]
-    missing = [k for k in own if k not in matched]
-    unexpected = [k for k in src if k not in own]
-    skipped = [k for k in src if k in own and k not in matched]
-    names = lambda keys: ", ".join(keys[:4]) + (", …" if len(keys) > 4 else "") or "-"
-    print(f"loaded backbone from {path}: {len(matched)} tensors matched, {len(missing)} missing "
-          f"({names(missing)}), {len(unexpected)} unexpected ({names(unexpected)}), {len(skipped)} not loaded "
-          f"({names(skipped)})")
-    bad = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
-    if bad:
-        fail(f"'{path}' lacks {len(bad)} backbone tensors of {arch} (first: {bad[0]}); it is not a "
-             f"{arch} backbone of this project")
-    own.update({k: src[k] for k in matched})
-    model.load_state_dict(own)
-    return ckpt
-# === end shared: checkpoints ===
 
 
 # ----- the method (SimSiam Eq. (1)–(2), paper 2 Eq. (2)–(3) and Algorithm 1) ----------------------
@@ -646,9 +458,7 @@ def lr_at(epoch, epochs, base):
 
 
 def run_epochs(args, epochs):
-    """The size-sweep rule: `--epochs` is the budget of the full-size variant; with `--subsample r` < 1 the
-    script trains round(epochs / r) epochs so that the number of optimizer steps matches the full variant
-    (App. A.1), and prints it at start; `--same-epochs` turns the scaling off."""
+    """App. A.1's size sweep: round(epochs / r) epochs with --subsample r < 1 (the full variant's steps)."""
     return epochs if args.subsample >= 1 or args.same_epochs else round(epochs / args.subsample)
 
 
@@ -664,22 +474,6 @@ def make_optimizer(model, args, device):
 
 
 # ----- data ---------------------------------------------------------------------------------------
-
-# === shared: training_subset (identical in ldam_drw.py, moco_ssp.py and simsiam_rwsam.py) ===
-def training_subset(train_y, args):
-    """Dataset indices of the training images and of the --val-frac images left out of them: paper 2
-    §2.2 / App. A.1, the same datasets_lt calls in the same order in every script that draws these subsets,
-    so one --data-seed gives the same images in all of them. The exp or step long-tailed subset, downsampled per class by
-    --subsample; --balanced replaces it by a class-balanced subset of the same size."""
-    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
-                             D.CLASS_ORDER.get(args.dataset))
-    if args.subsample < 1:
-        idx = D.downsample(idx, train_y, args.subsample, args.data_seed)
-    if args.balanced:
-        idx = D.balanced_subset(train_y, len(idx), args.data_seed)
-    return D.carve_val(idx, train_y, args.val_frac, args.data_seed)
-# === end shared: training_subset ===
-
 
 def ssl_batches(images, batch_size, mean, std, epoch, seed, rank=0, world=1, chunk=8192):
     """This process's part of every full global batch of one epoch: ([view1, view2], positions).
@@ -705,108 +499,28 @@ def ssl_batches(images, batch_size, mean, std, epoch, seed, rank=0, world=1, chu
             yield [v[b:b + local] for v in views], idx[b:b + local]
 
 
-# File lists (ImageNet-LT / iNat). stream_seed, TwoViews, Positions, ListViews and list_plain_batches are
-# moco_ssp.py's, character for character (tests/test_simsiam_rwsam.py checks it): Chen & He's SimSiam views are
-# MoCo v2's ImageNet augmentation.
-def stream_seed(*key):
-    """A seed for one random stream (e.g. the shuffles of one epoch), independent of the data loader's."""
-    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
-
-
-class TwoViews:
-    """MoCo v2's ImageNet augmentation (REFERENCE §5, the authors' main_moco.py --aug-plus), twice."""
-
-    def __init__(self, size):
-        self.t = v2.Compose([
-            v2.RandomResizedCrop(size, scale=(0.2, 1.0)),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-            v2.RandomApply([v2.GaussianBlur(kernel_size=int(0.1 * size) // 2 * 2 + 1, sigma=(0.1, 2.0))], p=0.5),
-            v2.RandomHorizontalFlip(),
-            v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(D.IMAGENET_MEAN, D.IMAGENET_STD)])
-
-    def __call__(self, img):
-        return [self.t(img), self.t(img)]
-
-
-class Positions(torch.utils.data.Dataset):
-    """(item…, position) of the listed images `indices` of a dataset: rwSAM's weights are per position."""
-
-    def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, [int(i) for i in indices]
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return (*self.dataset[self.indices[i]], i)
-
-
-class ListViews:
-    """Two views of listed images per step, this process's share, with DistributedSampler (one permutation
-    seeded by (seed, epoch) on every process, each keeps every W-th index; set_epoch each epoch). Worker
-    seeds (and, without workers, this process's RNG) come from (seed, epoch, rank), so a resumed run draws
-    the same augmentations with the same --workers."""
-
-    def __init__(self, dataset, indices, batch_size, seed, workers, device, rank, world):
-        self.subset = Positions(dataset, indices)
-        self.sampler = torch.utils.data.DistributedSampler(self.subset, num_replicas=world, rank=rank, shuffle=True,
-                                                           seed=seed, drop_last=True)
-        self.batch_size, self.seed, self.workers, self.device, self.rank = batch_size, seed, workers, device, rank
-
-    def __len__(self):
-        return len(self.sampler) // self.batch_size
-
-    def epoch(self, epoch):
-        self.sampler.set_epoch(epoch)
-        s = stream_seed(self.seed, epoch, 2, self.rank)
-        torch.manual_seed(s)
-        loader = torch.utils.data.DataLoader(self.subset, self.batch_size, sampler=self.sampler, drop_last=True,
-                                             num_workers=self.workers, pin_memory=self.device.type == "cuda",
-                                             generator=torch.Generator().manual_seed(s))
-        try:
-            for views, y, pos in loader:
-                yield [v.to(self.device, non_blocking=True) for v in views], y.to(self.device, non_blocking=True), pos
-        except D.DataError as e:                   # an unreadable image mid-epoch: stop before saving anything
-            fail(str(e))
-
-
-def list_plain_batches(args, idx, device):
-    """The training images of a file list in training order, test transform (rwSAM's KDE features)."""
-    plain = Positions(D.FileListDataset(args.data_root, args.train_list, train=False), idx)
-    loader = torch.utils.data.DataLoader(plain, 256, num_workers=args.workers, pin_memory=device.type == "cuda")
-    try:
-        for x, y, pos in loader:
-            yield x.to(device, non_blocking=True), y, pos
-    except D.DataError as e:                       # an unreadable image: stop before saving anything
-        fail(str(e))
-
-
 class PlainList:
     """list_plain_batches with GPULoader's epoch() interface, for embed(): rwSAM's KDE features."""
 
     def __init__(self, args, idx, device):
-        self.args, self.idx, self.device = args, idx, device
-
-    def epoch(self, _):
-        return list_plain_batches(self.args, self.idx, self.device)
+        self.epoch = lambda _: D.list_plain_batches(args, idx, device)
 
 
 def build_list_data(args, device, rank, world):
     """ImageNet-LT / iNat: the list is the variant (python datasets_lt.py --train-list writes paper 2's);
     --val-frac carves a validation split from it. Two views per image in DataLoader workers."""
     if not args.train_list:
-        fail(f"--dataset {args.dataset} needs --train-list ('relative/path label' file)")
+        R.fail(f"--dataset {args.dataset} needs --train-list ('relative/path label' file)")
     if args.balanced:
-        fail(f"--balanced draws a CIFAR-size subset; for {args.dataset} pass the balanced list as --train-list "
-             f"(python datasets_lt.py --train-list ... writes paper 2's ImageNet variants)")
-    ds = D.FileListDataset(args.data_root, args.train_list, train=True, transform=TwoViews(args.crop_size))
+        R.fail(f"--balanced draws a CIFAR-size subset; for {args.dataset} pass the balanced list as --train-list "
+               f"(python datasets_lt.py --train-list ... writes paper 2's ImageNet variants)")
+    ds = D.FileListDataset(args.data_root, args.train_list, train=True, transform=D.TwoViews(args.crop_size))
     idx, val_idx = D.carve_val(np.arange(len(ds)), ds.labels, args.val_frac, args.data_seed)
     C = ds.num_classes
     data = argparse.Namespace(names=None, C=C, idx=idx, val_idx=val_idx, mean=D.IMAGENET_MEAN, std=D.IMAGENET_STD,
                               counts=np.bincount(ds.labels[idx], minlength=C).tolist(), labels=ds.labels[idx],
                               images=None)
-    data.train = ListViews(ds, idx, args.batch_size // world, args.seed, args.workers, device, rank, world)
+    data.train = D.ListViews(ds, idx, args.batch_size // world, args.seed, args.workers, device, rank, world)
     data.train_eval = PlainList(args, idx, device)
     return data
 
@@ -818,13 +532,13 @@ def build_data(args, device, rank, world):
     train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
     test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
     C = len(names)
-    idx, val_idx = training_subset(train_y, args)
+    idx, val_idx = D.training_subset(train_y, args)
     mean, std = D.mean_std(args.dataset, train_x)
     full = D.to_device(train_x, device)
-    sel = torch.as_tensor(idx, device=device)
+    pick = lambda i: full[torch.as_tensor(i, device=device)]
     data = argparse.Namespace(names=names, C=C, idx=idx, val_idx=val_idx, mean=mean, std=std,
                               counts=np.bincount(train_y[idx], minlength=C).tolist(), labels=train_y[idx])
-    data.images = full[sel]
+    data.images = pick(idx)
     data.train_eval = D.GPULoader(data.images, train_y[idx], 1024, mean, std, device)
     order = D.CLASS_ORDER.get(args.dataset, list(range(C)))
     data.frequent, data.rare = order[:C // 2], order[C // 2:]
@@ -834,7 +548,6 @@ def build_data(args, device, rank, world):
             mem = np.setdiff1d(np.arange(len(train_y)), queries)
         else:
             mem, queries = D.carve_val(np.arange(len(train_y)), train_y, args.knn_val_frac, args.data_seed)
-        pick = lambda i: full[torch.as_tensor(i, device=device)]
         data.knn_mem = D.GPULoader(pick(mem), train_y[mem], 1024, mean, std, device)
         data.knn_query = D.GPULoader(pick(queries), train_y[queries], 1024, mean, std, device)
         data.gap_train = D.GPULoader(data.images, train_y[idx], 1024, mean, std, device, augment="ssl",
@@ -847,8 +560,7 @@ def build_data(args, device, rank, world):
 # ----- one epoch ----------------------------------------------------------------------------------
 
 def train_one_epoch(run, data, epoch, args):
-    """One epoch of the stage's rule (phase): SimSiam steps (sgd), SAM or rwSAM steps (train_step). Returns (row:
-    epoch, rule, epoch of the stage, lr, mean loss, second-pass loss and z_std over all processes; the first
+    """One epoch of the stage's rule (phase) with train_step. Returns (row: means over all processes; the first
     step whose loss was not finite, -1 if none; steps)."""
     opt, e, epochs = phase(args, run, epoch)
     lr = lr_at(e, epochs, args.lr)
@@ -877,9 +589,8 @@ def train_one_epoch(run, data, epoch, args):
 
 
 def monitor(args, run, data, epoch):
-    """The kNN monitor (rank 0, CIFAR-size data) every --knn-every epochs and at each stage's end (-1: off):
-    knn_top1 of the backbone features, queries against the memory bank; the best stage-2 epoch goes to
-    run.best. Returns (top-1, class mean), None when off."""
+    """Rank 0: knn_top1 of the backbone features every --knn-every epochs and at each stage's end (-1: off); the
+    best stage-2 epoch goes to run.best. Returns (top-1, class mean), None when off."""
     _, e, epochs = phase(args, run, epoch)
     if not (args.knn_every >= 0 and (e + 1 == epochs or (args.knn_every and (e + 1) % args.knn_every == 0))):
         return None, None
@@ -960,81 +671,37 @@ def stage_end(args, run, data, name, knn_now, knn_cm=None):
                          args.gap_views, args.amp)
     run.summary[name] = {"knn_top1": knn_now, "knn_class_mean": knn_cm, "gap": gap}
     se = lambda g: f" ± {g['se']:.4f}" if g["se"] is not None else ""
-    print(f"{name}: kNN {fmt(knn_now)}%, generalization gap frequent {gap['frequent']['gap']:.4f}"
+    print(f"{name}: kNN {R.fmt(knn_now)}%, generalization gap frequent {gap['frequent']['gap']:.4f}"
           f"{se(gap['frequent'])}, rare {gap['rare']['gap']:.4f}{se(gap['rare'])} (± standard error over "
           f"{args.gap_views} seeded view draws)")
 
 
 # ----- main ---------------------------------------------------------------------------------------
 
-def dist_env():
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+# what runs saved before these flags existed did
+OLD_DEFAULTS = {"same_epochs": True, "gap_views": 1, "arch": "resnet18", "train_list": None, "workers": 8,
+                "crop_size": 224, "fix_pred_lr": False}
 
 
-def setup_device(args, local_rank, world):
-    if args.gpu >= 0 and not torch.cuda.is_available():
-        print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
-        args.gpu = -1
-    index = local_rank if world > 1 else args.gpu
-    device = torch.device(f"cuda:{index}" if args.gpu >= 0 else "cpu")
-    if args.amp and device.type != "cuda":
-        print("warning: --amp needs CUDA; ignored on the CPU", file=sys.stderr)
-        args.amp = False
-    if device.type == "cuda":
-        if index >= torch.cuda.device_count():
-            fail(f"--gpu {index}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-    return device
-
-
-def resume_run(args, rank, world):
-    """--resume PATH: the run's own arguments back (resume_args), then the run's checks (check_run) and no new
-    run over an occupied --out. Returns (args, checkpoint or None)."""
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        if ckpt.get("script") != "simsiam_rwsam.py":
-            fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not simsiam_rwsam.py; "
-                 f"use --stage1 to start rwSAM from its backbone")
-        # same_epochs, gap_views: what runs saved before these flags existed did
-        ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), "same_epochs": True, "gap_views": 1,
-                        "arch": "resnet18", "train_list": None, "workers": 8, "crop_size": 224, "fix_pred_lr": False,
-                        **ckpt["args"]}
-        args = resume_args(args, ckpt, RESUME_FLAGS)
-        if rank == 0:
-            print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
+def resume_run(args, world):
+    """(args, checkpoint or None): --resume's run arguments, checked (check_run); no new run over an old one."""
+    args, ckpt = R.resume_run(args, "simsiam_rwsam.py", RESUME_FLAGS, OLD_DEFAULTS,
+                              "; use --stage1 to start rwSAM from its backbone")
     try:
         check_run(args, world)
     except D.DataError as e:
-        fail(str(e))
-    if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
-        fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, "
-             f"or pass another --out")
+        R.fail(str(e))
+    R.refuse_occupied(args.out, args.resume)
     return args, ckpt
 
 
 def open_run(args, ckpt, run, data, start):
-    """Rank 0: the run's folder with args.json, the source and the training indices (a new run), metrics.jsonl
-    cut back to the checkpoint (a resumed run), then the lines printed above the epoch table; a resumed run
-    writes again the stage1.pt / kde_weights.pt an interrupted write may have lost."""
+    """Rank 0: the run's folder (with the training indices for a new run), then the lines printed above the epoch
+    table; a resumed run writes again the stage1.pt / kde_weights.pt an interrupted write may have lost."""
     if run.rank != 0:
         return
-    metrics = os.path.join(args.out, "metrics.jsonl")
-    os.makedirs(args.out, exist_ok=True)
-    if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
-        meta = {**vars(args), "world_size": run.world, "torch": torch.__version__, "cuda": torch.version.cuda,
-                "device": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"}
-        write_json(os.path.join(args.out, "args.json"), meta)
-        copy_source(__file__, args.out)
+    if R.open_run(args, ckpt, run.device, __file__, start, extra={"world_size": run.world}):
         D.save_indices(os.path.join(args.out, "train_indices.json"), data.idx, data.val_idx)
-    # a resumed run drops the epochs logged after its checkpoint
-    write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
     n, e1, e2 = len(data.idx), run.e1, run.e2
     init = "from a fresh model" if args.stage2_init == "scratch" else "continuing stage 1"
     plan = (f"stage 1 SimSiam {e1} epochs, then rwSAM {e2} {init}" if e1 else
@@ -1054,10 +721,9 @@ def open_run(args, ckpt, run, data, start):
     print(f"{'epoch':>5} {'opt':>5} {'lr':>8} {'loss':>8} {'z_std':>7} {'knn':>6} {'s':>6}")
     if ckpt is not None:                                   # what an interrupted write may have lost
         if e1 and start == e1 and run.kde is None and not os.path.exists(os.path.join(args.out, "stage1.pt")):
-            save_state(args, run, data, "stage1.pt", e1, opt="sgd", epochs=args.stage1_epochs or args.epochs,
-                       stage1_epochs=None, stage1_of=args.out)
+            R.save_atomic(run_state(args, run, data, e1, stage1=True), os.path.join(args.out, "stage1.pt"))
         if run.kde is not None and "density" in run.kde and not os.path.exists(os.path.join(args.out, "kde_weights.pt")):
-            save_atomic(run.kde, os.path.join(args.out, "kde_weights.pt"))
+            R.save_atomic(run.kde, os.path.join(args.out, "kde_weights.pt"))
 
 
 def stage1(args, ckpt, rank):
@@ -1068,21 +734,20 @@ def stage1(args, ckpt, rank):
         return None, None
     with open(os.devnull, "w") as sink, (contextlib.redirect_stdout(sink) if rank else contextlib.nullcontext()):
         backbone = ResNet18() if args.arch == "resnet18" else ResNetBackbone(args.arch)
-        arch = load_checkpoint(args.stage1)["arch"]
+        arch = R.load_checkpoint(args.stage1)["arch"]
         if arch != args.arch:
-            fail(f"'{args.stage1}' holds a {arch} backbone; --stage1 needs a {args.arch} checkpoint, "
-                 f"e.g. the stage1.pt or last.pt of a simsiam_rwsam.py run")
-        saved = load_backbone(backbone, args.arch, args.stage1)
+            R.fail(f"'{args.stage1}' holds a {arch} backbone; --stage1 needs a {args.arch} checkpoint, "
+                   f"e.g. the stage1.pt or last.pt of a simsiam_rwsam.py run")
+        saved = R.load_backbone(backbone, args.arch, args.stage1)
+    if args.stage2_init == "scratch":
+        return backbone, None
     state = {k.removeprefix("module."): v for k, v in saved["model"].items()}
-    full = None
-    if args.stage2_init == "stage1":
-        want = build_simsiam(args.arch).state_dict()
-        bad = [k for k in want if k not in state or state[k].shape != want[k].shape]
-        if bad:
-            fail(f"'{args.stage1}' lacks the SimSiam heads ({bad[0]}, …) that stage 2 continues from; "
-                 f"pass --stage2-init scratch to use only its backbone for the weights")
-        full = {k: state[k] for k in want}
-    return backbone, full
+    want = build_simsiam(args.arch).state_dict()
+    bad = [k for k in want if k not in state or state[k].shape != want[k].shape]
+    if bad:
+        R.fail(f"'{args.stage1}' lacks the SimSiam heads ({bad[0]}, …) that stage 2 continues from; "
+               f"pass --stage2-init scratch to use only its backbone for the weights")
+    return backbone, {k: state[k] for k in want}
 
 
 def stage1_weights(args, data, net, stage1_backbone, device, rank, world):
@@ -1098,10 +763,9 @@ def stage1_weights(args, data, net, stage1_backbone, device, rank, world):
             w, density, h = weights_from_training_set(feature_net, data.train_eval, args.alpha, args.bandwidth,
                                                       args.seed, args.amp)
         except D.DataError as e:
-            fail(str(e))
+            R.fail(str(e))
         weights.copy_(w)
-        labels = np.asarray(data.labels)
-        w_np = w.cpu().numpy()
+        labels, w_np = np.asarray(data.labels), w.cpu().numpy()
         per_class = [float(w_np[labels == c].mean()) if (labels == c).any() else None for c in range(data.C)]
         kde = {"weights": w.cpu(), "density": density.cpu(), "indices": torch.as_tensor(data.idx),
                "bandwidth": h, "alpha": args.alpha, "source": source, "per_class_mean_weight": per_class}
@@ -1123,7 +787,7 @@ def stage2(args, run, kde, stage1_full):
         run.net.load_state_dict(stage1_full)
     run.kde, run.weights = kde, kde["weights"].to(run.device)
     if run.rank == 0:
-        save_atomic(kde, os.path.join(args.out, "kde_weights.pt"))
+        R.save_atomic(kde, os.path.join(args.out, "kde_weights.pt"))
     run.optimizer = make_optimizer(run.net, args, run.device)
 
 
@@ -1135,17 +799,7 @@ def phase(args, run, epoch):
 def end_epoch(args, run, data, epoch, row, first_bad, steps, t0):
     """The divergence guard (every process), then on rank 0 the monitor, the metrics row, the printed row, the
     stage's kNN and generalization gap at its end (stage_end), stage1.pt after stage 1 and last.pt."""
-    bad_tensor = nonfinite_tensor(run.net)
-    bad = torch.stack([first_bad, torch.tensor(int(bad_tensor is not None), device=run.device)])
-    if run.world > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bad[0].item() >= 0 or bad[1].item() > 0:
-        where = (f"loss is not finite at epoch {epoch + 1}, step {bad[0].item() + 1}" if bad[0].item() >= 0 else
-                 f"'{bad_tensor or 'a tensor of another process'}' is not finite after epoch {epoch + 1}, "
-                 f"step {steps}")
-        if run.rank == 0:
-            stop_diverged(where, args.out, epoch)
-        sys.exit(1)
+    R.stop_if_diverged(args.out, [run.net], epoch, first_bad, steps, run.rank, run.world)
     seconds = time.time() - t0
     if run.rank != 0:
         return
@@ -1153,31 +807,30 @@ def end_epoch(args, run, data, epoch, row, first_bad, steps, t0):
     t_knn = time.time()
     knn_now, knn_cm = monitor(args, run, data, epoch)
     row.update({"knn_top1": knn_now, "knn_class_mean": knn_cm, "seconds": seconds, "knn_seconds": time.time() - t_knn})
-    append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
-    print(f"{epoch + 1:5d} {opt:>5} {row['lr']:8.5f} {row['loss']:8.4f} {row['z_std']:7.4f} {fmt(knn_now)} "
+    R.append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
+    print(f"{epoch + 1:5d} {opt:>5} {row['lr']:8.5f} {row['loss']:8.4f} {row['z_std']:7.4f} {R.fmt(knn_now)} "
           f"{seconds:6.2f}", flush=True)
     if e + 1 == epochs and args.knn_every >= 0:
         stage_end(args, run, data, "stage1" if epoch < run.e1 else "final", knn_now, knn_cm)
     if epoch + 1 == run.e1:                                # before last.pt: a kill between the two redoes the epoch
-        save_state(args, run, data, "stage1.pt", epoch + 1, opt="sgd", epochs=args.stage1_epochs or args.epochs,
-                   stage1_epochs=None, stage1_of=args.out)
-    save_state(args, run, data, "last.pt", epoch + 1)
+        R.save_atomic(run_state(args, run, data, epoch + 1, stage1=True), os.path.join(args.out, "stage1.pt"))
+    R.save_atomic(run_state(args, run, data, epoch + 1), os.path.join(args.out, "last.pt"))
 
 
-def save_state(args, run, data, name, epoch, **recipe):
-    state = {"script": "simsiam_rwsam.py", "arch": args.arch, "model": run.net.state_dict(), "epoch": epoch,
-             "optimizer": run.optimizer.state_dict(), "args": {**vars(args), **recipe}, "class_counts": data.counts,
-             "rng": {"torch": torch.get_rng_state()}, "kde_weights": run.kde, "best": run.best,
-             "summary": run.summary, "mean": data.mean, "std": data.std}
-    save_atomic(state, os.path.join(args.out, name))
+def run_state(args, run, data, epoch, stage1=False):
+    """last.pt; stage1=True: stage1.pt, whose args are stage 1's recipe (SimSiam, its epochs)."""
+    recipe = dict(opt="sgd", epochs=args.stage1_epochs or args.epochs, stage1_epochs=None, stage1_of=args.out)
+    return {"script": "simsiam_rwsam.py", "arch": args.arch, "model": run.net.state_dict(), "epoch": epoch,
+            "optimizer": run.optimizer.state_dict(), "args": {**vars(args), **(recipe if stage1 else {})},
+            "class_counts": data.counts, "rng": {"torch": torch.get_rng_state()}, "kde_weights": run.kde,
+            "best": run.best, "summary": run.summary, "mean": data.mean, "std": data.std}
 
 
 def finish_run(args, run, data, t_run):
-    """Rank 0: final.json (the stages' kNN and generalization gaps and the run's recipe) and the last printed
-    line."""
+    """Rank 0: final.json (the stages' kNN and generalization gaps, the run's recipe) and the last line."""
     if run.rank != 0:
         return
-    rows = read_metrics(os.path.join(args.out, "metrics.jsonl"))
+    rows = R.read_metrics(os.path.join(args.out, "metrics.jsonl"))
     per_epoch = {o: float(np.median([r["seconds"] for r in rows if r["opt"] == o]))
                  for o in sorted({r["opt"] for r in rows})}
     final = {"script": "simsiam_rwsam.py", "arch": args.arch, "dataset": args.dataset, "rho": args.rho,
@@ -1194,7 +847,7 @@ def finish_run(args, run, data, t_run):
                                                                           "per_class_mean_weight")},
              "checkpoint": os.path.join(args.out, "last.pt"), "seconds_per_epoch": per_epoch,
              "wall_seconds": time.time() - t_run}
-    write_json(os.path.join(args.out, "final.json"), final)
+    R.write_json(os.path.join(args.out, "final.json"), final)
     last = run.summary.get("final") or {}
     knn = last.get("knn_top1")
     print(f"done: {args.out}/last.pt" + (f"; kNN (validation split) {knn:.2f}%" if knn is not None else "")
@@ -1202,14 +855,16 @@ def finish_run(args, run, data, t_run):
 
 
 def main(argv=None):
-    rank, world, local_rank = dist_env()
-    args, ckpt = resume_run(parse_args(argv), rank, world)
+    rank, world = R.process_group()
+    args, ckpt = resume_run(parse_args(argv), world)
     stage1_backbone, stage1_full = stage1(args, ckpt, rank)
-    device = setup_device(args, local_rank, world)
+    device = R.setup_device(args, world)
+    if world > 1:
+        R.init_process_group(device)
     try:
         data = build_data(args, device, rank, world)
     except D.DataError as e:
-        fail(str(e))
+        R.fail(str(e))
     run, start = build_model(args, ckpt, len(data.idx), device, rank, world)
     open_run(args, ckpt, run, data, start)
     t_run = time.time()

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import datasets_lt as D
+import run_lt as R
 import simsiam_rwsam as S
 from conftest import ROOT, run_script, torchrun, write_file_list, write_folder
 
@@ -284,7 +285,7 @@ def test_paper_2_subsets():
     sizes = {}
     for flags in ([], ["--balanced"], ["--imb-type", "step"], ["--subsample", "0.125"],
                   ["--subsample", "0.125", "--balanced"]):
-        idx, val = S.training_subset(labels, S.parse_args(["--rho", "0.01", *flags]))
+        idx, val = D.training_subset(labels, S.parse_args(["--rho", "0.01", *flags]))
         counts = np.bincount(labels[idx], minlength=10)
         sizes[" ".join(flags)] = (len(idx), counts.min(), counts.max())
         assert len(val) == 0 and len(np.unique(idx)) == len(idx)
@@ -419,10 +420,10 @@ def test_checkpoints_follow_the_contract(rwsam_run, data, capsys):
     assert torch.equal(kde["weights"], last["kde_weights"]["weights"]) and len(kde["weights"]) == 27
     assert kde["weights"].mean().item() == pytest.approx(1, rel=1e-5) and kde["bandwidth"] > 0
     labels = np.asarray([c for c, n in enumerate([8] * 5) for _ in range(n)])
-    assert torch.equal(kde["indices"], torch.as_tensor(S.training_subset(labels, S.parse_args(
+    assert torch.equal(kde["indices"], torch.as_tensor(D.training_subset(labels, S.parse_args(
         ["--dataset", "folder", "--rho", "0.5"]))[0]))
     backbone = S.ResNet18()
-    S.load_backbone(backbone, "resnet18", rwsam_run / "last.pt")
+    R.load_backbone(backbone, "resnet18", rwsam_run / "last.pt")
     own = backbone.state_dict()
     assert all(torch.equal(own[k], last["model"][k]) for k in own if not k.startswith("fc."))
     heads = len([k for k in S.SimSiam().state_dict() if k.startswith(("projector.", "predictor."))])
@@ -528,7 +529,7 @@ def test_val_frac_scores_knn_on_the_held_out_split_only(data, tmp_path, monkeypa
                         knn(m, my, q, qy, *a, **k))
     S.main(_args(data, tmp_path, "--opt", "sgd", "--epochs", 1, "--val-frac", 0.25, "--gap-views", 1))
     final = json.loads((tmp_path / "final.json").read_text())
-    idx, val_idx = S.training_subset(np.repeat(np.arange(5), 8), S.parse_args(
+    idx, val_idx = D.training_subset(np.repeat(np.arange(5), 8), S.parse_args(
         ["--dataset", "folder", "--rho", "0.5", "--val-frac", "0.25"]))
     assert final["n_train"] == len(idx) and len(val_idx) > 0 and final["knn_queries"].startswith("--val-frac")
     labels = D.load_split("folder", data, True)[1]
@@ -617,13 +618,6 @@ def test_imagenet_model_is_chen_and_he_on_the_project_backbone():
     assert z1.shape == p2.shape == (2, 2048)
 
 
-def test_sources_copied_from_moco_ssp_are_identical():
-    import inspect
-    import moco_ssp as M
-    for name in ("stream_seed", "TwoViews", "Positions", "ListViews", "list_plain_batches"):
-        assert inspect.getsource(getattr(M, name)) == inspect.getsource(getattr(S, name)), name
-
-
 @pytest.fixture(scope="module")
 def file_list(tmp_path_factory):
     root = tmp_path_factory.mktemp("list")
@@ -634,6 +628,20 @@ def _list_args(root, lst, out, *extra):
     return ["--dataset", "imagenet_lt", "--data-root", str(root), "--train-list", str(lst), "--rho", "1", "--gpu", "-1",
             "--arch", "resnet10", "--batch-size", "4", "--crop-size", "32", "--workers", "0", "--out", str(out),
             *map(str, extra)]
+
+
+def test_file_list_views_are_the_ones_of_datasets_lt(file_list, tmp_path):
+    """The SSL list views (MoCo v2's augmentation twice, per-position items, the KDE's plain batches) live once,
+    in datasets_lt, shared with moco_ssp.py: the run trains and embeds with them and keeps no copy of its own."""
+    root, lst = file_list
+    args = S.parse_args(_list_args(root, lst, tmp_path, "--opt", "sgd"))
+    data = S.build_list_data(args, torch.device("cpu"), 0, 1)
+    assert type(data.train) is D.ListViews and type(data.train.subset) is D.Positions
+    assert type(data.train.subset.dataset.transform) is D.TwoViews and data.train.subset.indices == list(range(12))
+    mine, shared = list(data.train_eval.epoch(0)), list(D.list_plain_batches(args, data.idx, torch.device("cpu")))
+    assert len(mine) == len(shared) > 0
+    assert all(torch.equal(a, b) for m, s in zip(mine, shared) for a, b in zip(m, s))
+    assert not any(hasattr(S, n) for n in ("stream_seed", "TwoViews", "Positions", "ListViews", "list_plain_batches"))
 
 
 def test_file_list_sgd_then_rwsam_then_linear_probe(file_list, tmp_path, capsys):
