@@ -4,6 +4,7 @@ In every top-level *.py of the repository, regions open with `# === shared: NAME
 with `# === end shared: NAME ===`. For each NAME found in two or more files, the text between the marker
 lines must be identical; every region that opens must close.
 """
+import ast
 import difflib
 import re
 from pathlib import Path
@@ -183,3 +184,30 @@ def test_flag_check_catches_order_and_reuse(tmp_path):
     problems = check_shared_flags(bad)
     assert any("out of order" in p for p in problems) and any("'--temperature' is not" in p for p in problems)
     assert any("'--lr' reuses" in p for p in problems)
+
+
+# ----- run machinery and data code live once (run_lt.py, datasets_lt.py) ---------------------------------
+
+def machinery_copies(directory):
+    """Top-level functions and classes of the method files that share a name with a function or class of
+    run_lt.py or datasets_lt.py: code that lives once there and was written again. A script's own
+    run-level steps (resume_run, open_run, end_epoch, finish_run) call the shared ones and may keep the name."""
+    defined = lambda path: {n.name for n in ast.parse(Path(path).read_text()).body
+                            if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    shared = (defined(Path(directory) / "run_lt.py") | defined(Path(directory) / "datasets_lt.py")) - \
+        {"resume_run", "open_run", "end_epoch", "finish_run", "main"}
+    return [f"{p.name}: {name}" for p in sorted(Path(directory).glob("*.py"))
+            if p.name not in ("run_lt.py", "datasets_lt.py") for name in sorted(defined(p) & shared)]
+
+
+def test_method_files_do_not_copy_run_lt_or_datasets_lt():
+    problems = machinery_copies(ROOT)
+    assert not problems, "defined again instead of imported:\n" + "\n".join(problems)
+
+
+def test_machinery_check_catches_a_copy(tmp_path):
+    for name in ("run_lt.py", "datasets_lt.py"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    (tmp_path / "m.py").write_text("def load_backbone(model, arch, path):\n    pass\n\n\ndef resume_run(args):\n"
+                                   "    pass\n\n\nclass ListBatches:\n    pass\n")
+    assert machinery_copies(tmp_path) == ["m.py: ListBatches", "m.py: load_backbone"]
