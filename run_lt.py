@@ -315,12 +315,15 @@ def end_epoch(out, row, line, state, rank=0):
     save_atomic(state, os.path.join(out, "last.pt"))
 
 
-def finish_run(out, final, t_run, rank=0):
-    """Rank 0: final.json, with the median seconds per epoch of metrics.jsonl and the run's wall time."""
+def finish_run(out, final, t_run, rank=0, per_epoch=True):
+    """Rank 0: final.json, with the median seconds per epoch of metrics.jsonl (`per_epoch`) and the run's
+    wall time."""
     if rank:
         return final
-    seconds = [r["seconds"] for r in read_metrics(os.path.join(out, "metrics.jsonl"))] or [float("nan")]
-    final.update(seconds_per_epoch=float(np.median(seconds)), wall_seconds=time.time() - t_run)
+    if per_epoch:
+        seconds = [r["seconds"] for r in read_metrics(os.path.join(out, "metrics.jsonl"))] or [float("nan")]
+        final["seconds_per_epoch"] = float(np.median(seconds))
+    final["wall_seconds"] = time.time() - t_run
     write_json(os.path.join(out, "final.json"), final)
     return final
 

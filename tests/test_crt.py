@@ -9,6 +9,7 @@ import torch
 import crt
 import datasets_lt as D
 import ldam_drw
+import run_lt
 from conftest import run_script, write_folder
 
 
@@ -134,12 +135,12 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path, trained, mon
     --bn train, whose augmentation stream and BatchNorm statistics must come back from last.pt."""
     _, ckpt = trained
     whole = _crt(tmp_path / "whole", ckpt, "--epochs", 3, *extra)
-    save = crt.save_atomic
+    save = run_lt.save_atomic
 
     def save_then_die(obj, path):
         save(obj, path)
         raise SystemExit(137)
-    monkeypatch.setattr(crt, "save_atomic", save_then_die)
+    monkeypatch.setattr(run_lt, "save_atomic", save_then_die)
     with pytest.raises(SystemExit):
         _crt(tmp_path / "cut", ckpt, "--epochs", 3, *extra)
     monkeypatch.undo()

@@ -20,6 +20,7 @@ from PIL import Image
 import crt
 import datasets_lt as D
 import ldam_drw as L
+import run_lt
 from conftest import ROOT, run_script, torchrun
 
 def write_list(root, labels, size=40):
@@ -293,7 +294,7 @@ def test_crt_loads_the_backbone_on_every_process_and_equals_one_process(ddp_run,
     assert torch.equal(two["bn1.running_var"], source["bn1.running_var"])
 
     backbone = crt.build_backbone("resnet10")
-    crt.load_backbone(backbone, "resnet10", str(ckpt))
+    run_lt.load_backbone(backbone, "resnet10", str(ckpt))
     backbone.fc = torch.nn.Identity()
     ds = D.FileListDataset(str(root), str(lst), transform=D.imagenet_transform(False, dataset="inat"))
     with torch.no_grad():

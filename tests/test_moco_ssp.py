@@ -19,6 +19,7 @@ import torchvision
 import crt
 import ldam_drw as L
 import moco_ssp as M
+import run_lt
 from conftest import ROOT, run_script, torchrun, write_file_list, write_folder
 
 CPU = torch.device("cpu")
@@ -325,7 +326,7 @@ def test_cifar_resnet18_run_loads_into_crt(tmp_path):
     ck = load(tmp_path / "r18" / "last.pt")
     assert ck["arch"] == "resnet18" and ck["args"]["bn_splits"] == 8
     backbone = crt.build_backbone("resnet18")
-    crt.load_backbone(backbone, "resnet18", tmp_path / "r18" / "last.pt")
+    run_lt.load_backbone(backbone, "resnet18", tmp_path / "r18" / "last.pt")
     assert all(torch.equal(v, ck["model"][k]) for k, v in backbone.state_dict().items() if not k.startswith("fc."))
     final = json.loads((tmp_path / "r18" / "final.json").read_text())
     assert 0 <= final["knn_test"]["top1"] <= 100
