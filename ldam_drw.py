@@ -378,7 +378,8 @@ def lr_at(epoch, args):
 
 def he_lr_at(epoch, args):
     """He et al. 2016 §4.2 (CIFAR): lr 0.1, ÷10 at 32k and 48k of 64k iterations, i.e. at 50% and 75% of
-    the run; here at 50% and 75% of --epochs (0-based epoch)."""
+    the run; here at 50% and 75% of --epochs (0-based epoch). Paper 2 gives no epochs: 200 is paper 1's
+    length on the same subsets (64k iterations at batch 128 would be 660 epochs of 12,406 images)."""
     return args.lr * 0.1 ** sum(epoch >= int(f * args.epochs) for f in (0.5, 0.75))
 
 

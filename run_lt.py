@@ -149,10 +149,9 @@ def load_checkpoint(path):
 
 
 def load_backbone(model, arch, path):
-    """Copy every backbone tensor of the checkpoint at `path` into `model`; the head stays as it is.
-
-    Prints matched / missing / unexpected counts; fails unless every backbone key of `model` was found
-    with the right shape."""
+    """Copy every backbone tensor of the checkpoint at `path` into `model`; the head stays as it is. Prints
+    matched / missing / unexpected counts; fails unless every backbone key of `model` was found with the right
+    shape (the authors' DataParallel keys began with `module.`, so their strict=False load matched none)."""
     ckpt = load_checkpoint(path)
     if ckpt["arch"] != arch:
         fail(f"'{path}' holds a {ckpt['arch']} backbone but this run trains {arch}; pre-train the same "
