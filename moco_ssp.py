@@ -1,14 +1,10 @@
 """MoCo v2 self-supervised pre-training on the long-tailed training images, on one GPU or many.
 
-Paper 1 (Yang & Xu 2020) §4.2: the self-supervised pre-training (SSP) of ImageNet-LT and iNaturalist
-(Tables 3–4), labels abandoned. Paper 2 (Liu et al. 2022) §2.1–2.2, App. A.1: MoCo v2 after balanced vs
-imbalanced pre-training (Table 2, Figs. 1–2), + SAM / rwSAM (Table 1(b), App. C.1). Method: He et al. 2020
-(Eq. (1) InfoNCE → info_nce, Eq. (2) momentum update → momentum_update, Algorithm 1's queue → enqueue,
-§3.3 shuffle-BN → split_batchnorm / shuffled_keys) with Chen et al. 2020's v2 changes (MLP head, τ 0.2,
-blur, cosine). Recipe: REFERENCE §5. README "MoCo v2 self-supervised pre-training" has the recipe per
-dataset, shuffle-BN, the rwSAM step and the outputs. main(): train_one_epoch, monitor (kNN), end_epoch;
-rwSAM's Algorithm 1: stage1 (lines 3–7: --stage1, a plain moco_ssp.py run), stage1_weights (line 8,
-kde_weights), stage2 (lines 9–14: this run, sam_moco_step with the weights).
+Paper 1 (Yang & Xu 2020) §4.2: the self-supervised pre-training (SSP) of ImageNet-LT and iNaturalist (Tables 3–4),
+labels abandoned. Paper 2 (Liu et al. 2022) §2.1–2.2, App. A.1: MoCo v2 after balanced vs imbalanced pre-training
+(Table 2, Figs. 1–2), + SAM / rwSAM (Table 1(b), App. C.1; Algorithm 1: stage1, stage2). Method: He et al. 2020
+(Eq. (1) → info_nce, Eq. (2) → momentum_update, the queue → enqueue, §3.3 shuffle-BN → split_batchnorm /
+shuffled_keys), Chen et al. 2020's v2 changes (MLP head, τ 0.2, blur, cosine). Recipe: REFERENCE §5, README.
 
     python moco_ssp.py --rho 0.01 --gpu 0                      # CIFAR-10-LT ρ=100, ResNet-18, batch 512
     python moco_ssp.py --dataset imagenet_lt --data-root IMNET --train-list ImageNet_LT_train.txt --rho 1
@@ -34,11 +30,8 @@ Deliberate differences from the papers and the authors' code (facebookresearch/m
 """
 import argparse
 import contextlib
-import json
 import math
 import os
-import shutil
-import sys
 import time
 
 import numpy as np
@@ -47,9 +40,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torchvision.transforms import v2
 
 import datasets_lt as D
+import run_lt as R
 
 LARGE = ("imagenet_lt", "inat")
 SUBSAMPLE = (1.0, 0.75, 0.5, 0.25, 0.125)
@@ -59,8 +52,7 @@ SUBSAMPLE = (1.0, 0.75, 0.5, 0.25, 0.125)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="MoCo v2 self-supervised pre-training (paper 1 §4.2, paper 2 §2).")
-    # --- shared flags (names and order of every script; defaults and help are MoCo v2's, REFERENCE §5:
-    # the supervised scripts' "default: 0.1 (CIFAR, SVHN)" would be wrong here) ---
+    # --- shared flags (names and order of every script; defaults and help are MoCo v2's, REFERENCE §5) ---
     p.add_argument("--dataset", default="cifar10",
                    choices=["cifar10", "cifar100", "svhn", "folder", "imagenet_lt", "inat"])
     p.add_argument("--data-root", default="./data", help="dataset folder")
@@ -129,9 +121,9 @@ def parse_args(argv=None):
     p.add_argument("--stage1", default=None,
                    help="rwSAM: moco_ssp.py checkpoint (plain MoCo on the same images) whose backbone gives the "
                         "KDE features (Algorithm 1 line 8); this run trains a fresh model")
-    p.error = fail                                         # one line and exit 2, not the usage text
+    p.error = R.fail                                       # one line and exit 2, not the usage text
     args = p.parse_args(argv)
-    args.cli_flags = given_flags(p, argv)
+    args.cli_flags = R.given_flags(p, argv)
     large = args.dataset in LARGE
     for name, small, imagenet in (("batch_size", 512, 256), ("arch", "resnet18", "resnet50"), ("knn_every", 10, 0),
                                   ("epochs", 200, 300), ("sam_rho", 5.0, 2.0), ("alpha", 1.2, 0.5)):
@@ -139,65 +131,41 @@ def parse_args(argv=None):
             setattr(args, name, imagenet if large else small)
     if args.lr is None:                                     # linear scaling rule (Goyal et al.), REFERENCE §5
         args.lr = (0.025 if large else 0.03) * args.batch_size / 256
-    # Paper 2 App. A.1: downsampled variants train for the same number of iterations as the full one.
     args.epochs_full = args.epochs
-    if args.subsample < 1 and not args.same_epochs:
+    if args.subsample < 1 and not args.same_epochs:        # paper 2 App. A.1: the full variant's iterations
         args.epochs = round(args.epochs / args.subsample)
     if args.out is None:
         tags = ([args.opt] if args.opt != "sgd" else []) + (["balanced"] if args.balanced else []) + \
                ([f"sub{args.subsample:g}"] if args.subsample < 1 else [])
         args.out = os.path.join("runs", "-".join(["moco_ssp", args.dataset, f"{args.rho:g}", str(args.seed), *tags]))
-    check_args(args)
+    R.check_ranges(args, RANGES)
     return args
 
 
-def check_args(args):
-    """Range of every numeric flag, before anything is read or written."""
-    check_ranges(args, SHARED_RANGES + [("queue", 1, None, "[)"), ("moco_m", 0, 1, "[)"), ("moco_t", 0, None, "()"),
-                                        ("moco_dim", 1, None, "[)"), ("bn_splits", 1, None, "[)"),
-                                        ("knn_every", 0, None, "[)"), ("knn_k", 1, None, "[)"), ("knn_t", 0, None, "()"),
-                                        ("sam_rho", 0, None, "[)"), ("alpha", 0, None, "[)"), ("bandwidth", 0, None, "()")])
+RANGES = R.SHARED_RANGES + [    # of every numeric flag: checked before anything is read or written, a resumed run's too
+    ("queue", 1, None, "[)"), ("moco_m", 0, 1, "[)"), ("moco_t", 0, None, "()"), ("moco_dim", 1, None, "[)"),
+    ("bn_splits", 1, None, "[)"), ("knn_every", 0, None, "[)"), ("knn_k", 1, None, "[)"), ("knn_t", 0, None, "()"),
+    ("sam_rho", 0, None, "[)"), ("alpha", 0, None, "[)"), ("bandwidth", 0, None, "()")]
 
 
 def check_run(args, world):
-    """The checks of the run's own arguments (after --resume) that need the number of processes."""
+    """The run's own arguments (a resumed run's: their ranges again), also against the number of processes."""
+    R.check_ranges(args, RANGES)
     D.check_rho(args.rho)
-    if min(args.epochs, args.batch_size, args.bn_splits, args.moco_dim) < 1 or args.lr <= 0:
-        fail("--epochs, --batch-size, --bn-splits, --moco-dim and --lr must be positive")
-    if not 0 <= args.moco_m < 1 or args.moco_t <= 0 or args.knn_every < 0:
-        fail("--moco-m must be in [0, 1), --moco-t positive and --knn-every 0 or more")
-    if args.sam_rho < 0:
-        fail(f"--sam-rho must be >= 0, got {args.sam_rho:g}")
-    if args.alpha < 0:
-        fail(f"--alpha must be >= 0, got {args.alpha:g}")
-    if args.bandwidth is not None and args.bandwidth <= 0:
-        fail(f"--bandwidth must be > 0, got {args.bandwidth:g}")
     if (args.opt == "rwsam") != bool(args.stage1):
-        fail("--opt rwsam needs --stage1 PATH (a plain moco_ssp.py run on the same images: its features give "
-             "the KDE weights)" if args.opt == "rwsam" else
-             "--stage1 gives rwSAM its weights; pass --opt rwsam or drop it")
-    if args.batch_size % world:
-        fail(f"--batch-size {args.batch_size} (global) must be divisible by the {world} processes")
+        R.fail("--opt rwsam needs --stage1 PATH (a plain moco_ssp.py run on the same images: its features give "
+               "the KDE weights)" if args.opt == "rwsam" else
+               "--stage1 gives rwSAM its weights; pass --opt rwsam or drop it")
+    R.check_shards(args.batch_size, world)
     b = args.batch_size // world
     if b % args.bn_splits:
-        fail(f"--bn-splits {args.bn_splits} must divide the {b} images each process encodes per step")
+        R.fail(f"--bn-splits {args.bn_splits} must divide the {b} images each process encodes per step")
     if args.dataset in LARGE and args.knn_every:
-        fail(f"the kNN monitor needs in-memory data; for {args.dataset} pass --knn-every 0 and probe the "
-             f"checkpoint with eval_linear.py")
+        R.fail(f"the kNN monitor needs in-memory data; for {args.dataset} pass --knn-every 0 and probe the "
+               f"checkpoint with eval_linear.py")
 
 
-# --resume continues a run with its own arguments; only these (where the run executes) may be given with it
-RESUME_FLAGS = ("gpu", "workers", "data_root", "download")
-
-
-def fail(msg):
-    if int(os.environ.get("RANK", "0")) == 0:             # under torchrun every process fails alike: say it once
-        print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def fmt(v):
-    return f"{v:6.2f}" if v is not None else f"{'-':>6}"
+RESUME_FLAGS = ("gpu", "workers", "data_root", "download")     # where the run executes: these may go with --resume
 
 
 # ----- model --------------------------------------------------------------------------------------
@@ -260,9 +228,7 @@ def build_backbone(arch):
 
 
 class Encoder(nn.Module):
-    """Backbone + MoCo v2 projection head (Chen et al. 2020, §2; REFERENCE §5): fc (feature → feature) →
-    ReLU → fc (feature → dim); 2048 → 2048 → 128 for ResNet-50, 512 → 512 → 128 for ResNet-18.
-    Returns the unit-length float32 embedding."""
+    """Backbone + MoCo v2's head fc → ReLU → fc (Chen et al. 2020 §2, REFERENCE §5); a unit-length float32 output."""
 
     def __init__(self, arch, dim):
         super().__init__()
@@ -283,10 +249,8 @@ def load_contract_state(encoder, state):
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d that, in training, normalises `splits` groups of the batch separately: rows s, s+S,
-    s+2S, … form group s. The groups are folded into the channel axis, (N, C) → (N/S, S·C), so one
-    batch_norm call computes S·C statistics (the MoCo CIFAR demo's SplitBatchNorm). Running statistics
-    are the mean of the groups' updates. Same state_dict keys as BatchNorm2d."""
+    """BatchNorm2d normalising `splits` groups of a training batch apart (rows s, s+S, … form group s) in one call over
+    (N/S, S·C), as the MoCo CIFAR demo's SplitBatchNorm; running statistics: the groups' mean. BatchNorm2d's keys."""
 
     def __init__(self, bn, splits):
         super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
@@ -296,8 +260,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        N, C, H, W = x.shape
-        S = self.splits
+        (N, C, H, W), S = x.shape, self.splits
         mean, var = self.running_mean.repeat(S), self.running_var.repeat(S)
         out = F.batch_norm(x.view(N // S, S * C, H, W), mean, var, self.weight.repeat(S), self.bias.repeat(S),
                            True, self.momentum, self.eps)
@@ -319,8 +282,7 @@ def split_batchnorm(module, splits):
 
 
 def split_forward(encoder, x, splits):
-    """encoder(x) with BN statistics per contiguous sub-batch: chunk s (rows s·b … s·b + b − 1) is moved
-    to rows s, s+S, …, SplitBatchNorm's group s, and the outputs are moved back."""
+    """encoder(x) with BN statistics per contiguous chunk: chunk s moves to rows s, s+S, … (group s) and back."""
     if splits == 1:
         return encoder(x)
     x = x.unflatten(0, (splits, -1)).transpose(0, 1).flatten(0, 1)
@@ -328,204 +290,34 @@ def split_forward(encoder, x, splits):
 
 
 def build_model(args, ckpt, n, device, rank, world):
-    """The queue (--queue or default_queue, checked), query and key encoders (shuffle-BN splits) and SGD, as
-    --resume's checkpoint left them; under torchrun the query encoder in DDP. Returns (run, first epoch):
-    run holds what an epoch changes."""
+    """The queue (checked), both encoders (BN splits), SGD, as --resume left them; DDP under torchrun: (run, start)."""
     if args.queue is None:
         args.queue = default_queue(args, n)
         if rank == 0:
             print(f"queue: K = {args.queue} negatives (default for {n} training images at global batch "
                   f"{args.batch_size}; --queue sets it)")
     check_queue(args.queue, args.batch_size, n)
-    encoder_q = Encoder(args.arch, args.moco_dim)
-    encoder_k = Encoder(args.arch, args.moco_dim)
+    encoder_q, encoder_k = Encoder(args.arch, args.moco_dim), Encoder(args.arch, args.moco_dim)
     if args.bn_splits > 1:
-        split_batchnorm(encoder_q, args.bn_splits)
-        split_batchnorm(encoder_k, args.bn_splits)
+        encoder_q, encoder_k = split_batchnorm(encoder_q, args.bn_splits), split_batchnorm(encoder_k, args.bn_splits)
     encoder_q, encoder_k = encoder_q.to(device), encoder_k.to(device)
     queue = F.normalize(torch.randn(args.queue, args.moco_dim, generator=torch.Generator().manual_seed(args.seed)),
                         dim=1).to(device)
     optimizer = torch.optim.SGD(encoder_q.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
                                 fused=device.type == "cuda")
-    start, ptr = 0, 0
     if ckpt is not None:
         load_contract_state(encoder_q, ckpt["model"])
         load_contract_state(encoder_k, ckpt["key_model"])
         queue.copy_(ckpt["queue"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        start, ptr = ckpt["epoch"], ckpt["queue_ptr"]
     encoder_k.requires_grad_(False)
-    model = encoder_q
-    if world > 1:                                          # DDP starts every process from rank 0's θ_q
-        model = nn.parallel.DistributedDataParallel(encoder_q, device_ids=[device.index] if device.type == "cuda"
-                                                    else None)
+    model = encoder_q if world == 1 else nn.parallel.DistributedDataParallel(    # DDP: all start from rank 0's θ_q
+        encoder_q, device_ids=[device.index] if device.type == "cuda" else None)
     if ckpt is None:
         encoder_k.load_state_dict(encoder_q.state_dict())  # θ_k starts as θ_q (MoCo Algorithm 1), on every process
-    run = argparse.Namespace(model=model, net=encoder_q, key=encoder_k, queue=queue, ptr=ptr, optimizer=optimizer,
-                             kde=None, weights=None, device=device, rank=rank, world=world)
-    return run, start
-
-
-# ----- run files ----------------------------------------------------------------------------------
-
-# === shared: check_ranges (identical in every script) ===
-def check_ranges(args, ranges):
-    """Every (flag, low, high, bounds) of `ranges`: the flag's value lies in the interval, bounds "[)" meaning
-    low <= value < high (None: no bound; a flag left at None is skipped). Else one line and exit 2."""
-    for name, low, high, bounds in ranges:
-        v = getattr(args, name, None)
-        if v is None:
-            continue
-        ok = abs(v) <= float(np.finfo(np.float32).max) and (low is None or (v >= low if bounds[0] == "[" else v > low)) \
-            and (high is None or (v <= high if bounds[1] == "]" else v < high))      # NaN, inf, 1e300 fail
-        if not ok:
-            interval = f"{bounds[0]}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{bounds[1]}"
-            fail(f"--{name.replace('_', '-')} must be in {interval}, got {v:g}")
-
-
-SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
-                 ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
-                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
-# === end shared: check_ranges ===
-
-
-# === shared: checkpoints (identical in every script) ===
-HEAD_PREFIXES = ("fc.",)
-
-
-def save_atomic(obj, path):
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path, text):
-    """Temp file + rename, as save_atomic: a killed run never leaves a half-written file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def strict_json(obj, **kw):
-    """JSON without the bare NaN / Infinity tokens Python writes by default: a non-finite float is null."""
-    def clean(v):
-        if isinstance(v, float):
-            return v if np.isfinite(v) else None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-    return json.dumps(clean(obj), allow_nan=False, **kw)
-
-
-def write_json(path, obj):
-    write_text_atomic(path, strict_json(obj, indent=1))
-
-
-def read_metrics(path):
-    """The rows of a metrics.jsonl; none when a moved or copied run lacks the file."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def write_metrics(path, rows):
-    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in rows))
-
-
-def append_metrics(path, row):
-    write_metrics(path, read_metrics(path) + [row])
-
-
-def copy_source(path, out):
-    """The script's own source beside its outputs (temp file + rename)."""
-    tmp = os.path.join(out, os.path.basename(path) + ".tmp")
-    shutil.copy(path, tmp)
-    os.replace(tmp, os.path.join(out, os.path.basename(path)))
-
-
-def given_flags(parser, argv):
-    """Destinations of the flags written on the command line (abbreviations included), so --resume can
-    apply or refuse each of them instead of dropping it."""
-    unset = object()
-    seen = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
-    return sorted(k for k, v in vars(seen).items() if v is not unset and k != "help")
-
-
-def resume_args(args, ckpt, applied):
-    """--resume PATH: continue the run in dirname(PATH) with the arguments it was started with. A flag in
-    `applied` given on this command line replaces the stored value (--gpu and --workers always do: they
-    describe this machine); any other flag given with --resume is refused."""
-    flag = lambda k: "--" + k.replace("_", "-")
-    refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
-    if refused:
-        fail(f"--resume continues a run with its own arguments; drop {' '.join(map(flag, refused))} (with "
-             f"--resume only {', '.join(map(flag, applied))} may be given)")
-    now = {k: getattr(args, k) for k in applied if k in args.cli_flags or k in ("gpu", "workers")}
-    return argparse.Namespace(**{**vars(args), **ckpt["args"], **now, "resume": args.resume,
-                                 "out": os.path.dirname(os.path.abspath(args.resume)), "cli_flags": args.cli_flags})
-
-
-def nonfinite_tensor(model):
-    """Name of the first parameter or buffer holding NaN / inf (a BatchNorm running_var, say), or None."""
-    named = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
-    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist() if named else []
-    return next((k for (k, _), ok in zip(named, finite) if not ok), None)
-
-
-def stop_diverged(what, out, epoch):
-    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint,
-    exit 1."""
-    last = os.path.join(out, "last.pt")
-    kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
-    print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
-    sys.exit(1)
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        fail(f"checkpoint '{path}' does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:                                 # empty, truncated, another format, ...
-        why = (str(e).splitlines() or [""])[0][:60]
-        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}{': ' if why else ''}{why})")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
-        fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
-    return ckpt
-
-
-def load_backbone(model, arch, path):
-    """Copy every backbone tensor of the checkpoint at `path` into `model`; the head stays as it is.
-
-    Prints matched / missing / unexpected counts; fails unless every backbone key of `model` was found
-    with the right shape."""
-    ckpt = load_checkpoint(path)
-    if ckpt["arch"] != arch:
-        fail(f"'{path}' holds a {ckpt['arch']} backbone but this run trains {arch}; pre-train the same "
-             f"architecture or pass --arch {ckpt['arch']}")
-    src = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
-    own = model.state_dict()
-    backbone = [k for k in own if not k.startswith(HEAD_PREFIXES)]
-    matched = [k for k in backbone if k in src and src[k].shape == own[k].shape]
-    missing = [k for k in own if k not in matched]
-    unexpected = [k for k in src if k not in own]
-    skipped = [k for k in src if k in own and k not in matched]
-    names = lambda keys: ", ".join(keys[:4]) + (", …" if len(keys) > 4 else "") or "-"
-    print(f"loaded backbone from {path}: {len(matched)} tensors matched, {len(missing)} missing "
-          f"({names(missing)}), {len(unexpected)} unexpected ({names(unexpected)}), {len(skipped)} not loaded "
-          f"({names(skipped)})")
-    bad = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
-    if bad:
-        fail(f"'{path}' lacks {len(bad)} backbone tensors of {arch} (first: {bad[0]}); it is not a "
-             f"{arch} backbone of this project")
-    own.update({k: src[k] for k in matched})
-    model.load_state_dict(own)
-    return ckpt
-# === end shared: checkpoints ===
+    run = argparse.Namespace(model=model, net=encoder_q, key=encoder_k, queue=queue, optimizer=optimizer, kde=None,
+                             weights=None, device=device, rank=rank, world=world, ptr=ckpt["queue_ptr"] if ckpt else 0)
+    return run, ckpt["epoch"] if ckpt else 0
 
 
 # ----- the method (MoCo Eq. (1)–(2) and §3.3, paper 2 Eq. (3) and Algorithm 1) --------------------
@@ -549,8 +341,7 @@ def info_nce(q, k, queue, t):
 
 @torch.no_grad()
 def enqueue(queue, keys, ptr):
-    """MoCo Algorithm 1: enqueue this batch's keys, dequeue the oldest (they occupy rows ptr …); the
-    queue is a ring, its size a multiple of the batch. Returns the new pointer."""
+    """MoCo Algorithm 1: the keys replace the oldest rows (ptr …) of the ring `queue`; returns the new pointer."""
     queue[ptr:ptr + len(keys)] = keys
     return (ptr + len(keys)) % len(queue)
 
@@ -565,8 +356,7 @@ def gather(x, world):
 
 
 def shuffle_order(n, generator, device, world):
-    """The key batch's permutation for shuffle-BN: drawn from the epoch's seeded generator, rank 0's copy
-    broadcast to every process (MoCo §3.3)."""
+    """The key batch's permutation for shuffle-BN (MoCo §3.3): from the epoch's generator, rank 0's everywhere."""
     perm = torch.randperm(n, generator=generator, device=device)
     if world > 1:
         dist.broadcast(perm, 0)
@@ -575,13 +365,9 @@ def shuffle_order(n, generator, device, world):
 
 @torch.no_grad()
 def shuffled_keys(encoder_k, x, perm, splits, rank, world):
-    """Keys of the whole global batch under shuffle-BN (MoCo §3.3), in the original order.
-
-    The global batch's key views are gathered, permuted by `perm`; process r encodes rows perm[r·b …
-    (r+1)·b − 1] (split into `splits` BN groups); the keys are gathered and un-permuted."""
-    x_all = gather(x, world)
-    mine = perm.view(world, -1)[rank]
-    k = split_forward(encoder_k, x_all[mine], splits)
+    """Keys of the whole global batch under shuffle-BN (MoCo §3.3), in its order: its key views gathered, process r
+    encodes rows perm[r·b … (r+1)·b − 1] (in `splits` BN groups), the keys are gathered and un-permuted."""
+    k = split_forward(encoder_k, gather(x, world)[perm.view(world, -1)[rank]], splits)
     return gather(k, world)[torch.argsort(perm)]
 
 
@@ -603,14 +389,12 @@ def bn_buffers(model):
 
 
 def sam_moco_step(model, net, optimizer, x_q, keys, queue, args, weights=None):
-    """Paper 2 Eq. (3) / Algorithm 1 lines 12–13 on the MoCo loss: ε from ∇L_w(w) with L_w = mean(w_i·ℓ_i),
-    ℓ_i the per-query InfoNCE of Eq. (1) (w ≡ 1 for --opt sam), then the optimiser steps at w with
-    ∇L(w + ε) of the plain mean loss. The keys and queue are those of the step (no gradient), both passes
-    see them; BN buffers keep the first pass's update; under DDP the first pass is not all-reduced.
-    Returns (mean loss at w, logits at w, mean loss at w + ε)."""
+    """Paper 2 Eq. (3) / Algorithm 1 lines 12–13 on the MoCo loss: ε from ∇L_w(w) with L_w = mean(w_i·ℓ_i), ℓ_i the
+    per-query InfoNCE of Eq. (1) (w ≡ 1 for --opt sam), then the optimiser steps at w with ∇L(w + ε) of the plain
+    mean loss. Both passes see the step's keys and queue; BN buffers keep the first pass's update; under DDP the
+    first pass is not all-reduced. Returns (mean loss at w, logits at w, mean loss at w + ε)."""
     optimizer.zero_grad(set_to_none=True)
-    quiet = model.no_sync() if model is not net else contextlib.nullcontext()
-    with quiet:
+    with model.no_sync() if model is not net else contextlib.nullcontext():
         with torch.autocast(x_q.device.type, torch.bfloat16, enabled=args.amp):
             q = split_forward(model, x_q, args.bn_splits)
         _, logits = info_nce(q, keys, queue, args.moco_t)
@@ -636,24 +420,19 @@ def sam_moco_step(model, net, optimizer, x_q, keys, queue, args, weights=None):
 
 
 def train_step(run, x_q, x_k, g, weights, args):
-    """One update: momentum update and shuffled keys (MoCo Eq. (2), §3.3), then sgd: the InfoNCE step of Eq. (1);
-    sam / rwsam: sam_moco_step (weights: rwSAM's w_i of the batch). Enqueues the keys; returns (mean loss at w,
-    logits) without gradient."""
+    """One update: momentum update and shuffled keys (MoCo Eq. (2), §3.3), then the InfoNCE step of Eq. (1) (sgd) or
+    sam_moco_step (weights: rwSAM's w_i); enqueues the keys. Returns (mean loss at w, logits), no gradient."""
     device, rank, world, b = run.device, run.rank, run.world, args.batch_size // run.world
-    if args.opt != "sgd":
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp), torch.no_grad():
+    with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+        q = split_forward(run.model, x_q, args.bn_splits) if args.opt == "sgd" else None
+        with torch.no_grad():
             momentum_update(run.key, run.net, args.moco_m)
             perm = shuffle_order(len(x_k) * world, g, device, world)
             keys = shuffled_keys(run.key, x_k, perm, args.bn_splits, rank, world)
+    if args.opt != "sgd":
         loss, logits, _ = sam_moco_step(run.model, run.net, run.optimizer, x_q, keys[rank * b:(rank + 1) * b],
                                         run.queue, args, weights)
     else:
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-            q = split_forward(run.model, x_q, args.bn_splits)
-            with torch.no_grad():
-                momentum_update(run.key, run.net, args.moco_m)
-                perm = shuffle_order(len(x_k) * world, g, device, world)
-                keys = shuffled_keys(run.key, x_k, perm, args.bn_splits, rank, world)
         loss, logits = info_nce(q, keys[rank * b:(rank + 1) * b], run.queue, args.moco_t)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -705,19 +484,17 @@ def lr_at(epoch, args):
 def check_queue(K, B, n):
     """Fail unless the queue holds a whole number of global batches and fewer keys than there are images."""
     if B > n:
-        fail(f"--batch-size {B} is larger than the {n} training images; lower it")
+        R.fail(f"--batch-size {B} is larger than the {n} training images; lower it")
     valid = [B * m for m in range(1, (n - 1) // B + 1)]
     if K <= 0 or K % B or K >= n:
         shown = ", ".join(map(str, valid[:4])) + (f", …, {valid[-1]}" if len(valid) > 4 else "")
-        fail(f"--queue {K} must be a multiple of the global batch {B} and smaller than the {n} training images; "
-             + (f"use one of {shown}" if valid else "lower --batch-size"))
+        R.fail(f"--queue {K} must be a multiple of the global batch {B} and smaller than the {n} training images; "
+               + (f"use one of {shown}" if valid else "lower --batch-size"))
 
 
 def default_queue(args, n):
-    """ImageNet-LT / iNat: the authors' 65,536 wherever it is smaller than the training set (full
-    ImageNet-LT, 115,846 images, and its 0.75 variant); CIFAR-size data: 4096 unless the set holds fewer
-    than 2 × 4096 images. Otherwise the largest multiple of the global batch ≤ n/2 (paper 2's smaller
-    ImageNet variants, SVHN-LT: 1024)."""
+    """The authors' 65,536 (ImageNet-LT / iNat) where the set is larger, 4096 (CIFAR-size) where it holds 2 × 4096
+    images; else the largest multiple of the global batch ≤ n/2 (paper 2's smaller ImageNet variants, SVHN-LT)."""
     fit = args.batch_size * ((n // 2) // args.batch_size)
     if args.dataset in LARGE:
         return 65536 if n > 65536 else fit or args.batch_size
@@ -726,27 +503,9 @@ def default_queue(args, n):
 
 # ----- data ---------------------------------------------------------------------------------------
 
-# === shared: training_subset (identical in ldam_drw.py, moco_ssp.py and simsiam_rwsam.py) ===
-def training_subset(train_y, args):
-    """Dataset indices of the training images and of the --val-frac images left out of them: paper 2
-    §2.2 / App. A.1, the same datasets_lt calls in the same order in every script that draws these subsets,
-    so one --data-seed gives the same images in all of them. The exp or step long-tailed subset, downsampled per class by
-    --subsample; --balanced replaces it by a class-balanced subset of the same size."""
-    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
-                             D.CLASS_ORDER.get(args.dataset))
-    if args.subsample < 1:
-        idx = D.downsample(idx, train_y, args.subsample, args.data_seed)
-    if args.balanced:
-        idx = D.balanced_subset(train_y, len(idx), args.data_seed)
-    return D.carve_val(idx, train_y, args.val_frac, args.data_seed)
-# === end shared: training_subset ===
-
-
 class ShardedViews:
-    """Two GPU-augmented views of each global batch of a GPULoader (seeded by (seed, epoch)); process r of
-    W keeps rows r·b … (r+1)·b − 1. Every process draws the same global batch, so the processes read
-    disjoint shards of one permutation (DistributedSampler's contract) and together see exactly the
-    images and views that one process with the same global batch sees."""
+    """Two GPU-augmented views of each global batch of a GPULoader, rows r·b … (r+1)·b − 1 for process r: disjoint
+    shards of one (seed, epoch) permutation, together the images and views of one process with that batch."""
 
     def __init__(self, loader, rank, world):
         self.loader, self.rank, self.world = loader, rank, world
@@ -756,112 +515,35 @@ class ShardedViews:
 
     def epoch(self, epoch):
         for views, y, idx in self.loader.epoch(epoch):
-            b = len(y) // self.world
-            sl = slice(self.rank * b, (self.rank + 1) * b)
+            sl = slice(self.rank * (len(y) // self.world), (self.rank + 1) * (len(y) // self.world))
             yield [v[sl] for v in views], y[sl], idx[sl]
-
-
-def stream_seed(*key):
-    """A seed for one random stream (e.g. the shuffles of one epoch), independent of the data loader's."""
-    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
-
-
-class TwoViews:
-    """MoCo v2's ImageNet augmentation (REFERENCE §5, the authors' main_moco.py --aug-plus), twice."""
-
-    def __init__(self, size):
-        self.t = v2.Compose([
-            v2.RandomResizedCrop(size, scale=(0.2, 1.0)),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-            v2.RandomApply([v2.GaussianBlur(kernel_size=int(0.1 * size) // 2 * 2 + 1, sigma=(0.1, 2.0))], p=0.5),
-            v2.RandomHorizontalFlip(),
-            v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(D.IMAGENET_MEAN, D.IMAGENET_STD)])
-
-    def __call__(self, img):
-        return [self.t(img), self.t(img)]
-
-
-class Positions(torch.utils.data.Dataset):
-    """(item…, position) of the listed images `indices` of a dataset: rwSAM's weights are per position."""
-
-    def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, [int(i) for i in indices]
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return (*self.dataset[self.indices[i]], i)
-
-
-class ListViews:
-    """Two views of listed images per step, this process's share, with DistributedSampler (one permutation
-    seeded by (seed, epoch) on every process, each keeps every W-th index; set_epoch each epoch). Worker
-    seeds (and, without workers, this process's RNG) come from (seed, epoch, rank), so a resumed run draws
-    the same augmentations with the same --workers."""
-
-    def __init__(self, dataset, indices, batch_size, seed, workers, device, rank, world):
-        self.subset = Positions(dataset, indices)
-        self.sampler = torch.utils.data.DistributedSampler(self.subset, num_replicas=world, rank=rank, shuffle=True,
-                                                           seed=seed, drop_last=True)
-        self.batch_size, self.seed, self.workers, self.device, self.rank = batch_size, seed, workers, device, rank
-
-    def __len__(self):
-        return len(self.sampler) // self.batch_size
-
-    def epoch(self, epoch):
-        self.sampler.set_epoch(epoch)
-        s = stream_seed(self.seed, epoch, 2, self.rank)
-        torch.manual_seed(s)
-        loader = torch.utils.data.DataLoader(self.subset, self.batch_size, sampler=self.sampler, drop_last=True,
-                                             num_workers=self.workers, pin_memory=self.device.type == "cuda",
-                                             generator=torch.Generator().manual_seed(s))
-        try:
-            for views, y, pos in loader:
-                yield [v.to(self.device, non_blocking=True) for v in views], y.to(self.device, non_blocking=True), pos
-        except D.DataError as e:                   # an unreadable image mid-epoch: stop before saving anything
-            fail(str(e))
-
-
-def list_plain_batches(args, idx, device):
-    """The training images of a file list in training order, test transform (rwSAM's KDE features)."""
-    plain = Positions(D.FileListDataset(args.data_root, args.train_list, train=False), idx)
-    loader = torch.utils.data.DataLoader(plain, 256, num_workers=args.workers, pin_memory=device.type == "cuda")
-    try:
-        for x, y, pos in loader:
-            yield x.to(device, non_blocking=True), y, pos
-    except D.DataError as e:                       # an unreadable image: stop before saving anything
-        fail(str(e))
 
 
 def build_list_data(args, device, rank, world):
     """ImageNet-LT / iNat: the list is the variant (python datasets_lt.py --train-list writes paper 2's);
     --val-frac carves a validation split from it. Two views per image in DataLoader workers; no kNN sets."""
     if not args.train_list:
-        fail(f"--dataset {args.dataset} needs --train-list ('relative/path label' file)")
+        R.fail(f"--dataset {args.dataset} needs --train-list ('relative/path label' file)")
     if args.balanced:
-        fail(f"--balanced draws a CIFAR-size subset; for {args.dataset} pass the balanced list as --train-list "
-             f"(python datasets_lt.py --train-list ... writes paper 2's ImageNet variants)")
-    ds = D.FileListDataset(args.data_root, args.train_list, train=True, transform=TwoViews(224))
+        R.fail(f"--balanced draws a CIFAR-size subset; for {args.dataset} pass the balanced list as --train-list "
+               f"(python datasets_lt.py --train-list ... writes paper 2's ImageNet variants)")
+    ds = D.FileListDataset(args.data_root, args.train_list, train=True, transform=D.TwoViews(224))
     idx, val_idx = D.carve_val(np.arange(len(ds)), ds.labels, args.val_frac, args.data_seed)
-    C = ds.num_classes
-    data = argparse.Namespace(C=C, idx=idx, val_idx=val_idx, counts=np.bincount(ds.labels[idx], minlength=C).tolist(),
-                              bank=None, val=None, test=None)
-    data.train = ListViews(ds, idx, args.batch_size // world, args.seed, args.workers, device, rank, world)
+    data = argparse.Namespace(C=ds.num_classes, idx=idx, val_idx=val_idx, bank=None, val=None, test=None,
+                              counts=np.bincount(ds.labels[idx], minlength=ds.num_classes).tolist())
+    data.train = D.ListViews(ds, idx, args.batch_size // world, args.seed, args.workers, device, rank, world)
     return data
 
 
 def build_data(args, device, rank, world):
-    """Everything the run reads: training views (this process's share), the kNN bank (the training images in
-    order), validation and test batches, class counts, number of classes C, the training indices and their
-    validation split."""
+    """Training views (this process's share), the kNN bank (the training images in order), validation and test
+    batches, class counts, number of classes C, the training indices and their validation split."""
     if args.dataset in LARGE:
         return build_list_data(args, device, rank, world)
     train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
     test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
     C = len(names)
-    idx, val_idx = training_subset(train_y, args)
+    idx, val_idx = D.training_subset(train_y, args)
     mean, std = D.mean_std(args.dataset, train_x)
     data = argparse.Namespace(C=C, idx=idx, val_idx=val_idx, counts=np.bincount(train_y[idx], minlength=C).tolist())
     loader = D.GPULoader(train_x[idx], train_y[idx], args.batch_size, mean, std, device, augment="ssl", views=2,
@@ -873,25 +555,21 @@ def build_data(args, device, rank, world):
     return data
 
 
-# ----- one epoch ----------------------------------------------------------------------------------
+# ----- one epoch, the stages (paper 2 Algorithm 1) ------------------------------------------------
 
 def train_one_epoch(run, data, epoch, args):
-    """One epoch of MoCo v2 steps (train_step: sgd, or SAM / rwSAM through sam_moco_step). Returns (row: epoch,
-    lr, mean loss and % of queries whose positive ranks first, over all processes; the first step whose loss
-    was not finite, -1 if none; steps)."""
+    """One epoch of train_step, all processes: (row: lr, loss, % positive first; first non-finite step or -1; steps)."""
     lr = lr_at(epoch, args)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     run.net.train()
     run.key.train()
     device, rank, world = run.device, run.rank, run.world
-    g = torch.Generator(device=device)
-    g.manual_seed(stream_seed(args.seed, epoch, 1))
+    g = torch.Generator(device=device).manual_seed(D.stream_seed(args.seed, epoch, 1))
     sums = torch.zeros(2, device=device)              # loss sum, queries whose positive ranks first
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     steps = seen = 0
-    batches = ((views, pos) for views, _, pos in data.train.epoch(epoch))
-    for step, ((x1, x2), pos) in enumerate(batches):
+    for step, ((x1, x2), _, pos) in enumerate(data.train.epoch(epoch)):
         steps += 1
         w = run.weights[pos.to(device)] if run.weights is not None else None
         loss, logits = train_step(run, x1, x2, g, w, args)
@@ -902,44 +580,6 @@ def train_one_epoch(run, data, epoch, args):
         dist.all_reduce(sums)
     loss_sum, pos = sums.tolist()
     return {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / seen, "pos_top1": 100 * pos / seen}, first_bad, steps
-
-
-def monitor(args, run, data, epoch):
-    """The kNN monitor (rank 0, CIFAR-size data) every --knn-every epochs and at the last: knn_eval of the query
-    backbone on the test set and on the --val-frac split. Returns (test, validation), None when off."""
-    if not (args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs)):
-        return None, None
-    knn_m = knn_eval(run.net.backbone, data.bank.epoch(0), data.test.epoch(0), data.C, data.counts, args)
-    val_m = knn_eval(run.net.backbone, data.bank.epoch(0), data.val.epoch(0), data.C, data.counts, args) \
-        if data.val else None
-    return knn_m, val_m
-
-
-# === shared: evaluate (identical in every script) ===
-@torch.no_grad()
-def evaluate(model, batches, num_classes, train_counts):
-    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
-
-    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
-    index, i.e. to the head classes."""
-    model.eval()
-    correct = torch.zeros(num_classes, dtype=torch.long)
-    total = torch.zeros(num_classes, dtype=torch.long)
-    for x, y, _ in batches:
-        pred = model(x).argmax(1)
-        y = y.to(pred.device)
-        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
-        total += torch.bincount(y, minlength=num_classes).cpu()
-    per_class = (correct.double() / total.clamp(min=1)).tolist()
-    seen = total > 0
-    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
-              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
-              "per_class": [round(100 * a, 2) for a in per_class]}
-    for group, mask in D.shot_groups(train_counts).items():
-        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
-        result[group] = 100 * float(np.mean(accs)) if accs else None
-    return result
-# === end shared: evaluate ===
 
 
 class KNN(nn.Module):
@@ -953,106 +593,92 @@ class KNN(nn.Module):
 
     def forward(self, x):
         f = F.normalize(self.backbone(x).float(), dim=1)
-        # float32 even inside an autocast region: bf16 resolves a cosine near 1 only to 2^-8, which ties
-        # and reorders the k nearest bank images
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):    # float32: bf16 resolves cosines near 1 to 2^-8 only
             sim, idx = (f @ self.bank.t()).topk(self.k, dim=1)
         scores = torch.zeros(len(x), self.num_classes, device=x.device)
         return scores.scatter_add_(1, self.bank_labels[idx], (sim / self.t).exp())
 
 
 @torch.no_grad()
-def knn_eval(backbone, bank_batches, batches, num_classes, counts, args):
-    backbone.eval()
-    feats, labels = [], []
-    for x, y, _ in bank_batches:                  # float32, as the queries in evaluate()
-        feats.append(F.normalize(backbone(x).float(), dim=1))
-        labels.append(y)
-    knn = KNN(backbone, torch.cat(feats), torch.cat(labels), num_classes, args.knn_k, args.knn_t)
-    return evaluate(knn, batches, num_classes, counts)
+def monitor(args, run, data, epoch):
+    """The kNN monitor (rank 0) at --knn-every's epochs: (test, validation) KNN of the query backbone, None when off."""
+    if not (args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs)):
+        return None, None
+    backbone = run.net.backbone.eval()
+    bank = [(F.normalize(backbone(x).float(), dim=1), y) for x, y, _ in data.bank.epoch(0)]  # float32, as queries
+    feats, labels = map(torch.cat, zip(*bank))
+    knn = KNN(backbone, feats, labels, data.C, args.knn_k, args.knn_t)
+    score = lambda split: D.evaluate(knn, split.epoch(0), data.C, data.counts) if split else None
+    return score(data.test), score(data.val)
+
+
+@torch.no_grad()
+def stage1(args, data, device, rank):
+    """Algorithm 1 lines 3–7 ran before (--stage1: a plain moco_ssp.py run on these images, checked on every process);
+    line 8 on rank 0 (None elsewhere): kde_weights of its backbone's normalised features (eval, in training order)."""
+    ckpt = R.load_checkpoint(args.stage1)
+    if ckpt.get("script") != "moco_ssp.py" or ckpt.get("class_counts") != data.counts:
+        R.fail(f"--stage1 '{args.stage1}' is not a moco_ssp.py run on these training images (its class counts "
+               f"{ckpt.get('class_counts')} differ from {data.counts}); pass the plain MoCo run of the same data")
+    if rank != 0:
+        return None
+    backbone, _ = build_backbone(args.arch)
+    R.load_backbone(backbone, args.arch, args.stage1)
+    backbone.to(device).eval()
+    batches = data.bank.epoch(0) if data.bank is not None else D.list_plain_batches(args, data.idx, device)
+    feats = torch.cat([F.normalize(backbone(x).float(), dim=1) for x, _, _ in batches])
+    try:
+        w, density, h = kde_weights(feats, args.alpha, args.bandwidth, args.seed)
+    except ValueError as e:                                # too few images or a collapsed representation
+        R.fail(str(e))
+    kde = {"weights": w.cpu(), "density": density.cpu(), "bandwidth": h, "alpha": args.alpha, "source": args.stage1,
+           "indices": torch.as_tensor(data.idx)}
+    print(f"KDE weights from {args.stage1}: h = {h:.4f}, α = {args.alpha:g}, weights "
+          f"{w.min().item():.3f}–{w.max().item():.3f} (mean 1)")
+    return kde
+
+
+def stage2(args, run, kde, n):
+    """Algorithm 1 lines 9–14, this run: SAM steps (--opt rwsam) along the loss weighted by rank 0's line 8."""
+    run.kde = kde
+    if args.opt == "rwsam":
+        run.weights = kde["weights"].to(run.device) if kde is not None else torch.empty(n, device=run.device)
+        if run.world > 1:
+            dist.broadcast(run.weights, 0)
 
 
 # ----- main ---------------------------------------------------------------------------------------
 
-def dist_env():
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def setup_device(args, local_rank, world):
-    if args.gpu >= 0 and not torch.cuda.is_available():
-        print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
-        args.gpu = -1
-    index = local_rank if world > 1 else args.gpu
-    device = torch.device(f"cuda:{index}" if args.gpu >= 0 else "cpu")
-    if args.amp and device.type != "cuda":
-        print("warning: --amp needs CUDA; ignored on the CPU", file=sys.stderr)
-        args.amp = False
-    if device.type == "cuda":
-        if index >= torch.cuda.device_count():
-            fail(f"--gpu {index}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-    return device
-
-
 def resume_run(args, rank, world):
-    """--resume PATH: the run's own arguments back (resume_args), then the run's checks (check_run) and no new
-    run over an occupied --out. Returns (args, checkpoint or None)."""
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        if ckpt.get("script") != "moco_ssp.py":
-            fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not moco_ssp.py; "
-                 f"start a new pre-training run with another --out")
-        ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), "balanced": False, "subsample": 1.0,
-                        "same_epochs": False, "opt": "sgd", **ckpt["args"]}
-        args = resume_args(args, ckpt, RESUME_FLAGS)
+    """--resume: the saved run's arguments (as many processes as now), then check_run; no new run over a run."""
+    old_defaults = {"balanced": False, "subsample": 1.0, "same_epochs": False, "opt": "sgd"}   # runs saved before
+    args, ckpt = R.resume_run(args, "moco_ssp.py", RESUME_FLAGS, old_defaults,
+                              "; start a new pre-training run with another --out", say=False)
+    if ckpt is not None:
         if args.world_size != world:
-            fail(f"'{args.resume}' was trained by {args.world_size} process(es) but this is {world}; resume it with "
-                 f"the same number (torchrun --nproc_per_node {args.world_size}, or no torchrun for 1)")
+            R.fail(f"'{args.resume}' was trained by {args.world_size} process(es) but this is {world}; resume it "
+                   f"with the same number (torchrun --nproc_per_node {args.world_size}, or no torchrun for 1)")
         if rank == 0:
             print(f"resuming {args.out} after epoch {ckpt['epoch']} with the arguments it was started with")
-    else:
-        args.world_size = world
-        if args.bn_splits is None:
-            args.bn_splits = 8 if world == 1 else 1
-    try:
-        check_run(args, world)
-    except D.DataError as e:
-        fail(str(e))
-    if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
-        fail(f"{args.out} already holds a run: continue it with --resume {args.out}/last.pt, "
-             f"or pass another --out")
+    else:                                                  # --bn-splits: None or at least 1
+        args.world_size, args.bn_splits = world, args.bn_splits or (8 if world == 1 else 1)
+    check_run(args, world)
+    R.refuse_occupied(args.out, args.resume)
     return args, ckpt
 
 
 def open_run(args, ckpt, run, data, start):
-    """Rank 0: the run's folder with args.json, the source and the training indices (a new run), metrics.jsonl
-    cut back to the checkpoint (a resumed run), then the lines printed above the epoch table."""
+    """The run folder (rank 0) with the training indices; then the lines printed above the epoch table."""
+    if R.open_run(args, ckpt, run.device, __file__, start, rank=run.rank):
+        D.save_indices(os.path.join(args.out, "train_indices.json"), data.idx, data.val_idx)
     if run.rank != 0:
         return
-    metrics = os.path.join(args.out, "metrics.jsonl")
-    os.makedirs(args.out, exist_ok=True)
-    if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
-        meta = {**vars(args), "world_size": run.world, "torch": torch.__version__, "cuda": torch.version.cuda,
-                "device": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"}
-        write_json(os.path.join(args.out, "args.json"), meta)
-        copy_source(__file__, args.out)
-        D.save_indices(os.path.join(args.out, "train_indices.json"), data.idx, data.val_idx)
-    # a resumed run drops the epochs logged after its checkpoint
-    write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
     n, counts, b = len(data.idx), data.counts, args.batch_size // run.world
     print(f"{args.dataset} rho={args.rho:g} ({args.imb_type}{', balanced' if args.balanced else ''}"
           f"{f', subsample {args.subsample:g}' if args.subsample < 1 else ''}): {n} training images "
-          f"{counts[:3]}…{counts[-1]}, labels "
-          f"unused (kNN monitor only); MoCo v2 {args.arch}, batch {args.batch_size} = {run.world} process(es) × {b} "
-          f"in {args.bn_splits} BN split(s), queue {args.queue}, m={args.moco_m:g}, τ={args.moco_t:g}, lr "
-          f"{args.lr:g}, {args.epochs} epochs on {run.device}"
+          f"{counts[:3]}…{counts[-1]}, labels unused (kNN monitor only); MoCo v2 {args.arch}, batch "
+          f"{args.batch_size} = {run.world} process(es) × {b} in {args.bn_splits} BN split(s), queue {args.queue}, "
+          f"m={args.moco_m:g}, τ={args.moco_t:g}, lr {args.lr:g}, {args.epochs} epochs on {run.device}"
           + (f", {'rwSAM' if args.opt == 'rwsam' else 'SAM'} ρ={args.sam_rho:g}{' adaptive' if args.adaptive else ''}"
              if args.opt != "sgd" else ""))
     if args.subsample < 1:
@@ -1062,123 +688,61 @@ def open_run(args, ckpt, run, data, start):
                f"--same-epochs keeps {args.epochs_full}"))
     print("pos: % of queries whose positive key beats all queue keys; knn / many / med / few / val: weighted kNN "
           "top-1 on backbone features")
-    print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'pos':>6} {'knn':>6} {'many':>6} {'med':>6} {'few':>6} {'val':>6} "
-          f"{'s':>6}")
+    print(R.table_header("pos", "knn", "many", "med", "few", "val"))
 
 
-def stage1(args, data):
-    """Algorithm 1 lines 3–7, trained beforehand: --stage1 PATH, a plain moco_ssp.py run on the same images
-    (checked on every process); its backbone gives stage1_weights its features."""
-    ckpt = load_checkpoint(args.stage1)
-    if ckpt.get("script") != "moco_ssp.py" or ckpt.get("class_counts") != data.counts:
-        fail(f"--stage1 '{args.stage1}' is not a moco_ssp.py run on these training images (its class counts "
-             f"{ckpt.get('class_counts')} differ from {data.counts}); pass the plain MoCo run of the same data")
-
-
-@torch.no_grad()
-def stage1_weights(args, data, device, rank):
-    """Algorithm 1 line 8 on rank 0 (None elsewhere): L2-normalised backbone features of the training images
-    (test transform, eval mode, in training order) from --stage1's backbone, then kde_weights. Labels unused."""
-    if rank != 0:
-        return None
-    backbone, _ = build_backbone(args.arch)
-    load_backbone(backbone, args.arch, args.stage1)
-    backbone.to(device).eval()
-    batches = data.bank.epoch(0) if data.bank is not None else list_plain_batches(args, data.idx, device)
-    feats = torch.cat([F.normalize(backbone(x).float(), dim=1) for x, _, _ in batches])
-    try:
-        w, density, h = kde_weights(feats, args.alpha, args.bandwidth, args.seed)
-    except ValueError as e:                                # too few images or a collapsed representation
-        fail(str(e))
-    kde = {"weights": w.cpu(), "density": density.cpu(), "bandwidth": h, "alpha": args.alpha, "source": args.stage1,
-           "indices": torch.as_tensor(data.idx)}
-    print(f"KDE weights from {args.stage1}: h = {h:.4f}, α = {args.alpha:g}, weights "
-          f"{w.min().item():.3f}–{w.max().item():.3f} (mean 1)")
-    return kde
-
-
-def stage2(args, run, kde, n):
-    """Algorithm 1 lines 9–14 are this run: a fresh model whose SAM steps (--opt rwsam) perturb along the loss
-    reweighted by line 8's weights, rank 0's copy on every process."""
-    run.kde = kde
-    if args.opt == "rwsam":
-        run.weights = kde["weights"].to(run.device) if kde is not None else torch.empty(n, device=run.device)
-        if run.world > 1:
-            dist.broadcast(run.weights, 0)
-
-
-def end_epoch(args, run, data, epoch, row, first_bad, steps, t0):
-    """The divergence guard (every process), then on rank 0 the monitor, the metrics row, the printed row and
-    last.pt."""
-    bad_tensor = nonfinite_tensor(run.net) or nonfinite_tensor(run.key)
-    bad = torch.stack([first_bad, torch.tensor(int(bad_tensor is not None), device=run.device)])
-    if run.world > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bad[0].item() >= 0 or bad[1].item() > 0:
-        where = (f"loss is not finite at epoch {epoch + 1}, step {bad[0].item() + 1}" if bad[0].item() >= 0 else
-                 f"'{bad_tensor or 'a tensor of another process'}' is not finite after epoch {epoch + 1}, "
-                 f"step {steps}")
-        if run.rank == 0:
-            stop_diverged(where, args.out, epoch)
-        sys.exit(1)
+def end_epoch(args, run, data, epoch, row, t0):
+    """Rank 0: the kNN monitor, then the metrics row, the printed line and last.pt."""
     if run.rank != 0:
         return
     knn_m, val_m = monitor(args, run, data, epoch)
     row.update({"knn_test": knn_m, "knn_val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0})
-    append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
     m = knn_m or {}
-    print(f"{epoch + 1:5d} {row['lr']:8.5f} {row['loss']:8.4f} {fmt(row['pos_top1'])} {fmt(m.get('top1'))} "
-          f"{fmt(m.get('many'))} {fmt(m.get('medium'))} {fmt(m.get('few'))} {fmt(row['knn_val_top1'])} "
-          f"{row['seconds']:6.2f}", flush=True)
-    save_state(args, run, data, "last.pt", epoch + 1)
-
-
-def save_state(args, run, data, name, epoch):
+    line = R.table_row(epoch + 1, row["lr"], row["loss"], [row["pos_top1"], m.get("top1"), m.get("many"),
+                       m.get("medium"), m.get("few"), row["knn_val_top1"]], row["seconds"])
     state = {"script": "moco_ssp.py", "arch": args.arch, "model": contract_state(run.net),
-             "key_model": contract_state(run.key), "queue": run.queue, "queue_ptr": run.ptr, "epoch": epoch,
+             "key_model": contract_state(run.key), "queue": run.queue, "queue_ptr": run.ptr, "epoch": epoch + 1,
              "optimizer": run.optimizer.state_dict(), "args": vars(args), "class_counts": data.counts,
              "rng": {"torch": torch.get_rng_state()}, "mean": getattr(data.test, "mean", D.IMAGENET_MEAN),
              "std": getattr(data.test, "std", D.IMAGENET_STD), "kde_weights": run.kde}
-    save_atomic(state, os.path.join(args.out, name))
+    R.end_epoch(args.out, row, line, state)
 
 
 def finish_run(args, run, data, t_run):
     """Rank 0: final.json (the last epoch's numbers and the run's recipe) and the last printed line."""
     if run.rank != 0:
         return
-    rows = read_metrics(os.path.join(args.out, "metrics.jsonl")) or \
-        [dict.fromkeys(("loss", "pos_top1", "knn_test", "knn_val_top1"), None) | {"seconds": float("nan")}]
+    last = (R.read_metrics(os.path.join(args.out, "metrics.jsonl")) or [{}])[-1]
     ckpt_path = os.path.join(args.out, "last.pt")
-    final = {"script": "moco_ssp.py", "arch": args.arch, "dataset": args.dataset, "rho": args.rho,
-             "imb_type": args.imb_type, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs,
-             "batch_size": args.batch_size, "processes": run.world, "bn_splits": args.bn_splits, "queue": args.queue,
-             "class_counts": data.counts, "n_train": len(data.idx), "balanced": args.balanced,
-             "subsample": args.subsample, "opt": args.opt, "sam_rho": args.sam_rho if args.opt != "sgd" else None,
-             "adaptive": args.adaptive, "alpha": args.alpha if args.opt == "rwsam" else None, "stage1": args.stage1,
-             "final_loss": rows[-1]["loss"], "final_pos_top1": rows[-1]["pos_top1"],
-             "knn_test": rows[-1]["knn_test"], "knn_val_top1": rows[-1]["knn_val_top1"], "checkpoint": ckpt_path,
-             "next": [f"python crt.py --ckpt {ckpt_path}", f"python eval_linear.py --ckpt {ckpt_path}"],
-             "seconds_per_epoch": float(np.median([r["seconds"] for r in rows])),
-             "wall_seconds": time.time() - t_run}
-    write_json(os.path.join(args.out, "final.json"), final)
-    knn = rows[-1]["knn_test"]
+    final = R.finish_run(args.out, {
+        "script": "moco_ssp.py", "arch": args.arch, "dataset": args.dataset, "rho": args.rho,
+        "imb_type": args.imb_type, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs,
+        "batch_size": args.batch_size, "processes": run.world, "bn_splits": args.bn_splits, "queue": args.queue,
+        "class_counts": data.counts, "n_train": len(data.idx), "balanced": args.balanced,
+        "subsample": args.subsample, "opt": args.opt, "sam_rho": args.sam_rho if args.opt != "sgd" else None,
+        "adaptive": args.adaptive, "alpha": args.alpha if args.opt == "rwsam" else None, "stage1": args.stage1,
+        "final_loss": last.get("loss"), "final_pos_top1": last.get("pos_top1"), "knn_test": last.get("knn_test"),
+        "knn_val_top1": last.get("knn_val_top1"), "checkpoint": ckpt_path,
+        "next": [f"python crt.py --ckpt {ckpt_path}", f"python eval_linear.py --ckpt {ckpt_path}"]}, t_run)
+    knn = last.get("knn_test")
     print(f"done: {ckpt_path} (loss {final['final_loss']:.4f}"
           + (f", kNN test top-1 {knn['top1']:.2f}%" if knn else "") + f"); next: {final['next'][0]}")
 
 
 def main(argv=None):
-    rank, world, local_rank = dist_env()
-    args, ckpt = resume_run(parse_args(argv), rank, world)
-    device = setup_device(args, local_rank, world)
-    torch.manual_seed(args.seed)
+    rank, world = R.process_group()
     try:
+        args, ckpt = resume_run(parse_args(argv), rank, world)
+        device = R.setup_device(args, world)
+        if world > 1:
+            R.init_process_group(device)
+        torch.manual_seed(args.seed)
         data = build_data(args, device, rank, world)
     except D.DataError as e:
-        fail(str(e))
+        R.fail(str(e))
     kde = ckpt.get("kde_weights") if ckpt is not None else None
     if args.opt == "rwsam" and kde is None:                # Algorithm 1 lines 3–7 (--stage1), then line 8
-        stage1(args, data)
-        kde = stage1_weights(args, data, device, rank)
+        kde = stage1(args, data, device, rank)
     run, start = build_model(args, ckpt, len(data.idx), device, rank, world)
     stage2(args, run, kde, len(data.idx))
     open_run(args, ckpt, run, data, start)
@@ -1186,11 +750,10 @@ def main(argv=None):
     for epoch in range(start, args.epochs):
         t0 = time.time()
         row, first_bad, steps = train_one_epoch(run, data, epoch, args)
-        end_epoch(args, run, data, epoch, row, first_bad, steps, t0)
+        R.stop_if_diverged(args.out, [run.net, run.key], epoch, first_bad, steps, rank, world)
+        end_epoch(args, run, data, epoch, row, t0)
     finish_run(args, run, data, t_run)
-    if world > 1:
-        dist.barrier()                                     # leaving while another process still works hangs gloo
-        dist.destroy_process_group()
+    R.leave_process_group(world)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torchvision
 
 import crt
+import datasets_lt as D
 import ldam_drw as L
 import moco_ssp as M
 import run_lt
@@ -231,7 +232,7 @@ def test_queue_holds_the_last_keys_before_the_pointer(single, tiny):
     args = M.parse_args(run_args(tiny, single, "--bn-splits", 2))
     train = M.build_data(args, CPU, 0, 1).train
     *_, (views, _, _) = train.epoch(1)
-    g = torch.Generator().manual_seed(M.stream_seed(args.seed, 1, 1))
+    g = torch.Generator().manual_seed(D.stream_seed(args.seed, 1, 1))
     for _ in range(len(train)):
         perm = M.shuffle_order(16, g, CPU, 1)
     key = M.split_batchnorm(M.Encoder("resnet10", 128), 2)
@@ -288,14 +289,14 @@ class Crash(Exception):
 def test_resume_after_a_crash_is_the_same_run(tmp_path, tiny, single, monkeypatch):
     """The worst moment to die: epoch 2 is logged but its checkpoint not yet written. Resuming through
     the command line must drop that line and redo epoch 2 from epoch 1's queue, pointer and encoders."""
-    save = M.save_atomic
+    save = run_lt.save_atomic
 
     def save_until_epoch_2(state, path):
         if state["epoch"] == 2:
             raise Crash
         save(state, path)
 
-    monkeypatch.setattr(M, "save_atomic", save_until_epoch_2)
+    monkeypatch.setattr(run_lt, "save_atomic", save_until_epoch_2)
     with pytest.raises(Crash):
         M.main(run_args(tiny, tmp_path, "--bn-splits", 2))
     monkeypatch.undo()
@@ -310,7 +311,7 @@ def test_resume_after_a_crash_is_the_same_run(tmp_path, tiny, single, monkeypatc
 
 def test_checkpoint_loads_into_ldam_drw(single, capsys):
     model = L.build_model("resnet10", 3, cosine=True)
-    L.load_backbone(model, "resnet10", single / "last.pt")
+    run_lt.load_backbone(model, "resnet10", single / "last.pt")
     out = capsys.readouterr().out
     src = load(single / "last.pt")["model"]
     own = model.state_dict()
@@ -341,7 +342,7 @@ def test_imagenet_lt_file_lists(tmp_path):
     ck = load(tmp_path / "run" / "last.pt")
     assert ck["queue_ptr"] == (12 // 4 * 4) % 8 and ck["class_counts"] == [4, 4, 4]
     model = L.build_model("resnet10", 3, cosine=False)
-    L.load_backbone(model, "resnet10", tmp_path / "run" / "last.pt")
+    run_lt.load_backbone(model, "resnet10", tmp_path / "run" / "last.pt")
     assert torch.equal(model.state_dict()["layer4.0.conv2.weight"], ck["model"]["layer4.0.conv2.weight"])
     M.main(["--dataset", "imagenet_lt", "--data-root", str(tmp_path), "--train-list", str(lst), "--rho", "1",
             "--gpu", "-1", "--arch", "resnet10", "--batch-size", "4", "--queue", "8", "--epochs", "1",
@@ -355,10 +356,10 @@ def test_imagenet_lt_file_lists(tmp_path):
 def test_list_views_shard_one_permutation(tmp_path):
     """Two processes' shares of an epoch are disjoint and together are one process's epoch."""
     lst = write_file_list(tmp_path, num_classes=3, per_class=4)
-    ds = M.D.FileListDataset(str(tmp_path), str(lst), train=False)
+    ds = D.FileListDataset(str(tmp_path), str(lst), train=False)
 
     def order(rank, world, epoch):
-        views = M.ListViews(ds, np.arange(12), 6 // world, 0, 0, CPU, rank, world)
+        views = D.ListViews(ds, np.arange(12), 6 // world, 0, 0, CPU, rank, world)
         views.sampler.set_epoch(epoch)
         return list(views.sampler)
 
