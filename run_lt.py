@@ -252,7 +252,8 @@ def setup_device(args, world=1):
 def open_run(args, ckpt, device, source, start, out=None, extra=None, rank=0):
     """Rank 0: the run folder. A new run writes args.json (with `extra` and the versions) and the script's
     `source` into --out; metrics.jsonl in `out` (default --out, a stage's folder) is cut back to epoch `start`,
-    so a resumed run drops the epochs logged after its checkpoint. True when args.json was written."""
+    so a resumed run drops the epochs logged after its checkpoint (start None: no metrics.jsonl, a script
+    whose stages cut their own with cut_metrics). True when args.json was written."""
     if rank:
         return False
     os.makedirs(args.out, exist_ok=True)
@@ -262,10 +263,16 @@ def open_run(args, ckpt, device, source, start, out=None, extra=None, rank=0):
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         write_json(os.path.join(args.out, "args.json"), meta)
         copy_source(source, args.out)
-    os.makedirs(out or args.out, exist_ok=True)
-    metrics = os.path.join(out or args.out, "metrics.jsonl")
-    write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
+    if start is not None:
+        cut_metrics(out or args.out, start)
     return fresh
+
+
+def cut_metrics(out, start):
+    """`out` with its metrics.jsonl cut back to epoch `start` (a new run: an empty file)."""
+    os.makedirs(out, exist_ok=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
 
 
 def nonfinite_tensor(model):

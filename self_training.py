@@ -3,7 +3,7 @@
 Imbalanced labels are valuable: (a) train a classifier on the long-tailed labeled set D_L (base_model),
 (b) let it pseudo-label an extra unlabeled set D_U (pseudo_label: hard argmax, eval mode, test transform),
 (c) train a fresh model on D_L ∪ D_U with the same recipe (self_train; (a) and (c) both run fit).
-Paper 1 minimises L(D_L) + ω·L(D_U) (§3 → weighted_ce, weighted_focal, weighted_ldam); the authors'
+Paper 1 minimises L(D_L) + ω·L(D_U) (§3 → ce_loss, focal_loss, ldam_loss with c); the authors'
 code merges both into one shuffled set, which is ω = 1.
 README "Self-training with extra unlabeled data" has the pools, relevance, evaluation and the reasons below.
 
@@ -14,11 +14,8 @@ README "Self-training with extra unlabeled data" has the pools, relevance, evalu
     python self_training.py --rho 0.02 --rho-u 0.02 --pool cinic10 --pool-root CINIC --relevance 0.6 \\
         --unlabeled-mult 4                                              # Figs. 2-3: CIFAR-100 as irrelevant data
 
-D_U: --pool cinic10 (CINIC-10's ImageNet-sourced images, its cifar10-* files skipped), --pool rest (the
-dataset's images outside D_L; SVHN: its extra split; NOT the paper's pool for CIFAR-10), or
---unlabeled-root; |D_U| = --unlabeled-mult · |D_L| with profile --rho-u in the task's class order, kept
-when the pool is short (the multiple reached is printed). Relevance: CIFAR-100 images fill the rest.
-SVHN's headline error is 100 − mean per-class accuracy (its test split is imbalanced), top-1 beside it.
+D_U (--pool, --unlabeled-root): --unlabeled-mult · |D_L| images with profile --rho-u in the task's class
+order; --pool rest is NOT the paper's pool for CIFAR-10. SVHN's headline error: 100 − mean per-class accuracy.
 Paper numbers (CIFAR-10-LT ρ=100, top-1 error, 80M TI pool, lossless): CE 29.64 → 17.48 and LDAM-DRW
 22.97 → 14.96 with D_U@5x, ρ_U = 1. CINIC-10's ImageNet images are a different source than 80M TI.
 
@@ -33,10 +30,8 @@ Deliberate differences from the paper and the authors' code:
 8. --base must come from a run on this D_L (same data flags, counts and image digest), else refused.
 """
 import argparse
-import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -47,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import datasets_lt as D
+import run_lt as R
 
 # ----- flags ---------------------------------------------------------------------------------------
 
@@ -106,9 +102,9 @@ def parse_args(argv=None):
     p.add_argument("--gamma", type=float, default=1.0, help="focal loss γ")
     p.add_argument("--max-m", type=float, default=0.5, help="LDAM: largest margin")
     p.add_argument("--s", type=float, default=30.0, help="LDAM: logit scale")
-    p.error = fail
+    p.error = R.fail
     args = p.parse_args(argv)
-    args.cli_flags = given_flags(p, argv)
+    args.cli_flags = R.given_flags(p, argv)
     args.schedule, args.arch = "step", "resnet32"
     if args.out is None:
         args.out = os.path.join("runs", f"self_training-{args.dataset}-{args.rho:g}-{args.seed}")
@@ -118,25 +114,16 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Range of every numeric flag, before anything is read or written."""
-    check_ranges(args, SHARED_RANGES + [("st_batch_size", 1, None, "[)"), ("unlabeled_mult", 0, None, "[)"),
-                                        ("relevance", 0, 1, "[]"), ("omega", 0, None, "[)"), ("threshold", 0, 1, "[]"),
-                                        ("warmup", 0, None, "[)"), ("beta", 0, 1, "[)"), ("gamma", 0, None, "[)"),
-                                        ("max_m", 0, None, "[)"), ("s", 0, None, "()")])
+    R.check_ranges(args, R.SHARED_RANGES + [("st_batch_size", 1, None, "[)"), ("unlabeled_mult", 0, None, "[)"),
+                                            ("relevance", 0, 1, "[]"), ("omega", 0, None, "[)"),
+                                            ("threshold", 0, 1, "[]"), ("warmup", 0, None, "[)"), ("beta", 0, 1, "[)"),
+                                            ("gamma", 0, None, "[)"), ("max_m", 0, None, "[)"), ("s", 0, None, "()")])
     if "warmup" in args.cli_flags and 0 < args.warmup >= args.epochs:
-        fail(f"--warmup {args.warmup} must be shorter than --epochs {args.epochs}")
+        R.fail(f"--warmup {args.warmup} must be shorter than --epochs {args.epochs}")
 
 
 # --resume continues a run with its own arguments; only these (where the run executes) may be given with it
 RESUME_FLAGS = ("gpu", "data_root", "download")
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def fmt(v):
-    return f"{v:6.2f}" if v is not None else f"{'-':>6}"
 
 
 # ----- model ---------------------------------------------------------------------------------------
@@ -202,169 +189,6 @@ class ResNet32(nn.Module):
         return self.fc(self.features(x))
 # === end shared: resnet32 ===
 
-
-# ----- run files -----------------------------------------------------------------------------------
-
-# === shared: check_ranges (identical in every script) ===
-def check_ranges(args, ranges):
-    """Every (flag, low, high, bounds) of `ranges`: the flag's value lies in the interval, bounds "[)" meaning
-    low <= value < high (None: no bound; a flag left at None is skipped). Else one line and exit 2."""
-    for name, low, high, bounds in ranges:
-        v = getattr(args, name, None)
-        if v is None:
-            continue
-        ok = abs(v) <= float(np.finfo(np.float32).max) and (low is None or (v >= low if bounds[0] == "[" else v > low)) \
-            and (high is None or (v <= high if bounds[1] == "]" else v < high))      # NaN, inf, 1e300 fail
-        if not ok:
-            interval = f"{bounds[0]}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{bounds[1]}"
-            fail(f"--{name.replace('_', '-')} must be in {interval}, got {v:g}")
-
-
-SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
-                 ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
-                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
-# === end shared: check_ranges ===
-
-
-# === shared: checkpoints (identical in every script) ===
-HEAD_PREFIXES = ("fc.",)
-
-
-def save_atomic(obj, path):
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path, text):
-    """Temp file + rename, as save_atomic: a killed run never leaves a half-written file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def strict_json(obj, **kw):
-    """JSON without the bare NaN / Infinity tokens Python writes by default: a non-finite float is null."""
-    def clean(v):
-        if isinstance(v, float):
-            return v if np.isfinite(v) else None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-    return json.dumps(clean(obj), allow_nan=False, **kw)
-
-
-def write_json(path, obj):
-    write_text_atomic(path, strict_json(obj, indent=1))
-
-
-def read_metrics(path):
-    """The rows of a metrics.jsonl; none when a moved or copied run lacks the file."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def write_metrics(path, rows):
-    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in rows))
-
-
-def append_metrics(path, row):
-    write_metrics(path, read_metrics(path) + [row])
-
-
-def copy_source(path, out):
-    """The script's own source beside its outputs (temp file + rename)."""
-    tmp = os.path.join(out, os.path.basename(path) + ".tmp")
-    shutil.copy(path, tmp)
-    os.replace(tmp, os.path.join(out, os.path.basename(path)))
-
-
-def given_flags(parser, argv):
-    """Destinations of the flags written on the command line (abbreviations included), so --resume can
-    apply or refuse each of them instead of dropping it."""
-    unset = object()
-    seen = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
-    return sorted(k for k, v in vars(seen).items() if v is not unset and k != "help")
-
-
-def resume_args(args, ckpt, applied):
-    """--resume PATH: continue the run in dirname(PATH) with the arguments it was started with. A flag in
-    `applied` given on this command line replaces the stored value (--gpu and --workers always do: they
-    describe this machine); any other flag given with --resume is refused."""
-    flag = lambda k: "--" + k.replace("_", "-")
-    refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
-    if refused:
-        fail(f"--resume continues a run with its own arguments; drop {' '.join(map(flag, refused))} (with "
-             f"--resume only {', '.join(map(flag, applied))} may be given)")
-    now = {k: getattr(args, k) for k in applied if k in args.cli_flags or k in ("gpu", "workers")}
-    return argparse.Namespace(**{**vars(args), **ckpt["args"], **now, "resume": args.resume,
-                                 "out": os.path.dirname(os.path.abspath(args.resume)), "cli_flags": args.cli_flags})
-
-
-def nonfinite_tensor(model):
-    """Name of the first parameter or buffer holding NaN / inf (a BatchNorm running_var, say), or None."""
-    named = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
-    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist() if named else []
-    return next((k for (k, _), ok in zip(named, finite) if not ok), None)
-
-
-def stop_diverged(what, out, epoch):
-    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint,
-    exit 1."""
-    last = os.path.join(out, "last.pt")
-    kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
-    print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
-    sys.exit(1)
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        fail(f"checkpoint '{path}' does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:                                 # empty, truncated, another format, ...
-        why = (str(e).splitlines() or [""])[0][:60]
-        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}{': ' if why else ''}{why})")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
-        fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
-    return ckpt
-
-
-def load_backbone(model, arch, path):
-    """Copy every backbone tensor of the checkpoint at `path` into `model`; the head stays as it is.
-
-    Prints matched / missing / unexpected counts; fails unless every backbone key of `model` was found
-    with the right shape."""
-    ckpt = load_checkpoint(path)
-    if ckpt["arch"] != arch:
-        fail(f"'{path}' holds a {ckpt['arch']} backbone but this run trains {arch}; pre-train the same "
-             f"architecture or pass --arch {ckpt['arch']}")
-    src = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
-    own = model.state_dict()
-    backbone = [k for k in own if not k.startswith(HEAD_PREFIXES)]
-    matched = [k for k in backbone if k in src and src[k].shape == own[k].shape]
-    missing = [k for k in own if k not in matched]
-    unexpected = [k for k in src if k not in own]
-    skipped = [k for k in src if k in own and k not in matched]
-    names = lambda keys: ", ".join(keys[:4]) + (", …" if len(keys) > 4 else "") or "-"
-    print(f"loaded backbone from {path}: {len(matched)} tensors matched, {len(missing)} missing "
-          f"({names(missing)}), {len(unexpected)} unexpected ({names(unexpected)}), {len(skipped)} not loaded "
-          f"({names(skipped)})")
-    bad = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
-    if bad:
-        fail(f"'{path}' lacks {len(bad)} backbone tensors of {arch} (first: {bad[0]}); it is not a "
-             f"{arch} backbone of this project")
-    own.update({k: src[k] for k in matched})
-    model.load_state_dict(own)
-    return ckpt
-# === end shared: checkpoints ===
-
-
 # ----- the method (paper 1 §2.2–3; Cao et al. 2019 Eq. (10), §3.3; Cui et al. 2019 Eq. (3)) --------
 
 # === shared: class_balance (identical in every script that uses it) ===
@@ -382,9 +206,10 @@ def ldam_margins(counts, max_m):
 # === end shared: class_balance ===
 
 
-# losses with a per-example weight c_i (1 for D_L, ω for D_U)
-def weighted_ce(logits, y, weight, c):
-    """Σ c_i w_{y_i} CE_i / Σ c_i w_{y_i}; c = None is nn.CrossEntropyLoss(weight), as in ldam_drw.py."""
+# === shared: losses (identical in ldam_drw.py and self_training.py) ===
+def ce_loss(logits, y, weight, c=None):
+    """(Weighted) mean cross-entropy Σ c_i w_{y_i} CE_i / Σ c_i w_{y_i}, w per class, c per example
+    (self_training.py's ω for D_U); c = None is nn.CrossEntropyLoss(weight)."""
     if c is None:
         return F.cross_entropy(logits, y, weight=weight)
     ce = F.cross_entropy(logits, y, reduction="none")
@@ -392,21 +217,19 @@ def weighted_ce(logits, y, weight, c):
     return (w * ce).sum() / w.sum()
 
 
-def weighted_focal(logits, y, weight, c, gamma):
-    """mean(c_i · (1 − p_i)^γ · w_{y_i} CE_i), p_i = e^{−w_{y_i} CE_i}, as ldam_drw.py's focal_loss."""
+def focal_loss(logits, y, weight, gamma, c=None):
+    """Lin et al. 2017 as in the LDAM-DRW code: the batch mean of c_i (1 − p)^γ · w_y·CE, p = e^{−w_y·CE}.
+    The clamp: a CE rounded to just below 0 gives 0, not NaN, for γ < 1."""
     ce = F.cross_entropy(logits, y, weight=weight, reduction="none")
     term = (1 - torch.exp(-ce)).clamp(min=0) ** gamma * ce
     return (term if c is None else c * term).mean()
 
 
-def weighted_ldam(cosines, y, weight, c, margins, s):
-    """Cao et al. 2019, Eq. (10), with the same weighting as weighted_ce."""
-    logits = s * (cosines - F.one_hot(y, cosines.shape[1]) * margins[y].unsqueeze(1))
-    if c is None:
-        return F.cross_entropy(logits, y, weight=weight)
-    ce = F.cross_entropy(logits, y, reduction="none")
-    w = c if weight is None else c * weight[y]
-    return (w * ce).sum() / w.sum()
+def ldam_loss(cosines, y, weight, margins, s, c=None):
+    """Cao et al. 2019, Eq. (10): subtract Δ_y from the true-class cosine, scale all by s, then ce_loss."""
+    shifted = cosines - F.one_hot(y, cosines.shape[1]) * margins[y].unsqueeze(1)
+    return ce_loss(s * shifted, y, weight, c)
+# === end shared: losses ===
 
 
 # === shared: deferred_rule (identical in ldam_drw.py and self_training.py) ===
@@ -428,10 +251,9 @@ def class_weights(args, counts, labels, device):
     margins = ldam_margins(counts, args.max_m).to(device)
     # Re-sampling weights from `counts` (pseudo-labels included unless --labeled-counts): the authors'
     # ImbalancedDatasetSampler's (1 − β)/(1 − β^{n_y}), or 1/n_y with --resample-weights inverse.
-    if args.resample_weights == "effective":
-        sample_weights = D.effective_number_sample_weights(torch.as_tensor(labels), args.beta, counts)
-    else:
-        sample_weights = 1.0 / torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)[torch.as_tensor(labels)]
+    inverse = 1.0 / torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)
+    sample_weights = (D.effective_number_sample_weights(torch.as_tensor(labels), args.beta, counts)
+                      if args.resample_weights == "effective" else inverse[torch.as_tensor(labels)])
     return cb_weights, margins, sample_weights
 
 
@@ -459,21 +281,13 @@ def predict(model, x_u, mean, std, device, scale):
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
     preds, confs = [], []
     for x, _, _ in D.GPULoader(x_u, np.zeros(len(x_u), dtype=np.int64), 1000, mean, std, device).epoch(0):
-        prob = F.softmax(scale * model(x).float(), dim=1)
-        conf, pred = prob.max(1)
+        conf, pred = F.softmax(scale * model(x).float(), dim=1).max(1)
         preds.append(pred)
         confs.append(conf)
     return torch.cat(preds).cpu().numpy(), torch.cat(confs).cpu().numpy()
 
 
 # ----- data ----------------------------------------------------------------------------------------
-
-def headline_metric(dataset):
-    """Paper 1 evaluates "on corresponding balanced test datasets" (§2.2). SVHN's test split is not
-    balanced (digit 1 has 5,099 images, digit 9 1,595), so its headline error is 100 − the mean per-class
-    accuracy, which is the error on a class-balanced test set; top-1 is reported beside it."""
-    return "mean_class_acc" if dataset == "svhn" else "top1"
-
 
 def build_data(args):
     """D_L, the test set and the candidate pool of D_U (images with their TRUE labels, used only to
@@ -495,8 +309,10 @@ def build_data(args):
     test_keep = renumber[test_y] >= 0
     data = {"names": [names[c] for c in task], "mean_std": D.mean_std(args.dataset, train_x),
             "x_l": train_x[lab], "y_l": renumber[train_y[lab]], "x_val": train_x[val], "y_val": renumber[train_y[val]],
-            "x_test": test_x[test_keep], "y_test": renumber[test_y[test_keep]], "subset": D.subset_digest(lab)}
+            "x_test": test_x[test_keep], "y_test": renumber[test_y[test_keep]], "subset": D.subset_digest(lab),
+            "counts_l": np.bincount(renumber[train_y[lab]], minlength=len(task))}
     data["irr_x"] = np.zeros((0,) + train_x.shape[1:], dtype=np.uint8)
+    to_task = lambda pool_names: np.array([data["names"].index(n) if n in data["names"] else -1 for n in pool_names])
     if args.pool == "cinic10":
         if args.dataset not in ("cifar10", "folder") or args.unlabeled_root:
             raise D.DataError("--pool cinic10 is a pool for CIFAR-10 (--dataset cifar10 or its folder copy), "
@@ -508,15 +324,13 @@ def build_data(args):
         if missing:
             raise D.DataError(f"CINIC-10 under '{args.pool_root}' has no class {', '.join(missing)} of this task "
                               f"(its classes: {', '.join(pnames)})")
-        py = np.array([data["names"].index(n) if n in data["names"] else -1 for n in pnames])[py]
+        py = to_task(pnames)[py]
         data["pool_paths"], data["pool_y"] = [paths[i] for i in np.flatnonzero(py >= 0)], py[py >= 0]
     elif args.unlabeled_root:
         root = os.path.abspath(args.unlabeled_root)
         px, py, pnames = D.load_split("folder", os.path.dirname(root), os.path.basename(root))
-        to_task = np.array([data["names"].index(n) if n in data["names"] else -1 for n in pnames])
-        py = to_task[py]
-        data["pool_x"], data["pool_y"] = px[py >= 0], py[py >= 0]
-        data["irr_x"] = px[py < 0]
+        py = to_task(pnames)[py]
+        data["pool_x"], data["pool_y"], data["irr_x"] = px[py >= 0], py[py >= 0], px[py < 0]
     elif args.dataset == "svhn":
         px, py, _ = D.load_split("svhn", args.data_root, "extra", args.download)
         py = renumber[py]
@@ -537,7 +351,7 @@ def build_data(args):
     return data
 
 
-def check_base(path, ckpt, args, data, counts_l):
+def check_base(path, ckpt, args, data):
     """--base must have been trained on this run's D_L. A base model that trained on other images of the
     dataset has seen (true labels of) images this run may put in D_U, and would pseudo-label them from
     memory. Compares the data flags, the class counts and the digest of the training subset."""
@@ -546,16 +360,16 @@ def check_base(path, ckpt, args, data, counts_l):
               "data_seed": theirs.get("data_seed", theirs.get("seed", 0)), "val_frac": theirs.get("val_frac", 0.0)}
     for key, value in theirs.items():
         if value != getattr(args, key):
-            fail(f"--base '{path}' was trained on another D_L (--{key.replace('_', '-')} {value}, this run "
-                 f"{getattr(args, key)}): its pseudo-labels would leak true labels; train the base with this "
-                 f"run's data flags or drop --base")
-    if list(ckpt.get("class_counts") or []) != counts_l.tolist():
-        fail(f"--base '{path}' was trained on other class counts ({ckpt.get('class_counts')}, this run's D_L "
-             f"{counts_l.tolist()}); train the base on this run's D_L or drop --base")
+            R.fail(f"--base '{path}' was trained on another D_L (--{key.replace('_', '-')} {value}, this run "
+                   f"{getattr(args, key)}): its pseudo-labels would leak true labels; train the base with this "
+                   f"run's data flags or drop --base")
+    if list(ckpt.get("class_counts") or []) != data["counts_l"].tolist():
+        R.fail(f"--base '{path}' was trained on other class counts ({ckpt.get('class_counts')}, this run's D_L "
+               f"{data['counts_l'].tolist()}); train the base on this run's D_L or drop --base")
     if ckpt.get("train_subset") != data["subset"]:
-        fail(f"--base '{path}' " + ("does not record its training subset (an older checkpoint)" if not
-             ckpt.get("train_subset") else "was trained on other images than this run's D_L") +
-             "; train the base with this version of ldam_drw.py and this run's data flags, or drop --base")
+        R.fail(f"--base '{path}' " + ("does not record its training subset (an older checkpoint)" if not
+               ckpt.get("train_subset") else "was trained on other images than this run's D_L") +
+               "; train the base with this version of ldam_drw.py and this run's data flags, or drop --base")
 
 
 def choose_unlabeled(args, data):
@@ -599,11 +413,11 @@ def train_one_epoch(model, optimizer, train, epoch, args, weights, c):
             logits = model(x).float()
         cb = None if c is None else c[idx]                 # c_i: 1 for D_L, ω for D_U (None: all 1)
         if args.loss == "ce":
-            loss = weighted_ce(logits, y, weight, cb)
+            loss = ce_loss(logits, y, weight, cb)
         elif args.loss == "focal":
-            loss = weighted_focal(logits, y, weight, cb, args.gamma)
+            loss = focal_loss(logits, y, weight, args.gamma, cb)
         else:
-            loss = weighted_ldam(logits, y, weight, cb, margins, args.s)
+            loss = ldam_loss(logits, y, weight, margins, args.s, cb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -615,81 +429,10 @@ def train_one_epoch(model, optimizer, train, epoch, args, weights, c):
     return row, first_bad, step
 
 
-# === shared: evaluate (identical in every script) ===
-@torch.no_grad()
-def evaluate(model, batches, num_classes, train_counts):
-    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
-
-    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
-    index, i.e. to the head classes."""
-    model.eval()
-    correct = torch.zeros(num_classes, dtype=torch.long)
-    total = torch.zeros(num_classes, dtype=torch.long)
-    for x, y, _ in batches:
-        pred = model(x).argmax(1)
-        y = y.to(pred.device)
-        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
-        total += torch.bincount(y, minlength=num_classes).cpu()
-    per_class = (correct.double() / total.clamp(min=1)).tolist()
-    seen = total > 0
-    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
-              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
-              "per_class": [round(100 * a, 2) for a in per_class]}
-    for group, mask in D.shot_groups(train_counts).items():
-        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
-        result[group] = 100 * float(np.mean(accs)) if accs else None
-    return result
-# === end shared: evaluate ===
-
-
-# ----- main ----------------------------------------------------------------------------------------
-
-def setup_device(args):
-    """--gpu's device."""
-    if args.gpu >= 0 and not torch.cuda.is_available():
-        print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
-        args.gpu = -1
-    device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 else "cpu")
-    if args.amp and device.type != "cuda":
-        print("warning: --amp needs CUDA; ignored on the CPU", file=sys.stderr)
-        args.amp = False
-    if device.type == "cuda":
-        if args.gpu >= torch.cuda.device_count():
-            fail(f"--gpu {args.gpu}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
-        torch.cuda.set_device(device)              # what uses the current device (pinning, ...) stays on ours, not cuda:0
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    return device
-
-
-def resume_run(args):
-    """--resume: the saved run's arguments; without it, an --out that already holds a run is refused."""
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        if ckpt.get("script") != "self_training.py":
-            fail(f"'{args.resume}' was written by {ckpt.get('script', 'another program')}, not self_training.py")
-        ckpt["args"] = {"data_seed": ckpt["args"].get("seed", 0), "st_batch_size": ckpt["args"]["batch_size"],
-                        "resample_weights": "inverse", "pool": "rest", "pool_root": None,
-                        "pool_shortfall": "cap", "irrelevant_root": None, **ckpt["args"]}
-        args = resume_args(args, ckpt, RESUME_FLAGS)
-        if ckpt.get("stage") == "base":                   # <out>/base/last.pt: the run is <out>
-            args.out = os.path.dirname(args.out)
-        print(f"resuming {args.out} in stage {ckpt['stage']} after epoch {ckpt['epoch']}")
-    D.check_rho(args.rho)
-    D.check_rho(args.rho_u, "rho_u")
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.omega < 0 or args.unlabeled_mult < 0:
-        fail("--epochs, --batch-size, --lr must be positive and --omega, --unlabeled-mult non-negative")
-    if args.st_batch_size < 1:
-        fail(f"--st-batch-size must be a positive number of images, got {args.st_batch_size}")
-    for held in (os.path.join(args.out, "last.pt"), os.path.join(args.out, "base", "last.pt")):
-        if not args.resume and os.path.exists(held):
-            fail(f"{args.out} already holds a run: continue it with --resume {held}, or pass another --out")
-    return args, ckpt
-
+# ----- stages --------------------------------------------------------------------------------------
 
 def init_state(args, ckpt, C, device, stage):
-    """The model, SGD, and (start epoch, best) from the --resume checkpoint."""
+    """The model, SGD, and (start epoch, best) from the --resume checkpoint when it is of this stage."""
     model = ResNet32(C, cosine=args.loss == "ldam").to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
                                 fused=device.type == "cuda")
@@ -701,54 +444,17 @@ def init_state(args, ckpt, C, device, stage):
     return model, optimizer, start, best
 
 
-def open_run(args, ckpt, device):
-    """The run folder: args.json and the source (each stage's own files: open_stage)."""
-    os.makedirs(args.out, exist_ok=True)
-    if ckpt is None or not os.path.exists(os.path.join(args.out, "args.json")):
-        meta = {**vars(args), "torch": torch.__version__, "cuda": torch.version.cuda,
-                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-        write_json(os.path.join(args.out, "args.json"), meta)
-        copy_source(__file__, args.out)
-
-
-def open_stage(args, stage, out, start, y, counts, device):
-    """A stage's folder with metrics.jsonl cut back to the resumed epoch, then the lines printed above its
-    epoch table."""
-    os.makedirs(out, exist_ok=True)
-    # a resumed stage drops the epochs logged after its checkpoint; a new stage starts an empty file
-    metrics = os.path.join(out, "metrics.jsonl")
-    write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
-    print(f"stage {stage}: {len(y)} training images, counts {[int(n) for n in counts]}, "
-          f"loss={args.loss} rule={args.rule}, {args.epochs} epochs on {device}")
-    print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'train':>6} {'test':>6} {'many':>6} {'med':>6} {'few':>6} "
-          f"{'val':>6} {'s':>6}")
-
-
-def stop_if_diverged(out, model, epoch, first_bad, step, stage):
-    """The divergence guard, before the epoch is evaluated or saved: a non-finite loss in the epoch or a
-    non-finite tensor after it stops the run (exit 1)."""
-    if first_bad.item() >= 0:
-        stop_diverged(f"loss is not finite at stage {stage}, epoch {epoch + 1}, step {first_bad.item() + 1}",
-                      out, epoch)
-    bad_tensor = nonfinite_tensor(model)
-    if bad_tensor:
-        stop_diverged(f"'{bad_tensor}' is not finite at stage {stage} after epoch {epoch + 1}, step {step + 1}",
-                      out, epoch)
-
-
 def end_epoch(args, out, model, optimizer, epoch, row, val_m, best, t0, saved):
     """The best epoch on validation, then the metrics row, the printed line and last.pt."""
-    lr, test_m = row["lr"], row["test"]
+    test_m = row["test"]
     if val_m and (best is None or val_m["top1"] > best["val_top1"]):
         best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
     row.update({"val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0})
-    append_metrics(os.path.join(out, "metrics.jsonl"), row)
-    print(f"{epoch + 1:5d} {lr:8.5f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
-          f"{fmt(test_m['many'])} {fmt(test_m['medium'])} {fmt(test_m['few'])} {fmt(row['val_top1'])} "
-          f"{row['seconds']:6.2f}", flush=True)
+    line = R.table_row(epoch + 1, row["lr"], row["loss"], [row["train_top1"], test_m["top1"], test_m["many"],
+                       test_m["medium"], test_m["few"], row["val_top1"]], row["seconds"])
     state = {**saved, "model": model.state_dict(), "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
              "args": vars(args), "best": best, "rng": {"torch": torch.get_rng_state()}}
-    save_atomic(state, os.path.join(out, "last.pt"))
+    R.end_epoch(out, row, line, state)
     return best
 
 
@@ -757,23 +463,24 @@ def fit(args, stage, x, y, c, counts, data, device, out, ckpt=None, batch_size=N
     recipe; metrics.jsonl and last.pt (every epoch) in `out`. Returns (model, last test metrics, best)."""
     mean, std = data["mean_std"]
     C = len(data["names"])
-    groups = np.bincount(data["y_l"], minlength=C)             # many/medium/few by labeled counts
     torch.manual_seed(args.seed)
     model, optimizer, start, best = init_state(args, ckpt, C, device, stage)
     train = D.GPULoader(x, y, batch_size or args.batch_size, mean, std, device, augment="crop_flip", seed=args.seed)
     test = D.GPULoader(data["x_test"], data["y_test"], 1000, mean, std, device)
     val = D.GPULoader(data["x_val"], data["y_val"], 1000, mean, std, device) if len(data["y_val"]) else None
-    score = lambda m, batches: evaluate(m, batches.epoch(0), C, groups)
+    score = lambda m, batches: D.evaluate(m, batches.epoch(0), C, data["counts_l"])   # many/medium/few by D_L
     c = None if c is None else torch.as_tensor(c, dtype=torch.float32, device=device)
     weights = class_weights(args, counts, y, device)
     saved = {"script": "self_training.py", "stage": stage, "arch": "resnet32", "class_counts": [int(n) for n in counts],
              "train_subset": data["subset"] if stage == "base" else None, "mean": mean, "std": std}
-    open_stage(args, stage, out, start, y, counts, device)
-
+    R.cut_metrics(out, start)
+    print(f"stage {stage}: {len(y)} training images, counts {[int(n) for n in counts]}, "
+          f"loss={args.loss} rule={args.rule}, {args.epochs} epochs on {device}")
+    print(R.table_header("train", "test", "many", "med", "few", "val"))
     for epoch in range(start, args.epochs):
         t0 = time.time()
         row, first_bad, step = train_one_epoch(model, optimizer, train, epoch, args, weights, c)
-        stop_if_diverged(out, model, epoch, first_bad, step, stage)
+        R.stop_if_diverged(out, [model], epoch, first_bad, step + 1, stage=stage)
         row["test"] = score(model, test)
         val_m = score(model, val) if val else None
         best = end_epoch(args, out, model, optimizer, epoch, row, val_m, best, t0, saved)
@@ -785,28 +492,21 @@ def base_model(args, data, device, ckpt, base_ckpt):
     """Stage (a): the base classifier on D_L: --base's, the finished stage (a) of a resumed run, or one
     trained here with fit. Returns (model, its test metrics, its loss)."""
     C = len(data["names"])
-    counts_l = np.bincount(data["y_l"], minlength=C)
-    mean, std = data["mean_std"]
+    if not args.base and (ckpt is None or ckpt["stage"] == "base"):
+        base, base_m, _ = fit(args, "base", data["x_l"], data["y_l"], None, data["counts_l"], data, device,
+                              os.path.join(args.out, "base"), ckpt)
+        return base, base_m, args.loss
     if args.base:
         if base_ckpt.get("arch") != "resnet32" or base_ckpt["model"].get("fc.weight", torch.empty(0)).shape[:1] != (C,):
-            fail(f"'{args.base}' is not a ResNet-32 classifier with {C} classes (an ldam_drw.py run on this task)")
-        base = ResNet32(C, cosine="fc.bias" not in base_ckpt["model"]).to(device)
-        base.load_state_dict({k.removeprefix("module."): v for k, v in base_ckpt["model"].items()})
-        base_loss = (base_ckpt.get("args") or {}).get("loss", "ce")
-        base_m = evaluate(base, D.GPULoader(data["x_test"], data["y_test"], 1000, mean, std, device).epoch(0),
-                          C, counts_l)
-    elif ckpt is not None and ckpt["stage"] == "self_training":
-        base_ckpt = load_checkpoint(os.path.join(args.out, "base", "last.pt"))
-        base = ResNet32(C, cosine=args.loss == "ldam").to(device)
-        base.load_state_dict(base_ckpt["model"])
-        base_loss = args.loss
-        base_m = evaluate(base, D.GPULoader(data["x_test"], data["y_test"], 1000, mean, std, device).epoch(0),
-                          C, counts_l)
+            R.fail(f"'{args.base}' is not a ResNet-32 classifier with {C} classes (an ldam_drw.py run on this task)")
+        cosine, base_loss = "fc.bias" not in base_ckpt["model"], (base_ckpt.get("args") or {}).get("loss", "ce")
     else:
-        base, base_m, _ = fit(args, "base", data["x_l"], data["y_l"], None, counts_l, data, device,
-                              os.path.join(args.out, "base"), ckpt)
-        base_loss = args.loss
-    return base, base_m, base_loss
+        base_ckpt = R.load_checkpoint(os.path.join(args.out, "base", "last.pt"))
+        cosine, base_loss = args.loss == "ldam", args.loss
+    base = ResNet32(C, cosine=cosine).to(device)
+    base.load_state_dict({k.removeprefix("module."): v for k, v in base_ckpt["model"].items()})
+    test = D.GPULoader(data["x_test"], data["y_test"], 1000, *data["mean_std"], device)
+    return base, D.evaluate(base, test.epoch(0), C, data["counts_l"]), base_loss
 
 
 def pseudo_label(args, base, base_loss, x_u, y_u_true, data, device):
@@ -823,65 +523,79 @@ def pseudo_label(args, base, base_loss, x_u, y_u_true, data, device):
                  "accuracy": float(100 * np.mean(pseudo[relevant] == y_u_true[relevant])) if relevant.any() else None,
                  "accuracy_per_true_class": per_class,
                  "true_counts": np.bincount(y_u_true[relevant], minlength=C).tolist(),
-                 "pseudo_counts": np.bincount(pseudo[keep], minlength=C).tolist(),
-                 "irrelevant": int((~relevant).sum())}
-    save_atomic({"pseudo_labels": torch.as_tensor(pseudo), "confidence": torch.as_tensor(conf),
-                 "kept": torch.as_tensor(keep)}, os.path.join(args.out, "pseudo_labels.pt"))
-    acc = pl_report["accuracy"]
+                 "pseudo_counts": np.bincount(pseudo[keep], minlength=C).tolist(), "irrelevant": int((~relevant).sum())}
+    R.save_atomic({"pseudo_labels": torch.as_tensor(pseudo), "confidence": torch.as_tensor(conf),
+                   "kept": torch.as_tensor(keep)}, os.path.join(args.out, "pseudo_labels.pt"))
     print(f"D_U: {len(x_u)} images ({pl_report['irrelevant']} irrelevant), {keep.sum()} pseudo-labels kept, "
-          f"pseudo-label accuracy on the relevant ones: {fmt(acc)}%")
+          f"pseudo-label accuracy on the relevant ones: {R.fmt(pl_report['accuracy'])}%")
     return pseudo, keep, pl_report
 
 
 def self_train(args, data, x_u, pseudo, keep, device, ckpt):
     """Stage (c): a fresh model on D_L ∪ D_U with fit, the unlabeled term weighted by ω. Returns (last test
     metrics, best on validation, the class counts of the rules)."""
-    C = len(data["names"])
-    counts_l = np.bincount(data["y_l"], minlength=C)
     use_u = args.omega > 0
     x = np.concatenate([data["x_l"], x_u[keep]]) if use_u else data["x_l"]
     y = np.concatenate([data["y_l"], pseudo[keep]]) if use_u else data["y_l"]
     c = None if not use_u or args.omega == 1 else np.concatenate([np.ones(len(data["y_l"])), np.full(keep.sum(), args.omega)])
-    counts = counts_l if args.labeled_counts or not use_u else np.bincount(y, minlength=C)
-    resume_c = ckpt if ckpt is not None and ckpt["stage"] == "self_training" else None
-    _, test_m, best = fit(args, "self_training", x, y, c, counts, data, device, args.out, resume_c, args.st_batch_size)
+    counts = data["counts_l"] if args.labeled_counts or not use_u else np.bincount(y, minlength=len(data["names"]))
+    _, test_m, best = fit(args, "self_training", x, y, c, counts, data, device, args.out, ckpt, args.st_batch_size)
     return test_m, best, counts
+
+
+# ----- main ----------------------------------------------------------------------------------------
+
+# arguments of runs saved before these flags existed (--st-batch-size: their --batch-size, in resume_run)
+OLD_DEFAULTS = {"resample_weights": "inverse", "pool": "rest", "pool_root": None, "pool_shortfall": "cap",
+                "irrelevant_root": None}
+
+
+def resume_run(args):
+    """--resume: the saved run's arguments; without it, an --out that already holds a run is refused."""
+    args, ckpt = R.resume_run(args, "self_training.py", RESUME_FLAGS, OLD_DEFAULTS, say=False)
+    if ckpt is not None:
+        if "st_batch_size" not in ckpt["args"]:
+            args.st_batch_size = args.batch_size
+        if ckpt.get("stage") == "base":                   # <out>/base/last.pt: the run is <out>
+            args.out = os.path.dirname(args.out)
+        print(f"resuming {args.out} in stage {ckpt['stage']} after epoch {ckpt['epoch']}")
+    D.check_rho(args.rho)
+    D.check_rho(args.rho_u, "rho_u")
+    R.refuse_occupied(args.out, args.resume, ("last.pt", "base/last.pt"))
+    return args, ckpt
 
 
 def finish_run(args, data, counts, pool_report, pl_report, base_m, test_m, best, t_run):
     """final.json and the last printed line."""
-    counts_l = np.bincount(data["y_l"], minlength=len(data["names"]))
-    headline = headline_metric(args.dataset)
+    headline = D.headline_metric(args.dataset)
     final = {"script": "self_training.py", "dataset": args.dataset, "rho": args.rho, "rho_u": args.rho_u,
-             "pool": "folder" if args.unlabeled_root else args.pool, "relevance": args.relevance,
-             "loss": args.loss, "rule": args.rule, "omega": args.omega, "seed": args.seed, "data_seed": args.data_seed, "epochs": args.epochs,
-             "labeled_counts": counts_l.tolist(), "training_counts": [int(n) for n in counts],
-             "unlabeled": {**pool_report, "pseudo_labels": pl_report}, "base": base_m, "last": test_m,
-             "headline": headline, "base_error": 100 - base_m[headline],
+             "pool": "folder" if args.unlabeled_root else args.pool, "relevance": args.relevance, "loss": args.loss,
+             "rule": args.rule, "omega": args.omega, "seed": args.seed, "data_seed": args.data_seed,
+             "epochs": args.epochs, "labeled_counts": data["counts_l"].tolist(),
+             "training_counts": [int(n) for n in counts], "unlabeled": {**pool_report, "pseudo_labels": pl_report},
+             "base": base_m, "last": test_m, "headline": headline, "base_error": 100 - base_m[headline],
              "test_error": 100 - test_m[headline], "base_error_top1": 100 - base_m["top1"],
-             "test_error_top1": 100 - test_m["top1"], "best_on_val": best,
-             "wall_seconds": time.time() - t_run}
-    write_json(os.path.join(args.out, "final.json"), final)
+             "test_error_top1": 100 - test_m["top1"], "best_on_val": best, "wall_seconds": time.time() - t_run}
+    R.write_json(os.path.join(args.out, "final.json"), final)
     what = "test error" if headline == "top1" else "test error from mean per-class accuracy"
     print(f"{what}: base {final['base_error']:.2f}% → self-trained {final['test_error']:.2f}% "
           f"(top-1 error {final['base_error_top1']:.2f}% → {final['test_error_top1']:.2f}%; many "
-          f"{fmt(test_m['many'])}, medium {fmt(test_m['medium'])}, few {fmt(test_m['few'])})")
+          f"{R.fmt(test_m['many'])}, medium {R.fmt(test_m['medium'])}, few {R.fmt(test_m['few'])})")
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         args, ckpt = resume_run(args)
-        device = setup_device(args)
+        device = R.setup_device(args)
         data = build_data(args)
+        base_ckpt = R.load_checkpoint(args.base) if args.base else None
         if args.base:                                      # before anything is chosen or written
-            check_base(args.base, load_checkpoint(args.base), args, data,
-                       np.bincount(data["y_l"], minlength=len(data["names"])))
+            check_base(args.base, base_ckpt, args, data)
         x_u, y_u_true, pool_report = choose_unlabeled(args, data)
     except D.DataError as e:
-        fail(str(e))
-    base_ckpt = load_checkpoint(args.base) if args.base else None    # a bad --base fails before any write
-    open_run(args, ckpt, device)
+        R.fail(str(e))
+    R.open_run(args, ckpt, device, __file__, None)         # args.json and the source; fit cuts each stage's metrics
 
     t_run = time.time()
     base, base_m, base_loss = base_model(args, data, device, ckpt, base_ckpt)                   # stage (a)

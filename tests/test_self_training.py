@@ -112,10 +112,10 @@ def test_omega_weights_the_unlabeled_loss():
     logits, y = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 1, 2])
     c = torch.tensor([1, 1, 1, 0.5, 0.5, 0.5])
     ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
-    assert S.weighted_ce(logits, y, None, c).item() == pytest.approx(((c * ce).sum() / c.sum()).item())
-    assert S.weighted_ce(logits, y, None, torch.ones(6)).item() == pytest.approx(ce.mean().item())
+    assert S.ce_loss(logits, y, None, c).item() == pytest.approx(((c * ce).sum() / c.sum()).item())
+    assert S.ce_loss(logits, y, None, torch.ones(6)).item() == pytest.approx(ce.mean().item())
     w = torch.tensor([1.0, 2.0, 3.0])
-    assert S.weighted_ce(logits, y, w, c).item() == pytest.approx(((c * w[y] * ce).sum() / (c * w[y]).sum()).item())
+    assert S.ce_loss(logits, y, w, c).item() == pytest.approx(((c * w[y] * ce).sum() / (c * w[y]).sum()).item())
 
 
 def test_relevance_mix_is_exact(tmp_path, data):
@@ -234,7 +234,7 @@ def test_svhn_headline_error_is_from_mean_per_class_accuracy(tmp_path, capsys, m
     test_counts = [3, 12, 9, 7, 6, 5, 4, 4, 3, 3]
     assert final["test_error_top1"] == pytest.approx(100 - np.dot(per_class, test_counts) / sum(test_counts), abs=0.01)
     assert "from mean per-class accuracy (top-1 error" in out
-    assert S.headline_metric("svhn") == "mean_class_acc" and S.headline_metric("cifar10") == "top1"
+    assert D.headline_metric("svhn") == "mean_class_acc" and D.headline_metric("cifar10") == "top1"
 
 
 def write_cinic10(root, classes, imagenet_per_split=40, cifar_per_split=5, seed=0):
