@@ -48,8 +48,7 @@ def table_row(epoch, lr, loss, values, seconds):
 
 
 def given_flags(parser, argv):
-    """Destinations of the flags written on the command line (abbreviations included), so --resume can
-    apply or refuse each of them instead of dropping it."""
+    """Destinations of the flags on the command line (abbreviations included): --resume applies or refuses each."""
     unset = object()
     seen = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
     return sorted(k for k, v in vars(seen).items() if v is not unset and k != "help")
@@ -202,9 +201,8 @@ def resume_args(args, ckpt, applied):
 
 
 def resume_run(args, script, applied, defaults=None, hint="", say=True):
-    """--resume: (the saved run's arguments, its checkpoint), else (args, None). The checkpoint must be one of
-    `script`'s (`hint` says what to do instead); `defaults` fills arguments that older runs did not save
-    (--data-seed: their --seed)."""
+    """--resume: (the saved run's arguments, its checkpoint), else (args, None). The checkpoint must be `script`'s
+    (`hint`: what to do instead); `defaults` fills arguments older runs lacked (--data-seed: their --seed)."""
     if not args.resume:
         return args, None
     ckpt = load_checkpoint(args.resume)
@@ -241,7 +239,7 @@ def setup_device(args, world=1):
         if max(index, local - 1) >= torch.cuda.device_count():
             fail(f"--gpu {max(index, local - 1)}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0"
                  + (" (torchrun: one process per GPU, --nproc_per_node at most that many)" if world > 1 else ""))
-        torch.cuda.set_device(device)              # what uses the current device (pinning, ...) stays on ours, not cuda:0
+        torch.cuda.set_device(device)              # pinning and the like stay on ours, not cuda:0
         if hasattr(args, "strict_fp32"):
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
     torch.backends.cudnn.benchmark = False
@@ -249,11 +247,10 @@ def setup_device(args, world=1):
     return device
 
 
-def open_run(args, ckpt, device, source, start, out=None, extra=None, rank=0):
+def open_run(args, ckpt, device, source, start, extra=None, rank=0):
     """Rank 0: the run folder. A new run writes args.json (with `extra` and the versions) and the script's
-    `source` into --out; metrics.jsonl in `out` (default --out, a stage's folder) is cut back to epoch `start`,
-    so a resumed run drops the epochs logged after its checkpoint (start None: no metrics.jsonl, a script
-    whose stages cut their own with cut_metrics). True when args.json was written."""
+    `source`; metrics.jsonl is cut back to epoch `start` (None: the script's stages cut their own). True when
+    args.json was written."""
     if rank:
         return False
     os.makedirs(args.out, exist_ok=True)
@@ -264,12 +261,13 @@ def open_run(args, ckpt, device, source, start, out=None, extra=None, rank=0):
         write_json(os.path.join(args.out, "args.json"), meta)
         copy_source(source, args.out)
     if start is not None:
-        cut_metrics(out or args.out, start)
+        cut_metrics(args.out, start)
     return fresh
 
 
 def cut_metrics(out, start):
-    """`out` with its metrics.jsonl cut back to epoch `start` (a new run: an empty file)."""
+    """`out` with its metrics.jsonl cut back to epoch `start`: a resumed run drops the epochs logged after its
+    checkpoint, a new run starts an empty file."""
     os.makedirs(out, exist_ok=True)
     metrics = os.path.join(out, "metrics.jsonl")
     write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
@@ -283,8 +281,7 @@ def nonfinite_tensor(model):
 
 
 def stop_diverged(what, out, epoch):
-    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint,
-    exit 1."""
+    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint, exit 1."""
     last = os.path.join(out, "last.pt")
     kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
     print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
@@ -322,8 +319,7 @@ def end_epoch(out, row, line, state, rank=0):
 
 
 def finish_run(out, final, t_run, rank=0, per_epoch=True):
-    """Rank 0: final.json, with the median seconds per epoch of metrics.jsonl (`per_epoch`) and the run's
-    wall time."""
+    """Rank 0: final.json, with the median seconds per epoch of metrics.jsonl (`per_epoch`) and the wall time."""
     if rank:
         return final
     if per_epoch:
@@ -337,7 +333,7 @@ def finish_run(out, final, t_run, rank=0, per_epoch=True):
 # ----- torchrun ------------------------------------------------------------------------------------
 
 def process_group():
-    """(rank, world): this process and the number of processes under torchrun; (0, 1) alone."""
+    """(rank, world) under torchrun; (0, 1) alone."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -360,8 +356,7 @@ def check_shards(batch_size, world):
 
 
 def all_reduce_grads(params):
-    """Sum the processes' gradients, as one flat buffer: each process's loss is its share of the global
-    batch's loss, so the sum is the gradient of the global batch."""
+    """Sum the processes' gradients in one flat buffer: the shares of the loss sum to the global batch's."""
     grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
@@ -376,9 +371,8 @@ def broadcast_state(model):
 
 
 def average_bn_statistics(model, world):
-    """Per-process BatchNorm (the CPU): the running means and variances averaged over the processes, so
-    that every process evaluates and saves the same model. The mean of the running means is the one a
-    single process keeps; the running variance misses the spread of the processes' batch means."""
+    """Per-process BatchNorm (the CPU): running means and variances averaged over the processes, so all save
+    one model (the mean is a single process's; the variance misses the spread of the processes' means)."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
             for t in (m.running_mean, m.running_var):

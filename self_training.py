@@ -226,9 +226,13 @@ def focal_loss(logits, y, weight, gamma, c=None):
 
 
 def ldam_loss(cosines, y, weight, margins, s, c=None):
-    """Cao et al. 2019, Eq. (10): subtract Δ_y from the true-class cosine, scale all by s, then ce_loss."""
-    shifted = cosines - F.one_hot(y, cosines.shape[1]) * margins[y].unsqueeze(1)
-    return ce_loss(s * shifted, y, weight, c)
+    """Cao et al. 2019, Eq. (10): subtract Δ_y from the true-class cosine, scale all by s, weight as ce_loss."""
+    logits = s * (cosines - F.one_hot(y, cosines.shape[1]) * margins[y].unsqueeze(1))
+    if c is None:
+        return F.cross_entropy(logits, y, weight=weight)
+    ce = F.cross_entropy(logits, y, reduction="none")
+    w = c if weight is None else c * weight[y]
+    return (w * ce).sum() / w.sum()
 # === end shared: losses ===
 
 
@@ -436,11 +440,7 @@ def init_state(args, ckpt, C, device, stage):
     model = ResNet32(C, cosine=args.loss == "ldam").to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
                                 fused=device.type == "cuda")
-    start, best = 0, None
-    if ckpt is not None and ckpt.get("stage") == stage:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, best = ckpt["epoch"], ckpt.get("best")
+    start, best = R.restore(ckpt if ckpt is not None and ckpt.get("stage") == stage else None, model, optimizer)
     return model, optimizer, start, best
 
 

@@ -41,8 +41,6 @@ PIECES = [
     ("moco_ssp.py", "momentum_update"), ("moco_ssp.py", "enqueue"), ("moco_ssp.py", "info_nce"),
     ("moco_ssp.py", "sam_perturbation"), ("moco_ssp.py", "bn_buffers"), ("moco_ssp.py", "kde_weights"),
 ]
-# a piece that calls another piece of its script is copied with it (pasted first)
-COPIED_WITH = {"ldam_loss": ("ce_loss",)}
 MODULES = {"ldam_drw.py": ldam_drw, "self_training.py": self_training, "rotation_ssp.py": rotation_ssp,
            "crt.py": crt, "simsiam_rwsam.py": simsiam_rwsam, "moco_ssp.py": moco_ssp}
 
@@ -63,29 +61,21 @@ def source_of(script, name):
     raise AssertionError(f"{script} has no top-level '{name}'")
 
 
-def piece_source(script, name):
-    """What a user copies for the piece `name`: its source after that of the pieces it is COPIED_WITH."""
-    return "\n\n".join(source_of(script, n) for n in (*COPIED_WITH.get(name, ()), name))
-
-
 def free_names(src):
-    """Names the pasted source reads from the module namespace (any scope inside it) and does not define
-    there itself, builtins excluded."""
-    top = symtable.symtable(src, "<paste>", "exec")
-    found, tables = set(), [top]
+    """Names the pasted source reads from the module namespace (any scope inside it), builtins excluded."""
+    found, tables = set(), [symtable.symtable(src, "<paste>", "exec")]
     while tables:
         table = tables.pop()
         scoped = table.get_type() == "function"            # module level: decorators, defaults, base classes
         found |= {s.get_name() for s in table.get_symbols()
                   if (s.is_global() if scoped else s.is_referenced() and not s.is_assigned())}
         tables += table.get_children()
-    defined = {s.get_name() for s in top.get_symbols() if s.is_assigned()}
-    return {n for n in found - defined if not hasattr(builtins, n)}
+    return {n for n in found if not hasattr(builtins, n)}
 
 
 def paste(script, name):
     """`name` as it behaves when pasted into a file that starts with the three imports of PASTE_NAMES."""
-    src = piece_source(script, name)
+    src = source_of(script, name)
     ns = {"torch": torch, "nn": nn, "F": F}
     exec(compile(src, f"<{name} pasted from {script}>", "exec"), ns)
     return ns[name]
@@ -93,7 +83,7 @@ def paste(script, name):
 
 @pytest.mark.parametrize("script,name", PIECES)
 def test_piece_needs_only_torch_nn_f(script, name):
-    assert free_names(piece_source(script, name)) <= PASTE_NAMES, f"{script}:{name} reads names defined elsewhere"
+    assert free_names(source_of(script, name)) <= PASTE_NAMES, f"{script}:{name} reads names defined elsewhere"
 
 
 def test_free_name_check_can_fail():
@@ -101,8 +91,6 @@ def test_free_name_check_can_fail():
     assert free_names("class A(nn.Module):\n    k = ROTATIONS\n") == {"nn", "ROTATIONS"}
     assert free_names("@torch.no_grad()\ndef g(pairs=KDE_PAIRS):\n    def h():\n        return np\n") == \
         {"torch", "KDE_PAIRS", "np"}
-    assert free_names("def f(x):\n    return g(x)\n") == {"g"}
-    assert free_names("def g(x):\n    return x\n\n\ndef f(x):\n    return g(x)\n") == set()
 
 
 def both(script, name):

@@ -85,7 +85,8 @@ def test_repository_regions_are_found():
     _, by_name = check_shared_regions(ROOT)
     for name in ("resnet32", "lr_schedule"):
         assert {"ldam_drw.py", "rotation_ssp.py"} <= {f for f, _ in by_name.get(name, [])}, name
-    assert {"ldam_drw.py", "self_training.py"} <= {f for f, _ in by_name.get("class_balance", [])}
+    for name in ("class_balance", "losses", "deferred_rule"):
+        assert {"ldam_drw.py", "self_training.py"} <= {f for f, _ in by_name.get(name, [])}, name
     assert "class ResNet32" in dict(by_name["resnet32"])["rotation_ssp.py"]
     assert "def ldam_margins" in dict(by_name["class_balance"])["self_training.py"]
 
