@@ -291,9 +291,8 @@ def balanced_subset(labels, n_total, seed=0):
 
 
 def downsample(indices, labels, ratio, seed=0, keep_one=False):
-    """Paper 2's size sweep: keep int(ratio·n_c) of each class's images in `indices`, so the class
-    profile is kept. A class left empty is an error, or with keep_one it keeps one image (the ImageNet
-    lists, whose 3–5-image tail classes cannot be downsampled by 0.125 otherwise)."""
+    """Paper 2's size sweep: keep int(ratio·n_c) of each class's images in `indices` (the profile stays). A class
+    left empty is an error, or with keep_one keeps one image (the ImageNet lists' 3–5-image tail classes)."""
     if not 0 < ratio <= 1:
         raise DataError(f"subsample ratio must be in (0, 1], got {ratio:g}")
     indices = np.asarray(indices)
@@ -677,9 +676,8 @@ def normalize(x, mean, std):
 # ----- supervised: RandomCrop(32, padding=4) + RandomHorizontalFlip() ---------------------------------
 
 def crop_flip(x, top, left, flip, padding=4):
-    """Crop an H×W window at (top, left) of each zero-padded image, then mirror where `flip`.
-
-    One gather on uint8; equal to torchvision's pad → crop → hflip for the same parameters."""
+    """Crop an H×W window at (top, left) of each zero-padded image, mirrored where `flip`: one gather on uint8,
+    equal to torchvision's pad → crop → hflip for the same parameters."""
     B, C, H, W = x.shape
     padded = torch.nn.functional.pad(x, (padding,) * 4)
     cols = torch.arange(W, device=x.device)
@@ -804,10 +802,8 @@ JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
 def color_jitter(x, factors, order):
-    """ColorJitter with per-image factors (B×4: brightness, contrast, saturation, hue) applied in a
-    per-image order (B×4, a permutation of 0..3 per row), as torchvision's ColorJitter does. In each
-    of the four slots every op runs only on the images that have it there: 4 op evaluations per image,
-    not 16."""
+    """ColorJitter with per-image factors (B×4: brightness, contrast, saturation, hue) in a per-image order
+    (B×4 permutations of 0..3), as torchvision's; in each slot an op runs only on the images that have it there."""
     for slot in range(4):
         out = torch.empty_like(x)
         for op, fn in enumerate(JITTER_OPS):
@@ -845,11 +841,9 @@ def sample_jitter(n, generator, device, jitter=(0.4, 0.4, 0.4, 0.1)):
 
 def ssl_augment(x, generator, size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8,
                 p_gray=0.2, blur=False, blur_kernel=None):
-    """One SimSiam / MoCo v2 view of each uint8 image, float in [0, 1]:
-    RandomResizedCrop(size, scale, ratio=(3/4, 4/3)) → RandomHorizontalFlip() →
-    RandomApply(ColorJitter(*jitter), p_jitter) → RandomGrayscale(p_gray) →
-    [RandomApply(GaussianBlur(σ ∈ [0.1, 2]), 0.5) if blur]. Flip commutes with the colour ops and
-    the symmetric blur, so it is done inside the crop."""
+    """One SimSiam / MoCo v2 view of each uint8 image, float in [0, 1]: RandomResizedCrop(size, scale) →
+    RandomHorizontalFlip() → RandomApply(ColorJitter(*jitter), p_jitter) → RandomGrayscale(p_gray) →
+    [RandomApply(GaussianBlur(σ ∈ [0.1, 2]), 0.5) if blur]; the flip commutes with the rest, so the crop does it."""
     B, dev = x.shape[0], x.device
     top, left, h, w = sample_resized_crop(B, x.shape[2], x.shape[3], generator, dev, scale)
     flip = torch.rand(B, generator=generator, device=dev) < 0.5
@@ -1003,19 +997,17 @@ def epoch_order(n, seed, epoch, weights=None):
 
 
 def shard_batches(n, batch_size, seed, epoch, weights, rank, world):
-    """[(global batch, this process's share)] of one training epoch, as positions 0 … n-1. Every process
-    draws the same order (epoch_order) and cuts the same global batches; process r keeps the r-th of
-    `world` contiguous parts of each (equal, except in a short last batch where they differ by at most
-    one, and may be empty), so the parts in rank order are one process's batch."""
+    """[(global batch, this process's share)] of one training epoch, as positions 0 … n-1: every process draws
+    the same order (epoch_order) and global batches, process r keeps the r-th of `world` contiguous parts of
+    each (a short last batch's may differ by one or be empty); the parts in rank order are one process's batch."""
     order = epoch_order(n, seed, epoch, weights)
     return [(b, torch.tensor_split(b, world)[rank]) for b in order.split(batch_size)]
 
 
 class ShardedListBatches(ListBatches):
-    """ListBatches for one of `world` processes (torchrun): epoch(e, weights) → (x, y, positions, labels
-    of the whole global batch), this process's share of every global batch (shard_batches); an empty share
-    (a short last batch) is an empty batch, which every layer passes through (SyncBatchNorm included).
-    The augmentations draw from (seed, epoch, rank): each process its own stream, the same after --resume."""
+    """ListBatches for one of `world` processes (torchrun): epoch(e, weights) → (x, y, positions, labels of the
+    global batch), this process's share of each global batch (shard_batches; an empty share is an empty batch,
+    which every layer passes). Augmentations draw from (seed, epoch, rank), the same after --resume."""
 
     def __init__(self, dataset, indices, batch_size, seed, workers, device, rank, world):
         super().__init__(dataset, indices, batch_size, True, seed, workers, device)
@@ -1103,10 +1095,9 @@ class Positions(torch.utils.data.Dataset):
 
 
 class ListViews:
-    """Two views of listed images per step, this process's share, with DistributedSampler (one permutation
-    seeded by (seed, epoch) on every process, each keeps every W-th index; set_epoch each epoch). Worker
-    seeds (and, without workers, this process's RNG) come from (seed, epoch, rank), so a resumed run draws
-    the same augmentations with the same --workers."""
+    """Two views of listed images per step, this process's share (DistributedSampler: one permutation seeded by
+    (seed, epoch), every W-th index). Worker seeds (without workers, this process's RNG) come from (seed,
+    epoch, rank): a resumed run draws the same augmentations with the same --workers."""
 
     def __init__(self, dataset, indices, batch_size, seed, workers, device, rank, world):
         self.subset = Positions(dataset, indices)
@@ -1144,10 +1135,8 @@ def list_plain_batches(args, idx, device):
 
 @torch.no_grad()
 def evaluate(model, batches, num_classes, train_counts):
-    """accuracies() of the model's argmax over `batches` of (x, y, _).
-
-    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
-    index, i.e. to the head classes."""
+    """accuracies() of the model's argmax over `batches` of (x, y, _); float32 also under --amp, as bf16 logits
+    tie often and argmax gives a tie to the lowest class index, a head class."""
     model.eval()
     preds, labels = zip(*[(model(x).argmax(1).cpu(), y.cpu()) for x, y, _ in batches])
     return accuracies(torch.cat(preds), torch.cat(labels), num_classes, train_counts)
