@@ -82,10 +82,10 @@ def test_repository_regions_are_found():
     """Guards the check above against markers that no longer match the pattern (nothing found = nothing
     compared)."""
     _, by_name = check_shared_regions(ROOT)
-    for name in ("resnet32", "checkpoints", "lr_schedule"):
+    for name in ("resnet32", "lr_schedule"):
         assert {"ldam_drw.py", "rotation_ssp.py"} <= {f for f, _ in by_name.get(name, [])}, name
     assert "class ResNet32" in dict(by_name["resnet32"])["rotation_ssp.py"]
-    assert "def load_backbone" in dict(by_name["checkpoints"])["rotation_ssp.py"]
+    assert "def lr_at" in dict(by_name["lr_schedule"])["rotation_ssp.py"]
 
 
 # ----- the check itself can fail -------------------------------------------------------------------
