@@ -93,9 +93,6 @@ def check_args(args):
         R.fail(f"--warmup {args.warmup} must be shorter than --epochs {args.epochs}")
 
 
-RESUME_FLAGS = ("gpu", "data_root", "download")        # where the run executes: all that --resume may change
-
-
 # ----- model ---------------------------------------------------------------------------------------
 
 # === shared: resnet32 (identical in every script that uses it) ===
@@ -198,8 +195,7 @@ def lr_at(epoch, args):
 # ----- data ----------------------------------------------------------------------------------------
 
 def build_data(args, device):
-    """ldam_drw.py's training subset (at --subsample 1, not --balanced: one seed, the same images), labels
-    replaced by zeros (§4.2 abandons them): train / validation / test batches, class counts, number of classes."""
+    """ldam_drw.py's training subset (its --subsample 1, no --balanced), labels replaced by zeros (§4.2)."""
     train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
     test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
     for split, x in (("training", train_x), ("test", test_x)):
@@ -274,7 +270,7 @@ def rotation_accuracy(model, batches, num_classes, train_counts, amp=False):
 
 def resume_run(args):
     """--resume: the saved run's arguments; without it, an --out that already holds a run is refused."""
-    args, ckpt = R.resume_run(args, "rotation_ssp.py", RESUME_FLAGS,
+    args, ckpt = R.resume_run(args, "rotation_ssp.py", ("gpu", "data_root", "download"),   # where the run executes
                               hint="; start a new pre-training run with another --out")
     D.check_rho(args.rho)
     R.refuse_occupied(args.out, args.resume)
