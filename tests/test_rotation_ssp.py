@@ -12,6 +12,7 @@ from PIL import Image
 import datasets_lt as D
 import ldam_drw as L
 import rotation_ssp as R
+import run_lt
 from conftest import ROOT, run_script, write_folder
 
 CPU = torch.device("cpu")
@@ -144,7 +145,7 @@ def test_ldam_drw_load_backbone_reproduces_every_backbone_tensor(run, capsys, co
     torch.manual_seed(0)
     model = L.ResNet32(10, cosine=cosine)
     head = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("fc.")}
-    L.load_backbone(model, "resnet32", run / "last.pt")
+    run_lt.load_backbone(model, "resnet32", run / "last.pt")
     own = model.state_dict()
     backbone = [k for k in own if not k.startswith("fc.")]
     assert backbone and all(torch.equal(own[k], src[k]) for k in backbone)
@@ -158,8 +159,8 @@ def test_a_module_prefixed_copy_loads_the_same(run, tmp_path, capsys):
     ckpt["model"] = {f"module.{k}": v for k, v in ckpt["model"].items()}
     torch.save(ckpt, tmp_path / "dp.pt")
     a, b = L.ResNet32(10, cosine=True), L.ResNet32(10, cosine=True)
-    L.load_backbone(a, "resnet32", run / "last.pt")
-    L.load_backbone(b, "resnet32", tmp_path / "dp.pt")
+    run_lt.load_backbone(a, "resnet32", run / "last.pt")
+    run_lt.load_backbone(b, "resnet32", tmp_path / "dp.pt")
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items() if not k.startswith("fc."))
     assert capsys.readouterr().out.count("186 tensors matched") == 2
 
@@ -226,7 +227,7 @@ class _Crash(Exception):
 def test_resume_continues_to_the_same_result(tmp_path, easy, monkeypatch):
     args = ("--rho", "0.5", "--epochs", 2, "--batch-size", 16)
     whole = _main(tmp_path / "whole", easy, *args)
-    save, calls = R.save_atomic, []
+    save, calls = run_lt.save_atomic, []
 
     def crash_before_second_save(obj, path):           # epoch 2 is logged, but last.pt keeps epoch 1
         calls.append(obj["epoch"])
@@ -234,10 +235,10 @@ def test_resume_continues_to_the_same_result(tmp_path, easy, monkeypatch):
             raise _Crash
         save(obj, path)
 
-    monkeypatch.setattr(R, "save_atomic", crash_before_second_save)
+    monkeypatch.setattr(run_lt, "save_atomic", crash_before_second_save)
     with pytest.raises(_Crash):
         _main(tmp_path / "cut", easy, *args)
-    monkeypatch.setattr(R, "save_atomic", save)
+    monkeypatch.setattr(run_lt, "save_atomic", save)
     assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] == 1
     assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 2
     R.main(["--resume", str(tmp_path / "cut" / "last.pt"), "--gpu", "-1"])

@@ -89,6 +89,7 @@ def test_repository_regions_are_found():
         assert {"ldam_drw.py", "self_training.py"} <= {f for f, _ in by_name.get(name, [])}, name
     assert "class ResNet32" in dict(by_name["resnet32"])["rotation_ssp.py"]
     assert "def ldam_margins" in dict(by_name["class_balance"])["self_training.py"]
+    assert "def lr_at" in dict(by_name["lr_schedule"])["rotation_ssp.py"]
 
 
 # ----- the check itself can fail -------------------------------------------------------------------
