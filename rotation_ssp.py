@@ -2,10 +2,8 @@
 
 Paper 1 (Yang & Xu 2020), §4.2 "Self-Supervised Imbalanced Learning" and the "+ SSP" rows of Table 2:
 abandon the labels, pre-train the network to predict which rotation (0°, 90°, 180°, 270°; Gidaris et al.
-2018 → rotation_labels, rotate) was applied to each long-tailed training image, then fine-tune with
-ldam_drw.py --pretrained (same --dataset, --rho, --imb-type, --seed, --val-frac; a run's last line prints
-it). Recipe: REFERENCE §4 and §2 (ldam_drw.py's). README "Rotation self-supervised pre-training" has the
-rotation-label argument and the reasons below.
+2018 → rotation_labels, rotate) each long-tailed training image got, then fine-tune with ldam_drw.py
+--pretrained (the same data flags; a run's last line prints it). Recipe: REFERENCE §4 and §2.
 
     python rotation_ssp.py --rho 0.01 --gpu 0                     # → runs/rotation_ssp-cifar10-0.01-0/last.pt
     python ldam_drw.py --rho 0.01 --pretrained runs/rotation_ssp-cifar10-0.01-0/last.pt           # LDAM-DRW + SSP
@@ -15,12 +13,12 @@ Paper numbers (CIFAR-10-LT ρ=100, top-1 test error %, lossless data, after fine
 checkpoint): LDAM-DRW 22.97 → 22.17, CE-DRW 24.94 → 23.04, CB-CE 27.63 → 23.47. No pretext accuracy.
 
 Deliberate differences from the paper and the authors' code (pretrain_rot.py, utils.rotation):
-1. ResNet-32 with the pretext head `fc` (the authors' default ResNet-50 fails on 32×32 images).
-2. ldam_drw.py --pretrained fails unless every backbone tensor loads (the authors' loaded nothing).
-3. Exactly balanced rotation batches, seeded by (seed, epoch) (the authors': nearly balanced).
-4. Both lr decays scale with --epochs (the authors' first upload never reached its ×0.0001 branch).
-5. Every test image under all four rotations, per rotation and class; the last epoch is kept.
-6. Data, crop/flip and rotation on the GPU (torch.rot90 on the normalised batch, as the authors).
+1. ResNet-32 with the pretext head `fc` (the authors' default ResNet-50's fixed 7×7 pool fails on 32×32).
+2. Exactly balanced rotation batches, seeded by (seed, epoch) (the authors permuted B + 4 labels, dropped 4).
+3. Both lr decays scale with --epochs (the authors' first upload tested epoch > 160 before > 180, so never
+   reached its ×0.0001 branch; fixed in April 2021).
+4. Every test image under all four rotations, per rotation and class; the last epoch is kept.
+5. Data, crop/flip and rotation on the GPU (torch.rot90 on the normalised batch, as the authors).
 """
 import argparse
 import math
@@ -51,10 +49,10 @@ def parse_args(argv=None):
     p.add_argument("--rho", type=float, default=0.01, help="tail/head ratio in (0, 1]; 1 = balanced")
     p.add_argument("--imb-type", default="exp", choices=["exp", "step"])
     p.add_argument("--gpu", type=int, default=0, help="GPU index; -1 = CPU")
-    p.add_argument("--epochs", type=int, default=None, help="default: 200 (CIFAR, SVHN), 90 (ImageNet-LT, iNat)")
+    p.add_argument("--epochs", type=int, default=200, help="default: 200 (CIFAR, SVHN), 90 (ImageNet-LT, iNat)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=None, help="default: 0.1 (CIFAR, SVHN), 0.2 (ImageNet-LT, iNat)")
-    p.add_argument("--wd", type=float, default=None, help="default: 2e-4 (CIFAR, SVHN), 5e-4 (ImageNet-LT), 1e-4 (iNat)")
+    p.add_argument("--lr", type=float, default=0.1, help="default: 0.1 (CIFAR, SVHN), 0.2 (ImageNet-LT, iNat)")
+    p.add_argument("--wd", type=float, default=2e-4, help="default: 2e-4 (CIFAR, SVHN), 5e-4 (ImageNet-LT), 1e-4 (iNat)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0,
                    help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
@@ -76,9 +74,6 @@ def parse_args(argv=None):
     if args.dataset in ("imagenet_lt", "inat"):
         R.fail(f"rotation_ssp.py pre-trains on CIFAR-size images; paper 1 pre-trains {args.dataset} with MoCo "
                f"(moco_ssp.py)")
-    for name, default in (("epochs", 200), ("lr", 0.1), ("wd", 2e-4)):
-        if getattr(args, name) is None:
-            setattr(args, name, default)
     args.schedule = "step"                                 # REFERENCE §2: the CIFAR schedule of ldam_drw.py
     if args.out is None:
         args.out = os.path.join("runs", f"rotation_ssp-{args.dataset}-{args.rho:g}-{args.seed}")
@@ -160,16 +155,17 @@ class ResNet32(nn.Module):
 # ----- the method (paper 1 §4.2: rotation pretext task; Gidaris et al. 2018) -----------------------
 
 def rotation_labels(n, generator, device):
-    """Rotation class (k: k·90°) of each of n images: a random permutation of the pattern 0, 1, 2, 3, 0, …
-    started at a random phase. Exactly n/4 of each class when 4 divides n; every position is uniform
-    over the four classes for any n (the random phase decides which classes get the extra images)."""
+    """Rotation class (k: k·90°) of each of n images: a random permutation of 0, 1, 2, 3, 0, … from a random
+    phase, so n/4 of each class when 4 divides n and every position uniform for any n. One rotation per image
+    per epoch, as paper 1's code (Gidaris et al. batch all four): the (image, rotation) law is an independent
+    uniform draw's; only the label-count noise within a batch goes."""
     phase = torch.randint(4, (1,), generator=generator, device=device)
     return (torch.randperm(n, generator=generator, device=device) + phase) % 4
 
 
 def rotate(x, k):
-    """Turn image i of the N×C×H×W batch `x` by k[i]·90° counter-clockwise (torch.rot90 over H, W, the
-    direction of the authors' code and of torchvision's rotate). H must equal W."""
+    """Turn image i of the N×C×H×W batch `x` (H = W) by k[i]·90° counter-clockwise, as torch.rot90 in the authors'
+    code and torchvision's rotate."""
     out = x
     for r in range(1, 4):
         out = torch.where((k == r).view(-1, 1, 1, 1), torch.rot90(x, r, (2, 3)), out)
@@ -242,8 +238,8 @@ def train_one_epoch(model, optimizer, train, epoch, args, device, step_model):
 
 @torch.no_grad()
 def rotation_accuracy(model, batches, num_classes, train_counts, amp=False):
-    """Rotation accuracy (pretext) with every image under all four rotations: overall, per rotation, per
-    class and many/medium/few-shot means. Class labels only sort the results."""
+    """Pretext accuracy of every image under all four rotations: overall, per rotation, per class and many /
+    medium / few-shot means (class labels only sort the results)."""
     model.eval()
     device = next(model.parameters()).device
     hits = torch.zeros(ROTATIONS, num_classes, dtype=torch.long, device=device)
@@ -278,14 +274,12 @@ def resume_run(args):
 
 
 def init_state(args, ckpt, device):
-    """The 4-way rotation classifier (ResNet-32, linear head `fc`), SGD, and the start epoch (--resume)."""
+    """The 4-way rotation classifier (ResNet-32, linear head `fc`), SGD, and the start epoch."""
     model = ResNet32(ROTATIONS).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
                                 fused=device.type == "cuda")
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    return model, optimizer, ckpt["epoch"] if ckpt is not None else 0
+    start, _ = R.restore(ckpt, model, optimizer)
+    return model, optimizer, start
 
 
 def open_run(args, ckpt, device, counts, start):
