@@ -49,10 +49,10 @@ def parse_args(argv=None):
     p.add_argument("--rho", type=float, default=0.01, help="tail/head ratio in (0, 1]; 1 = balanced")
     p.add_argument("--imb-type", default="exp", choices=["exp", "step"])
     p.add_argument("--gpu", type=int, default=0, help="GPU index; -1 = CPU")
-    p.add_argument("--epochs", type=int, default=200, help="default: 200 (CIFAR, SVHN), 90 (ImageNet-LT, iNat)")
+    p.add_argument("--epochs", type=int, default=None, help="default: 200 (CIFAR, SVHN), 90 (ImageNet-LT, iNat)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1, help="default: 0.1 (CIFAR, SVHN), 0.2 (ImageNet-LT, iNat)")
-    p.add_argument("--wd", type=float, default=2e-4, help="default: 2e-4 (CIFAR, SVHN), 5e-4 (ImageNet-LT), 1e-4 (iNat)")
+    p.add_argument("--lr", type=float, default=None, help="default: 0.1 (CIFAR, SVHN), 0.2 (ImageNet-LT, iNat)")
+    p.add_argument("--wd", type=float, default=None, help="default: 2e-4 (CIFAR, SVHN), 5e-4 (ImageNet-LT), 1e-4 (iNat)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0,
                    help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
@@ -74,6 +74,9 @@ def parse_args(argv=None):
     if args.dataset in ("imagenet_lt", "inat"):
         R.fail(f"rotation_ssp.py pre-trains on CIFAR-size images; paper 1 pre-trains {args.dataset} with MoCo "
                f"(moco_ssp.py)")
+    for name, default in (("epochs", 200), ("lr", 0.1), ("wd", 2e-4)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     args.schedule = "step"                                 # REFERENCE §2: the CIFAR schedule of ldam_drw.py
     if args.out is None:
         args.out = os.path.join("runs", f"rotation_ssp-{args.dataset}-{args.rho:g}-{args.seed}")
