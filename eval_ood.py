@@ -35,7 +35,6 @@ Deliberate differences from the paper and the authors' code:
 import argparse
 import contextlib
 import io
-import json
 import os
 import sys
 import time
