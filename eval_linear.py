@@ -34,7 +34,6 @@ Deliberate differences from the paper and the authors' code:
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from collections import defaultdict
@@ -47,6 +46,7 @@ import torchvision
 from torchvision import transforms
 
 import datasets_lt as D
+import run_lt as R
 
 CIFAR_ARCHS = ("resnet32", "resnet18")
 IMAGENET_ARCHS = ("resnet10", "resnet50")
@@ -95,12 +95,12 @@ def parse_args(argv=None):
     p.add_argument("--tag", default=None,
                    help="method name in the Δ table; default: the pre-training script (+ its --opt)")
     p.add_argument("--strict-fp32", action="store_true", help="disable TF32 in cuDNN convolutions and matmuls")
-    p.error = fail                                         # one line and exit 2, not the usage text
+    p.error = R.fail                                       # one line and exit 2, not the usage text
     args = p.parse_args(argv)
     if (args.ckpt is None) == (args.gap is None):
-        fail("pass --ckpt PATH to probe a checkpoint, or --gap FINAL_JSON ... for the Δ table (not both)")
+        R.fail("pass --ckpt PATH to probe a checkpoint, or --gap FINAL_JSON ... for the Δ table (not both)")
     if args.augment and args.protocol != "fast":
-        fail("--augment is a variant of --protocol fast; --protocol authors already trains on augmented views")
+        R.fail("--augment is a variant of --protocol fast; --protocol authors already trains on augmented views")
     if args.ckpt and args.out is None:
         run = os.path.basename(os.path.dirname(os.path.abspath(args.ckpt)))
         args.out = os.path.join("runs", f"eval_linear-{run}-{args.seed}")
@@ -110,16 +110,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Range of every numeric flag, before anything is read or written."""
-    check_ranges(args, SHARED_RANGES)
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def fmt(v):
-    return f"{v:6.2f}" if v is not None else f"{'-':>6}"
+    R.check_ranges(args, R.SHARED_RANGES)
 
 
 # ----- model ---------------------------------------------------------------------------------------
@@ -238,181 +229,18 @@ def build_backbone(arch, num_classes):
     if arch == "resnet18":
         return ResNet18(num_classes)
     if arch not in IMAGENET_ARCHS:
-        fail(f"unknown architecture '{arch}' in the checkpoint; this script knows "
-             f"{', '.join(CIFAR_ARCHS + IMAGENET_ARCHS)}")
+        R.fail(f"unknown architecture '{arch}' in the checkpoint; this script knows "
+               f"{', '.join(CIFAR_ARCHS + IMAGENET_ARCHS)}")
     block, layers = ((torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]) if arch == "resnet10" else
                      (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]))
     return torchvision.models.resnet.ResNet(block, layers, num_classes=num_classes)
 
 
 def build_model(args, ckpt, num_classes, device):
-    """The checkpoint's architecture on `device` with a fresh num_classes-way `fc`; every backbone tensor
-    from --ckpt (load_backbone)."""
+    """The checkpoint's architecture on `device`, every backbone tensor from --ckpt, a fresh num_classes-way `fc`."""
     model = build_backbone(ckpt["arch"], num_classes).to(device)
-    load_backbone(model, ckpt["arch"], args.ckpt)
+    R.load_backbone(model, ckpt["arch"], args.ckpt)
     return model
-
-
-# ----- run files -----------------------------------------------------------------------------------
-
-# === shared: check_ranges (identical in every script) ===
-def check_ranges(args, ranges):
-    """Every (flag, low, high, bounds) of `ranges`: the flag's value lies in the interval, bounds "[)" meaning
-    low <= value < high (None: no bound; a flag left at None is skipped). Else one line and exit 2."""
-    for name, low, high, bounds in ranges:
-        v = getattr(args, name, None)
-        if v is None:
-            continue
-        ok = abs(v) <= float(np.finfo(np.float32).max) and (low is None or (v >= low if bounds[0] == "[" else v > low)) \
-            and (high is None or (v <= high if bounds[1] == "]" else v < high))      # NaN, inf, 1e300 fail
-        if not ok:
-            interval = f"{bounds[0]}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{bounds[1]}"
-            fail(f"--{name.replace('_', '-')} must be in {interval}, got {v:g}")
-
-
-SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
-                 ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
-                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
-# === end shared: check_ranges ===
-
-
-# === shared: checkpoints (identical in every script) ===
-HEAD_PREFIXES = ("fc.",)
-
-
-def save_atomic(obj, path):
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path, text):
-    """Temp file + rename, as save_atomic: a killed run never leaves a half-written file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def strict_json(obj, **kw):
-    """JSON without the bare NaN / Infinity tokens Python writes by default: a non-finite float is null."""
-    def clean(v):
-        if isinstance(v, float):
-            return v if np.isfinite(v) else None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-    return json.dumps(clean(obj), allow_nan=False, **kw)
-
-
-def write_json(path, obj):
-    write_text_atomic(path, strict_json(obj, indent=1))
-
-
-def read_metrics(path):
-    """The rows of a metrics.jsonl; none when a moved or copied run lacks the file."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def write_metrics(path, rows):
-    write_text_atomic(path, "".join(strict_json(r) + "\n" for r in rows))
-
-
-def append_metrics(path, row):
-    write_metrics(path, read_metrics(path) + [row])
-
-
-def copy_source(path, out):
-    """The script's own source beside its outputs (temp file + rename)."""
-    tmp = os.path.join(out, os.path.basename(path) + ".tmp")
-    shutil.copy(path, tmp)
-    os.replace(tmp, os.path.join(out, os.path.basename(path)))
-
-
-def given_flags(parser, argv):
-    """Destinations of the flags written on the command line (abbreviations included), so --resume can
-    apply or refuse each of them instead of dropping it."""
-    unset = object()
-    seen = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
-    return sorted(k for k, v in vars(seen).items() if v is not unset and k != "help")
-
-
-def resume_args(args, ckpt, applied):
-    """--resume PATH: continue the run in dirname(PATH) with the arguments it was started with. A flag in
-    `applied` given on this command line replaces the stored value (--gpu and --workers always do: they
-    describe this machine); any other flag given with --resume is refused."""
-    flag = lambda k: "--" + k.replace("_", "-")
-    refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
-    if refused:
-        fail(f"--resume continues a run with its own arguments; drop {' '.join(map(flag, refused))} (with "
-             f"--resume only {', '.join(map(flag, applied))} may be given)")
-    now = {k: getattr(args, k) for k in applied if k in args.cli_flags or k in ("gpu", "workers")}
-    return argparse.Namespace(**{**vars(args), **ckpt["args"], **now, "resume": args.resume,
-                                 "out": os.path.dirname(os.path.abspath(args.resume)), "cli_flags": args.cli_flags})
-
-
-def nonfinite_tensor(model):
-    """Name of the first parameter or buffer holding NaN / inf (a BatchNorm running_var, say), or None."""
-    named = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
-    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist() if named else []
-    return next((k for (k, _), ok in zip(named, finite) if not ok), None)
-
-
-def stop_diverged(what, out, epoch):
-    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint,
-    exit 1."""
-    last = os.path.join(out, "last.pt")
-    kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
-    print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
-    sys.exit(1)
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        fail(f"checkpoint '{path}' does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:                                 # empty, truncated, another format, ...
-        why = (str(e).splitlines() or [""])[0][:60]
-        fail(f"'{path}' is not a checkpoint of this project ({e.__class__.__name__}{': ' if why else ''}{why})")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
-        fail(f"'{path}' is not a checkpoint of this project (a dict with 'arch' and 'model')")
-    return ckpt
-
-
-def load_backbone(model, arch, path):
-    """Copy every backbone tensor of the checkpoint at `path` into `model`; the head stays as it is.
-
-    Prints matched / missing / unexpected counts; fails unless every backbone key of `model` was found
-    with the right shape."""
-    ckpt = load_checkpoint(path)
-    if ckpt["arch"] != arch:
-        fail(f"'{path}' holds a {ckpt['arch']} backbone but this run trains {arch}; pre-train the same "
-             f"architecture or pass --arch {ckpt['arch']}")
-    src = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
-    own = model.state_dict()
-    backbone = [k for k in own if not k.startswith(HEAD_PREFIXES)]
-    matched = [k for k in backbone if k in src and src[k].shape == own[k].shape]
-    missing = [k for k in own if k not in matched]
-    unexpected = [k for k in src if k not in own]
-    skipped = [k for k in src if k in own and k not in matched]
-    names = lambda keys: ", ".join(keys[:4]) + (", …" if len(keys) > 4 else "") or "-"
-    print(f"loaded backbone from {path}: {len(matched)} tensors matched, {len(missing)} missing "
-          f"({names(missing)}), {len(unexpected)} unexpected ({names(unexpected)}), {len(skipped)} not loaded "
-          f"({names(skipped)})")
-    bad = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
-    if bad:
-        fail(f"'{path}' lacks {len(bad)} backbone tensors of {arch} (first: {bad[0]}); it is not a "
-             f"{arch} backbone of this project")
-    own.update({k: src[k] for k in matched})
-    model.load_state_dict(own)
-    return ckpt
-# === end shared: checkpoints ===
 
 
 # === shared: pretrain_meta (identical in eval_linear.py and eval_ood.py) ===
@@ -474,7 +302,7 @@ def backbone_features(model, x):
 
 def backbone_state(model):
     """A copy of every backbone tensor: parameters and BatchNorm buffers (running statistics, counters)."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIXES)}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(R.HEAD_PREFIXES)}
 
 
 def sanity_check(model, before):
@@ -510,12 +338,8 @@ class FeatureBatches:
 
     def epoch(self, epoch):
         n, dev = len(self.labels), self.feats.device
-        if self.shuffle:
-            g = torch.Generator(device=dev)
-            g.manual_seed(self.seed * 100_003 + epoch)
-            order = torch.randperm(n, generator=g, device=dev)
-        else:
-            order = torch.arange(n, device=dev)
+        order = (torch.randperm(n, generator=torch.Generator(dev).manual_seed(self.seed * 100_003 + epoch), device=dev)
+                 if self.shuffle else torch.arange(n, device=dev))
         for start in range(0, n, self.batch_size):
             idx = order[start:start + self.batch_size]
             yield self.feats[idx], self.labels[idx], idx
@@ -544,11 +368,10 @@ def probe_batches(images, labels, test_images, test_labels, num_classes, mean, s
 
 
 def linear_probe(model, plain, aug, val, test, num_classes, counts, args):
-    """Paper 2 §2.1, ID evaluation: train only `model.fc` (re-initialised N(0, 0.01²), bias 0) on the
-    frozen backbone in eval mode. Without `aug` the features of `plain` are computed once and the head
-    trains on them; with `aug` the backbone runs on every augmented batch. Validation and test features
-    are always cached. Logs one row per epoch to <out>/metrics.jsonl; returns (last-epoch test metrics,
-    best epoch on validation or None, timings). Ends with the sanity check on every backbone tensor."""
+    """Paper 2 §2.1, ID evaluation: train only `model.fc` (re-initialised N(0, 0.01²), bias 0) on the frozen
+    backbone in eval mode, on the cached features of `plain` or, with `aug`, on the backbone run on every
+    augmented batch; validation and test features are cached. One metrics.jsonl row per epoch; returns
+    (last-epoch test metrics, best epoch on validation or None, timings) after the sanity check."""
     before = backbone_state(model)
     model.eval()
     model.requires_grad_(False)
@@ -564,7 +387,7 @@ def linear_probe(model, plain, aug, val, test, num_classes, counts, args):
     feature_seconds = time.time() - t0
     optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
                                 fused=head.weight.is_cuda)
-    print(f"{'epoch':>5} {'lr':>8} {'loss':>8} {'train':>6} {'test':>6} {'val':>6} {'s':>6}")
+    print(R.table_header("train", "test", "val"))
     best, seconds = None, []
     for epoch in range(args.epochs):
         t1 = time.time()
@@ -593,16 +416,16 @@ def linear_probe(model, plain, aug, val, test, num_classes, counts, args):
             print(f"error: probe loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1} (lr {lr:g}); "
                   f"try a smaller --lr", file=sys.stderr)
             sys.exit(1)
-        test_m = evaluate(head, test_f.epoch(0), num_classes, counts)
-        val_m = evaluate(head, val_f.epoch(0), num_classes, counts) if val_f is not None else None
+        test_m = D.evaluate(head, test_f.epoch(0), num_classes, counts)
+        val_m = D.evaluate(head, val_f.epoch(0), num_classes, counts) if val_f is not None else None
         if val_m and (best is None or val_m["top1"] > best["val_top1"]):
             best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
         seconds.append(time.time() - t1)
         row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
                "test": test_m, "val_top1": val_m["top1"] if val_m else None, "seconds": seconds[-1]}
-        append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
-        print(f"{epoch + 1:5d} {lr:8.4f} {row['loss']:8.4f} {fmt(row['train_top1'])} {fmt(test_m['top1'])} "
-              f"{fmt(row['val_top1'])} {row['seconds']:6.2f}", flush=True)
+        R.append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
+        print(f"{epoch + 1:5d} {lr:8.4f} {row['loss']:8.4f} {R.fmt(row['train_top1'])} {R.fmt(test_m['top1'])} "
+              f"{R.fmt(row['val_top1'])} {row['seconds']:6.2f}", flush=True)
     sanity_check(model, before)
     timing = {"feature_seconds": feature_seconds, "seconds_per_epoch": float(np.median(seconds)),
               "probe_seconds": time.time() - t0}
@@ -616,18 +439,16 @@ def read_result(path):
         with open(path) as f:
             result = json.load(f)
     except (OSError, ValueError) as e:
-        fail(f"cannot read '{path}' ({e.__class__.__name__}: {e})")
+        R.fail(f"cannot read '{path}' ({e.__class__.__name__}: {e})")
     if not isinstance(result, dict) or "pretrain" not in result or "last" not in result or "eval" not in result:
-        fail(f"'{path}' is not a final.json of eval_linear.py or eval_ood.py (no 'eval', 'pretrain' and 'last')")
+        R.fail(f"'{path}' is not a final.json of eval_linear.py or eval_ood.py (no 'eval', 'pretrain' and 'last')")
     return result
 
 
 def ood_means(results):
-    """Paper 2 §2.1 / App. A.1: the ImageNet OOD accuracy of a pre-trained model is the mean over its
-    fine-tuning targets (CUB-200, Stanford Cars, Oxford Pets, Aircraft). The eval_ood.py fine-tuning
-    results of one checkpoint and evaluation seed become one result, eval "finetune:mean(<targets>)",
-    before Δ is computed; results of other evaluations pass through unchanged. Runs fine-tuned on
-    different sets of targets get different eval names, so they are never paired."""
+    """Paper 2 §2.1 / App. A.1: ImageNet OOD accuracy is the mean over the fine-tuning targets (CUB-200, Cars,
+    Pets, Aircraft): the eval_ood.py fine-tuning results of one checkpoint and seed become one result, eval
+    "finetune:mean(<targets>)", never paired with another set of targets; other results pass unchanged."""
     out, tuned = [], defaultdict(list)
     for res in results:
         if str(res["eval"]).startswith("finetune:"):
@@ -637,8 +458,8 @@ def ood_means(results):
     for group in tuned.values():
         targets = sorted(r["eval"].removeprefix("finetune:") for r in group)
         if len(set(targets)) != len(targets):
-            fail(f"checkpoint {group[0]['pretrain'].get('checkpoint')} was fine-tuned twice on one target with the "
-                 f"same seed; pass each result once")
+            R.fail(f"checkpoint {group[0]['pretrain'].get('checkpoint')} was fine-tuned twice on one target with the "
+                   f"same seed; pass each result once")
         out.append({**group[0], "eval": f"finetune:mean({'+'.join(targets)})",
                     "last": {"top1": float(np.mean([r["last"]["top1"] for r in group]))},
                     "targets": {t: r["last"]["top1"] for t, r in zip(targets, sorted(group, key=lambda r: r["eval"]))}})
@@ -651,15 +472,14 @@ def mean_std(values):
 
 
 def gap_rows(results):
-    """Paper 2, Eq. (1): Δ(n, r) = (A(n, 1) − A(n, r)) / A(n, 1) for every evaluation, method, architecture,
-    dataset and n that has both a balanced (r = 1) and an imbalanced run. n and r come from the class
-    counts of pre-training (pretrain_meta); A is the last-epoch test top-1, mean ± sample std over the runs
-    of each (…, n, r); a run is a pre-training seed with its evaluation, so the std holds both sources of
-    variance (the paper's std varies the evaluation seed only). Δ is Eq. (1) on the mean accuracies;
-    delta_std is the sample std of the per-seed Δ over the pre-training seeds found on both sides.
-    Returns (rows, [(key, reason)] of the runs that found no partner)."""
+    """Paper 2, Eq. (1): Δ(n, r) = (A(n, 1) − A(n, r)) / A(n, 1) of the mean last-epoch test top-1 A, for every
+    evaluation, method, architecture, dataset and n (pretrain_meta) with a balanced (r = 1) and an imbalanced
+    run. A run is a pre-training seed with its evaluation, so A's std holds both variances (the paper's: the
+    evaluation seed only); delta_std: the sample std of the per-seed Δ over the seeds found on both sides.
+    Returns (rows, [(key, reason)] of the runs without a partner)."""
     groups = defaultdict(lambda: defaultdict(list))
     rows, unpaired = [], []
+    by_seed = lambda runs: {s: [acc for t, acc in runs if t == s] for s, _ in runs}     # {seed: its accuracies}
     for res in ood_means(results):
         m = res["pretrain"]
         key = (res["eval"], m["kind"], m["method"], m.get("arch"), m["dataset"], m["n"])
@@ -676,16 +496,11 @@ def gap_rows(results):
                                   f"{'imbalanced' if balanced else 'balanced'} run of equal n"))
             continue
         a1, s1 = mean_std([acc for _, acc in balanced])
-        by_seed = defaultdict(list)
-        for seed, acc in balanced:
-            by_seed[seed].append(acc)
+        base = by_seed(balanced)
         for (r, imb_type), runs in imbalanced.items():
             ar, sr = mean_std([acc for _, acc in runs])
-            per_seed = defaultdict(list)
-            for seed, acc in runs:
-                per_seed[seed].append(acc)
-            deltas = [(np.mean(by_seed[s]) - np.mean(accs)) / np.mean(by_seed[s]) for s, accs in per_seed.items()
-                      if s in by_seed]
+            deltas = [(np.mean(base[s]) - np.mean(accs)) / np.mean(base[s]) for s, accs in by_seed(runs).items()
+                      if s in base]
             rows.append({"eval": key[0], "kind": key[1], "method": key[2], "arch": key[3], "dataset": key[4],
                          "n": key[5], "r": r, "imb_type": imb_type, "A_balanced": a1, "A_balanced_std": s1,
                          "A_imbalanced": ar, "A_imbalanced_std": sr, "delta": (a1 - ar) / a1,
@@ -705,8 +520,8 @@ def print_gap(paths):
         print(f"note: eval={key[0]} method={key[2]} arch={key[3]} dataset={key[4]} n={key[5]}: {why}; left out",
               file=sys.stderr)
     if not rows:
-        fail("no pair of runs with the same evaluation, method, dataset and n, one balanced (r = 1) and one "
-             "imbalanced; Δ needs both")
+        R.fail("no pair of runs with the same evaluation, method, dataset and n, one balanced (r = 1) and one "
+               "imbalanced; Δ needs both")
     print("A: last-epoch test top-1 %, mean±sample std over runs (a run = pre-training seed + its evaluation; "
           "the paper's std varies the evaluation seed only); Δ = (A(n,1) − A(n,r)) / A(n,1) of the means, "
           "±: sample std of the per-seed Δ; n, r from the pre-training class counts")
@@ -731,7 +546,7 @@ def build_data(args, device):
             return build_list_data(args, device)
         return probe_data(args, device)
     except D.DataError as e:
-        fail(str(e))
+        R.fail(str(e))
 
 
 def probe_data(args, device):
@@ -748,14 +563,14 @@ def probe_data(args, device):
 
 def build_list_data(args, device):
     if not args.train_list or not args.test_list:
-        fail(f"--dataset {args.dataset}: the probe trains on the full balanced training set, not the "
-             f"long-tailed list of pre-training; pass --train-list (e.g. all 1.28M ImageNet training "
-             f"images) and --test-list")
+        R.fail(f"--dataset {args.dataset}: the probe trains on the full balanced training set, not the "
+               f"long-tailed list of pre-training; pass --train-list (e.g. all 1.28M ImageNet training "
+               f"images) and --test-list")
     train_ds = D.FileListDataset(args.data_root, args.train_list, train=False)
     test_ds = D.FileListDataset(args.data_root, args.test_list, train=False)
     C = max(train_ds.num_classes, test_ds.num_classes)
     idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.data_seed)
-    make = lambda ds, i, bs, shuffle: ListBatches(ds, i, bs, shuffle, args.seed, args.workers, device)
+    make = lambda ds, i, bs, shuffle: D.ListBatches(ds, i, bs, shuffle, args.seed, args.workers, device)
     plain = make(train_ds, idx, 256, False)
     aug = None
     if args.augment or args.protocol == "authors":                 # MoCo's main_lincls training view
@@ -827,29 +642,13 @@ def authors_train_view(x, generator, scale=(0.8, 1.0)):
     return bicubic_resized_crop(x, top, left, h, w, W, flip)
 
 
-class AuthorsViews:
-    """Training batches of the authors' CIFAR probe with GPULoader's interface: epoch(e) → (x, y, idx), a
-    permutation and views drawn from a generator seeded by (seed, epoch); the last partial batch is kept
-    (their loader dropped it: 80 random images of 50,000 per epoch)."""
+class AuthorsViews(D.GPULoader):
+    """Training batches of the authors' CIFAR probe: GPULoader's shuffled epochs (seeded by (seed, epoch)), each
+    chunk of images through authors_train_view; the last partial batch is kept (their loader dropped it: 80
+    random images of 50,000 per epoch)."""
 
-    def __init__(self, images, labels, batch_size, mean, std, seed=0, chunk=8192):
-        self.images, self.batch_size, self.mean, self.std, self.seed = images, batch_size, mean, std, seed
-        self.labels = torch.as_tensor(np.asarray(labels)).long().to(images.device)
-        self.chunk = max(1, chunk // batch_size) * batch_size
-
-    def __len__(self):
-        return -(-len(self.labels) // self.batch_size)
-
-    def epoch(self, epoch):
-        dev = self.images.device
-        g = torch.Generator(device=dev)
-        g.manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.labels), generator=g, device=dev)
-        for start in range(0, len(order), self.chunk):
-            idx = order[start:start + self.chunk]
-            x = D.normalize(authors_train_view(self.images[idx], g), self.mean, self.std)
-            for b in range(0, len(idx), self.batch_size):
-                yield x[b:b + self.batch_size], self.labels[idx[b:b + self.batch_size]], idx[b:b + self.batch_size]
+    def _augment(self, x, g):
+        return D.normalize(authors_train_view(x, g), self.mean, self.std)
 
 
 def authors_batches(images, labels, test_images, test_labels, num_classes, mean, std, args):
@@ -857,109 +656,27 @@ def authors_batches(images, labels, test_images, test_labels, num_classes, mean,
     and test images go through the test view once (then cached as features like every evaluation)."""
     idx, val_idx = D.carve_val(np.arange(len(labels)), labels, args.val_frac, args.data_seed)
     dev = images.device
-    train = AuthorsViews(images[torch.as_tensor(idx, device=dev)], labels[idx], args.batch_size, mean, std,
-                         args.seed)
+    train = AuthorsViews(images[torch.as_tensor(idx, device=dev)], labels[idx], args.batch_size, mean, std, dev,
+                         shuffle=True, seed=args.seed)
     val = (D.GPULoader(authors_test_view(images[torch.as_tensor(val_idx, device=dev)]), labels[val_idx], 1024,
                        mean, std, dev) if len(val_idx) else None)
     test = D.GPULoader(authors_test_view(test_images), test_labels, 1024, mean, std, dev)
     return None, train, val, test, np.bincount(labels[idx], minlength=num_classes).tolist()
 
 
-# === shared: list_batches (identical in every script that uses it) ===
-class ListBatches:
-    """DataLoader over a FileListDataset with GPULoader's interface: epoch(e, weights) → (x, y, idx)."""
-
-    def __init__(self, dataset, indices, batch_size, train, seed, workers, device):
-        self.dataset, self.indices, self.train, self.seed, self.device = dataset, indices, train, seed, device
-        self.labels = torch.as_tensor(dataset.labels[indices])
-        self.kw = dict(batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                       persistent_workers=workers > 0)
-
-    def __len__(self):
-        return -(-len(self.indices) // self.kw["batch_size"])
-
-    def epoch(self, epoch, weights=None):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        if weights is not None:
-            sampler = torch.utils.data.WeightedRandomSampler(weights, len(self.indices), generator=g)
-        elif self.train:
-            sampler = torch.utils.data.RandomSampler(range(len(self.indices)), generator=g)
-        else:
-            sampler = range(len(self.indices))
-        order = torch.as_tensor(list(sampler))
-        sub = torch.utils.data.Subset(self.dataset, [int(self.indices[i]) for i in order])
-        try:
-            for b, (x, y) in enumerate(torch.utils.data.DataLoader(sub, **self.kw)):
-                idx = order[b * self.kw["batch_size"]:(b + 1) * self.kw["batch_size"]]
-                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
-        except D.DataError as e:                   # an unreadable image mid-epoch: stop before saving anything
-            fail(str(e))
-# === end shared: list_batches ===
-
-
-# ----- one epoch -----------------------------------------------------------------------------------
-
-# === shared: evaluate (identical in every script) ===
-@torch.no_grad()
-def evaluate(model, batches, num_classes, train_counts):
-    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means.
-
-    Always float32, also under --amp: bf16 logits tie often, and argmax gives a tie to the lowest class
-    index, i.e. to the head classes."""
-    model.eval()
-    correct = torch.zeros(num_classes, dtype=torch.long)
-    total = torch.zeros(num_classes, dtype=torch.long)
-    for x, y, _ in batches:
-        pred = model(x).argmax(1)
-        y = y.to(pred.device)
-        correct += torch.bincount(y[pred == y], minlength=num_classes).cpu()
-        total += torch.bincount(y, minlength=num_classes).cpu()
-    per_class = (correct.double() / total.clamp(min=1)).tolist()
-    seen = total > 0
-    result = {"top1": 100 * correct.sum().item() / total.sum().item(),
-              "mean_class_acc": 100 * float(np.mean([a for a, s in zip(per_class, seen) if s])),
-              "per_class": [round(100 * a, 2) for a in per_class]}
-    for group, mask in D.shot_groups(train_counts).items():
-        accs = [per_class[c] for c in range(num_classes) if mask[c] and seen[c]]
-        result[group] = 100 * float(np.mean(accs)) if accs else None
-    return result
-# === end shared: evaluate ===
-
-
 # ----- main ----------------------------------------------------------------------------------------
-
-def setup_device(args):
-    if args.gpu >= 0 and not torch.cuda.is_available():
-        print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
-        args.gpu = -1
-    device = torch.device(f"cuda:{args.gpu}" if args.gpu >= 0 else "cpu")
-    if args.amp and device.type != "cuda":
-        print("warning: --amp needs CUDA; ignored on the CPU", file=sys.stderr)
-        args.amp = False
-    if device.type == "cuda":
-        if args.gpu >= torch.cuda.device_count():
-            fail(f"--gpu {args.gpu}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
-        # DataLoader pin-memory threads run on the current device, which is cuda:0 unless set here
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    return device
-
 
 def start_run(args):
     """No --resume (a probe is short): loads --ckpt, takes --dataset and --data-root from it unless given,
     and refuses an --out that already holds a final.json. Returns (args, ckpt)."""
-    ckpt = load_checkpoint(args.ckpt)
+    ckpt = R.load_checkpoint(args.ckpt)
     stored = ckpt.get("args") or {}
     args.dataset = args.dataset or stored.get("dataset")
     args.data_root = args.data_root or stored.get("data_root")
     if args.dataset is None or args.data_root is None:
-        fail(f"'{args.ckpt}' does not say which data it was trained on; pass --dataset and --data-root")
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.wd < 0:
-        fail("--epochs, --batch-size and --lr must be positive, --wd not negative")
+        R.fail(f"'{args.ckpt}' does not say which data it was trained on; pass --dataset and --data-root")
     if os.path.exists(os.path.join(args.out, "final.json")):
-        fail(f"{args.out} already holds a probe; pass another --out")
+        R.fail(f"{args.out} already holds a probe; pass another --out")
     return args, ckpt
 
 
@@ -983,12 +700,7 @@ def describe_eval(args):
 def open_run(args, meta, counts, num_classes, device):
     """<out>/args.json (with the pre-training metadata), the source copy, an empty metrics.jsonl, and the
     line that says what runs on what."""
-    os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, "args.json"),
-               {**vars(args), "pretrain": meta, "torch": torch.__version__, "cuda": torch.version.cuda,
-                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})
-    copy_source(__file__, args.out)
-    write_metrics(os.path.join(args.out, "metrics.jsonl"), [])
+    R.open_run(args, None, device, __file__, 0, extra={"pretrain": meta})
     what, where, how = describe_eval(args)
     print(f"{what} of {meta['arch']} from {meta['script']} ({meta['kind']}, pre-trained on {meta['dataset']} "
           f"n={meta['n']} r={meta['r']}) on {where}: {sum(counts)} training images, {num_classes} classes, "
@@ -997,17 +709,15 @@ def open_run(args, meta, counts, num_classes, device):
 
 def finish_run(args, model, meta, counts, last, best, timing, t_run):
     """<out>/last.pt (backbone and trained head), final.json, and the last line."""
-    save_atomic({"script": "eval_linear.py", "arch": meta["arch"], "model": model.state_dict(),
-                 "epoch": args.epochs, "args": vars(args), "class_counts": counts, "pretrain": meta},
-                os.path.join(args.out, "last.pt"))
-    final = {"script": "eval_linear.py", "eval": eval_name(args), "dataset": args.dataset, "pretrain": meta,
-             "protocol": args.protocol,
-             "augment": args.augment, "seed": args.seed, "data_seed": args.data_seed,
-             "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-             "class_counts": counts, "last": last, "top1": last["top1"], "per_class": last["per_class"],
-             "best_on_val": best, "sanity_check": "passed", **timing,
-             "wall_seconds": time.time() - t_run}
-    write_json(os.path.join(args.out, "final.json"), final)
+    R.save_atomic({"script": "eval_linear.py", "arch": meta["arch"], "model": model.state_dict(),
+                   "epoch": args.epochs, "args": vars(args), "class_counts": counts, "pretrain": meta},
+                  os.path.join(args.out, "last.pt"))
+    R.finish_run(args.out, {
+        "script": "eval_linear.py", "eval": eval_name(args), "dataset": args.dataset, "pretrain": meta,
+        "protocol": args.protocol, "augment": args.augment, "seed": args.seed, "data_seed": args.data_seed,
+        "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "class_counts": counts, "last": last,
+        "top1": last["top1"], "per_class": last["per_class"], "best_on_val": best, "sanity_check": "passed",
+        **timing}, t_run)
     print(f"last epoch: test top-1 {last['top1']:.2f}%, mean per-class {last['mean_class_acc']:.2f}%"
           + (f"; best on validation: epoch {best['epoch']}, test top-1 {best['test']['top1']:.2f}%" if best else "")
           + f" ({timing['feature_seconds']:.1f} s features, {timing['probe_seconds']:.1f} s in all)")
@@ -1019,7 +729,7 @@ def main(argv=None):
         print_gap(args.gap)
         return
     args, ckpt = start_run(args)
-    device = setup_device(args)
+    device = R.setup_device(args)
     *batches, counts, C = build_data(args, device)
     model = build_model(args, ckpt, C, device)
     meta = pretrain_meta(ckpt, args.ckpt, args.tag)
