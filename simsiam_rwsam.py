@@ -50,8 +50,7 @@ import torchvision
 import datasets_lt as D
 import run_lt as R
 
-LARGE = ("imagenet_lt", "inat")                            # file lists: ResNet-50, views in DataLoader workers
-ARCHS = ("resnet18", "resnet10", "resnet50")
+LARGE = ("imagenet_lt", "inat")
 SUBSAMPLE = (1.0, 0.75, 0.5, 0.25, 0.125)
 
 
@@ -93,7 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--opt", default="rwsam", choices=["sgd", "sam", "rwsam"],
                    help="sgd: SimSiam; sam: + SAM; rwsam: stage 1 SimSiam, KDE weights, stage 2 rwSAM")
     p.add_argument("--sam-rho", type=float, default=None,
-                   help="SAM radius ρ (paper 2 App. C.1, an ASAM radius): default 5 (CIFAR-10-LT), 2 (ImageNet-LT, iNat)")
+                   help="SAM radius ρ (paper 2 App. C.1, an ASAM radius): default 5 (CIFAR-10-LT), 2 "
+                        "(ImageNet-LT, iNat)")
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                    help="ASAM (Kwon et al.): ε = ρ·|w|²·g/‖|w|·g‖₂, as the authors always ran it (default); "
                         "--no-adaptive: plain SAM, ε = ρ·g/‖g‖₂")
@@ -126,7 +126,7 @@ def parse_args(argv=None):
                         "reported")
     p.add_argument("--strict-fp32", action="store_true", help="disable TF32 in cuDNN convolutions and matmuls")
     # ImageNet-LT / iNat (file lists): Chen & He's ImageNet SimSiam with paper 2's App. A.1 schedule
-    p.add_argument("--arch", default=None, choices=ARCHS,
+    p.add_argument("--arch", default=None, choices=["resnet18", "resnet10", "resnet50"],
                    help="default: resnet18 (CIFAR ResNet-18: CIFAR, SVHN, folder), resnet50 (torchvision: "
                         "ImageNet-LT, iNat); resnet10 is a small torchvision ResNet for file lists")
     p.add_argument("--train-list", default=None, help="ImageNet-LT / iNat: 'relative/path label' list")
@@ -149,21 +149,17 @@ def parse_args(argv=None):
     if args.lr is None:                                    # linear scaling rule (Goyal et al.)
         args.lr = 0.025 * args.batch_size / 256 if large else 0.06 * args.batch_size / 512
     if args.out is None:
-        tags = (["step"] if args.imb_type == "step" else []) + (["balanced"] if args.balanced else []) + \
-               ([f"sub{args.subsample:g}"] if args.subsample < 1 else [])
-        args.out = os.path.join("runs", "-".join(["simsiam_rwsam", args.dataset, f"{args.rho:g}", str(args.seed),
-                                                  args.opt, *tags]))
-    check_args(args)
+        tags = [args.opt] + (["step"] if args.imb_type == "step" else []) + (["balanced"] if args.balanced else []) \
+            + ([f"sub{args.subsample:g}"] if args.subsample < 1 else [])
+        args.out = os.path.join("runs", f"simsiam_rwsam-{args.dataset}-{args.rho:g}-{args.seed}-" + "-".join(tags))
+    R.check_ranges(args, RANGES)
     return args
 
 
-def check_args(args):
-    """Range of every numeric flag, before anything is read or written."""
-    R.check_ranges(args, R.SHARED_RANGES + [("sam_rho", 0, None, "[)"), ("alpha", 0, None, "[)"),
-                                            ("bandwidth", 0, None, "()"), ("stage1_epochs", 1, None, "[)"),
-                                            ("knn_every", -1, None, "[)"), ("knn_k", 1, None, "[)"),
-                                            ("knn_t", 0, None, "()"), ("knn_val_frac", 0, 1, "()"),
-                                            ("gap_views", 1, None, "[)"), ("crop_size", 8, None, "[)")])
+RANGES = R.SHARED_RANGES + [    # of every numeric flag: checked before anything is read or written
+    ("sam_rho", 0, None, "[)"), ("alpha", 0, None, "[)"), ("bandwidth", 0, None, "()"),
+    ("stage1_epochs", 1, None, "[)"), ("knn_every", -1, None, "[)"), ("knn_k", 1, None, "[)"), ("knn_t", 0, None, "()"),
+    ("knn_val_frac", 0, 1, "()"), ("gap_views", 1, None, "[)"), ("crop_size", 8, None, "[)")]
 
 
 def check_run(args, world):
@@ -186,8 +182,7 @@ def check_run(args, world):
         R.fail("--train-list is for --dataset imagenet_lt or inat; drop it")
 
 
-# --resume continues a run with its own arguments; only these (where the run executes) may be given with it
-RESUME_FLAGS = ("gpu", "workers", "data_root", "download")
+RESUME_FLAGS = ("gpu", "workers", "data_root", "download")     # where the run executes: these may go with --resume
 
 
 # ----- model --------------------------------------------------------------------------------------
@@ -261,9 +256,8 @@ class SimSiam(ResNet18):
 
 
 class ResNetBackbone(torchvision.models.resnet.ResNet):
-    """torchvision ResNet-50 (ResNet-10: one basic block per stage) without its classifier: the pooled
-    feature (2048-d; 512-d for ResNet-10) under torchvision's tensor names, the backbone that moco_ssp.py,
-    ldam_drw.py and eval_linear.py build for file lists. zero_init_residual as Chen & He's builder."""
+    """torchvision ResNet-50 (ResNet-10: one basic block per stage) without its classifier, under torchvision's
+    tensor names (moco_ssp.py's, ldam_drw.py's, eval_linear.py's for file lists); zero_init_residual as Chen & He."""
 
     def __init__(self, arch):
         block, layers = ((torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]) if arch == "resnet10" else
@@ -272,8 +266,7 @@ class ResNetBackbone(torchvision.models.resnet.ResNet):
         self.width = self.fc.in_features
         self.fc = nn.Identity()
 
-    def features(self, x):
-        return torchvision.models.resnet.ResNet.forward(self, x)
+    features = torchvision.models.resnet.ResNet.forward          # the pooled 2048-d (ResNet-10: 512-d) feature
 
 
 class SimSiamResNet(ResNetBackbone):
@@ -310,15 +303,10 @@ def build_model(args, ckpt, n, device, rank, world):
     torch.manual_seed(args.seed)
     model = build_simsiam(args.arch).to(device)
     optimizer = make_optimizer(model, args, device)
-    start, kde, best, summary = 0, None, None, {}
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, kde, best, summary = ckpt["epoch"], ckpt.get("kde_weights"), ckpt.get("best"), ckpt.get("summary", {})
-    net = model
+    start, best = R.restore(ckpt, model, optimizer)
+    kde, summary = (ckpt.get("kde_weights"), ckpt.get("summary", {})) if ckpt is not None else (None, {})
+    net = nn.SyncBatchNorm.convert_sync_batchnorm(model) if world > 1 and device.type == "cuda" else model
     if world > 1:
-        if device.type == "cuda":
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     run = argparse.Namespace(model=model, net=net, optimizer=optimizer, kde=kde,
                              weights=kde["weights"].to(device) if kde is not None else None, best=best,
@@ -361,11 +349,10 @@ def bn_buffers(model):
 
 
 def train_step(model, optimizer, x1, x2, opt, rho=0.0, adaptive=False, weights=None, amp=False):
-    """One update; returns (mean loss at w, mean loss of the second pass, z_std) as device tensors.
-
-    sgd: w ← step(∇L(w)). sam / rwsam (paper 2 Eq. (3), Algorithm 1 lines 12–13): ε from ∇L_w(w) with
-    L_w = mean(w_i·ℓ_i) (w ≡ 1 for sam), then the optimiser steps at w with ∇L(w + ε) of the plain mean
-    loss. The first pass runs without DDP's gradient all-reduce; BN buffers keep the first pass's update."""
+    """One update; returns (mean loss at w, mean loss of the second pass, z_std) as device tensors. sgd: w ←
+    step(∇L(w)). sam / rwsam (paper 2 Eq. (3), Algorithm 1 lines 12–13): ε from ∇L_w(w) with L_w = mean(w_i·ℓ_i)
+    (w ≡ 1 for sam), then the optimiser steps at w with ∇L(w + ε) of the plain mean loss. The first pass runs
+    without DDP's gradient all-reduce; BN buffers keep the first pass's update."""
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     optimizer.zero_grad(set_to_none=True)
     if opt == "sgd":
@@ -373,8 +360,7 @@ def train_step(model, optimizer, x1, x2, opt, rho=0.0, adaptive=False, weights=N
         loss.mean().backward()
         optimizer.step()
         return loss.detach().mean(), loss.detach().mean(), z_std
-    quiet = model.no_sync() if net is not model else contextlib.nullcontext()
-    with quiet:
+    with model.no_sync() if model is not net else contextlib.nullcontext():
         loss, z_std = forward_loss(model, x1, x2, amp)
         (loss if weights is None else weights * loss).mean().backward()
     live = [p for p in net.parameters() if p.grad is not None]
@@ -431,7 +417,6 @@ def kde_weights(feats, alpha, bandwidth=None, seed=0, chunk=2048, pairs=10_000):
 @torch.no_grad()
 def embed(model, loader, amp=False):
     """L2-normalised backbone features and labels of a GPULoader's images, in order (eval mode)."""
-    was_training = model.training
     model.eval()
     feats, labels = [], []
     for x, y, _ in loader.epoch(0):
@@ -439,17 +424,12 @@ def embed(model, loader, amp=False):
             f = model.features(x)
         feats.append(F.normalize(f.float(), dim=1))
         labels.append(y)
-    model.train(was_training)
     return torch.cat(feats), torch.cat(labels)
 
 
 def weights_from_training_set(model, loader, alpha, bandwidth, seed, amp=False):
     """Algorithm 1 line 8 on the training subset; the loader's labels are not read."""
-    feats, _ = embed(model, loader, amp)
-    try:
-        return kde_weights(feats, alpha, bandwidth, seed)
-    except ValueError as e:                                # too few images or a collapsed representation
-        raise D.DataError(str(e)) from None
+    return kde_weights(embed(model, loader, amp)[0], alpha, bandwidth, seed)
 
 
 def lr_at(epoch, epochs, base):
@@ -464,27 +444,23 @@ def run_epochs(args, epochs):
 
 def make_optimizer(model, args, device):
     """SGD; with --fix-pred-lr the predictor is a group of its own whose lr stays at --lr (Chen & He)."""
+    hyper = dict(lr=args.lr, momentum=args.momentum, weight_decay=args.wd, fused=device.type == "cuda")
     if not args.fix_pred_lr:
-        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
-                               fused=device.type == "cuda")
+        return torch.optim.SGD(model.parameters(), **hyper)
     pred = [p for n, p in model.named_parameters() if n.startswith("predictor.")]
     rest = [p for n, p in model.named_parameters() if not n.startswith("predictor.")]
-    return torch.optim.SGD([{"params": rest, "fix_lr": False}, {"params": pred, "fix_lr": True}], lr=args.lr,
-                           momentum=args.momentum, weight_decay=args.wd, fused=device.type == "cuda")
+    return torch.optim.SGD([{"params": rest, "fix_lr": False}, {"params": pred, "fix_lr": True}], **hyper)
 
 
 # ----- data ---------------------------------------------------------------------------------------
 
 def ssl_batches(images, batch_size, mean, std, epoch, seed, rank=0, world=1, chunk=8192):
-    """This process's part of every full global batch of one epoch: ([view1, view2], positions).
-
-    All ranks draw the same permutation from (seed, epoch) and take their contiguous slice of each
-    global batch, so the union over ranks is the one-process batch. Rank 0 augments with the same
-    generator (with one process this is datasets_lt.GPULoader(augment="ssl", drop_last=True) exactly);
-    every other rank re-seeds it with its own seed."""
+    """This process's part of every full global batch of one epoch: ([view1, view2], positions). All ranks draw
+    the same (seed, epoch) permutation and take their slice of each global batch, so the union over ranks is the
+    one-process batch; rank 0 augments with that generator (alone: datasets_lt.GPULoader(augment="ssl",
+    drop_last=True) exactly), every other rank re-seeds it with its own seed."""
     n, dev = images.shape[0], images.device
-    g = torch.Generator(device=dev)
-    g.manual_seed(seed * 100_003 + epoch)
+    g = torch.Generator(device=dev).manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=g, device=dev)
     steps, local = n // batch_size, batch_size // world
     mine = order[:steps * batch_size].view(steps, world, local)[:, rank].reshape(-1)
@@ -499,16 +475,9 @@ def ssl_batches(images, batch_size, mean, std, epoch, seed, rank=0, world=1, chu
             yield [v[b:b + local] for v in views], idx[b:b + local]
 
 
-class PlainList:
-    """list_plain_batches with GPULoader's epoch() interface, for embed(): rwSAM's KDE features."""
-
-    def __init__(self, args, idx, device):
-        self.epoch = lambda _: D.list_plain_batches(args, idx, device)
-
-
 def build_list_data(args, device, rank, world):
     """ImageNet-LT / iNat: the list is the variant (python datasets_lt.py --train-list writes paper 2's);
-    --val-frac carves a validation split from it. Two views per image in DataLoader workers."""
+    --val-frac carves a validation split from it. Two views per image in DataLoader workers; no kNN sets."""
     if not args.train_list:
         R.fail(f"--dataset {args.dataset} needs --train-list ('relative/path label' file)")
     if args.balanced:
@@ -516,12 +485,11 @@ def build_list_data(args, device, rank, world):
                f"(python datasets_lt.py --train-list ... writes paper 2's ImageNet variants)")
     ds = D.FileListDataset(args.data_root, args.train_list, train=True, transform=D.TwoViews(args.crop_size))
     idx, val_idx = D.carve_val(np.arange(len(ds)), ds.labels, args.val_frac, args.data_seed)
-    C = ds.num_classes
-    data = argparse.Namespace(names=None, C=C, idx=idx, val_idx=val_idx, mean=D.IMAGENET_MEAN, std=D.IMAGENET_STD,
-                              counts=np.bincount(ds.labels[idx], minlength=C).tolist(), labels=ds.labels[idx],
-                              images=None)
+    data = argparse.Namespace(C=ds.num_classes, idx=idx, val_idx=val_idx, mean=D.IMAGENET_MEAN, std=D.IMAGENET_STD,
+                              counts=np.bincount(ds.labels[idx], minlength=ds.num_classes).tolist(),
+                              labels=ds.labels[idx], images=None)
     data.train = D.ListViews(ds, idx, args.batch_size // world, args.seed, args.workers, device, rank, world)
-    data.train_eval = PlainList(args, idx, device)
+    data.train_eval = argparse.Namespace(epoch=lambda _: D.list_plain_batches(args, idx, device))  # for embed()
     return data
 
 
@@ -536,9 +504,8 @@ def build_data(args, device, rank, world):
     mean, std = D.mean_std(args.dataset, train_x)
     full = D.to_device(train_x, device)
     pick = lambda i: full[torch.as_tensor(i, device=device)]
-    data = argparse.Namespace(names=names, C=C, idx=idx, val_idx=val_idx, mean=mean, std=std,
+    data = argparse.Namespace(C=C, idx=idx, val_idx=val_idx, mean=mean, std=std, images=pick(idx),
                               counts=np.bincount(train_y[idx], minlength=C).tolist(), labels=train_y[idx])
-    data.images = pick(idx)
     data.train_eval = D.GPULoader(data.images, train_y[idx], 1024, mean, std, device)
     order = D.CLASS_ORDER.get(args.dataset, list(range(C)))
     data.frequent, data.rare = order[:C // 2], order[C // 2:]
@@ -550,14 +517,18 @@ def build_data(args, device, rank, world):
             mem, queries = D.carve_val(np.arange(len(train_y)), train_y, args.knn_val_frac, args.data_seed)
         data.knn_mem = D.GPULoader(pick(mem), train_y[mem], 1024, mean, std, device)
         data.knn_query = D.GPULoader(pick(queries), train_y[queries], 1024, mean, std, device)
-        data.gap_train = D.GPULoader(data.images, train_y[idx], 1024, mean, std, device, augment="ssl",
-                                     shuffle=False, seed=args.seed)
-        data.gap_heldout = D.GPULoader(test_x, test_y, 1024, mean, std, device, augment="ssl", shuffle=False,
-                                       seed=args.seed)
+        views = dict(augment="ssl", shuffle=False, seed=args.seed)         # the seeded view pairs of gap_over_views
+        data.gap_train = D.GPULoader(data.images, train_y[idx], 1024, mean, std, device, **views)
+        data.gap_heldout = D.GPULoader(test_x, test_y, 1024, mean, std, device, **views)
     return data
 
 
-# ----- one epoch ----------------------------------------------------------------------------------
+# ----- one epoch, the stages (paper 2 Algorithm 1) ------------------------------------------------
+
+def phase(args, run, epoch):
+    """(optimiser rule, epoch within the stage, epochs of the stage) of 0-based global epoch `epoch`."""
+    return ("sgd", epoch, run.e1) if epoch < run.e1 else (args.opt, epoch - run.e1, run.e2)
+
 
 def train_one_epoch(run, data, epoch, args):
     """One epoch of the stage's rule (phase) with train_step. Returns (row: means over all processes; the first
@@ -577,8 +548,7 @@ def train_one_epoch(run, data, epoch, args):
         steps += 1
         w = run.weights[pos.to(device)] if opt == "rwsam" else None
         loss, loss2, z_std = train_step(run.model, run.optimizer, x1, x2, opt, args.sam_rho, args.adaptive, w, args.amp)
-        bad = ~(torch.isfinite(loss) & torch.isfinite(loss2))
-        first_bad = torch.where((first_bad < 0) & bad, step, first_bad)
+        first_bad = torch.where((first_bad < 0) & ~(torch.isfinite(loss) & torch.isfinite(loss2)), step, first_bad)
         sums += torch.stack([loss, loss2, z_std]).double()
     if world > 1:
         dist.all_reduce(sums)
@@ -594,9 +564,8 @@ def monitor(args, run, data, epoch):
     _, e, epochs = phase(args, run, epoch)
     if not (args.knn_every >= 0 and (e + 1 == epochs or (args.knn_every and (e + 1) % args.knn_every == 0))):
         return None, None
-    mem_f, mem_y = embed(run.net, data.knn_mem, args.amp)
-    q_f, q_y = embed(run.net, data.knn_query, args.amp)
-    knn_now, knn_cm = knn_top1(mem_f, mem_y, q_f, q_y, data.C, args.knn_k, args.knn_t, class_mean=True)
+    knn_now, knn_cm = knn_top1(*embed(run.net, data.knn_mem, args.amp), *embed(run.net, data.knn_query, args.amp),
+                               data.C, args.knn_k, args.knn_t, class_mean=True)
     if epoch >= run.e1 and (run.best is None or knn_now > run.best["knn_top1"]):
         run.best = {"epoch": epoch + 1, "knn_top1": knn_now}
     return knn_now, knn_cm
@@ -625,15 +594,12 @@ def knn_top1(mem_f, mem_y, q_f, q_y, num_classes, k=200, t=0.1, chunk=1024, clas
 def class_mean_loss(model, loader, num_classes, amp=False, draw=0):
     """Mean per-example SimSiam loss per class, eval mode, the loader's seeded views of draw `draw` (one
     pair of views per image; NaN: no image)."""
-    was_training = model.training
     model.eval()
-    total = torch.zeros(num_classes, dtype=torch.float64)
-    count = torch.zeros(num_classes, dtype=torch.float64)
+    total, count = torch.zeros(num_classes, dtype=torch.float64), torch.zeros(num_classes, dtype=torch.float64)
     for (x1, x2), y, _ in loader.epoch(draw):
         loss, _ = forward_loss(model, x1, x2, amp)
         total += torch.bincount(y, weights=loss.double(), minlength=num_classes).cpu()
         count += torch.bincount(y, minlength=num_classes).cpu().double()
-    model.train(was_training)
     return (total / count).tolist()
 
 
@@ -647,8 +613,7 @@ def gap_over_views(model, train_loader, heldout_loader, num_classes, frequent, r
     out = {}
     for name in ("frequent", "rare"):
         gaps = np.array([d[name]["gap"] for d in draws])
-        out[name] = {"gap": float(gaps.mean()),
-                     "se": float(gaps.std(ddof=1) / math.sqrt(views)) if views > 1 else None,
+        out[name] = {"gap": float(gaps.mean()), "se": float(gaps.std(ddof=1) / math.sqrt(views)) if views > 1 else None,
                      "train_loss": float(np.mean([d[name]["train_loss"] for d in draws])),
                      "heldout_loss": float(np.mean([d[name]["heldout_loss"] for d in draws])),
                      "views": views, "per_view": gaps.tolist()}
@@ -666,70 +631,20 @@ def generalization_gap(train_loss, heldout_loss, frequent, rare):
 
 
 def stage_end(args, run, data, name, knn_now, knn_cm=None):
-    """kNN and generalization gap of the model as it stands (rank 0), stored under run.summary[name]."""
+    """kNN and generalization gap of the model as it stands (rank 0), stored under run.summary[name]; returns the
+    printed line."""
     gap = gap_over_views(run.net, data.gap_train, data.gap_heldout, data.C, data.frequent, data.rare,
                          args.gap_views, args.amp)
     run.summary[name] = {"knn_top1": knn_now, "knn_class_mean": knn_cm, "gap": gap}
     se = lambda g: f" ± {g['se']:.4f}" if g["se"] is not None else ""
-    print(f"{name}: kNN {R.fmt(knn_now)}%, generalization gap frequent {gap['frequent']['gap']:.4f}"
-          f"{se(gap['frequent'])}, rare {gap['rare']['gap']:.4f}{se(gap['rare'])} (± standard error over "
-          f"{args.gap_views} seeded view draws)")
-
-
-# ----- main ---------------------------------------------------------------------------------------
-
-# what runs saved before these flags existed did
-OLD_DEFAULTS = {"same_epochs": True, "gap_views": 1, "arch": "resnet18", "train_list": None, "workers": 8,
-                "crop_size": 224, "fix_pred_lr": False}
-
-
-def resume_run(args, world):
-    """(args, checkpoint or None): --resume's run arguments, checked (check_run); no new run over an old one."""
-    args, ckpt = R.resume_run(args, "simsiam_rwsam.py", RESUME_FLAGS, OLD_DEFAULTS,
-                              "; use --stage1 to start rwSAM from its backbone")
-    try:
-        check_run(args, world)
-    except D.DataError as e:
-        R.fail(str(e))
-    R.refuse_occupied(args.out, args.resume)
-    return args, ckpt
-
-
-def open_run(args, ckpt, run, data, start):
-    """Rank 0: the run's folder (with the training indices for a new run), then the lines printed above the epoch
-    table; a resumed run writes again the stage1.pt / kde_weights.pt an interrupted write may have lost."""
-    if run.rank != 0:
-        return
-    if R.open_run(args, ckpt, run.device, __file__, start, extra={"world_size": run.world}):
-        D.save_indices(os.path.join(args.out, "train_indices.json"), data.idx, data.val_idx)
-    n, e1, e2 = len(data.idx), run.e1, run.e2
-    init = "from a fresh model" if args.stage2_init == "scratch" else "continuing stage 1"
-    plan = (f"stage 1 SimSiam {e1} epochs, then rwSAM {e2} {init}" if e1 else
-            f"rwSAM {e2} epochs {init}, weights from --stage1 {args.stage1}" if args.opt == "rwsam" else
-            f"{'SimSiam' if args.opt == 'sgd' else 'SimSiam + SAM'} {e2} epochs")
-    if args.subsample < 1:
-        print(f"--subsample {args.subsample:g}: " + (
-            f"--same-epochs, {args.epochs} epochs as the full variant (fewer optimizer steps)" if args.same_epochs
-            else f"{e2} = round({args.epochs} / {args.subsample:g}) epochs, the optimizer steps of the full "
-                 f"variant's {args.epochs} (paper 2 App. A.1; --same-epochs turns this off)"))
-    counts = data.counts if data.images is not None else f"{data.counts[:3]}…{data.counts[-1]}"
-    print(f"{args.dataset} rho={args.rho:g} ({args.imb_type}{', balanced' if args.balanced else ''}"
-          f"{f', subsample {args.subsample:g}' if args.subsample < 1 else ''}): {n} training images "
-          f"{counts}; {plan}; {args.arch}, batch {args.batch_size} on {run.world} × {run.device}, lr {args.lr:g}"
-          + (" (predictor: fixed)" if args.fix_pred_lr else "")
-          + (f", SAM ρ={args.sam_rho:g}{' adaptive' if args.adaptive else ''}" if args.opt != "sgd" else ""))
-    print(f"{'epoch':>5} {'opt':>5} {'lr':>8} {'loss':>8} {'z_std':>7} {'knn':>6} {'s':>6}")
-    if ckpt is not None:                                   # what an interrupted write may have lost
-        if e1 and start == e1 and run.kde is None and not os.path.exists(os.path.join(args.out, "stage1.pt")):
-            R.save_atomic(run_state(args, run, data, e1, stage1=True), os.path.join(args.out, "stage1.pt"))
-        if run.kde is not None and "density" in run.kde and not os.path.exists(os.path.join(args.out, "kde_weights.pt")):
-            R.save_atomic(run.kde, os.path.join(args.out, "kde_weights.pt"))
+    return (f"{name}: kNN {R.fmt(knn_now)}%, generalization gap frequent {gap['frequent']['gap']:.4f}"
+            f"{se(gap['frequent'])}, rare {gap['rare']['gap']:.4f}{se(gap['rare'])} (± standard error over "
+            f"{args.gap_views} seeded view draws)")
 
 
 def stage1(args, ckpt, rank):
-    """Algorithm 1 lines 3–7: without --stage1, the epoch loop's first epochs (phase); with --stage1 PATH, its
-    backbone (checked and reported by the shared loader, quiet on ranks > 0) gives stage1_weights the features,
-    and its heads stage 2 when it continues from it. Returns (backbone, full state), None where unused."""
+    """Algorithm 1 lines 3–7: without --stage1, the epoch loop's first epochs (phase); with --stage1 PATH, its backbone
+    gives stage1_weights the features, and its heads stage 2 if it continues from it: (backbone, full state or None)."""
     if not args.stage1 or (ckpt is not None and ckpt.get("kde_weights") is not None):
         return None, None
     with open(os.devnull, "w") as sink, (contextlib.redirect_stdout(sink) if rank else contextlib.nullcontext()):
@@ -752,17 +667,14 @@ def stage1(args, ckpt, rank):
 
 def stage1_weights(args, data, net, stage1_backbone, device, rank, world):
     """Algorithm 1 line 8 on rank 0, broadcast: KDE weights (weights_from_training_set → kde_weights) of the
-    stage-1 features, from this run's stage-1 model `net` or --stage1's backbone. Labels are read only for the
-    printed mean weight per class."""
+    stage-1 features, from this run's stage-1 model `net` or --stage1's backbone."""
     source = "stage 1 of this run" if stage1_backbone is None else args.stage1
-    weights = torch.empty(len(data.idx), device=device)
-    kde = None
+    weights, kde = torch.empty(len(data.idx), device=device), None
     if rank == 0:
-        feature_net = net if stage1_backbone is None else stage1_backbone.to(device)
         try:
-            w, density, h = weights_from_training_set(feature_net, data.train_eval, args.alpha, args.bandwidth,
-                                                      args.seed, args.amp)
-        except D.DataError as e:
+            w, density, h = weights_from_training_set(net if stage1_backbone is None else stage1_backbone.to(device),
+                                                      data.train_eval, args.alpha, args.bandwidth, args.seed, args.amp)
+        except ValueError as e:                            # too few images or a collapsed representation
             R.fail(str(e))
         weights.copy_(w)
         labels, w_np = np.asarray(data.labels), w.cpu().numpy()
@@ -778,9 +690,8 @@ def stage1_weights(args, data, net, stage1_backbone, device, rank, world):
 
 
 def stage2(args, run, kde, stage1_full):
-    """Algorithm 1 line 9: stage 2 starts from a fresh model with the seed of stage 1 (--stage2-init scratch) or
-    from the stage-1 model (--stage1's with its heads, or this run's as it stands), with a fresh optimizer and
-    line 8's weights on every process (kde_weights.pt); lines 10–14 are train_one_epoch with --opt rwsam."""
+    """Algorithm 1 line 9: stage 2 starts from a fresh model with the seed of stage 1 (--stage2-init scratch) or from
+    the stage-1 model (--stage1's with its heads, or this run's as it stands), a fresh optimizer, line 8's weights."""
     if args.stage2_init == "scratch":
         run.net.load_state_dict(init_state(args.seed, args.arch))
     elif stage1_full is not None:
@@ -791,30 +702,66 @@ def stage2(args, run, kde, stage1_full):
     run.optimizer = make_optimizer(run.net, args, run.device)
 
 
-def phase(args, run, epoch):
-    """(optimiser rule, epoch within the stage, epochs of the stage) of 0-based global epoch `epoch`."""
-    return ("sgd", epoch, run.e1) if epoch < run.e1 else (args.opt, epoch - run.e1, run.e2)
+# ----- main ---------------------------------------------------------------------------------------
+
+def resume_run(args, world):
+    """--resume: the saved run's arguments, then check_run; no new run over a run."""
+    old_defaults = {"same_epochs": True, "gap_views": 1, "arch": "resnet18", "train_list": None, "workers": 8,
+                    "crop_size": 224, "fix_pred_lr": False}              # what runs saved before these flags did
+    args, ckpt = R.resume_run(args, "simsiam_rwsam.py", RESUME_FLAGS, old_defaults,
+                              "; use --stage1 to start rwSAM from its backbone")
+    check_run(args, world)
+    R.refuse_occupied(args.out, args.resume)
+    return args, ckpt
 
 
-def end_epoch(args, run, data, epoch, row, first_bad, steps, t0):
-    """The divergence guard (every process), then on rank 0 the monitor, the metrics row, the printed row, the
-    stage's kNN and generalization gap at its end (stage_end), stage1.pt after stage 1 and last.pt."""
-    R.stop_if_diverged(args.out, [run.net], epoch, first_bad, steps, run.rank, run.world)
-    seconds = time.time() - t0
+def open_run(args, ckpt, run, data, start):
+    """The run folder (rank 0) with the training indices; then the lines printed above the epoch table. A resumed
+    run writes again the stage1.pt / kde_weights.pt an interrupted write may have lost."""
+    if R.open_run(args, ckpt, run.device, __file__, start, extra={"world_size": run.world}, rank=run.rank):
+        D.save_indices(os.path.join(args.out, "train_indices.json"), data.idx, data.val_idx)
+    if run.rank != 0:
+        return
+    n, e1, e2 = len(data.idx), run.e1, run.e2
+    init = "from a fresh model" if args.stage2_init == "scratch" else "continuing stage 1"
+    plan = (f"stage 1 SimSiam {e1} epochs, then rwSAM {e2} {init}" if e1 else
+            f"rwSAM {e2} epochs {init}, weights from --stage1 {args.stage1}" if args.opt == "rwsam" else
+            f"{'SimSiam' if args.opt == 'sgd' else 'SimSiam + SAM'} {e2} epochs")
+    if args.subsample < 1:
+        print(f"--subsample {args.subsample:g}: " + (
+            f"--same-epochs, {args.epochs} epochs as the full variant (fewer optimizer steps)" if args.same_epochs
+            else f"{e2} = round({args.epochs} / {args.subsample:g}) epochs, the optimizer steps of the full "
+                 f"variant's {args.epochs} (paper 2 App. A.1; --same-epochs turns this off)"))
+    counts = data.counts if data.images is not None else f"{data.counts[:3]}…{data.counts[-1]}"
+    print(f"{args.dataset} rho={args.rho:g} ({args.imb_type}{', balanced' if args.balanced else ''}"
+          f"{f', subsample {args.subsample:g}' if args.subsample < 1 else ''}): {n} training images "
+          f"{counts}; {plan}; {args.arch}, batch {args.batch_size} on {run.world} × {run.device}, lr {args.lr:g}"
+          + (" (predictor: fixed)" if args.fix_pred_lr else "")
+          + (f", SAM ρ={args.sam_rho:g}{' adaptive' if args.adaptive else ''}" if args.opt != "sgd" else ""))
+    print(f"{'epoch':>5} {'opt':>5} {'lr':>8} {'loss':>8} {'z_std':>7} {'knn':>6} {'s':>6}")
+    stage1_pt, kde_pt = os.path.join(args.out, "stage1.pt"), os.path.join(args.out, "kde_weights.pt")
+    if ckpt is not None and e1 and start == e1 and run.kde is None and not os.path.exists(stage1_pt):
+        R.save_atomic(run_state(args, run, data, e1, stage1=True), stage1_pt)
+    if ckpt is not None and run.kde is not None and "density" in run.kde and not os.path.exists(kde_pt):
+        R.save_atomic(run.kde, kde_pt)
+
+
+def end_epoch(args, run, data, epoch, row, t0):
+    """Rank 0: the kNN monitor, then the metrics row, the printed line (with the stage's kNN and generalization gap
+    at its end: stage_end), stage1.pt after stage 1 and last.pt."""
     if run.rank != 0:
         return
     opt, e, epochs = phase(args, run, epoch)
-    t_knn = time.time()
+    seconds, t_knn = time.time() - t0, time.time()
     knn_now, knn_cm = monitor(args, run, data, epoch)
     row.update({"knn_top1": knn_now, "knn_class_mean": knn_cm, "seconds": seconds, "knn_seconds": time.time() - t_knn})
-    R.append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
-    print(f"{epoch + 1:5d} {opt:>5} {row['lr']:8.5f} {row['loss']:8.4f} {row['z_std']:7.4f} {R.fmt(knn_now)} "
-          f"{seconds:6.2f}", flush=True)
+    line = (f"{epoch + 1:5d} {opt:>5} {row['lr']:8.5f} {row['loss']:8.4f} {row['z_std']:7.4f} {R.fmt(knn_now)} "
+            f"{seconds:6.2f}")
     if e + 1 == epochs and args.knn_every >= 0:
-        stage_end(args, run, data, "stage1" if epoch < run.e1 else "final", knn_now, knn_cm)
+        line += "\n" + stage_end(args, run, data, "stage1" if epoch < run.e1 else "final", knn_now, knn_cm)
     if epoch + 1 == run.e1:                                # before last.pt: a kill between the two redoes the epoch
         R.save_atomic(run_state(args, run, data, epoch + 1, stage1=True), os.path.join(args.out, "stage1.pt"))
-    R.save_atomic(run_state(args, run, data, epoch + 1), os.path.join(args.out, "last.pt"))
+    R.end_epoch(args.out, row, line, run_state(args, run, data, epoch + 1))
 
 
 def run_state(args, run, data, epoch, stage1=False):
@@ -827,41 +774,37 @@ def run_state(args, run, data, epoch, stage1=False):
 
 
 def finish_run(args, run, data, t_run):
-    """Rank 0: final.json (the stages' kNN and generalization gaps, the run's recipe) and the last line."""
+    """Rank 0: final.json (the stages' kNN and generalization gaps, the run's recipe) and the last printed line."""
     if run.rank != 0:
         return
     rows = R.read_metrics(os.path.join(args.out, "metrics.jsonl"))
     per_epoch = {o: float(np.median([r["seconds"] for r in rows if r["opt"] == o]))
                  for o in sorted({r["opt"] for r in rows})}
-    final = {"script": "simsiam_rwsam.py", "arch": args.arch, "dataset": args.dataset, "rho": args.rho,
-             "imb_type": args.imb_type, "balanced": args.balanced, "subsample": args.subsample, "opt": args.opt,
-             "sam_rho": args.sam_rho, "adaptive": args.adaptive, "alpha": args.alpha, "seed": args.seed,
-             "data_seed": args.data_seed, "epochs": args.epochs, "epochs_trained": run.e2,
-             "same_epochs": args.same_epochs, "stage1_epochs": run.e1, "stage1": args.stage1,
-             "stage2_init": args.stage2_init, "world_size": run.world, "n_train": len(data.idx),
-             "class_counts": data.counts, "last": run.summary.get("final"), "stage1_result": run.summary.get("stage1"),
-             "best_knn_on_val": run.best,
-             "knn_queries": "--val-frac split (left out of pre-training)" if len(data.val_idx) else
-                            "--knn-val-frac of the full training split",
-             "kde": None if run.kde is None else {k: run.kde[k] for k in ("bandwidth", "alpha", "source",
-                                                                          "per_class_mean_weight")},
-             "checkpoint": os.path.join(args.out, "last.pt"), "seconds_per_epoch": per_epoch,
-             "wall_seconds": time.time() - t_run}
-    R.write_json(os.path.join(args.out, "final.json"), final)
-    last = run.summary.get("final") or {}
-    knn = last.get("knn_top1")
+    R.finish_run(args.out, {
+        "script": "simsiam_rwsam.py", "arch": args.arch, "dataset": args.dataset, "rho": args.rho,
+        "imb_type": args.imb_type, "balanced": args.balanced, "subsample": args.subsample, "opt": args.opt,
+        "sam_rho": args.sam_rho, "adaptive": args.adaptive, "alpha": args.alpha, "seed": args.seed,
+        "data_seed": args.data_seed, "epochs": args.epochs, "epochs_trained": run.e2, "same_epochs": args.same_epochs,
+        "stage1_epochs": run.e1, "stage1": args.stage1, "stage2_init": args.stage2_init, "world_size": run.world,
+        "n_train": len(data.idx), "class_counts": data.counts, "last": run.summary.get("final"),
+        "stage1_result": run.summary.get("stage1"), "best_knn_on_val": run.best,
+        "knn_queries": "--val-frac split (left out of pre-training)" if len(data.val_idx) else
+                       "--knn-val-frac of the full training split",
+        "kde": run.kde and {k: run.kde[k] for k in ("bandwidth", "alpha", "source", "per_class_mean_weight")},
+        "checkpoint": os.path.join(args.out, "last.pt"), "seconds_per_epoch": per_epoch}, t_run, per_epoch=False)
+    knn = (run.summary.get("final") or {}).get("knn_top1")
     print(f"done: {args.out}/last.pt" + (f"; kNN (validation split) {knn:.2f}%" if knn is not None else "")
           + (f"; stage 1 (SimSiam) in {args.out}/stage1.pt" if run.e1 else ""))
 
 
 def main(argv=None):
     rank, world = R.process_group()
-    args, ckpt = resume_run(parse_args(argv), world)
-    stage1_backbone, stage1_full = stage1(args, ckpt, rank)
-    device = R.setup_device(args, world)
-    if world > 1:
-        R.init_process_group(device)
     try:
+        args, ckpt = resume_run(parse_args(argv), world)
+        stage1_backbone, stage1_full = stage1(args, ckpt, rank)
+        device = R.setup_device(args, world)
+        if world > 1:
+            R.init_process_group(device)
         data = build_data(args, device, rank, world)
     except D.DataError as e:
         R.fail(str(e))
@@ -874,15 +817,12 @@ def main(argv=None):
             stage2(args, run, kde, stage1_full)
         t0 = time.time()
         row, first_bad, steps = train_one_epoch(run, data, epoch, args)
-        end_epoch(args, run, data, epoch, row, first_bad, steps, t0)
+        R.stop_if_diverged(args.out, [run.net], epoch, first_bad, steps, rank, world)
+        end_epoch(args, run, data, epoch, row, t0)
     finish_run(args, run, data, t_run)
-    if world > 1:
-        # DDP's reducer must not hold the last reference to a gloo group: freeing the group there (with
-        # the GIL held) can deadlock against a worker thread still releasing the barrier's tensors.
-        dist.barrier()
-        del run
-        gc.collect()
-        dist.destroy_process_group()
+    del run                     # DDP's reducer must not hold the last reference to a gloo group: freed there (GIL
+    gc.collect()                # held), it can deadlock against a worker thread still releasing the barrier's tensors
+    R.leave_process_group(world)
 
 
 if __name__ == "__main__":
