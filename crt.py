@@ -16,12 +16,11 @@ Recipe (REFERENCE §7, Kang et al. on ImageNet-LT; the defaults): SGD momentum 0
 ResNet-10 / 50) cRT 58.2 / 52.7, + SSP 56.8 / 48.7; iNaturalist 2018 (Table 4, ResNet-50) cRT 34.8, + SSP 31.9.
 
 Deliberate differences from Kang et al.'s code (on CIFAR, SVHN and folders; file lists as released):
-1. --bn frozen (default there): BatchNorm keeps its running statistics; --bn train is the original.
-2. --bn frozen --no-augment: features cached once with the test transform; --augment recomputes them.
-3. Class-balanced draws with replacement (1/n_y weights): the ClassAwareSampler's class distribution.
-4. Every backbone tensor is compared with its value before, after training (a sanity check).
-5. The report is the last epoch (and the best on a --val-frac / --val-list split), never the test set.
-6. --resume continues from last.pt (with --augment every epoch re-runs the backbone on every image).
+1. --bn frozen --no-augment (default there): BatchNorm keeps its statistics; features cached once (test transform).
+2. Class-balanced draws with replacement (1/n_y weights): the ClassAwareSampler's class distribution.
+3. Every backbone tensor is compared with its value before, after training (a sanity check).
+4. The report is the last epoch (and the best on a --val-frac / --val-list split), never the test set.
+5. --resume continues from last.pt (with --augment every epoch re-runs the backbone on every image).
 """
 import argparse
 import math
@@ -92,7 +91,8 @@ def parse_args(argv=None):
     return args
 
 
-RESUME_FLAGS = ("gpu", "workers", "data_root", "download")     # where the run executes: these may go with --resume
+# --resume continues a run with its own arguments; only these (where the run executes) may be given with it
+RESUME_FLAGS = ("gpu", "workers", "data_root", "download")
 
 
 # ----- model ---------------------------------------------------------------------------------------
@@ -379,7 +379,7 @@ def resume_run(args, world=1):
     D.check_rho(args.rho)
     if args.val_list and (not released or args.val_frac):
         R.fail("--val-list is for --dataset imagenet_lt / inat, without --val-frac")
-    if world > 1 and not released:
+    if world > 1 and args.dataset not in ("imagenet_lt", "inat"):
         R.fail(f"torchrun runs crt.py on file lists (--dataset imagenet_lt / inat); --dataset {args.dataset} "
                f"re-trains on one device: run it without torchrun")
     R.refuse_occupied(args.out, args.resume)
