@@ -1,11 +1,8 @@
-"""Classifier re-training (cRT) on a frozen backbone: Kang et al. 2020, "Decoupling representation and
-classifier for long-tailed recognition", §4; the strongest baseline of paper 1 (Yang & Xu 2020,
-Tables 3–4, where "cRT + SSP" is cRT on top of a self-supervised initialisation).
+"""Classifier re-training: Kang et al. 2020, "Decoupling representation and classifier for long-tailed recognition",
+§4 (cRT); paper 1's strongest baseline (Yang & Xu 2020, Tables 3–4; "cRT + SSP": on a self-supervised backbone).
 
 Any backbone checkpoint of this project is frozen (frozen_backbone, cache_features) and a new linear head
-(init_state, Classifier) trained with class-balanced sampling (train_one_epoch) on the same long-tailed
-subset: the data flags default to the checkpoint's. README "Classifier re-training" has the recipe per
-dataset, DDP and the reasons below.
+(init_state, Classifier) trained with class-balanced sampling (train_one_epoch) on the checkpoint's own subset.
 
     python crt.py --ckpt runs/ldam_drw-cifar10-0.01-0/last.pt --gpu 0          # CE → CE + cRT
     python crt.py --ckpt runs/ldam_drw-imagenet_lt-1-0/last.pt --val-list ImageNet_LT_val.txt   # Table 3
@@ -13,19 +10,17 @@ dataset, DDP and the reasons below.
     torchrun --nproc_per_node 8 crt.py --ckpt runs/ldam_drw-inat-0.01-0/last.pt --val-list iNaturalist18_val.txt
     python crt.py --resume runs/crt-inat-0.01-0/last.pt                       # continue a stopped run
 
-Recipe (REFERENCE §7, Kang et al. on ImageNet-LT): SGD momentum 0.9, batch 512, lr 0.2 cosine over 10
-epochs, wd 5e-4, len(train set) class-balanced draws per epoch; also the default on CIFAR, SVHN and
-folders. ImageNet-LT / iNat as released (cls_crt.yaml): --bn train, --augment, --lr-sequence kang; iNat:
-30 epochs, wd 1e-4. Paper 1, top-1 error: ImageNet-LT (Table 3, ResNet-10 / ResNet-50) cRT 58.2 / 52.7,
-cRT + SSP 56.8 / 48.7; iNaturalist 2018 (Table 4, ResNet-50) cRT 34.8, cRT + SSP 31.9.
+Recipe (REFERENCE §7, Kang et al. on ImageNet-LT; the defaults): SGD momentum 0.9, batch 512, lr 0.2 cosine over
+10 epochs, wd 5e-4, len(train set) class-balanced draws per epoch; ImageNet-LT / iNat as released (cls_crt.yaml):
+--bn train, --augment, --lr-sequence kang; iNat: 30 epochs, wd 1e-4. Paper 1, top-1 error: ImageNet-LT (Table 3,
+ResNet-10 / 50) cRT 58.2 / 52.7, + SSP 56.8 / 48.7; iNaturalist 2018 (Table 4, ResNet-50) cRT 34.8, + SSP 31.9.
 
 Deliberate differences from Kang et al.'s code (on CIFAR, SVHN and folders; file lists as released):
-1. --bn frozen (default there): BatchNorm keeps its running statistics; --bn train is the original.
-2. --bn frozen --no-augment: features cached once with the test transform; --augment recomputes them.
-3. Class-balanced draws with replacement (1/n_y weights): the ClassAwareSampler's class distribution.
-4. Every backbone tensor is compared with its value before, after training (a sanity check).
-5. The report is the last epoch (and the best on a --val-frac / --val-list split), never the test set.
-6. --resume continues from last.pt (with --augment every epoch re-runs the backbone on every image).
+1. --bn frozen --no-augment (default there): BatchNorm keeps its statistics; features cached once (test transform).
+2. Class-balanced draws with replacement (1/n_y weights): the ClassAwareSampler's class distribution.
+3. Every backbone tensor is compared with its value before, after training (a sanity check).
+4. The report is the last epoch (and the best on a --val-frac / --val-list split), never the test set.
+5. --resume continues from last.pt (with --augment every epoch re-runs the backbone on every image).
 """
 import argparse
 import math
@@ -49,8 +44,7 @@ import run_lt as R
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Classifier re-training on a frozen backbone (Kang et al. 2020).")
     # --- shared flags (same names and order in every script; data flags default to the checkpoint's) ---
-    p.add_argument("--dataset", default=None,
-                   choices=["cifar10", "cifar100", "svhn", "folder", "imagenet_lt", "inat"])
+    p.add_argument("--dataset", default=None, choices=["cifar10", "cifar100", "svhn", "folder", "imagenet_lt", "inat"])
     p.add_argument("--data-root", default=None, help="dataset folder")
     p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
     p.add_argument("--rho", type=float, default=None, help="tail/head ratio in (0, 1]; 1 = balanced")
@@ -93,35 +87,12 @@ def parse_args(argv=None):
     args.cli_flags = R.given_flags(p, argv)
     if not args.ckpt and not args.resume:
         R.fail("the following arguments are required: --ckpt")
-    check_args(args)
-    return args
-
-
-def check_args(args):
-    """Range of every numeric flag, before anything is read or written."""
     R.check_ranges(args, R.SHARED_RANGES)                  # --rho: D.check_rho in resume_run(), with its hint
+    return args
 
 
 # --resume continues a run with its own arguments; only these (where the run executes) may be given with it
 RESUME_FLAGS = ("gpu", "workers", "data_root", "download")
-
-
-def checkpoint_defaults(args, trained):
-    """Flags left unset: the data flags from `trained`, the --ckpt run's arguments; the recipe's from the
-    dataset (Kang et al.'s released configs on ImageNet-LT / iNat)."""
-    for name, default in (("dataset", "cifar10"), ("data_root", "./data"), ("rho", 0.01), ("imb_type", "exp"),
-                          ("seed", 0), ("data_seed", trained.get("data_seed", trained.get("seed", 0))),
-                          ("val_frac", 0.0), ("train_list", None), ("test_list", None)):
-        if getattr(args, name) is None:
-            setattr(args, name, trained.get(name, default))
-    released = args.dataset in ("imagenet_lt", "inat")        # Kang et al.'s / paper 1's released configs
-    for name, plain, config in (("epochs", 10, 30 if args.dataset == "inat" else 10),
-                                ("wd", 5e-4, 1e-4 if args.dataset == "inat" else 5e-4),
-                                ("bn", "frozen", "train"), ("augment", False, True), ("lr_sequence", "plain", "kang")):
-        if getattr(args, name) is None:
-            setattr(args, name, config if released else plain)
-    if args.out is None:
-        args.out = os.path.join("runs", f"crt-{args.dataset}-{args.rho:g}-{args.seed}")
 
 
 # ----- model ---------------------------------------------------------------------------------------
@@ -243,16 +214,14 @@ def build_backbone(arch):
     R.fail(f"unknown architecture '{arch}' in the checkpoint")
 
 
-def previous_classifier(ckpt, C):
-    """The checkpoint's own classifier, when it is one for this task (a supervised run): for the
-    'before' column."""
+def previous_head(ckpt, C):
+    """The checkpoint's own classifier head when it is one for this task (a supervised run): the 'before' column."""
     head = ckpt["model"].get("fc.weight")
     if ckpt.get("script") not in ("ldam_drw.py", "self_training.py") or head is None or head.shape[0] != C:
         return None
-    model = build_backbone(ckpt["arch"])
-    model.fc = (nn.Linear if "fc.bias" in ckpt["model"] else NormedLinear)(head.shape[1], C)   # no bias: LDAM cosine
-    model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["model"].items()})
-    return model
+    fc = (nn.Linear if "fc.bias" in ckpt["model"] else NormedLinear)(head.shape[1], C)   # no bias: LDAM cosine
+    fc.load_state_dict({k[3:]: v for k, v in ckpt["model"].items() if k.startswith("fc.")})
+    return fc
 
 
 # ----- the method (Kang et al. 2020 §4: classifier re-training on a frozen backbone) ---------------
@@ -276,25 +245,19 @@ class Features:
         self.feats, self.labels, self.batch_size, self.seed = feats, labels, batch_size, seed
 
     def epoch(self, epoch, weights=None):
-        n = len(self.labels)
+        order = torch.arange(len(self.labels), device=self.feats.device)
         if weights is not None:
-            g = torch.Generator(device=self.feats.device).manual_seed(self.seed * 100_003 + epoch)
-            order = torch.multinomial(weights.to(self.feats.device, torch.double), n, replacement=True, generator=g)
-        else:
-            order = torch.arange(n, device=self.feats.device)
-        for b in range(0, n, self.batch_size):
-            idx = order[b:b + self.batch_size]
+            g = torch.Generator(device=order.device).manual_seed(self.seed * 100_003 + epoch)
+            order = torch.multinomial(weights.to(order.device, torch.double), len(order), replacement=True, generator=g)
+        for idx in order.split(self.batch_size):
             yield self.feats[idx], self.labels[idx], idx
 
 
 @torch.no_grad()
 def extract(backbone, batches, amp):
     backbone.eval()
-    feats, labels = [], []
-    for x, y, _ in batches:
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
-            feats.append(backbone(x).float())
-        labels.append(y)
+    with torch.autocast(batches.device.type, torch.bfloat16, enabled=amp):
+        feats, labels = zip(*[(backbone(x).float(), y) for x, y, _ in batches.epoch(0)])
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -312,29 +275,26 @@ class Classifier(nn.Module):
 # ----- data ----------------------------------------------------------------------------------------
 
 def build_data(args, device, rank=0, world=1):
-    """Training / validation / test batches (raw images), `plain` (the training images under the test
-    transform, for cached features) and the training class counts."""
+    """Training / validation / test batches and the training class counts."""
     if args.dataset in ("imagenet_lt", "inat"):
         return build_list_data(args, device, rank, world)
     train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
     test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
-    idx = D.make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
-                             D.CLASS_ORDER.get(args.dataset))
-    idx, val_idx = D.carve_val(idx, train_y, args.val_frac, args.data_seed)
+    idx, val_idx = D.training_subset(train_y, argparse.Namespace(**vars(args), subsample=1, balanced=False))
     mean, std = D.mean_std(args.dataset, train_x)
     C = len(names)
     counts = np.bincount(train_y[idx], minlength=C).tolist()
     train = D.GPULoader(train_x[idx], train_y[idx], args.batch_size, mean, std, device,
                         augment="crop_flip" if args.augment else None, shuffle=True, seed=args.seed)
-    plain = D.GPULoader(train.images, train_y[idx], 1000, mean, std, device)
     test = D.GPULoader(test_x, test_y, 1000, mean, std, device)
     val = D.GPULoader(train_x[val_idx], train_y[val_idx], 1000, mean, std, device) if len(val_idx) else None
-    return train, plain, val, test, counts, C
+    train.plain = D.GPULoader(train.images, train_y[idx], 1000, mean, std, device)   # test transform: to cache
+    return train, val, test, counts, C
 
 
 def build_list_data(args, device, rank=0, world=1):
-    """build_data of a file list; under torchrun this process's shares (ShardedListBatches for training,
-    eval_shard for evaluation) and no `plain`: the features are computed every step."""
+    """Training / validation / test batches of a file list; under torchrun this process's shares
+    (ShardedListBatches for training, eval_shard for evaluation)."""
     if not args.train_list or not args.test_list:
         R.fail(f"--dataset {args.dataset} needs --train-list and --test-list ('relative/path label' files)")
     tf = lambda train: D.imagenet_transform(train, dataset=args.dataset)     # iNat: own mean/std, no jitter
@@ -357,33 +317,25 @@ def build_list_data(args, device, rank=0, world=1):
     if args.val_list:                                      # Kang et al. select on the official val list
         val_ds = D.FileListDataset(args.data_root, args.val_list, transform=tf(False))
         val = plain(val_ds, np.arange(len(val_ds)))
-    if world > 1:
-        return train, None, val, test, counts, C
-    train_plain = train if not args.augment else plain(
-        D.FileListDataset(args.data_root, args.train_list, transform=tf(False)), idx)
-    return train, train_plain, val, test, counts, C
+    return train, val, test, counts, C
 
 
 # ----- one epoch -----------------------------------------------------------------------------------
 
 def train_one_epoch(model, optimizer, train, epoch, args, weights, world, cached):
-    """SGD on the head over one epoch of class-balanced draws: (the row's lr / loss, the first step with a
-    non-finite loss or -1, the last step)."""
+    """SGD on the head over one epoch of class-balanced draws: (row, first non-finite loss step or -1, last step)."""
     device = model.head.weight.device
-    # Cosine, per epoch; Kang et al. step their scheduler before each epoch, one step ahead of this.
     lr = 0.5 * args.lr * (1 + math.cos(math.pi * (epoch + (args.lr_sequence == "kang")) / args.epochs))
     for group in optimizer.param_groups:
         group["lr"] = lr
-    model.backbone.train(args.bn == "train")
-    model.head.train()
+    model.backbone.train(args.bn == "train")                # the head is a plain linear layer: no train mode
     loss_sum = torch.zeros((), device=device)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     seen = 0
     for step, (x, y, _, *y_batch) in enumerate(train.epoch(epoch, weights)):
         with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and not cached):
             logits = model(x).float()
-        # torchrun: this process's share of the global batch's mean; the shares' gradients are summed
-        n_batch = len(y_batch[0]) if world > 1 else len(y)
+        n_batch = len(y_batch[0]) if world > 1 else len(y)   # torchrun: the shares of the global mean are summed
         loss = F.cross_entropy(logits, y, reduction="sum") / n_batch if world > 1 else F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -398,8 +350,7 @@ def train_one_epoch(model, optimizer, train, epoch, args, weights, world, cached
         dist.all_reduce(loss_sum)                          # the shares sum to the global batches' losses
         if device.type != "cuda" and args.bn == "train":
             R.average_bn_statistics(model.backbone, world)
-    row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen}
-    return row, first_bad, step
+    return {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen}, first_bad, step
 
 
 # ----- main ----------------------------------------------------------------------------------------
@@ -407,19 +358,28 @@ def train_one_epoch(model, optimizer, train, epoch, args, weights, world, cached
 def resume_run(args, world=1):
     """--resume: the saved run's arguments; then the --ckpt checkpoint, whose arguments fill the data flags
     left unset; without --resume, an --out that holds a run is refused. → (args, ckpt, --ckpt checkpoint)."""
-    # a run saved before --data-seed takes it from the --ckpt run (checkpoint_defaults), not from its --seed
-    args, ckpt = R.resume_run(args, "crt.py", RESUME_FLAGS, {"data_seed": None},
+    args, ckpt = R.resume_run(args, "crt.py", RESUME_FLAGS, {"data_seed": None},  # older runs: --ckpt's
                               "; pass it as --ckpt to re-train its classifier", say=False)
     source = R.load_checkpoint(args.ckpt)
-    checkpoint_defaults(args, source.get("args", {}))
+    trained = source.get("args", {})
+    for name, default in (("dataset", "cifar10"), ("data_root", "./data"), ("rho", 0.01), ("imb_type", "exp"),
+                          ("seed", 0), ("data_seed", trained.get("data_seed", trained.get("seed", 0))),
+                          ("val_frac", 0.0), ("train_list", None), ("test_list", None)):
+        if getattr(args, name) is None:
+            setattr(args, name, trained.get(name, default))
+    released = args.dataset in ("imagenet_lt", "inat")        # Kang et al.'s / paper 1's released configs
+    for name, plain, config in (("epochs", 10, 30 if args.dataset == "inat" else 10),
+                                ("wd", 5e-4, 1e-4 if args.dataset == "inat" else 5e-4),
+                                ("bn", "frozen", "train"), ("augment", False, True), ("lr_sequence", "plain", "kang")):
+        if getattr(args, name) is None:
+            setattr(args, name, config if released else plain)
+    if args.out is None:
+        args.out = os.path.join("runs", f"crt-{args.dataset}-{args.rho:g}-{args.seed}")
     args.world_size = world
-    released = args.dataset in ("imagenet_lt", "inat")
     D.check_rho(args.rho)
     if args.val_list and (not released or args.val_frac):
         R.fail("--val-list is for --dataset imagenet_lt / inat, without --val-frac")
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-        R.fail("--epochs, --batch-size and --lr must be positive")
-    if world > 1 and not released:
+    if world > 1 and args.dataset not in ("imagenet_lt", "inat"):
         R.fail(f"torchrun runs crt.py on file lists (--dataset imagenet_lt / inat); --dataset {args.dataset} "
                f"re-trains on one device: run it without torchrun")
     R.refuse_occupied(args.out, args.resume)
@@ -427,8 +387,7 @@ def resume_run(args, world=1):
 
 
 def frozen_backbone(args, source, device, world=1):
-    """Stage 1: the --ckpt backbone (every process reads the checkpoint), its head replaced by the identity,
-    frozen; (backbone, feature dimension)."""
+    """Stage 1: the --ckpt backbone, read by every process, frozen, `fc` → identity: (backbone, feature size)."""
     backbone = build_backbone(source["arch"])
     R.load_backbone(backbone, source["arch"], args.ckpt)
     feat_dim = backbone.fc.weight.shape[1]
@@ -438,15 +397,16 @@ def frozen_backbone(args, source, device, world=1):
     return backbone.to(device).requires_grad_(False), feat_dim
 
 
-def cache_features(args, backbone, train, plain, val, test, cached):
-    """Stage 2: with `cached`, the features of `plain` (training), test and validation images as Features
-    batches; else the image batches as they are. → (train, val, test, seconds)."""
+def cache_features(args, backbone, train, val, test, world=1):
+    """Stage 2: with --bn frozen --no-augment, Features batches of the test, validation and training images (under
+    the test transform: `train.plain`, or a file list's `train`) → (train, val, test, cached, seconds)."""
     t0 = time.time()
+    cached = args.bn == "frozen" and not args.augment and world == 1   # torchrun: no cache to split, every step
     if cached:
-        features = lambda batches, size: Features(*extract(backbone, batches.epoch(0), args.amp), size, args.seed)
-        train, test = features(plain, args.batch_size), features(test, 1000)
+        features = lambda batches, size: Features(*extract(backbone, batches, args.amp), size, args.seed)
+        train, test = features(getattr(train, "plain", train), args.batch_size), features(test, 1000)
         val = features(val, 1000) if val else None
-    return train, val, test, time.time() - t0
+    return train, val, test, cached, time.time() - t0
 
 
 def init_state(args, ckpt, backbone, feat_dim, C, device, world=1, cached=False):
@@ -458,14 +418,13 @@ def init_state(args, ckpt, backbone, feat_dim, C, device, world=1, cached=False)
         R.broadcast_state(head)
     model = Classifier(backbone, head, cached)
     optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-    start, best = 0, None
-    if ckpt is not None:
-        backbone.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("fc.")})
-        head.load_state_dict({k[3:]: v for k, v in ckpt["model"].items() if k.startswith("fc.")})
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, best = ckpt["epoch"], ckpt["best"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-    return model, optimizer, start, best
+    if ckpt is None:
+        return model, optimizer, 0, None
+    backbone.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("fc.")})
+    head.load_state_dict({k[3:]: v for k, v in ckpt["model"].items() if k.startswith("fc.")})
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    return model, optimizer, ckpt["epoch"], ckpt["best"]
 
 
 def open_run(args, ckpt, device, source, counts, start, cached, feature_seconds, rank=0, world=1):
@@ -495,22 +454,19 @@ def end_epoch(args, model, optimizer, epoch, row, val_m, best, t0, saved, rank=0
 
 
 def finish_run(args, counts, test_m, best, t_run, rank=0, world=1, *, backbone, frozen, report):
-    """The check that the backbone did not move (`frozen`: its tensors before), final.json and the last
-    printed lines."""
+    """The check that the backbone did not move (`frozen`: its tensors before), final.json, the last lines."""
     try:
         check_unchanged(backbone, frozen, buffers=args.bn == "frozen")
     except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    before = report["before"]
+        sys.exit(f"error: {e}")                            # exit 1
     final = R.finish_run(args.out, {
         "script": "crt.py", "ckpt": args.ckpt, "ckpt_script": report["ckpt_script"], "arch": report["arch"],
         "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type, "seed": args.seed, "data_seed": args.data_seed,
         "bn": args.bn, "augment": args.augment, "cached_features": report["cached"], "epochs": args.epochs,
-        "class_counts": counts, "before": before, "last": test_m, "test_error": 100 - test_m["top1"],
+        "class_counts": counts, "before": report["before"], "last": test_m, "test_error": 100 - test_m["top1"],
         "best_on_val": best, "feature_seconds": report["feature_seconds"]}, t_run, rank, per_epoch=False)
     print(f"{'':13}{'top1':>7} {'mean/cls':>8} {'many':>6} {'med':>6} {'few':>6}")
-    for name, m in (("before cRT", before), ("after cRT", test_m)):
+    for name, m in (("before cRT", report["before"]), ("after cRT", test_m)):
         if m:
             print(f"{name:<13}{m['top1']:7.2f} {m['mean_class_acc']:8.2f} {R.fmt(m['many'])} {R.fmt(m['medium'])} "
                   f"{R.fmt(m['few'])}")
@@ -528,7 +484,7 @@ def main(argv=None):
         args, ckpt, source = resume_run(args, world)
         device = R.setup_device(args, world)
         torch.manual_seed(args.seed)
-        train, plain, val, test, counts, C = build_data(args, device, rank, world)
+        train, val, test, counts, C = build_data(args, device, rank, world)
     except D.DataError as e:
         R.fail(str(e))
     if world > 1:
@@ -537,12 +493,10 @@ def main(argv=None):
     else:
         score = lambda m, batches: D.evaluate(m, batches.epoch(0), C, counts)
     backbone, feat_dim = frozen_backbone(args, source, device, world)
-    before_model = previous_classifier(source, C)
-    before = score(before_model.to(device), test) if before_model else None
+    head = previous_head(source, C)                        # on the frozen backbone: the --ckpt model as it was
+    before = score(Classifier(backbone, head.to(device), False), test) if head else None
     frozen = snapshot(backbone)
-    # under torchrun the features are recomputed every step (no cache to split across the processes)
-    cached = args.bn == "frozen" and not args.augment and world == 1
-    train, val, test, feature_seconds = cache_features(args, backbone, train, plain, val, test, cached)
+    train, val, test, cached, feature_seconds = cache_features(args, backbone, train, val, test, world)
     model, optimizer, start, best = init_state(args, ckpt, backbone, feat_dim, C, device, world, cached)
     weights = D.balanced_sample_weights(train.labels.cpu())
     saved = {"script": "crt.py", "arch": source["arch"], "class_counts": counts}
