@@ -24,8 +24,8 @@ Deliberate differences from the papers and the authors' code (facebookresearch/m
 3. The queue is checked at start: a multiple of the global batch and smaller than the training set.
 4. A kNN monitor (k 200, τ 0.1) on CIFAR-size data, the only use of labels.
 5. CIFAR-size views on the GPU (same distributions, no antialiasing, no blur as REFERENCE §5).
-6. Under torchrun only the query encoder is wrapped in DDP; the queue is identical by construction.
-7. ImageNet blur: torchvision's GaussianBlur, kernel 10% of the crop (the authors: PIL's radius σ).
+6. Under torchrun DDP wraps only θ_q: the queue is identical by construction, θ_k's BN statistics unused.
+7. ImageNet blur: torchvision's GaussianBlur, kernel 10% of the crop (the authors: PIL's radius σ; ±3σ both).
 8. Resume needs the same number of processes (--bn-splits and the sharding depend on it).
 """
 import argparse
@@ -365,8 +365,8 @@ def shuffle_order(n, generator, device, world):
 
 @torch.no_grad()
 def shuffled_keys(encoder_k, x, perm, splits, rank, world):
-    """Keys of the whole global batch under shuffle-BN (MoCo §3.3), in its order: its key views gathered, process r
-    encodes rows perm[r·b … (r+1)·b − 1] (in `splits` BN groups), the keys are gathered and un-permuted."""
+    """Keys of the global batch under shuffle-BN (MoCo §3.3: shared BN statistics would give a pair away): process r
+    encodes rows perm[r·b … (r+1)·b − 1] of the gathered key views (`splits` BN groups); gathered, un-permuted."""
     k = split_forward(encoder_k, gather(x, world)[perm.view(world, -1)[rank]], splits)
     return gather(k, world)[torch.argsort(perm)]
 
@@ -482,7 +482,7 @@ def lr_at(epoch, args):
 
 
 def check_queue(K, B, n):
-    """Fail unless the queue holds a whole number of global batches and fewer keys than there are images."""
+    """Fail unless the queue holds whole global batches (the pointer wraps exactly) and fewer keys than images."""
     if B > n:
         R.fail(f"--batch-size {B} is larger than the {n} training images; lower it")
     valid = [B * m for m in range(1, (n - 1) // B + 1)]
