@@ -21,15 +21,15 @@ step 84.3 / 84.7 / 85.8 / 85.6; gap frequent / rare: SimSiam 0.035 / 0.081, +rwS
 ImageNet-LT (Table 1(b), mean of four fine-tuning targets): SimSiam 80.6, balanced 80.7, +rwSAM 81.4.
 Algorithm 1: stage1 (lines 3–7), stage1_weights (8), stage2 (9), train_one_epoch and train_step (10–14).
 
-Deliberate differences from the paper and the authors' code (README has the reasons):
+Deliberate differences from the paper and the authors' code:
 1. Label-free KDE weights computed here (the authors weighted by label, or read a missing weight file).
 2. The weighted loss weights (the authors' SimSiamLossRe ignored them: their "rwSAM" was plain ASAM).
-3. ASAM by default (the authors always ran it; ρ 5 / 2 are ASAM radii); --no-adaptive is ℓ2-SAM.
+3. ASAM by default (the authors' --adaptive was argparse type=bool, so always on: ρ 5 / 2 are ASAM radii).
 4. BatchNorm running statistics update in SAM's first pass only.
 5. No test-set selection: the last epoch is kept; kNN monitors on training data only.
 6. Stage 2 starts from a fresh model (equal budgets); --stage2-init stage1 is the literal Algorithm 1.
 7. lr 0.06 per 512 (SimSiam-91), cosine from epoch 0; the authors' scripts default to 0.05.
-8. Seeded datasets_lt subsets and GPU augmentation; no bias before BatchNorm.
+8. Seeded datasets_lt subsets and GPU augmentation; no bias before BatchNorm (it removes it; theirs moved by wd).
 9. One GPU, the CPU, or torchrun (the authors' code was single-GPU).
 10. ImageNet-LT / iNat: Chen & He's model with App. A.1's schedule (300 epochs, lr 0.025 at batch 256).
 """
@@ -416,7 +416,8 @@ def kde_weights(feats, alpha, bandwidth=None, seed=0, chunk=2048, pairs=10_000):
 
 @torch.no_grad()
 def embed(model, loader, amp=False):
-    """L2-normalised backbone features and labels of a GPULoader's images, in order (eval mode)."""
+    """L2-normalised backbone features (the loss and kNN see directions only; the norm follows image contrast) and
+    labels of a GPULoader's images, in order (eval mode)."""
     model.eval()
     feats, labels = [], []
     for x, y, _ in loader.epoch(0):
