@@ -57,7 +57,7 @@ if NPROC != "1" and SET not in LTS:
     die(f"NPROC (torchrun) is for SET=imagenet_lt or inat; the {SET} runs use one GPU each")
 DATA = env("DATA", "--dataset folder --data-root .data/cifar10_jpg" if SET == "cifar10" else
            f"--dataset {SET} --data-root {LT_ROOT}" if SET in LTS else f"--dataset {SET} --data-root ./data --download")
-# JOBS: ResNet-32 at batch 128 is bound by kernel launches; 4 runs beside each other on one GPU gave ~3x (PERF.md)
+# JOBS: ResNet-32 at batch 128 is bound by kernel launches; 4 runs side by side on one H200 gave ~3x the throughput
 SEEDS, JOBS, PYTHON, ARGS = env("SEEDS", "0 1 2").split(), env("JOBS", "6" if NPROC == "1" else "1"), \
     env("PYTHON", "python"), env("ARGS").split()
 RUNS = env("RUNS", f"runs/repro-{RHO}" if SET == "cifar10" else f"runs/repro-{SET}-{ARCH if SET in LTS else RHO}")
