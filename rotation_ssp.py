@@ -80,15 +80,10 @@ def parse_args(argv=None):
     args.schedule = "step"                                 # REFERENCE §2: the CIFAR schedule of ldam_drw.py
     if args.out is None:
         args.out = os.path.join("runs", f"rotation_ssp-{args.dataset}-{args.rho:g}-{args.seed}")
-    check_args(args)
-    return args
-
-
-def check_args(args):
-    """Range of every numeric flag, before anything is read or written."""
-    R.check_ranges(args, R.SHARED_RANGES + [("warmup", 0, None, "[)")])
+    R.check_ranges(args, R.SHARED_RANGES + [("warmup", 0, None, "[)")])   # every numeric flag, before any file
     if "warmup" in args.cli_flags and 0 < args.warmup >= args.epochs:
         R.fail(f"--warmup {args.warmup} must be shorter than --epochs {args.epochs}")
+    return args
 
 
 # ----- model ---------------------------------------------------------------------------------------
