@@ -2,7 +2,7 @@
 
 Imbalanced labels are valuable: (a) train a classifier on the long-tailed labeled set D_L (base_model), (b) let
 it pseudo-label an extra unlabeled set D_U (pseudo_label), (c) train a fresh model on D_L ∪ D_U with the same
-recipe (self_train; (a) and (c) both run fit), minimising paper 1's L(D_L) + ω·L(D_U) (§3: the losses' c).
+recipe (self_train; (a) and (c) both run fit), minimising paper 1's L(D_L) + ω·L(D_U) (§3; ω: the losses' c).
 README "Self-training with extra unlabeled data" has the pools, relevance, evaluation and the reasons below.
 
     python self_training.py --rho 0.01 --pool cinic10 --pool-root CINIC --gpu 0   # Table 1: LDAM-DRW, D_U@5x, rho_U = 1
@@ -303,8 +303,7 @@ def build_data(args):
     data = {"names": [names[c] for c in task], "mean_std": D.mean_std(args.dataset, train_x),
             "x_l": train_x[lab], "y_l": renumber[train_y[lab]], "x_val": train_x[val], "y_val": renumber[train_y[val]],
             "x_test": test_x[test_keep], "y_test": renumber[test_y[test_keep]], "subset": D.subset_digest(lab),
-            "counts_l": np.bincount(renumber[train_y[lab]], minlength=len(task))}
-    data["irr_x"] = np.zeros((0,) + train_x.shape[1:], dtype=np.uint8)
+            "counts_l": np.bincount(renumber[train_y[lab]], minlength=len(task)), "irr_x": train_x[:0].copy()}
     to_task = lambda pool_names: np.array([data["names"].index(n) if n in data["names"] else -1 for n in pool_names])
     if args.pool == "cinic10":
         if args.dataset not in ("cifar10", "folder") or args.unlabeled_root:
@@ -335,8 +334,8 @@ def build_data(args):
         try:
             data["irr_x"], _, _ = D.load_split("cifar100", args.irrelevant_root or args.data_root, True, args.download)
         except D.DataError as e:
-            raise D.DataError(f"--relevance {args.relevance:g} draws irrelevant images from CIFAR-100 (--irrelevant-root, "
-                              f"default --data-root): {e}") from None
+            raise D.DataError(f"--relevance {args.relevance:g} draws irrelevant images from CIFAR-100 "
+                              f"(--irrelevant-root, default --data-root): {e}") from None
     return data
 
 
@@ -444,7 +443,7 @@ def fit(args, stage, x, y, c, counts, data, device, out, ckpt=None, batch_size=N
     C = len(data["names"])
     torch.manual_seed(args.seed)
     model, optimizer, start, best = init_state(args, ckpt, C, device)
-    train = D.GPULoader(x, y, batch_size or args.batch_size, mean, std, device, augment="crop_flip", seed=args.seed)
+    train = D.GPULoader(x, y, batch_size or args.batch_size, mean, std, device, "crop_flip", seed=args.seed)
     test = D.GPULoader(data["x_test"], data["y_test"], 1000, mean, std, device)
     val = D.GPULoader(data["x_val"], data["y_val"], 1000, mean, std, device) if len(data["y_val"]) else None
     score = lambda m, batches: D.evaluate(m, batches.epoch(0), C, data["counts_l"])   # many/medium/few by D_L
@@ -496,7 +495,8 @@ def pseudo_label(args, base, base_loss, x_u, y_u_true, data, device):
     per_class = [float(100 * np.mean(pseudo[y_u_true == k] == k)) if np.any(y_u_true == k) else None for k in range(C)]
     pl_report = {"n": int(len(x_u)), "kept": int(keep.sum()),
                  "accuracy": float(100 * np.mean(pseudo[relevant] == y_u_true[relevant])) if relevant.any() else None,
-                 "accuracy_per_true_class": per_class, "true_counts": np.bincount(y_u_true[relevant], minlength=C).tolist(),
+                 "accuracy_per_true_class": per_class,
+                 "true_counts": np.bincount(y_u_true[relevant], minlength=C).tolist(),
                  "pseudo_counts": np.bincount(pseudo[keep], minlength=C).tolist(), "irrelevant": int((~relevant).sum())}
     R.save_atomic({"pseudo_labels": torch.as_tensor(pseudo), "confidence": torch.as_tensor(conf),
                    "kept": torch.as_tensor(keep)}, os.path.join(args.out, "pseudo_labels.pt"))
