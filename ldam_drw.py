@@ -1,10 +1,9 @@
 """Supervised long-tailed training: CE / Focal / LDAM × None / Reweight / Resample / DRW / DRS.
 
-Paper 1 (Yang & Xu 2020) §4.2 and Table 2, whose baselines are Cao et al. 2019 (LDAM-DRW: Eq. (10) →
-ldam_loss, margins ∝ n_c^(-1/4) → ldam_margins, §3.3 deferred re-weighting → deferred_rule) and Cui et al.
-2019 (class-balanced weights → class_balanced_weights). Every row of Table 2 without SSP is one `--loss` ×
-`--rule`; "+SSP" is `--pretrained` with a self-supervised checkpoint. Paper 2's supervised pre-training is
-`--recipe he`. README "Supervised long-tail baselines" has the recipes and the DDP commands.
+Paper 1 (Yang & Xu 2020) §4.2 and Table 2, whose baselines are LDAM-DRW (Cao et al. 2019) and the class-balanced
+losses (Cui et al. 2019): every row of Table 2 without SSP is one `--loss` × `--rule`; "+SSP" is `--pretrained`
+with a self-supervised checkpoint. Paper 2's supervised pre-training (App. A.1) is `--recipe he`. README
+"Supervised long-tail baselines" has the recipes and the DDP commands.
 
     python ldam_drw.py --rho 0.01 --gpu 0                          # Table 2 LDAM-DRW, CIFAR-10-LT ρ=100
     python ldam_drw.py --rho 0.01 --loss ce --rule none            # CE;  --rule reweight: CB-CE
@@ -15,12 +14,10 @@ ldam_loss, margins ∝ n_c^(-1/4) → ldam_margins, §3.3 deferred re-weighting 
     python ldam_drw.py --recipe he --rho 0.01 [--balanced | --subsample 0.25]   # paper 2: SL pre-training
     python ldam_drw.py --rho 0.01 --epochs 2 --gpu -1              # CPU smoke run
 
-Recipe (REFERENCE §2): ResNet-32, SGD lr 0.1, momentum 0.9, wd 2e-4, batch 128, 200 epochs, 5 warm-up
-epochs, lr ×0.01 at 80% and 90%; crop 32 (pad 4) + flip. LDAM: largest margin 0.5, s = 30, cosine
-classifier. Focal γ = 1. Class-balanced β = 0.9999. Deferred rules switch at 80%.
---recipe he (paper 2 App. A.1): CIFAR ResNet-18, CE, SGD 0.1, wd 5e-4, batch 128, ÷10 at 50% / 75%, 200 epochs.
-Paper numbers (CIFAR-10-LT ρ=100, top-1 error, lossless data, best epoch): CE 29.64, CB-CE 27.63, Focal
-29.62, CE-DRW 24.94, LDAM-DRW 22.97. On the JPEG copy the authors' code gives CE 34.6, LDAM-DRW 29.3.
+The defaults are REFERENCE §2's recipe: ResNet-32, SGD lr 0.1, momentum 0.9, wd 2e-4, batch 128, 200 epochs,
+5 warm-up epochs, lr ×0.01 at 80% and 90%, crop 32 (pad 4) + flip; LDAM: largest margin 0.5, s = 30, cosine
+classifier. Paper numbers (CIFAR-10-LT ρ=100, top-1 error, lossless data, best epoch): CE 29.64, CB-CE 27.63,
+Focal 29.62, CE-DRW 24.94, LDAM-DRW 22.97. On the JPEG copy the authors' code gives CE 34.6, LDAM-DRW 29.3.
 
 Deliberate differences from the paper and the authors' code:
 1. The deferred switch (DRW, DRS) and the lr decays scale with --epochs (80% / 90%), not epochs 160/180.
@@ -48,8 +45,6 @@ import torchvision
 
 import datasets_lt as D
 import run_lt as R
-
-SUBSAMPLE = (1.0, 0.75, 0.5, 0.25, 0.125)
 
 
 # ----- flags ---------------------------------------------------------------------------------------
@@ -109,7 +104,7 @@ def parse_args(argv=None):
                         "2016): resnet18, CE, no re-balancing, wd 5e-4, no warm-up, lr ÷10 at 50%% and 75%%")
     p.add_argument("--balanced", action="store_true",
                    help="class-balanced subset with the same number of images as the long-tailed one (paper 2)")
-    p.add_argument("--subsample", type=float, default=1.0, choices=SUBSAMPLE,
+    p.add_argument("--subsample", type=float, default=1.0, choices=(1.0, *D.SIZE_SWEEP),
                    help="keep this fraction of every class (paper 2's size sweep); --epochs is then the full-size "
                         "variant's budget and round(epochs / subsample) epochs are trained")
     p.add_argument("--same-epochs", action="store_true",
@@ -130,9 +125,8 @@ def parse_args(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, imagenet if large else cifar)
     args.schedule = "cosine" if large else "he" if he else "step"
-    # Paper 2 App. A.1: downsampled variants train for the same number of iterations as the full one.
     args.epochs_full = args.epochs
-    if args.subsample < 1 and not args.same_epochs:
+    if args.subsample < 1 and not args.same_epochs:       # paper 2 App. A.1: the full variant's iterations
         args.epochs = round(args.epochs / args.subsample)
     if args.out is None:
         tags = (["he"] if args.recipe == "he" else []) + (["balanced"] if args.balanced else []) + \
@@ -150,8 +144,7 @@ def check_args(args):
         R.fail(f"--warmup {args.warmup} must be shorter than --epochs {args.epochs}")
 
 
-# --resume continues a run with its own arguments; only these (where the run executes) may be given with it
-RESUME_FLAGS = ("gpu", "workers", "data_root", "download")
+RESUME_FLAGS = ("gpu", "workers", "data_root", "download")     # where the run executes: these may go with --resume
 
 
 # ----- model ---------------------------------------------------------------------------------------
@@ -267,12 +260,10 @@ def build_model(arch, num_classes, cosine):
         return ResNet32(num_classes, cosine)
     if arch == "resnet18":                                # CIFAR ResNet-18: fine-tuning SimSiam / MoCo
         model = ResNet18(num_classes)
-        if cosine:
-            model.fc = NormedLinear(512, num_classes)
-        return model
-    block, layers = ((torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]) if arch == "resnet10" else
-                     (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]))
-    model = torchvision.models.resnet.ResNet(block, layers, num_classes=num_classes)
+    else:
+        block, layers = ((torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]) if arch == "resnet10" else
+                         (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]))
+        model = torchvision.models.resnet.ResNet(block, layers, num_classes=num_classes)
     if cosine:
         model.fc = NormedLinear(model.fc.in_features, num_classes)
     return model
@@ -326,10 +317,8 @@ def ldam_loss(cosines, y, weight, margins, s, c=None):
 
 
 def shard_loss(logits, y, y_batch, weight, margins, args):
-    """torchrun: this process's share of the global batch's loss. The sum over its rows of ce_loss's /
-    focal_loss's / ldam_loss's per-image term, divided by what the global batch's mean divides by (its size,
-    or Σ w_y over it for weighted CE and LDAM, as nn.CrossEntropyLoss(weight)); the shares sum to the loss
-    one process computes on the whole batch."""
+    """torchrun: this process's share of the loss of the global batch `y_batch`: its rows' terms of ce_loss /
+    focal_loss / ldam_loss over the global batch's divisor (its size, or its Σ w_y as nn.CrossEntropyLoss(weight))."""
     if args.loss == "ldam":
         logits = args.s * (logits - F.one_hot(y, logits.shape[1]) * margins[y].unsqueeze(1))
     terms = F.cross_entropy(logits, y, weight=weight, reduction="none")       # w_y · CE per image
@@ -351,8 +340,7 @@ def deferred_rule(rule, epoch, epochs, cb_weights):
 
 
 def class_weights(args, counts, labels, device):
-    """The rules' weights: class-balanced loss weights (Reweight, DRW), LDAM margins, and the per-image draw
-    weights of Resample / DRS."""
+    """The rules' weights: class-balanced loss weights (Reweight, DRW), LDAM margins, draw weights (Resample, DRS)."""
     cb_weights = class_balanced_weights(counts, args.beta).to(device)
     margins = ldam_margins(counts, args.max_m).to(device)
     sample_weights = (D.effective_number_sample_weights(labels.cpu(), args.beta)
@@ -377,9 +365,8 @@ def lr_at(epoch, args):
 
 
 def he_lr_at(epoch, args):
-    """He et al. 2016 §4.2 (CIFAR): lr 0.1, ÷10 at 32k and 48k of 64k iterations, i.e. at 50% and 75% of
-    the run; here at 50% and 75% of --epochs (0-based epoch). Paper 2 gives no epochs: 200 is paper 1's
-    length on the same subsets (64k iterations at batch 128 would be 660 epochs of 12,406 images)."""
+    """He et al. 2016 §4.2 (CIFAR): ÷10 at 32k and 48k of 64k iterations, here at 50% and 75% of --epochs (0-based
+    epoch). Paper 2 gives no length: 200 epochs as paper 1 (64k iterations of 128 are 660 epochs of 12,406 images)."""
     return args.lr * 0.1 ** sum(epoch >= int(f * args.epochs) for f in (0.5, 0.75))
 
 
@@ -393,25 +380,21 @@ def build_data(args, device, rank=0, world=1):
     test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
     idx, val_idx = D.training_subset(train_y, args)
     mean, std = D.mean_std(args.dataset, train_x)
-    C = len(names)
-    counts = np.bincount(train_y[idx], minlength=C).tolist()
-    train = D.GPULoader(train_x[idx], train_y[idx], args.batch_size, mean, std, device, augment="crop_flip",
-                        seed=args.seed)
+    counts = np.bincount(train_y[idx], minlength=len(names)).tolist()
+    train = D.GPULoader(train_x[idx], train_y[idx], args.batch_size, mean, std, device, "crop_flip", seed=args.seed)
     test = D.GPULoader(test_x, test_y, 1000, mean, std, device)
     val = D.GPULoader(train_x[val_idx], train_y[val_idx], 1000, mean, std, device) if len(val_idx) else None
-    train.indices = idx                                   # recorded (as a digest) for self_training.py --base
-    train.val_indices = val_idx                           # both written to <out>/train_indices.json
-    return train, val, test, counts, C
+    train.indices, train.val_indices = idx, val_idx       # <out>/train_indices.json; digest: self_training.py --base
+    return train, val, test, counts, len(names)
 
 
 def build_list_data(args, device, rank=0, world=1):
-    """Training / validation / test batches of a file list; under torchrun this process's shares
-    (ShardedListBatches for training, eval_shard for evaluation)."""
+    """Training / validation / test batches of a file list; under torchrun this process's shares."""
     if not args.train_list or not args.test_list:
         R.fail(f"--dataset {args.dataset} needs --train-list and --test-list ('relative/path label' files)")
     if args.balanced or args.subsample < 1:
         R.fail(f"--balanced and --subsample draw CIFAR-size subsets; for {args.dataset} pass a variant list as "
-             f"--train-list (python datasets_lt.py --train-list ... writes paper 2's ImageNet variants)")
+               f"--train-list (python datasets_lt.py --train-list ... writes paper 2's ImageNet variants)")
     if args.val_list and args.val_frac:
         R.fail("--val-list and --val-frac both choose a validation set; pass one")
     tf = lambda train: D.imagenet_transform(train, dataset=args.dataset)     # iNat: own mean/std, no jitter
@@ -420,28 +403,22 @@ def build_list_data(args, device, rank=0, world=1):
     C = max(train_ds.num_classes, test_ds.num_classes)
     idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.data_seed)
     counts = np.bincount(train_ds.labels[idx], minlength=C).tolist()
-    if world > 1:
-        R.check_shards(args.batch_size, world)
-        train = D.ShardedListBatches(train_ds, idx, args.batch_size, args.seed, args.workers, device, rank, world)
-        plain = lambda ds, indices: D.eval_shard(ds, indices, args.seed, args.workers, device, rank, world)
-    else:
-        train = D.ListBatches(train_ds, idx, args.batch_size, True, args.seed, args.workers, device)
-        plain = lambda ds, indices: D.ListBatches(ds, indices, 256, False, args.seed, args.workers, device)
+    R.check_shards(args.batch_size, world)
+    train = (D.ShardedListBatches(train_ds, idx, args.batch_size, args.seed, args.workers, device, rank, world)
+             if world > 1 else D.ListBatches(train_ds, idx, args.batch_size, True, args.seed, args.workers, device))
+    plain = lambda ds, indices: D.eval_shard(ds, indices, args.seed, args.workers, device, rank, world)  # world 1: all
     test = plain(test_ds, np.arange(len(test_ds)))
     val = None
-    if len(val_idx):
-        val = plain(D.FileListDataset(args.data_root, args.train_list, transform=tf(False)), val_idx)
-    if args.val_list:                                      # Kang et al. select on the official val list
-        val_ds = D.FileListDataset(args.data_root, args.val_list, transform=tf(False))
-        val = plain(val_ds, np.arange(len(val_ds)))
+    if args.val_list or len(val_idx):                      # Kang et al. select on the official val list
+        val_ds = D.FileListDataset(args.data_root, args.val_list or args.train_list, transform=tf(False))
+        val = plain(val_ds, np.arange(len(val_ds)) if args.val_list else val_idx)
     return train, val, test, counts, C
 
 
 # ----- one epoch -----------------------------------------------------------------------------------
 
 def train_one_epoch(model, optimizer, train, epoch, args, weights, world, step_model):
-    """SGD over one epoch of `train` under the epoch's rule: (the row's lr / loss / train top-1, the first
-    step with a non-finite loss or -1, the last step)."""
+    """One epoch of SGD under the epoch's rule: (row: lr, loss, train top-1; first non-finite step or -1; last step)."""
     cb_weights, margins, sample_weights = weights
     device = cb_weights.device
     lr = he_lr_at(epoch, args) if args.schedule == "he" else lr_at(epoch + (args.lr_sequence == "kang"), args)
@@ -449,10 +426,8 @@ def train_one_epoch(model, optimizer, train, epoch, args, weights, world, step_m
         group["lr"] = lr
     weight, resample = deferred_rule(args.rule, epoch, args.epochs, cb_weights)   # DRW / DRS: at 80% of the run
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    hits = torch.zeros((), device=device, dtype=torch.long)
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)
-    seen = 0
+    loss_sum, hits = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+    first_bad, seen = torch.full((), -1, device=device, dtype=torch.long), 0
     for step, (x, y, _, *y_batch) in enumerate(train.epoch(epoch, sample_weights if resample else None)):
         with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
             logits = step_model(x).float()
@@ -487,24 +462,6 @@ def train_one_epoch(model, optimizer, train, epoch, args, weights, world, step_m
 
 # ----- main ----------------------------------------------------------------------------------------
 
-# arguments of runs saved before these flags existed
-OLD_DEFAULTS = {"resample_weights": "inverse", "lr_sequence": "plain", "val_list": None, "balanced": False,
-                "subsample": 1.0, "recipe": "ldam", "same_epochs": False}
-
-
-def resume_run(args, world=1):
-    """--resume: the saved run's arguments; without it, an --out that already holds a run is refused."""
-    args, ckpt = R.resume_run(args, "ldam_drw.py", RESUME_FLAGS, OLD_DEFAULTS,
-                              "; use --pretrained to start from its backbone")
-    args.world_size = world
-    D.check_rho(args.rho)
-    if world > 1 and args.dataset not in ("imagenet_lt", "inat"):
-        R.fail(f"torchrun runs ldam_drw.py on file lists (--dataset imagenet_lt / inat); --dataset {args.dataset} "
-               f"trains on one device: run it without torchrun")
-    R.refuse_occupied(args.out, args.resume)
-    return args, ckpt
-
-
 def init_state(args, ckpt, C, device, world=1):
     """The model, SGD, and (start epoch, best) from the --resume checkpoint."""
     model = build_model(args.arch, C, cosine=args.loss == "ldam")
@@ -522,6 +479,34 @@ def init_state(args, ckpt, C, device, world=1):
     return model, optimizer, start, best
 
 
+def end_epoch(args, out, model, optimizer, epoch, row, val_m, best, t0, saved, rank=0):
+    """The best epoch on validation, then the metrics row, the printed line and last.pt."""
+    test_m = row["test"]
+    if val_m and (best is None or val_m["top1"] > best["val_top1"]):
+        best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
+    row.update({"val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0})
+    line = R.table_row(epoch + 1, row["lr"], row["loss"], [row["train_top1"], test_m["top1"], test_m["many"],
+                       test_m["medium"], test_m["few"], row["val_top1"]], row["seconds"])
+    state = {**saved, "model": model.state_dict(), "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+             "args": vars(args), "best": best, "rng": {"torch": torch.get_rng_state()}}
+    R.end_epoch(out, row, line, state, rank)
+    return best
+
+
+def resume_run(args, world=1):
+    """--resume: the saved run's arguments; without it, an --out that already holds a run is refused."""
+    old = {"resample_weights": "inverse", "lr_sequence": "plain", "val_list": None, "balanced": False,
+           "subsample": 1.0, "recipe": "ldam", "same_epochs": False}               # of runs saved before these flags
+    args, ckpt = R.resume_run(args, "ldam_drw.py", RESUME_FLAGS, old, "; use --pretrained to start from its backbone")
+    args.world_size = world
+    D.check_rho(args.rho)
+    if world > 1 and args.dataset not in ("imagenet_lt", "inat"):
+        R.fail(f"torchrun runs ldam_drw.py on file lists (--dataset imagenet_lt / inat); --dataset {args.dataset} "
+               f"trains on one device: run it without torchrun")
+    R.refuse_occupied(args.out, args.resume)
+    return args, ckpt
+
+
 def open_run(args, ckpt, device, train, counts, start, rank=0, world=1):
     """The run folder (rank 0) with the training indices; then the lines printed above the epoch table."""
     if R.open_run(args, ckpt, device, __file__, start, rank=rank) and hasattr(train, "val_indices"):
@@ -532,25 +517,10 @@ def open_run(args, ckpt, device, train, counts, start, rank=0, world=1):
           f"{args.epochs} epochs on {device}" + (f", {world} processes × {args.batch_size // world} images per step, "
           f"{'SyncBatchNorm' if device.type == 'cuda' else 'BatchNorm per process'}" if world > 1 else ""))
     if args.subsample < 1:
-        print(f"--subsample {args.subsample:g}: {args.epochs} epochs " +
-              (f"(--same-epochs)" if args.same_epochs else
-               f"= round({args.epochs_full} / {args.subsample:g}), the full variant's optimizer steps (App. A.1); "
-               f"--same-epochs keeps {args.epochs_full}"))
+        print(f"--subsample {args.subsample:g}: {args.epochs} epochs " + ("(--same-epochs)" if args.same_epochs else
+              f"= round({args.epochs_full} / {args.subsample:g}), the full variant's optimizer steps (App. A.1); "
+              f"--same-epochs keeps {args.epochs_full}"))
     print(R.table_header("train", "test", "many", "med", "few", "val"))
-
-
-def end_epoch(args, model, optimizer, epoch, row, val_m, best, t0, saved, rank=0):
-    """The best epoch on validation, then the metrics row, the printed line and last.pt."""
-    test_m = row["test"]
-    if val_m and (best is None or val_m["top1"] > best["val_top1"]):
-        best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
-    row.update({"val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0})
-    line = R.table_row(epoch + 1, row["lr"], row["loss"], [row["train_top1"], test_m["top1"], test_m["many"],
-                       test_m["medium"], test_m["few"], row["val_top1"]], row["seconds"])
-    state = {**saved, "model": model.state_dict(), "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
-             "args": vars(args), "best": best, "rng": {"torch": torch.get_rng_state()}}
-    R.end_epoch(args.out, row, line, state, rank)
-    return best
 
 
 def finish_run(args, counts, test_m, best, t_run, rank=0, world=1):
@@ -558,17 +528,15 @@ def finish_run(args, counts, test_m, best, t_run, rank=0, world=1):
     headline = D.headline_metric(args.dataset)
     final = R.finish_run(args.out, {
         "script": "ldam_drw.py", "dataset": args.dataset, "rho": args.rho, "imb_type": args.imb_type,
-        "loss": args.loss, "rule": args.rule, "pretrained": args.pretrained, "seed": args.seed, "data_seed": args.data_seed,
-        "epochs": args.epochs, "class_counts": counts, "arch": args.arch, "recipe": args.recipe,
-        "balanced": args.balanced, "subsample": args.subsample, "n_train": sum(counts), "last": test_m,
-        "headline": headline, "test_error": 100 - test_m[headline], "test_error_top1": 100 - test_m["top1"],
-        "best_on_val": best}, t_run, rank)
-    print(f"last epoch: test error {final['test_error']:.2f}%"
-          + (f" from mean per-class accuracy (top-1 error {final['test_error_top1']:.2f}%)" if headline != "top1" else "")
-          + f" (many {R.fmt(test_m['many'])}, medium "
-          f"{R.fmt(test_m['medium'])}, few {R.fmt(test_m['few'])})"
-          + (f"; best on validation: epoch {best['epoch']}, test error {100 - best['test']['top1']:.2f}%"
-             if best else ""))
+        "loss": args.loss, "rule": args.rule, "pretrained": args.pretrained, "seed": args.seed,
+        "data_seed": args.data_seed, "epochs": args.epochs, "class_counts": counts, "arch": args.arch,
+        "recipe": args.recipe, "balanced": args.balanced, "subsample": args.subsample, "n_train": sum(counts),
+        "last": test_m, "headline": headline, "test_error": 100 - test_m[headline],
+        "test_error_top1": 100 - test_m["top1"], "best_on_val": best}, t_run, rank)
+    mean = f" from mean per-class accuracy (top-1 error {final['test_error_top1']:.2f}%)" if headline != "top1" else ""
+    val = f"; best on validation: epoch {best['epoch']}, test error {100 - best['test']['top1']:.2f}%" if best else ""
+    print(f"last epoch: test error {final['test_error']:.2f}%{mean} (many {R.fmt(test_m['many'])}, medium "
+          f"{R.fmt(test_m['medium'])}, few {R.fmt(test_m['few'])}){val}")
     R.leave_process_group(world)
 
 
@@ -604,7 +572,7 @@ def main(argv=None):
         R.stop_if_diverged(args.out, [model], epoch, first_bad, step + 1, rank, world)
         row["test"] = score(model, test)
         val_m = score(model, val) if val else None
-        best = end_epoch(args, model, optimizer, epoch, row, val_m, best, t0, saved, rank)
+        best = end_epoch(args, args.out, model, optimizer, epoch, row, val_m, best, t0, saved, rank)
     test_m = score(model, test) if start >= args.epochs else row["test"]
     finish_run(args, counts, test_m, best, t_run, rank, world)
 

@@ -1,10 +1,8 @@
 """Self-training with extra unlabeled data: paper 1 (Yang & Xu 2020), §2.2–3, Table 1, Figs. 2–3.
 
-Imbalanced labels are valuable: (a) train a classifier on the long-tailed labeled set D_L (base_model),
-(b) let it pseudo-label an extra unlabeled set D_U (pseudo_label: hard argmax, eval mode, test transform),
-(c) train a fresh model on D_L ∪ D_U with the same recipe (self_train; (a) and (c) both run fit).
-Paper 1 minimises L(D_L) + ω·L(D_U) (§3 → ce_loss, focal_loss, ldam_loss with c); the authors'
-code merges both into one shuffled set, which is ω = 1.
+Imbalanced labels are valuable: (a) train a classifier on the long-tailed labeled set D_L (base_model), (b) let
+it pseudo-label an extra unlabeled set D_U (pseudo_label), (c) train a fresh model on D_L ∪ D_U with the same
+recipe (self_train; (a) and (c) both run fit), minimising paper 1's L(D_L) + ω·L(D_U) (§3; ω: the losses' c).
 README "Self-training with extra unlabeled data" has the pools, relevance, evaluation and the reasons below.
 
     python self_training.py --rho 0.01 --pool cinic10 --pool-root CINIC --gpu 0   # Table 1: LDAM-DRW, D_U@5x, rho_U = 1
@@ -14,10 +12,9 @@ README "Self-training with extra unlabeled data" has the pools, relevance, evalu
     python self_training.py --rho 0.02 --rho-u 0.02 --pool cinic10 --pool-root CINIC --relevance 0.6 \\
         --unlabeled-mult 4                                              # Figs. 2-3: CIFAR-100 as irrelevant data
 
-D_U (--pool, --unlabeled-root): --unlabeled-mult · |D_L| images with profile --rho-u in the task's class
-order; --pool rest is NOT the paper's pool for CIFAR-10. SVHN's headline error: 100 − mean per-class accuracy.
-Paper numbers (CIFAR-10-LT ρ=100, top-1 error, 80M TI pool, lossless): CE 29.64 → 17.48 and LDAM-DRW
-22.97 → 14.96 with D_U@5x, ρ_U = 1. CINIC-10's ImageNet images are a different source than 80M TI.
+D_U: --unlabeled-mult · |D_L| images of --pool or --unlabeled-root, profile --rho-u in the task's class order;
+--pool rest is NOT the paper's pool for CIFAR-10. Paper numbers (CIFAR-10-LT ρ=100, top-1 error, 80M TI pool,
+lossless): CE 29.64 → 17.48, LDAM-DRW 22.97 → 14.96 with D_U@5x, ρ_U = 1 (CINIC-10 is another source than 80M TI).
 
 Deliberate differences from the paper and the authors' code:
 1. D_U comes from existing data (80M Tiny Images was withdrawn); a short pool keeps its profile.
@@ -43,6 +40,7 @@ import torch.nn.functional as F
 
 import datasets_lt as D
 import run_lt as R
+
 
 # ----- flags ---------------------------------------------------------------------------------------
 
@@ -102,7 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--gamma", type=float, default=1.0, help="focal loss γ")
     p.add_argument("--max-m", type=float, default=0.5, help="LDAM: largest margin")
     p.add_argument("--s", type=float, default=30.0, help="LDAM: logit scale")
-    p.error = R.fail
+    p.error = R.fail                                       # one line and exit 2, not the usage text
     args = p.parse_args(argv)
     args.cli_flags = R.given_flags(p, argv)
     args.schedule, args.arch = "step", "resnet32"
@@ -122,8 +120,7 @@ def check_args(args):
         R.fail(f"--warmup {args.warmup} must be shorter than --epochs {args.epochs}")
 
 
-# --resume continues a run with its own arguments; only these (where the run executes) may be given with it
-RESUME_FLAGS = ("gpu", "data_root", "download")
+RESUME_FLAGS = ("gpu", "data_root", "download")                # where the run executes: these may go with --resume
 
 
 # ----- model ---------------------------------------------------------------------------------------
@@ -249,13 +246,10 @@ def deferred_rule(rule, epoch, epochs, cb_weights):
 
 
 def class_weights(args, counts, labels, device):
-    """The rules' weights: class-balanced loss weights (Reweight, DRW), LDAM margins, and the per-image draw
-    weights of Resample / DRS."""
+    """The rules' weights: class-balanced loss weights (Reweight, DRW), LDAM margins, draw weights (Resample, DRS)."""
     cb_weights = class_balanced_weights(counts, args.beta).to(device)
     margins = ldam_margins(counts, args.max_m).to(device)
-    # Re-sampling weights from `counts` (pseudo-labels included unless --labeled-counts): the authors'
-    # ImbalancedDatasetSampler's (1 − β)/(1 − β^{n_y}), or 1/n_y with --resample-weights inverse.
-    inverse = 1.0 / torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)
+    inverse = 1.0 / torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)      # by `counts` (--labeled-counts)
     sample_weights = (D.effective_number_sample_weights(torch.as_tensor(labels), args.beta, counts)
                       if args.resample_weights == "effective" else inverse[torch.as_tensor(labels)])
     return cb_weights, margins, sample_weights
@@ -283,19 +277,15 @@ def predict(model, x_u, mean, std, device, scale):
     model.eval()
     if not len(x_u):                                          # --unlabeled-mult 0: nothing to label, no batch
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    preds, confs = [], []
-    for x, _, _ in D.GPULoader(x_u, np.zeros(len(x_u), dtype=np.int64), 1000, mean, std, device).epoch(0):
-        conf, pred = F.softmax(scale * model(x).float(), dim=1).max(1)
-        preds.append(pred)
-        confs.append(conf)
+    batches = D.GPULoader(x_u, np.zeros(len(x_u), dtype=np.int64), 1000, mean, std, device).epoch(0)
+    confs, preds = zip(*[F.softmax(scale * model(x).float(), dim=1).max(1) for x, _, _ in batches])
     return torch.cat(preds).cpu().numpy(), torch.cat(confs).cpu().numpy()
 
 
 # ----- data ----------------------------------------------------------------------------------------
 
 def build_data(args):
-    """D_L, the test set and the candidate pool of D_U (images with their TRUE labels, used only to
-    choose D_U and to report pseudo-label accuracy)."""
+    """D_L, validation, test and the candidate pool of D_U (TRUE labels: only to choose D_U and score pseudo-labels)."""
     train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
     test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
     irr = [int(c) for c in args.irrelevant_classes.split(",")] if args.irrelevant_classes else []
@@ -306,16 +296,14 @@ def build_data(args):
     renumber = np.full(len(names), -1)
     renumber[task] = np.arange(len(task))
     in_task = np.flatnonzero(renumber[train_y] >= 0)
-    y_task = renumber[train_y[in_task]]
-    lab = in_task[D.make_long_tailed(y_task, args.rho, args.imb_type, args.data_seed, D.N_MAX.get(args.dataset),
-                                     D.CLASS_ORDER.get(args.dataset) if not irr else None)]
+    lab = in_task[D.make_long_tailed(renumber[train_y[in_task]], args.rho, args.imb_type, args.data_seed,
+                                     D.N_MAX.get(args.dataset), D.CLASS_ORDER.get(args.dataset) if not irr else None)]
     lab, val = D.carve_val(lab, renumber[train_y], args.val_frac, args.data_seed)
     test_keep = renumber[test_y] >= 0
     data = {"names": [names[c] for c in task], "mean_std": D.mean_std(args.dataset, train_x),
             "x_l": train_x[lab], "y_l": renumber[train_y[lab]], "x_val": train_x[val], "y_val": renumber[train_y[val]],
             "x_test": test_x[test_keep], "y_test": renumber[test_y[test_keep]], "subset": D.subset_digest(lab),
-            "counts_l": np.bincount(renumber[train_y[lab]], minlength=len(task))}
-    data["irr_x"] = np.zeros((0,) + train_x.shape[1:], dtype=np.uint8)
+            "counts_l": np.bincount(renumber[train_y[lab]], minlength=len(task)), "irr_x": train_x[:0].copy()}
     to_task = lambda pool_names: np.array([data["names"].index(n) if n in data["names"] else -1 for n in pool_names])
     if args.pool == "cinic10":
         if args.dataset not in ("cifar10", "folder") or args.unlabeled_root:
@@ -330,14 +318,10 @@ def build_data(args):
                               f"(its classes: {', '.join(pnames)})")
         py = to_task(pnames)[py]
         data["pool_paths"], data["pool_y"] = [paths[i] for i in np.flatnonzero(py >= 0)], py[py >= 0]
-    elif args.unlabeled_root:
-        root = os.path.abspath(args.unlabeled_root)
-        px, py, pnames = D.load_split("folder", os.path.dirname(root), os.path.basename(root))
+    elif args.unlabeled_root or args.dataset == "svhn":    # an image folder DIR/<class>/*, else SVHN's extra split
+        px, py, pnames = (D.load_split("folder", *os.path.split(os.path.abspath(args.unlabeled_root)))
+                          if args.unlabeled_root else D.load_split("svhn", args.data_root, "extra", args.download))
         py = to_task(pnames)[py]
-        data["pool_x"], data["pool_y"], data["irr_x"] = px[py >= 0], py[py >= 0], px[py < 0]
-    elif args.dataset == "svhn":
-        px, py, _ = D.load_split("svhn", args.data_root, "extra", args.download)
-        py = renumber[py]
         data["pool_x"], data["pool_y"], data["irr_x"] = px[py >= 0], py[py >= 0], px[py < 0]
     else:
         rest = np.setdiff1d(np.arange(len(train_y)), np.concatenate([lab, val]))
@@ -350,19 +334,17 @@ def build_data(args):
         try:
             data["irr_x"], _, _ = D.load_split("cifar100", args.irrelevant_root or args.data_root, True, args.download)
         except D.DataError as e:
-            raise D.DataError(f"--relevance {args.relevance:g} draws irrelevant images from CIFAR-100 (--irrelevant-root, "
-                              f"default --data-root): {e}") from None
+            raise D.DataError(f"--relevance {args.relevance:g} draws irrelevant images from CIFAR-100 "
+                              f"(--irrelevant-root, default --data-root): {e}") from None
     return data
 
 
 def check_base(path, ckpt, args, data):
-    """--base must have been trained on this run's D_L. A base model that trained on other images of the
-    dataset has seen (true labels of) images this run may put in D_U, and would pseudo-label them from
-    memory. Compares the data flags, the class counts and the digest of the training subset."""
-    theirs = ckpt.get("args") or {}
-    theirs = {"dataset": theirs.get("dataset"), "rho": theirs.get("rho"), "imb_type": theirs.get("imb_type"),
-              "data_seed": theirs.get("data_seed", theirs.get("seed", 0)), "val_frac": theirs.get("val_frac", 0.0)}
-    for key, value in theirs.items():
+    """--base must have been trained on this run's D_L (data flags, class counts, digest of the training subset): a
+    base model that saw other images of the dataset may meet them in D_U and pseudo-label them from memory."""
+    a = ckpt.get("args") or {}
+    for key, value in (("dataset", a.get("dataset")), ("rho", a.get("rho")), ("imb_type", a.get("imb_type")),
+                       ("data_seed", a.get("data_seed", a.get("seed", 0))), ("val_frac", a.get("val_frac", 0.0))):
         if value != getattr(args, key):
             R.fail(f"--base '{path}' was trained on another D_L (--{key.replace('_', '-')} {value}, this run "
                    f"{getattr(args, key)}): its pseudo-labels would leak true labels; train the base with this "
@@ -392,15 +374,13 @@ def choose_unlabeled(args, data):
     print(f"D_U: {report['size']} images = {report['achieved_mult']:.2f}x |D_L| (asked {args.unlabeled_mult:g}x), "
           f"relevance {report['achieved_relevance'] or 0:.4f} (asked {args.relevance:g}), per class "
           f"{report['supplied_per_class']} + {report['irrelevant']} irrelevant")
-    y_u = np.concatenate([data["pool_y"][rel], np.full(len(irr), -1)])
-    return x_u, y_u, report
+    return x_u, np.concatenate([data["pool_y"][rel], np.full(len(irr), -1)]), report
 
 
 # ----- one epoch -----------------------------------------------------------------------------------
 
 def train_one_epoch(model, optimizer, train, epoch, args, weights, c):
-    """SGD over one epoch of `train` under the epoch's rule: (the row's lr / loss / train top-1, the first
-    step with a non-finite loss or -1, the last step)."""
+    """One epoch of SGD under the epoch's rule: (row: lr, loss, train top-1; first non-finite step or -1; last step)."""
     cb_weights, margins, sample_weights = weights
     device = cb_weights.device
     lr = lr_at(epoch, args)
@@ -408,10 +388,8 @@ def train_one_epoch(model, optimizer, train, epoch, args, weights, c):
         group["lr"] = lr
     weight, resample = deferred_rule(args.rule, epoch, args.epochs, cb_weights)   # DRW / DRS: at 80% of the run
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    hits = torch.zeros((), device=device, dtype=torch.long)
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)
-    seen = 0
+    loss_sum, hits = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+    first_bad, seen = torch.full((), -1, device=device, dtype=torch.long), 0
     for step, (x, y, idx) in enumerate(train.epoch(epoch, sample_weights if resample else None)):
         with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
             logits = model(x).float()
@@ -435,16 +413,16 @@ def train_one_epoch(model, optimizer, train, epoch, args, weights, c):
 
 # ----- stages --------------------------------------------------------------------------------------
 
-def init_state(args, ckpt, C, device, stage):
-    """The model, SGD, and (start epoch, best) from the --resume checkpoint when it is of this stage."""
+def init_state(args, ckpt, C, device):
+    """The model, SGD, and (start epoch, best) from the --resume checkpoint."""
     model = ResNet32(C, cosine=args.loss == "ldam").to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd,
                                 fused=device.type == "cuda")
-    start, best = R.restore(ckpt if ckpt is not None and ckpt.get("stage") == stage else None, model, optimizer)
+    start, best = R.restore(ckpt, model, optimizer)
     return model, optimizer, start, best
 
 
-def end_epoch(args, out, model, optimizer, epoch, row, val_m, best, t0, saved):
+def end_epoch(args, out, model, optimizer, epoch, row, val_m, best, t0, saved, rank=0):
     """The best epoch on validation, then the metrics row, the printed line and last.pt."""
     test_m = row["test"]
     if val_m and (best is None or val_m["top1"] > best["val_top1"]):
@@ -454,7 +432,7 @@ def end_epoch(args, out, model, optimizer, epoch, row, val_m, best, t0, saved):
                        test_m["medium"], test_m["few"], row["val_top1"]], row["seconds"])
     state = {**saved, "model": model.state_dict(), "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
              "args": vars(args), "best": best, "rng": {"torch": torch.get_rng_state()}}
-    R.end_epoch(out, row, line, state)
+    R.end_epoch(out, row, line, state, rank)
     return best
 
 
@@ -464,8 +442,8 @@ def fit(args, stage, x, y, c, counts, data, device, out, ckpt=None, batch_size=N
     mean, std = data["mean_std"]
     C = len(data["names"])
     torch.manual_seed(args.seed)
-    model, optimizer, start, best = init_state(args, ckpt, C, device, stage)
-    train = D.GPULoader(x, y, batch_size or args.batch_size, mean, std, device, augment="crop_flip", seed=args.seed)
+    model, optimizer, start, best = init_state(args, ckpt, C, device)
+    train = D.GPULoader(x, y, batch_size or args.batch_size, mean, std, device, "crop_flip", seed=args.seed)
     test = D.GPULoader(data["x_test"], data["y_test"], 1000, mean, std, device)
     val = D.GPULoader(data["x_val"], data["y_val"], 1000, mean, std, device) if len(data["y_val"]) else None
     score = lambda m, batches: D.evaluate(m, batches.epoch(0), C, data["counts_l"])   # many/medium/few by D_L
@@ -489,8 +467,7 @@ def fit(args, stage, x, y, c, counts, data, device, out, ckpt=None, batch_size=N
 
 
 def base_model(args, data, device, ckpt, base_ckpt):
-    """Stage (a): the base classifier on D_L: --base's, the finished stage (a) of a resumed run, or one
-    trained here with fit. Returns (model, its test metrics, its loss)."""
+    """Stage (a): the classifier on D_L (--base's, a resumed run's, or fit's): (model, its test metrics, its loss)."""
     C = len(data["names"])
     if not args.base and (ckpt is None or ckpt["stage"] == "base"):
         base, base_m, _ = fit(args, "base", data["x_l"], data["y_l"], None, data["counts_l"], data, device,
@@ -510,15 +487,12 @@ def base_model(args, data, device, ckpt, base_ckpt):
 
 
 def pseudo_label(args, base, base_loss, x_u, y_u_true, data, device):
-    """Stage (b): the base model's labels for D_U (predict), those kept by --threshold, their accuracy on the
-    true labels (reported only), saved in pseudo_labels.pt. Returns (labels, kept mask, report)."""
+    """Stage (b): D_U's labels, those --threshold keeps, their accuracy (reported only): (labels, kept mask, report)."""
     C = len(data["names"])
-    mean, std = data["mean_std"]
-    pseudo, conf = predict(base, x_u, mean, std, device, args.s if base_loss == "ldam" else 1.0)
+    pseudo, conf = predict(base, x_u, *data["mean_std"], device, args.s if base_loss == "ldam" else 1.0)
     keep = np.ones(len(x_u), bool) if args.threshold is None else conf >= args.threshold
     relevant = y_u_true >= 0
-    per_class = [float(100 * np.mean(pseudo[relevant & (y_u_true == k)] == k))
-                 if np.any(relevant & (y_u_true == k)) else None for k in range(C)]
+    per_class = [float(100 * np.mean(pseudo[y_u_true == k] == k)) if np.any(y_u_true == k) else None for k in range(C)]
     pl_report = {"n": int(len(x_u)), "kept": int(keep.sum()),
                  "accuracy": float(100 * np.mean(pseudo[relevant] == y_u_true[relevant])) if relevant.any() else None,
                  "accuracy_per_true_class": per_class,
@@ -532,30 +506,26 @@ def pseudo_label(args, base, base_loss, x_u, y_u_true, data, device):
 
 
 def self_train(args, data, x_u, pseudo, keep, device, ckpt):
-    """Stage (c): a fresh model on D_L ∪ D_U with fit, the unlabeled term weighted by ω. Returns (last test
-    metrics, best on validation, the class counts of the rules)."""
+    """Stage (c): fit on D_L ∪ D_U, the unlabeled term weighted by ω: (test metrics, best, the rules' counts)."""
     use_u = args.omega > 0
     x = np.concatenate([data["x_l"], x_u[keep]]) if use_u else data["x_l"]
     y = np.concatenate([data["y_l"], pseudo[keep]]) if use_u else data["y_l"]
     c = None if not use_u or args.omega == 1 else np.concatenate([np.ones(len(data["y_l"])), np.full(keep.sum(), args.omega)])
     counts = data["counts_l"] if args.labeled_counts or not use_u else np.bincount(y, minlength=len(data["names"]))
-    _, test_m, best = fit(args, "self_training", x, y, c, counts, data, device, args.out, ckpt, args.st_batch_size)
+    resumed = ckpt if ckpt is not None and ckpt["stage"] == "self_training" else None         # not stage (a)'s
+    _, test_m, best = fit(args, "self_training", x, y, c, counts, data, device, args.out, resumed, args.st_batch_size)
     return test_m, best, counts
 
 
 # ----- main ----------------------------------------------------------------------------------------
 
-# arguments of runs saved before these flags existed (--st-batch-size: their --batch-size, in resume_run)
-OLD_DEFAULTS = {"resample_weights": "inverse", "pool": "rest", "pool_root": None, "pool_shortfall": "cap",
-                "irrelevant_root": None}
-
-
 def resume_run(args):
     """--resume: the saved run's arguments; without it, an --out that already holds a run is refused."""
-    args, ckpt = R.resume_run(args, "self_training.py", RESUME_FLAGS, OLD_DEFAULTS, say=False)
+    old = {"resample_weights": "inverse", "pool": "rest", "pool_root": None, "pool_shortfall": "cap",
+           "irrelevant_root": None}                                                 # of runs saved before these flags
+    args, ckpt = R.resume_run(args, "self_training.py", RESUME_FLAGS, old, say=False)
     if ckpt is not None:
-        if "st_batch_size" not in ckpt["args"]:
-            args.st_batch_size = args.batch_size
+        args.st_batch_size = ckpt["args"].get("st_batch_size", args.batch_size)     # older runs: their --batch-size
         if ckpt.get("stage") == "base":                   # <out>/base/last.pt: the run is <out>
             args.out = os.path.dirname(args.out)
         print(f"resuming {args.out} in stage {ckpt['stage']} after epoch {ckpt['epoch']}")
@@ -568,15 +538,15 @@ def resume_run(args):
 def finish_run(args, data, counts, pool_report, pl_report, base_m, test_m, best, t_run):
     """final.json and the last printed line."""
     headline = D.headline_metric(args.dataset)
-    final = {"script": "self_training.py", "dataset": args.dataset, "rho": args.rho, "rho_u": args.rho_u,
-             "pool": "folder" if args.unlabeled_root else args.pool, "relevance": args.relevance, "loss": args.loss,
-             "rule": args.rule, "omega": args.omega, "seed": args.seed, "data_seed": args.data_seed,
-             "epochs": args.epochs, "labeled_counts": data["counts_l"].tolist(),
-             "training_counts": [int(n) for n in counts], "unlabeled": {**pool_report, "pseudo_labels": pl_report},
-             "base": base_m, "last": test_m, "headline": headline, "base_error": 100 - base_m[headline],
-             "test_error": 100 - test_m[headline], "base_error_top1": 100 - base_m["top1"],
-             "test_error_top1": 100 - test_m["top1"], "best_on_val": best, "wall_seconds": time.time() - t_run}
-    R.write_json(os.path.join(args.out, "final.json"), final)
+    final = R.finish_run(args.out, {
+        "script": "self_training.py", "dataset": args.dataset, "rho": args.rho, "rho_u": args.rho_u,
+        "pool": "folder" if args.unlabeled_root else args.pool, "relevance": args.relevance, "loss": args.loss,
+        "rule": args.rule, "omega": args.omega, "seed": args.seed, "data_seed": args.data_seed,
+        "epochs": args.epochs, "labeled_counts": data["counts_l"].tolist(), "training_counts": [int(n) for n in counts],
+        "unlabeled": {**pool_report, "pseudo_labels": pl_report}, "base": base_m, "last": test_m, "headline": headline,
+        "base_error": 100 - base_m[headline], "test_error": 100 - test_m[headline],
+        "base_error_top1": 100 - base_m["top1"], "test_error_top1": 100 - test_m["top1"], "best_on_val": best},
+        t_run, per_epoch=False)
     what = "test error" if headline == "top1" else "test error from mean per-class accuracy"
     print(f"{what}: base {final['base_error']:.2f}% → self-trained {final['test_error']:.2f}% "
           f"(top-1 error {final['base_error_top1']:.2f}% → {final['test_error_top1']:.2f}%; many "
