@@ -26,7 +26,7 @@ import torchvision
 from torchvision import transforms
 from torchvision.transforms import v2
 
-from run_lt import fail
+from run_lt import fail, write_text_atomic
 
 
 class DataError(Exception):
@@ -221,9 +221,7 @@ def lt_counts(n_max, num_classes, rho, imb_type="exp"):
     """Images per class, head first. exp: int(n_max·rho^(i/(C-1))); step: half n_max, half int(n_max·rho)."""
     check_rho(rho)
     if imb_type == "exp":
-        if num_classes == 1:
-            return [int(n_max)]
-        return [int(n_max * rho ** (i / (num_classes - 1.0))) for i in range(num_classes)]
+        return [int(n_max * rho ** (i / max(num_classes - 1.0, 1))) for i in range(num_classes)]
     if imb_type == "step":
         half = num_classes // 2
         return [int(n_max)] * half + [int(n_max * rho)] * (num_classes - half)
@@ -258,16 +256,20 @@ def make_long_tailed(labels, rho, imb_type="exp", seed=0, n_max=None, class_orde
     if min(counts) < 1:
         raise DataError(f"rho={rho:g} leaves the tail class with {min(counts)} images (n_max={n_max}); "
                         f"use a larger rho")
-    rng = np.random.RandomState(seed)
-    keep = []
     for c, k in zip(order, counts):
         if len(groups[c]) < k:
-            raise DataError(f"class {c} has {len(groups[c])} images but the profile asks for {k}; "
-                            f"lower n_max")
-        idx = groups[c].copy()
-        rng.shuffle(idx)
-        keep.append(idx[:k])
-    return np.sort(np.concatenate(keep))
+            raise DataError(f"class {c} has {len(groups[c])} images but the profile asks for {k}; lower n_max")
+    return np.sort(np.concatenate(_draw([groups[c] for c in order], counts, np.random.RandomState(seed))))
+
+
+def _draw(groups, counts, rng):
+    """The first counts[i] indices of each array groups[i], shuffled by `rng` one array after the other."""
+    drawn = []
+    for g, k in zip(groups, counts):
+        g = g.copy()
+        rng.shuffle(g)
+        drawn.append(g[:k])
+    return drawn
 
 
 def balanced_subset(labels, n_total, seed=0):
@@ -279,15 +281,10 @@ def balanced_subset(labels, n_total, seed=0):
     per = [n_total // C + (c < n_total % C) for c in range(C)]
     if min(per) < 1:
         raise DataError(f"a balanced subset of {n_total} images leaves a class empty ({C} classes)")
-    rng = np.random.RandomState(seed)
-    keep = []
     for g, k in zip(groups, per):
         if len(g) < k:
             raise DataError(f"balanced subset needs {k} images per class, a class has only {len(g)}")
-        idx = g.copy()
-        rng.shuffle(idx)
-        keep.append(idx[:k])
-    return np.sort(np.concatenate(keep))
+    return np.sort(np.concatenate(_draw(groups, per, np.random.RandomState(seed))))
 
 
 def downsample(indices, labels, ratio, seed=0, keep_one=False):
@@ -344,10 +341,7 @@ def subset_digest(indices):
 def save_indices(path, train, val=()):
     """Write the dataset indices a run trains on (and its validation split) to `path` as JSON, atomically:
     the record that two scripts given the same --data-seed used the same images."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"train": [int(i) for i in train], "val": [int(i) for i in val]}, f)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps({"train": [int(i) for i in train], "val": [int(i) for i in val]}))
 
 
 def shot_groups(train_counts):
@@ -426,10 +420,8 @@ def unlabeled_pool(pool_labels, n_labeled, mult=5, rho_u=1.0, imb_type="exp", se
     n_irr = min(n_irr, n_irr_avail)
     rng = np.random.RandomState(seed)
     chosen = [np.zeros(0, dtype=np.int64)] * C
-    for c in order:                                          # drawn head class first, as make_long_tailed
-        idx = groups[c].copy()
-        rng.shuffle(idx)
-        chosen[c] = idx[:got[c]]
+    for c, idx in zip(order, _draw([groups[c] for c in order], [got[c] for c in order], rng)):
+        chosen[c] = idx                                      # drawn head class first, as make_long_tailed
     irr = np.zeros(0, dtype=np.int64)
     if n_irr:
         irr = np.sort(rng.permutation(np.asarray(irrelevant))[:n_irr])
@@ -598,12 +590,7 @@ def profile_subset(labels, counts, seed=0, class_order=None):
             raise DataError(f"no class left with {want} images for rank {k} of the profile")
         free.remove(c)
         assigned[c] = want
-    keep = []
-    for c in range(C):                                    # draw in class order: one stream, seed-stable
-        idx = groups[c].copy()
-        rng.shuffle(idx)
-        keep.append(idx[:assigned[c]])
-    return np.sort(np.concatenate(keep))
+    return np.sort(np.concatenate(_draw(groups, [assigned[c] for c in range(C)], rng)))   # class order: seed-stable
 
 
 def imagenet_variants(labels, seed=0, lt_labels=None, ratios=SIZE_SWEEP):
@@ -952,9 +939,8 @@ def training_subset(train_y, args):
 
 
 def headline_metric(dataset):
-    """Paper 1 evaluates "on corresponding balanced test datasets" (§2.2). SVHN's test split is not
-    balanced (digit 1 has 5,099 images, digit 9 1,595), so its headline error is 100 − the mean per-class
-    accuracy, which is the error on a class-balanced test set; top-1 is reported beside it."""
+    """Paper 1 evaluates "on corresponding balanced test datasets" (§2.2); SVHN's test split is not (digit 1: 5,099
+    images, digit 9: 1,595), so its headline error is 100 − the mean per-class accuracy; top-1 beside it."""
     return "mean_class_acc" if dataset == "svhn" else "top1"
 
 
@@ -1048,9 +1034,8 @@ def eval_shard(dataset, indices, seed, workers, device, rank, world):
 
 @torch.no_grad()
 def evaluate_shards(model, shard, num_classes, train_counts, device):
-    """evaluate() of a list split across the processes (`shard` from eval_shard): each predicts its part,
-    predictions and labels are gathered in rank order and counted once, so every number is the one a single
-    process reports for the same weights on the whole list."""
+    """evaluate() of a list split across the processes (`shard` from eval_shard): predictions and labels gathered in
+    rank order and counted once, so every number is the one a single process reports on the whole list."""
     model.eval()
     preds, labels = [torch.zeros(0, dtype=torch.long, device=device)], [torch.zeros(0, dtype=torch.long, device=device)]
     for x, y, _ in shard.epoch(0):
