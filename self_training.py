@@ -3,7 +3,6 @@
 Imbalanced labels are valuable: (a) train a classifier on the long-tailed labeled set D_L (base_model), (b) let
 it pseudo-label an extra unlabeled set D_U (pseudo_label), (c) train a fresh model on D_L ∪ D_U with the same
 recipe (self_train; (a) and (c) both run fit), minimising paper 1's L(D_L) + ω·L(D_U) (§3; ω: the losses' c).
-README "Self-training with extra unlabeled data" has the pools, relevance, evaluation and the reasons below.
 
     python self_training.py --rho 0.01 --pool cinic10 --pool-root CINIC --gpu 0   # Table 1: LDAM-DRW, D_U@5x, rho_U = 1
     python self_training.py --rho 0.01 --pool cinic10 --pool-root CINIC --loss ce --rule none --rho-u 0.005  # CE, 2ρ
@@ -17,7 +16,8 @@ D_U: --unlabeled-mult · |D_L| images of --pool or --unlabeled-root, profile --r
 lossless): CE 29.64 → 17.48, LDAM-DRW 22.97 → 14.96 with D_U@5x, ρ_U = 1 (CINIC-10 is another source than 80M TI).
 
 Deliberate differences from the paper and the authors' code:
-1. D_U comes from existing data (80M Tiny Images was withdrawn); a short pool keeps its profile.
+1. D_U comes from existing data (80M Tiny Images was withdrawn); a short pool keeps its profile and shrinks
+   (CINIC-10's ~21,000 images per class cannot fill the 24,999 head images that ρ_U = ρ asks at 5x).
 2. --omega is a per-example weight; ω = 1 is the authors' merged set (ω' = |D_U|/|D_L| per-set).
 3. --threshold on pseudo-label confidence is off by default, as in the paper.
 4. Class counts include the pseudo-labels, as the authors did (--labeled-counts: D_L's only).
