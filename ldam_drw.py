@@ -132,16 +132,12 @@ def parse_args(argv=None):
         tags = (["he"] if args.recipe == "he" else []) + (["balanced"] if args.balanced else []) + \
                ([f"sub{args.subsample:g}"] if args.subsample < 1 else [])
         args.out = os.path.join("runs", "-".join(["ldam_drw", args.dataset, f"{args.rho:g}", str(args.seed), *tags]))
-    check_args(args)
-    return args
-
-
-def check_args(args):
-    """Range of every numeric flag, before anything is read or written."""
+    # the range of every numeric flag, before anything is read or written
     R.check_ranges(args, R.SHARED_RANGES + [("warmup", 0, None, "[)"), ("beta", 0, 1, "[)"), ("gamma", 0, None, "[)"),
                                             ("max_m", 0, None, "[)"), ("s", 0, None, "()")])
     if "warmup" in args.cli_flags and 0 < args.warmup >= args.epochs:
         R.fail(f"--warmup {args.warmup} must be shorter than --epochs {args.epochs}")
+    return args
 
 
 RESUME_FLAGS = ("gpu", "workers", "data_root", "download")     # where the run executes: these may go with --resume

@@ -106,18 +106,14 @@ def parse_args(argv=None):
     args.schedule, args.arch = "step", "resnet32"
     if args.out is None:
         args.out = os.path.join("runs", f"self_training-{args.dataset}-{args.rho:g}-{args.seed}")
-    check_args(args)
-    return args
-
-
-def check_args(args):
-    """Range of every numeric flag, before anything is read or written."""
+    # the range of every numeric flag, before anything is read or written
     R.check_ranges(args, R.SHARED_RANGES + [("st_batch_size", 1, None, "[)"), ("unlabeled_mult", 0, None, "[)"),
                                             ("relevance", 0, 1, "[]"), ("omega", 0, None, "[)"),
                                             ("threshold", 0, 1, "[]"), ("warmup", 0, None, "[)"), ("beta", 0, 1, "[)"),
                                             ("gamma", 0, None, "[)"), ("max_m", 0, None, "[)"), ("s", 0, None, "()")])
     if "warmup" in args.cli_flags and 0 < args.warmup >= args.epochs:
         R.fail(f"--warmup {args.warmup} must be shorter than --epochs {args.epochs}")
+    return args
 
 
 RESUME_FLAGS = ("gpu", "data_root", "download")                # where the run executes: these may go with --resume
