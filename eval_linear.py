@@ -1,19 +1,15 @@
 """Linear probe of a frozen backbone on the full balanced training set, and paper 2's relative gap Δ.
 
-Paper 2 (Liu et al. 2022, "Self-supervised learning is more robust to dataset imbalance"): §2.1
-"In-domain (ID) evaluation", §2.2, App. A.1 "Evaluation", and Eq. (1) (§2.3). A backbone pre-trained on
-n images with imbalance ratio r by any script of this project (supervised: ldam_drw.py; self-supervised:
-rotation_ssp.py, moco_ssp.py, simsiam_rwsam.py) is frozen; a C-way linear head is trained on the full
-balanced training split of the same dataset (CIFAR-10: all 50,000 images); its test top-1 is A(n, r).
-Eq. (1): Δ(n, r) = (A(n, 1) − A(n, r)) / A(n, 1), for SSL (Δ^SSL) and supervised (Δ^SL) backbones apart.
-Recipe (REFERENCE §8; linear_probe): eval-mode backbone, head N(0, 0.01²), SGD lr 30, momentum 0.9, wd 0,
-batch 256, 100 epochs, lr ×0.1 at 60% and 80%. --protocol authors (default, Table 1(a)): fresh bicubic
-RandomResizedCrop + flip views every step (AuthorsViews); --protocol fast: cached features, no augmentation.
-Details of both protocols, outputs and speed: README "Judging a representation".
+Paper 2 (Liu et al. 2022, "Self-supervised learning is more robust to dataset imbalance"): §2.1 "In-domain
+(ID) evaluation", §2.2, App. A.1 "Evaluation", Eq. (1) (§2.3). A backbone pre-trained on n images with
+imbalance ratio r by any script of this project is frozen; a C-way linear head is trained on the full balanced
+training split of the same dataset (CIFAR-10: all 50,000 images); its test top-1 is A(n, r). Eq. (1):
+Δ(n, r) = (A(n, 1) − A(n, r)) / A(n, 1), for SSL (Δ^SSL) and supervised (Δ^SL) backbones apart.
+Recipe: REFERENCE §8 (linear_probe, probe_lr). --protocol authors (default, Table 1(a)): the authors' bicubic
+views every step (AuthorsViews); --protocol fast: cached features. README "Judging a representation".
 
     python eval_linear.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --gpu 0    # ID probe, the authors' views
-    python eval_linear.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --protocol fast   # cached features
-    python eval_linear.py --ckpt runs/ldam_drw-cifar10-0.01-0/last.pt --val-frac 0.1   # + best epoch on validation
+    python eval_linear.py --ckpt runs/ldam_drw-cifar10-0.01-0/last.pt --protocol fast --val-frac 0.1   # + best on val
     python eval_linear.py --ckpt runs/moco_ssp-imagenet_lt-1-0/last.pt --data-root IMNET \\
         --train-list ImageNet_train.txt --test-list ImageNet_val.txt                    # ImageNet ID probe
     python eval_linear.py --gap runs/eval_linear-*/final.json                           # Δ table, Eq. (1)
@@ -36,7 +32,6 @@ import json
 import os
 import sys
 import time
-from collections import defaultdict
 
 import numpy as np
 import torch
@@ -48,9 +43,6 @@ from torchvision import transforms
 import datasets_lt as D
 import run_lt as R
 
-CIFAR_ARCHS = ("resnet32", "resnet18")
-IMAGENET_ARCHS = ("resnet10", "resnet50")
-
 
 # ----- flags ---------------------------------------------------------------------------------------
 
@@ -59,8 +51,7 @@ def parse_args(argv=None):
                                             "relative gap Δ of Eq. (1).")
     # --- shared flags (names and order of every script; the data default to the checkpoint's, and
     # --rho, --imb-type and --resume do not apply: the probe always trains on the full balanced split) ---
-    p.add_argument("--dataset", default=None,
-                   choices=["cifar10", "cifar100", "svhn", "folder", "imagenet_lt", "inat"],
+    p.add_argument("--dataset", default=None, choices=["cifar10", "cifar100", "svhn", "folder", "imagenet_lt", "inat"],
                    help="default: the checkpoint's pre-training dataset")
     p.add_argument("--data-root", default=None, help="dataset folder; default: the checkpoint's")
     p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
@@ -84,9 +75,8 @@ def parse_args(argv=None):
                    help="authors: the head trains on random views through the frozen backbone every step "
                         "(CIFAR: RandomResizedCrop(32, 0.8–1, bicubic) + flip, test Resize(36) + CenterCrop(32); "
                         "file lists: RandomResizedCrop(224) + flip); fast: features computed once, no augmentation")
-    p.add_argument("--augment", action="store_true",
-                   help="--protocol fast only: pad-4 crop + flip the training images and run the frozen backbone "
-                        "every step")
+    p.add_argument("--augment", action="store_true", help="--protocol fast only: pad-4 crop + flip the training "
+                                                          "images and run the frozen backbone every step")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--train-list", default=None, help="ImageNet / iNat: 'relative/path label' list of the "
                                                       "full balanced training set")
@@ -109,7 +99,6 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """Range of every numeric flag, before anything is read or written."""
     R.check_ranges(args, R.SHARED_RANGES)
 
 
@@ -222,22 +211,19 @@ class ResNet18(nn.Module):
 
 
 def build_backbone(arch, num_classes):
-    """The checkpoint's architecture with a fresh `fc` for num_classes; torchvision ResNet-10/50 are built
-    as ldam_drw.py builds them, from random weights (never torchvision's pre-trained ones)."""
-    if arch == "resnet32":
-        return ResNet32(num_classes)
-    if arch == "resnet18":
-        return ResNet18(num_classes)
-    if arch not in IMAGENET_ARCHS:
-        R.fail(f"unknown architecture '{arch}' in the checkpoint; this script knows "
-               f"{', '.join(CIFAR_ARCHS + IMAGENET_ARCHS)}")
+    """The checkpoint's architecture with a fresh `fc`; torchvision's ResNet-10/50 as ldam_drw.py builds them."""
+    if arch in ("resnet32", "resnet18"):
+        return (ResNet32 if arch == "resnet32" else ResNet18)(num_classes)
+    if arch not in ("resnet10", "resnet50"):
+        R.fail(f"unknown architecture '{arch}' in the checkpoint; this script knows resnet32, resnet18, resnet10, "
+               f"resnet50")
     block, layers = ((torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]) if arch == "resnet10" else
                      (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]))
     return torchvision.models.resnet.ResNet(block, layers, num_classes=num_classes)
 
 
 def build_model(args, ckpt, num_classes, device):
-    """The checkpoint's architecture on `device`, every backbone tensor from --ckpt, a fresh num_classes-way `fc`."""
+    torch.manual_seed(args.seed)
     model = build_backbone(ckpt["arch"], num_classes).to(device)
     R.load_backbone(model, ckpt["arch"], args.ckpt)
     return model
@@ -440,78 +426,60 @@ def read_result(path):
             result = json.load(f)
     except (OSError, ValueError) as e:
         R.fail(f"cannot read '{path}' ({e.__class__.__name__}: {e})")
-    if not isinstance(result, dict) or "pretrain" not in result or "last" not in result or "eval" not in result:
+    if not isinstance(result, dict) or not {"pretrain", "last", "eval"} <= result.keys():
         R.fail(f"'{path}' is not a final.json of eval_linear.py or eval_ood.py (no 'eval', 'pretrain' and 'last')")
     return result
 
 
 def ood_means(results):
-    """Paper 2 §2.1 / App. A.1: ImageNet OOD accuracy is the mean over the fine-tuning targets (CUB-200, Cars,
-    Pets, Aircraft): the eval_ood.py fine-tuning results of one checkpoint and seed become one result, eval
-    "finetune:mean(<targets>)", never paired with another set of targets; other results pass unchanged."""
-    out, tuned = [], defaultdict(list)
+    """Paper 2 App. A.1: ImageNet OOD accuracy is the mean over the fine-tuning targets (CUB-200, Cars, Pets, Aircraft):
+    eval_ood.py's results of one checkpoint and seed become one, "finetune:mean(<targets>)", paired with its like."""
+    out, tuned = [], {}
     for res in results:
-        if str(res["eval"]).startswith("finetune:"):
-            tuned[(res["pretrain"].get("checkpoint"), res.get("seed"))].append(res)
-        else:
-            out.append(res)
+        key = (res["pretrain"].get("checkpoint"), res.get("seed"))
+        (tuned.setdefault(key, []) if str(res["eval"]).startswith("finetune:") else out).append(res)
     for group in tuned.values():
-        targets = sorted(r["eval"].removeprefix("finetune:") for r in group)
-        if len(set(targets)) != len(targets):
+        top1 = {r["eval"].removeprefix("finetune:"): r["last"]["top1"] for r in sorted(group, key=lambda r: r["eval"])}
+        if len(top1) != len(group):
             R.fail(f"checkpoint {group[0]['pretrain'].get('checkpoint')} was fine-tuned twice on one target with the "
                    f"same seed; pass each result once")
-        out.append({**group[0], "eval": f"finetune:mean({'+'.join(targets)})",
-                    "last": {"top1": float(np.mean([r["last"]["top1"] for r in group]))},
-                    "targets": {t: r["last"]["top1"] for t, r in zip(targets, sorted(group, key=lambda r: r["eval"]))}})
+        out.append({**group[0], "eval": f"finetune:mean({'+'.join(top1)})",
+                    "last": {"top1": float(np.mean([r["last"]["top1"] for r in group]))}, "targets": top1})
     return out
-
-
-def mean_std(values):
-    """Mean and sample standard deviation (n − 1; None for one value)."""
-    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
 
 
 def gap_rows(results):
     """Paper 2, Eq. (1): Δ(n, r) = (A(n, 1) − A(n, r)) / A(n, 1) of the mean last-epoch test top-1 A, for every
-    evaluation, method, architecture, dataset and n (pretrain_meta) with a balanced (r = 1) and an imbalanced
-    run. A run is a pre-training seed with its evaluation, so A's std holds both variances (the paper's: the
-    evaluation seed only); delta_std: the sample std of the per-seed Δ over the seeds found on both sides.
-    Returns (rows, [(key, reason)] of the runs without a partner)."""
-    groups = defaultdict(lambda: defaultdict(list))
-    rows, unpaired = [], []
-    by_seed = lambda runs: {s: [acc for t, acc in runs if t == s] for s, _ in runs}     # {seed: its accuracies}
+    evaluation, method, arch, dataset and n (pretrain_meta) with a balanced (r = 1) and an imbalanced run;
+    delta_std: the sample std of the per-seed Δ. Returns (rows, [(key, reason)] of the runs without a partner)."""
+    stats = lambda v: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else None)    # mean, sample std
+    by_seed = lambda runs: {s: np.mean([acc for t, acc in runs if t == s]) for s, _ in runs}
+    groups, rows, unpaired = {}, [], []
     for res in ood_means(results):
         m = res["pretrain"]
         key = (res["eval"], m["kind"], m["method"], m.get("arch"), m["dataset"], m["n"])
         if m["n"] is None or m["r"] is None:
             unpaired.append((key, "n or r unknown: the checkpoint has no class counts"))
             continue
-        groups[key][(m["r"], m["imb_type"] if m["r"] != 1 else None)].append((m.get("seed"), res["last"]["top1"]))
+        runs = groups.setdefault(key, {}).setdefault((m["r"], m["imb_type"] if m["r"] != 1 else None), [])
+        runs.append((m.get("seed"), res["last"]["top1"]))
     for key, by_r in groups.items():
-        balanced = [run for (r, _), runs in by_r.items() if r == 1 for run in runs]
-        imbalanced = {k: v for k, v in by_r.items() if k[0] != 1}
-        if not balanced or not imbalanced:
-            unpaired.append((key, f"{len(balanced) or sum(map(len, imbalanced.values()))} "
-                                  f"{'balanced' if balanced else 'imbalanced'} run(s), no "
-                                  f"{'imbalanced' if balanced else 'balanced'} run of equal n"))
+        balanced = by_r.pop((1, None), [])
+        if not balanced or not by_r:
+            have = f"{len(balanced)} balanced" if balanced else f"{sum(map(len, by_r.values()))} imbalanced"
+            unpaired.append((key, f"{have} run(s), no {'imbalanced' if balanced else 'balanced'} run of equal n"))
             continue
-        a1, s1 = mean_std([acc for _, acc in balanced])
-        base = by_seed(balanced)
-        for (r, imb_type), runs in imbalanced.items():
-            ar, sr = mean_std([acc for _, acc in runs])
-            deltas = [(np.mean(base[s]) - np.mean(accs)) / np.mean(base[s]) for s, accs in by_seed(runs).items()
-                      if s in base]
+        (a1, s1), base = stats([acc for _, acc in balanced]), by_seed(balanced)
+        for (r, imb_type), runs in by_r.items():
+            ar, sr = stats([acc for _, acc in runs])
+            deltas = [(base[s] - acc) / base[s] for s, acc in by_seed(runs).items() if s in base]
             rows.append({"eval": key[0], "kind": key[1], "method": key[2], "arch": key[3], "dataset": key[4],
                          "n": key[5], "r": r, "imb_type": imb_type, "A_balanced": a1, "A_balanced_std": s1,
                          "A_imbalanced": ar, "A_imbalanced_std": sr, "delta": (a1 - ar) / a1,
-                         "delta_std": float(np.std(deltas, ddof=1)) if len(deltas) > 1 else None,
+                         "delta_std": stats(deltas)[1] if deltas else None,
                          "paired_seeds": len(deltas), "runs_balanced": len(balanced), "runs_imbalanced": len(runs)})
     rows.sort(key=lambda x: (x["eval"], x["kind"], x["method"], str(x["arch"]), str(x["dataset"]), -x["n"], -x["r"]))
     return rows, unpaired
-
-
-def pm(mean, std, scale=1.0, digits=2):
-    return f"{scale * mean:.{digits}f}" + (f"±{scale * std:.{digits}f}" if std is not None else "")
 
 
 def print_gap(paths):
@@ -527,38 +495,28 @@ def print_gap(paths):
           "±: sample std of the per-seed Δ; n, r from the pre-training class counts")
     print(f"{'evaluation':<22} {'kind':<4} {'method':<24} {'arch':<9} {'dataset':<11} {'n':>7} {'r':>7} {'imb':<4} "
           f"{'A(n,1)':>12} {'A(n,r)':>12} {'Δ %':>11} {'runs':>5}")
+    pm = lambda mean, std, scale=1.0: f"{scale * mean:.2f}" + (f"±{scale * std:.2f}" if std is not None else "")
     for x in rows:
         runs = f"{x['runs_balanced']}+{x['runs_imbalanced']}"
         print(f"{x['eval']:<22} {x['kind']:<4} {x['method']:<24} {str(x['arch']):<9} {str(x['dataset']):<11} "
               f"{x['n']:7d} {x['r']:7.4g} {str(x['imb_type']):<4} {pm(x['A_balanced'], x['A_balanced_std']):>12} "
               f"{pm(x['A_imbalanced'], x['A_imbalanced_std']):>12} {pm(x['delta'], x['delta_std'], 100):>11} {runs:>5}")
-    return rows
 
 
 # ----- data ----------------------------------------------------------------------------------------
 
 def build_data(args, device):
-    """The probe's batches over the full training split: (train_plain, train_aug, val, test, counts, C);
-    data that cannot be read is one line and exit 2."""
-    torch.manual_seed(args.seed)
+    """(train_plain, train_aug, val, test, counts, C) over the full training split; unreadable data: exit 2."""
     try:
         if args.dataset in ("imagenet_lt", "inat"):
             return build_list_data(args, device)
-        return probe_data(args, device)
+        train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
+        test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
+        batches = authors_batches if args.protocol == "authors" else probe_batches
+        return (*batches(D.to_device(train_x, device), train_y, D.to_device(test_x, device), test_y, len(names),
+                         *D.mean_std(args.dataset, train_x), args), len(names))
     except D.DataError as e:
         R.fail(str(e))
-
-
-def probe_data(args, device):
-    """CIFAR, SVHN or a folder on the device: (train_plain, train_aug, val, test, counts, C); --protocol
-    authors: the authors' views (authors_batches), fast: probe_batches."""
-    train_x, train_y, names = D.load_split(args.dataset, args.data_root, True, args.download)
-    test_x, test_y, _ = D.load_split(args.dataset, args.data_root, False, args.download)
-    mean, std = D.mean_std(args.dataset, train_x)
-    train_t, test_t = D.to_device(train_x, device), D.to_device(test_x, device)
-    C = len(names)
-    batches = authors_batches if args.protocol == "authors" else probe_batches
-    return (*batches(train_t, train_y, test_t, test_y, C, mean, std, args), C)
 
 
 def build_list_data(args, device):
@@ -571,25 +529,16 @@ def build_list_data(args, device):
     C = max(train_ds.num_classes, test_ds.num_classes)
     idx, val_idx = D.carve_val(np.arange(len(train_ds)), train_ds.labels, args.val_frac, args.data_seed)
     make = lambda ds, i, bs, shuffle: D.ListBatches(ds, i, bs, shuffle, args.seed, args.workers, device)
-    plain = make(train_ds, idx, 256, False)
-    aug = None
-    if args.augment or args.protocol == "authors":                 # MoCo's main_lincls training view
-        crop_flip = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
-                                        transforms.ToTensor(), transforms.Normalize(D.IMAGENET_MEAN, D.IMAGENET_STD)])
-        aug = make(D.FileListDataset(args.data_root, args.train_list, transform=crop_flip), idx, args.batch_size, True)
+    crop_flip = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),  # main_lincls
+                                    transforms.ToTensor(), transforms.Normalize(D.IMAGENET_MEAN, D.IMAGENET_STD)])
+    aug = (make(D.FileListDataset(args.data_root, args.train_list, transform=crop_flip), idx, args.batch_size, True)
+           if args.augment or args.protocol == "authors" else None)
     val = make(train_ds, val_idx, 256, False) if len(val_idx) else None
     test = make(test_ds, np.arange(len(test_ds)), 256, False)
-    return plain, aug, val, test, np.bincount(train_ds.labels[idx], minlength=C).tolist(), C
+    return make(train_ds, idx, 256, False), aug, val, test, np.bincount(train_ds.labels[idx], minlength=C).tolist(), C
 
 
 # the authors' CIFAR probe views (Liuhong99/Imbalanced-SSL cifar/main_lincls.py)
-def pil_cubic(t, a=-0.5):
-    """PIL's bicubic kernel (Keys, a = −0.5)."""
-    t = t.abs()
-    return torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
-                       torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, torch.zeros_like(t)))
-
-
 def resize_matrix(start, length, out_size, in_size):
     """B × out_size × in_size weights of PIL's bicubic resize of the pixels [start, start + length) of one
     axis to out_size pixels: output i is centred at start + (i + ½)·length/out_size, taps inside the box
@@ -599,7 +548,9 @@ def resize_matrix(start, length, out_size, in_size):
     centre = start.double()[:, None] + (torch.arange(out_size, device=start.device, dtype=torch.float64) + 0.5) \
         * scale[:, None]
     j = torch.arange(in_size, device=start.device, dtype=torch.float64)
-    w = pil_cubic((j[None, None, :] + 0.5 - centre[:, :, None]) / support[:, None, None])
+    t, a = ((j[None, None, :] + 0.5 - centre[:, :, None]) / support[:, None, None]).abs(), -0.5
+    w = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,                  # PIL's bicubic kernel (Keys)
+                    torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, torch.zeros_like(t)))
     inside = (j[None, :] >= start[:, None]) & (j[None, :] < (start + length)[:, None])
     w = w * inside[:, None, :]
     return (w / w.sum(2, keepdim=True)).float()
@@ -607,8 +558,7 @@ def resize_matrix(start, length, out_size, in_size):
 
 def bicubic_resized_crop(x, top, left, h, w, size, flip=None):
     """PIL's img.crop(box).resize((size, size), BICUBIC) [+ mirror] of every uint8 N×3×H×W image at once:
-    the horizontal pass first, rounded to uint8, then the vertical pass, rounded (as PIL resamples 8-bit
-    images). uint8 out. Used only for the CIFAR-size probe views of --protocol authors."""
+    the horizontal pass first, rounded to uint8, then the vertical pass, rounded (as PIL resamples 8-bit images)."""
     B, C, H, W = x.shape
     rx = resize_matrix(left, w, size, W)                                  # B × size × W
     if flip is not None:
@@ -625,8 +575,7 @@ def authors_test_view(x, chunk=2048):
     top, left = int(round((big_h - H) / 2)), int(round((big_w - W) / 2))
     out = torch.empty_like(x)
     for s in range(0, B, chunk):
-        n, dev = len(x[s:s + chunk]), x.device
-        zero = torch.zeros(n, dtype=torch.long, device=dev)
+        zero = torch.zeros(len(x[s:s + chunk]), dtype=torch.long, device=x.device)
         ry = resize_matrix(zero, zero + H, big_h, H)[:, top:top + H]
         rx = resize_matrix(zero, zero + W, big_w, W)[:, left:left + W]
         horizontal = torch.einsum("bchw,bxw->bchx", x[s:s + chunk].float(), rx).round_().clamp_(0, 255)
@@ -643,17 +592,14 @@ def authors_train_view(x, generator, scale=(0.8, 1.0)):
 
 
 class AuthorsViews(D.GPULoader):
-    """Training batches of the authors' CIFAR probe: GPULoader's shuffled epochs (seeded by (seed, epoch)), each
-    chunk of images through authors_train_view; the last partial batch is kept (their loader dropped it: 80
-    random images of 50,000 per epoch)."""
+    """GPULoader's shuffled epochs through authors_train_view, the last partial batch kept (theirs dropped 80)."""
 
     def _augment(self, x, g):
         return D.normalize(authors_train_view(x, g), self.mean, self.std)
 
 
 def authors_batches(images, labels, test_images, test_labels, num_classes, mean, std, args):
-    """probe_batches for --protocol authors: (None, training views, val or None, test, counts); validation
-    and test images go through the test view once (then cached as features like every evaluation)."""
+    """probe_batches for --protocol authors: validation and test images through the test view once."""
     idx, val_idx = D.carve_val(np.arange(len(labels)), labels, args.val_frac, args.data_seed)
     dev = images.device
     train = AuthorsViews(images[torch.as_tensor(idx, device=dev)], labels[idx], args.batch_size, mean, std, dev,
@@ -667,12 +613,10 @@ def authors_batches(images, labels, test_images, test_labels, num_classes, mean,
 # ----- main ----------------------------------------------------------------------------------------
 
 def start_run(args):
-    """No --resume (a probe is short): loads --ckpt, takes --dataset and --data-root from it unless given,
-    and refuses an --out that already holds a final.json. Returns (args, ckpt)."""
+    """No --resume: --ckpt, --dataset and --data-root from it unless given, an --out without a final.json."""
     ckpt = R.load_checkpoint(args.ckpt)
-    stored = ckpt.get("args") or {}
-    args.dataset = args.dataset or stored.get("dataset")
-    args.data_root = args.data_root or stored.get("data_root")
+    for name in ("dataset", "data_root"):
+        setattr(args, name, getattr(args, name) or (ckpt.get("args") or {}).get(name))
     if args.dataset is None or args.data_root is None:
         R.fail(f"'{args.ckpt}' does not say which data it was trained on; pass --dataset and --data-root")
     if os.path.exists(os.path.join(args.out, "final.json")):
@@ -680,40 +624,26 @@ def start_run(args):
     return args, ckpt
 
 
-def eval_name(args):
-    """The evaluation's name in final.json and the Δ table."""
-    return f"linear:{args.dataset}"
-
-
-def describe_eval(args):
-    """(what runs, on which data, how the head sees the images + ", ") for the line open_run prints."""
+def open_run(args, meta, counts, num_classes, device):
+    """args.json (with the pre-training metadata), the source copy, an empty metrics.jsonl, the line of what runs."""
+    R.open_run(args, None, device, __file__, 0, extra={"pretrain": meta})
+    how = "fast protocol: " + ("pad-4 crop/flip, backbone every step" if args.augment else "cached features")
     if args.protocol == "authors":
         how = ("the authors' protocol: RandomResizedCrop(224) + flip views, backbone every step"
                if args.dataset in ("imagenet_lt", "inat") else
                "the authors' protocol: RandomResizedCrop(0.8–1, bicubic) + flip views, backbone every step; "
                "test Resize(8/7) + CenterCrop, bicubic")
-    else:
-        how = "fast protocol: " + ("pad-4 crop/flip, backbone every step" if args.augment else "cached features")
-    return "linear probe", args.dataset, f"{how}, "
-
-
-def open_run(args, meta, counts, num_classes, device):
-    """<out>/args.json (with the pre-training metadata), the source copy, an empty metrics.jsonl, and the
-    line that says what runs on what."""
-    R.open_run(args, None, device, __file__, 0, extra={"pretrain": meta})
-    what, where, how = describe_eval(args)
-    print(f"{what} of {meta['arch']} from {meta['script']} ({meta['kind']}, pre-trained on {meta['dataset']} "
-          f"n={meta['n']} r={meta['r']}) on {where}: {sum(counts)} training images, {num_classes} classes, "
-          f"{how}{args.epochs} epochs on {device}")
+    print(f"linear probe of {meta['arch']} from {meta['script']} ({meta['kind']}, pre-trained on {meta['dataset']} "
+          f"n={meta['n']} r={meta['r']}) on {args.dataset}: {sum(counts)} training images, {num_classes} classes, "
+          f"{how}, {args.epochs} epochs on {device}")
 
 
 def finish_run(args, model, meta, counts, last, best, timing, t_run):
     """<out>/last.pt (backbone and trained head), final.json, and the last line."""
-    R.save_atomic({"script": "eval_linear.py", "arch": meta["arch"], "model": model.state_dict(),
-                   "epoch": args.epochs, "args": vars(args), "class_counts": counts, "pretrain": meta},
-                  os.path.join(args.out, "last.pt"))
+    R.save_atomic({"script": "eval_linear.py", "arch": meta["arch"], "model": model.state_dict(), "epoch": args.epochs,
+                   "args": vars(args), "class_counts": counts, "pretrain": meta}, os.path.join(args.out, "last.pt"))
     R.finish_run(args.out, {
-        "script": "eval_linear.py", "eval": eval_name(args), "dataset": args.dataset, "pretrain": meta,
+        "script": "eval_linear.py", "eval": f"linear:{args.dataset}", "dataset": args.dataset, "pretrain": meta,
         "protocol": args.protocol, "augment": args.augment, "seed": args.seed, "data_seed": args.data_seed,
         "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "class_counts": counts, "last": last,
         "top1": last["top1"], "per_class": last["per_class"], "best_on_val": best, "sanity_check": "passed",
@@ -726,8 +656,7 @@ def finish_run(args, model, meta, counts, last, best, timing, t_run):
 def main(argv=None):
     args = parse_args(argv)
     if args.gap:
-        print_gap(args.gap)
-        return
+        return print_gap(args.gap)
     args, ckpt = start_run(args)
     device = R.setup_device(args)
     *batches, counts, C = build_data(args, device)

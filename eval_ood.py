@@ -1,29 +1,21 @@
 """Out-of-domain evaluation of a pre-trained backbone: STL-10 linear probe, or fine-tuning on image folders.
 
-Paper 2 (Liu et al. 2022, "Self-supervised learning is more robust to dataset imbalance"): §2.1
-"Out-of-domain (OOD) evaluation", §2.2 "Datasets", App. A.1 "Evaluation", Table 1(b) and Table 2.
-The checkpoint's architecture picks the protocol. CIFAR backbones (resnet32, resnet18): linear probe on
-STL-10 (App. A.1) or a folder, eval_linear.py's code (shared linear_probe region), features cached.
-ImageNet backbones (resnet10, resnet50): fine-tuning of backbone and a new linear head together on CUB-200,
-Stanford Cars, Oxford Pets and FGVC Aircraft, the authors' ft_moco.py recipe at the paper's lr 0.1 and 150
-epochs (finetune, train_one_epoch, finetune_lr, finetune_transform); A^OOD(n, r) is the mean test top-1
-over the four.
-Δ (Eq. 1): eval_linear.py --gap on the final.json files (fine-tuning targets of a checkpoint averaged first).
-The backbone takes every tensor from --ckpt; a checkpoint that lacks one or holds another architecture is
-one line and exit 2. Targets, resolution, normalisation and outputs: README "Judging a representation".
+Paper 2 (Liu et al. 2022, "Self-supervised learning is more robust to dataset imbalance"): §2.1 "Out-of-domain
+(OOD) evaluation", §2.2 "Datasets", App. A.1 "Evaluation", Table 1(b) and Table 2. The checkpoint's architecture
+picks the protocol. CIFAR backbones (resnet32, resnet18): linear probe (eval_linear.py's linear_probe) on STL-10
+(App. A.1) or a folder. ImageNet backbones (resnet10, resnet50): backbone and a new linear head fine-tuned together
+on CUB-200, Stanford Cars, Oxford Pets and FGVC Aircraft, the authors' ft_moco.py recipe at the paper's lr 0.1 and
+150 epochs (finetune); A^OOD(n, r) is the mean test top-1 over the four. Δ (Eq. 1): eval_linear.py --gap.
 
     python eval_ood.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --target stl10 --data-root ./data
-    python eval_ood.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --target stl10 --stl-size 96
     python eval_ood.py --ckpt runs/moco_ssp-imagenet_lt-1-0/last.pt --target folder --data-root CUB_200_2011_split
-    python eval_ood.py --ckpt runs/moco_ssp-imagenet_lt-1-0/last.pt --target aircraft --data-root ./data --download
     python eval_ood.py --ckpt runs/moco_ssp-imagenet_lt-1-0/last.pt --target pets --data-root ./data --download
-    python eval_ood.py --ckpt runs/moco_ssp-imagenet_lt-1-0/last.pt --target cars --data-root ./data
+    python eval_ood.py --ckpt runs/moco_ssp-imagenet_lt-1-0/last.pt --target cars --data-root ./data   # no download
     python eval_ood.py --ckpt runs/ldam_drw-cifar10-0.01-0/last.pt --target stl10 --epochs 2 --gpu -1   # CPU smoke run
 
-Paper numbers: Table 1(b), fine-tuning of MoCo v2 ResNet-50 pre-trained on ImageNet-LT: CUB 69.9, Cars
-88.4, Aircraft 82.9, Pets 80.1, mean 80.3 (balanced at equal n: 80.2; +rwSAM 81.4). Table 2 (ImageNet
-OOD, n = 116K): MoCo v2 80.3 balanced → 80.2 at r = 0.004, supervised 76.6 → 75.5. Figure 2(c) gives
-the CIFAR-10 → STL-10 curves only as a plot.
+Paper numbers: Table 1(b), fine-tuning of MoCo v2 ResNet-50 pre-trained on ImageNet-LT: CUB 69.9, Cars 88.4,
+Aircraft 82.9, Pets 80.1, mean 80.3 (balanced at equal n: 80.2; +rwSAM 81.4). Table 2 (ImageNet OOD, n = 116K):
+MoCo v2 80.3 balanced → 80.2 at r = 0.004, supervised 76.6 → 75.5. Figure 2(c): CIFAR-10 → STL-10, a plot only.
 
 Deliberate differences from the paper and the authors' code:
 1. An epoch is one pass over the target's training split (theirs: 2,000 iterations of 48 images, 20 epochs).
@@ -34,7 +26,6 @@ Deliberate differences from the paper and the authors' code:
 """
 import argparse
 import contextlib
-import io
 import os
 import sys
 import time
@@ -44,18 +35,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torchvision import transforms
 
 import datasets_lt as D
 import run_lt as R
 
 CIFAR_ARCHS = ("resnet32", "resnet18")
 IMAGENET_ARCHS = ("resnet10", "resnet50")
-# torchvision dataset class, (training split, test split), extra keyword arguments
 TORCHVISION_TARGETS = {
     "aircraft": (torchvision.datasets.FGVCAircraft, ("trainval", "test"), {"annotation_level": "variant"}),
     "pets": (torchvision.datasets.OxfordIIITPet, ("trainval", "test"), {"target_types": "category"}),
-    "cars": (torchvision.datasets.StanfordCars, ("train", "test"), {}),
-}
+    "cars": (torchvision.datasets.StanfordCars, ("train", "test"), {})}
 
 
 # ----- flags ---------------------------------------------------------------------------------------
@@ -110,26 +100,21 @@ def parse_args(argv=None):
 
 def set_protocol_defaults(args, arch):
     """Probe for CIFAR backbones, fine-tuning for ImageNet ones; fills the defaults of each."""
-    if arch in CIFAR_ARCHS:
-        if args.target not in ("stl10", "folder"):
-            R.fail(f"--target {args.target} is for ImageNet backbones (fine-tuning at {args.size} px); a {arch} "
-                   f"is probed on --target stl10 or a folder of small images")
-        args.protocol, defaults = "probe", (("epochs", 100), ("batch_size", 256), ("lr", 30.0), ("wd", 0.0))
-    elif arch in IMAGENET_ARCHS:
-        if args.target == "stl10":
-            R.fail(f"--target stl10 is the protocol for CIFAR backbones; an ImageNet {arch} is fine-tuned on "
-                   f"--target folder, aircraft, pets or cars")
-        args.protocol, defaults = "finetune", (("epochs", 150), ("batch_size", 48), ("lr", 0.1), ("wd", 5e-4))
-    else:
+    if arch not in CIFAR_ARCHS + IMAGENET_ARCHS:
         R.fail(f"unknown architecture '{arch}' in the checkpoint; this script knows "
                f"{', '.join(CIFAR_ARCHS + IMAGENET_ARCHS)}")
-    for name, value in defaults:
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    args.protocol = "probe" if arch in CIFAR_ARCHS else "finetune"
+    if args.protocol == "probe" and args.target not in ("stl10", "folder"):
+        R.fail(f"--target {args.target} is for ImageNet backbones (fine-tuning at {args.size} px); a {arch} "
+               f"is probed on --target stl10 or a folder of small images")
+    if args.protocol == "finetune" and args.target == "stl10":
+        R.fail(f"--target stl10 is the protocol for CIFAR backbones; an ImageNet {arch} is fine-tuned on "
+               f"--target folder, aircraft, pets or cars")
+    defaults = (100, 256, 30.0, 0.0) if args.protocol == "probe" else (150, 48, 0.1, 5e-4)
+    vars(args).update({k: v for k, v in zip(("epochs", "batch_size", "lr", "wd"), defaults) if vars(args)[k] is None})
 
 
 def check_args(args):
-    """Range of every numeric flag, before anything is read or written."""
     R.check_ranges(args, R.SHARED_RANGES + [("backbone_lr_mult", 0, None, "[)"), ("size", 1, None, "[)")])
 
 
@@ -242,22 +227,15 @@ class ResNet18(nn.Module):
 
 
 def build_backbone(arch, num_classes):
-    """The checkpoint's architecture with a fresh `fc` for num_classes; torchvision ResNet-10/50 are built
-    as ldam_drw.py builds them, from random weights (never torchvision's pre-trained ones)."""
-    if arch == "resnet32":
-        return ResNet32(num_classes)
-    if arch == "resnet18":
-        return ResNet18(num_classes)
-    if arch not in IMAGENET_ARCHS:
-        R.fail(f"unknown architecture '{arch}' in the checkpoint; this script knows "
-               f"{', '.join(CIFAR_ARCHS + IMAGENET_ARCHS)}")
+    """The checkpoint's architecture with a fresh `fc`; torchvision's ResNet-10/50 as ldam_drw.py builds them."""
+    if arch in CIFAR_ARCHS:
+        return (ResNet32 if arch == "resnet32" else ResNet18)(num_classes)
     block, layers = ((torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]) if arch == "resnet10" else
                      (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]))
     return torchvision.models.resnet.ResNet(block, layers, num_classes=num_classes)
 
 
 def build_model(args, ckpt, num_classes, device):
-    """The checkpoint's architecture on `device`, every backbone tensor from --ckpt, a fresh num_classes-way `fc`."""
     torch.manual_seed(args.seed)
     model = build_backbone(ckpt["arch"], num_classes).to(device)
     R.load_backbone(model, ckpt["arch"], args.ckpt)
@@ -461,36 +439,47 @@ def finetune_lr(epoch, args):
 
 
 def finetune(model, train, val, test, num_classes, counts, args):
-    """Paper 2 §2.1, OOD evaluation: fine-tune the backbone φ and a randomly initialised head θ together
-    on the target; the backbone's learning rate is --backbone-lr-mult × the head's. Logs one row per epoch
-    to <out>/metrics.jsonl; returns (last-epoch test metrics, best epoch on validation or None, {})."""
+    """Paper 2 §2.1, OOD evaluation: backbone φ (at --backbone-lr-mult × the lr) and a new head θ trained together on
+    the target. One metrics.jsonl row per epoch; returns (last-epoch test metrics, best epoch on val or None, {})."""
     device = next(model.parameters()).device
     backbone = [p for name, p in model.named_parameters() if not name.startswith(R.HEAD_PREFIXES)]
     optimizer = torch.optim.SGD([{"params": backbone, "lr_mult": args.backbone_lr_mult},
-                                 {"params": model.fc.parameters(), "lr_mult": 1.0}],
-                                lr=args.lr, momentum=args.momentum, weight_decay=args.wd, nesterov=True,
-                                fused=device.type == "cuda")
+                                 {"params": model.fc.parameters(), "lr_mult": 1.0}], lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.wd, nesterov=True, fused=device.type == "cuda")
     print(R.table_header("train", "test", "val"))
     best = None
     for epoch in range(args.epochs):
-        t0 = time.time()
-        row, first_bad, steps = train_one_epoch(model, optimizer, train, epoch, args)
-        if first_bad >= 0:
-            print(f"error: loss is not finite at epoch {epoch + 1}, step {first_bad + 1}; stopped, nothing "
-                  f"saved", file=sys.stderr)
-            sys.exit(1)
-        bad_tensor = R.nonfinite_tensor(model)
-        if bad_tensor:
-            print(f"error: '{bad_tensor}' is not finite after epoch {epoch + 1}, step {steps}; stopped, nothing "
-                  f"saved (try a lower --lr)", file=sys.stderr)
+        t0, lr = time.time(), finetune_lr(epoch, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        model.train()
+        loss_sum, hits, seen = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long), 0
+        first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        for step, (x, y, _) in enumerate(train.epoch(epoch)):
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                logits = model(x).float()
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            loss_sum += loss.detach() * len(y)
+            hits += (logits.argmax(1) == y).sum()
+            seen += len(y)
+        bad, bad_tensor = first_bad.item(), R.nonfinite_tensor(model)
+        if bad >= 0 or bad_tensor:
+            print(f"error: loss is not finite at epoch {epoch + 1}, step {bad + 1}; stopped, nothing saved" if bad >= 0
+                  else f"error: '{bad_tensor}' is not finite after epoch {epoch + 1}, step {step + 1}; stopped, "
+                  f"nothing saved (try a lower --lr)", file=sys.stderr)
             sys.exit(1)
         test_m = D.evaluate(model, test.epoch(0), num_classes, counts)
         val_m = D.evaluate(model, val.epoch(0), num_classes, counts) if val is not None else None
         if val_m and (best is None or val_m["top1"] > best["val_top1"]):
             best = {"epoch": epoch + 1, "val_top1": val_m["top1"], "test": test_m}
-        row.update(test=test_m, val_top1=val_m["top1"] if val_m else None, seconds=time.time() - t0)
+        row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen,
+               "test": test_m, "val_top1": val_m["top1"] if val_m else None, "seconds": time.time() - t0}
         R.append_metrics(os.path.join(args.out, "metrics.jsonl"), row)
-        print(R.table_row(epoch + 1, row["lr"], row["loss"], [row["train_top1"], test_m["top1"], row["val_top1"]],
+        print(R.table_row(epoch + 1, lr, row["loss"], [row["train_top1"], test_m["top1"], row["val_top1"]],
                           row["seconds"]), flush=True)
     return test_m, best, {}                                # seconds per epoch: R.finish_run, from metrics.jsonl
 
@@ -498,44 +487,30 @@ def finetune(model, train, val, test, num_classes, counts, args):
 # ----- data ----------------------------------------------------------------------------------------
 
 def build_data(args, device):
-    """Probe: (train_plain, train_aug, val, test, counts, C); fine-tuning: (train, val, test, counts, C);
-    data that cannot be read is one line and exit 2."""
-    torch.manual_seed(args.seed)
+    """Probe: (train_plain, train_aug, val, test, counts, C); fine-tuning: (train, val, test, counts, C); exit 2."""
     try:
         if args.protocol == "finetune":
             return finetune_data(args, device)
-        return probe_data(args, device)
+        dataset = "stl10" if args.target == "stl10" else "folder"
+        train_x, train_y, names = D.load_split(dataset, args.data_root, True, args.download)
+        test_x, test_y, _ = D.load_split(dataset, args.data_root, False, args.download)
+        train_t, test_t = D.to_device(train_x, device), D.to_device(test_x, device)
+        if dataset == "stl10" and args.stl_size != train_t.shape[-1]:
+            train_t, test_t = resize_images(train_t, args.stl_size), resize_images(test_t, args.stl_size)
+        if args.norm == "target":
+            args.mean, args.std = D.mean_std(dataset, train_t.permute(0, 2, 3, 1).cpu())
+        return (*probe_batches(train_t, train_y, test_t, test_y, len(names), args.mean, args.std, args), len(names))
     except D.DataError as e:
         R.fail(str(e))
 
 
-def probe_data(args, device):
-    """STL-10 or a folder of same-size images on the device: (train_plain, train_aug, val, test, counts, C)."""
-    dataset = "stl10" if args.target == "stl10" else "folder"
-    train_x, train_y, names = D.load_split(dataset, args.data_root, True, args.download)
-    test_x, test_y, _ = D.load_split(dataset, args.data_root, False, args.download)
-    train_t, test_t = D.to_device(train_x, device), D.to_device(test_x, device)
-    if dataset == "stl10" and args.stl_size != train_t.shape[-1]:
-        train_t, test_t = resize_images(train_t, args.stl_size), resize_images(test_t, args.stl_size)
-    mean, std = args.mean, args.std
-    if args.norm == "target":
-        mean, std = D.mean_std(dataset, train_t.permute(0, 2, 3, 1).cpu())
-        args.mean, args.std = mean, std
-    C = len(names)
-    return (*probe_batches(train_t, train_y, test_t, test_y, C, mean, std, args), C)
-
-
 def finetune_data(args, device):
-    """Training / validation / test batches of a fine-tuning target through a DataLoader:
-    (train, val, test, counts, C). The validation split reads the training images with the test transform;
-    every dataset gets the `labels` array ListBatches reads."""
-    train_tf, test_tf = finetune_transform(True, args.size, args.mean, args.std), \
-        finetune_transform(False, args.size, args.mean, args.std)
+    """A fine-tuning target through DataLoaders: (train, val, test, counts, C); val: training images, test view."""
+    train_tf, test_tf = (finetune_transform(train, args.size, args.mean, args.std) for train in (True, False))
     if args.target == "folder":
         paths = [os.path.join(args.data_root, split) for split in ("train", "test")]
-        for path in paths:
-            if not os.path.isdir(path):
-                raise D.DataError(f"--target folder needs '{path}/<class>/<image>', but '{path}' does not exist")
+        for path in (p for p in paths if not os.path.isdir(p)):
+            raise D.DataError(f"--target folder needs '{path}/<class>/<image>', but '{path}' does not exist")
         try:
             train_ds, val_ds, test_ds = (torchvision.datasets.ImageFolder(path, tf, loader=D.open_image) for path, tf in
                                          ((paths[0], train_tf), (paths[0], test_tf), (paths[1], test_tf)))
@@ -543,7 +518,7 @@ def finetune_data(args, device):
             raise D.DataError(f"no images under '{args.data_root}': {e}") from None
         if train_ds.classes != test_ds.classes:
             raise D.DataError(f"'{paths[0]}' and '{paths[1]}' hold different class folders")
-        labels, test_labels, names = train_ds.targets, test_ds.targets, train_ds.classes
+        labels, test_labels, C = train_ds.targets, test_ds.targets, len(train_ds.classes)
     else:
         cls, (train_split, test_split), kw = TORCHVISION_TARGETS[args.target]
         try:
@@ -554,37 +529,33 @@ def finetune_data(args, device):
             how = "pass --download on a machine with internet access, or " if args.target != "cars" else ""
             raise D.DataError(f"{cls.__name__} not found under '{args.data_root}' ({str(e).splitlines()[0]}): "
                               f"{how}point --data-root at a folder that holds it") from None
-        labels, test_labels, names = target_labels(train_ds), target_labels(test_ds), list(train_ds.classes)
-    train_ds.labels = val_ds.labels = labels = np.asarray(labels, dtype=np.int64)
+        of = lambda ds: ds._labels if hasattr(ds, "_labels") else [label for _, label in ds._samples]  # no decoding
+        labels, test_labels, C = of(train_ds), of(test_ds), len(train_ds.classes)
+    train_ds.labels = val_ds.labels = labels = np.asarray(labels, dtype=np.int64)       # what ListBatches reads
     test_ds.labels = np.asarray(test_labels, dtype=np.int64)
-    C = len(names)
     idx, val_idx = D.carve_val(np.arange(len(labels)), labels, args.val_frac, args.data_seed)
     make = lambda ds, i, bs, train: D.ListBatches(ds, i, bs, train, args.seed, args.workers, device)
-    train = make(train_ds, idx, args.batch_size, True)
     val = make(val_ds, val_idx, 256, False) if len(val_idx) else None
     test = make(test_ds, np.arange(len(test_ds.labels)), 256, False)
-    return train, val, test, np.bincount(labels[idx], minlength=C).tolist(), C
+    return make(train_ds, idx, args.batch_size, True), val, test, np.bincount(labels[idx], minlength=C).tolist(), C
 
 
 def resize_images(x, size, chunk=1024):
-    """uint8 N×3×H×W → uint8 N×3×size×size: bilinear with antialiasing (PIL's low-pass filter when
-    shrinking), rounded to the nearest integer."""
+    """uint8 N×3×H×W → uint8 N×3×size×size: antialiased bilinear (PIL's low-pass when shrinking), rounded."""
     out = torch.empty(len(x), 3, size, size, dtype=torch.uint8, device=x.device)
     for s in range(0, len(x), chunk):
-        y = F.interpolate(x[s:s + chunk].float(), size=(size, size), mode="bilinear", antialias=True,
-                          align_corners=False)
+        y = F.interpolate(x[s:s + chunk].float(), (size, size), mode="bilinear", antialias=True, align_corners=False)
         out[s:s + chunk] = y.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
 
 def pretrain_norm(ckpt, path):
-    """The mean/std the backbone was pre-trained with: stored in every checkpoint of this project; an older
-    checkpoint falls back, with a note, to the fixed constants of its pre-training dataset."""
+    """The pre-training mean/std: stored in the checkpoint, else (older ones, with a note) its dataset's constants."""
     if ckpt.get("mean") is not None and ckpt.get("std") is not None:
         return tuple(ckpt["mean"]), tuple(ckpt["std"]), "checkpoint"
     dataset = (ckpt.get("args") or {}).get("dataset")
     if dataset not in ("cifar10", "cifar100", "svhn", "imagenet_lt", "inat"):
-        with contextlib.redirect_stdout(io.StringIO()):             # a checkpoint that does not fit says so first
+        with contextlib.redirect_stdout(None):             # quietly: a checkpoint that does not fit says so first
             R.load_backbone(build_backbone(ckpt["arch"], 1), ckpt["arch"], path)
         R.fail(f"'{path}' stores no mean/std (written before checkpoints carried them) and its pre-training data "
                f"({dataset}) has no fixed constants; pass --norm target to use the target's own statistics")
@@ -594,59 +565,19 @@ def pretrain_norm(ckpt, path):
     return mean, std, f"{dataset} constants"
 
 
-def target_labels(ds):
-    """Labels of a torchvision FGVCAircraft / OxfordIIITPet (`_labels`) or StanfordCars (`_samples`)
-    without decoding an image."""
-    if hasattr(ds, "_labels"):
-        return list(ds._labels)
-    return [label for _, label in ds._samples]
-
-
 def finetune_transform(train, size, mean, std):
-    """The authors' ft_moco.py: square resize to size·256/224 (their ResizeImage(256)), then train:
-    RandomResizedCrop(size) + flip, no colour jitter; test: CenterCrop(size)."""
-    square = int(size * 256 / 224)
-    crop = ([torchvision.transforms.RandomResizedCrop(size), torchvision.transforms.RandomHorizontalFlip()] if train
-            else [torchvision.transforms.CenterCrop(size)])
-    return torchvision.transforms.Compose([torchvision.transforms.Resize((square, square)), *crop,
-                                           torchvision.transforms.ToTensor(), torchvision.transforms.Normalize(mean, std)])
-
-
-# ----- one epoch -----------------------------------------------------------------------------------
-
-def train_one_epoch(model, optimizer, train, epoch, args):
-    """One fine-tuning pass over the target's training split at finetune_lr: (row with the epoch, lr, mean
-    loss and training top-1; the first step with a non-finite loss or -1; the steps taken)."""
-    device = next(model.parameters()).device
-    lr = finetune_lr(epoch, args)
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_mult"]
-    model.train()
-    loss_sum = torch.zeros((), device=device)
-    hits = torch.zeros((), device=device, dtype=torch.long)
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)
-    seen = 0
-    for step, (x, y, _) in enumerate(train.epoch(epoch)):
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-            logits = model(x).float()
-        loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-        loss_sum += loss.detach() * len(y)
-        hits += (logits.argmax(1) == y).sum()
-        seen += len(y)
-    row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen}
-    return row, first_bad.item(), step + 1
+    """The authors' ft_moco.py: square resize to size·256/224 (their ResizeImage(256)), then train: RandomResizedCrop
+    + flip, no colour jitter; test: CenterCrop."""
+    crop = [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()] if train else \
+        [transforms.CenterCrop(size)]
+    return transforms.Compose([transforms.Resize((int(size * 256 / 224),) * 2), *crop, transforms.ToTensor(),
+                               transforms.Normalize(mean, std)])
 
 
 # ----- main ----------------------------------------------------------------------------------------
 
 def start_run(args):
-    """No --resume (a run is short enough to rerun): loads --ckpt, picks the protocol from its architecture
-    (set_protocol_defaults) and the normalisation (pretrain_norm), and refuses an --out that already holds
-    a final.json. Returns (args, ckpt)."""
+    """No --resume: --ckpt, its protocol (set_protocol_defaults), normalisation (pretrain_norm), a free --out."""
     ckpt = R.load_checkpoint(args.ckpt)
     set_protocol_defaults(args, ckpt["arch"])
     if args.norm == "target" and args.protocol == "finetune":
@@ -661,43 +592,27 @@ def start_run(args):
     return args, ckpt
 
 
-def eval_name(args):
-    """The evaluation's name in final.json and the Δ table."""
-    if args.protocol == "probe":
-        return f"stl10@{args.stl_size}" if args.target == "stl10" else \
-            f"probe:{os.path.basename(os.path.normpath(args.data_root))}"
-    name = args.target if args.target != "folder" else os.path.basename(os.path.normpath(args.data_root))
-    return f"finetune:{name}"
-
-
-def describe_eval(args):
-    """(what runs, on which data, "") for the line open_run prints."""
+def open_run(args, meta, counts, num_classes, device):
+    """args.json (with the pre-training metadata), the source copy, an empty metrics.jsonl, the line of what runs."""
+    R.open_run(args, None, device, __file__, 0, extra={"pretrain": meta})
     what = (f"linear probe ({'crop/flip, backbone every step' if args.augment else 'cached features'}"
             f"{f', STL-10 at {args.stl_size} px' if args.target == 'stl10' else ''})" if args.protocol == "probe" else
             f"fine-tuning (head lr {args.lr:g}, backbone lr {args.lr * args.backbone_lr_mult:g}, {args.size} px)")
-    return what, args.target, ""
-
-
-def open_run(args, meta, counts, num_classes, device):
-    """<out>/args.json (with the pre-training metadata), the source copy, an empty metrics.jsonl, and the
-    line that says what runs on what."""
-    R.open_run(args, None, device, __file__, 0, extra={"pretrain": meta})
-    what, where, how = describe_eval(args)
     print(f"{what} of {meta['arch']} from {meta['script']} ({meta['kind']}, pre-trained on {meta['dataset']} "
-          f"n={meta['n']} r={meta['r']}) on {where}: {sum(counts)} training images, {num_classes} classes, "
-          f"{how}{args.epochs} epochs on {device}")
+          f"n={meta['n']} r={meta['r']}) on {args.target}: {sum(counts)} training images, {num_classes} classes, "
+          f"{args.epochs} epochs on {device}")
 
 
 def finish_run(args, model, meta, counts, last, best, timing, t_run):
     """<out>/last.pt (backbone and trained head), final.json, and the last line."""
-    R.save_atomic({"script": "eval_ood.py", "arch": meta["arch"], "model": model.state_dict(),
-                   "epoch": args.epochs, "args": vars(args), "class_counts": counts, "pretrain": meta},
-                  os.path.join(args.out, "last.pt"))
+    R.save_atomic({"script": "eval_ood.py", "arch": meta["arch"], "model": model.state_dict(), "epoch": args.epochs,
+                   "args": vars(args), "class_counts": counts, "pretrain": meta}, os.path.join(args.out, "last.pt"))
+    name = args.target if args.target != "folder" else os.path.basename(os.path.normpath(args.data_root))
+    name = f"stl10@{args.stl_size}" if args.target == "stl10" else f"{args.protocol}:{name}"     # in the Δ table
     R.finish_run(args.out, {
-        "script": "eval_ood.py", "eval": eval_name(args), "target": args.target, "protocol": args.protocol,
+        "script": "eval_ood.py", "eval": name, "target": args.target, "protocol": args.protocol,
         "stl_size": args.stl_size if args.target == "stl10" else None, "pretrain": meta,
-        "augment": args.augment, "seed": args.seed, "data_seed": args.data_seed,
-        "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "wd": args.wd,
+        **{k: vars(args)[k] for k in ("augment", "seed", "data_seed", "epochs", "lr", "batch_size", "wd")},
         "normalisation": {"mean": args.mean, "std": args.std, "source": args.norm_source}, "class_counts": counts,
         "last": last, "top1": last["top1"], "per_class": last["per_class"], "best_on_val": best,
         "sanity_check": "passed" if args.protocol == "probe" else None, **timing}, t_run)
@@ -714,11 +629,9 @@ def main(argv=None):
     meta = pretrain_meta(ckpt, args.ckpt, args.tag)
     open_run(args, meta, counts, C, device)
     t_run = time.time()
+    last, best, timing = (linear_probe if args.protocol == "probe" else finetune)(model, *batches, C, counts, args)
     if args.protocol == "probe":
-        last, best, timing = linear_probe(model, *batches, C, counts, args)
         print("sanity check passed: every backbone tensor (parameters and BatchNorm buffers) is unchanged")
-    else:
-        last, best, timing = finetune(model, *batches, C, counts, args)
     finish_run(args, model, meta, counts, last, best, timing, t_run)
 
 
