@@ -22,6 +22,7 @@ n = 116K, r = 0.004): MoCo v2 50.4 → 49.5 (Δ^SSL = 1.8%), supervised 54.3 →
 Deliberate differences from the paper and the authors' code:
 1. Last epoch reported; --val-frac > 0: best epoch on a validation split of the training split (theirs: on test).
 2. Batch 256 at lr 30 (MoCo's linear recipe, REFERENCE §8); App. A.1 states batch 4096: --batch-size 4096.
+   Paper 2 probes SL backbones alike, though lr 30 overshoots there (a CE ResNet-32 probe's loss stayed > 2).
 3. --protocol authors keeps the last partial training batch and scores every test image (they dropped the last 16).
 4. The probe trains on the full training split, whatever subset pre-training used (ImageNet: pass full lists).
 5. No --rho, --imb-type or --resume: the probe data are balanced, a probe is short; data flags default to the ckpt's.

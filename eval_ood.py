@@ -9,8 +9,7 @@ on CUB-200, Stanford Cars, Oxford Pets and FGVC Aircraft, the authors' ft_moco.p
 
     python eval_ood.py --ckpt runs/simsiam_rwsam-cifar10-0.01-0/last.pt --target stl10 --data-root ./data
     python eval_ood.py --ckpt runs/moco_ssp-imagenet_lt-1-0/last.pt --target folder --data-root CUB_200_2011_split
-    python eval_ood.py --ckpt runs/moco_ssp-imagenet_lt-1-0/last.pt --target pets --data-root ./data --download
-    python eval_ood.py --ckpt runs/moco_ssp-imagenet_lt-1-0/last.pt --target cars --data-root ./data   # no download
+    python eval_ood.py --ckpt runs/moco_ssp-imagenet_lt-1-0/last.pt --target cars --data-root ./data   # link dead
     python eval_ood.py --ckpt runs/ldam_drw-cifar10-0.01-0/last.pt --target stl10 --epochs 2 --gpu -1   # CPU smoke run
 
 Paper numbers: Table 1(b), fine-tuning of MoCo v2 ResNet-50 pre-trained on ImageNet-LT: CUB 69.9, Cars 88.4,
@@ -20,7 +19,8 @@ MoCo v2 80.3 balanced → 80.2 at r = 0.004, supervised 76.6 → 75.5. Figure 2(
 Deliberate differences from the paper and the authors' code:
 1. An epoch is one pass over the target's training split (theirs: 2,000 iterations of 48 images, 20 epochs).
 2. No fallback to torchvision's supervised ImageNet weights when the keys do not match: the run stops.
-3. STL-10 code is new (the authors released none): 32×32 by antialiased resize, pre-training mean/std.
+3. STL-10 code is new (the authors released none): all 5,000 labelled images (not the ten folds), 32×32 by
+   antialiased resize (--stl-size 96 runs the fully convolutional ResNets at 9× the cost), pre-training mean/std.
 4. Last epoch reported; --val-frac > 0: best epoch on a validation split of the training split (theirs: on test).
 5. No --dataset, --rho, --imb-type or --resume: --target names the data, and runs are short enough to rerun.
 """
@@ -550,7 +550,8 @@ def resize_images(x, size, chunk=1024):
 
 
 def pretrain_norm(ckpt, path):
-    """The pre-training mean/std: stored in the checkpoint, else (older ones, with a note) its dataset's constants."""
+    """The pre-training mean/std (the frozen BN statistics expect them): stored in the checkpoint, else (older ones,
+    with a note) its dataset's constants."""
     if ckpt.get("mean") is not None and ckpt.get("std") is not None:
         return tuple(ckpt["mean"]), tuple(ckpt["std"]), "checkpoint"
     dataset = (ckpt.get("args") or {}).get("dataset")
