@@ -483,6 +483,11 @@ def gap_rows(results):
     return rows, unpaired
 
 
+def pm(mean, std, scale=1.0, digits=2):
+    """mean±std as the Δ tables print it (reproduce.sh's too)."""
+    return f"{scale * mean:.{digits}f}" + (f"±{scale * std:.{digits}f}" if std is not None else "")
+
+
 def print_gap(paths):
     rows, unpaired = gap_rows([read_result(p) for p in paths])
     for key, why in unpaired:
@@ -496,7 +501,6 @@ def print_gap(paths):
           "±: sample std of the per-seed Δ; n, r from the pre-training class counts")
     print(f"{'evaluation':<22} {'kind':<4} {'method':<24} {'arch':<9} {'dataset':<11} {'n':>7} {'r':>7} {'imb':<4} "
           f"{'A(n,1)':>12} {'A(n,r)':>12} {'Δ %':>11} {'runs':>5}")
-    pm = lambda mean, std, scale=1.0: f"{scale * mean:.2f}" + (f"±{scale * std:.2f}" if std is not None else "")
     for x in rows:
         runs = f"{x['runs_balanced']}+{x['runs_imbalanced']}"
         print(f"{x['eval']:<22} {x['kind']:<4} {x['method']:<24} {str(x['arch']):<9} {str(x['dataset']):<11} "
