@@ -550,8 +550,7 @@ def resize_images(x, size, chunk=1024):
 
 
 def pretrain_norm(ckpt, path):
-    """The pre-training mean/std (the frozen BN statistics expect them): stored in the checkpoint, else (older ones,
-    with a note) its dataset's constants."""
+    """The pre-training mean/std, which the frozen BN expects: the checkpoint's, else (with a note) its dataset's."""
     if ckpt.get("mean") is not None and ckpt.get("std") is not None:
         return tuple(ckpt["mean"]), tuple(ckpt["std"]), "checkpoint"
     dataset = (ckpt.get("args") or {}).get("dataset")
@@ -590,6 +589,7 @@ def start_run(args):
         (None, None, "target")
     if os.path.exists(os.path.join(args.out, "final.json")):
         R.fail(f"{args.out} already holds a result; pass another --out")
+    R.claim_out(args.out)
     return args, ckpt
 
 

@@ -5,13 +5,12 @@ No part of any method lives here. A script passes in what is its own (its name, 
 (flags), resume_run and refuse_occupied, setup_device, open_run (args.json, the source, metrics.jsonl cut
 back to the resumed epoch), stop_if_diverged and end_epoch (each epoch), finish_run (final.json).
 
-A run folder holds args.json (resolved arguments + torch / CUDA / GPU versions), metrics.jsonl (a row per
-epoch), last.pt (a plain dict: arch, model, epoch, optimizer, args, class_counts, rng, ...), final.json
-and a copy of the script, each written to a temp file and renamed, so a killed run leaves the previous
-version whole. A user's mistake ends with one line and exit 2; a diverged run with one line and exit 1,
-its last good checkpoint untouched.
+A run folder holds args.json, metrics.jsonl, last.pt (a plain dict: arch, model, epoch, optimizer, args,
+class_counts, rng, ...), final.json, the script's copy and .lock (one run per folder), each written to a temp
+file and renamed. A user's mistake is one line and exit 2; a diverged run one line and exit 1.
 """
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ def fail(msg):
     """A user's mistake: one line on stderr and exit 2."""
     if int(os.environ.get("RANK", "0")) == 0:             # under torchrun every process fails alike: say it once
         print(f"error: {msg}", file=sys.stderr)
+    release_out()
     sys.exit(2)
 
 
@@ -187,9 +187,8 @@ def restore(ckpt, model, optimizer):
 # ----- a run: resume, device, folder, epochs, end ---------------------------------------------------
 
 def resume_args(args, ckpt, applied):
-    """--resume PATH: continue the run in dirname(PATH) with the arguments it was started with. A flag in
-    `applied` given on this command line replaces the stored value (--gpu and --workers always do: they
-    describe this machine); any other flag given with --resume is refused."""
+    """--resume PATH: the run in dirname(PATH) with the arguments it was started with; a flag of `applied` given now
+    replaces the stored value (--gpu and --workers always: they describe this machine), any other is refused."""
     flag = lambda k: "--" + k.replace("_", "-")
     refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
     if refused:
@@ -216,10 +215,41 @@ def resume_run(args, script, applied, defaults=None, hint="", say=True):
 
 
 def refuse_occupied(out, resume, held=("last.pt",)):
-    """A new run over a folder that already holds one is refused: it would overwrite that run's files."""
+    """A new run over a folder that holds one is refused (it would overwrite it); then the folder is claimed."""
     for name in held:
         if not resume and os.path.exists(os.path.join(out, name)):
             fail(f"{out} already holds a run: continue it with --resume {out}/{name}, or pass another --out")
+    claim_out(out)
+
+
+_LOCK = []                                                 # the locked out/.lock of this process's run
+
+
+def claim_out(out):
+    """Rank 0: create `out` and lock out/.lock (flock) for the run, so that two runs never share a folder; a killed
+    run's lock goes with it. A folder that cannot be written, or that another run holds: one line and exit 2."""
+    path = os.path.join(os.path.realpath(out), ".lock")
+    if int(os.environ.get("RANK", "0")) or _LOCK and _LOCK[0].name == path:
+        return
+    try:
+        os.makedirs(out, exist_ok=True)
+        lock = open(path, "a+")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        fail(f"{out} is in use by another run (pid {lock.read().strip() or '?'}); wait for it, or pass another --out")
+    except OSError as e:
+        fail(f"--out {out} cannot be used: {e.strerror or e} (pass a folder this user can create and write)")
+    release_out()                                          # one run at a time in a process
+    lock.truncate(0)
+    print(os.getpid(), file=lock, flush=True)
+    _LOCK.append(lock)
+
+
+def release_out():
+    """The end of a run (finished, failed or diverged): its folder's lock goes."""
+    while _LOCK:
+        _LOCK.pop().close()
 
 
 def setup_device(args, world=1):
@@ -248,9 +278,8 @@ def setup_device(args, world=1):
 
 
 def open_run(args, ckpt, device, source, start, extra=None, rank=0):
-    """Rank 0: the run folder. A new run writes args.json (with `extra` and the versions) and the script's
-    `source`; metrics.jsonl is cut back to epoch `start` (None: the script's stages cut their own). True when
-    args.json was written."""
+    """Rank 0: a new run writes args.json (with `extra` and the versions) and the script's `source`; metrics.jsonl
+    is cut back to epoch `start` (None: the stages cut their own). True when args.json was written."""
     if rank:
         return False
     os.makedirs(args.out, exist_ok=True)
@@ -266,8 +295,7 @@ def open_run(args, ckpt, device, source, start, extra=None, rank=0):
 
 
 def cut_metrics(out, start):
-    """`out` with its metrics.jsonl cut back to epoch `start`: a resumed run drops the epochs logged after its
-    checkpoint, a new run starts an empty file."""
+    """out/metrics.jsonl cut back to epoch `start`: a resumed run drops the epochs logged after its checkpoint."""
     os.makedirs(out, exist_ok=True)
     metrics = os.path.join(out, "metrics.jsonl")
     write_metrics(metrics, [r for r in read_metrics(metrics) if r["epoch"] <= start])
@@ -285,13 +313,13 @@ def stop_diverged(what, out, epoch):
     last = os.path.join(out, "last.pt")
     kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
     print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
+    release_out()
     sys.exit(1)
 
 
 def stop_if_diverged(out, models, epoch, first_bad, steps, rank=0, world=1, stage=None):
-    """The divergence guard, before the epoch is evaluated or saved: a non-finite loss in the epoch (`first_bad`,
-    the first such step or -1) or a non-finite tensor of `models` after its `steps` steps stops every process
-    (exit 1)."""
+    """Before the epoch is evaluated or saved: a non-finite loss (`first_bad`: its first step, or -1) or a non-finite
+    tensor of `models` after the epoch's `steps` steps stops every process (exit 1)."""
     bad_tensor = next(filter(None, map(nonfinite_tensor, models)), None)
     bad = torch.stack([first_bad, torch.tensor(int(bad_tensor is not None), device=first_bad.device)])
     if world > 1:
@@ -327,6 +355,7 @@ def finish_run(out, final, t_run, rank=0, per_epoch=True):
         final["seconds_per_epoch"] = float(np.median(seconds))
     final["wall_seconds"] = time.time() - t_run
     write_json(os.path.join(out, "final.json"), final)
+    release_out()
     return final
 
 

@@ -246,8 +246,8 @@ def test_rank_zero_writes_every_file_once(ddp_long):
     root, _, r = ddp_long
     rows = [json.loads(line) for line in (root / "long" / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2, 3]
-    assert sorted(p.name for p in (root / "long").iterdir()) == ["args.json", "final.json", "last.pt", "ldam_drw.py",
-                                                                "metrics.jsonl"]
+    assert sorted(p.name for p in (root / "long").iterdir()) == [".lock", "args.json", "final.json", "last.pt",
+                                                                "ldam_drw.py", "metrics.jsonl"]
     assert r.stdout.count("last epoch:") == 1 and "2 processes × 2 images per step, BatchNorm per process" in r.stdout
     assert json.loads((root / "long" / "args.json").read_text())["world_size"] == 2
 

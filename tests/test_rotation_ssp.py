@@ -112,7 +112,7 @@ def run(easy, tmp_path_factory):
 
 
 def test_run_writes_every_output(run):
-    assert sorted(p.name for p in run.iterdir()) == ["args.json", "final.json", "last.pt", "metrics.jsonl",
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "args.json", "final.json", "last.pt", "metrics.jsonl",
                                                       "rotation_ssp.py"]
     assert (run / "rotation_ssp.py").read_bytes() == open(R.__file__, "rb").read()
     meta = json.loads((run / "args.json").read_text())

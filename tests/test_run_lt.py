@@ -1,0 +1,62 @@
+"""run_lt.py: one run per output folder, and an --out that cannot be used refused before any data is read."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import run_lt
+from conftest import ROOT, run_script
+
+MISSING = ["--dataset", "folder", "--data-root", "/nonexistent-data", "--gpu", "-1"]   # the data error comes later
+
+
+def hold(out):
+    """A process that claims `out` as a run does and keeps it until killed; returns it once the lock is taken."""
+    code = f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import run_lt; run_lt.claim_out({str(out)!r}); " \
+           f"print('held', flush=True); time.sleep(120)"
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_second_run_on_a_held_out_is_refused_naming_the_other_runs_pid(tmp_path):
+    out = tmp_path / "run"
+    holder = hold(out)
+    try:
+        r = run_script("ldam_drw.py", *MISSING, "--out", out)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert f"{out} is in use by another run (pid {holder.pid})" in r.stderr
+        assert sorted(os.listdir(out)) == [".lock"]              # nothing of the second run was written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    r = run_script("ldam_drw.py", *MISSING, "--out", out)          # a killed run's lock goes with it
+    assert r.returncode == 2 and "in use" not in r.stderr and "/nonexistent-data" in r.stderr
+
+
+@pytest.mark.parametrize("script", ["ldam_drw.py", "rotation_ssp.py", "self_training.py", "moco_ssp.py",
+                                    "simsiam_rwsam.py"])
+def test_an_out_that_cannot_be_created_is_one_line_before_the_data_is_read(tmp_path, script):
+    (tmp_path / "file").write_text("")
+    r = run_script(script, *MISSING, "--out", tmp_path / "file" / "run")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"--out {tmp_path / 'file' / 'run'} cannot be used: Not a directory" in r.stderr
+
+
+def test_a_process_claims_one_folder_at_a_time_and_lets_it_go_at_the_end(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_lt.claim_out(a)
+    run_lt.claim_out(a)                                         # the same run claiming again: no self-deadlock
+    assert (a / ".lock").read_text() == f"{os.getpid()}\n"
+    run_lt.claim_out(b)                                         # a new run in this process lets the last one go
+    other = hold(a)                                             # another process can take a
+    other.kill()
+    other.wait()
+    with pytest.raises(SystemExit):
+        run_lt.fail("a user's mistake")                        # every end of a run lets its folder go
+    holder = hold(b)
+    holder.kill()
+    holder.wait()
