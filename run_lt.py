@@ -29,7 +29,7 @@ def fail(msg):
     """A user's mistake: one line on stderr and exit 2."""
     if int(os.environ.get("RANK", "0")) == 0:             # under torchrun every process fails alike: say it once
         print(f"error: {msg}", file=sys.stderr)
-    release_out()
+    release_out(failed=True)
     sys.exit(2)
 
 
@@ -222,15 +222,16 @@ def refuse_occupied(out, resume, held=("last.pt",)):
     claim_out(out)
 
 
-_LOCK = []                                                 # the locked out/.lock of this process's run
+_LOCK = []                                                 # this process's run: (its locked out/.lock, made here?)
 
 
 def claim_out(out):
     """Rank 0: create `out` and lock out/.lock (flock) for the run, so that two runs never share a folder; a killed
     run's lock goes with it. A folder that cannot be written, or that another run holds: one line and exit 2."""
     path = os.path.join(os.path.realpath(out), ".lock")
-    if int(os.environ.get("RANK", "0")) or _LOCK and _LOCK[0].name == path:
+    if int(os.environ.get("RANK", "0")) or _LOCK and _LOCK[0][0].name == path:
         return
+    made = not os.path.isdir(out)
     try:
         os.makedirs(out, exist_ok=True)
         lock = open(path, "a+")
@@ -243,13 +244,17 @@ def claim_out(out):
     release_out()                                          # one run at a time in a process
     lock.truncate(0)
     print(os.getpid(), file=lock, flush=True)
-    _LOCK.append(lock)
+    _LOCK.append((lock, made))
 
 
-def release_out():
-    """The end of a run (finished, failed or diverged): its folder's lock goes."""
+def release_out(failed=False):
+    """The end of a run: its folder's lock goes; a run that failed before writing anything leaves no trace."""
     while _LOCK:
-        _LOCK.pop().close()
+        lock, made = _LOCK.pop()
+        lock.close()
+        if failed and made and os.listdir(os.path.dirname(lock.name)) == [".lock"]:
+            os.remove(lock.name)
+            os.rmdir(os.path.dirname(lock.name))
 
 
 def setup_device(args, world=1):

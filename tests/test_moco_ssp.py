@@ -300,6 +300,7 @@ def test_resume_after_a_crash_is_the_same_run(tmp_path, tiny, single, monkeypatc
     with pytest.raises(Crash):
         M.main(run_args(tiny, tmp_path, "--bn-splits", 2))
     monkeypatch.undo()
+    run_lt.release_out()                                       # the crashed process's lock dies with it
     assert load(tmp_path / "last.pt")["epoch"] == 1 and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
     r = run_script("moco_ssp.py", "--resume", tmp_path / "last.pt", "--gpu", "-1")
     assert r.returncode == 0, r.stderr
