@@ -1,13 +1,10 @@
 """Run files of every script: one run folder, its checkpoints, --resume, and the torchrun plumbing.
 
-No part of any method lives here. A script passes in what is its own (its name, its `__file__`, the flags
---resume may change, its rows and final numbers) and calls plain functions: given_flags and check_ranges
-(flags), resume_run and refuse_occupied, setup_device, open_run (args.json, the source, metrics.jsonl cut
-back to the resumed epoch), stop_if_diverged and end_epoch (each epoch), finish_run (final.json).
-
-A run folder holds args.json, metrics.jsonl, last.pt (a plain dict: arch, model, epoch, optimizer, args,
-class_counts, rng, ...), final.json, the script's copy and .lock (one run per folder), each written to a temp
-file and renamed. A user's mistake is one line and exit 2; a diverged run one line and exit 1.
+No part of any method lives here: a script passes in what is its own (its name, `__file__`, the flags --resume
+may change, its rows and final numbers) and calls given_flags, check_ranges, resume_run, refuse_occupied,
+setup_device, open_run, stop_if_diverged, end_epoch and finish_run. A run folder holds args.json, metrics.jsonl,
+last.pt (a plain dict: arch, model, epoch, optimizer, args, class_counts, rng, ...), final.json, the script's copy
+and .lock, each written to a temp file and renamed. A user's mistake is one line and exit 2; divergence exit 1.
 """
 import argparse
 import fcntl
@@ -253,13 +250,12 @@ def release_out(failed=False):
         lock, made = _LOCK.pop()
         lock.close()
         if failed and made and os.listdir(os.path.dirname(lock.name)) == [".lock"]:
-            os.remove(lock.name)
-            os.rmdir(os.path.dirname(lock.name))
+            shutil.rmtree(os.path.dirname(lock.name))
 
 
 def setup_device(args, world=1):
-    """--gpu's device; under torchrun the local rank's GPU (any --gpu ≥ 0) or the CPU (--gpu -1). Without
-    CUDA: the CPU, a warning, and --amp / --compile off. TF32 follows --strict-fp32 where a script has it."""
+    """--gpu's device (torchrun: the local rank's GPU, or the CPU for --gpu -1); without CUDA the CPU, a warning,
+    --amp / --compile off. TF32 follows --strict-fp32 where a script has it."""
     if args.gpu >= 0 and not torch.cuda.is_available():
         print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
         args.gpu = -1
@@ -405,8 +401,8 @@ def broadcast_state(model):
 
 
 def average_bn_statistics(model, world):
-    """Per-process BatchNorm (the CPU): running means and variances averaged over the processes, so all save
-    one model (the mean is a single process's; the variance misses the spread of the processes' means)."""
+    """Per-process BatchNorm (the CPU): running means and variances averaged, so all processes save one model (the
+    mean is one process's; the variance misses the spread of the processes' batch means)."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
             for t in (m.running_mean, m.running_var):
