@@ -358,10 +358,13 @@ def choose_unlabeled(args, data):
     """D_U: (images, true labels with -1 for irrelevant images, report)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rel, irr, report = D.unlabeled_pool(data["pool_y"], len(data["y_l"]), args.unlabeled_mult, args.rho_u,
-                                            args.imb_type, args.data_seed, np.arange(len(data["irr_x"])), args.relevance,
-                                            D.CLASS_ORDER.get(args.dataset) if not args.irrelevant_classes else None,
-                                            args.pool_shortfall)
+        try:
+            rel, irr, report = D.unlabeled_pool(data["pool_y"], len(data["y_l"]), args.unlabeled_mult, args.rho_u,
+                                                args.imb_type, args.data_seed, np.arange(len(data["irr_x"])),
+                                                args.relevance, D.CLASS_ORDER.get(args.dataset)
+                                                if not args.irrelevant_classes else None, args.pool_shortfall)
+        except D.DataError as e:                           # the flag datasets_lt's message cannot name
+            raise D.DataError(str(e).replace("shortfall 'cap'", "--pool-shortfall cap")) from None
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     report["capped"] = [str(w.message) for w in caught]

@@ -294,3 +294,16 @@ def test_relevance_sweep_uses_cifar100_and_keeps_the_ten_class_task(tmp_path):
         sizes.add(len(y_u))
         assert abs((y_u >= 0).sum() - r * len(y_u)) <= 1 and rep["achieved_relevance"] == (y_u >= 0).mean()
     assert sizes == {3 * sum(D.lt_counts(20, 3, 0.5))}
+
+
+def test_a_pool_too_small_for_any_d_u_names_the_flag_that_caps_instead(tmp_path, capsys):
+    """D_L takes all 8 images of the head class: no D_U keeps the rho_U = 1 profile, and the one line names
+    the real flag that caps each class instead (and that flag is one the parser accepts)."""
+    write_folder(tmp_path / "d", classes=("a", "b", "c"), per_class=(8, 12, 12), per_class_test=2)
+    with pytest.raises(SystemExit) as e:
+        S.main(["--dataset", "folder", "--data-root", str(tmp_path / "d"), "--rho", "0.5", "--gpu", "-1",
+                "--epochs", "1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "cannot supply any D_U" in err[0], err
+    assert "(--pool-shortfall cap)" in err[0] and "shortfall 'cap'" not in err[0]
+    assert S.parse_args(["--pool-shortfall", "cap"]).pool_shortfall == "cap"
