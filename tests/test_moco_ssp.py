@@ -264,7 +264,7 @@ def _key_encoder_worker(rank, port):
                          "--batch-size", "16", "--queue", "48", "--bn-splits", "1"])
     torch.manual_seed(args.seed)
     if rank == 0:
-        torch.randn(1000)                   # rwSAM: rank 0 alone built stage1_weights' backbone (Algorithm 1 line 8)
+        torch.randn(1000)                   # rwSAM: rank 0 alone built stage1's backbone (Algorithm 1 line 8)
     run, _ = M.build_model(args, None, 64, torch.device("cpu"), rank, 2)
     flat = lambda m: torch.cat([t.flatten().float() for t in m.state_dict().values()])
     key, query = flat(run.key), flat(run.net)
