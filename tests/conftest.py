@@ -33,6 +33,27 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: more than ~5 s on an idle 2-core machine (deselect: -m 'not slow')")
 
 
+def parser_of(script):
+    """The argparse parser a script's parse_args() builds (caught as it starts parsing): its flags and choices."""
+    import argparse
+    import importlib
+
+    class Built(Exception):
+        pass
+
+    def catch(parser, *a, **k):
+        raise Built(parser)
+    module = importlib.import_module(script.removesuffix(".py"))
+    real, argparse.ArgumentParser.parse_args = argparse.ArgumentParser.parse_args, catch
+    try:
+        module.parse_args([])
+    except Built as built:
+        return built.args[0]
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    raise AssertionError(f"{script}'s parse_args() parsed nothing")
+
+
 @pytest.fixture(autouse=True)
 def _no_md5(monkeypatch):
     import torchvision.datasets.cifar as cifar

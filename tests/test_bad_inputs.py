@@ -5,13 +5,14 @@ Each script is imported once in a subprocess (tests/bad_input_driver.py); each c
 forked from it, so a case has its own exit code and stderr while torch is imported only once per script.
 """
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, write_folder
+from conftest import ROOT, parser_of, write_folder
 
 pytestmark = pytest.mark.slow                  # the fixtures run ~250 cases and two short trainings
 
@@ -35,20 +36,23 @@ SHARED = [["--epochs", "0"], ["--batch-size", "0"], ["--lr", "0"], ["--lr", "-0.
           ["--gpu", "-2"]]
 OWN = {
     "ldam_drw.py": [["--beta", "1"], ["--beta", "-0.5"], ["--gamma", "-1"], ["--s", "0"], ["--max-m", "-0.1"],
-                    ["--warmup", "-1"], ["--warmup", "5"], ["--workers", "-1"], ["--rho", "0"], ["--rho", "100"]],
+                    ["--warmup", "-1"], ["--warmup", "5"], ["--workers", "-1"], ["--rho", "0"], ["--rho", "100"],
+                    ["--subsample", "0.3"]],
     "rotation_ssp.py": [["--warmup", "-1"], ["--warmup", "3"], ["--rho", "0"]],
     "moco_ssp.py": [["--moco-m", "1"], ["--moco-t", "0"], ["--moco-dim", "0"], ["--bn-splits", "0"], ["--queue", "0"],
-                    ["--knn-every", "-1"], ["--knn-k", "0"], ["--knn-t", "0"], ["--workers", "-1"], ["--rho", "1.5"]],
+                    ["--knn-every", "-1"], ["--knn-k", "0"], ["--knn-t", "0"], ["--workers", "-1"], ["--rho", "1.5"],
+                    ["--sam-rho", "-1"], ["--alpha", "-1"], ["--bandwidth", "0"], ["--subsample", "2"]],
     "simsiam_rwsam.py": [["--sam-rho", "-1"], ["--alpha", "-1"], ["--bandwidth", "0"], ["--stage1-epochs", "0"],
                          ["--knn-every", "-2"], ["--knn-k", "0"], ["--knn-t", "0"], ["--knn-val-frac", "0"],
-                         ["--knn-val-frac", "1"], ["--rho", "0"], ["--gap-views", "0"]],
-    "self_training.py": [["--st-batch-size", "0"], ["--unlabeled-mult", "-1"], ["--rho-u", "0"], ["--relevance", "1.5"],
+                         ["--knn-val-frac", "1"], ["--rho", "0"], ["--gap-views", "0"], ["--workers", "-1"],
+                         ["--crop-size", "7"], ["--subsample", "0"]],
+    "self_training.py": [["--rho", "0"], ["--rho", "2"], ["--st-batch-size", "0"], ["--unlabeled-mult", "-1"], ["--rho-u", "0"], ["--relevance", "1.5"],
                          ["--omega", "-1"],
                          ["--threshold", "1.5"], ["--beta", "1"], ["--gamma", "-1"], ["--s", "0"], ["--max-m", "-1"],
                          ["--warmup", "-1"], ["--warmup", "2"]],
     "crt.py": [["--workers", "-1"], ["--rho", "2"]],
     "eval_linear.py": [["--workers", "-1"]],
-    "eval_ood.py": [["--backbone-lr-mult", "-1"], ["--size", "0"], ["--workers", "-1"]],
+    "eval_ood.py": [["--backbone-lr-mult", "-1"], ["--size", "0"], ["--workers", "-1"], ["--stl-size", "64"]],
 }
 # broken data or checkpoints: {kind} is a folder or file the fixture writes
 DATA = ["{unknown_test_class}", "{one_class}", "{truncated}", "{not_an_image}", "{missing}"]
@@ -168,6 +172,36 @@ def test_bad_input_is_one_line_exit_2_nothing_written(inputs, script, kind, bad)
         assert "'wasp'" in lines[0]
     else:
         assert "at least two" in lines[0]
+
+
+def test_every_numeric_flag_of_every_script_has_a_bad_input_case():
+    """A new int / float flag (a range, or a list of choices) fails here until the table above tries a bad value."""
+    for script in SCRIPTS:
+        tried = {bad[0] for bad in SHARED + OWN[script]}
+        numeric = [a.option_strings[-1] for a in parser_of(script)._actions if a.type in (int, float)]
+        assert [f for f in numeric if f not in tried] == [], f"{script}: numeric flags without a bad-input case"
+
+
+def test_a_flag_a_message_suggests_is_a_flag_of_that_script_with_a_valid_value(inputs):
+    """`--flag value` in a message of the table: the script has --flag, and `value` (where one follows) parses."""
+    _, results = inputs
+    suggested = 0
+    for i, (script, _, bad) in enumerate(CASES):
+        parser, message = parser_of(script), results[str(i)][1]
+        flags = {o: a for a in parser._actions for o in a.option_strings}
+        for flag, value in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)(?: ([^\s,;:)]+))?", message):
+            if flag == bad[0] or flag == "--resume":
+                continue
+            assert flag in flags, f"{script}: '{message.strip()}' names {flag}, which {script} does not have"
+            action, suggested = flags[flag], suggested + 1
+            if action.nargs == 0 or not value or not (action.choices or re.fullmatch(r"-?[\d.]+(e-?\d+)?", value)):
+                continue                                         # a switch, or prose after the flag
+            try:
+                ok = (action.type or str)(value) in (action.choices or [(action.type or str)(value)])
+            except ValueError:
+                ok = False
+            assert ok, f"{script}: '{message.strip()}' suggests {flag} {value}, which {script} refuses"
+    assert suggested >= 5                                        # the table does produce suggestions to check
 
 
 # ----- file lists (ImageNet-LT / iNat): a listed file that is missing (checked before anything starts) or

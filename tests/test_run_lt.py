@@ -1,14 +1,19 @@
-"""run_lt.py: one run per output folder, and an --out that cannot be used refused before any data is read."""
+"""run_lt.py: one run per output folder, an --out that cannot be used refused before any data is read, and
+messages that name only flags the script has."""
+import ast
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import pytest
 
 import run_lt
-from conftest import ROOT, run_script
+from conftest import ROOT, parser_of, run_script
 
 MISSING = ["--dataset", "folder", "--data-root", "/nonexistent-data", "--gpu", "-1"]   # the data error comes later
 
@@ -60,3 +65,40 @@ def test_a_process_claims_one_folder_at_a_time_and_lets_it_go_at_the_end(tmp_pat
     holder = hold(b)
     holder.kill()
     holder.wait()
+
+
+SCRIPTS = ["ldam_drw.py", "rotation_ssp.py", "moco_ssp.py", "simsiam_rwsam.py", "self_training.py", "crt.py",
+           "eval_linear.py", "eval_ood.py"]
+# a flag a shared message names that a caller cannot reach: these callers pass the checkpoint's own arch
+UNREACHABLE = {("load_backbone", "--arch"): {"crt.py", "eval_linear.py", "eval_ood.py"}}
+
+
+def message_flags(path):
+    """(function, flag) for each --flag in the text of a fail(...) or print("error: / warning: ...") in `path`."""
+    def text(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value
+        if isinstance(node, ast.JoinedStr):                      # f"...": a placeholder is a space
+            return "".join(v.value if isinstance(v, ast.Constant) else " " for v in node.values)
+        return " ".join(text(c) for c in ast.iter_child_nodes(node))
+    found = []
+    for fn in (n for n in ast.walk(ast.parse(Path(path).read_text())) if isinstance(n, ast.FunctionDef)):
+        for call in (n for n in ast.walk(fn) if isinstance(n, ast.Call)):
+            name, words = getattr(call.func, "attr", getattr(call.func, "id", "")), " ".join(map(text, call.args))
+            if name == "fail" or name == "print" and words.startswith(("error", "warning")):
+                found += [(fn.name, f) for f in re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", words)
+                          if f != "--nproc_per_node"]              # torchrun's own
+    return found
+
+
+def test_every_message_of_a_script_names_flags_that_script_has():
+    """Each script's own messages, and each run_lt / datasets_lt message a script's calls can print."""
+    flags = {s: {o for a in parser_of(s)._actions for o in a.option_strings} for s in SCRIPTS}
+    wrong = [(s, fn, f) for s in SCRIPTS for fn, f in message_flags(ROOT / s) if f not in flags[s]]
+    for module, alias in (("run_lt.py", "R"), ("datasets_lt.py", "D")):
+        for fn, f in message_flags(ROOT / module):
+            callers = [s for s in SCRIPTS if re.search(rf"\b{alias}\.{fn}\(", (ROOT / s).read_text())]
+            wrong += [(s, f"{module}:{fn}", f) for s in callers
+                      if f not in flags[s] and s not in UNREACHABLE.get((fn, f), ())]
+    assert wrong == []
+    assert ("check_shards", "--batch-size") in message_flags(ROOT / "run_lt.py")   # the scan does find flags
