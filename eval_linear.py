@@ -626,7 +626,7 @@ def start_run(args):
         R.fail(f"'{args.ckpt}' does not say which data it was trained on; pass --dataset and --data-root")
     if os.path.exists(os.path.join(args.out, "final.json")):
         R.fail(f"{args.out} already holds a probe; pass another --out")
-    R.claim_out(args.out)
+    R.claim_out(args.out, resumable=False)
     return args, ckpt
 
 

@@ -589,7 +589,7 @@ def start_run(args):
         (None, None, "target")
     if os.path.exists(os.path.join(args.out, "final.json")):
         R.fail(f"{args.out} already holds a result; pass another --out")
-    R.claim_out(args.out)
+    R.claim_out(args.out, resumable=False)
     return args, ckpt
 
 

@@ -8,9 +8,11 @@ and .lock, each written to a temp file and renamed. A user's mistake is one line
 """
 import argparse
 import fcntl
+import functools
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -72,18 +74,32 @@ SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_siz
 
 # ----- files, written atomically -------------------------------------------------------------------
 
-def save_atomic(obj, path):
+def replace_atomic(path, write):
+    """write(temp file), then rename it over `path`: a killed run never leaves a half-written file. A write that
+    fails (a full disk) leaves `path` as it was: one line and exit 1."""
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        kept = "the previous copy is kept" if os.path.exists(path) else "nothing was written"
+        print(f"error: cannot write {path} ({e.strerror or e}); {kept}, make room and run again (--resume where "
+              f"there is a last.pt)", file=sys.stderr)
+        release_out()
+        sys.exit(1)
+
+
+def save_atomic(obj, path):
+    replace_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_text_atomic(path, text):
-    """Temp file + rename, as save_atomic: a killed run never leaves a half-written file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    replace_atomic(path, write)
 
 
 def strict_json(obj, **kw):
@@ -120,10 +136,8 @@ def append_metrics(path, row):
 
 
 def copy_source(path, out):
-    """The script's own source beside its outputs (temp file + rename)."""
-    tmp = os.path.join(out, os.path.basename(path) + ".tmp")
-    shutil.copy(path, tmp)
-    os.replace(tmp, os.path.join(out, os.path.basename(path)))
+    """The script's own source beside its outputs."""
+    replace_atomic(os.path.join(out, os.path.basename(path)), lambda tmp: shutil.copy(path, tmp))
 
 
 # ----- checkpoints ---------------------------------------------------------------------------------
@@ -219,12 +233,13 @@ def refuse_occupied(out, resume, held=("last.pt",)):
     claim_out(out)
 
 
-_LOCK = []                                                 # this process's run: (its locked out/.lock, made here?)
+_LOCK = []                                  # this process's run: (its locked out/.lock, made here?, replaced handlers)
 
 
-def claim_out(out):
+def claim_out(out, resumable=True):
     """Rank 0: create `out` and lock out/.lock (flock) for the run, so that two runs never share a folder; a killed
-    run's lock goes with it. A folder that cannot be written, or that another run holds: one line and exit 2."""
+    run's lock goes with it. A folder that cannot be written, or that another run holds: one line and exit 2. From
+    here on SIGTERM or Ctrl-C ends the run with one line saying how to go on (`resumable`: with --resume)."""
     path = os.path.join(os.path.realpath(out), ".lock")
     if int(os.environ.get("RANK", "0")) or _LOCK and _LOCK[0][0].name == path:
         return
@@ -241,14 +256,30 @@ def claim_out(out):
     release_out()                                          # one run at a time in a process
     lock.truncate(0)
     print(os.getpid(), file=lock, flush=True)
-    _LOCK.append((lock, made))
+    stop = functools.partial(_stopped, out, os.getpid(), resumable)
+    _LOCK.append((lock, made, {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}))
+
+
+def _stopped(out, owner, resumable, signum, frame):
+    """SIGTERM (a scheduler; torchrun when another process died) or Ctrl-C on the run's process: one line, how to
+    go on, and the exit code of the signal."""
+    if os.getpid() != owner:                               # a data-loading worker forked from the run
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    last = os.path.join(out, "last.pt")
+    go_on = f"continue with --resume {last}" if resumable and os.path.exists(last) else "run it again"
+    print(f"error: stopped by {signal.Signals(signum).name}; {go_on}", file=sys.stderr, flush=True)
+    release_out()
+    sys.exit(128 + signum)
 
 
 def release_out(failed=False):
     """The end of a run: its folder's lock goes; a run that failed before writing anything leaves no trace."""
     while _LOCK:
-        lock, made = _LOCK.pop()
+        lock, made, handlers = _LOCK.pop()
         lock.close()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         if failed and made and os.listdir(os.path.dirname(lock.name)) == [".lock"]:
             shutil.rmtree(os.path.dirname(lock.name))
 

@@ -128,7 +128,9 @@ def run(argv):
     request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}
     socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
     replies = conn.makefile("rb")
-    json.loads(replies.readline())                       # {"pid": ...}: it runs
+    pid = json.loads(replies.readline())["pid"]          # it runs; a signal to this process is meant for it
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: os.kill(pid, signum))
     line = replies.readline()
     if not line:                                         # killed by a signal before it could report
         sys.exit(1)
