@@ -202,6 +202,17 @@ def run_script(*args, timeout=600):
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def drive(todo):
+    """{case: [script, argv(, kill_at)]} → {case: [exit code, stderr]}, each case in a process forked from one
+    subprocess that imported the scripts (tests/bad_input_driver.py), as many at a time as there are cores."""
+    import json
+    import subprocess
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "bad_input_driver.py")], input=json.dumps(todo),
+                       capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.splitlines()[-1])
+
+
 def torchrun(script, *args, nproc=2):
     """`python -m torch.distributed.run --standalone --nproc_per_node N SCRIPT ARGS`, the real launcher, whose
     worker processes run through the session's fork server (torchrun's --no-python with forkrun's interpreter

@@ -4,15 +4,13 @@ nothing written to --out. Every check must fire before any training.
 Each script is imported once in a subprocess (tests/bad_input_driver.py); each case then runs in a process
 forked from it, so a case has its own exit code and stderr while torch is imported only once per script.
 """
-import json
 import re
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, parser_of, write_folder
+from conftest import ROOT, drive, parser_of, write_folder
 
 pytestmark = pytest.mark.slow                  # the fixtures run ~250 cases and two short trainings
 
@@ -81,15 +79,6 @@ def _cases():
 CASES = _cases()
 
 
-def _drive(todo):
-    """{case: [script, argv]} → {case: [exit code, stderr]}, each case in a process forked from one subprocess
-    that imported the scripts (tests/bad_input_driver.py)."""
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "bad_input_driver.py")],
-                       input=json.dumps(todo), capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.splitlines()[-1])
-
-
 def _argv(script, bad, paths, out):
     """The script's valid command line with `bad` replacing (or adding) flags, and its own --out."""
     base = [a.format(**paths) for a in BASE[script]]
@@ -141,7 +130,7 @@ def inputs(tmp_path_factory):
                     "args": {"out": str(d), "seed": 0, "batch_size": 16}}, d / "last.pt")
         paths[f"resume_{script[:-3]}"] = d / "last.pt"
     # every case, one forked process each, from one subprocess that imported the scripts
-    return root, _drive({str(i): [s, _argv(s, bad, paths, root / "out" / str(i))] for i, (s, _, bad) in enumerate(CASES)})
+    return root, drive({str(i): [s, _argv(s, bad, paths, root / "out" / str(i))] for i, (s, _, bad) in enumerate(CASES)})
 
 
 @pytest.mark.parametrize("script,kind,bad", CASES, ids=[f"{s}:{' '.join(b)}" for s, _, b in CASES])
@@ -247,7 +236,7 @@ def list_inputs(tmp_path_factory):
     resumable = root / "resumable.txt"
     resumable.write_text("\n".join(good) + "\n")
     runs = {s: root / ("run_" + s[:-3]) for s in ("ldam_drw.py", "moco_ssp.py")}
-    for s, (code, err) in _drive({s: [s, _list_argv(s, paths, resumable, run)] for s, run in runs.items()}).items():
+    for s, (code, err) in drive({s: [s, _list_argv(s, paths, resumable, run)] for s, run in runs.items()}).items():
         assert code == 0, err
     for script, run in runs.items():
         ck = torch.load(run / "last.pt", weights_only=True)
@@ -264,7 +253,7 @@ def list_inputs(tmp_path_factory):
         else:
             todo[str(i)] = [script, _list_argv(script, paths, paths[kind.removesuffix("_in_a_worker")],
                                                root / "out" / str(i), workers=1 if kind.endswith("worker") else 0)]
-    return paths, _drive(todo)
+    return paths, drive(todo)
 
 
 @pytest.mark.parametrize("script,kind", LIST_CASES, ids=[f"{s}:{k}" for s, k in LIST_CASES])

@@ -252,19 +252,39 @@ def test_rank_zero_writes_every_file_once(ddp_long):
     assert json.loads((root / "long" / "args.json").read_text())["world_size"] == 2
 
 
-def test_kill_and_resume_under_torchrun_equals_uninterrupted(ddp_long, tmp_path):
-    """Stop the 2-process launcher (SIGTERM, as Ctrl-C or a scheduler) after its first checkpoint, resume on 2
-    processes (with the same --workers: the augmentation streams depend on it): the same weights and BN
-    statistics as the uninterrupted run."""
+def worker(launcher, rank):
+    """The pid of torchrun's worker process of `rank` (a child of the launcher with RANK=rank), once it runs."""
+    for _ in range(1000):
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if parent == launcher and f"RANK={rank}".encode() in env:
+                return int(pid)
+        time.sleep(0.02)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+def test_one_process_killed_stops_the_run_in_one_line_and_it_resumes_to_the_uninterrupted_run(ddp_long, tmp_path):
+    """kill -9 of process 1 after the first checkpoint: torchrun stops process 0 (SIGTERM), which says in one line
+    how to go on, well within a minute; resumed on 2 processes (with the same --workers: the augmentation
+    streams depend on it), the same weights and BN statistics as the uninterrupted run."""
     root, lst, _ = ddp_long
     out = tmp_path / "killed"
     proc = subprocess.Popen(torchrun(*ldam_args(root, lst, out, 3)), cwd=ROOT, env=ONE_THREAD, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, text=True)
+    rank1 = worker(proc.pid, 1)
     deadline = time.time() + 120
     while not (out / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
+    os.kill(rank1, signal.SIGKILL)
+    killed = time.time()
+    err = proc.communicate(timeout=60)[1]
+    assert time.time() - killed < 30 and proc.returncode != 0
+    ours = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert ours == [f"error: stopped by SIGTERM; continue with --resume {out / 'last.pt'}"], err[-3000:]
     killed_at = torch.load(out / "last.pt", weights_only=True)["epoch"]
     assert 1 <= killed_at < 3, "the run finished before it could be stopped"
     r = subprocess.run(torchrun("ldam_drw.py", "--resume", out / "last.pt", "--gpu", -1, "--workers", 0), cwd=ROOT, env=ONE_THREAD,

@@ -3,10 +3,6 @@ divergence, loading."""
 import json
 import math
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +11,7 @@ import torch.nn.functional as F
 import datasets_lt as D
 import ldam_drw as L
 import run_lt
-from conftest import ROOT, run_script, write_file_list, write_folder
+from conftest import run_script, write_file_list, write_folder
 
 CIFAR10_LT = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
@@ -168,29 +164,6 @@ def test_val_split_and_best_on_val(tmp_path, easy):
     assert final["best_on_val"]["epoch"] in (1, 2)
     best_row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[final["best_on_val"]["epoch"] - 1])
     assert final["best_on_val"]["test"] == best_row["test"]
-
-
-@pytest.mark.slow
-def test_kill_and_resume_equals_uninterrupted(tmp_path, easy):
-    args = ["--dataset", "folder", "--data-root", easy, "--gpu", "-1", "--rho", "0.5", "--epochs", 5,
-            "--batch-size", 16, "--rule", "drs"]
-    _run(tmp_path / "whole", easy, *args[6:])
-    proc = subprocess.Popen([sys.executable, "ldam_drw.py", *map(str, args), "--out", tmp_path / "killed"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["epoch"]
-    assert 1 <= killed_at < 5, "the run finished before it could be killed"
-    r = run_script("ldam_drw.py", "--resume", tmp_path / "killed" / "last.pt", "--gpu", "-1")
-    assert r.returncode == 0, r.stderr
-    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["model"]
-    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
-    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3, 4, 5]
 
 
 def test_resume_continues_in_the_folder_of_the_checkpoint(tmp_path, easy, run1):
