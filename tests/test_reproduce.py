@@ -98,14 +98,20 @@ def test_shared_settings_are_checked_before_anything_starts(tmp_path, env, msg):
 
 
 @pytest.mark.slow
-def test_failed_run_is_reported_and_its_dependents_skipped(tmp_path):
+def test_failed_run_is_reported_its_dependents_skipped_and_the_other_rows_finish(tmp_path):
+    """ce (LDAM-DRW's script, given a bad flag) fails; the rotation pre-training of ce+ssp still runs to its end."""
     write_folder(tmp_path / "data", per_class=(6, 6, 6))
-    p = reproduce("ce+crt", fork=True, SEEDS="0", GPU="-1", RUNS=str(tmp_path / "runs"), ARGS_ldam_drw="--beta 1",
+    p = reproduce("ce+crt", "ce+ssp", fork=True, SEEDS="0", GPU="-1", RHO="1", RUNS=str(tmp_path / "runs"),
+                  ARGS_ldam_drw="--beta 1", ARGS_rotation_ssp="--epochs 1 --batch-size 8",
                   DATA=f"--dataset folder --data-root {tmp_path / 'data'}")
     assert p.returncode == 1
     assert (f"FAILED {tmp_path}/runs/ce/s0 (exit 2): error: --beta must be in [0, 1), got 1; see "
             f"{tmp_path}/runs/ce/s0/log.txt") in p.stdout
     assert f"skipped {tmp_path}/runs/ce+crt/s0: {tmp_path}/runs/ce/s0/last.pt is missing" in p.stdout
+    assert f"finished {tmp_path}/runs/pretrain/rotation/s0" in p.stdout
+    assert (tmp_path / "runs" / "pretrain" / "rotation" / "s0" / "final.json").exists()
+    assert f"FAILED {tmp_path}/runs/ce+ssp/s0 (exit 2)" in p.stdout                   # its pre-training is there
+    assert p.stdout.splitlines()[-4] == "== 3 run(s) did not finish:"
 
 
 @pytest.mark.slow
