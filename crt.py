@@ -11,13 +11,15 @@ Any backbone checkpoint of this project is frozen (frozen_backbone, cache_featur
     python crt.py --resume runs/crt-inat-0.01-0/last.pt                       # continue a stopped run
 
 Recipe (REFERENCE §7, Kang et al. on ImageNet-LT; the defaults): SGD momentum 0.9, batch 512, lr 0.2 cosine over
-10 epochs, wd 5e-4, len(train set) class-balanced draws per epoch; ImageNet-LT / iNat as released (cls_crt.yaml):
+10 epochs, wd 5e-4, an epoch of int(N/B) full batches from the ClassAwareSampler (4 images a class draw); ImageNet-LT
+/ iNat as released (cls_crt.yaml):
 --bn train, --augment, --lr-sequence kang; iNat: 30 epochs, wd 1e-4. Paper 1, top-1 error: ImageNet-LT (Table 3,
 ResNet-10 / 50) cRT 58.2 / 52.7, + SSP 56.8 / 48.7; iNaturalist 2018 (Table 4, ResNet-50) cRT 34.8, + SSP 31.9.
 
 Deliberate differences from Kang et al.'s code (on CIFAR, SVHN and folders; file lists as released):
 1. --bn frozen --no-augment (default there): BatchNorm keeps its statistics; features cached once (test transform).
-2. Class-balanced draws with replacement (1/n_y weights): the ClassAwareSampler's class distribution.
+2. The ClassAwareSampler's class and image cycles restart every epoch from (seed, epoch) (the released ones run on
+   across epochs): every epoch's class counts are still equal to a draw, and a resumed run draws the same batches.
 3. Every backbone tensor is compared with its value before, after training (a sanity check).
 4. The report is the last epoch (and the best on a --val-frac / --val-list split), never the test set.
 5. --resume continues from last.pt (with --augment every epoch re-runs the backbone on every image).
@@ -238,18 +240,35 @@ def check_unchanged(model, before, buffers=True):
             raise RuntimeError(f"backbone tensor '{k}' changed during cRT; the backbone is not frozen")
 
 
+SAMPLES_PER_CLASS = 4                                      # cls_crt.yaml: num_samples_cls
+
+
+def class_aware_order(labels, batch_size, seed, epoch, k=SAMPLES_PER_CLASS):
+    """Kang et al.'s ClassAwareSampler for one epoch, as positions: int(N/B) full batches (run_networks.py's
+    epoch_steps); the classes drawn in rounds, each a fresh shuffle of the classes, each draw the next k images of
+    its class's cycle (its images, reshuffled every time round)."""
+    labels, g = labels.cpu(), torch.Generator().manual_seed(seed * 100_003 + epoch)
+    present, total = labels.unique(), len(labels) // batch_size * batch_size
+    draws = -(-total // k)
+    classes = torch.cat([present[torch.randperm(len(present), generator=g)] for _ in range(-(-draws // len(present)))])
+    classes, order = classes[:draws], torch.empty(draws, k, dtype=torch.long)
+    for c in present.tolist():
+        mine, members = (classes == c).nonzero().flatten(), (labels == c).nonzero().flatten()
+        rounds = -(-len(mine) * k // len(members))
+        cycle = torch.cat([members[torch.randperm(len(members), generator=g)] for _ in range(rounds)] or [members[:0]])
+        order[mine] = cycle[:len(mine) * k].view(-1, k)
+    return order.flatten()[:total]
+
+
 class Features:
-    """Cached features as GPULoader-like batches: epoch(e, weights) → (features, labels, idx)."""
+    """Cached features as GPULoader-like batches: epoch(e, order=positions) → (features, labels, idx)."""
 
     def __init__(self, feats, labels, batch_size, seed):
         self.feats, self.labels, self.batch_size, self.seed = feats, labels, batch_size, seed
 
-    def epoch(self, epoch, weights=None):
-        order = torch.arange(len(self.labels), device=self.feats.device)
-        if weights is not None:
-            g = torch.Generator(device=order.device).manual_seed(self.seed * 100_003 + epoch)
-            order = torch.multinomial(weights.to(order.device, torch.double), len(order), replacement=True, generator=g)
-        for idx in order.split(self.batch_size):
+    def epoch(self, epoch, order=None):
+        order = torch.arange(len(self.labels)) if order is None else order
+        for idx in order.to(self.feats.device).split(self.batch_size):
             yield self.feats[idx], self.labels[idx], idx
 
 
@@ -322,8 +341,8 @@ def build_list_data(args, device, rank=0, world=1):
 
 # ----- one epoch -----------------------------------------------------------------------------------
 
-def train_one_epoch(model, optimizer, train, epoch, args, weights, world, cached):
-    """SGD on the head over one epoch of class-balanced draws: (row, first non-finite loss step or -1, last step)."""
+def train_one_epoch(model, optimizer, train, epoch, args, world, cached):
+    """SGD on the head over one class-aware epoch: (row, first non-finite loss step or -1, last step)."""
     device = model.head.weight.device
     lr = 0.5 * args.lr * (1 + math.cos(math.pi * (epoch + (args.lr_sequence == "kang")) / args.epochs))
     for group in optimizer.param_groups:
@@ -332,7 +351,8 @@ def train_one_epoch(model, optimizer, train, epoch, args, weights, world, cached
     loss_sum = torch.zeros((), device=device)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     seen = 0
-    for step, (x, y, _, *y_batch) in enumerate(train.epoch(epoch, weights)):
+    order = class_aware_order(train.labels, args.batch_size, args.seed, epoch)
+    for step, (x, y, _, *y_batch) in enumerate(train.epoch(epoch, order=order)):
         with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and not cached):
             logits = model(x).float()
         n_batch = len(y_batch[0]) if world > 1 else len(y)   # torchrun: the shares of the global mean are summed
@@ -493,19 +513,21 @@ def main(argv=None):
     else:
         score = lambda m, batches: D.evaluate(m, batches.epoch(0), C, counts)
     backbone, feat_dim = frozen_backbone(args, source, device, world)
+    if sum(counts) < args.batch_size:                      # int(N/B) steps an epoch, as released
+        R.fail(f"--batch-size {args.batch_size} is more than the {sum(counts)} training images: an epoch of cRT is "
+               f"int(N/B) full batches; pass --batch-size {sum(counts)} or less")
     head = previous_head(source, C)                        # on the frozen backbone: the --ckpt model as it was
     before = score(Classifier(backbone, head.to(device), False), test) if head else None
     frozen = snapshot(backbone)
     train, val, test, cached, feature_seconds = cache_features(args, backbone, train, val, test, world)
     model, optimizer, start, best = init_state(args, ckpt, backbone, feat_dim, C, device, world, cached)
-    weights = D.balanced_sample_weights(train.labels.cpu())
     saved = {"script": "crt.py", "arch": source["arch"], "class_counts": counts}
     open_run(args, ckpt, device, source, counts, start, cached, feature_seconds, rank, world)
 
     t_run = time.time()
     for epoch in range(start, args.epochs):
         t0 = time.time()
-        row, first_bad, step = train_one_epoch(model, optimizer, train, epoch, args, weights, world, cached)
+        row, first_bad, step = train_one_epoch(model, optimizer, train, epoch, args, world, cached)
         R.stop_if_diverged(args.out, [model], epoch, first_bad, step + 1, rank, world)
         row["test"] = score(model, test)
         val_m = score(model, val) if val else None

@@ -874,7 +874,8 @@ class GPULoader:
     augment: None (test transform), "crop_flip" (supervised CIFAR recipe) or "ssl" (`views` views, x a
     list). Each epoch's order and augmentation come from a generator seeded by (seed, epoch), so a resumed
     run sees exactly the batches it would have. epoch(e, weights) draws len(dataset) images with
-    replacement, as WeightedRandomSampler. Augmentation runs on chunks of `chunk` images (whole batches)."""
+    replacement, as WeightedRandomSampler; epoch(e, order=positions) takes that order (cRT's class-aware
+    sampler). Augmentation runs on chunks of `chunk` images (whole batches)."""
 
     def __init__(self, images, labels, batch_size, mean, std, device, augment=None, shuffle=None,
                  drop_last=False, seed=0, views=2, size=None, blur=False, chunk=8192):
@@ -903,11 +904,13 @@ class GPULoader:
                     for _ in range(self.views)]
         return normalize(x, self.mean, self.std)
 
-    def epoch(self, epoch, weights=None):
+    def epoch(self, epoch, weights=None, order=None):
         n = len(self.labels)
         g = torch.Generator(device=self.device)
         g.manual_seed(self.seed * 100_003 + epoch)
-        if weights is not None:
+        if order is not None:
+            order, n = order.to(self.device), len(order)
+        elif weights is not None:
             w = torch.as_tensor(weights, dtype=torch.double).to(self.device)
             order = torch.multinomial(w, n, replacement=True, generator=g)
         elif self.shuffle:
@@ -956,9 +959,10 @@ class ListBatches:
     def __len__(self):
         return -(-len(self.indices) // self.kw["batch_size"])
 
-    def epoch(self, epoch, weights=None):
+    def epoch(self, epoch, weights=None, order=None):
         n = len(self.indices)
-        order = epoch_order(n, self.seed, epoch, weights) if self.train or weights is not None else torch.arange(n)
+        if order is None:
+            order = epoch_order(n, self.seed, epoch, weights) if self.train or weights is not None else torch.arange(n)
         sub = torch.utils.data.Subset(self.dataset, [int(self.indices[i]) for i in order])
         try:
             for b, (x, y) in enumerate(torch.utils.data.DataLoader(sub, **self.kw)):
@@ -982,11 +986,12 @@ def epoch_order(n, seed, epoch, weights=None):
     return torch.as_tensor(list(torch.utils.data.RandomSampler(range(n), generator=g)))
 
 
-def shard_batches(n, batch_size, seed, epoch, weights, rank, world):
+def shard_batches(n, batch_size, seed, epoch, weights, rank, world, order=None):
     """[(global batch, this process's share)] of one training epoch, as positions 0 … n-1: every process draws
     the same order (epoch_order) and global batches, process r keeps the r-th of `world` contiguous parts of
-    each (a short last batch's may differ by one or be empty); the parts in rank order are one process's batch."""
-    order = epoch_order(n, seed, epoch, weights)
+    each (a short last batch's may differ by one or be empty); the parts in rank order are one process's batch.
+    `order`: that order instead (cRT's class-aware sampler)."""
+    order = epoch_order(n, seed, epoch, weights) if order is None else order
     return [(b, torch.tensor_split(b, world)[rank]) for b in order.split(batch_size)]
 
 
@@ -999,8 +1004,8 @@ class ShardedListBatches(ListBatches):
         super().__init__(dataset, indices, batch_size, True, seed, workers, device)
         self.batch_size, self.rank, self.world = batch_size, rank, world
 
-    def epoch(self, epoch, weights=None):
-        shares = shard_batches(len(self.indices), self.batch_size, self.seed, epoch, weights, self.rank, self.world)
+    def epoch(self, epoch, weights=None, order=None):
+        shares = shard_batches(len(self.indices), self.batch_size, self.seed, epoch, weights, self.rank, self.world, order)
         mine = torch.cat([s for _, s in shares])
         sub = torch.utils.data.Subset(self.dataset, [int(self.indices[i]) for i in mine])
         ends = np.cumsum([len(s) for _, s in shares]).tolist()

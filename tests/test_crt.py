@@ -47,14 +47,27 @@ def _crt(tmp_path, ckpt, *extra):
     return json.loads((tmp_path / "crt" / "final.json").read_text())
 
 
-def test_balanced_sampling_draws_classes_uniformly():
+def test_an_epoch_is_int_n_over_b_full_batches_of_equal_class_counts_four_images_a_draw():
+    """Kang et al.'s ClassAwareSampler (num_samples_cls 4) over run_networks.py's int(N/B) steps: every epoch each
+    class gets the same number of draws give or take one, a draw is 4 images of one class in a row, and within a
+    class every image comes round once before any comes again."""
     labels = torch.as_tensor(np.repeat(np.arange(5), [200, 100, 50, 25, 5]))
-    feats = torch.zeros(len(labels), 3)
-    batches = crt.Features(feats, labels, 64, seed=0)
-    w = D.balanced_sample_weights(labels)
-    drawn = torch.cat([torch.cat([y for _, y, _ in batches.epoch(e, w)]) for e in range(20)])
-    assert len(drawn) == 20 * 380
-    assert scipy.stats.chisquare(torch.bincount(drawn, minlength=5).numpy()).pvalue > 1e-3
+    batches = crt.Features(torch.zeros(len(labels), 3), labels, 64, seed=0)
+    for epoch in range(3):
+        order = crt.class_aware_order(labels, 64, 0, epoch)
+        assert len(order) == 380 // 64 * 64
+        steps = list(batches.epoch(epoch, order=order))
+        assert [len(y) for _, y, _ in steps] == [64] * (380 // 64)
+        drawn = labels[order].view(-1, 4)
+        assert (drawn == drawn[:, :1]).all()                            # 4 of one class a draw
+        per_class = torch.bincount(drawn[:, 0], minlength=5)
+        assert per_class.max() - per_class.min() <= 1
+        for c, n in enumerate([200, 100, 50, 25, 5]):                    # cycles: no image twice before all once
+            mine = order[labels[order] == c]
+            for start in range(0, len(mine) - n + 1, n):
+                assert len(set(mine[start:start + n].tolist())) == n
+    assert not torch.equal(crt.class_aware_order(labels, 64, 0, 1), crt.class_aware_order(labels, 64, 0, 2))
+    assert torch.equal(crt.class_aware_order(labels, 64, 0, 1), crt.class_aware_order(labels, 64, 0, 1))
     plain = torch.cat([y for _, y, _ in batches.epoch(0)])
     assert torch.equal(plain, labels)
 

@@ -298,7 +298,7 @@ def test_one_process_killed_stops_the_run_in_one_line_and_it_resumes_to_the_unin
 
 def test_crt_loads_the_backbone_on_every_process_and_equals_one_process(ddp_run, tmp_path):
     """cRT with the backbone frozen in eval mode (--bn frozen --no-augment; under torchrun the features are
-    recomputed every step): the head after 2 epochs of class-balanced global batches equals one process's
+    recomputed every step): the head after 2 epochs of class-aware global batches equals one process's
     computation on the checkpoint's features (float summation order only). Process 1's share enters every
     step's gradient, so a backbone not loaded there would show."""
     root, lst, _ = ddp_run
@@ -326,7 +326,7 @@ def test_crt_loads_the_backbone_on_every_process_and_equals_one_process(ddp_run,
     for epoch in range(2):
         for group in optimizer.param_groups:
             group["lr"] = 0.1 * (1 + np.cos(np.pi * epoch / 2))
-        for batch, _ in D.shard_batches(N, BATCH, 0, epoch, D.balanced_sample_weights(labels), 0, 1):
+        for batch, _ in D.shard_batches(N, BATCH, 0, epoch, None, 0, 1, crt.class_aware_order(labels, BATCH, 0, epoch)):
             optimizer.zero_grad()
             F.cross_entropy(head(feats[batch]), labels[batch]).backward()
             optimizer.step()
