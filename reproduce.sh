@@ -10,7 +10,7 @@
 #   bash reproduce.sh cv | cv-table          # paper 2's cross-validation of rwSAM's h, α, ρ | its kNN table
 #   SET=cifar100 RHO=0.02 bash reproduce.sh                         # Table 2, CIFAR-100-LT, ρ = 50 column
 #   RHO=0.02 POOL_ROOT=CINIC bash reproduce.sh fig2 fig3             # paper 1 Figs. 2-3 (CIFAR-10-LT ρ = 50 only)
-#   SET=inat NPROC=8 LT_ROOT=INAT LT_LISTS=LISTS bash reproduce.sh  # Table 4, each run on 8 GPUs (torchrun)
+#   SET=inat NPROC=4 LT_ROOT=INAT LT_LISTS=LISTS bash reproduce.sh  # Table 4, each run on 4 GPUs (torchrun)
 # Rows: cifar10: ce cb-ce focal cb-focal ce-drw ce-drs ldam ldam-drw, each also +ssp; ce+st, ldam-drw+st, each also
 #   -half -same -double; ce+crt; simsiam simsiam+sam simsiam-balanced simsiam+rwsam, each also -step; moco; at RHO=0.02
 #   fig2-r* fig3-u* (fig2, fig3: a whole figure). cifar100: ce … ldam-drw, each also +ssp. svhn: ce, ldam-drw, their

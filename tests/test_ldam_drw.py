@@ -358,6 +358,8 @@ def test_imagenet_lt_file_lists(tmp_path):
 def test_inaturalist_defaults_as_released():
     a = L.parse_args(["--dataset", "inat"])
     assert (a.epochs, a.lr, a.wd, a.arch, a.lr_sequence) == (90, 0.2, 1e-4, "resnet50", "kang")
+    assert a.batch_size == 100 and L.parse_args(["--dataset", "imagenet_lt"]).batch_size == 128   # feat_unifrom.yaml
+    assert L.parse_args([]).batch_size == 128 and L.parse_args(["--dataset", "inat", "--batch-size", "64"]).batch_size == 64
     names = [type(t).__name__ for t in D.imagenet_transform(True, dataset="inat").transforms]
     assert "ColorJitter" not in names and "ColorJitter" in [type(t).__name__ for t in D.imagenet_transform(True).transforms]
     norm = D.imagenet_transform(False, dataset="inat").transforms[-1]
