@@ -8,6 +8,7 @@ shuffled_keys), Chen et al. 2020's v2 changes (MLP head, τ 0.2, blur, cosine). 
 
     python moco_ssp.py --rho 0.01 --gpu 0                      # CIFAR-10-LT ρ=100, ResNet-18, batch 512
     python moco_ssp.py --dataset imagenet_lt --data-root IMNET --train-list ImageNet_LT_train.txt --rho 1
+    python moco_ssp.py --recipe paper1 --dataset inat ...    # paper 1's SSP: 200 epochs, batch 128, lr 0.015
     torchrun --nproc_per_node 8 moco_ssp.py --dataset imagenet_lt ...   # the same on 8 GPUs, real shuffle-BN
     python moco_ssp.py --rho 0.01 --balanced                   # paper 2: the balanced subset, same n
     python moco_ssp.py --rho 0.1 --subsample 0.25              # the size sweep: 800 epochs = 200 / 0.25
@@ -20,7 +21,8 @@ cRT + SSP 56.8 / 48.7; CE (Uniform) 65.2 / 61.6 → 64.1 / 54.4. Table 4 (iNat, 
 
 Deliberate differences from the papers and the authors' code (facebookresearch/moco main_moco.py):
 1. One process works: shuffle-BN is emulated with --bn-splits BN sub-batches; torchrun does the real one.
-2. ImageNet-LT / iNat default to paper 2's App. A.1: 300 epochs at lr 0.025 per 256 (MoCo v2: 200, 0.03).
+2. ImageNet-LT / iNat default to paper 2's App. A.1: 300 epochs at lr 0.025 per 256, batch 256; --recipe paper1
+   is paper 1's released pretrain_moco.py: 200 epochs, batch 128, lr 0.015 (0.03 per 256), cosine.
 3. The queue is checked at start: a multiple of the global batch and smaller than the training set.
 4. A kNN monitor (k 200, τ 0.1) on CIFAR-size data, the only use of labels.
 5. CIFAR-size views on the GPU (same distributions, no antialiasing, no blur as REFERENCE §5).
@@ -61,10 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--imb-type", default="exp", choices=["exp", "step"])
     p.add_argument("--gpu", type=int, default=0, help="GPU index; -1 = CPU (under torchrun: the local rank's GPU)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="default: 200 (CIFAR-size data), 300 (ImageNet-LT, iNat: paper 2 App. A.1); the full-size "
-                        "variant's with --subsample")
+                   help="default: 200 (CIFAR-size data; --recipe paper1), 300 (ImageNet-LT, iNat: paper 2 App. A.1); "
+                        "the full-size variant's with --subsample")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="global batch over all processes; default: 512 (CIFAR-size data), 256 (ImageNet-LT, iNat)")
+                   help="global batch over all processes; default: 512 (CIFAR-size data), 256 (ImageNet-LT, iNat), "
+                        "128 (--recipe paper1)")
     p.add_argument("--lr", type=float, default=None,
                    help="default: 0.03 × batch / 256; 0.025 × batch / 256 for ImageNet-LT, iNat (paper 2 App. A.1)")
     p.add_argument("--wd", type=float, default=1e-4)
@@ -79,6 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--val-frac", type=float, default=0.0,
                    help="validation split carved from the training subset; 0 = report last epoch only")
     # --- this method ---
+    p.add_argument("--recipe", default="paper2", choices=["paper1", "paper2"],
+                   help="ImageNet-LT / iNat: paper2 (App. A.1) or paper1 (Yang & Xu's released pretrain_moco.py)")
     p.add_argument("--arch", default=None, choices=["resnet18", "resnet10", "resnet50"],
                    help="default: resnet18 (CIFAR ResNet-18: CIFAR, SVHN, folder), resnet50 (ImageNet-LT, iNat)")
     p.add_argument("--queue", type=int, default=None,
@@ -124,13 +129,17 @@ def parse_args(argv=None):
     p.error = R.fail                                       # one line and exit 2, not the usage text
     args = p.parse_args(argv)
     args.cli_flags = R.given_flags(p, argv)
-    large = args.dataset in LARGE
-    for name, small, imagenet in (("batch_size", 512, 256), ("arch", "resnet18", "resnet50"), ("knn_every", 10, 0),
-                                  ("epochs", 200, 300), ("sam_rho", 5.0, 2.0), ("alpha", 1.2, 0.5)):
+    large, paper1 = args.dataset in LARGE, args.recipe == "paper1"
+    if paper1 and not large:
+        R.fail("--recipe paper1 is paper 1's MoCo pre-training of ImageNet-LT / iNat; on CIFAR-size data paper 1 "
+               "pre-trains by rotation (rotation_ssp.py)")
+    for name, small, imagenet in (("batch_size", 512, 128 if paper1 else 256), ("arch", "resnet18", "resnet50"),
+                                  ("knn_every", 10, 0), ("epochs", 200, 200 if paper1 else 300), ("sam_rho", 5.0, 2.0),
+                                  ("alpha", 1.2, 0.5)):
         if getattr(args, name) is None:
             setattr(args, name, imagenet if large else small)
     if args.lr is None:                                     # linear scaling rule (Goyal et al.), REFERENCE §5
-        args.lr = (0.025 if large else 0.03) * args.batch_size / 256
+        args.lr = (0.025 if large and not paper1 else 0.03) * args.batch_size / 256
     args.epochs_full = args.epochs
     if args.subsample < 1 and not args.same_epochs:        # paper 2 App. A.1: the full variant's iterations
         args.epochs = round(args.epochs / args.subsample)
@@ -651,7 +660,7 @@ def stage2(args, run, kde, n):
 
 def resume_run(args, rank, world):
     """--resume: the saved run's arguments (as many processes as now), then check_run; no new run over a run."""
-    old_defaults = {"balanced": False, "subsample": 1.0, "same_epochs": False, "opt": "sgd"}   # runs saved before
+    old_defaults = {"balanced": False, "subsample": 1.0, "same_epochs": False, "opt": "sgd", "recipe": "paper2"}
     args, ckpt = R.resume_run(args, "moco_ssp.py", RESUME_FLAGS, old_defaults,
                               "; start a new pre-training run with another --out", say=False)
     if ckpt is not None:

@@ -150,7 +150,7 @@ CIFAR = [
 BAL = " --loss ce --rule resample --resample-weights inverse"
 LT = [
     # Tables 3-4: CE, CE with class-balanced sampling, LDAM-DRW; +ssp: from MoCo v2; cRT: the classifier retrained.
-    R("pretrain/moco", 1, "", "moco_ssp.py {data} --train-list {train} --rho 1 --arch {arch} --seed {s}"),
+    R("pretrain/moco", 1, "", "moco_ssp.py {data} --train-list {train} --rho 1 --arch {arch} --seed {s} --recipe paper1"),
     R("ce", 1, "", SUP + " --loss ce --rule none", imagenet_lt=(65.2, 61.6), inat=(39.3,)),
     R("ce+ssp", 2, "pretrain/moco", SUP + " --loss ce --rule none" + SSP, imagenet_lt=(64.1, 54.4), inat=(35.6,)),
     R("ce-balanced", 1, "", SUP + BAL, imagenet_lt=(62.9, 59.7), inat=(36.5,)),

@@ -414,6 +414,19 @@ def test_paper2_defaults_and_epoch_scaling():
     assert M.parse_args(["--subsample", "0.5", "--same-epochs"]).epochs == 200
 
 
+def test_paper1_recipe_is_the_released_pretrain_moco(capsys):
+    """Yang & Xu's pretrain_moco.py: 200 epochs, batch 128, lr 0.015, wd 1e-4, τ 0.2, K 65536, cosine."""
+    for dataset in ("imagenet_lt", "inat"):
+        a = M.parse_args(["--dataset", dataset, "--recipe", "paper1"])
+        assert (a.epochs, a.batch_size, a.lr, a.wd, a.moco_t, a.moco_m, a.arch) == (200, 128, 0.015, 1e-4, 0.2, 0.999,
+                                                                                  "resnet50")
+        b = M.parse_args(["--dataset", dataset])
+        assert (b.epochs, b.batch_size, b.lr) == (300, 256, 0.025)
+    with pytest.raises(SystemExit) as stop:
+        M.parse_args(["--recipe", "paper1"])
+    assert stop.value.code == 2 and "rotation_ssp.py" in capsys.readouterr().err
+
+
 def test_sam_copies_are_simsiam_rwsams():
     import simsiam_rwsam as S
     for name in ("sam_perturbation", "bn_buffers", "kde_weights"):

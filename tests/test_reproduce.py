@@ -217,6 +217,8 @@ def test_dry_run_of_tables_3_and_4_parses_and_chains(dataset, rows):
         all(a.val_list is None and a.test_list == "/lists/iNaturalist18_val.txt" for a in sup)
     assert runs["R/ce-balanced/s0"][1].rule == "resample" and runs["R/ce-balanced/s0"][1].resample_weights == "inverse"
     assert runs["R/ce+ssp/s0"][1].pretrained == "R/pretrain/moco/s0/last.pt"
+    moco = runs["R/pretrain/moco/s0"][1]                          # paper 1's released pretrain_moco.py
+    assert (moco.epochs, moco.batch_size, moco.lr, moco.wd, moco.moco_t, moco.queue) == (200, 128, 0.015, 1e-4, 0.2, None)
     assert runs["R/crt+ssp/s0"][1].ckpt == "R/ce+ssp/s0/last.pt" and runs["R/crt/s0"][1].ckpt == "R/ce/s0/last.pt"
     table = reproduce("table", SET=dataset, RUNS="R").stdout
     assert ("| crt+ssp | error % | 48.7 |" if dataset == "imagenet_lt" else "| crt+ssp | error % | 31.9 |") in table
