@@ -11,7 +11,7 @@ recipe (self_train; (a) and (c) both run fit), minimising paper 1's L(D_L) + ω�
     python self_training.py --rho 0.02 --rho-u 0.02 --pool cinic10 --pool-root CINIC --relevance 0.6 \\
         --unlabeled-mult 4                                              # Figs. 2-3: CIFAR-100 as irrelevant data
 
-D_U: --unlabeled-mult · |D_L| images of --pool or --unlabeled-root, profile --rho-u in the task's class order;
+D_U: --unlabeled-mult · |D_L| images of --pool or --unlabeled-root, exp profile --rho-u in the task's class order;
 --pool rest is NOT the paper's pool for CIFAR-10. Paper numbers (CIFAR-10-LT ρ=100, top-1 error, 80M TI pool,
 lossless): CE 29.64 → 17.48, LDAM-DRW 22.97 → 14.96 with D_U@5x, ρ_U = 1 (CINIC-10 is another source than 80M TI).
 
@@ -25,6 +25,8 @@ Deliberate differences from the paper and the authors' code:
 6. Every stage reports on the balanced test set at the last epoch; selection only with --val-frac.
 7. Batch 128 in stage (a) and --st-batch-size 256 in stage (c), as the authors' train.py / train_semi.py.
 8. --base must come from a run on this D_L (same data flags, counts and image digest), else refused.
+9. D_U's profile is exp whatever --imb-type, as the authors' SemiSupervisedImbalanceCIFAR10; --imb-type-u step
+   gives a step D_U (our earlier default: D_U following a step D_L).
 """
 import argparse
 import math
@@ -80,6 +82,8 @@ def parse_args(argv=None):
                    help="pool too small: shrink |D_U| keeping the rho_U profile (default), or cap each class")
     p.add_argument("--unlabeled-mult", type=float, default=5.0, help="|D_U| / |D_L| (paper: 5)")
     p.add_argument("--rho-u", type=float, default=1.0, help="class ratio of D_U, tail/head in (0, 1]")
+    p.add_argument("--imb-type-u", default="exp", choices=["exp", "step"],
+                   help="profile of D_U; exp whatever --imb-type, as the authors' code")
     p.add_argument("--relevance", type=float, default=1.0, help="fraction of D_U from the task's classes")
     p.add_argument("--irrelevant-classes", default=None,
                    help="comma-separated classes held out of the task as irrelevant (default: CIFAR-100 images)")
@@ -360,7 +364,7 @@ def choose_unlabeled(args, data):
         warnings.simplefilter("always")
         try:
             rel, irr, report = D.unlabeled_pool(data["pool_y"], len(data["y_l"]), args.unlabeled_mult, args.rho_u,
-                                                args.imb_type, args.data_seed, np.arange(len(data["irr_x"])),
+                                                args.imb_type_u, args.data_seed, np.arange(len(data["irr_x"])),
                                                 args.relevance, D.CLASS_ORDER.get(args.dataset)
                                                 if not args.irrelevant_classes else None, args.pool_shortfall)
         except D.DataError as e:                           # the flag datasets_lt's message cannot name
@@ -525,6 +529,7 @@ def resume_run(args):
     args, ckpt = R.resume_run(args, "self_training.py", RESUME_FLAGS, old, say=False)
     if ckpt is not None:
         args.st_batch_size = ckpt["args"].get("st_batch_size", args.batch_size)     # older runs: their --batch-size
+        args.imb_type_u = ckpt["args"].get("imb_type_u", args.imb_type)             # and D_U as their D_L
         if ckpt.get("stage") == "base":                   # <out>/base/last.pt: the run is <out>
             args.out = os.path.dirname(args.out)
         print(f"resuming {args.out} in stage {ckpt['stage']} after epoch {ckpt['epoch']}")

@@ -284,3 +284,17 @@ def test_a_pool_too_small_for_any_d_u_names_the_flag_that_caps_instead(tmp_path,
     assert e.value.code == 2 and len(err) == 1 and "cannot supply any D_U" in err[0], err
     assert "(--pool-shortfall cap)" in err[0] and "shortfall 'cap'" not in err[0]
     assert S.parse_args(["--pool-shortfall", "cap"]).pool_shortfall == "cap"
+
+
+def test_unlabeled_set_is_exp_whatever_the_labeled_profile_as_the_authors(tmp_path, data):
+    """A step D_L (--imb-type step) still gets an exp D_U (the authors' SemiSupervisedImbalanceCIFAR10);
+    --imb-type-u step gives a step one. ρ_U = 0.5 over 5 classes, from the separate pool folder."""
+    got = {}
+    for profile in ("exp", "step"):
+        S.main(_args(data, tmp_path / profile, "--imb-type", "step", "--epochs", 1, "--unlabeled-root",
+                     data / "pool" / "train", "--rho-u", 0.5, "--unlabeled-mult", 0.5, "--imb-type-u", profile))
+        got[profile] = _final(tmp_path / profile)["unlabeled"]["requested_per_class"]
+    exp, step = got["exp"], got["step"]
+    assert all(a > b for a, b in zip(exp[:3], exp[1:4])) and exp[-1] == round(exp[0] * 0.5)   # 14 11 10 7 7
+    assert step[0] == step[1] > step[2] == step[3] == step[4] and sum(exp) == sum(step)
+    assert S.parse_args(["--imb-type", "step"]).imb_type_u == "exp"
