@@ -190,6 +190,12 @@ def mean_std(values, digits=2):
         return f"{values[0]:.{digits}f} (1 seed)" if values else "not run"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f} ({len(values)} seeds)"
 
+def trained_epochs(pattern, runs=RUNS):
+    """Epochs of the finished full-size pre-training runs under runs/pattern (a subsampled variant trains more)."""
+    found = {r["epochs"] for p in glob.glob(os.path.join(runs, pattern, "s*", "final.json"))
+             for r in [json.load(open(p))] if r.get("subsample", 1) == 1 and "epochs" in r}
+    return "/".join(map(str, sorted(found))) or "not run"
+
 def minutes(results):
     return f"{statistics.mean(r['wall_seconds'] for r in results) / 60:.1f}" if results else "—"
 
@@ -228,7 +234,8 @@ def table():
     acc = lambda r: mean_std([x["top1"] for x in finals(r)])
     print(f"\nPaper 2 Table 1(a), rho {rho:g}: linear-probe top-1 % (row <name>: exp, row <name>-step: step) and the "
           "generalization gap of the step pre-training run (held-out − training SimSiam loss, frequent / rare half "
-          "of the classes, mean over the run's --gap-views draws); paper numbers are for rho 0.01\n\n"
+          f"of the classes, mean over the run's --gap-views draws); paper numbers are for rho 0.01. SimSiam pre-training: "
+          f"{trained_epochs('pretrain/simsiam*')} epochs (the authors' README: 1600; paper2-fig1's cells: 800, SimSiam-91)\n\n"
           "| row | exp: paper | exp: ours | step: paper | step: ours | gap frequent: paper | gap frequent: ours "
           "| gap rare: paper | gap rare: ours |\n|---|---|---|---|---|---|---|---|---|")
     for row in t1a:
@@ -246,7 +253,7 @@ def fig1_table():
     """Paper 2 Fig. 1(a) / Eq. (1) on CIFAR-10 from the probes' final.json files, paired by eval_linear.gap_rows."""
     import eval_linear as E
     names = {"sl": "SL", "simsiam": "SimSiam", "moco": "MoCo v2"}
-    method = {"ldam_drw[he]:ce-none": "sl", "simsiam_rwsam+sgd": "simsiam", "moco_ssp+sgd": "moco"}
+    method = {"ldam_drw[he]:ce-none": "sl", "simsiam_rwsam+sgd": "simsiam", "moco_ssp[paper2]+sgd": "moco"}
     paths = sorted(glob.glob(os.path.join(FIG1_RUNS, "id", "*", "*", "s*", "final.json")) +
                    glob.glob(os.path.join(FIG1_RUNS, "ood", "*", "*", "s*", "final.json")))
     if not paths:
@@ -258,7 +265,10 @@ def fig1_table():
     print(f"Paper 2 Fig. 1(a) on CIFAR-10, runs in {FIG1_RUNS}. A: last-epoch test top-1 % of the probe, mean±sample "
           "std over runs (a run: pre-training seed + its probe; the paper's std varies the probe only). Δ = (A(n,1) − "
           "A(n,r)) / A(n,1) in % (Eq. (1)), ± the sample std of the per-seed Δ. n and r from the pre-training class "
-          "counts. The paper's claim: Δ^SSL < Δ^SL at every n and r, in-domain and out-of-domain.")
+          "counts. The paper's claim: Δ^SSL < Δ^SL at every n and r, in-domain and out-of-domain. Pre-training epochs "
+          "at full size (the subsampled variants train as many steps): " + ", ".join(
+              f"{names[m]} {trained_epochs(os.path.join('pretrain', m, '*'), FIG1_RUNS)}" for m in METHODS)
+          + " (SimSiam in `reproduce.sh table`'s Table 1(a): 1600).")
     for ev in sorted({k[0] for k in cell}):
         title = "ID: linear probe on the full training set" if ev.startswith("linear:") else f"OOD: {ev} linear probe"
         print(f"\n### {title} ({ev})\n\n| r | n | " + " | ".join(

@@ -298,7 +298,7 @@ def test_table_1a_block_has_exp_step_and_gap_columns(tmp_path):
     final("simsiam", 0, top1=80.0)
     final("simsiam", 1, top1=81.0)
     final("simsiam-step", 0, top1=84.5)
-    final("pretrain/simsiam-step", 0, last=gap(0.030, 0.090))
+    final("pretrain/simsiam-step", 0, last=gap(0.030, 0.090), epochs=1600)
     final("pretrain/simsiam-step", 1, last=gap(0.040, 0.070))
     final("simsiam+rwsam-step", 2, top1=85.25)
     final("pretrain/simsiam+rwsam-step", 2, last=None)                   # run with --knn-every -1
@@ -311,6 +311,7 @@ def test_table_1a_block_has_exp_step_and_gap_columns(tmp_path):
                                       "(--knn-every -1) | 0.066 | not measured (--knn-every -1) |")
     assert lines["simsiam-balanced"] == ("| simsiam-balanced | 82.0 | not run | 85.8 | not run | 0.038 | not run | "
                                          "0.037 | not run |")
+    assert "SimSiam pre-training: 1600 epochs" in p.stdout                  # the budget, beside paper2-fig1's 800
     assert "| simsiam+sam | 82.1 | not run | 84.7 | not run | 0.044 |" in lines["simsiam+sam"]
     assert "| simsiam-step | the simsiam command with --imb-type step |" in p.stdout            # pre-training list
     rho1 = reproduce("table", RUNS=str(tmp_path), RHO="0.1").stdout                     # the paper has rho 0.01 only
@@ -371,6 +372,7 @@ def test_fig1_tiny_end_to_end_prints_the_table(tmp_path):
     ck = json.loads((runs / "pretrain/sl/r0.5-q1-bal/s0/final.json").read_text())
     assert ck["epochs"] == 1 and ck["class_counts"] == [15, 14, 14, 14]        # [20, 15, 12, 10] = 57, balanced
     table = p.stdout[p.stdout.index("Paper 2 Fig. 1(a)"):]
+    assert "Pre-training epochs at full size (the subsampled variants train as many steps): SL 1, MoCo v2 1 " in table
     for ev in ("linear:folder", "probe:ood"):
         assert f"({ev})" in table
     rows = [l for l in table.splitlines() if l.startswith("| 0.5 | 57 |")]
