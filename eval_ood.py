@@ -50,6 +50,12 @@ TORCHVISION_TARGETS = {
 
 # ----- flags ---------------------------------------------------------------------------------------
 
+# the protocols' defaults (REFERENCE §8): probe as eval_linear.py; fine-tuning as ft_moco.py (batch 48, wd 5e-4)
+# at the paper's lr 0.1 and 150 epochs
+DEFAULTS = {"probe": {"epochs": 100, "batch_size": 256, "lr": 30.0, "wd": 0.0},
+            "finetune": {"epochs": 150, "batch_size": 48, "lr": 0.1, "wd": 5e-4}}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Out-of-domain evaluation (paper 2, §2.1): STL-10 linear probe "
                                             "or fine-tuning on image folders.")
@@ -58,10 +64,11 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default="./data", help="target dataset folder")
     p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
     p.add_argument("--gpu", type=int, default=0, help="GPU index; -1 = CPU")
-    p.add_argument("--epochs", type=int, default=None, help="default: 100 (probe), 150 (fine-tuning)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 256 (probe), 64 (fine-tuning)")
-    p.add_argument("--lr", type=float, default=None, help="default: 30 (probe), 0.1 (fine-tuning, the new head)")
-    p.add_argument("--wd", type=float, default=None, help="default: 0 (probe), 1e-4 (fine-tuning)")
+    default = lambda k: f"default: {DEFAULTS['probe'][k]:g} (probe), {DEFAULTS['finetune'][k]:g} (fine-tuning)"
+    p.add_argument("--epochs", type=int, default=None, help=default("epochs"))
+    p.add_argument("--batch-size", type=int, default=None, help=default("batch_size"))
+    p.add_argument("--lr", type=float, default=None, help=default("lr") + "; fine-tuning: the new head's")
+    p.add_argument("--wd", type=float, default=None, help=default("wd"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0,
                    help="seed of the data subsets (long-tailed draw, balanced/downsampled subsets, validation split); --seed varies training only")
@@ -110,8 +117,7 @@ def set_protocol_defaults(args, arch):
     if args.protocol == "finetune" and args.target == "stl10":
         R.fail(f"--target stl10 is the protocol for CIFAR backbones; an ImageNet {arch} is fine-tuned on "
                f"--target folder, aircraft, pets or cars")
-    defaults = (100, 256, 30.0, 0.0) if args.protocol == "probe" else (150, 48, 0.1, 5e-4)
-    vars(args).update({k: v for k, v in zip(("epochs", "batch_size", "lr", "wd"), defaults) if vars(args)[k] is None})
+    vars(args).update({k: v for k, v in DEFAULTS[args.protocol].items() if vars(args)[k] is None})
 
 
 def check_args(args):

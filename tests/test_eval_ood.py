@@ -199,3 +199,16 @@ def test_probe_code_is_the_one_of_eval_linear():
     pattern = r"# === shared: linear_probe .*?# === end shared: linear_probe ===\n"
     copies = [re.search(pattern, (ROOT / f).read_text(), re.S) for f in ("eval_linear.py", "eval_ood.py")]
     assert all(copies) and copies[0].group(0) == copies[1].group(0) and "def linear_probe(" in copies[0].group(0)
+
+
+def test_help_shows_the_defaults_each_protocol_runs_with():
+    """--help's "default: A (probe), B (fine-tuning)" are the values a probe of a CIFAR backbone and a fine-tuning
+    of an ImageNet one resolve to."""
+    from conftest import parser_of
+    helps = {a.dest: a.help for a in parser_of("eval_ood.py")._actions}
+    for arch, protocol in (("resnet18", "probe"), ("resnet50", "fine-tuning")):
+        args = O.parse_args(["--ckpt", "x.pt", "--target", "folder"])
+        O.set_protocol_defaults(args, arch)
+        for name in ("epochs", "batch_size", "lr", "wd"):
+            shown = re.search(rf"([\d.e-]+) \({protocol}\)", helps[name]).group(1)
+            assert float(shown) == getattr(args, name), (name, protocol, helps[name])
