@@ -29,6 +29,7 @@ Deliberate differences from the paper and the authors' code:
 7. ImageNet-LT / iNat as paper 1's released configs: 90 epochs, lr 0.2, --lr-sequence kang, batch 128 (iNat 100).
 8. Resample / DRS draw with the authors' effective-number weights (--resample-weights inverse: 1/n_c).
 9. --recipe he trains 200 epochs on CIFAR (the paper gives none); --subsample keeps the iterations equal.
+   ImageNet-LT: the paper's 90 epochs, step decay (the released feat_uniform.yaml: 200, cosine), its lr 0.2 at 128.
 """
 import argparse
 import math
@@ -101,7 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--s", type=float, default=30.0, help="LDAM: logit scale")
     p.add_argument("--recipe", default="ldam", choices=["ldam", "he"],
                    help="ldam: paper 1's CIFAR recipe (Cao et al.); he: paper 2's supervised pre-training (He et al. "
-                        "2016): resnet18, CE, no re-balancing, wd 5e-4, no warm-up, lr ÷10 at 50%% and 75%%")
+                        "2016): CE, no re-balancing, wd 5e-4, no warm-up; CIFAR resnet18, lr ÷10 at 50%% and 75%%; "
+                        "ImageNet-LT resnet50, 90 epochs, lr 0.2 ÷10 every 30")
     p.add_argument("--balanced", action="store_true",
                    help="class-balanced subset with the same number of images as the long-tailed one (paper 2)")
     p.add_argument("--subsample", type=float, default=1.0, choices=(1.0, *D.SIZE_SWEEP),
@@ -115,17 +117,21 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.cli_flags = R.given_flags(p, argv)
     large = args.dataset in ("imagenet_lt", "inat")
-    he = args.recipe == "he" and not large                 # paper 2's CIFAR supervised pre-training
+    he = args.recipe == "he"                               # paper 2's supervised pre-training (§2.2, App. A)
+    if he and args.dataset == "inat":
+        R.fail("--recipe he is paper 2's supervised pre-training of CIFAR and ImageNet-LT; paper 2 has no iNaturalist")
+    if he and (ignored := [f"--{k.replace('_', '-')}" for k in ("warmup", "lr_sequence") if k in args.cli_flags]):
+        R.fail(f"--recipe he steps the lr as He et al. (no warm-up, no lr sequence): drop {' '.join(ignored)}")
     for name, cifar, imagenet in (("epochs", 200, 90), ("lr", 0.1, 0.2),
                                   ("batch_size", 128, 100 if args.dataset == "inat" else 128),
                                   ("wd", 5e-4 if he else 2e-4, 1e-4 if args.dataset == "inat" else 5e-4),
-                                  ("warmup", 0 if he else 5, 0), ("lr_sequence", "plain", "kang"),
-                                  ("loss", "ce" if he else "ldam", "ldam"), ("rule", "none" if he else "drw", "drw"),
+                                  ("warmup", 0 if he else 5, 0), ("lr_sequence", "plain", "plain" if he else "kang"),
+                                  ("loss", *["ce" if he else "ldam"] * 2), ("rule", *["none" if he else "drw"] * 2),
                                   ("arch", "resnet18" if he else "resnet32",
-                                   "resnet10" if args.dataset == "imagenet_lt" else "resnet50")):
+                                   "resnet10" if args.dataset == "imagenet_lt" and not he else "resnet50")):
         if getattr(args, name) is None:
             setattr(args, name, imagenet if large else cifar)
-    args.schedule = "cosine" if large else "he" if he else "step"
+    args.schedule = "he" if he else "cosine" if large else "step"
     args.epochs_full = args.epochs
     if args.subsample < 1 and not args.same_epochs:       # paper 2 App. A.1: the full variant's iterations
         args.epochs = round(args.epochs / args.subsample)
@@ -363,8 +369,11 @@ def lr_at(epoch, args):
 
 def he_lr_at(epoch, args):
     """He et al. 2016 §4.2 (CIFAR): ÷10 at 32k and 48k of 64k iterations, here at 50% and 75% of --epochs (0-based
-    epoch). Paper 2 gives no length: 200 epochs as paper 1 (64k iterations of 128 are 660 epochs of 12,406 images)."""
-    return args.lr * 0.1 ** sum(epoch >= int(f * args.epochs) for f in (0.5, 0.75))
+    epoch; paper 2 gives no length: 200 epochs as paper 1, 64k iterations of 128 are 660 epochs of 12,406 images).
+    ImageNet-LT (§3.4, paper 2 App. A: 90 epochs, step decay): ÷10 every 30 epochs, at 1/3 and 2/3 of --epochs."""
+    large = args.dataset == "imagenet_lt"
+    steps = [args.epochs // 3, 2 * args.epochs // 3] if large else [int(f * args.epochs) for f in (0.5, 0.75)]
+    return args.lr * 0.1 ** sum(epoch >= s for s in steps)
 
 
 # ----- data ----------------------------------------------------------------------------------------

@@ -375,6 +375,9 @@ def finish(message):
 
 if FIG1:    # Paper 2 Fig. 1(a) (§2.2, App. A.1): SL, SimSiam, MoCo v2 on every CIFAR-10 variant and its balanced partner
     # of the same n (one data seed), then the ID probe (eval_linear.py) and OOD probe (eval_ood.py) of each checkpoint.
+    if SET != "cifar10":
+        die(f"paper2-fig1 is Fig. 1(a), CIFAR-10 (SET=cifar10); SET={SET} has no Fig. 1 target: for ImageNet-LT run "
+            "the cells by hand (README, paper 2)")
     SCALE = env("SCALE", "1")
     if not num(SCALE) > 0:
         die(f"SCALE must be a number > 0, got '{SCALE}'")

@@ -431,6 +431,23 @@ def test_paper2_recipe_defaults_schedule_and_epoch_scaling():
     assert L.parse_args(["--recipe", "he", "--loss", "ldam"]).loss == "ldam"                     # flags still win
 
 
+def test_paper2_imagenet_supervised_baseline_is_one_flag_and_ignored_flags_are_refused(capsys):
+    """Paper 2 App. A: ImageNet-LT supervised pre-training is CE, ResNet-50, 90 epochs, step decay (He et al.:
+    ÷10 every 30 epochs), lr 0.2 / batch 128 / wd 5e-4 of the released feat_uniform.yaml."""
+    a = L.parse_args(["--recipe", "he", "--dataset", "imagenet_lt"])
+    assert (a.arch, a.loss, a.rule, a.lr, a.batch_size, a.wd, a.warmup, a.epochs, a.schedule) == \
+        ("resnet50", "ce", "none", 0.2, 128, 5e-4, 0, 90, "he")
+    assert [L.he_lr_at(e, a) for e in (0, 29, 30, 59, 60, 89)] == pytest.approx([0.2, 0.2, 0.02, 0.02, 2e-3, 2e-3])
+    c = L.parse_args(["--dataset", "imagenet_lt"])                     # paper 1's recipe is unchanged
+    assert (c.arch, c.loss, c.rule, c.schedule, c.lr_sequence) == ("resnet10", "ldam", "drw", "cosine", "kang")
+    for argv, msg in ((["--dataset", "inat"], "no iNaturalist"), (["--warmup", "5"], "drop --warmup"),
+                      (["--dataset", "imagenet_lt", "--lr-sequence", "kang"], "drop --lr-sequence")):
+        with pytest.raises(SystemExit) as stop:
+            L.parse_args(["--recipe", "he", *argv])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.count("\n") == 1 and msg in err
+
+
 def test_balanced_subsampled_run_trains_on_the_shared_subset(tmp_path, easy):
     final = _run(tmp_path, easy, "--recipe", "he", "--rho", "0.2", "--subsample", 0.5, "--balanced", "--epochs", 1,
                  "--batch-size", 16, "--same-epochs")

@@ -354,6 +354,8 @@ def test_fig1_dry_run_parses_and_every_cell_has_its_balanced_partner():
     moco = pre["F/pretrain/moco/r0.1-q1-bal/s0"][2]
     assert (moco.epochs, moco.subsample, moco.rho) == (100, 1.0, 0.1)
     assert evals["F/ood/simsiam/r0.1-q0.125-bal/s0"].target == "stl10" and evals["F/id/moco/r0.1-q1-imb/s1"].epochs == 50
+    other = reproduce("paper2-fig1", "--dry-run", SET="imagenet_lt")             # refused before the first job
+    assert other.returncode == 2 and other.stdout == "" and "paper2-fig1 is Fig. 1(a), CIFAR-10" in other.stderr
     bad = reproduce("paper2-fig1", "--dry-run", METHODS="sl byol")
     assert bad.returncode == 2 and bad.stderr.strip() == "reproduce.sh: unknown method 'byol' in METHODS; methods: sl simsiam moco"
 
