@@ -8,6 +8,7 @@ the training subsets, file-list batches (torchrun shares included) and the evalu
     python datasets_lt.py --dataset cifar10 --rho 0.01 --download      # print the subset a run trains on
     python datasets_lt.py --train-list ImageNet_train.txt --lt-list ImageNet_LT_train.txt \
         --out-dir imagenet_variants                                   # paper 2's ImageNet lists (App. A.1)
+    python datasets_lt.py --semi-synthetic semi --download            # paper 2's §3.2 folders from CIFAR-10
 
 Conventions: `rho` is tail/head in (0, 1] (the papers' "imbalance ratio 100" is rho = 0.01); class 0 is
 the head class unless `class_order` says otherwise; every random choice takes an explicit seed, so the
@@ -675,12 +676,13 @@ def crop_flip(x, top, left, flip, padding=4):
     return out.view(B, C, H, W)
 
 
-def random_crop_flip(x, generator, padding=4):
-    """RandomCrop(H, padding) + RandomHorizontalFlip(0.5): offsets uniform in {0..2·padding}."""
+def random_crop_flip(x, generator, padding=4, flip=True):
+    """RandomCrop(H, padding) + RandomHorizontalFlip(0.5) (flip=False: none, the same draws): offsets uniform in
+    {0..2·padding}."""
     B, dev = x.shape[0], x.device
     top = torch.randint(0, 2 * padding + 1, (B,), generator=generator, device=dev)
     left = torch.randint(0, 2 * padding + 1, (B,), generator=generator, device=dev)
-    flip = torch.rand(B, generator=generator, device=dev) < 0.5
+    flip = (torch.rand(B, generator=generator, device=dev) < 0.5) & flip
     return crop_flip(x, top, left, flip, padding)
 
 
@@ -827,13 +829,13 @@ def sample_jitter(n, generator, device, jitter=(0.4, 0.4, 0.4, 0.1)):
 
 
 def ssl_augment(x, generator, size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8,
-                p_gray=0.2, blur=False, blur_kernel=None):
+                p_gray=0.2, blur=False, blur_kernel=None, flip=True):
     """One SimSiam / MoCo v2 view of each uint8 image, float in [0, 1]: RandomResizedCrop(size, scale) →
-    RandomHorizontalFlip() → RandomApply(ColorJitter(*jitter), p_jitter) → RandomGrayscale(p_gray) →
+    RandomHorizontalFlip() (if flip) → RandomApply(ColorJitter(*jitter), p_jitter) → RandomGrayscale(p_gray) →
     [RandomApply(GaussianBlur(σ ∈ [0.1, 2]), 0.5) if blur]; the flip commutes with the rest, so the crop does it."""
     B, dev = x.shape[0], x.device
     top, left, h, w = sample_resized_crop(B, x.shape[2], x.shape[3], generator, dev, scale)
-    flip = torch.rand(B, generator=generator, device=dev) < 0.5
+    flip = (torch.rand(B, generator=generator, device=dev) < 0.5) & flip
     out = resized_crop(x, top, left, h, w, size, flip)
     factors, order = sample_jitter(B, generator, dev, jitter)
     apply = torch.rand(B, generator=generator, device=dev) < p_jitter
@@ -878,7 +880,7 @@ class GPULoader:
     sampler). Augmentation runs on chunks of `chunk` images (whole batches)."""
 
     def __init__(self, images, labels, batch_size, mean, std, device, augment=None, shuffle=None,
-                 drop_last=False, seed=0, views=2, size=None, blur=False, chunk=8192):
+                 drop_last=False, seed=0, views=2, size=None, blur=False, chunk=8192, flip=True):
         if augment not in (None, "crop_flip", "ssl"):
             raise ValueError(f"augment must be None, 'crop_flip' or 'ssl', got {augment!r}")
         self.device = torch.device(device)
@@ -886,7 +888,7 @@ class GPULoader:
         labels = labels if torch.is_tensor(labels) else torch.as_tensor(np.asarray(labels))
         self.labels = labels.long().to(self.device)
         self.batch_size, self.mean, self.std = batch_size, mean, std
-        self.augment, self.views, self.blur = augment, views, blur
+        self.augment, self.views, self.blur, self.flip = augment, views, blur, flip
         self.shuffle = augment is not None if shuffle is None else shuffle
         self.drop_last, self.seed = drop_last, seed
         self.size = size or self.images.shape[-1]
@@ -898,9 +900,9 @@ class GPULoader:
 
     def _augment(self, x, g):
         if self.augment == "crop_flip":
-            return normalize(random_crop_flip(x, g), self.mean, self.std)
+            return normalize(random_crop_flip(x, g, flip=self.flip), self.mean, self.std)
         if self.augment == "ssl":
-            return [normalize(ssl_augment(x, g, self.size, blur=self.blur), self.mean, self.std)
+            return [normalize(ssl_augment(x, g, self.size, blur=self.blur, flip=self.flip), self.mean, self.std)
                     for _ in range(self.views)]
         return normalize(x, self.mean, self.std)
 
@@ -1148,6 +1150,39 @@ def accuracies(pred, y, num_classes, train_counts):
     return result
 
 
+# ----- Paper 2 §3.2 (Fig. 4, App. B): the semi-synthetic dataset -----------------------------------------
+
+def semi_synthetic(images, labels, seed=0):
+    """App. B's balanced semi-synthetic images from CIFAR-10 ones: classes 0-4 (the paper's 1-5, frequent) keep the
+    left half of their image and take the right half of a random image (label-irrelevant); classes 5-9 (rare) get a
+    blank left half and keep the right half of theirs. The imbalanced set is its step subset: --rho 0.002 --imb-type
+    step keeps 5000 / 10 images per class."""
+    x, half = images.copy(), images.shape[2] // 2
+    frequent = np.flatnonzero(labels < 5)
+    x[frequent, :, half:] = images[np.random.default_rng(seed).integers(0, len(images), len(frequent)), :, half:]
+    x[labels >= 5, :, :half] = 0
+    return x
+
+
+def write_semi_synthetic(dataset, root, out, seed=0, rare=10, download=False):
+    """Three folder datasets in `out`: semi/ (all ten classes, balanced; pre-training takes its step subset),
+    semi-rare/ (classes 5-9 only: the 5-way probe's 25,000 training images) and semi-rare10/ (`rare` images of each
+    rare class: the paper's Supervised-rare baseline); test splits from the test images, made the same way."""
+    for split in ("train", "test"):
+        images, labels, names = load_split(dataset, root, split == "train", download)
+        if len(names) != 10:
+            raise DataError(f"the semi-synthetic dataset is built from CIFAR-10's ten classes; {root} has {len(names)}")
+        x, rng = semi_synthetic(images, labels, seed), np.random.RandomState(seed)
+        ten = [rng.permutation(np.flatnonzero(labels == c))[:rare] for c in range(5, 10)]
+        for name, idx in (("semi", np.arange(len(x))), ("semi-rare", np.flatnonzero(labels >= 5)),
+                          ("semi-rare10", np.concatenate(ten) if split == "train" else np.flatnonzero(labels >= 5))):
+            for i in idx:
+                folder = os.path.join(out, name, split, f"{labels[i]}-{names[labels[i]]}")
+                os.makedirs(folder, exist_ok=True)
+                torchvision.io.write_png(torch.from_numpy(x[i]).permute(2, 0, 1).contiguous(),
+                                         os.path.join(folder, f"{i:05d}.png"))
+
+
 # ----- Command line: show the subset a run would train on ------------------------------------------
 
 def main(argv=None):
@@ -1164,9 +1199,18 @@ def main(argv=None):
     p.add_argument("--lt-list", default=None,
                    help="with --train-list: Liu et al.'s ImageNet_LT_train.txt, the r = 0.004 list itself")
     p.add_argument("--out-dir", default="imagenet_variants", help="with --train-list: folder for the lists")
+    p.add_argument("--semi-synthetic", default=None, metavar="OUT",
+                   help="write paper 2's semi-synthetic folders (§3.2) into OUT from --dataset's images")
     args = p.parse_args(argv)
     if args.train_list:
         return imagenet_main(args)
+    if args.semi_synthetic:
+        try:
+            write_semi_synthetic(args.dataset, args.data_root, args.semi_synthetic, args.data_seed,
+                                 download=args.download)
+        except DataError as e:
+            fail(str(e))
+        return print(f"paper 2's semi-synthetic folders in {args.semi_synthetic}: semi, semi-rare, semi-rare10")
     try:
         check_rho(args.rho)
         images, labels, names = load_split(args.dataset, args.data_root, True, args.download)

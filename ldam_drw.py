@@ -109,6 +109,8 @@ def parse_args(argv=None):
     p.add_argument("--subsample", type=float, default=1.0, choices=(1.0, *D.SIZE_SWEEP),
                    help="keep this fraction of every class (paper 2's size sweep); --epochs is then the full-size "
                         "variant's budget and round(epochs / subsample) epochs are trained")
+    p.add_argument("--no-flip", action="store_true",
+                   help="no horizontal flip (CIFAR-size data): paper 2's semi-synthetic images (§3.2), halves apart")
     p.add_argument("--same-epochs", action="store_true",
                    help="with --subsample < 1: train --epochs epochs, not round(epochs / subsample)")
     p.add_argument("--compile", action="store_true", help="torch.compile(mode='reduce-overhead'): CUDA graphs")
@@ -387,7 +389,8 @@ def build_data(args, device, rank=0, world=1):
     idx, val_idx = D.training_subset(train_y, args)
     mean, std = D.mean_std(args.dataset, train_x)
     counts = np.bincount(train_y[idx], minlength=len(names)).tolist()
-    train = D.GPULoader(train_x[idx], train_y[idx], args.batch_size, mean, std, device, "crop_flip", seed=args.seed)
+    train = D.GPULoader(train_x[idx], train_y[idx], args.batch_size, mean, std, device, "crop_flip", seed=args.seed,
+                        flip=not args.no_flip)
     test = D.GPULoader(test_x, test_y, 1000, mean, std, device)
     val = D.GPULoader(train_x[val_idx], train_y[val_idx], 1000, mean, std, device) if len(val_idx) else None
     train.indices, train.val_indices = idx, val_idx       # <out>/train_indices.json; digest: self_training.py --base

@@ -8,6 +8,7 @@
 #   bash reproduce.sh table            # the Markdown table of the runs finished so far
 #   bash reproduce.sh paper2-fig1 [table]    # paper 2 Fig. 1(a): SL vs SSL at equal n (its table: A(n,1), A(n,r), Δ)
 #   bash reproduce.sh cv | cv-table          # paper 2's cross-validation of rwSAM's h, α, ρ | its kNN table
+#   bash reproduce.sh paper2-semi [table]    # paper 2 §3.2 (Fig. 4): semi-synthetic CIFAR-10, SSL vs SL, rare probe
 #   SET=cifar100 RHO=0.02 bash reproduce.sh                         # Table 2, CIFAR-100-LT, ρ = 50 column
 #   RHO=0.02 POOL_ROOT=CINIC bash reproduce.sh fig2 fig3             # paper 1 Figs. 2-3 (CIFAR-10-LT ρ = 50 only)
 #   SET=inat NPROC=4 LT_ROOT=INAT LT_LISTS=LISTS bash reproduce.sh  # Table 4, each run on 4 GPUs (torchrun)
@@ -165,10 +166,10 @@ ROWS = LT if SET in LTS else CIFAR
 BY = {e.name: e for e in ROWS}
 ALL = [e.name for e in ROWS if SET in e.paper and (RHO == "0.02" or not e.name.startswith("fig"))]
 
-DRY, TABLE, FIG1, CV, picked = 0, 0, 0, 0, []
+DRY, TABLE, FIG1, CV, SEMI, picked = 0, 0, 0, 0, 0, []
 for a in sys.argv[2:]:
-    if a in ("--dry-run", "table", "cv-table", "paper2-fig1", "cv"):
-        DRY, FIG1, CV = DRY or a == "--dry-run", FIG1 or a == "paper2-fig1", CV or a == "cv"
+    if a in ("--dry-run", "table", "cv-table", "paper2-fig1", "cv", "paper2-semi"):
+        DRY, FIG1, CV, SEMI = DRY or a == "--dry-run", FIG1 or a == "paper2-fig1", CV or a == "cv", SEMI or a == "paper2-semi"
         TABLE = {"table": 1, "cv-table": 2}.get(a, TABLE)
     elif a in ("-h", "--help"):
         print(re.sub("(?m)^# ?", "", open(sys.argv[1]).read().split("\nset -euo")[0].split("\n", 1)[1]))
@@ -180,7 +181,8 @@ for a in sys.argv[2:]:
         picked.append(a)
     else:
         die(f"unknown row '{a}'; rows: {' '.join(ALL)}")
-picked = picked or ([] if CV else ALL)
+picked = picked or ([] if CV or SEMI else ALL)
+SEMI_RUNS, SEMI_PAPER = env("RUNS", "runs/paper2-semi"), {"simsiam": 70.1, "sl": 44.3, "sl-rare": 36.5}
 
 def finals(folder, runs=RUNS):
     return [json.load(open(path)) for path in sorted(glob.glob(os.path.join(runs, folder, "s*", "final.json")))]
@@ -282,6 +284,13 @@ def fig1_table():
                                                        E.pm(x["delta"], x["delta_std"], 100)]
             print(f"| {r:.4g} | {n} | " + " | ".join(parts) + " |")
 
+def semi_table():
+    print(f"Paper 2 Fig. 4 (right), runs in {SEMI_RUNS}: 5-way linear probe on the rare classes (25,000 semi-synthetic "
+          "images), last-epoch test top-1 %, mean ± sample std over seeds. The paper's SSL is SimCLR (ResNet-50); "
+          "ours SimSiam (CIFAR ResNet-18), both without flips.\n\n| pre-training | paper | ours |\n|---|---|---|")
+    for m, ref in SEMI_PAPER.items():
+        print(f"| {m} | {ref} | {mean_std([r['top1'] for r in finals(m, SEMI_RUNS)])} |")
+
 def cv_table():
     runs = os.path.join(RUNS, "cv")
     print(f"Cross-validation of rwSAM's h, α, ρ (paper 2 App. C.1) in {runs}: weighted kNN (k 200) on the --val-frac "
@@ -295,7 +304,8 @@ def cv_table():
                   f"{show([x['knn_class_mean'] for x in last])} | {len(last)} |")
 
 if TABLE:
-    sys.exit(fig1_table() if FIG1 and TABLE == 1 else cv_table() if TABLE == 2 else table())
+    sys.exit(fig1_table() if FIG1 and TABLE == 1 else semi_table() if SEMI and TABLE == 1 else
+             cv_table() if TABLE == 2 else table())
 
 # The shared settings, checked before anything is launched: one line and exit 2 on the first bad one.
 if not DRY:
@@ -396,6 +406,27 @@ if FIG1:    # Paper 2 Fig. 1(a) (§2.2, App. A.1): SL, SimSiam, MoCo v2 on every
     launch((1, 2), cells, FIG1_RUNS)
     finish("== all runs finished")
     sys.exit(fig1_table())
+
+if SEMI:    # Paper 2 §3.2 (Fig. 4, App. B): the semi-synthetic folders from DATA's CIFAR-10, then SimSiam (the paper:
+    # SimCLR), supervised and supervised-on-the-rare-50 pre-training, each probed 5-way on the 25,000 rare images.
+    data, out = shlex.split(DATA), f"{SEMI_RUNS}/data"
+    flag = lambda name, default: data[data.index(name) + 1] if name in data[:-1] else default
+    if not DRY and not os.path.isdir(f"{out}/semi-rare10"):
+        import datasets_lt
+        print(f"writing the semi-synthetic folders in {out}")
+        try:
+            datasets_lt.write_semi_synthetic(flag("--dataset", "cifar10"), flag("--data-root", "./data"), out)
+        except datasets_lt.DataError as e:
+            die(f"DATA: {e}")
+    imb = f"--dataset folder --data-root {out}/semi --rho 0.002 --imb-type step --no-flip --seed {{s}}"
+    rare = f"--dataset folder --data-root {out}/semi-rare10 --rho 1 --no-flip --seed {{s}}"
+    pre = {"simsiam": f"simsiam_rwsam.py --opt sgd {imb}", "sl": f"ldam_drw.py --recipe he {imb}",
+           "sl-rare": f"ldam_drw.py --recipe he {rare}"}
+    launch((1, 2), [R(f"pretrain/{m}", 1, "", c) for m, c in pre.items()] + [R(m, 2, f"pretrain/{m}",
+           f"eval_linear.py --ckpt {{ckpt}} --dataset folder --data-root {out}/semi-rare --seed {{s}}") for m in pre],
+           SEMI_RUNS)
+    finish("== all runs finished")
+    sys.exit(semi_table())
 
 chain = lambda name: {name} | chain(BY[name].needs) if name else set()     # a run and the runs it starts from
 wanted = set().union(*map(chain, picked))

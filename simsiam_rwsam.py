@@ -111,6 +111,8 @@ def parse_args(argv=None):
                    help="class-balanced subset with the same number of images as the long-tailed one")
     p.add_argument("--subsample", type=float, default=1.0, choices=SUBSAMPLE,
                    help="keep this fraction of every class (paper 2's size sweep); trains round(epochs / r) epochs")
+    p.add_argument("--no-flip", action="store_true",
+                   help="no horizontal flip (CIFAR-size data): paper 2's semi-synthetic images (§3.2), halves apart")
     p.add_argument("--same-epochs", action="store_true",
                    help="with --subsample r < 1, train --epochs epochs instead of round(epochs / r)")
     p.add_argument("--momentum", type=float, default=0.9)
@@ -455,7 +457,7 @@ def make_optimizer(model, args, device):
 
 # ----- data ---------------------------------------------------------------------------------------
 
-def ssl_batches(images, batch_size, mean, std, epoch, seed, rank=0, world=1, chunk=8192):
+def ssl_batches(images, batch_size, mean, std, epoch, seed, rank=0, world=1, chunk=8192, flip=True):
     """This process's part of every full global batch of one epoch: ([view1, view2], positions). All ranks draw
     the same (seed, epoch) permutation and take their slice of each global batch, so the union over ranks is the
     one-process batch; rank 0 augments with that generator (alone: datasets_lt.GPULoader(augment="ssl",
@@ -471,7 +473,7 @@ def ssl_batches(images, batch_size, mean, std, epoch, seed, rank=0, world=1, chu
     for start in range(0, len(mine), step):
         idx = mine[start:start + step]
         x = images[idx]
-        views = [D.normalize(D.ssl_augment(x, g, images.shape[-1]), mean, std) for _ in range(2)]
+        views = [D.normalize(D.ssl_augment(x, g, images.shape[-1], flip=flip), mean, std) for _ in range(2)]
         for b in range(0, len(idx), local):
             yield [v[b:b + local] for v in views], idx[b:b + local]
 
@@ -518,7 +520,7 @@ def build_data(args, device, rank, world):
             mem, queries = D.carve_val(np.arange(len(train_y)), train_y, args.knn_val_frac, args.data_seed)
         data.knn_mem = D.GPULoader(pick(mem), train_y[mem], 1024, mean, std, device)
         data.knn_query = D.GPULoader(pick(queries), train_y[queries], 1024, mean, std, device)
-        views = dict(augment="ssl", shuffle=False, seed=args.seed)         # the seeded view pairs of gap_over_views
+        views = dict(augment="ssl", shuffle=False, seed=args.seed, flip=not args.no_flip)   # gap_over_views' pairs
         data.gap_train = D.GPULoader(data.images, train_y[idx], 1024, mean, std, device, **views)
         data.gap_heldout = D.GPULoader(test_x, test_y, 1024, mean, std, device, **views)
     return data
@@ -543,7 +545,8 @@ def train_one_epoch(run, data, epoch, args):
     sums = torch.zeros(3, device=device, dtype=torch.float64)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     steps = 0
-    batches = (ssl_batches(data.images, args.batch_size, data.mean, data.std, epoch, args.seed, rank, world)
+    batches = (ssl_batches(data.images, args.batch_size, data.mean, data.std, epoch, args.seed, rank, world,
+                           flip=not args.no_flip)
                if data.images is not None else ((views, pos) for views, _, pos in data.train.epoch(epoch)))
     for step, ((x1, x2), pos) in enumerate(batches):
         steps += 1

@@ -412,3 +412,29 @@ def test_unlabeled_pool_empty():
         D.unlabeled_pool(none, 10, 5)
     idx, irr, report = D.unlabeled_pool(none, 10, 0)
     assert len(idx) == len(irr) == 0 and report["requested"] == 0
+
+
+def test_semi_synthetic_folders_are_paper2_appendix_b(tmp_path):
+    """Paper 2 §3.2 / App. B: frequent classes 0-4 keep their left half and take a random image's right half, rare
+    classes 5-9 a blank left half and their own right half; semi-rare holds every rare image (the 5-way probe),
+    semi-rare10 `rare` of each; --rho 0.002 --imb-type step on 5000 a class keeps 5000 / 10."""
+    from conftest import write_cifar
+    from torchvision.io import read_image
+    data = write_cifar(tmp_path, per_class_train=4, per_class_test=2)
+    D.write_semi_synthetic("cifar10", str(tmp_path), str(tmp_path / "out"), rare=2)
+    for split, (images, labels) in data.items():
+        right_halves = {images[j][:, 16:].tobytes() for j in range(len(images))}
+        files = sorted((tmp_path / "out" / "semi" / split).glob("*/*.png"))
+        assert len(files) == len(labels)
+        for f in files:
+            i, x = int(f.stem), read_image(str(f)).permute(1, 2, 0).numpy()
+            assert f.parent.name == f"{labels[i]}-class{labels[i]:03d}"
+            if labels[i] < 5:
+                assert (x[:, :16] == images[i][:, :16]).all() and x[:, 16:].tobytes() in right_halves
+            else:
+                assert (x[:, :16] == 0).all() and (x[:, 16:] == images[i][:, 16:]).all()
+        rare = sorted(f.name for f in (tmp_path / "out" / "semi-rare" / split).glob("*/*.png"))
+        assert rare == sorted(f.name for f in files if int(f.stem) in set(np.flatnonzero(labels >= 5)))
+        ten = list((tmp_path / "out" / "semi-rare10" / split).glob("*/*.png"))
+        assert len(ten) == (10 if split == "train" else len(rare)) and {f.name for f in ten} <= set(rare)
+    assert D.lt_counts(5000, 10, 0.002, "step") == [5000] * 5 + [10] * 5

@@ -236,3 +236,19 @@ def test_loader_and_weights_accept_tensors(data):
     b = [i for _, _, i in D.GPULoader(torch.as_tensor(data[0]).permute(0, 3, 1, 2).contiguous(), labels, 64,
                                       D.CIFAR_MEAN, D.CIFAR_STD, "cpu", augment="crop_flip", seed=3).epoch(1)]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_no_flip_keeps_every_other_draw_and_never_mirrors():
+    """flip=False (--no-flip, paper 2's semi-synthetic halves): the same crops as with flips, none mirrored."""
+    x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    g = lambda: torch.Generator().manual_seed(0)
+    plain = D.random_crop_flip(x, g(), flip=False)
+    h = g()
+    top, left = torch.randint(0, 9, (64,), generator=h), torch.randint(0, 9, (64,), generator=h)
+    assert torch.equal(plain, D.crop_flip(x, top, left, torch.zeros(64, dtype=torch.bool)))
+    assert not torch.equal(D.random_crop_flip(x, g()), plain)                           # flips happen by default
+    halves = torch.zeros(64, 3, 8, 8, dtype=torch.uint8)
+    halves[..., 4:] = 255                                                                 # dark left, bright right
+    view = lambda flip: D.ssl_augment(halves, g(), 8, scale=(1, 1), p_jitter=0, p_gray=0, flip=flip)
+    left_darker = lambda v: v[..., :4].mean((1, 2, 3)) < v[..., 4:].mean((1, 2, 3))
+    assert left_darker(view(False)).all() and not left_darker(view(True)).all()

@@ -407,3 +407,28 @@ def test_tables_3_and_4_on_several_gpus_launch_with_torchrun():
                      (dict(SET="inat", NPROC="0"), "NPROC must be a whole number >= 1")):
         bad = reproduce("--dry-run", **env)
         assert bad.returncode == 2 and msg in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_semi_synthetic_dry_run_chains_and_table_sits_beside_the_paper(tmp_path):
+    """paper2-semi: SimSiam, SL and SL on the 50 rare images pre-train (no flips) on the semi-synthetic folders,
+    each probed 5-way on the rare classes; the table puts the probes' top-1 beside Fig. 4's 70.1 / 44.3 / 36.5."""
+    p = reproduce("paper2-semi", "--dry-run", SEEDS="0", RUNS="S")
+    assert p.returncode == 0, p.stderr
+    runs = {}
+    for line in (l for l in p.stdout.splitlines() if not l.startswith("#")):
+        _, script, *argv = shlex.split(line)
+        runs[flag(argv, "--out")] = (script, importlib.import_module(script[:-3]).parse_args(argv))
+    for m in ("simsiam", "sl", "sl-rare"):
+        script, pre = runs[f"S/pretrain/{m}/s0"]
+        assert pre.no_flip and pre.dataset == "folder"
+        assert (pre.data_root, pre.rho, pre.imb_type) == (("S/data/semi-rare10", 1.0, "exp") if m == "sl-rare" else
+                                                          ("S/data/semi", 0.002, "step"))
+        probe = runs[f"S/{m}/s0"][1]
+        assert probe.ckpt == f"S/pretrain/{m}/s0/last.pt" and probe.data_root == "S/data/semi-rare"
+    assert runs["S/pretrain/simsiam/s0"][0] == "simsiam_rwsam.py" and runs["S/pretrain/sl/s0"][1].recipe == "he"
+    for m, top1 in (("simsiam", 60.0), ("sl", 40.0)):
+        (tmp_path / m / "s0").mkdir(parents=True)
+        (tmp_path / m / "s0" / "final.json").write_text(json.dumps({"top1": top1}))
+    table = reproduce("paper2-semi", "table", RUNS=str(tmp_path)).stdout
+    assert "| simsiam | 70.1 | 60.00 (1 seed) |" in table and "| sl | 44.3 | 40.00 (1 seed) |" in table
+    assert "| sl-rare | 36.5 | not run |" in table
