@@ -197,7 +197,7 @@ def test_a_flag_a_message_suggests_is_a_flag_of_that_script_with_a_valid_value(i
 # unreadable (met mid-epoch: one line naming it and its list, exit 2, the last good last.pt untouched) -----
 LIST_BASE = {
     "ldam_drw.py": ["--dataset", "imagenet_lt", "--arch", "resnet10", "--loss", "ce", "--batch-size", "6"],
-    "crt.py": ["--ckpt", "{ldam_drw_run}", "--batch-size", "6"],
+    "crt.py": ["--ckpt", "{ldam_drw_run}", "--batch-size", "9"],     # one round of the 3 classes: class 1 is drawn
     "moco_ssp.py": ["--dataset", "imagenet_lt", "--rho", "1", "--arch", "resnet10", "--batch-size", "4", "--queue", "4",
                     "--bn-splits", "2"],
     "eval_linear.py": ["--ckpt", "{moco_ssp_run}"],

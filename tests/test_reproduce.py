@@ -119,7 +119,7 @@ def test_pipeline_on_fake_data_then_rerun_skips_and_resumes(tmp_path):
     write_folder(tmp_path / "data", per_class=(20, 15, 10), per_class_test=4, size=16, easy=True)
     env = dict(DATA=f"--dataset folder --data-root {tmp_path / 'data'}", RHO="0.5", SEEDS="0", JOBS="2",
                GPU="-1", RUNS=str(tmp_path / "runs"), ARGS="--epochs 1",
-               ARGS_simsiam_rwsam="--batch-size 16 --knn-every -1")
+               ARGS_simsiam_rwsam="--batch-size 16 --knn-every -1", ARGS_crt="--batch-size 8")
     rows = ["ce+crt", "ce+ssp", "simsiam+rwsam"]
     p = reproduce(*rows, fork=True, **env)
     assert p.returncode == 0, p.stdout + p.stderr
