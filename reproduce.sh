@@ -14,7 +14,8 @@
 #   SET=inat NPROC=4 LT_ROOT=INAT LT_LISTS=LISTS bash reproduce.sh  # Table 4, each run on 4 GPUs (torchrun)
 # Rows: cifar10: ce cb-ce focal cb-focal ce-drw ce-drs ldam ldam-drw, each also +ssp; ce+st, ldam-drw+st, each also
 #   -half -same -double; ce+crt; simsiam simsiam+sam simsiam-balanced simsiam+rwsam, each also -step; moco; at RHO=0.02
-#   fig2-r* fig3-u* (fig2, fig3: a whole figure). cifar100: ce … ldam-drw, each also +ssp. svhn: ce, ldam-drw, their
+#   fig2-r* fig3-u* (fig2, fig3: a whole figure); named only: e3-du1..4 (e3: App. E.3), f3-ce, f3-ldam-drw, each
+#   also +ssp (f3: App. F.3, step imbalance). cifar100: ce … ldam-drw, each also +ssp. svhn: ce, ldam-drw, their
 #   +st rows. imagenet_lt: ce ce-balanced crt, each also +ssp. inat: those and ldam-drw, ldam-drw+ssp.
 # Settings, from the environment (default):
 #   SET cifar10, cifar100 (Table 2), svhn (Table 1(b)), imagenet_lt (Table 3), inat (Table 4)   RHO tail/head ratio
@@ -147,6 +148,13 @@ CIFAR = [
     fig("fig2-r100", "--rho-u 0.02 --relevance 1"), fig("fig3-u1", "--rho-u 1 --relevance 0.6"),
     fig("fig3-u25", "--rho-u 0.04 --relevance 0.6"), fig("fig3-u50", "--rho-u 0.02 --relevance 0.6"),
     fig("fig3-u100", "--rho-u 0.01 --relevance 0.6"), fig("fig3-u200", "--rho-u 0.005 --relevance 0.6"),
+    # Paper 1 App. E.3 (amount of D_U: LDAM-DRW + 1-4x |D_L|; 5x is ldam-drw+st) and F.3 (step imbalance, CE and
+    # LDAM-DRW ± rotation SSP), run only when named (e3, f3): the appendix's numbers are not in the paper's text.
+    *[R(f"e3-du{m}", 2, "ldam-drw", LDAM_ST % 1 + f" --unlabeled-mult {m}", cifar10=()) for m in (1, 2, 3, 4)],
+    R("pretrain/rotation-step", 1, "", "rotation_ssp.py {D} --seed {s} --imb-type step"),
+    *[R(f"f3-{n}{ssp}", 2 if ssp else 1, "pretrain/rotation-step" if ssp else "",
+        SUP + f" --loss {loss} --rule {rule} --imb-type step" + (SSP if ssp else ""), cifar10=())
+      for n, loss, rule in (("ce", "ce", "none"), ("ldam-drw", "ldam", "drw")) for ssp in ("", "+ssp")],
 ]
 BAL = " --loss ce --rule resample --resample-weights inverse"
 LT = [
@@ -164,7 +172,9 @@ LT = [
 
 ROWS = LT if SET in LTS else CIFAR
 BY = {e.name: e for e in ROWS}
-ALL = [e.name for e in ROWS if SET in e.paper and (RHO == "0.02" or not e.name.startswith("fig"))]
+ALL = [e.name for e in ROWS if SET in e.paper and (RHO == "0.02" or not e.name.startswith("fig"))
+       and not e.name.startswith(("e3-", "f3-"))]
+EXTRA = [e.name for e in ROWS if SET in e.paper and e.name.startswith(("e3-", "f3-"))]
 
 DRY, TABLE, FIG1, CV, SEMI, picked = 0, 0, 0, 0, 0, []
 for a in sys.argv[2:]:
@@ -177,7 +187,9 @@ for a in sys.argv[2:]:
     elif a in ("fig2", "fig3"):
         picked += [r for r in ALL if r.startswith(a + "-")] or \
             die(f"{a} is paper 1's CIFAR-10-LT ρ = 50 figure: run it with SET=cifar10 RHO=0.02")
-    elif a in ALL:
+    elif a in ("e3", "f3"):
+        picked += [r for r in EXTRA if r.startswith(a + "-")]
+    elif a in ALL + EXTRA:
         picked.append(a)
     else:
         die(f"unknown row '{a}'; rows: {' '.join(ALL)}")
@@ -216,7 +228,7 @@ def table():
           + ("; SVHN errors from mean per-class accuracy" if SET == "svhn" else "")
           + "\n\n| row | metric | paper (lossless) | ours | minutes per run |\n|---|---|---|---|---|")
     t1a = [r for r in ALL if r.startswith("simsiam") and not r.endswith("-step")]       # the Table 1(a) block below
-    for row in ALL:
+    for row in ALL + [r for r in EXTRA if finals(r)]:
         if row.removesuffix("-step") in t1a:
             continue
         probe, ref, results = BY[row].command == PROBE, paper(row), finals(row)

@@ -432,3 +432,22 @@ def test_semi_synthetic_dry_run_chains_and_table_sits_beside_the_paper(tmp_path)
     table = reproduce("paper2-semi", "table", RUNS=str(tmp_path)).stdout
     assert "| simsiam | 70.1 | 60.00 (1 seed) |" in table and "| sl | 44.3 | 40.00 (1 seed) |" in table
     assert "| sl-rare | 36.5 | not run |" in table
+
+
+def test_appendix_rows_run_only_when_named_and_chain():
+    """e3: LDAM-DRW + D_U at 1-4x |D_L| from the ldam-drw base (paper 1 App. E.3); f3: CE / LDAM-DRW on step
+    imbalance, ± rotation SSP on the same step subset (App. F.3). Neither is part of the default run."""
+    assert not any(k in reproduce("--dry-run", SEEDS="0").stdout for k in ("e3-", "f3-", "rotation-step"))
+    p = reproduce("e3", "f3", "--dry-run", SEEDS="0", RUNS="R")
+    assert p.returncode == 0, p.stderr
+    runs = {}
+    for line in (l for l in p.stdout.splitlines() if not l.startswith("#")):
+        _, script, *argv = shlex.split(line)
+        runs[flag(argv, "--out")] = importlib.import_module(script[:-3]).parse_args(argv)
+    assert [runs[f"R/e3-du{m}/s0"].unlabeled_mult for m in (1, 2, 3, 4)] == [1, 2, 3, 4]
+    assert all(runs[f"R/e3-du{m}/s0"].base == "R/ldam-drw/s0/last.pt" for m in (1, 2, 3, 4))
+    assert runs["R/pretrain/rotation-step/s0"].imb_type == "step"
+    for row in ("f3-ce", "f3-ldam-drw"):
+        assert runs[f"R/{row}/s0"].imb_type == runs[f"R/{row}+ssp/s0"].imb_type == "step"
+        assert runs[f"R/{row}+ssp/s0"].pretrained == "R/pretrain/rotation-step/s0/last.pt"
+    assert (runs["R/f3-ldam-drw/s0"].loss, runs["R/f3-ce/s0"].loss) == ("ldam", "ce")
