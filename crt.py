@@ -84,6 +84,8 @@ def parse_args(argv=None):
                         "Default: kang on ImageNet-LT / iNat, plain elsewhere")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers (ImageNet-LT / iNat only)")
     p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--print-freq", type=int, default=0,
+                   help="a progress line every N steps of an epoch; 0: at most every 10 s (none in a short epoch)")
     p.error = R.fail                                       # one line and exit 2, not the usage text
     args = p.parse_args(argv)
     args.cli_flags = R.given_flags(p, argv)
@@ -352,6 +354,7 @@ def train_one_epoch(model, optimizer, train, epoch, args, world, cached):
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     seen = 0
     order = class_aware_order(train.labels, args.batch_size, args.seed, epoch)
+    progress = R.Progress(len(order) // args.batch_size, args.print_freq)
     for step, (x, y, _, *y_batch) in enumerate(train.epoch(epoch, order=order)):
         with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and not cached):
             logits = model(x).float()
@@ -365,6 +368,7 @@ def train_one_epoch(model, optimizer, train, epoch, args, world, cached):
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         loss_sum += loss.detach() * n_batch
         seen += n_batch
+        progress(step, seen, lambda: loss_sum.item() / seen * world)          # torchrun: rank 0's share × world
     if world > 1:
         loss_sum = loss_sum.double()
         dist.all_reduce(loss_sum)                          # the shares sum to the global batches' losses

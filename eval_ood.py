@@ -96,6 +96,8 @@ def parse_args(argv=None):
     p.add_argument("--tag", default=None,
                    help="method name in the Δ table; default: the pre-training script (+ its --opt)")
     p.add_argument("--strict-fp32", action="store_true", help="disable TF32 in cuDNN convolutions and matmuls")
+    p.add_argument("--print-freq", type=int, default=0,
+                   help="a progress line every N steps of an epoch; 0: at most every 10 s (none in a short epoch)")
     p.error = R.fail                                       # one line and exit 2, not the usage text
     args = p.parse_args(argv)
     if args.out is None:
@@ -403,7 +405,7 @@ def linear_probe(model, plain, aug, val, test, num_classes, counts, args):
         loss_sum = torch.zeros((), device=dev)
         hits = torch.zeros((), device=dev, dtype=torch.long)
         first_bad = torch.full((), -1, device=dev, dtype=torch.long)
-        seen = 0
+        seen, progress = 0, R.Progress(len(train if train is not None else aug), args.print_freq)
         for step, (x, y, _) in enumerate(train.epoch(epoch) if train is not None else aug.epoch(epoch)):
             if train is None:
                 with torch.no_grad(), torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
@@ -417,6 +419,7 @@ def linear_probe(model, plain, aug, val, test, num_classes, counts, args):
             loss_sum += loss.detach() * len(y)
             hits += (logits.argmax(1) == y).sum()
             seen += len(y)
+            progress(step, seen, lambda: loss_sum.item() / seen)
         if first_bad.item() >= 0:
             print(f"error: probe loss is not finite at epoch {epoch + 1}, step {first_bad.item() + 1} (lr {lr:g}); "
                   f"try a smaller --lr", file=sys.stderr)
@@ -461,6 +464,7 @@ def finetune(model, train, val, test, num_classes, counts, args):
         model.train()
         loss_sum, hits, seen = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long), 0
         first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        progress = R.Progress(len(train), args.print_freq)
         for step, (x, y, _) in enumerate(train.epoch(epoch)):
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 logits = model(x).float()
@@ -472,6 +476,7 @@ def finetune(model, train, val, test, num_classes, counts, args):
             loss_sum += loss.detach() * len(y)
             hits += (logits.argmax(1) == y).sum()
             seen += len(y)
+            progress(step, seen, lambda: loss_sum.item() / seen)
         bad, bad_tensor = first_bad.item(), R.nonfinite_tensor(model)
         if bad >= 0 or bad_tensor:
             print(f"error: loss is not finite at epoch {epoch + 1}, step {bad + 1}; stopped, nothing saved" if bad >= 0

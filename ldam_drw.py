@@ -115,6 +115,8 @@ def parse_args(argv=None):
                    help="with --subsample < 1: train --epochs epochs, not round(epochs / subsample)")
     p.add_argument("--compile", action="store_true", help="torch.compile(mode='reduce-overhead'): CUDA graphs")
     p.add_argument("--strict-fp32", action="store_true", help="disable TF32 in cuDNN convolutions and matmuls")
+    p.add_argument("--print-freq", type=int, default=0,
+                   help="a progress line every N steps of an epoch; 0: at most every 10 s (none in a short epoch)")
     p.error = R.fail                                       # one line and exit 2, not the usage text
     args = p.parse_args(argv)
     args.cli_flags = R.given_flags(p, argv)
@@ -437,6 +439,7 @@ def train_one_epoch(model, optimizer, train, epoch, args, weights, world, step_m
     model.train()
     loss_sum, hits = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
     first_bad, seen = torch.full((), -1, device=device, dtype=torch.long), 0
+    progress = R.Progress(len(train), args.print_freq)
     for step, (x, y, _, *y_batch) in enumerate(train.epoch(epoch, sample_weights if resample else None)):
         with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
             logits = step_model(x).float()
@@ -459,6 +462,7 @@ def train_one_epoch(model, optimizer, train, epoch, args, weights, world, step_m
         loss_sum += loss.detach() * n_batch
         hits += (logits.argmax(1) == y).sum()
         seen += n_batch
+        progress(step, seen, lambda: loss_sum.item() / seen * world)          # torchrun: rank 0's share × world
     if world > 1:
         stats = torch.stack([loss_sum.double(), hits.double()])
         dist.all_reduce(stats)                             # the shares sum to the global batches' losses

@@ -126,6 +126,8 @@ def parse_args(argv=None):
     p.add_argument("--stage1", default=None,
                    help="rwSAM: moco_ssp.py checkpoint (plain MoCo on the same images) whose backbone gives the "
                         "KDE features (Algorithm 1 line 8); this run trains a fresh model")
+    p.add_argument("--print-freq", type=int, default=0,
+                   help="a progress line every N steps of an epoch; 0: at most every 10 s (none in a short epoch)")
     p.error = R.fail                                       # one line and exit 2, not the usage text
     args = p.parse_args(argv)
     args.cli_flags = R.given_flags(p, argv)
@@ -578,6 +580,7 @@ def train_one_epoch(run, data, epoch, args):
     sums = torch.zeros(2, device=device)              # loss sum, queries whose positive ranks first
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     steps = seen = 0
+    progress = R.Progress(len(data.train), args.print_freq)
     for step, ((x1, x2), _, pos) in enumerate(data.train.epoch(epoch)):
         steps += 1
         w = run.weights[pos.to(device)] if run.weights is not None else None
@@ -585,6 +588,7 @@ def train_one_epoch(run, data, epoch, args):
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         sums += torch.stack([loss * len(x1), (logits.argmax(1) == 0).sum().float()])
         seen += len(x1) * world
+        progress(step, seen, lambda: sums[0].item() / len(x1) / steps)        # rank 0's share
     if world > 1:
         dist.all_reduce(sums)
     loss_sum, pos = sums.tolist()

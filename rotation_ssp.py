@@ -68,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="linear warm-up epochs")
     p.add_argument("--compile", action="store_true", help="torch.compile(mode='reduce-overhead'): CUDA graphs")
     p.add_argument("--strict-fp32", action="store_true", help="disable TF32 in cuDNN convolutions and matmuls")
+    p.add_argument("--print-freq", type=int, default=0,
+                   help="a progress line every N steps of an epoch; 0: at most every 10 s (none in a short epoch)")
     p.error = R.fail                                       # one line and exit 2, not the usage text
     args = p.parse_args(argv)
     args.cli_flags = R.given_flags(p, argv)
@@ -217,6 +219,7 @@ def train_one_epoch(model, optimizer, train, epoch, args, device, step_model):
     model.train()
     loss_sum, hits = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
     first_bad, seen = torch.full((), -1, device=device, dtype=torch.long), 0
+    progress = R.Progress(len(train), args.print_freq)
     for step, (x, _, _) in enumerate(train.epoch(epoch)):
         k = rotation_labels(len(x), g, device)
         x = rotate(x, k)                                   # after crop/flip, as REFERENCE §4
@@ -230,6 +233,7 @@ def train_one_epoch(model, optimizer, train, epoch, args, device, step_model):
         loss_sum += loss.detach() * len(k)
         hits += (logits.argmax(1) == k).sum()
         seen += len(k)
+        progress(step, seen, lambda: loss_sum.item() / seen)
     row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_rotation_acc": 100 * hits.item() / seen}
     return row, first_bad, step
 

@@ -69,7 +69,8 @@ def check_ranges(args, ranges):
 
 SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_size", 1, None, "[)"),
                  ("lr", 0, None, "()"), ("wd", 0, None, "[)"), ("seed", 0, 2 ** 32, "[)"), ("val_frac", 0, 1, "[)"),
-                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)")]
+                 ("momentum", 0, 1, "[)"), ("workers", 0, None, "[)"), ("data_seed", 0, 2 ** 32, "[)"),
+                 ("print_freq", 0, None, "[)")]
 
 
 # ----- files, written atomically -------------------------------------------------------------------
@@ -199,8 +200,10 @@ def restore(ckpt, model, optimizer):
 
 def resume_args(args, ckpt, applied):
     """--resume PATH: the run in dirname(PATH) with the arguments it was started with; a flag of `applied` given now
-    replaces the stored value (--gpu and --workers always: they describe this machine), any other is refused."""
+    replaces the stored value (--gpu, --workers and --print-freq always: they describe this machine), any other is
+    refused."""
     flag = lambda k: "--" + k.replace("_", "-")
+    applied = (*applied, "print_freq")
     refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
     if refused:
         fail(f"--resume continues a run with its own arguments; drop {' '.join(map(flag, refused))} (with "
@@ -367,6 +370,24 @@ def stop_if_diverged(out, models, epoch, first_bad, steps, rank=0, world=1, stag
     if rank == 0:
         stop_diverged(where, out, epoch)
     sys.exit(1)
+
+
+class Progress:
+    """Inside a long epoch, on rank 0's stdout only (never metrics.jsonl): a line every `every` steps (--print-freq),
+    or with every = 0 at most every 10 s, so that a short epoch prints none. progress(step, images, loss) after each
+    step: `images` so far this epoch, `loss` a callable for the running mean (read only when a line is printed)."""
+
+    def __init__(self, total, every=0, seconds=10.0):
+        self.total, self.every, self.seconds, self.rank = total, every, seconds, process_group()[0]
+        self.start = self.last = time.time()
+
+    def __call__(self, step, images, loss):
+        now = time.time()
+        if self.rank or not ((step + 1) % self.every == 0 if self.every else now - self.last >= self.seconds):
+            return
+        self.last, took = now, now - self.start
+        print(f"  step {step + 1}/{self.total}  {images / took:.0f} img/s  loss {loss():.4f}  "
+              f"epoch eta {took / (step + 1) * (self.total - step - 1):.0f} s", flush=True)
 
 
 def end_epoch(out, row, line, state, rank=0):

@@ -104,6 +104,8 @@ def parse_args(argv=None):
     p.add_argument("--gamma", type=float, default=1.0, help="focal loss γ")
     p.add_argument("--max-m", type=float, default=0.5, help="LDAM: largest margin")
     p.add_argument("--s", type=float, default=30.0, help="LDAM: logit scale")
+    p.add_argument("--print-freq", type=int, default=0,
+                   help="a progress line every N steps of an epoch; 0: at most every 10 s (none in a short epoch)")
     p.error = R.fail                                       # one line and exit 2, not the usage text
     args = p.parse_args(argv)
     args.cli_flags = R.given_flags(p, argv)
@@ -393,6 +395,7 @@ def train_one_epoch(model, optimizer, train, epoch, args, weights, c):
     model.train()
     loss_sum, hits = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
     first_bad, seen = torch.full((), -1, device=device, dtype=torch.long), 0
+    progress = R.Progress(len(train), args.print_freq)
     for step, (x, y, idx) in enumerate(train.epoch(epoch, sample_weights if resample else None)):
         with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
             logits = model(x).float()
@@ -410,6 +413,7 @@ def train_one_epoch(model, optimizer, train, epoch, args, weights, c):
         loss_sum += loss.detach() * len(y)
         hits += (logits.argmax(1) == y).sum()
         seen += len(y)
+        progress(step, seen, lambda: loss_sum.item() / seen)
     row = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / seen, "train_top1": 100 * hits.item() / seen}
     return row, first_bad, step
 

@@ -139,6 +139,8 @@ def parse_args(argv=None):
     p.add_argument("--fix-pred-lr", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the predictor's lr at --lr, no cosine (Chen & He's --fix-pred-lr); default: on for "
                         "ImageNet-LT / iNat, off for CIFAR-size data")
+    p.add_argument("--print-freq", type=int, default=0,
+                   help="a progress line every N steps of an epoch; 0: at most every 10 s (none in a short epoch)")
     p.error = R.fail                                       # one line and exit 2, not the usage text
     args = p.parse_args(argv)
     args.cli_flags = R.given_flags(p, argv)
@@ -548,12 +550,15 @@ def train_one_epoch(run, data, epoch, args):
     batches = (ssl_batches(data.images, args.batch_size, data.mean, data.std, epoch, args.seed, rank, world,
                            flip=not args.no_flip)
                if data.images is not None else ((views, pos) for views, _, pos in data.train.epoch(epoch)))
+    progress = R.Progress(len(data.images) // args.batch_size if data.images is not None else len(data.train),
+                          args.print_freq)
     for step, ((x1, x2), pos) in enumerate(batches):
         steps += 1
         w = run.weights[pos.to(device)] if opt == "rwsam" else None
         loss, loss2, z_std = train_step(run.model, run.optimizer, x1, x2, opt, args.sam_rho, args.adaptive, w, args.amp)
         first_bad = torch.where((first_bad < 0) & ~(torch.isfinite(loss) & torch.isfinite(loss2)), step, first_bad)
         sums += torch.stack([loss, loss2, z_std]).double()
+        progress(step, steps * args.batch_size, lambda: sums[0].item() / steps)   # rank 0's share
     if world > 1:
         dist.all_reduce(sums)
         sums /= world

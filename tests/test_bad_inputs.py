@@ -31,7 +31,7 @@ BASE["eval_ood.py"] = ["--ckpt", "{ckpt}", "--target", "folder", "--data-root", 
 # flags every script has, with a value outside its range
 SHARED = [["--epochs", "0"], ["--batch-size", "0"], ["--lr", "0"], ["--lr", "-0.1"], ["--lr", "nan"], ["--lr", "inf"], ["--lr", "1e300"],
           ["--wd", "-1e-4"], ["--seed", "-1"], ["--data-seed", "-1"], ["--val-frac", "1"], ["--val-frac", "-0.1"], ["--momentum", "1"],
-          ["--gpu", "-2"]]
+          ["--gpu", "-2"], ["--print-freq", "-1"]]
 OWN = {
     "ldam_drw.py": [["--beta", "1"], ["--beta", "-0.5"], ["--gamma", "-1"], ["--s", "0"], ["--max-m", "-0.1"],
                     ["--warmup", "-1"], ["--warmup", "5"], ["--workers", "-1"], ["--rho", "0"], ["--rho", "100"],

@@ -97,7 +97,7 @@ def test_a_full_disk_keeps_the_previous_file_says_one_line_and_the_run_resumes(d
 # ----- kill -9 at any moment a run file appears, in every script that writes one --------------------
 
 RESUMABLE = ["ldam_drw.py", "rotation_ssp.py", "moco_ssp.py", "simsiam_rwsam.py", "self_training.py", "crt.py"]
-COMMON = ["--gpu", "-1", "--epochs", "2", "--batch-size", "8"]
+COMMON = ["--gpu", "-1", "--epochs", "2", "--batch-size", "8", "--print-freq", "1"]     # every progress line too
 ON_DATA = ["--dataset", "folder", "--data-root", "{data}", "--rho", "1"]
 KILLED = {
     "ldam_drw.py": ON_DATA,

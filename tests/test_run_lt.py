@@ -102,3 +102,42 @@ def test_every_message_of_a_script_names_flags_that_script_has():
                       if f not in flags[s] and s not in UNREACHABLE.get((fn, f), ())]
     assert wrong == []
     assert ("check_shards", "--batch-size") in message_flags(ROOT / "run_lt.py")   # the scan does find flags
+
+
+def test_progress_lines_every_n_steps_or_10_s_rank_0_only_never_in_metrics(tmp_path, capsys, monkeypatch):
+    """--print-freq N: a line after every N-th step (step/total, images/s, running loss, ETA); 0: only once 10 s
+    passed since the last line, so a short epoch prints none; other ranks print nothing; metrics.jsonl holds the
+    epochs alone, and --resume may change the frequency."""
+    import json
+    import ldam_drw
+    from conftest import write_folder
+    write_folder(tmp_path / "data", per_class=(6, 6, 6), per_class_test=2)
+    argv = ["--dataset", "folder", "--data-root", str(tmp_path / "data"), "--rho", "1", "--gpu", "-1", "--epochs", "2",
+            "--batch-size", "4", "--out", str(tmp_path / "run")]                        # 18 images: 5 steps
+    ldam_drw.main(argv + ["--print-freq", "2"])
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("  step ")]
+    assert [l.split()[1] for l in lines] == ["2/5", "4/5"] * 2
+    assert all(re.fullmatch(r"  step \d/5  \d+ img/s  loss \d+\.\d{4}  epoch eta \d+ s", l) for l in lines)
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+    ldam_drw.main(argv[:-2] + ["--out", str(tmp_path / "quiet")])                       # short epochs: no line
+    assert "  step " not in capsys.readouterr().out
+    clock = iter(range(0, 1000, 4))                                                      # 4 s a step
+    monkeypatch.setattr(run_lt.time, "time", lambda: next(clock))
+    progress = run_lt.Progress(10)
+    for step in range(10):
+        progress(step, 8 * (step + 1), lambda: 0.5)
+    assert [l.split()[1] for l in capsys.readouterr().out.splitlines()] == ["3/10", "6/10", "9/10"]
+    monkeypatch.setenv("RANK", "1")
+    other = run_lt.Progress(10, every=1)
+    for step in range(10):
+        other(step, 8, lambda: 0.5)
+    assert capsys.readouterr().out == ""
+    monkeypatch.delenv("RANK")
+    (tmp_path / "run" / "final.json").unlink()
+    with pytest.raises(SystemExit):
+        ldam_drw.main(["--resume", str(tmp_path / "run" / "last.pt"), "--print-freq", "1", "--lr", "1"])
+    err = capsys.readouterr().err
+    assert "drop --lr (with --resume only" in err and "--print-freq" in err.split("drop --lr")[1]
+    ldam_drw.main(["--resume", str(tmp_path / "run" / "last.pt"), "--gpu", "-1", "--print-freq", "1"])
+    assert (tmp_path / "run" / "final.json").exists()
