@@ -84,6 +84,7 @@ def parse_args(argv=None):
                         "Default: kang on ImageNet-LT / iNat, plain elsewhere")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers (ImageNet-LT / iNat only)")
     p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--strict-fp32", action="store_true", help="disable TF32 in cuDNN convolutions and matmuls")
     p.add_argument("--print-freq", type=int, default=0,
                    help="a progress line every N steps of an epoch; 0: at most every 10 s (none in a short epoch)")
     p.error = R.fail                                       # one line and exit 2, not the usage text

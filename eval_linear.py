@@ -561,18 +561,19 @@ def resize_matrix(start, length, out_size, in_size):
                     torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, torch.zeros_like(t)))
     inside = (j[None, :] >= start[:, None]) & (j[None, :] < (start + length)[:, None])
     w = w * inside[:, None, :]
-    return (w / w.sum(2, keepdim=True)).float()
+    return w / w.sum(2, keepdim=True)                                     # float64: no TF32 matmul on a GPU
 
 
 def bicubic_resized_crop(x, top, left, h, w, size, flip=None):
     """PIL's img.crop(box).resize((size, size), BICUBIC) [+ mirror] of every uint8 N×3×H×W image at once:
-    the horizontal pass first, rounded to uint8, then the vertical pass, rounded (as PIL resamples 8-bit images)."""
+    the horizontal pass first, rounded to uint8, then the vertical pass, rounded (as PIL resamples 8-bit images);
+    in float64, so that a GPU's TF32 matmuls cannot move a pixel by one."""
     B, C, H, W = x.shape
     rx = resize_matrix(left, w, size, W)                                  # B × size × W
     if flip is not None:
         rx = torch.where(flip[:, None, None], rx.flip(1), rx)
     ry = resize_matrix(top, h, size, H)                                   # B × size × H
-    horizontal = torch.einsum("bchw,bxw->bchx", x.float(), rx).round_().clamp_(0, 255)
+    horizontal = torch.einsum("bchw,bxw->bchx", x.double(), rx).round_().clamp_(0, 255)
     return torch.einsum("bchx,byh->bcyx", horizontal, ry).round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -586,7 +587,7 @@ def authors_test_view(x, chunk=2048):
         zero = torch.zeros(len(x[s:s + chunk]), dtype=torch.long, device=x.device)
         ry = resize_matrix(zero, zero + H, big_h, H)[:, top:top + H]
         rx = resize_matrix(zero, zero + W, big_w, W)[:, left:left + W]
-        horizontal = torch.einsum("bchw,bxw->bchx", x[s:s + chunk].float(), rx).round_().clamp_(0, 255)
+        horizontal = torch.einsum("bchw,bxw->bchx", x[s:s + chunk].double(), rx).round_().clamp_(0, 255)
         out[s:s + chunk] = torch.einsum("bchx,byh->bcyx", horizontal, ry).round_().clamp_(0, 255).to(torch.uint8)
     return out
 

@@ -561,6 +561,8 @@ def main(argv=None):
     try:
         args, ckpt = resume_run(args, world)
         device = R.setup_device(args, world)
+        if args.compile and world > 1:
+            R.fail("--compile under torchrun is untested (SyncBatchNorm inside CUDA graphs); drop --compile")
         torch.manual_seed(args.seed)
         train, val, test, counts, C = build_data(args, device, rank, world)
     except D.DataError as e:

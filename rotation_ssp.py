@@ -239,9 +239,9 @@ def train_one_epoch(model, optimizer, train, epoch, args, device, step_model):
 
 
 @torch.no_grad()
-def rotation_accuracy(model, batches, num_classes, train_counts, amp=False):
+def rotation_accuracy(model, batches, num_classes, train_counts):
     """Pretext accuracy of every image under all four rotations: overall, per rotation, per class and many /
-    medium / few-shot means (class labels only sort the results)."""
+    medium / few-shot means (class labels only sort the results). In float32, as every evaluation, --amp or not."""
     model.eval()
     device = next(model.parameters()).device
     hits = torch.zeros(ROTATIONS, num_classes, dtype=torch.long, device=device)
@@ -249,8 +249,7 @@ def rotation_accuracy(model, batches, num_classes, train_counts, amp=False):
     for x, y, _ in batches:
         y = y.to(x.device)
         for r in range(ROTATIONS):
-            with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
-                pred = model(torch.rot90(x, r, (2, 3)).contiguous()).argmax(1)
+            pred = model(torch.rot90(x, r, (2, 3)).contiguous()).argmax(1)
             hits[r] += torch.bincount(y[pred == r], minlength=num_classes)
         total += torch.bincount(y, minlength=num_classes)
     hits, total = hits.cpu().double(), total.cpu().double()
@@ -332,7 +331,7 @@ def main(argv=None):
         train, val, test, counts, C = build_data(args, device)
     except D.DataError as e:
         R.fail(str(e))
-    score = lambda m, batches: rotation_accuracy(m, batches.epoch(0), C, counts, args.amp)
+    score = lambda m, batches: rotation_accuracy(m, batches.epoch(0), C, counts)
     model, optimizer, start = init_state(args, ckpt, device)
     step_model = torch.compile(model, mode="reduce-overhead") if args.compile else model
     saved = {"script": "rotation_ssp.py", "arch": ARCH, "class_counts": counts, "mean": test.mean, "std": test.std}

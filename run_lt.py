@@ -7,6 +7,7 @@ last.pt (a plain dict: arch, model, epoch, optimizer, args, class_counts, rng, .
 and .lock, each written to a temp file and renamed. A user's mistake is one line and exit 2; divergence exit 1.
 """
 import argparse
+import datetime
 import fcntl
 import functools
 import json
@@ -209,8 +210,9 @@ def resume_args(args, ckpt, applied):
         fail(f"--resume continues a run with its own arguments; drop {' '.join(map(flag, refused))} (with "
              f"--resume only {', '.join(map(flag, applied))} may be given)")
     now = {k: getattr(args, k) for k in applied if k in args.cli_flags or k in ("gpu", "workers")}
-    return argparse.Namespace(**{**vars(args), **ckpt["args"], **now, "resume": args.resume,
-                                 "out": os.path.dirname(os.path.abspath(args.resume)), "cli_flags": args.cli_flags})
+    return argparse.Namespace(**{**vars(args), **ckpt["args"], **now, "resume": args.resume, "saved_gpu":
+                                 ckpt["args"].get("gpu"), "out": os.path.dirname(os.path.abspath(args.resume)),
+                                 "cli_flags": args.cli_flags})
 
 
 def resume_run(args, script, applied, defaults=None, hint="", say=True):
@@ -289,7 +291,7 @@ def release_out(failed=False):
 
 def setup_device(args, world=1):
     """--gpu's device (torchrun: the local rank's GPU, or the CPU for --gpu -1); without CUDA the CPU, a warning,
-    --amp / --compile off. TF32 follows --strict-fp32 where a script has it."""
+    --amp / --compile off. TF32 in convolutions and matmuls on CUDA unless --strict-fp32 (args.tf32)."""
     if args.gpu >= 0 and not torch.cuda.is_available():
         print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
         args.gpu = -1
@@ -305,8 +307,12 @@ def setup_device(args, world=1):
             fail(f"--gpu {max(index, local - 1)}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0"
                  + (" (torchrun: one process per GPU, --nproc_per_node at most that many)" if world > 1 else ""))
         torch.cuda.set_device(device)              # pinning and the like stay on ours, not cuda:0
-        if hasattr(args, "strict_fp32"):
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.strict_fp32
+    args.tf32 = device.type == "cuda" and not args.strict_fp32           # one policy, in args.json
+    saved = vars(args).pop("saved_gpu", None)                            # --resume: the device it ran on
+    if saved is not None and (saved >= 0) != (device.type == "cuda") and int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: this run trained on {'CUDA' if saved >= 0 else 'the CPU'} and resumes on {device.type}: "
+              "their random streams differ, so it will not equal an uninterrupted run", file=sys.stderr)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     return device
@@ -420,7 +426,8 @@ def process_group():
 
 
 def init_process_group(device):
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+    """NCCL on CUDA, gloo on the CPU; an hour's timeout, not 10 min: rank 0 alone computes rwSAM's KDE weights."""
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1),
                             device_id=device if device.type == "cuda" else None)
 
 

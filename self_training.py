@@ -104,6 +104,7 @@ def parse_args(argv=None):
     p.add_argument("--gamma", type=float, default=1.0, help="focal loss γ")
     p.add_argument("--max-m", type=float, default=0.5, help="LDAM: largest margin")
     p.add_argument("--s", type=float, default=30.0, help="LDAM: logit scale")
+    p.add_argument("--strict-fp32", action="store_true", help="disable TF32 in cuDNN convolutions and matmuls")
     p.add_argument("--print-freq", type=int, default=0,
                    help="a progress line every N steps of an epoch; 0: at most every 10 s (none in a short epoch)")
     p.error = R.fail                                       # one line and exit 2, not the usage text

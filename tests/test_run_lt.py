@@ -141,3 +141,26 @@ def test_progress_lines_every_n_steps_or_10_s_rank_0_only_never_in_metrics(tmp_p
     assert "drop --lr (with --resume only" in err and "--print-freq" in err.split("drop --lr")[1]
     ldam_drw.main(["--resume", str(tmp_path / "run" / "last.pt"), "--gpu", "-1", "--print-freq", "1"])
     assert (tmp_path / "run" / "final.json").exists()
+
+
+def test_one_tf32_policy_in_every_script_recorded_and_a_resume_on_another_device_type_warned(tmp_path, capsys):
+    """Every script has --strict-fp32 and records the TF32 it ran with (args.tf32: on CUDA unless --strict-fp32,
+    never on the CPU); a run resumed on another device type than it trained on says its streams differ."""
+    import json
+    import ldam_drw
+    import torch
+    from conftest import write_folder
+    assert all("--strict-fp32" in {o for a in parser_of(s)._actions for o in a.option_strings} for s in SCRIPTS)
+    write_folder(tmp_path / "data", per_class=(6, 6, 6), per_class_test=2)
+    run = tmp_path / "run"
+    ldam_drw.main(["--dataset", "folder", "--data-root", str(tmp_path / "data"), "--rho", "1", "--gpu", "-1",
+                   "--epochs", "2", "--batch-size", "8", "--out", str(run)])
+    assert json.loads((run / "args.json").read_text())["tf32"] is False
+    assert "resumes on" not in capsys.readouterr().err
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert "saved_gpu" not in ckpt["args"]
+    ckpt["args"]["gpu"], ckpt["epoch"] = 0, 1                                   # as if trained on cuda:0
+    torch.save(ckpt, run / "last.pt")
+    (run / "final.json").unlink()
+    ldam_drw.main(["--resume", str(run / "last.pt"), "--gpu", "-1"])
+    assert "warning: this run trained on CUDA and resumes on cpu" in capsys.readouterr().err
