@@ -385,11 +385,12 @@ def train_step(model, optimizer, x1, x2, opt, rho=0.0, adaptive=False, weights=N
 
 
 # === shared: kde (identical in moco_ssp.py and simsiam_rwsam.py) ===
-def kde_weights(feats, alpha, bandwidth=None, seed=0, chunk=2048, pairs=10_000):
+def kde_weights(feats, alpha, bandwidth=None, seed=0, chunk=None, pairs=10_000):
     """Paper 2 §4 and Algorithm 1 line 8: w_i = ((1/n)·Σ_j K(f_i − f_j, h))^(−α), Gaussian K.
 
     density_i = mean_j exp(−‖f_i − f_j‖²/(2h²)) over all n rows of `feats` (j = i included), computed in
-    float64 by chunks of rows; K's constant (2πh²)^(−d/2) is dropped and the weights rescaled to mean 1,
+    float64 by `chunk` rows at a time (default: a 1 GiB block of distances, built in place: beside the features
+    the peak is one block, at any n); K's constant (2πh²)^(−d/2) is dropped and the weights rescaled to mean 1,
     which changes no perturbation. h = `bandwidth`, or by default the median of ‖f_i − f_j‖ over `pairs`
     random pairs (i uniform, j uniform among the others; a CPU generator seeded with `seed`).
     Returns (weights float32, density float64, h); ValueError for < 2 rows or h = 0."""
@@ -409,9 +410,10 @@ def kde_weights(feats, alpha, bandwidth=None, seed=0, chunk=2048, pairs=10_000):
                           "is 0; pass --bandwidth or train stage 1 longer")
     sq = (f * f).sum(1)
     density = torch.empty(n, dtype=torch.float64, device=f.device)
+    chunk = chunk or max(1, 2 ** 30 // (8 * n))
     for s in range(0, n, chunk):
-        d2 = (sq[s:s + chunk, None] + sq[None, :] - 2 * f[s:s + chunk] @ f.T).clamp_(min=0)
-        density[s:s + chunk] = torch.exp(-d2 / (2 * h * h)).mean(1)
+        d2 = torch.addmm(sq[None, :], f[s:s + chunk], f.T, alpha=-2).add_(sq[s:s + chunk, None]).clamp_(min=0)
+        density[s:s + chunk] = d2.div_(-2 * h * h).exp_().mean(1)
     log_w = -alpha * density.log()
     weights = torch.exp(log_w - torch.logsumexp(log_w, 0)) * n
     return weights.float(), density, h

@@ -208,6 +208,8 @@ def test_kde_by_hand_in_chunks():
     assert h == 0.8 and np.allclose(density.numpy(), ref, rtol=1e-10)
     ref_w = ref ** -1.2
     assert np.allclose(w.numpy(), ref_w / ref_w.mean(), rtol=1e-5) and w.mean().item() == pytest.approx(1, rel=1e-6)
+    whole = S.kde_weights(f, alpha=1.2, bandwidth=0.8)                   # default: one 1 GiB block holds all 23
+    assert torch.allclose(whole[1], density, rtol=1e-12) and torch.allclose(whole[0], w, rtol=1e-6)
 
 
 def test_kde_gives_isolated_points_larger_weights():
