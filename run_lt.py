@@ -273,8 +273,7 @@ def release_out(failed=False):
 
 
 def setup_device(args, world=1):
-    """--gpu's device (torchrun: the local rank's GPU, or the CPU for --gpu -1); without CUDA the CPU, a warning,
-    --amp / --compile off. TF32 in convolutions and matmuls on CUDA unless --strict-fp32 (args.tf32)."""
+    """--gpu's device (torchrun: the local rank's GPU, or the CPU for --gpu -1); TF32 on CUDA unless --strict-fp32."""
     if args.gpu >= 0 and not torch.cuda.is_available():
         print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
         args.gpu = -1
@@ -383,7 +382,6 @@ def end_epoch(out, row, line, state, rank=0):
 
 
 def finish_run(out, final, t_run, rank=0, per_epoch=True):
-    """Rank 0: final.json, with the median seconds per epoch (`per_epoch`) and the wall time."""
     if rank:
         return final
     if per_epoch:
