@@ -1,8 +1,7 @@
 """Long-tailed data for every script of this project: loading, subsets, and a fast GPU input pipeline.
 
-The data module the method scripts share (run_lt.py holds their run files). Part 1 loads a split into
-memory as uint8 arrays and chooses the seeded long-tailed subsets of Yang & Xu 2020 (§3, App. D) and
-Liu et al. 2022 (§2); part 2 keeps those arrays on the GPU and augments whole batches there; part 3 holds
+Part 1 loads a split into memory as uint8 arrays and chooses the seeded long-tailed subsets of Yang & Xu 2020 (§3,
+App. D) and Liu et al. 2022 (§2); part 2 keeps those arrays on the GPU and augments whole batches there; part 3 holds
 the training subsets, file-list batches (torchrun shares included) and the evaluation every script uses.
 
     python datasets_lt.py --dataset cifar10 --rho 0.01 --download      # print the subset a run trains on
@@ -10,9 +9,8 @@ the training subsets, file-list batches (torchrun shares included) and the evalu
         --out-dir imagenet_variants                                   # paper 2's ImageNet lists (App. A.1)
     python datasets_lt.py --semi-synthetic semi --download            # paper 2's §3.2 folders from CIFAR-10
 
-Conventions: `rho` is tail/head in (0, 1] (the papers' "imbalance ratio 100" is rho = 0.01); class 0 is
-the head class unless `class_order` says otherwise; every random choice takes an explicit seed, so the
-same seed gives the same images in every script.
+Conventions: `rho` is tail/head in (0, 1] (the papers' "imbalance ratio 100" is rho = 0.01); class 0 is the head
+unless `class_order` says otherwise; every random choice takes an explicit seed: one seed, one image set everywhere.
 """
 import argparse
 import json
@@ -47,9 +45,12 @@ class DataError(Exception):
 N_MAX = {"cifar10": 5000, "cifar100": 500, "svhn": 1000}
 CLASS_ORDER = {"svhn": [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]}
 DATASETS = ("cifar10", "cifar100", "svhn", "stl10", "folder")
+CINIC10_SPLITS = ("train", "valid", "test")
+_IMAGE_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+INAT_MEAN, INAT_STD = (0.466, 0.471, 0.380), (0.195, 0.194, 0.192)
 
 
 def check_rho(rho, name="rho"):
@@ -61,9 +62,8 @@ def check_rho(rho, name="rho"):
 # ----- Loading a split -----------------------------------------------------------------------------
 
 def load_split(dataset, root, train, download=False):
-    """Load one split into memory: (uint8 images N×H×W×3, int64 labels, class names). `train` is True,
-    False or a split name ("extra" for SVHN, "unlabeled" for STL-10, labels -1). `folder` reads
-    root/{train,test}/<class>/* (classes sorted by name; one image size)."""
+    """Load one split into memory: (uint8 images N×H×W×3, int64 labels, class names). `train` is True, False
+    or a split name ("extra" for SVHN, "unlabeled" for STL-10, labels -1); `folder`: see _load_folder."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset '{dataset}'; choose one of {', '.join(DATASETS)}")
     split = train if isinstance(train, str) else ("train" if train else "test")
@@ -98,9 +98,8 @@ def load_split(dataset, root, train, download=False):
 
 
 def _load_folder(root, split):
-    """One split of root/<split>/<class>/*. The test split is labelled by class NAME against the
-    training split (root/train), so a test folder that lacks a class does not shift the others: such
-    a class is reported as absent; a test class that training does not have is an error."""
+    """One split of root/<split>/<class>/* (classes sorted by name; one image size). The test split is labelled by
+    class NAME against root/train: a class it lacks is absent and shifts no other; one training lacks is an error."""
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         raise DataError(f"a folder dataset needs '{path}/<class>/<image>' (a {split} split), "
@@ -143,9 +142,6 @@ def _load_folder(root, split):
     return np.stack(images), labels, names
 
 
-_IMAGE_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS
-
-
 def _folder_files(path):
     """{class: image files} for path/<class>/**, classes and files in ImageFolder's order (sorted)."""
     out = {}
@@ -166,13 +162,9 @@ def open_image(file, listed_in=None):
                         f"replace or {'unlist' if listed_in else 'delete'} it") from None
 
 
-CINIC10_SPLITS = ("train", "valid", "test")
-
-
 def cinic10_files(root):
-    """CINIC-10 as an unlabeled pool for CIFAR-10 (paper 1's D_U): (paths, labels, class names) of every
-    image under root/{train,valid,test}/<class>/ but the `cifar10-…` files, CIFAR-10's own images (a D_L
-    image must never come back as unlabeled): ~21,000 ImageNet-sourced images per class."""
+    """CINIC-10 as paper 1's unlabeled pool D_U for CIFAR-10: (paths, labels, class names) of the ~21,000
+    ImageNet-sourced images per class under root/{train,valid,test}/<class>/, never a `cifar10-…` file (D_L's own)."""
     if not all(os.path.isdir(os.path.join(root, s)) for s in CINIC10_SPLITS):
         raise DataError(f"--pool-root '{root}' is not a CINIC-10 folder: it needs train/, valid/ and test/ "
                         f"with one folder per class (download CINIC-10 and unpack it there)")
@@ -204,8 +196,7 @@ def load_images(paths, size=32):
 
 
 def mean_std(dataset, train_images=None):
-    """Normalisation: the recipe's constants (REFERENCE §2), or per-channel statistics of the training
-    split for folder / STL-10 data."""
+    """Normalisation: the recipe's constants (REFERENCE §2), else the training split's per-channel statistics."""
     if dataset in ("cifar10", "cifar100"):
         return CIFAR_MEAN, CIFAR_STD
     if dataset == "svhn":
@@ -241,9 +232,8 @@ def _num_classes(labels):
 
 
 def make_long_tailed(labels, rho, imb_type="exp", seed=0, n_max=None, class_order=None):
-    """Indices (into `labels`) of the seeded long-tailed subset: class class_order[i] keeps lt_counts(...)[i]
-    images, its indices shuffled by one np.random.RandomState(seed), class after class, the first k kept
-    (LDAM-DRW's IMBALANCECIFAR10 rule). n_max defaults to the size of the smallest class."""
+    """Indices into `labels` of the seeded long-tailed subset: class class_order[i] keeps the first lt_counts(...)[i]
+    of its indices, shuffled class after class by one RandomState(seed) (LDAM-DRW's rule); n_max: the smallest class."""
     labels = np.asarray(labels)
     C = _num_classes(labels)
     if C < 2:
@@ -274,8 +264,7 @@ def _draw(groups, counts, rng):
 
 
 def balanced_subset(labels, n_total, seed=0):
-    """Paper 2's balanced control: n_total images split as evenly as possible over the classes
-    (the first n_total mod C classes get one more), drawn per class with the seed."""
+    """Paper 2's balanced control: n_total images over the classes (the first n_total mod C one more), seeded."""
     labels = np.asarray(labels)
     C = _num_classes(labels)
     groups = _by_class(labels, C)
@@ -299,8 +288,7 @@ def downsample(indices, labels, ratio, seed=0, keep_one=False):
     keep = []
     order = np.argsort(sub, kind="stable")                # per class, in the order of `indices`
     classes, first = np.unique(sub[order], return_index=True)
-    for c, idx in zip(classes, np.split(indices[order], first[1:])):
-        idx = idx.copy()
+    for c, idx in zip(classes, np.split(indices[order], first[1:])):     # views of a copy: shuffled in place
         k = max(int(len(idx) * ratio), int(keep_one))
         if k < 1:
             raise DataError(f"subsampling by {ratio:g} leaves class {c} empty ({len(idx)} images); "
@@ -311,8 +299,7 @@ def downsample(indices, labels, ratio, seed=0, keep_one=False):
 
 
 def carve_val(indices, labels, frac, seed=0):
-    """Class-stratified validation split of a training subset: (train_indices, val_indices). Each class
-    gives round(frac·n_c) images, at least one and never all of them."""
+    """Class-stratified validation split: (train, val) indices; each class gives round(frac·n_c), ≥ 1, never all."""
     indices = np.asarray(indices)
     if frac == 0:
         return indices, indices[:0]
@@ -333,15 +320,13 @@ def carve_val(indices, labels, frac, seed=0):
 
 
 def subset_digest(indices):
-    """A short fingerprint of a training subset (sorted indices into its split), saved in checkpoints so
-    that a later stage can check it trains on the same images (self_training.py --base)."""
+    """Fingerprint of a training subset, kept in checkpoints: a later stage checks it (self_training.py --base)."""
     import hashlib
     return hashlib.sha1(np.sort(np.asarray(indices, dtype=np.int64)).tobytes()).hexdigest()[:16]
 
 
 def save_indices(path, train, val=()):
-    """Write the dataset indices a run trains on (and its validation split) to `path` as JSON, atomically:
-    the record that two scripts given the same --data-seed used the same images."""
+    """The train and val indices as JSON, atomically: the record that one --data-seed gave the same images."""
     write_text_atomic(path, json.dumps({"train": [int(i) for i in train], "val": [int(i) for i in val]}))
 
 
@@ -355,14 +340,12 @@ def unlabeled_pool(pool_labels, n_labeled, mult=5, rho_u=1.0, imb_type="exp", se
                    irrelevant=None, relevance=1.0, class_order=None, shortfall="shrink"):
     """Choose paper 1's extra unlabeled set D_U: (pool indices, irrelevant picks, report).
 
-    `pool_labels` are the TRUE labels of the candidates, used only to choose them; training sees
-    pseudo-labels. |D_U| = mult·n_labeled on the exp (or step) profile with ratio rho_u, rescaled to keep
-    the total (the authors' get_img_num_per_cls_unlabeled); the i-th count goes to class class_order[i].
-    With relevance r < 1 (paper 1 Fig. 2) exactly round(r·|D_U|) images come from the pool (flooring's
-    leftovers to the largest remainders), the rest uniformly from `irrelevant` (the caller's ids).
-    A pool too small: shortfall="shrink" keeps profile and relevance and takes the largest |D_U| that
-    fits, with a warning; "cap" keeps |D_U| and caps each short class (the profile is then not the one
-    asked)."""
+    `pool_labels` are the TRUE labels of the candidates, used only to choose them (training sees pseudo-labels).
+    |D_U| = mult·n_labeled on the exp (or step) profile with ratio rho_u, rescaled to keep the total (the authors'
+    get_img_num_per_cls_unlabeled); the i-th count goes to class class_order[i]. With relevance r < 1 (paper 1 Fig. 2)
+    exactly round(r·|D_U|) images come from the pool (flooring's leftovers to the largest remainders), the rest
+    uniformly from `irrelevant` (the caller's ids). A pool too small: shortfall="shrink" keeps profile and relevance
+    and takes the largest |D_U| that fits, with a warning; "cap" keeps |D_U| and caps each short class."""
     check_rho(rho_u, "rho_u")
     if not 0 <= relevance <= 1:
         raise DataError(f"relevance must be in [0, 1], got {relevance:g}")
@@ -417,15 +400,12 @@ def unlabeled_pool(pool_labels, n_labeled, mult=5, rho_u=1.0, imb_type="exp", se
     n_rel = int(round(relevance * size))
     want = split(n_rel)
     got = np.minimum(want, avail)
-    n_irr = size - n_rel
-    n_irr = min(n_irr, n_irr_avail)
+    n_irr = min(size - n_rel, n_irr_avail)
     rng = np.random.RandomState(seed)
     chosen = [np.zeros(0, dtype=np.int64)] * C
     for c, idx in zip(order, _draw([groups[c] for c in order], [got[c] for c in order], rng)):
         chosen[c] = idx                                      # drawn head class first, as make_long_tailed
-    irr = np.zeros(0, dtype=np.int64)
-    if n_irr:
-        irr = np.sort(rng.permutation(np.asarray(irrelevant))[:n_irr])
+    irr = np.sort(rng.permutation(np.asarray(irrelevant))[:n_irr]) if n_irr else np.zeros(0, dtype=np.int64)
     supplied = int(got.sum()) + int(n_irr)
     if size < total:
         over_rel = int(round(relevance * (size + 1)))
@@ -464,17 +444,12 @@ def imagenet_transform(train, size=224, dataset="imagenet_lt"):
                                transforms.ToTensor(), norm])
 
 
-INAT_MEAN, INAT_STD = (0.466, 0.471, 0.380), (0.195, 0.194, 0.192)
-
-
 class FileListDataset(torch.utils.data.Dataset):
-    """Images listed in a text file, one `relative/path label` per line (ImageNet-LT, iNaturalist), for a
-    DataLoader with workers; `transform` defaults to imagenet_transform(train)."""
+    """Images of a list of `relative/path label` lines (ImageNet-LT, iNaturalist); default imagenet_transform(train)."""
 
     def __init__(self, root, list_file, train=True, transform=None):
-        self.root = root
+        self.root, self.list_file = root, list_file
         self.transform = imagenet_transform(train) if transform is None else transform
-        self.list_file = list_file
         paths, labels, line_of = read_file_list(list_file)
         self.samples = list(zip(paths, labels.tolist()))
         missing = _missing_files(root, [p for p, _ in self.samples])
@@ -483,8 +458,7 @@ class FileListDataset(torch.utils.data.Dataset):
             hint = "check --data-root" if len(missing) == len(self.samples) else "restore them or fix the list"
             raise DataError(f"{len(missing)} of the {len(self.samples)} images listed in {list_file} do not exist, "
                             f"the first: '{first}' (line {line_of[missing[0]]}); {hint}")
-        self.labels = labels
-        self.num_classes = int(self.labels.max()) + 1
+        self.labels, self.num_classes = labels, int(labels.max()) + 1
 
     def __len__(self):
         return len(self.samples)
@@ -495,8 +469,7 @@ class FileListDataset(torch.utils.data.Dataset):
 
 
 def _missing_files(root, paths):
-    """Positions of the relative `paths` under root that are not files: one directory listing per folder
-    (seconds for ImageNet's 1.28M files), a stat only for the names a listing lacks."""
+    """Positions of `paths` under root that are not files: one listing per folder (fast for ImageNet's 1.28M files)."""
     listed, missing = {}, []
     for i, rel in enumerate(paths):
         folder, name = os.path.split(os.path.join(root, rel))
@@ -511,8 +484,7 @@ def _missing_files(root, paths):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Paper 2's ImageNet variants (§2.2, App. A.1, Table 2, Fig. 1(b)): the long-tailed lists, a balanced
-# list of the same n for each, and the {0.75, 0.5, 0.25, 0.125} downsampled lists of every one of them.
+# Paper 2's ImageNet variants (§2.2, App. A.1, Table 2, Fig. 1(b)): long-tailed lists, balanced twins and subsamples.
 
 # App. A.1: ImageNet-LT (Liu et al. 2019, Pareto with power 6, 1280 down to 5 images per class) has
 # n = 115,846; the "more imbalanced" Pareto list has 3 images in its rarest class and n = 80,218. §2.2
@@ -548,8 +520,7 @@ def pareto_counts(num_classes, n_max, n_min, total):
     short = int(total - counts.sum())
     frac = real - counts
     frac[[0, -1]] = -1                                    # the head and the tail stay as given
-    if short:
-        counts[np.argsort(-frac, kind="stable")[:short]] += 1
+    counts[np.argsort(-frac, kind="stable")[:short]] += 1
     return counts.tolist()
 
 
@@ -574,9 +545,8 @@ def read_file_list(path):
 
 
 def profile_subset(labels, counts, seed=0, class_order=None):
-    """Indices of a subset where the class at rank k keeps counts[k] images (a seeded draw per class).
-    Ranks go to classes in `class_order` (default: a seeded permutation); a class with too few images
-    for its rank is passed over for the next one (ImageNet's classes hold 732–1300, the head asks 1280)."""
+    """Indices of a subset whose class at rank k keeps counts[k] images (a seeded draw per class). Ranks go to
+    classes in `class_order` (default: a seeded permutation), passing over one too small (ImageNet's hold 732–1300)."""
     labels = np.asarray(labels)
     C = _num_classes(labels)
     if len(counts) != C:
@@ -595,12 +565,11 @@ def profile_subset(labels, counts, seed=0, class_order=None):
 
 
 def imagenet_variants(labels, seed=0, lt_labels=None, ratios=SIZE_SWEEP):
-    """Paper 2's ImageNet pre-training lists: {name: ("full" or "lt", indices)}, from the full ImageNet
-    training list's `labels`. With `lt_labels` (Liu et al.'s ImageNet_LT_train.txt) r0.004 is that list
-    itself (source "lt"), else drawn from the full list on pareto_counts(C, 1280, 5, 115,846) (ImageNet-LT's
-    head, tail and n, not its images); r0.0025 is drawn on pareto_counts(C, 1200, 3, 80,218), in ImageNet-LT's
-    class order when given. For each list L and ratio q: L_sub<q> = downsample(L, q, keep_one) and bal-… =
-    balanced_subset(full, |…|), the training scripts' --subsample / --balanced calls, fixed by the seed."""
+    """Paper 2's ImageNet pre-training lists from the full ImageNet list's `labels`: {name: ("full" or "lt", indices)}.
+    With `lt_labels` (Liu et al.'s ImageNet_LT_train.txt) r0.004 is that list itself (source "lt"), else drawn from the
+    full list on pareto_counts(C, 1280, 5, 115,846) (ImageNet-LT's head, tail and n, not its images); r0.0025 on
+    pareto_counts(C, 1200, 3, 80,218), in ImageNet-LT's class order when given. Each list L and ratio q also gives
+    L_sub<q> = downsample(L, q, keep_one) and bal-… = balanced_subset(full, |…|): the --subsample / --balanced calls."""
     labels = np.asarray(labels)
     C = _num_classes(labels)
     out = {}
@@ -608,10 +577,8 @@ def imagenet_variants(labels, seed=0, lt_labels=None, ratios=SIZE_SWEEP):
         if name == "r0.004" and lt_labels is not None:
             src, src_labels, idx = "lt", np.asarray(lt_labels), np.arange(len(lt_labels))
         else:
-            order = None
-            if lt_labels is not None:
-                lt_counts_ = np.bincount(lt_labels, minlength=C)
-                order = np.lexsort((np.random.RandomState(seed).permutation(C), -lt_counts_))
+            order = None if lt_labels is None else np.lexsort((np.random.RandomState(seed).permutation(C),
+                                                               -np.bincount(lt_labels, minlength=C)))
             src, src_labels = "full", labels
             idx = profile_subset(labels, pareto_counts(C, n_max, n_min, total), seed, order)
         for q in (1.0, *ratios):
@@ -643,9 +610,8 @@ def write_imagenet_variants(train_list, out_dir, seed=0, lt_list=None):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Part 2: GPU input pipeline. uint8 images live on the device (CIFAR-10's 50,000 train images take
-# 154 MB); whole chunks of an epoch are augmented there with per-sample random parameters drawn from
-# the same distributions as the torchvision transforms the authors used (REFERENCE §2, §5, §6).
+# Part 2: the GPU input pipeline (REFERENCE §2, §5, §6). uint8 images live on the device (CIFAR-10's 50,000: 154 MB);
+# whole chunks of an epoch are augmented there, per-sample parameters drawn as the authors' torchvision transforms do.
 
 def to_device(images, device):
     """uint8 N×H×W×3 array → contiguous uint8 N×3×H×W tensor on `device`."""
@@ -677,8 +643,7 @@ def crop_flip(x, top, left, flip, padding=4):
 
 
 def random_crop_flip(x, generator, padding=4, flip=True):
-    """RandomCrop(H, padding) + RandomHorizontalFlip(0.5) (flip=False: none, the same draws): offsets uniform in
-    {0..2·padding}."""
+    """RandomCrop(H, padding) + RandomHorizontalFlip(0.5), offsets in {0..2·padding}; flip=False draws, never flips."""
     B, dev = x.shape[0], x.device
     top = torch.randint(0, 2 * padding + 1, (B,), generator=generator, device=dev)
     left = torch.randint(0, 2 * padding + 1, (B,), generator=generator, device=dev)
@@ -694,8 +659,7 @@ def sample_resized_crop(n, height, width, generator, device, scale=(0.2, 1.0), r
     uniform position; else a centred crop of the whole image, its aspect clamped to `ratio`."""
     tries = 10
     area = height * width * torch.empty(n, tries, device=device).uniform_(*scale, generator=generator)
-    log_r = torch.empty(n, tries, device=device).uniform_(np.log(ratio[0]), np.log(ratio[1]),
-                                                          generator=generator)
+    log_r = torch.empty(n, tries, device=device).uniform_(np.log(ratio[0]), np.log(ratio[1]), generator=generator)
     aspect = torch.exp(log_r)
     w = torch.round(torch.sqrt(area * aspect)).long()
     h = torch.round(torch.sqrt(area / aspect)).long()
@@ -803,8 +767,7 @@ def color_jitter(x, factors, order):
 
 
 def gaussian_blur(x, sigma, kernel_size):
-    """Separable Gaussian blur with a per-image sigma and reflect padding, as torchvision's
-    gaussian_blur(img, [k, k], [sigma, sigma])."""
+    """Separable Gaussian blur, a sigma per image, reflect padding: torchvision's gaussian_blur(img, [k, k], [s, s])."""
     B, C, H, W = x.shape
     half = (kernel_size - 1) / 2
     t = torch.linspace(-half, half, kernel_size, device=x.device)
@@ -818,8 +781,7 @@ def gaussian_blur(x, sigma, kernel_size):
 
 
 def sample_jitter(n, generator, device, jitter=(0.4, 0.4, 0.4, 0.1)):
-    """ColorJitter.get_params for n images: factors (n×4) uniform in [1 − b, 1 + b], [1 − c, 1 + c],
-    [1 − s, 1 + s], [−h, h], and a uniformly random order of the four ops per image."""
+    """ColorJitter.get_params for n images: n×4 factors uniform in 1 ± b, 1 ± c, 1 ± s, ±h; a random op order each."""
     bri, con, sat, hue = jitter
     u = torch.rand(n, 4, generator=generator, device=device)
     lo = torch.tensor([1 - bri, 1 - con, 1 - sat, -hue], device=device)
@@ -853,17 +815,14 @@ def ssl_augment(x, generator, size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1
 # ----- batches ----------------------------------------------------------------------------------------
 
 def balanced_sample_weights(labels):
-    """Per-image weight 1/n_y: with replacement, every class is equally likely per draw
-    (the Resample / DRS rules and cRT)."""
+    """Per-image weight 1/n_y: every class is equally likely per draw (the Resample / DRS rules and cRT)."""
     labels = labels if torch.is_tensor(labels) else torch.as_tensor(np.asarray(labels))
-    counts = torch.bincount(labels).double()
-    return (1.0 / counts)[labels]
+    return (1.0 / torch.bincount(labels).double())[labels]
 
 
 def effective_number_sample_weights(labels, beta=0.9999, counts=None):
-    """Per-image weight (1 − β)/(1 − β^{n_y}) (Cui et al.'s effective number; `counts` default: those of
-    `labels`), the authors' ImbalancedDatasetSampler (β = 0.9999). Not exactly uniform over classes: at
-    CIFAR-10-LT ρ = 100 the head class is drawn 1.27× as often as the tail."""
+    """Per-image weight (1 − β)/(1 − β^{n_y}) (Cui et al.'s effective number; `counts` default: those of `labels`),
+    the authors' ImbalancedDatasetSampler: at CIFAR-10-LT ρ = 100 the head is drawn 1.27× as often as the tail."""
     labels = labels if torch.is_tensor(labels) else torch.as_tensor(np.asarray(labels))
     n = (torch.bincount(labels) if counts is None else torch.as_tensor(counts)).double()
     return ((1 - beta) / (1 - beta ** n.clamp(min=1)))[labels]
@@ -873,11 +832,10 @@ class GPULoader:
     """Batches of a device-resident uint8 dataset, normalised and augmented on the device:
     `for x, y, idx in GPULoader(images, labels, 128, mean, std, device, augment="crop_flip").epoch(e)`.
 
-    augment: None (test transform), "crop_flip" (supervised CIFAR recipe) or "ssl" (`views` views, x a
-    list). Each epoch's order and augmentation come from a generator seeded by (seed, epoch), so a resumed
-    run sees exactly the batches it would have. epoch(e, weights) draws len(dataset) images with
-    replacement, as WeightedRandomSampler; epoch(e, order=positions) takes that order (cRT's class-aware
-    sampler). Augmentation runs on chunks of `chunk` images (whole batches)."""
+    augment: None (test transform), "crop_flip" (supervised CIFAR recipe) or "ssl" (`views` views, x a list). Each
+    epoch's order and augmentation come from a generator seeded by (seed, epoch), so a resumed run sees exactly the
+    batches it would have. epoch(e, weights): len(dataset) draws with replacement, as WeightedRandomSampler;
+    epoch(e, order=positions): that order (cRT's class-aware sampler). Augmented in chunks of `chunk` images."""
 
     def __init__(self, images, labels, batch_size, mean, std, device, augment=None, shuffle=None,
                  drop_last=False, seed=0, views=2, size=None, blur=False, chunk=8192, flip=True):
@@ -908,8 +866,7 @@ class GPULoader:
 
     def epoch(self, epoch, weights=None, order=None):
         n = len(self.labels)
-        g = torch.Generator(device=self.device)
-        g.manual_seed(self.seed * 100_003 + epoch)
+        g = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + epoch)
         if order is not None:
             order, n = order.to(self.device), len(order)
         elif weights is not None:
@@ -931,9 +888,8 @@ class GPULoader:
 # ----- Training subsets, file lists in batches (one process or a share under torchrun), evaluation ---
 
 def training_subset(train_y, args):
-    """Dataset indices of the training images and of the --val-frac images left out of them (paper 2 §2.2 /
-    App. A.1): the exp or step long-tailed subset, downsampled per class by --subsample; --balanced replaces
-    it by a class-balanced subset of the same size. One --data-seed gives the same images in every script."""
+    """Indices of the training images and of the --val-frac ones left out (paper 2 §2.2 / App. A.1): the long-tailed
+    subset, downsampled by --subsample (--balanced: a balanced one of its size); one --data-seed, the same images."""
     idx = make_long_tailed(train_y, args.rho, args.imb_type, args.data_seed, N_MAX.get(args.dataset),
                            CLASS_ORDER.get(args.dataset))
     if args.subsample < 1:
@@ -980,8 +936,7 @@ def stream_seed(*key):
 
 
 def epoch_order(n, seed, epoch, weights=None):
-    """ListBatches' training order of the positions 0 … n-1 in `epoch`, seeded by (seed, epoch): a shuffle,
-    or n draws with replacement by `weights` (class-balanced / resampled epochs)."""
+    """ListBatches' order of the positions 0 … n-1, seeded by (seed, epoch): a shuffle, or n draws by `weights`."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     if weights is not None:
         return torch.as_tensor(list(torch.utils.data.WeightedRandomSampler(weights, n, generator=g)))
@@ -989,18 +944,16 @@ def epoch_order(n, seed, epoch, weights=None):
 
 
 def shard_batches(n, batch_size, seed, epoch, weights, rank, world, order=None):
-    """[(global batch, this process's share)] of one training epoch, as positions 0 … n-1: every process draws
-    the same order (epoch_order) and global batches, process r keeps the r-th of `world` contiguous parts of
-    each (a short last batch's may differ by one or be empty); the parts in rank order are one process's batch.
-    `order`: that order instead (cRT's class-aware sampler)."""
+    """[(global batch, this process's share)] of one training epoch, as positions 0 … n-1: all processes draw the same
+    order (epoch_order, or `order`: cRT's class-aware sampler) and global batches; process r keeps the r-th of `world`
+    contiguous parts of each (a short last batch's may differ by one or be empty); in rank order they are one batch."""
     order = epoch_order(n, seed, epoch, weights) if order is None else order
     return [(b, torch.tensor_split(b, world)[rank]) for b in order.split(batch_size)]
 
 
 class ShardedListBatches(ListBatches):
-    """ListBatches for one of `world` processes (torchrun): epoch(e, weights) → (x, y, positions, labels of the
-    global batch), this process's share of each global batch (shard_batches; an empty share is an empty batch,
-    which every layer passes). Augmentations draw from (seed, epoch, rank), the same after --resume."""
+    """ListBatches for one of `world` processes: epoch(e, weights) → (x, y, positions, global batch's labels), its
+    share (shard_batches; an empty one passes every layer); augmentations from (seed, epoch, rank): --resume agrees."""
 
     def __init__(self, dataset, indices, batch_size, seed, workers, device, rank, world):
         super().__init__(dataset, indices, batch_size, True, seed, workers, device)
@@ -1135,8 +1088,7 @@ def evaluate(model, batches, num_classes, train_counts):
 
 
 def accuracies(pred, y, num_classes, train_counts):
-    """Top-1, mean per-class accuracy, per-class accuracy and many/medium/few-shot means (a class with no test
-    image is left out of the means)."""
+    """Top-1, mean per-class, per-class and many/medium/few-shot accuracy (means skip a class with no test image)."""
     correct = torch.bincount(y[pred == y], minlength=num_classes).cpu()
     total = torch.bincount(y, minlength=num_classes).cpu()
     per_class = (correct.double() / total.clamp(min=1)).tolist()
@@ -1153,10 +1105,9 @@ def accuracies(pred, y, num_classes, train_counts):
 # ----- Paper 2 §3.2 (Fig. 4, App. B): the semi-synthetic dataset -----------------------------------------
 
 def semi_synthetic(images, labels, seed=0):
-    """App. B's balanced semi-synthetic images from CIFAR-10 ones: classes 0-4 (the paper's 1-5, frequent) keep the
-    left half of their image and take the right half of a random image (label-irrelevant); classes 5-9 (rare) get a
-    blank left half and keep the right half of theirs. The imbalanced set is its step subset: --rho 0.002 --imb-type
-    step keeps 5000 / 10 images per class."""
+    """App. B's balanced semi-synthetic CIFAR-10: classes 0-4 (the paper's 1-5, frequent) keep their left half beside a
+    random image's right half (label-irrelevant); classes 5-9 (rare) blank the left half. The imbalanced set is its step
+    subset: --rho 0.002 --imb-type step keeps 5000 / 10 per class."""
     x, half = images.copy(), images.shape[2] // 2
     frequent = np.flatnonzero(labels < 5)
     x[frequent, :, half:] = images[np.random.default_rng(seed).integers(0, len(images), len(frequent)), :, half:]

@@ -1,10 +1,8 @@
 """Run files of every script: one run folder, its checkpoints, --resume, and the torchrun plumbing.
 
-No part of any method lives here: a script passes in what is its own (its name, `__file__`, the flags --resume
-may change, its rows and final numbers) and calls given_flags, check_ranges, resume_run, refuse_occupied,
-setup_device, open_run, stop_if_diverged, end_epoch and finish_run. A run folder holds args.json, metrics.jsonl,
-last.pt (a plain dict: arch, model, epoch, optimizer, args, class_counts, rng, ...), final.json, the script's copy
-and .lock, each written to a temp file and renamed. A user's mistake is one line and exit 2; divergence exit 1.
+No part of any method lives here: a script passes in what is its own (its name, `__file__`, the flags --resume may
+change, its rows and final numbers). A run folder holds args.json, metrics.jsonl, last.pt (a plain dict), final.json,
+the script's copy and .lock, each written to a temp file and renamed. A user's mistake: one line and exit 2.
 """
 import argparse
 import datetime
@@ -26,7 +24,6 @@ import torch.nn as nn
 # ----- errors and flags ----------------------------------------------------------------------------
 
 def fail(msg):
-    """A user's mistake: one line on stderr and exit 2."""
     if int(os.environ.get("RANK", "0")) == 0:             # under torchrun every process fails alike: say it once
         print(f"error: {msg}", file=sys.stderr)
     release_out(failed=True)
@@ -38,12 +35,10 @@ def fmt(v, width=6, digits=2):
 
 
 def table_header(*columns):
-    """The header of the epoch table: epoch, lr, loss, six-wide `columns`, seconds."""
     return f"{'epoch':>5} {'lr':>8} {'loss':>8} " + " ".join(f"{c:>6}" for c in columns) + f" {'s':>6}"
 
 
 def table_row(epoch, lr, loss, values, seconds):
-    """One row of the epoch table (1-based `epoch`); None prints as '-'."""
     return f"{epoch:5d} {lr:8.5f} {loss:8.4f} " + " ".join(map(fmt, values)) + f" {seconds:6.2f}"
 
 
@@ -77,8 +72,7 @@ SHARED_RANGES = [("gpu", -1, None, "[)"), ("epochs", 1, None, "[)"), ("batch_siz
 # ----- files, written atomically -------------------------------------------------------------------
 
 def replace_atomic(path, write):
-    """write(temp file), then rename it over `path`: a killed run never leaves a half-written file. A write that
-    fails (a full disk) leaves `path` as it was: one line and exit 1."""
+    """write(temp file), renamed over `path`: a killed run leaves no half-written file, a full disk the old one."""
     tmp = f"{path}.tmp"
     try:
         write(tmp)
@@ -107,13 +101,11 @@ def write_text_atomic(path, text):
 def strict_json(obj, **kw):
     """JSON without the bare NaN / Infinity tokens Python writes by default: a non-finite float is null."""
     def clean(v):
-        if isinstance(v, float):
-            return v if np.isfinite(v) else None
         if isinstance(v, dict):
             return {k: clean(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [clean(x) for x in v]
-        return v
+        return None if isinstance(v, float) and not np.isfinite(v) else v
     return json.dumps(clean(obj), allow_nan=False, **kw)
 
 
@@ -122,8 +114,7 @@ def write_json(path, obj):
 
 
 def read_metrics(path):
-    """The rows of a metrics.jsonl; none when a moved or copied run lacks the file."""
-    if not os.path.exists(path):
+    if not os.path.exists(path):                           # a moved or copied run may lack it
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -138,7 +129,6 @@ def append_metrics(path, row):
 
 
 def copy_source(path, out):
-    """The script's own source beside its outputs."""
     replace_atomic(os.path.join(out, os.path.basename(path)), lambda tmp: shutil.copy(path, tmp))
 
 
@@ -161,17 +151,15 @@ def load_checkpoint(path):
 
 
 def load_backbone(model, arch, path):
-    """Copy every backbone tensor of the checkpoint at `path` into `model`; the head stays as it is. Prints
-    matched / missing / unexpected counts; fails unless every backbone key of `model` was found with the right
-    shape (the authors' DataParallel keys began with `module.`, so their strict=False load matched none)."""
+    """Every backbone tensor of the checkpoint at `path` into `model`, the head as it was; fails unless each was found
+    with its shape (the authors' DataParallel keys began with `module.`: their strict=False load matched none)."""
     ckpt = load_checkpoint(path)
     if ckpt["arch"] != arch:
         fail(f"'{path}' holds a {ckpt['arch']} backbone but this run trains {arch}; pre-train the same "
              f"architecture or pass --arch {ckpt['arch']}")
     src = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
     own = model.state_dict()
-    backbone = [k for k in own if not k.startswith(HEAD_PREFIXES)]
-    matched = [k for k in backbone if k in src and src[k].shape == own[k].shape]
+    matched = [k for k in own if not k.startswith(HEAD_PREFIXES) and k in src and src[k].shape == own[k].shape]
     missing = [k for k in own if k not in matched]
     unexpected = [k for k in src if k not in own]
     skipped = [k for k in src if k in own and k not in matched]
@@ -189,7 +177,6 @@ def load_backbone(model, arch, path):
 
 
 def restore(ckpt, model, optimizer):
-    """A --resume checkpoint's model and optimizer state loaded: (start epoch, best); (0, None) for a new run."""
     if ckpt is None:
         return 0, None
     model.load_state_dict(ckpt["model"])
@@ -200,9 +187,8 @@ def restore(ckpt, model, optimizer):
 # ----- a run: resume, device, folder, epochs, end ---------------------------------------------------
 
 def resume_args(args, ckpt, applied):
-    """--resume PATH: the run in dirname(PATH) with the arguments it was started with; a flag of `applied` given now
-    replaces the stored value (--gpu, --workers and --print-freq always: they describe this machine), any other is
-    refused."""
+    """--resume PATH: the run in dirname(PATH) with its first arguments; a flag of `applied` or --print-freq given now
+    replaces its value (--gpu, --workers of `applied` always: they describe this machine), any other is refused."""
     flag = lambda k: "--" + k.replace("_", "-")
     applied = (*applied, "print_freq")
     refused = [k for k in args.cli_flags if k not in applied and k != "resume"]
@@ -231,7 +217,6 @@ def resume_run(args, script, applied, defaults=None, hint="", say=True):
 
 
 def refuse_occupied(out, resume, held=("last.pt",)):
-    """A new run over a folder that holds one is refused (it would overwrite it); then the folder is claimed."""
     for name in held:
         if not resume and os.path.exists(os.path.join(out, name)):
             fail(f"{out} already holds a run: continue it with --resume {out}/{name}, or pass another --out")
@@ -242,9 +227,8 @@ _LOCK = []                                  # this process's run: (its locked ou
 
 
 def claim_out(out, resumable=True):
-    """Rank 0: create `out` and lock out/.lock (flock) for the run, so that two runs never share a folder; a killed
-    run's lock goes with it. A folder that cannot be written, or that another run holds: one line and exit 2. From
-    here on SIGTERM or Ctrl-C ends the run with one line saying how to go on (`resumable`: with --resume)."""
+    """Rank 0: create `out` and flock out/.lock, so that two runs never share a folder (a killed run's lock goes with
+    it); from here on SIGTERM or Ctrl-C end the run with one line saying how to go on (`resumable`: with --resume)."""
     path = os.path.join(os.path.realpath(out), ".lock")
     if int(os.environ.get("RANK", "0")) or _LOCK and _LOCK[0][0].name == path:
         return
@@ -266,8 +250,7 @@ def claim_out(out, resumable=True):
 
 
 def _stopped(out, owner, resumable, signum, frame):
-    """SIGTERM (a scheduler; torchrun when another process died) or Ctrl-C on the run's process: one line, how to
-    go on, and the exit code of the signal."""
+    """SIGTERM (a scheduler; torchrun when another process died) or Ctrl-C: one line, how to go on, its exit code."""
     if os.getpid() != owner:                               # a data-loading worker forked from the run
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
@@ -290,8 +273,7 @@ def release_out(failed=False):
 
 
 def setup_device(args, world=1):
-    """--gpu's device (torchrun: the local rank's GPU, or the CPU for --gpu -1); without CUDA the CPU, a warning,
-    --amp / --compile off. TF32 in convolutions and matmuls on CUDA unless --strict-fp32 (args.tf32)."""
+    """--gpu's device (torchrun: the local rank's GPU, or the CPU for --gpu -1); TF32 on CUDA unless --strict-fp32."""
     if args.gpu >= 0 and not torch.cuda.is_available():
         print("warning: CUDA is not available; running on the CPU", file=sys.stderr)
         args.gpu = -1
@@ -313,8 +295,7 @@ def setup_device(args, world=1):
         print(f"warning: this run trained on {'CUDA' if saved >= 0 else 'the CPU'} and resumes on {device.type}: "
               "their random streams differ, so it will not equal an uninterrupted run", file=sys.stderr)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     return device
 
 
@@ -350,7 +331,6 @@ def nonfinite_tensor(model):
 
 
 def stop_diverged(what, out, epoch):
-    """A non-finite loss or weight: one line naming where, nothing saved over the last good checkpoint, exit 1."""
     last = os.path.join(out, "last.pt")
     kept = f"{last} still holds epoch {epoch}" if os.path.exists(last) else "no checkpoint was saved"
     print(f"error: {what}; stopped, {kept} (try a lower --lr)", file=sys.stderr)
@@ -365,23 +345,20 @@ def stop_if_diverged(out, models, epoch, first_bad, steps, rank=0, world=1, stag
     bad = torch.stack([first_bad, torch.tensor(int(bad_tensor is not None), device=first_bad.device)])
     if world > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    at, after = (f"stage {stage}, ", f" at stage {stage}") if stage else ("", "")
-    if bad[0].item() >= 0:
-        where = f"loss is not finite at {at}epoch {epoch + 1}, step {bad[0].item() + 1}"
-    elif bad[1].item() > 0:
-        where = (f"'{bad_tensor or 'a tensor of another process'}' is not finite{after} after epoch {epoch + 1}, "
-                 f"step {steps}")
-    else:
+    if bad[0].item() < 0 and bad[1].item() <= 0:
         return
+    at, after = (f"stage {stage}, ", f" at stage {stage}") if stage else ("", "")
+    where = (f"loss is not finite at {at}epoch {epoch + 1}, step {bad[0].item() + 1}" if bad[0].item() >= 0 else
+             f"'{bad_tensor or 'a tensor of another process'}' is not finite{after} after epoch {epoch + 1}, "
+             f"step {steps}")
     if rank == 0:
         stop_diverged(where, out, epoch)
     sys.exit(1)
 
 
 class Progress:
-    """Inside a long epoch, on rank 0's stdout only (never metrics.jsonl): a line every `every` steps (--print-freq),
-    or with every = 0 at most every 10 s, so that a short epoch prints none. progress(step, images, loss) after each
-    step: `images` so far this epoch, `loss` a callable for the running mean (read only when a line is printed)."""
+    """progress(step, images so far this epoch, loss: a callable for the running mean) after each step: on rank 0 a
+    line every `every` steps (--print-freq), or with every = 0 at most every 10 s, so that a short epoch prints none."""
 
     def __init__(self, total, every=0, seconds=10.0):
         self.total, self.every, self.seconds, self.rank = total, every, seconds, process_group()[0]
@@ -397,7 +374,6 @@ class Progress:
 
 
 def end_epoch(out, row, line, state, rank=0):
-    """Rank 0: the epoch's row in metrics.jsonl, its printed line, and `state` as last.pt."""
     if rank:
         return
     append_metrics(os.path.join(out, "metrics.jsonl"), row)
@@ -406,7 +382,6 @@ def end_epoch(out, row, line, state, rank=0):
 
 
 def finish_run(out, final, t_run, rank=0, per_epoch=True):
-    """Rank 0: final.json, with the median seconds per epoch of metrics.jsonl (`per_epoch`) and the wall time."""
     if rank:
         return final
     if per_epoch:
@@ -421,7 +396,6 @@ def finish_run(out, final, t_run, rank=0, per_epoch=True):
 # ----- torchrun ------------------------------------------------------------------------------------
 
 def process_group():
-    """(rank, world) under torchrun; (0, 1) alone."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -439,7 +413,6 @@ def leave_process_group(world):
 
 
 def check_shards(batch_size, world):
-    """Fail unless the global batch splits evenly over the processes."""
     if batch_size % world:
         fail(f"--batch-size {batch_size} (global) must be divisible by the {world} processes")
 
@@ -454,7 +427,6 @@ def all_reduce_grads(params):
 
 
 def broadcast_state(model):
-    """Rank 0's parameters and buffers on every process (the start of a run, as DDP does)."""
     for t in model.state_dict().values():
         dist.broadcast(t, 0)
 
