@@ -56,9 +56,8 @@ if NPROC != "1" and SET not in LTS:
     die(f"NPROC (torchrun) is for SET=imagenet_lt or inat; the {SET} runs use one GPU each")
 DATA = env("DATA", "--dataset folder --data-root .data/cifar10_jpg" if SET == "cifar10" else
            f"--dataset {SET} --data-root {LT_ROOT}" if SET in LTS else f"--dataset {SET} --data-root ./data --download")
-# JOBS: ResNet-32 at batch 128 is bound by kernel launches; 4 runs side by side on one H200 gave ~3x the throughput
-SEEDS, JOBS, PYTHON, ARGS = env("SEEDS", "0 1 2").split(), env("JOBS", "6" if NPROC == "1" else "1"), \
-    env("PYTHON", "python"), env("ARGS").split()
+SEEDS, PYTHON, ARGS = env("SEEDS", "0 1 2").split(), env("PYTHON", "python"), env("ARGS").split()
+JOBS = env("JOBS", "6" if NPROC == "1" else "1")    # ResNet-32 is launch-bound: 4 runs side by side on an H200 gave ~3x
 RUNS = env("RUNS", f"runs/repro-{RHO}" if SET == "cifar10" else f"runs/repro-{SET}-{ARCH if SET in LTS else RHO}")
 FIG1_RUNS, METHODS = env("RUNS_FIG1", env("RUNS", "runs/paper2-fig1")), env("METHODS", "sl simsiam moco").split()
 LISTS = env("LT_LISTS", LT_ROOT)
@@ -72,21 +71,17 @@ VARS = dict(D=DATA.split() + (["--train-list", TRAIN, "--test-list", TEST] + (["
             data=DATA.split(), pool=POOL, rho=RHO, rho2=f"{min(2 * num(RHO), 1):g}", rho_half=f"{num(RHO) / 2:g}",
             c100=env("C100_ROOT", "./data"), train=TRAIN, arch=ARCH, val=["--val-list", VAL] if VAL else [],
             ood=env("OOD", "--target stl10 --data-root ./data").split(), frac=env("CV_FRAC", "0.1"))
+# R(name, stage, needs, command, paper): `$PYTHON command --out RUNS/<name>/s<seed> --gpu GPU ARGS` in that stage, from
+# RUNS/<needs>/s<seed>/last.pt. paper, per SET it is a row of: paper 1 top-1 error % (lossless; SVHN: balanced test) or
+# paper 2 probe top-1 % at RHO 0.01, 0.02, 0.1, Tables 3-4 by ARCH (resnet10, resnet50); (): not in the papers' text.
 R = lambda name, stage, needs, command, **paper: SimpleNamespace(**locals())
-
-# R(name, stage, needs, command, paper): RUNS/<name>/s<seed>/ runs `$PYTHON command --out … --gpu GPU ARGS` in that
-# stage from RUNS/<needs>/s<seed>/last.pt (seed by seed, script by script as in ORDER). A name without pretrain/ is a
-# row, in `table`'s order, of each SET it has paper numbers for: paper 1 top-1 error % (lossless; SVHN: balanced test)
-# or paper 2 probe accuracy % at RHO 0.01, 0.02, 0.1, Tables 3-4 by ARCH (resnet10, resnet50); (): not in the text.
 ORDER = "ldam_drw.py rotation_ssp.py self_training.py crt.py simsiam_rwsam.py moco_ssp.py eval_linear.py".split()
 sup = lambda loss, rule: f"ldam_drw.py {{D}} --seed {{s}} --loss {loss} --rule {rule}"
-SIM, PROBE = "simsiam_rwsam.py {D} --seed {s}", "eval_linear.py --ckpt {ckpt} --seed {s}"
-ROT, SSP = "pretrain/rotation", " --pretrained {ckpt}"
+PROBE, ROT, SSP = "eval_linear.py --ckpt {ckpt} --seed {s}", "pretrain/rotation", " --pretrained {ckpt}"
 CE_ST = "self_training.py {D} --seed {s} --loss ce --rule none --base {ckpt} --rho-u %s {pool}"
 LDAM_ST = "self_training.py {D} --seed {s} --loss ldam --rule drw --base {ckpt} --rho-u %s {pool}"
 fig = lambda u, r: CE_ST % f"{u} --relevance {r} --unlabeled-mult 4 --irrelevant-root {{c100}}"   # Figs. 2-3's D_U
-# Paper 2 Table 1(a): each SimSiam pre-training (--opt …) and the paper's accuracy % of its linear probe, exp imbalance
-# (row <name>) and step (<name>-step), and the step run's frequent / rare generalization gap.
+# Paper 2 Table 1(a): a SimSiam pre-training's --opt, its probe's top-1 % (exp, step), the step run's gap (freq., rare)
 T1A = {"simsiam": ("sgd", 81.4, 84.3, (0.035, 0.081)), "simsiam+sam": ("sam", 82.1, 84.7, (0.044, 0.075)),
        "simsiam-balanced": ("sgd --balanced", 82.0, 85.8, (0.038, 0.037)),
        "simsiam+rwsam": ("rwsam --stage1 {ckpt}", 82.7, 85.6, (0.037, 0.066))}
@@ -95,7 +90,7 @@ for v in ("", "-step"):
     for m, (opt, exp, step, _) in T1A.items():
         rw = m == "simsiam+rwsam"           # rwSAM's stage 2: a fresh model, from the simsiam run of its column
         T1A_RUNS += [R(f"pretrain/{m}{v}", 1 + rw, f"pretrain/simsiam{v}" if rw else "",
-                       f"{SIM} --opt {opt}" + (" --imb-type step" if v else "")),
+                       f"simsiam_rwsam.py {{D}} --seed {{s}} --opt {opt}" + (" --imb-type step" if v else "")),
                      R(f"{m}{v}", 2 + rw, f"pretrain/{m}{v}", PROBE, cifar10=(step if v else exp,))]
 CIFAR = [
     # Paper 1 Table 2 (and Table 1(b)'s SVHN-LT base): loss × rule of ldam_drw.py; +ssp: from rotation pre-training.
@@ -113,7 +108,8 @@ CIFAR = [
     R("ce+ssp", 2, ROT, sup("ce", "none") + SSP, cifar10=(), cifar100=()),
     R("cb-ce+ssp", 2, ROT, sup("ce", "reweight") + SSP, cifar10=(23.47, 19.60, 11.57), cifar100=(56.94, 52.91, 41.94)),
     R("focal+ssp", 2, ROT, sup("focal", "none") + SSP, cifar10=(), cifar100=()),
-    R("cb-focal+ssp", 2, ROT, sup("focal", "reweight") + SSP, cifar10=(22.90, 18.74, 11.75), cifar100=(57.03, 53.12, 41.16)),
+    R("cb-focal+ssp", 2, ROT, sup("focal", "reweight") + SSP,
+      cifar10=(22.90, 18.74, 11.75), cifar100=(57.03, 53.12, 41.16)),
     R("ce-drw+ssp", 2, ROT, sup("ce", "drw") + SSP, cifar10=(23.04, 19.93, 12.66), cifar100=(57.21, 53.57, 41.77)),
     R("ce-drs+ssp", 2, ROT, sup("ce", "drs") + SSP, cifar10=(), cifar100=()),
     R("ldam+ssp", 2, ROT, sup("ldam", "none") + SSP, cifar10=(), cifar100=()),
@@ -129,12 +125,11 @@ CIFAR = [
     R("ldam-drw+st-double", 2, "ldam-drw", LDAM_ST % "{rho_half}", cifar10=(15.55, 15.24, 8.97), svhn=()),
     R("ce+crt", 2, "ce", "crt.py --ckpt {ckpt}", cifar10=()),
     *T1A_RUNS,
-    R("pretrain/moco", 1, "", "moco_ssp.py {D} --seed {s}"),
-    R("moco", 2, "pretrain/moco", PROBE, cifar10=()),
+    R("pretrain/moco", 1, "", "moco_ssp.py {D} --seed {s}"), R("moco", 2, "pretrain/moco", PROBE, cifar10=()),
     # Paper 1 Figs. 2-3 (RHO=0.02, CE base): relevance at ρ_U = 50, then ρ_U at 60% relevance; |D_U| = 4·|D_L|.
     *[R(f"fig2-r{r}", 2, "ce", fig(0.02, f"{r / 100:g}"), cifar10=()) for r in (20, 40, 60, 80, 100)],
     *[R(f"fig3-u{u}", 2, "ce", fig(f"{1 / u:g}", 0.6), cifar10=()) for u in (1, 25, 50, 100, 200)],
-    # Paper 1 App. E.3 (LDAM-DRW + 1-4x |D_L| of D_U; 5x is ldam-drw+st) and F.3: not in the paper's text, run if named.
+    # Paper 1 App. E.3 (LDAM-DRW + D_U of 1-4x |D_L|; 5x: ldam-drw+st), F.3 (step imbalance): numbers not in the text
     *[R(f"e3-du{m}", 2, "ldam-drw", LDAM_ST % 1 + f" --unlabeled-mult {m}", cifar10=()) for m in (1, 2, 3, 4)],
     R("pretrain/rotation-step", 1, "", "rotation_ssp.py {D} --seed {s} --imb-type step"),
     *[R(f"f3-{n}{ssp}", 2 if ssp else 1, "pretrain/rotation-step" if ssp else "",
@@ -144,7 +139,8 @@ CIFAR = [
 BAL = sup("ce", "resample") + " --resample-weights inverse"
 LT = [
     # Tables 3-4: CE, CE with class-balanced sampling, LDAM-DRW; +ssp: from MoCo v2; cRT: the classifier retrained.
-    R("pretrain/moco", 1, "", "moco_ssp.py {data} --train-list {train} --rho 1 --arch {arch} --seed {s} --recipe paper1"),
+    R("pretrain/moco", 1, "", "moco_ssp.py {data} --train-list {train} --rho 1 --arch {arch} --seed {s} "
+      "--recipe paper1"),
     R("ce", 1, "", sup("ce", "none"), imagenet_lt=(65.2, 61.6), inat=(39.3,)),
     R("ce+ssp", 2, "pretrain/moco", sup("ce", "none") + SSP, imagenet_lt=(64.1, 54.4), inat=(35.6,)),
     R("ce-balanced", 1, "", BAL, imagenet_lt=(62.9, 59.7), inat=(36.5,)),
@@ -154,7 +150,6 @@ LT = [
     R("crt", 3, "ce", "crt.py --ckpt {ckpt} --seed {s} {val}", imagenet_lt=(58.2, 52.7), inat=(34.8,)),
     R("crt+ssp", 3, "ce+ssp", "crt.py --ckpt {ckpt} --seed {s} {val}", imagenet_lt=(56.8, 48.7), inat=(31.9,)),
 ]
-
 ROWS = LT if SET in LTS else CIFAR
 BY = {e.name: e for e in ROWS}
 EXTRA = [e.name for e in ROWS if SET in e.paper and e.name.startswith(("e3-", "f3-"))]       # run only when named
@@ -171,10 +166,8 @@ for a in sys.argv[2:]:
     elif a in ("fig2", "fig3"):
         picked += [r for r in ALL if r.startswith(a + "-")] or \
             die(f"{a} is paper 1's CIFAR-10-LT ρ = 50 figure: run it with SET=cifar10 RHO=0.02")
-    elif a in ("e3", "f3"):
-        picked += [r for r in EXTRA if r.startswith(a + "-")]
-    elif a in ALL + EXTRA:
-        picked.append(a)
+    elif a in ALL + EXTRA + ["e3", "f3"]:               # a row, or the rows of an appendix group
+        picked += [r for r in EXTRA if r.startswith(a + "-")] if a in ("e3", "f3") else [a]
     else:
         die(f"unknown row '{a}'; rows: {' '.join(ALL)}")
 picked = picked or ([] if CV or SEMI else ALL)
@@ -189,14 +182,13 @@ def mean_std(values, digits=2):
         return f"{values[0]:.{digits}f} (1 seed)" if values else "not run"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f} ({len(values)} seeds)"
 
-def trained_epochs(pattern, runs=RUNS):
-    """Epochs of the finished full-size pre-training runs under runs/pattern (a subsampled variant trains more)."""
+def trained_epochs(pattern, runs=RUNS):     # of the full-size runs: a subsampled variant trains more epochs
     found = {r["epochs"] for r in finals(pattern, runs) if r.get("subsample", 1) == 1 and "epochs" in r}
     return "/".join(map(str, sorted(found))) or "not run"
 
 def table():
     rho = float(RHO)
-    col = (0 if ARCH == "resnet10" else -1) if SET in LTS else {0.01: 0, 0.02: 1, 0.1: 2}.get(rho, 3)   # paper[SET]'s
+    col = (0 if ARCH == "resnet10" else -1) if SET in LTS else {0.01: 0, 0.02: 1, 0.1: 2}.get(rho, 3)   # 3: no column
     name = {"cifar10": "CIFAR-10-LT", "cifar100": "CIFAR-100-LT", "svhn": "SVHN-LT", "imagenet_lt": "ImageNet-LT",
             "inat": "iNaturalist 2018"}[SET]
     print(f"{name}, {ARCH if SET in LTS else f'rho {rho:g}'}, runs in {RUNS}; ours: mean ± sample std over training "
@@ -218,11 +210,11 @@ def table():
     show = lambda v: v if col == 0 else "—"
     acc = lambda r: mean_std([x["top1"] for x in finals(r)])
     print(f"\nPaper 2 Table 1(a), rho {rho:g}: linear-probe top-1 % (row <name>: exp, row <name>-step: step) and the "
-          "generalization gap of the step pre-training run (held-out − training SimSiam loss, frequent / rare half "
-          f"of the classes, mean over the run's --gap-views draws); paper numbers are for rho 0.01. SimSiam pre-training: "
-          f"{trained_epochs('pretrain/simsiam*')} epochs (the authors' README: 1600; paper2-fig1's cells: 800, SimSiam-91)\n\n"
-          "| row | exp: paper | exp: ours | step: paper | step: ours | gap frequent: paper | gap frequent: ours "
-          "| gap rare: paper | gap rare: ours |\n|---|---|---|---|---|---|---|---|---|")
+          "generalization gap of the step pre-training run (held-out − training SimSiam loss, frequent / rare half of "
+          "the classes, mean over the run's --gap-views draws); paper numbers are for rho 0.01. SimSiam pre-training: "
+          f"{trained_epochs('pretrain/simsiam*')} epochs (the authors' README: 1600; paper2-fig1's cells: 800, "
+          "SimSiam-91)\n\n| row | exp: paper | exp: ours | step: paper | step: ours | gap frequent: paper | gap "
+          "frequent: ours | gap rare: paper | gap rare: ours |\n|---|---|---|---|---|---|---|---|---|")
     for row, (_, exp, step, (freq, rare)) in T1A.items():
         print(f"| {row} | {show(exp)} | {acc(row)} | {show(step)} | {acc(row + '-step')} | "
               f"{show(freq)} | {gaps(row + '-step', 'frequent')} | {show(rare)} | {gaps(row + '-step', 'rare')} |")
@@ -236,7 +228,8 @@ def fig1_table():
     import eval_linear as E
     names = {"sl": "SL", "simsiam": "SimSiam", "moco": "MoCo v2"}
     method = {"ldam_drw[he]:ce-none": "sl", "simsiam_rwsam+sgd": "simsiam", "moco_ssp[paper2]+sgd": "moco"}
-    paths = sorted(p for d in ("id", "ood") for p in glob.glob(os.path.join(FIG1_RUNS, d, "*", "*", "s*", "final.json")))
+    paths = sorted(p for d in ("id", "ood")
+                   for p in glob.glob(os.path.join(FIG1_RUNS, d, "*", "*", "s*", "final.json")))
     if not paths:
         sys.exit(f"no finished probe under {FIG1_RUNS}/id or {FIG1_RUNS}/ood yet")
     rows, unpaired = E.gap_rows([E.read_result(p) for p in paths])
@@ -250,9 +243,8 @@ def fig1_table():
           "at full size (the subsampled variants train as many steps): " + ", ".join(
               f"{names[m]} {trained_epochs(os.path.join('pretrain', m, '*'), FIG1_RUNS)}" for m in METHODS)
           + " (SimSiam in `reproduce.sh table`'s Table 1(a): 1600).")
-    cells = lambda x: ["—"] * 3 if x is None else [E.pm(x["A_balanced"], x["A_balanced_std"]),
-                                                   E.pm(x["A_imbalanced"], x["A_imbalanced_std"]),
-                                                   E.pm(x["delta"], x["delta_std"], 100)]       # A(n,1), A(n,r), Δ
+    pm = lambda x, key, scale=1: E.pm(x[key], x[key + "_std"], scale)
+    cells = lambda x: ["—"] * 3 if x is None else [pm(x, "A_balanced"), pm(x, "A_imbalanced"), pm(x, "delta", 100)]
     for ev in sorted({k[0] for k in cell}):
         title = "ID: linear probe on the full training set" if ev.startswith("linear:") else f"OOD: {ev} linear probe"
         print(f"\n### {title} ({ev})\n\n| r | n | " + " | ".join(
@@ -281,8 +273,14 @@ def cv_table():
                   f"{show([x['knn_class_mean'] for x in last])} | {len(last)} |")
 
 if TABLE:
-    sys.exit(fig1_table() if FIG1 and TABLE == 1 else semi_table() if SEMI and TABLE == 1 else
-             cv_table() if TABLE == 2 else table())
+    sys.exit(cv_table() if TABLE == 2 else fig1_table() if FIG1 else semi_table() if SEMI else table())
+
+def data_step(name, *args):           # datasets_lt.<name>(*args); a DataError is one line and exit 2
+    import datasets_lt
+    try:
+        getattr(datasets_lt, name)(*args)
+    except datasets_lt.DataError as e:
+        die(f"DATA: {e}")
 
 if not DRY:     # the shared settings, checked before anything is launched
     if not (re.fullmatch(r"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?", RHO) and 0 < float(RHO) <= 1):
@@ -296,11 +294,7 @@ if not DRY:     # the shared settings, checked before anything is launched
         die(f"DATA: no {' or '.join(missing)} split under '{root}' (a folder dataset needs {root}/train/<class>/* "
             f"and {root}/test/<class>/*); unpack the data there or set DATA")
     if dataset != "folder" and "--download" not in data:
-        import datasets_lt
-        try:
-            datasets_lt.load_split(dataset, root, True)
-        except datasets_lt.DataError as e:
-            die(f"DATA: {e}")
+        data_step("load_split", dataset, root, True)
     if int(GPU) >= 0:
         import torch
         if not torch.cuda.is_available():
@@ -322,9 +316,8 @@ def settle(limit):
             report(f"FAILED {out} (exit {rc if rc > 0 else 128 - rc}): {last}; see {out}/log.txt")
 
 def launch(stages, entries, runs):
-    """Stage by stage (each waits for the one before), seed by seed, the entries of each stage."""
     for n in stages:
-        settle(1)
+        settle(1)                   # a stage starts once the one before has ended
         print(f"# stage {n}" if DRY else f"== stage {n}")
         for s, e in ((s, e) for s in SEEDS for e in entries if e.stage == n):
             v, out = dict(VARS, s=s, ckpt=f"{runs}/{e.needs}/s{s}/last.pt"), f"{runs}/{e.name}/s{s}"
@@ -347,7 +340,7 @@ def launch(stages, entries, runs):
             with open(f"{out}/log.txt", "ab") as log:
                 RUNNING[subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)] = out
 
-def finish(message):
+def finish(message, then=lambda: None):
     if DRY:
         sys.exit(0)
     settle(1)
@@ -355,15 +348,16 @@ def finish(message):
         print(f"== {len(FAILED)} run(s) did not finish:\n" + "\n".join(FAILED))
         sys.exit(1)
     print(message)
+    sys.exit(then())
 
 if FIG1:    # Paper 2 Fig. 1(a) (§2.2, App. A.1): each CIFAR-10 variant and its balanced partner of equal n, both probed
     if SET != "cifar10":
         die(f"paper2-fig1 is Fig. 1(a), CIFAR-10 (SET=cifar10); SET={SET} has no Fig. 1 target: for ImageNet-LT run "
             "the cells by hand (README, paper 2)")
-    SCALE = env("SCALE", "1")
-    if not num(SCALE) > 0:
+    if not num(SCALE := env("SCALE", "1")) > 0:
         die(f"SCALE must be a number > 0, got '{SCALE}'")
-    pre = dict(sl=("ldam_drw.py --recipe he", 200), simsiam=("simsiam_rwsam.py --opt sgd", 800), moco=("moco_ssp.py", 200))
+    pre = {"sl": ("ldam_drw.py --recipe he", 200), "simsiam": ("simsiam_rwsam.py --opt sgd", 800),
+           "moco": ("moco_ssp.py", 200)}                       # the pre-training command and its epochs at SCALE 1
     for m in (m for m in METHODS if m not in pre):
         die(f"unknown method '{m}' in METHODS; methods: sl simsiam moco")
     epochs = lambda budget: max(1, int(budget * num(SCALE) + 0.5))
@@ -376,18 +370,13 @@ if FIG1:    # Paper 2 Fig. 1(a) (§2.2, App. A.1): each CIFAR-10 variant and its
                   R(f"id/{c}", 2, f"pretrain/{c}", f"eval_linear.py --ckpt {{ckpt}} {probe}"),
                   R(f"ood/{c}", 2, f"pretrain/{c}", f"eval_ood.py --ckpt {{ckpt}} {{ood}} {probe}")]
     launch((1, 2), cells, FIG1_RUNS)
-    finish("== all runs finished")
-    sys.exit(fig1_table())
+    finish("== all runs finished", fig1_table)
 
 if SEMI:    # Paper 2 §3.2 (Fig. 4, App. B): the semi-synthetic folders from DATA's CIFAR-10, then the runs of its table
     out = f"{SEMI_RUNS}/data"
     if not DRY and not os.path.isdir(f"{out}/semi-rare10"):
-        import datasets_lt
         print(f"writing the semi-synthetic folders in {out}")
-        try:
-            datasets_lt.write_semi_synthetic(dataset, root, out)        # DATA's, as the settings check read them
-        except datasets_lt.DataError as e:
-            die(f"DATA: {e}")
+        data_step("write_semi_synthetic", dataset, root, out)       # DATA's, as the settings check read them
     imb = f"--dataset folder --data-root {out}/semi --rho 0.002 --imb-type step --no-flip --seed {{s}}"
     rare = f"--dataset folder --data-root {out}/semi-rare10 --rho 1 --no-flip --seed {{s}}"
     pre = {"simsiam": f"simsiam_rwsam.py --opt sgd {imb}", "sl": f"ldam_drw.py --recipe he {imb}",
@@ -395,13 +384,12 @@ if SEMI:    # Paper 2 §3.2 (Fig. 4, App. B): the semi-synthetic folders from DA
     launch((1, 2), [R(f"pretrain/{m}", 1, "", c) for m, c in pre.items()] + [R(m, 2, f"pretrain/{m}",
            f"eval_linear.py --ckpt {{ckpt}} --dataset folder --data-root {out}/semi-rare --seed {{s}}") for m in pre],
            SEMI_RUNS)
-    finish("== all runs finished")
-    sys.exit(semi_table())
+    finish("== all runs finished", semi_table)
 
 chain = lambda name: {name} | chain(BY[name].needs) if name else set()     # a run and the runs it starts from
 wanted = set().union(*map(chain, picked))
 launch((1, 2, 3), sorted((e for e in ROWS if e.name in wanted), key=lambda e: ORDER.index(e.command.split()[0])), RUNS)
-if CV:  # Paper 2 App. C.1 picks ρ and α "with cross validation": one value at a time, around the defaults, which stay
+if CV:  # Paper 2 App. C.1 picks ρ and α "with cross validation": one value at a time around the defaults (kept)
     cv = "simsiam_rwsam.py {data} --rho {rho} --seed {s} --opt %s --val-frac {frac}"
     tries = [("default", "")] + [(f"{name}={x}", f" {flag} {x}") for name, flag, var, default in (
         ("h", "--bandwidth", "CV_H", "0.1 0.2 0.5 1.0"), ("alpha", "--alpha", "CV_ALPHA", "0.5 2.0"),
