@@ -44,10 +44,7 @@ signal.signal(signal.SIGINT, lambda *_: sys.exit(130))         # Ctrl-C: the run
 env = lambda name, default="": os.environ.get(name) or default
 num = lambda s: float((re.match(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", s) or ["0"])[0])   # as awk reads s
 
-def die(message):
-    print(f"reproduce.sh: {message}", file=sys.stderr)
-    sys.exit(2)
-
+die = lambda message: print(f"reproduce.sh: {message}", file=sys.stderr) or sys.exit(2)
 SET, LTS = env("SET", "cifar10"), ("imagenet_lt", "inat")
 if SET not in ("cifar10", "cifar100", "svhn", *LTS):
     die(f"SET must be cifar10, cifar100, svhn, imagenet_lt or inat, got '{SET}'")
@@ -59,9 +56,8 @@ if NPROC != "1" and SET not in LTS:
     die(f"NPROC (torchrun) is for SET=imagenet_lt or inat; the {SET} runs use one GPU each")
 DATA = env("DATA", "--dataset folder --data-root .data/cifar10_jpg" if SET == "cifar10" else
            f"--dataset {SET} --data-root {LT_ROOT}" if SET in LTS else f"--dataset {SET} --data-root ./data --download")
-# JOBS: ResNet-32 at batch 128 is bound by kernel launches; 4 runs side by side on one H200 gave ~3x the throughput
-SEEDS, JOBS, PYTHON, ARGS = env("SEEDS", "0 1 2").split(), env("JOBS", "6" if NPROC == "1" else "1"), \
-    env("PYTHON", "python"), env("ARGS").split()
+SEEDS, PYTHON, ARGS = env("SEEDS", "0 1 2").split(), env("PYTHON", "python"), env("ARGS").split()
+JOBS = env("JOBS", "6" if NPROC == "1" else "1")    # ResNet-32 is launch-bound: 4 runs side by side on an H200 gave ~3x
 RUNS = env("RUNS", f"runs/repro-{RHO}" if SET == "cifar10" else f"runs/repro-{SET}-{ARCH if SET in LTS else RHO}")
 FIG1_RUNS, METHODS = env("RUNS_FIG1", env("RUNS", "runs/paper2-fig1")), env("METHODS", "sl simsiam moco").split()
 LISTS = env("LT_LISTS", LT_ROOT)
@@ -75,42 +71,49 @@ VARS = dict(D=DATA.split() + (["--train-list", TRAIN, "--test-list", TEST] + (["
             data=DATA.split(), pool=POOL, rho=RHO, rho2=f"{min(2 * num(RHO), 1):g}", rho_half=f"{num(RHO) / 2:g}",
             c100=env("C100_ROOT", "./data"), train=TRAIN, arch=ARCH, val=["--val-list", VAL] if VAL else [],
             ood=env("OOD", "--target stl10 --data-root ./data").split(), frac=env("CV_FRAC", "0.1"))
-R = lambda name, stage, needs, command, doc="", **paper: SimpleNamespace(**locals())
-
-# R(name, stage, needs, command, paper): RUNS/<name>/s<seed>/ runs `$PYTHON command --out … --gpu GPU ARGS` in that
-# stage, from RUNS/<needs>/s<seed>/last.pt; within a stage, seed by seed, script by script as in ORDER. A name without
-# pretrain/ is a row of each SET it has paper numbers for, in `table`'s order: paper 1 top-1 error % (lossless; SVHN:
-# balanced test) and paper 2 Table 1(a) probe accuracy % at RHO 0.01, 0.02, 0.1; Tables 3-4 by ARCH (resnet10,
-# resnet50); () or no column: not in the papers' text. gap: paper 2's frequent / rare gap of that run (RHO 0.01);
-# doc: the pre-training's command in `table` (default: the command without {D} --seed {s}).
+# R(name, stage, needs, command, paper): `$PYTHON command --out RUNS/<name>/s<seed> --gpu GPU ARGS` in that stage, from
+# RUNS/<needs>/s<seed>/last.pt. paper, per SET it is a row of: paper 1 top-1 error % (lossless; SVHN: balanced test) or
+# paper 2 probe top-1 % at RHO 0.01, 0.02, 0.1, Tables 3-4 by ARCH (resnet10, resnet50); (): not in the papers' text.
+R = lambda name, stage, needs, command, **paper: SimpleNamespace(**locals())
 ORDER = "ldam_drw.py rotation_ssp.py self_training.py crt.py simsiam_rwsam.py moco_ssp.py eval_linear.py".split()
-SUP, SIM, PROBE = "ldam_drw.py {D} --seed {s}", "simsiam_rwsam.py {D} --seed {s}", "eval_linear.py --ckpt {ckpt} --seed {s}"
-ROT, SSP = "pretrain/rotation", " --pretrained {ckpt}"
+sup = lambda loss, rule: f"ldam_drw.py {{D}} --seed {{s}} --loss {loss} --rule {rule}"
+PROBE, ROT, SSP = "eval_linear.py --ckpt {ckpt} --seed {s}", "pretrain/rotation", " --pretrained {ckpt}"
 CE_ST = "self_training.py {D} --seed {s} --loss ce --rule none --base {ckpt} --rho-u %s {pool}"
 LDAM_ST = "self_training.py {D} --seed {s} --loss ldam --rule drw --base {ckpt} --rho-u %s {pool}"
-FIG = "self_training.py {D} --seed {s} --loss ce --rule none --base {ckpt} %s --unlabeled-mult 4 --irrelevant-root {c100} {pool}"
-fig = lambda name, flags: R(name, 2, "ce", FIG % flags, cifar10=())        # a point of paper 1 Fig. 2 or 3
+fig = lambda u, r: CE_ST % f"{u} --relevance {r} --unlabeled-mult 4 --irrelevant-root {{c100}}"   # Figs. 2-3's D_U
+# Paper 2 Table 1(a): a SimSiam pre-training's --opt, its probe's top-1 % (exp, step), the step run's gap (freq., rare)
+T1A = {"simsiam": ("sgd", 81.4, 84.3, (0.035, 0.081)), "simsiam+sam": ("sam", 82.1, 84.7, (0.044, 0.075)),
+       "simsiam-balanced": ("sgd --balanced", 82.0, 85.8, (0.038, 0.037)),
+       "simsiam+rwsam": ("rwsam --stage1 {ckpt}", 82.7, 85.6, (0.037, 0.066))}
+T1A_RUNS = []
+for v in ("", "-step"):
+    for m, (opt, exp, step, _) in T1A.items():
+        rw = m == "simsiam+rwsam"           # rwSAM's stage 2: a fresh model, from the simsiam run of its column
+        T1A_RUNS += [R(f"pretrain/{m}{v}", 1 + rw, f"pretrain/simsiam{v}" if rw else "",
+                       f"simsiam_rwsam.py {{D}} --seed {{s}} --opt {opt}" + (" --imb-type step" if v else "")),
+                     R(f"{m}{v}", 2 + rw, f"pretrain/{m}{v}", PROBE, cifar10=(step if v else exp,))]
 CIFAR = [
     # Paper 1 Table 2 (and Table 1(b)'s SVHN-LT base): loss × rule of ldam_drw.py; +ssp: from rotation pre-training.
-    R("ce", 1, "", SUP + " --loss ce --rule none",
+    R("ce", 1, "", sup("ce", "none"),
       cifar10=(29.64, 25.19, 13.61), cifar100=(61.68, 56.15, 44.29), svhn=(19.98, 17.50, 11.46)),
-    R("cb-ce", 1, "", SUP + " --loss ce --rule reweight", cifar10=(27.63, 21.95, 13.23), cifar100=(61.44, 55.45, 42.88)),
-    R("focal", 1, "", SUP + " --loss focal --rule none", cifar10=(29.62, 23.29, 13.34), cifar100=(61.59, 55.68, 44.22)),
-    R("cb-focal", 1, "", SUP + " --loss focal --rule reweight", cifar10=(25.43, 20.73, 12.90), cifar100=(60.40, 54.83, 42.01)),
-    R("ce-drw", 1, "", SUP + " --loss ce --rule drw", cifar10=(24.94, 21.10, 13.57), cifar100=(59.49, 55.31, 43.78)),
-    R("ce-drs", 1, "", SUP + " --loss ce --rule drs", cifar10=(25.53, 21.39, 13.73), cifar100=(59.62, 55.46, 43.95)),
-    R("ldam", 1, "", SUP + " --loss ldam --rule none", cifar10=(26.65, 23.18, 13.04), cifar100=(60.40, 55.03, 43.09)),
-    R("ldam-drw", 1, "", SUP + " --loss ldam --rule drw",
+    R("cb-ce", 1, "", sup("ce", "reweight"), cifar10=(27.63, 21.95, 13.23), cifar100=(61.44, 55.45, 42.88)),
+    R("focal", 1, "", sup("focal", "none"), cifar10=(29.62, 23.29, 13.34), cifar100=(61.59, 55.68, 44.22)),
+    R("cb-focal", 1, "", sup("focal", "reweight"), cifar10=(25.43, 20.73, 12.90), cifar100=(60.40, 54.83, 42.01)),
+    R("ce-drw", 1, "", sup("ce", "drw"), cifar10=(24.94, 21.10, 13.57), cifar100=(59.49, 55.31, 43.78)),
+    R("ce-drs", 1, "", sup("ce", "drs"), cifar10=(25.53, 21.39, 13.73), cifar100=(59.62, 55.46, 43.95)),
+    R("ldam", 1, "", sup("ldam", "none"), cifar10=(26.65, 23.18, 13.04), cifar100=(60.40, 55.03, 43.09)),
+    R("ldam-drw", 1, "", sup("ldam", "drw"),
       cifar10=(22.97, 19.06, 11.84), cifar100=(57.96, 53.85, 41.29), svhn=(16.66, 14.59, 10.27)),
     R(ROT, 1, "", "rotation_ssp.py {D} --seed {s}"),
-    R("ce+ssp", 2, ROT, SUP + " --loss ce --rule none" + SSP, cifar10=(), cifar100=()),
-    R("cb-ce+ssp", 2, ROT, SUP + " --loss ce --rule reweight" + SSP, cifar10=(23.47, 19.60, 11.57), cifar100=(56.94, 52.91, 41.94)),
-    R("focal+ssp", 2, ROT, SUP + " --loss focal --rule none" + SSP, cifar10=(), cifar100=()),
-    R("cb-focal+ssp", 2, ROT, SUP + " --loss focal --rule reweight" + SSP, cifar10=(22.90, 18.74, 11.75), cifar100=(57.03, 53.12, 41.16)),
-    R("ce-drw+ssp", 2, ROT, SUP + " --loss ce --rule drw" + SSP, cifar10=(23.04, 19.93, 12.66), cifar100=(57.21, 53.57, 41.77)),
-    R("ce-drs+ssp", 2, ROT, SUP + " --loss ce --rule drs" + SSP, cifar10=(), cifar100=()),
-    R("ldam+ssp", 2, ROT, SUP + " --loss ldam --rule none" + SSP, cifar10=(), cifar100=()),
-    R("ldam-drw+ssp", 2, ROT, SUP + " --loss ldam --rule drw" + SSP, cifar10=(22.17, 17.87, 11.47), cifar100=(56.57, 52.89, 41.09)),
+    R("ce+ssp", 2, ROT, sup("ce", "none") + SSP, cifar10=(), cifar100=()),
+    R("cb-ce+ssp", 2, ROT, sup("ce", "reweight") + SSP, cifar10=(23.47, 19.60, 11.57), cifar100=(56.94, 52.91, 41.94)),
+    R("focal+ssp", 2, ROT, sup("focal", "none") + SSP, cifar10=(), cifar100=()),
+    R("cb-focal+ssp", 2, ROT, sup("focal", "reweight") + SSP,
+      cifar10=(22.90, 18.74, 11.75), cifar100=(57.03, 53.12, 41.16)),
+    R("ce-drw+ssp", 2, ROT, sup("ce", "drw") + SSP, cifar10=(23.04, 19.93, 12.66), cifar100=(57.21, 53.57, 41.77)),
+    R("ce-drs+ssp", 2, ROT, sup("ce", "drs") + SSP, cifar10=(), cifar100=()),
+    R("ldam+ssp", 2, ROT, sup("ldam", "none") + SSP, cifar10=(), cifar100=()),
+    R("ldam-drw+ssp", 2, ROT, sup("ldam", "drw") + SSP, cifar10=(22.17, 17.87, 11.47), cifar100=(56.57, 52.89, 41.09)),
     # Paper 1 Table 1: self-training on the CE / LDAM-DRW base at ρ_U = 1, ρ/2, ρ, 2ρ (--rho-u 1, 2·RHO, RHO, RHO/2).
     R("ce+st", 2, "ce", CE_ST % 1, cifar10=(17.48, 16.79, 10.22), svhn=(13.02, 13.07, 10.01)),
     R("ce+st-half", 2, "ce", CE_ST % "{rho2}", cifar10=(18.42, 16.88, 10.48), svhn=(13.73, 13.36, 10.20)),
@@ -121,155 +124,112 @@ CIFAR = [
     R("ldam-drw+st-same", 2, "ldam-drw", LDAM_ST % "{rho}", cifar10=(15.33, 14.93, 8.68), svhn=()),
     R("ldam-drw+st-double", 2, "ldam-drw", LDAM_ST % "{rho_half}", cifar10=(15.55, 15.24, 8.97), svhn=()),
     R("ce+crt", 2, "ce", "crt.py --ckpt {ckpt}", cifar10=()),
-    # Paper 2 Table 1(a): the linear probe of each SimSiam pre-training (exp imbalance; -step: step imbalance).
-    R("pretrain/simsiam", 1, "", SIM + " --opt sgd"),
-    R("simsiam", 2, "pretrain/simsiam", PROBE, cifar10=(81.4,)),
-    R("pretrain/simsiam+sam", 1, "", SIM + " --opt sam"),
-    R("simsiam+sam", 2, "pretrain/simsiam+sam", PROBE, cifar10=(82.1,)),
-    R("pretrain/simsiam-balanced", 1, "", SIM + " --opt sgd --balanced"),
-    R("simsiam-balanced", 2, "pretrain/simsiam-balanced", PROBE, cifar10=(82.0,)),
-    R("pretrain/simsiam+rwsam", 2, "pretrain/simsiam", SIM + " --opt rwsam --stage1 {ckpt}",
-      doc="simsiam_rwsam.py --opt rwsam (stage 2, fresh model; weights from the simsiam run)"),
-    R("simsiam+rwsam", 3, "pretrain/simsiam+rwsam", PROBE, cifar10=(82.7,)),
-    R("pretrain/simsiam-step", 1, "", SIM + " --opt sgd --imb-type step", gap=(0.035, 0.081)),
-    R("simsiam-step", 2, "pretrain/simsiam-step", PROBE, cifar10=(84.3,)),
-    R("pretrain/simsiam+sam-step", 1, "", SIM + " --opt sam --imb-type step", gap=(0.044, 0.075)),
-    R("simsiam+sam-step", 2, "pretrain/simsiam+sam-step", PROBE, cifar10=(84.7,)),
-    R("pretrain/simsiam-balanced-step", 1, "", SIM + " --opt sgd --balanced --imb-type step", gap=(0.038, 0.037)),
-    R("simsiam-balanced-step", 2, "pretrain/simsiam-balanced-step", PROBE, cifar10=(85.8,)),
-    R("pretrain/simsiam+rwsam-step", 2, "pretrain/simsiam-step", SIM + " --opt rwsam --stage1 {ckpt} --imb-type step",
-      gap=(0.037, 0.066)),
-    R("simsiam+rwsam-step", 3, "pretrain/simsiam+rwsam-step", PROBE, cifar10=(85.6,)),
-    R("pretrain/moco", 1, "", "moco_ssp.py {D} --seed {s}"),
-    R("moco", 2, "pretrain/moco", PROBE, cifar10=()),
+    *T1A_RUNS,
+    R("pretrain/moco", 1, "", "moco_ssp.py {D} --seed {s}"), R("moco", 2, "pretrain/moco", PROBE, cifar10=()),
     # Paper 1 Figs. 2-3 (RHO=0.02, CE base): relevance at ρ_U = 50, then ρ_U at 60% relevance; |D_U| = 4·|D_L|.
-    fig("fig2-r20", "--rho-u 0.02 --relevance 0.2"), fig("fig2-r40", "--rho-u 0.02 --relevance 0.4"),
-    fig("fig2-r60", "--rho-u 0.02 --relevance 0.6"), fig("fig2-r80", "--rho-u 0.02 --relevance 0.8"),
-    fig("fig2-r100", "--rho-u 0.02 --relevance 1"), fig("fig3-u1", "--rho-u 1 --relevance 0.6"),
-    fig("fig3-u25", "--rho-u 0.04 --relevance 0.6"), fig("fig3-u50", "--rho-u 0.02 --relevance 0.6"),
-    fig("fig3-u100", "--rho-u 0.01 --relevance 0.6"), fig("fig3-u200", "--rho-u 0.005 --relevance 0.6"),
-    # Paper 1 App. E.3 (amount of D_U: LDAM-DRW + 1-4x |D_L|; 5x is ldam-drw+st) and F.3 (step imbalance, CE and
-    # LDAM-DRW ± rotation SSP), run only when named (e3, f3): the appendix's numbers are not in the paper's text.
+    *[R(f"fig2-r{r}", 2, "ce", fig(0.02, f"{r / 100:g}"), cifar10=()) for r in (20, 40, 60, 80, 100)],
+    *[R(f"fig3-u{u}", 2, "ce", fig(f"{1 / u:g}", 0.6), cifar10=()) for u in (1, 25, 50, 100, 200)],
+    # Paper 1 App. E.3 (LDAM-DRW + D_U of 1-4x |D_L|; 5x: ldam-drw+st), F.3 (step imbalance): numbers not in the text
     *[R(f"e3-du{m}", 2, "ldam-drw", LDAM_ST % 1 + f" --unlabeled-mult {m}", cifar10=()) for m in (1, 2, 3, 4)],
     R("pretrain/rotation-step", 1, "", "rotation_ssp.py {D} --seed {s} --imb-type step"),
     *[R(f"f3-{n}{ssp}", 2 if ssp else 1, "pretrain/rotation-step" if ssp else "",
-        SUP + f" --loss {loss} --rule {rule} --imb-type step" + (SSP if ssp else ""), cifar10=())
+        sup(loss, rule) + " --imb-type step" + (SSP if ssp else ""), cifar10=())
       for n, loss, rule in (("ce", "ce", "none"), ("ldam-drw", "ldam", "drw")) for ssp in ("", "+ssp")],
 ]
-BAL = " --loss ce --rule resample --resample-weights inverse"
+BAL = sup("ce", "resample") + " --resample-weights inverse"
 LT = [
     # Tables 3-4: CE, CE with class-balanced sampling, LDAM-DRW; +ssp: from MoCo v2; cRT: the classifier retrained.
-    R("pretrain/moco", 1, "", "moco_ssp.py {data} --train-list {train} --rho 1 --arch {arch} --seed {s} --recipe paper1"),
-    R("ce", 1, "", SUP + " --loss ce --rule none", imagenet_lt=(65.2, 61.6), inat=(39.3,)),
-    R("ce+ssp", 2, "pretrain/moco", SUP + " --loss ce --rule none" + SSP, imagenet_lt=(64.1, 54.4), inat=(35.6,)),
-    R("ce-balanced", 1, "", SUP + BAL, imagenet_lt=(62.9, 59.7), inat=(36.5,)),
-    R("ce-balanced+ssp", 2, "pretrain/moco", SUP + BAL + SSP, imagenet_lt=(61.6, 52.4), inat=(34.1,)),
-    R("ldam-drw", 1, "", SUP + " --loss ldam --rule drw", inat=(35.4,)),
-    R("ldam-drw+ssp", 2, "pretrain/moco", SUP + " --loss ldam --rule drw" + SSP, inat=(33.7,)),
+    R("pretrain/moco", 1, "", "moco_ssp.py {data} --train-list {train} --rho 1 --arch {arch} --seed {s} "
+      "--recipe paper1"),
+    R("ce", 1, "", sup("ce", "none"), imagenet_lt=(65.2, 61.6), inat=(39.3,)),
+    R("ce+ssp", 2, "pretrain/moco", sup("ce", "none") + SSP, imagenet_lt=(64.1, 54.4), inat=(35.6,)),
+    R("ce-balanced", 1, "", BAL, imagenet_lt=(62.9, 59.7), inat=(36.5,)),
+    R("ce-balanced+ssp", 2, "pretrain/moco", BAL + SSP, imagenet_lt=(61.6, 52.4), inat=(34.1,)),
+    R("ldam-drw", 1, "", sup("ldam", "drw"), inat=(35.4,)),
+    R("ldam-drw+ssp", 2, "pretrain/moco", sup("ldam", "drw") + SSP, inat=(33.7,)),
     R("crt", 3, "ce", "crt.py --ckpt {ckpt} --seed {s} {val}", imagenet_lt=(58.2, 52.7), inat=(34.8,)),
     R("crt+ssp", 3, "ce+ssp", "crt.py --ckpt {ckpt} --seed {s} {val}", imagenet_lt=(56.8, 48.7), inat=(31.9,)),
 ]
-
 ROWS = LT if SET in LTS else CIFAR
 BY = {e.name: e for e in ROWS}
-ALL = [e.name for e in ROWS if SET in e.paper and (RHO == "0.02" or not e.name.startswith("fig"))
-       and not e.name.startswith(("e3-", "f3-"))]
-EXTRA = [e.name for e in ROWS if SET in e.paper and e.name.startswith(("e3-", "f3-"))]
+EXTRA = [e.name for e in ROWS if SET in e.paper and e.name.startswith(("e3-", "f3-"))]       # run only when named
+ALL = [e.name for e in ROWS if SET in e.paper and e.name not in EXTRA and (RHO == "0.02" or e.name[:3] != "fig")]
 
 DRY, TABLE, FIG1, CV, SEMI, picked = 0, 0, 0, 0, 0, []
 for a in sys.argv[2:]:
     if a in ("--dry-run", "table", "cv-table", "paper2-fig1", "cv", "paper2-semi"):
-        DRY, FIG1, CV, SEMI = DRY or a == "--dry-run", FIG1 or a == "paper2-fig1", CV or a == "cv", SEMI or a == "paper2-semi"
-        TABLE = {"table": 1, "cv-table": 2}.get(a, TABLE)
+        DRY, FIG1, CV = DRY or a == "--dry-run", FIG1 or a == "paper2-fig1", CV or a == "cv"
+        SEMI, TABLE = SEMI or a == "paper2-semi", {"table": 1, "cv-table": 2}.get(a, TABLE)
     elif a in ("-h", "--help"):
         print(re.sub("(?m)^# ?", "", open(sys.argv[1]).read().split("\nset -euo")[0].split("\n", 1)[1]))
         sys.exit(0)
     elif a in ("fig2", "fig3"):
         picked += [r for r in ALL if r.startswith(a + "-")] or \
             die(f"{a} is paper 1's CIFAR-10-LT ρ = 50 figure: run it with SET=cifar10 RHO=0.02")
-    elif a in ("e3", "f3"):
-        picked += [r for r in EXTRA if r.startswith(a + "-")]
-    elif a in ALL + EXTRA:
-        picked.append(a)
+    elif a in ALL + EXTRA + ["e3", "f3"]:               # a row, or the rows of an appendix group
+        picked += [r for r in EXTRA if r.startswith(a + "-")] if a in ("e3", "f3") else [a]
     else:
         die(f"unknown row '{a}'; rows: {' '.join(ALL)}")
 picked = picked or ([] if CV or SEMI else ALL)
 SEMI_RUNS, SEMI_PAPER = env("RUNS", "runs/paper2-semi"), {"simsiam": 70.1, "sl": 44.3, "sl-rare": 36.5}
 
-def finals(folder, runs=RUNS):
-    return [json.load(open(path)) for path in sorted(glob.glob(os.path.join(runs, folder, "s*", "final.json")))]
+finals = lambda folder, runs=RUNS: [json.load(open(p))
+                                    for p in sorted(glob.glob(os.path.join(runs, folder, "s*", "final.json")))]
+minutes = lambda results: f"{statistics.mean(r['wall_seconds'] for r in results) / 60:.1f}" if results else "—"
 
 def mean_std(values, digits=2):
     if len(values) < 2:
         return f"{values[0]:.{digits}f} (1 seed)" if values else "not run"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f} ({len(values)} seeds)"
 
-def trained_epochs(pattern, runs=RUNS):
-    """Epochs of the finished full-size pre-training runs under runs/pattern (a subsampled variant trains more)."""
-    found = {r["epochs"] for p in glob.glob(os.path.join(runs, pattern, "s*", "final.json"))
-             for r in [json.load(open(p))] if r.get("subsample", 1) == 1 and "epochs" in r}
+def trained_epochs(pattern, runs=RUNS):     # of the full-size runs: a subsampled variant trains more epochs
+    found = {r["epochs"] for r in finals(pattern, runs) if r.get("subsample", 1) == 1 and "epochs" in r}
     return "/".join(map(str, sorted(found))) or "not run"
-
-def minutes(results):
-    return f"{statistics.mean(r['wall_seconds'] for r in results) / 60:.1f}" if results else "—"
 
 def table():
     rho = float(RHO)
-    col = {0.01: 0, 0.02: 1, 0.1: 2}.get(rho)
-    def paper(row):
-        v = BY[row].paper.get(SET, ())
-        if SET in LTS:
-            return v[0] if ARCH == "resnet10" else v[-1]
-        return v[col] if col is not None and col < len(v) else None
+    col = (0 if ARCH == "resnet10" else -1) if SET in LTS else {0.01: 0, 0.02: 1, 0.1: 2}.get(rho, 3)   # 3: no column
     name = {"cifar10": "CIFAR-10-LT", "cifar100": "CIFAR-100-LT", "svhn": "SVHN-LT", "imagenet_lt": "ImageNet-LT",
             "inat": "iNaturalist 2018"}[SET]
     print(f"{name}, {ARCH if SET in LTS else f'rho {rho:g}'}, runs in {RUNS}; ours: mean ± sample std over training "
           "seeds (the data subset is fixed: --data-seed 0), last epoch"
           + ("; SVHN errors from mean per-class accuracy" if SET == "svhn" else "")
           + "\n\n| row | metric | paper (lossless) | ours | minutes per run |\n|---|---|---|---|---|")
-    t1a = [r for r in ALL if r.startswith("simsiam") and not r.endswith("-step")]       # the Table 1(a) block below
-    for row in ALL + [r for r in EXTRA if finals(r)]:
-        if row.removesuffix("-step") in t1a:
-            continue
-        probe, ref, results = BY[row].command == PROBE, paper(row), finals(row)
-        values = [r["top1"] if probe else r["test_error"] for r in results]
+    for row in [r for r in ALL if r.removesuffix("-step") not in T1A] + [r for r in EXTRA if finals(r)]:
+        probe, v, results = BY[row].command == PROBE, BY[row].paper[SET], finals(row)
         label = row + (" (not the paper's pool)" if any(r.get("pool") == "rest" and r.get("dataset") != "svhn"
                                                        for r in results) else "")
-        print(f"| {label} | {'probe acc. %' if probe else 'error %'} | {ref if ref is not None else '—'} | "
-              f"{mean_std(values)} | {minutes(results)} |")
+        print(f"| {label} | {'probe acc. %' if probe else 'error %'} | {v[col] if col < len(v) else '—'} | "
+              f"{mean_std([r['top1' if probe else 'test_error'] for r in results])} | {minutes(results)} |")
     if SET != "cifar10":
         return
     def gaps(row, group):
-        """The pre-training run's gap at its end (simsiam_rwsam.py's final.json "last"), per seed."""
         runs_ = finals(os.path.join("pretrain", row))
         found = [r["last"]["gap"][group]["gap"] for r in runs_ if (r.get("last") or {}).get("gap")]
         return mean_std(found, 3) if found or not runs_ else "not measured (--knn-every -1)"
-    show = lambda v: "—" if v is None or col != 0 else v
+    show = lambda v: v if col == 0 else "—"
     acc = lambda r: mean_std([x["top1"] for x in finals(r)])
     print(f"\nPaper 2 Table 1(a), rho {rho:g}: linear-probe top-1 % (row <name>: exp, row <name>-step: step) and the "
-          "generalization gap of the step pre-training run (held-out − training SimSiam loss, frequent / rare half "
-          f"of the classes, mean over the run's --gap-views draws); paper numbers are for rho 0.01. SimSiam pre-training: "
-          f"{trained_epochs('pretrain/simsiam*')} epochs (the authors' README: 1600; paper2-fig1's cells: 800, SimSiam-91)\n\n"
-          "| row | exp: paper | exp: ours | step: paper | step: ours | gap frequent: paper | gap frequent: ours "
-          "| gap rare: paper | gap rare: ours |\n|---|---|---|---|---|---|---|---|---|")
-    for row in t1a:
-        freq, rare = BY[f"pretrain/{row}-step"].paper["gap"]
-        print(f"| {row} | {show(paper(row))} | {acc(row)} | {show(paper(row + '-step'))} | {acc(row + '-step')} | "
+          "generalization gap of the step pre-training run (held-out − training SimSiam loss, frequent / rare half of "
+          "the classes, mean over the run's --gap-views draws); paper numbers are for rho 0.01. SimSiam pre-training: "
+          f"{trained_epochs('pretrain/simsiam*')} epochs (the authors' README: 1600; paper2-fig1's cells: 800, "
+          "SimSiam-91)\n\n| row | exp: paper | exp: ours | step: paper | step: ours | gap frequent: paper | gap "
+          "frequent: ours | gap rare: paper | gap rare: ours |\n|---|---|---|---|---|---|---|---|---|")
+    for row, (_, exp, step, (freq, rare)) in T1A.items():
+        print(f"| {row} | {show(exp)} | {acc(row)} | {show(step)} | {acc(row + '-step')} | "
               f"{show(freq)} | {gaps(row + '-step', 'frequent')} | {show(rare)} | {gaps(row + '-step', 'rare')} |")
     print("\n| pre-training | command | minutes per run |\n|---|---|---|")
-    for e in ROWS:
-        if e.name.startswith("pretrain/"):
-            doc = e.doc or (f"the {e.name[9:-5]} command with --imb-type step" if e.name.endswith("-step") else
-                            e.command.replace(" {D} --seed {s}", ""))
-            print(f"| {e.name[9:]} | {doc} | {minutes(finals(e.name))} |")
+    for e in (e for e in ROWS if e.name.startswith("pretrain/")):
+        doc = (f"the {e.name[9:-5]} command with --imb-type step" if e.name.endswith("-step") else e.command.replace(
+            " {D} --seed {s}", "").replace("--stage1 {ckpt}", "(stage 2, fresh model; weights from the simsiam run)"))
+        print(f"| {e.name[9:]} | {doc} | {minutes(finals(e.name))} |")
 
 def fig1_table():
-    """Paper 2 Fig. 1(a) / Eq. (1) on CIFAR-10 from the probes' final.json files, paired by eval_linear.gap_rows."""
     import eval_linear as E
     names = {"sl": "SL", "simsiam": "SimSiam", "moco": "MoCo v2"}
     method = {"ldam_drw[he]:ce-none": "sl", "simsiam_rwsam+sgd": "simsiam", "moco_ssp[paper2]+sgd": "moco"}
-    paths = sorted(glob.glob(os.path.join(FIG1_RUNS, "id", "*", "*", "s*", "final.json")) +
-                   glob.glob(os.path.join(FIG1_RUNS, "ood", "*", "*", "s*", "final.json")))
+    paths = sorted(p for d in ("id", "ood")
+                   for p in glob.glob(os.path.join(FIG1_RUNS, d, "*", "*", "s*", "final.json")))
     if not paths:
         sys.exit(f"no finished probe under {FIG1_RUNS}/id or {FIG1_RUNS}/ood yet")
     rows, unpaired = E.gap_rows([E.read_result(p) for p in paths])
@@ -283,18 +243,15 @@ def fig1_table():
           "at full size (the subsampled variants train as many steps): " + ", ".join(
               f"{names[m]} {trained_epochs(os.path.join('pretrain', m, '*'), FIG1_RUNS)}" for m in METHODS)
           + " (SimSiam in `reproduce.sh table`'s Table 1(a): 1600).")
+    pm = lambda x, key, scale=1: E.pm(x[key], x[key + "_std"], scale)
+    cells = lambda x: ["—"] * 3 if x is None else [pm(x, "A_balanced"), pm(x, "A_imbalanced"), pm(x, "delta", 100)]
     for ev in sorted({k[0] for k in cell}):
         title = "ID: linear probe on the full training set" if ev.startswith("linear:") else f"OOD: {ev} linear probe"
         print(f"\n### {title} ({ev})\n\n| r | n | " + " | ".join(
             f"{names[m]} A(n,1) | {names[m]} A(n,r) | Δ^{names[m]} %" for m in METHODS) + " |")
         print("|---|---|" + "---|---|---|" * len(METHODS))
         for r, n in sorted({(k[2], k[3]) for k in cell if k[0] == ev}, key=lambda t: (-t[0], -t[1])):
-            parts = []
-            for x in (cell.get((ev, m, r, n)) for m in METHODS):
-                parts += ["—"] * 3 if x is None else [E.pm(x["A_balanced"], x["A_balanced_std"]),
-                                                       E.pm(x["A_imbalanced"], x["A_imbalanced_std"]),
-                                                       E.pm(x["delta"], x["delta_std"], 100)]
-            print(f"| {r:.4g} | {n} | " + " | ".join(parts) + " |")
+            print(f"| {r:.4g} | {n} | " + " | ".join(c for m in METHODS for c in cells(cell.get((ev, m, r, n)))) + " |")
 
 def semi_table():
     print(f"Paper 2 Fig. 4 (right), runs in {SEMI_RUNS}: 5-way linear probe on the rare classes (25,000 semi-synthetic "
@@ -316,11 +273,16 @@ def cv_table():
                   f"{show([x['knn_class_mean'] for x in last])} | {len(last)} |")
 
 if TABLE:
-    sys.exit(fig1_table() if FIG1 and TABLE == 1 else semi_table() if SEMI and TABLE == 1 else
-             cv_table() if TABLE == 2 else table())
+    sys.exit(cv_table() if TABLE == 2 else fig1_table() if FIG1 else semi_table() if SEMI else table())
 
-# The shared settings, checked before anything is launched: one line and exit 2 on the first bad one.
-if not DRY:
+def data_step(name, *args):           # datasets_lt.<name>(*args); a DataError is one line and exit 2
+    import datasets_lt
+    try:
+        getattr(datasets_lt, name)(*args)
+    except datasets_lt.DataError as e:
+        die(f"DATA: {e}")
+
+if not DRY:     # the shared settings, checked before anything is launched
     if not (re.fullmatch(r"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?", RHO) and 0 < float(RHO) <= 1):
         die(f"RHO={RHO} must be a tail/head ratio in (0, 1] (the papers' imbalance 100 is RHO=0.01)")
     if not (re.fullmatch(r"-?[0-9]+", GPU) and int(GPU) >= -1):
@@ -332,11 +294,7 @@ if not DRY:
         die(f"DATA: no {' or '.join(missing)} split under '{root}' (a folder dataset needs {root}/train/<class>/* "
             f"and {root}/test/<class>/*); unpack the data there or set DATA")
     if dataset != "folder" and "--download" not in data:
-        import datasets_lt
-        try:
-            datasets_lt.load_split(dataset, root, True)
-        except datasets_lt.DataError as e:
-            die(f"DATA: {e}")
+        data_step("load_split", dataset, root, True)
     if int(GPU) >= 0:
         import torch
         if not torch.cuda.is_available():
@@ -347,7 +305,6 @@ RUNNING, FAILED = {}, []
 report = lambda line: FAILED.append(line) or print(line)
 
 def settle(limit):
-    """Wait until fewer than limit runs are going, reporting each one that ends."""
     while len(RUNNING) >= limit:
         time.sleep(0.1)
         for proc in [p for p in RUNNING if p.poll() is not None]:
@@ -355,15 +312,12 @@ def settle(limit):
             if rc == 0:
                 print(f"finished {out}")
                 continue
-            text = open(f"{out}/log.txt", "rb").read()
-            last = text[:-1 if text.endswith(b"\n") else None].rsplit(b"\n", 1)[-1].decode(errors="replace")
+            last = open(f"{out}/log.txt", "rb").read().removesuffix(b"\n").rsplit(b"\n", 1)[-1].decode(errors="replace")
             report(f"FAILED {out} (exit {rc if rc > 0 else 128 - rc}): {last}; see {out}/log.txt")
 
 def launch(stages, entries, runs):
-    """Stage by stage (each waits for the one before), seed by seed, the entries of each stage: a run whose
-    final.json exists is skipped, one with a last.pt continued with --resume (cRT and probes start over)."""
     for n in stages:
-        settle(1)
+        settle(1)                   # a stage starts once the one before has ended
         print(f"# stage {n}" if DRY else f"== stage {n}")
         for s, e in ((s, e) for s in SEEDS for e in entries if e.stage == n):
             v, out = dict(VARS, s=s, ckpt=f"{runs}/{e.needs}/s{s}/last.pt"), f"{runs}/{e.name}/s{s}"
@@ -386,7 +340,7 @@ def launch(stages, entries, runs):
             with open(f"{out}/log.txt", "ab") as log:
                 RUNNING[subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)] = out
 
-def finish(message):
+def finish(message, then=lambda: None):
     if DRY:
         sys.exit(0)
     settle(1)
@@ -394,42 +348,35 @@ def finish(message):
         print(f"== {len(FAILED)} run(s) did not finish:\n" + "\n".join(FAILED))
         sys.exit(1)
     print(message)
+    sys.exit(then())
 
-if FIG1:    # Paper 2 Fig. 1(a) (§2.2, App. A.1): SL, SimSiam, MoCo v2 on every CIFAR-10 variant and its balanced partner
-    # of the same n (one data seed), then the ID probe (eval_linear.py) and OOD probe (eval_ood.py) of each checkpoint.
+if FIG1:    # Paper 2 Fig. 1(a) (§2.2, App. A.1): each CIFAR-10 variant and its balanced partner of equal n, both probed
     if SET != "cifar10":
         die(f"paper2-fig1 is Fig. 1(a), CIFAR-10 (SET=cifar10); SET={SET} has no Fig. 1 target: for ImageNet-LT run "
             "the cells by hand (README, paper 2)")
-    SCALE = env("SCALE", "1")
-    if not num(SCALE) > 0:
+    if not num(SCALE := env("SCALE", "1")) > 0:
         die(f"SCALE must be a number > 0, got '{SCALE}'")
-    pre = {"sl": "ldam_drw.py --recipe he", "simsiam": "simsiam_rwsam.py --opt sgd", "moco": "moco_ssp.py"}
+    pre = {"sl": ("ldam_drw.py --recipe he", 200), "simsiam": ("simsiam_rwsam.py --opt sgd", 800),
+           "moco": ("moco_ssp.py", 200)}                       # the pre-training command and its epochs at SCALE 1
     for m in (m for m in METHODS if m not in pre):
         die(f"unknown method '{m}' in METHODS; methods: sl simsiam moco")
     epochs = lambda budget: max(1, int(budget * num(SCALE) + 0.5))
-    budget, cells = {"sl": 200, "simsiam": 800, "moco": 200}, []
+    probe, cells = f"--seed {{s}} --epochs {epochs(100)}", []
     for m, r, q, v in ((m, r, q, v) for m in METHODS for r in env("RHOS", "0.1 0.01").split()
                        for q in env("SIZES", "1 0.75 0.5 0.25 0.125").split() for v in ("imb", "bal")):
         c = f"{m}/r{r}-q{q}-{v}"
-        cells += [R(f"pretrain/{c}", 1, "", f"{pre[m]} {{data}} --rho {r} --seed {{s}} --epochs {epochs(budget[m])}"
+        cells += [R(f"pretrain/{c}", 1, "", f"{pre[m][0]} {{data}} --rho {r} --seed {{s}} --epochs {epochs(pre[m][1])}"
                     + (f" --subsample {q}" if q != "1" else "") + (" --balanced" if v == "bal" else "")),
-                  R(f"id/{c}", 2, f"pretrain/{c}", f"eval_linear.py --ckpt {{ckpt}} --seed {{s}} --epochs {epochs(100)}"),
-                  R(f"ood/{c}", 2, f"pretrain/{c}", f"eval_ood.py --ckpt {{ckpt}} {{ood}} --seed {{s}} --epochs {epochs(100)}")]
+                  R(f"id/{c}", 2, f"pretrain/{c}", f"eval_linear.py --ckpt {{ckpt}} {probe}"),
+                  R(f"ood/{c}", 2, f"pretrain/{c}", f"eval_ood.py --ckpt {{ckpt}} {{ood}} {probe}")]
     launch((1, 2), cells, FIG1_RUNS)
-    finish("== all runs finished")
-    sys.exit(fig1_table())
+    finish("== all runs finished", fig1_table)
 
-if SEMI:    # Paper 2 §3.2 (Fig. 4, App. B): the semi-synthetic folders from DATA's CIFAR-10, then SimSiam (the paper:
-    # SimCLR), supervised and supervised-on-the-rare-50 pre-training, each probed 5-way on the 25,000 rare images.
-    data, out = shlex.split(DATA), f"{SEMI_RUNS}/data"
-    flag = lambda name, default: data[data.index(name) + 1] if name in data[:-1] else default
+if SEMI:    # Paper 2 §3.2 (Fig. 4, App. B): the semi-synthetic folders from DATA's CIFAR-10, then the runs of its table
+    out = f"{SEMI_RUNS}/data"
     if not DRY and not os.path.isdir(f"{out}/semi-rare10"):
-        import datasets_lt
         print(f"writing the semi-synthetic folders in {out}")
-        try:
-            datasets_lt.write_semi_synthetic(flag("--dataset", "cifar10"), flag("--data-root", "./data"), out)
-        except datasets_lt.DataError as e:
-            die(f"DATA: {e}")
+        data_step("write_semi_synthetic", dataset, root, out)       # DATA's, as the settings check read them
     imb = f"--dataset folder --data-root {out}/semi --rho 0.002 --imb-type step --no-flip --seed {{s}}"
     rare = f"--dataset folder --data-root {out}/semi-rare10 --rho 1 --no-flip --seed {{s}}"
     pre = {"simsiam": f"simsiam_rwsam.py --opt sgd {imb}", "sl": f"ldam_drw.py --recipe he {imb}",
@@ -437,19 +384,17 @@ if SEMI:    # Paper 2 §3.2 (Fig. 4, App. B): the semi-synthetic folders from DA
     launch((1, 2), [R(f"pretrain/{m}", 1, "", c) for m, c in pre.items()] + [R(m, 2, f"pretrain/{m}",
            f"eval_linear.py --ckpt {{ckpt}} --dataset folder --data-root {out}/semi-rare --seed {{s}}") for m in pre],
            SEMI_RUNS)
-    finish("== all runs finished")
-    sys.exit(semi_table())
+    finish("== all runs finished", semi_table)
 
 chain = lambda name: {name} | chain(BY[name].needs) if name else set()     # a run and the runs it starts from
 wanted = set().union(*map(chain, picked))
 launch((1, 2, 3), sorted((e for e in ROWS if e.name in wanted), key=lambda e: ORDER.index(e.command.split()[0])), RUNS)
-if CV:  # Paper 2 App. C.1 selects ρ and α "with cross validation": one value at a time around the defaults, every run
-    # on the same --val-frac split left out of pre-training and scored by kNN on it alone; the defaults stay.
+if CV:  # Paper 2 App. C.1 picks ρ and α "with cross validation": one value at a time around the defaults (kept)
     cv = "simsiam_rwsam.py {data} --rho {rho} --seed {s} --opt %s --val-frac {frac}"
     tries = [("default", "")] + [(f"{name}={x}", f" {flag} {x}") for name, flag, var, default in (
         ("h", "--bandwidth", "CV_H", "0.1 0.2 0.5 1.0"), ("alpha", "--alpha", "CV_ALPHA", "0.5 2.0"),
         ("rho", "--sam-rho", "CV_RHO", "0.5 2 7")) for x in env(var, default).split()]
-    launch(("cv-1", "cv-2"), [R("cv/stage1-simsiam", "cv-1", "", cv % "sgd")] + [
-        R(f"cv/{name}", "cv-2", "cv/stage1-simsiam", cv % "rwsam --stage1 {ckpt}" + flags) for name, flags in tries], RUNS)
+    launch(("cv-1", "cv-2"), [R("cv/stage1-simsiam", "cv-1", "", cv % "sgd")] + [R(f"cv/{name}", "cv-2",
+           "cv/stage1-simsiam", cv % "rwsam --stage1 {ckpt}" + flags) for name, flags in tries], RUNS)
 finish("== all runs finished; the table: bash reproduce.sh table")
 EOF
