@@ -573,7 +573,8 @@ def main(argv=None):
     else:
         score = lambda m, batches: D.evaluate(m, batches.epoch(0), C, counts)
     model, optimizer, start, best = init_state(args, ckpt, C, device, world)
-    step_model = torch.compile(model, mode="reduce-overhead") if args.compile else model
+    # one static CUDA graph for the full batches and one for the short last batch, reused every epoch
+    step_model = torch.compile(model, mode="reduce-overhead", dynamic=False) if args.compile else model
     weights = class_weights(args, counts, train.labels, device)
     saved = {"script": "ldam_drw.py", "arch": args.arch, "class_counts": counts,
              "train_subset": D.subset_digest(train.indices),

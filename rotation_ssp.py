@@ -333,7 +333,8 @@ def main(argv=None):
         R.fail(str(e))
     score = lambda m, batches: rotation_accuracy(m, batches.epoch(0), C, counts)
     model, optimizer, start = init_state(args, ckpt, device)
-    step_model = torch.compile(model, mode="reduce-overhead") if args.compile else model
+    # one static CUDA graph for the full batches and one for the short last batch, reused every epoch
+    step_model = torch.compile(model, mode="reduce-overhead", dynamic=False) if args.compile else model
     saved = {"script": "rotation_ssp.py", "arch": ARCH, "class_counts": counts, "mean": test.mean, "std": test.std}
     open_run(args, ckpt, device, counts, start)
 

@@ -1,7 +1,9 @@
-"""The CUDA paths, on a machine with CUDA (skipped without it): a CUDA run with its GPU switches, the GPU
-augmentation and the KDE equal to the CPU's, fused SGD equal to foreach SGD, TF32 recorded, a CUDA resume equal to
-an uninterrupted run."""
+"""The CUDA paths, on a machine with CUDA (skipped without it): every script's CUDA run with each of its GPU
+switches, --compile's graphs, the GPU augmentation and the KDE equal to the CPU's, fused SGD equal to foreach SGD,
+TF32 recorded, a CUDA resume equal to an uninterrupted run, and on >= 2 GPUs SyncBatchNorm over NCCL equal to one
+process's BatchNorm over the global batch."""
 import json
+import subprocess
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 import datasets_lt as D
 import ldam_drw as L
 import simsiam_rwsam as S
-from conftest import write_folder
+from conftest import ROOT, drive, torchrun, write_folder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -88,3 +90,94 @@ def test_fused_sgd_equals_foreach_sgd():
             opt.step()
         out.append(ps)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*out))
+
+
+# ----- every script, each GPU switch it offers ------------------------------------------------------
+
+SWITCHES = {"ldam_drw.py": ["--amp", "--compile"], "rotation_ssp.py": ["--amp", "--compile"]}
+SWITCHES.update({s: ["--amp"] for s in ("moco_ssp.py", "simsiam_rwsam.py", "self_training.py", "crt.py",
+                                        "eval_linear.py", "eval_ood.py")})
+CASES = [f"{s} {w}".strip() for s in SWITCHES for w in ["", *SWITCHES[s]]]
+
+
+@pytest.fixture(scope="module")
+def cuda_runs(tmp_path_factory):
+    """Each case of CASES: its script for 1 epoch on cuda:0 on fake folder data (the kill sweep's commands), the
+    checkpoint-taking ones from a CUDA LDAM-DRW run; processes forked from one import, several at a time."""
+    from test_faults import KILLED
+    root = tmp_path_factory.mktemp("cuda-runs")
+    write_folder(root / "data", per_class=(6, 6, 6), per_class_test=2)
+    paths = {"data": str(root / "data"), "ckpt": str(root / "ckpt" / "last.pt")}
+    argv = lambda s, out: [a.format(**paths) for a in KILLED[s]] + ["--gpu", "0", "--epochs", "1", "--batch-size",
+                                                                     "8", "--out", str(out)]
+    first = drive({"ckpt": ["ldam_drw.py", argv("ldam_drw.py", root / "ckpt"), 0]})["ckpt"]
+    assert first[0] == 0, first[1]
+    runs = drive({c: [c.split()[0], argv(c.split()[0], root / c.replace(" ", "_")) + c.split()[1:], 0] for c in CASES})
+    return root, runs
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_script_runs_on_cuda_with_each_switch_and_keeps_the_checkpoint_contract(cuda_runs, case):
+    root, runs = cuda_runs
+    code, err = runs[case]
+    assert code == 0, err[-3000:]
+    out = root / case.replace(" ", "_")
+    final, args = (json.loads((out / f).read_text()) for f in ("final.json", "args.json"))
+    assert args["device"] != "cpu" and args["tf32"] is True and "warning: CUDA" not in err
+    for ckpt in out.rglob("last.pt"):
+        sd = torch.load(ckpt, map_location="cpu", weights_only=True)
+        assert sd["epoch"] >= 1                         # simsiam_rwsam's default: SimSiam 1 epoch, then rwSAM 1
+        assert all(torch.isfinite(v).all() for v in sd["model"].values() if v.is_floating_point()), ckpt
+    assert final
+
+
+def test_compile_makes_one_graph_per_batch_size_and_skips_no_cuda_graph(data, tmp_path):
+    """3 epochs with a short last batch: 2 graphs compiled once (no recompile per epoch), each a CUDA graph."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    final = ldam(data, tmp_path / "run", "--epochs", 3, "--compile")
+    n = sum(final["class_counts"])
+    assert counters["stats"]["unique_graphs"] == (1 if n % 16 == 0 else 2)
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    torch._dynamo.reset()
+
+
+# ----- >= 2 GPUs: SyncBatchNorm over NCCL -----------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpu_syncbn_run_equals_one_process_batchnorm_over_the_global_batch(tmp_path):
+    """torchrun, 2 processes on 2 GPUs (NCCL, SyncBatchNorm), 1 epoch of 3 steps, the last one's second share empty:
+    the weights equal one process on the CPU updating on each global batch (both shares' views, in rank order)
+    with BatchNorm's statistics over that whole batch."""
+    import numpy as np
+    import test_ddp_lists as T
+    lst = T.write_list(tmp_path, T.TRAIN_LABELS)
+    cmd = [str(a) for a in T.ldam_args(tmp_path, lst, tmp_path / "run", 1)]
+    cmd[cmd.index("--gpu") + 1] = "0"
+    r = subprocess.run(torchrun(*cmd, "--strict-fp32"), cwd=ROOT, env=T.ONE_THREAD, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and "SyncBatchNorm" in r.stdout, r.stderr[-3000:]
+    args = L.parse_args(cmd[1:])
+    ds = D.FileListDataset(str(tmp_path), str(lst), transform=D.imagenet_transform(True, dataset="inat"))
+    labels, counts = torch.as_tensor(ds.labels), np.bincount(ds.labels).tolist()
+    torch.manual_seed(args.seed)
+    model = L.build_model("resnet10", 3, cosine=True).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    cb, margins = L.class_balanced_weights(counts, args.beta), L.ldam_margins(counts, args.max_m)
+    for group in optimizer.param_groups:
+        group["lr"] = L.lr_at(0, args)
+    steps = [D.shard_batches(T.N, T.BATCH, args.seed, 0, None, r, 2) for r in range(2)]
+    views = []
+    for rank in range(2):
+        torch.manual_seed(D.stream_seed(args.seed, 0, rank))
+        views.append([[ds[int(i)][0] for i in share] for _, share in steps[rank]])
+    for step, (batch, _) in enumerate(steps[0]):
+        optimizer.zero_grad()
+        x = torch.stack(views[0][step] + views[1][step])
+        reweight = L.deferred_rule(args.rule, 0, args.epochs, True)[0] is not None
+        L.shard_loss(model(x), labels[batch], labels[batch], cb if reweight else None, margins, args).backward()
+        optimizer.step()
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    for k, v in model.state_dict().items():
+        assert torch.allclose(saved[k].float(), v.float(), atol=1e-4), k

@@ -382,25 +382,31 @@ def test_resnet18_fine_tunes_a_cifar_resnet18_backbone(tmp_path, easy):
 
 
 @pytest.mark.slow
-def test_compiled_run_saves_the_modules_own_keys(tmp_path, easy, monkeypatch):
+def test_compiled_run_saves_the_modules_own_keys_and_makes_two_graphs(tmp_path, easy, monkeypatch):
     """--compile (CUDA only) trains through torch.compile's wrapper; the checkpoint must still hold the
     module's keys (no '_orig_mod.' prefix) so that --resume and the other scripts' --pretrained load it.
-    On the CPU the wrapper is compiled with the eager backend and kept on past setup_device."""
-    real_compile, real_setup, modes = torch.compile, run_lt.setup_device, []
+    Over 3 epochs with a short last batch (57 images, batch 16) dynamo makes exactly 2 static graphs (one CUDA graph
+    each under reduce-overhead), none recompiled per epoch. On the CPU the wrapper is compiled with a backend that
+    counts its graphs, and kept on past setup_device."""
+    real_compile, real_setup, calls, graphs = torch.compile, run_lt.setup_device, [], []
 
-    def eager_compile(model, mode=None):
-        modes.append(mode)
-        return real_compile(model, backend="eager")
+    def counting_compile(model, mode=None, dynamic=None):
+        calls.append((mode, dynamic))
+        batch = lambda inputs: [len(i) for i in inputs if i.shape[1:] == (3, 32, 32)]   # the images, not the weights
+        backend = lambda gm, inputs: graphs.extend(batch(inputs)) or gm.forward
+        return real_compile(model, backend=backend, dynamic=dynamic)
 
     def keep_compile(args, *world):
         device = real_setup(args, *world)
         args.compile = True
         return device
 
-    monkeypatch.setattr(torch, "compile", eager_compile)
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", counting_compile)
     monkeypatch.setattr(run_lt, "setup_device", keep_compile)
-    _run(tmp_path / "run", easy, "--rho", "0.5", "--epochs", 1, "--batch-size", 16, "--compile")
-    assert modes == ["reduce-overhead"]
+    final = _run(tmp_path / "run", easy, "--rho", "0.5", "--epochs", 3, "--batch-size", 16, "--compile")
+    assert calls == [("reduce-overhead", False)] and sum(final["class_counts"]) == 57
+    assert sorted(graphs) == [9, 16]
     sd = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
     assert list(sd) == list(L.build_model("resnet32", 5, cosine=True).state_dict())
     L.main(["--resume", str(tmp_path / "run" / "last.pt"), "--gpu", "-1"])
