@@ -75,6 +75,25 @@ def test_kde_weights_in_float64_equal_the_cpus():
     assert torch.allclose(d_cpu, d_gpu.cpu(), rtol=1e-10) and torch.allclose(w_cpu, w_gpu.cpu(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_step_on_cuda_restores_the_weights_exactly(adaptive):
+    """rwSAM's two passes at lr 0 (fused SGD, as the script): the weights come back to w bit for bit and the BN
+    buffers are the first pass's (a model that made only that pass), the second pass's discarded."""
+    import copy
+    torch.manual_seed(0)
+    model = S.SimSiam().cuda().train()
+    first_pass = copy.deepcopy(model)
+    x1, x2 = torch.randn(2, 16, 3, 32, 32, device="cuda")
+    S.forward_loss(first_pass, x1, x2, False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4, fused=True)
+    S.train_step(model, optimizer, x1, x2, "rwsam", rho=5.0, adaptive=adaptive,
+                 weights=torch.rand(16, device="cuda") + 0.5)
+    want = first_pass.state_dict()
+    for k, v in model.state_dict().items():
+        assert (torch.equal(v, want[k]) if "running" not in k else torch.allclose(v, want[k], atol=1e-6)), k
+    assert any(optimizer.state[p]["momentum_buffer"].abs().sum() > 0 for p in model.parameters())   # a real step
+
+
 def test_fused_sgd_equals_foreach_sgd():
     torch.manual_seed(0)
     params = [torch.randn(256, 128, device="cuda") for _ in range(3)]
