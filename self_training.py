@@ -27,6 +27,10 @@ Deliberate differences from the paper and the authors' code:
 8. --base must come from a run on this D_L (same data flags, counts and image digest), else refused.
 9. D_U's profile is exp whatever --imb-type, as the authors' SemiSupervisedImbalanceCIFAR10; --imb-type-u step
    gives a step D_U (our earlier default: D_U following a step D_L).
+10. App. E.4 (amount of D_L) gives no recipe in the text and no flag in the released code: --labeled-frac f
+    keeps int(f·n_c) images of each class of D_L (datasets_lt.downsample, --data-seed) and holds |D_U| at
+    --unlabeled-mult × the full D_L, so only the labels change (as Oliver et al. [39] vary them); with --pool
+    rest the dropped images join the pool as unlabeled images.
 """
 import argparse
 import math
@@ -81,6 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--pool-shortfall", default="shrink", choices=["shrink", "cap"],
                    help="pool too small: shrink |D_U| keeping the rho_U profile (default), or cap each class")
     p.add_argument("--unlabeled-mult", type=float, default=5.0, help="|D_U| / |D_L| (paper: 5)")
+    p.add_argument("--labeled-frac", type=float, default=1.0,
+                   help="App. E.4: keep this fraction of each class of D_L (the profile stays); |D_U| stays "
+                        "--unlabeled-mult x the full D_L")
     p.add_argument("--rho-u", type=float, default=1.0, help="class ratio of D_U, tail/head in (0, 1]")
     p.add_argument("--imb-type-u", default="exp", choices=["exp", "step"],
                    help="profile of D_U; exp whatever --imb-type, as the authors' code")
@@ -112,9 +119,11 @@ def parse_args(argv=None):
     args.cli_flags = R.given_flags(p, argv)
     args.schedule, args.arch = "step", "resnet32"
     if args.out is None:
-        args.out = os.path.join("runs", f"self_training-{args.dataset}-{args.rho:g}-{args.seed}")
+        args.out = os.path.join("runs", f"self_training-{args.dataset}-{args.rho:g}-{args.seed}"
+                                + (f"-dl{args.labeled_frac:g}" if args.labeled_frac < 1 else ""))
     # the range of every numeric flag, before anything is read or written
     R.check_ranges(args, R.SHARED_RANGES + [("st_batch_size", 1, None, "[)"), ("unlabeled_mult", 0, None, "[)"),
+                                            ("labeled_frac", 0, 1, "(]"),
                                             ("relevance", 0, 1, "[]"), ("omega", 0, None, "[)"),
                                             ("threshold", 0, 1, "[]"), ("warmup", 0, None, "[)"), ("beta", 0, 1, "[)"),
                                             ("gamma", 0, None, "[)"), ("max_m", 0, None, "[)"), ("s", 0, None, "()")])
@@ -302,11 +311,15 @@ def build_data(args):
     lab = in_task[D.make_long_tailed(renumber[train_y[in_task]], args.rho, args.imb_type, args.data_seed,
                                      D.N_MAX.get(args.dataset), D.CLASS_ORDER.get(args.dataset) if not irr else None)]
     lab, val = D.carve_val(lab, renumber[train_y], args.val_frac, args.data_seed)
+    n_full = len(lab)                                      # App. E.4: fewer labels, the same |D_U|
+    if args.labeled_frac < 1:
+        lab = D.downsample(lab, renumber[train_y], args.labeled_frac, args.data_seed)
     test_keep = renumber[test_y] >= 0
     data = {"names": [names[c] for c in task], "mean_std": D.mean_std(args.dataset, train_x),
             "x_l": train_x[lab], "y_l": renumber[train_y[lab]], "x_val": train_x[val], "y_val": renumber[train_y[val]],
             "x_test": test_x[test_keep], "y_test": renumber[test_y[test_keep]], "subset": D.subset_digest(lab),
-            "counts_l": np.bincount(renumber[train_y[lab]], minlength=len(task)), "irr_x": train_x[:0].copy()}
+            "counts_l": np.bincount(renumber[train_y[lab]], minlength=len(task)), "irr_x": train_x[:0].copy(),
+            "n_full": n_full}
     to_task = lambda pool_names: np.array([data["names"].index(n) if n in data["names"] else -1 for n in pool_names])
     if args.pool == "cinic10":
         if args.dataset not in ("cifar10", "folder") or args.unlabeled_root:
@@ -366,7 +379,7 @@ def choose_unlabeled(args, data):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            rel, irr, report = D.unlabeled_pool(data["pool_y"], len(data["y_l"]), args.unlabeled_mult, args.rho_u,
+            rel, irr, report = D.unlabeled_pool(data["pool_y"], data["n_full"], args.unlabeled_mult, args.rho_u,
                                                 args.imb_type_u, args.data_seed, np.arange(len(data["irr_x"])),
                                                 args.relevance, D.CLASS_ORDER.get(args.dataset)
                                                 if not args.irrelevant_classes else None, args.pool_shortfall)
@@ -377,8 +390,9 @@ def choose_unlabeled(args, data):
     report["capped"] = [str(w.message) for w in caught]
     pool_x = data["pool_x"][rel] if "pool_x" in data else D.load_images([data["pool_paths"][i] for i in rel])
     x_u = np.concatenate([pool_x, data["irr_x"][irr]])
-    print(f"D_U: {report['size']} images = {report['achieved_mult']:.2f}x |D_L| (asked {args.unlabeled_mult:g}x), "
-          f"relevance {report['achieved_relevance'] or 0:.4f} (asked {args.relevance:g}), per class "
+    full = " before --labeled-frac" if args.labeled_frac < 1 else ""
+    print(f"D_U: {report['size']} images = {report['achieved_mult']:.2f}x |D_L|{full} "
+          f"(asked {args.unlabeled_mult:g}x), relevance {report['achieved_relevance'] or 0:.4f} (asked {args.relevance:g}), per class "
           f"{report['supplied_per_class']} + {report['irrelevant']} irrelevant")
     return x_u, np.concatenate([data["pool_y"][rel], np.full(len(irr), -1)]), report
 
@@ -550,8 +564,9 @@ def finish_run(args, data, counts, pool_report, pl_report, base_m, test_m, best,
     final = R.finish_run(args.out, {
         "script": "self_training.py", "dataset": args.dataset, "rho": args.rho, "rho_u": args.rho_u,
         "pool": "folder" if args.unlabeled_root else args.pool, "relevance": args.relevance, "loss": args.loss,
-        "rule": args.rule, "omega": args.omega, "seed": args.seed, "data_seed": args.data_seed,
-        "epochs": args.epochs, "labeled_counts": data["counts_l"].tolist(), "training_counts": [int(n) for n in counts],
+        "rule": args.rule, "omega": args.omega, "labeled_frac": args.labeled_frac, "seed": args.seed,
+        "data_seed": args.data_seed, "epochs": args.epochs, "labeled_counts": data["counts_l"].tolist(),
+        "training_counts": [int(n) for n in counts],
         "unlabeled": {**pool_report, "pseudo_labels": pl_report}, "base": base_m, "last": test_m, "headline": headline,
         "base_error": 100 - base_m[headline], "test_error": 100 - test_m[headline],
         "base_error_top1": 100 - base_m["top1"], "test_error_top1": 100 - test_m["top1"], "best_on_val": best},

@@ -62,6 +62,25 @@ def test_unlabeled_profile_follows_rho_u(tmp_path, data):
     assert u["irrelevant"] == 0 and not u["capped"]
 
 
+def test_labeled_frac_keeps_part_of_each_class_of_d_l_and_the_same_d_u(data):
+    """App. E.4: --labeled-frac 0.5 keeps int(0.5·n_c) of each class's D_L images (a subset of the full D_L), and
+    D_U is drawn for the full D_L: the same images as without the flag."""
+    pool = ["--unlabeled-root", data / "pool" / "train", "--unlabeled-mult", 1, "--rho-u", 0.5]
+    runs = {}
+    for frac in (1, 0.5):
+        args = S.parse_args(_args(data, data / "unused", "--labeled-frac", frac, *pool))
+        d = S.build_data(args)
+        runs[frac] = d, S.choose_unlabeled(args, d)
+    (full, (u_full, y_full, r_full)), (half, (u_half, y_half, r_half)) = runs[1], runs[0.5]
+    assert half["counts_l"].tolist() == [n // 2 for n in full["counts_l"].tolist()] and sum(half["counts_l"]) > 0
+    assert {x.tobytes() for x in half["x_l"]} <= {x.tobytes() for x in full["x_l"]}
+    assert np.array_equal(u_half, u_full) and np.array_equal(y_half, y_full)
+    assert r_half["requested_per_class"] == r_full["requested_per_class"] and r_half["size"] > 0
+    assert half["n_full"] == full["n_full"] == sum(full["counts_l"])
+    assert S.parse_args(_args(data, data / "x", "--labeled-frac", 0.5)).labeled_frac == 0.5
+    assert S.parse_args(["--labeled-frac", "0.25"]).out.endswith("self_training-cifar10-0.01-0-dl0.25")
+
+
 @pytest.mark.slow
 def test_true_labels_of_d_u_never_reach_the_loss(tmp_path, data, monkeypatch):
     args = _args(data, tmp_path / "a", "--base", data / "base" / "last.pt", "--unlabeled-root",
