@@ -15,7 +15,8 @@
 #              the one GPU until BUDGET runs out; a run stopped there records its epoch and last test error, and
 #              goes on with `python ldam_drw.py --resume OUT/runs/NAME/last.pt`
 # OUT/results.tsv: check, status (ok, failed, timeout), seconds, detail; OUT/NAME.log: each step's output.
-# Settings (default): BUDGET seconds for all steps (540), GPU (0), PYTHON (python3, else python).
+# Settings (default): BUDGET seconds for all steps (540), STEPS to run after env and data (tests bench runs),
+#   RUN_FLAGS of the four runs (--compile: the same method, CUDA graphs), GPU (0), PYTHON (python3, else python).
 set -uo pipefail
 cd "$(dirname "$0")"
 [ $# -ge 1 ] || { echo "usage: [DRY=1] bash gpu_check.sh CIFAR10_JPG_ARCHIVE [OUT]" >&2; exit 2; }
@@ -23,6 +24,10 @@ ARCHIVE=$1 OUT=${2:-runs/gpu-check} BUDGET=${BUDGET:-540} DRY=${DRY:-0}
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 [ -f "$ARCHIVE" ] || { echo "gpu_check.sh: no archive at '$ARCHIVE'" >&2; exit 2; }
 case $BUDGET in '' | *[!0-9]*) echo "gpu_check.sh: BUDGET must be whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
+STEPS=" ${STEPS:-tests bench runs} " RUN_FLAGS=(${RUN_FLAGS---compile})
+for s in $STEPS; do
+    case $s in tests | bench | runs) ;; *) echo "gpu_check.sh: STEPS holds tests, bench, runs, got '$s'" >&2; exit 2 ;; esac
+done
 if [ "$DRY" = 1 ]; then
     GPU=-1 EPOCHS=1 RHO=0.5 BENCH=(--tiny) TESTS=60 BENCH_S=120
 else
@@ -58,9 +63,11 @@ rm -rf "$DATA" && mkdir -p "$DATA"
 step data 120 bash -c 'tar -xf "$1" -C "$2" && echo "$(find "$2" -type f | wc -l) files in $2"' - "$ARCHIVE" "$DATA"
 [ -d "$DATA/train" ] || { echo "gpu_check.sh: '$ARCHIVE' holds no train/<class>/ folder" >&2; exit 2; }
 
-step tests "$TESTS" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
-step bench "$BENCH_S" "$PY" bench_train.py --gpu "$GPU" --data-root "$DATA" --out "$OUT/bench" "${BENCH[@]}"
+has() { [[ $STEPS == *" $1 "* ]]; }
+has tests && step tests "$TESTS" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+has bench && step bench "$BENCH_S" "$PY" bench_train.py --gpu "$GPU" --data-root "$DATA" --out "$OUT/bench" "${BENCH[@]}"
 [ -f "$OUT/bench/bench.json" ] && cp "$OUT/bench/bench.json" "$OUT/bench.json"
+has runs || { echo "gpu_check.sh: $TSV ($(($(date +%s) - START)) s)"; exit 0; }
 
 # LDAM-DRW and CE, 2 seeds, side by side: each stopped (SIGTERM: its last.pt stays) when the budget ends
 names=() pids=() t0=$(date +%s) limit=$(($(left) - 15))
@@ -71,7 +78,8 @@ for run in ldam-drw-s0 ldam-drw-s1 ce-s0 ce-s1; do
     rm -rf "$OUT/runs/$run"
     if [ "$limit" -gt 0 ]; then
         timeout --kill-after=10 "$limit" "$PY" ldam_drw.py --dataset folder --data-root "$DATA" --rho "$RHO" \
-            --epochs "$EPOCHS" --seed "$seed" --gpu "$GPU" "${flags[@]}" --out "$OUT/runs/$run" > "$OUT/$run.log" 2>&1 &
+            --epochs "$EPOCHS" --seed "$seed" --gpu "$GPU" "${flags[@]}" "${RUN_FLAGS[@]}" --out "$OUT/runs/$run" \
+            > "$OUT/$run.log" 2>&1 &
         names+=("$run") pids+=($!)
     else
         record "$run" timeout 0 "no time left of BUDGET=$BUDGET"

@@ -86,6 +86,7 @@ def test_bench_measures_every_run_and_the_kde(dry):
 @pytest.mark.parametrize("env,archive_path,message", [
     ({}, "missing.tar.xz", "no archive at"),
     ({"BUDGET": "9m"}, None, "BUDGET must be whole seconds"),
+    ({"STEPS": "tests benchmark"}, None, "STEPS holds tests, bench, runs, got 'benchmark'"),
 ])
 def test_bad_settings_are_one_line_and_exit_2(archive, tmp_path, env, archive_path, message):
     r = gpu_check(tmp_path / archive_path if archive_path else archive, tmp_path / "out", DRY="1", **env)
