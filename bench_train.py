@@ -81,7 +81,7 @@ def sync(device):
 # ----- the scripts, as a user runs them ------------------------------------------------------------
 
 def script_seconds(args, name, script, *flags):
-    """{stage: median seconds per epoch after its first} of one run, or {"error": where its log is}."""
+    """(median seconds per epoch of the run's last stage, its first epoch left out; None) or (None, its log)."""
     out, log = os.path.join(args.out, name), os.path.join(args.out, name + ".log")
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, script, "--dataset", "folder", "--data-root", args.data_root, "--rho", str(args.rho),
@@ -92,11 +92,10 @@ def script_seconds(args, name, script, *flags):
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
     if code:
         print(f"error: {name} exited {code}; see {log}", file=sys.stderr)
-        return {"error": log}
-    stages = {}
-    for row in R.read_metrics(os.path.join(out, "metrics.jsonl")):
-        stages.setdefault(row.get("opt", "sgd"), []).append(row["seconds"])
-    return {stage: statistics.median(s[1:]) for stage, s in stages.items() if len(s) > 1}
+        return None, log
+    rows = R.read_metrics(os.path.join(out, "metrics.jsonl"))
+    last = [r["seconds"] for r in rows if r.get("opt") == rows[-1].get("opt")]       # simsiam_rwsam: its stage
+    return statistics.median(last[1:]), None
 
 
 # ----- the baselines: DataLoader + PIL ---------------------------------------------------------------
@@ -156,7 +155,7 @@ def ldam_baseline(args, device, data):
         model.eval()
         with torch.no_grad():
             [model(x.to(device, non_blocking=True)).argmax(1).cpu() for x, _ in test]
-    return timed_epochs(args, device, epoch_fn)
+    return timed_epochs(args, device, epoch_fn), None
 
 
 def simsiam_baseline(args, device, data):
@@ -176,7 +175,7 @@ def simsiam_baseline(args, device, data):
         model.train()
         for (x1, x2), _ in train:
             S.train_step(model, optimizer, x1.to(device, non_blocking=True), x2.to(device, non_blocking=True), "sgd")
-    return timed_epochs(args, device, epoch_fn)
+    return timed_epochs(args, device, epoch_fn), None
 
 
 def kde_figures(args, device):
@@ -210,41 +209,39 @@ def main(argv=None):
           f"{args.epochs} epochs a run   baselines: DataLoader + PIL, {args.workers} workers")
 
     try:
-        train_x, train_y, _ = D.load_split("folder", args.data_root, True)
+        train_x, train_y, names = D.load_split("folder", args.data_root, True)
         test = D.load_split("folder", args.data_root, False)[:2]
         idx, _ = D.training_subset(train_y, L.parse_args(["--dataset", "folder", "--rho", str(args.rho)]))
     except D.DataError as e:
         R.fail(str(e))
     mean, std = D.mean_std("folder", train_x)
-    data = ((train_x[idx], train_y[idx]), test, mean, std, np.bincount(train_y[idx], minlength=10).tolist())
+    data = ((train_x[idx], train_y[idx]), test, mean, std, np.bincount(train_y[idx], minlength=len(names)).tolist())
     ldam, ssl = (["--batch-size", b] for b in args.batch)
-    rw = script_seconds(args, "rwsam", "simsiam_rwsam.py", *ssl, "--stage1-epochs", 1, "--knn-every", -1)
-    rows = [("ldam-eager", "ldam_drw.py LDAM-DRW", 0, script_seconds(args, "ldam-eager", "ldam_drw.py", *ldam)),
-            ("ldam-amp", "  --amp", 0, script_seconds(args, "ldam-amp", "ldam_drw.py", *ldam, "--amp")),
-            ("ldam-compile", "  --compile", 0, script_seconds(args, "ldam-compile", "ldam_drw.py", *ldam, "--compile")),
-            ("ldam-pil", "  DataLoader + PIL", 0, {"sgd": ldam_baseline(args, device, data)}),
-            ("simsiam", "simsiam_rwsam.py SimSiam", 1,
-             script_seconds(args, "simsiam", "simsiam_rwsam.py", *ssl, "--opt", "sgd", "--knn-every", -1)),
-            ("rwsam", "  rwSAM (stage 2)", 1, {"sgd": rw.get("rwsam"), "error": rw.get("error")}),
-            ("simsiam-pil", "  DataLoader + PIL", 1, {"sgd": simsiam_baseline(args, device, data)})]
+    script = lambda name, *flags: lambda: script_seconds(args, name, *flags)
+    runs = [("ldam-eager", "ldam_drw.py LDAM-DRW", 0, script("ldam-eager", "ldam_drw.py", *ldam)),
+            ("ldam-amp", "  --amp", 0, script("ldam-amp", "ldam_drw.py", *ldam, "--amp")),
+            ("ldam-compile", "  --compile", 0, script("ldam-compile", "ldam_drw.py", *ldam, "--compile")),
+            ("ldam-pil", "  DataLoader + PIL", 0, lambda: ldam_baseline(args, device, data)),
+            ("simsiam", "simsiam_rwsam.py SimSiam", 1, script("simsiam", "simsiam_rwsam.py", *ssl, "--opt", "sgd",
+                                                              "--knn-every", -1)),
+            ("rwsam", "  rwSAM (stage 2)", 1, script("rwsam", "simsiam_rwsam.py", *ssl, "--stage1-epochs", 1,
+                                                     "--knn-every", -1)),
+            ("simsiam-pil", "  DataLoader + PIL", 1, lambda: simsiam_baseline(args, device, data))]
+    rows = [(key, label, args.batch[b], *measure()) for key, label, b, measure in runs]
     kde_s, kde_gib = kde_figures(args, device)
 
     print(f"{'run':<26} {'batch':>5} {'s/epoch':>8}")
-    for _, label, b, figures in rows:
-        s = figures.get("sgd")
-        print(f"{label:<26} {args.batch[b]:>5} " + (f"{s:>8.3f}" if s is not None else
-                                                    f"{'failed':>8}  {figures.get('error')}"))
+    for _, label, batch, sec, log in rows:
+        print(f"{label:<26} {batch:>5} " + (f"{sec:>8.3f}" if log is None else f"{'failed':>8}  {log}"))
     print(f"KDE {args.kde_size[0]:,} x {args.kde_size[1]} (float64): {kde_s:.2f} s, peak {kde_gib:.2f} GiB")
-    print("s/epoch: " + ", ".join(f"{key} " + ("failed" if f.get("sgd") is None else f"{f['sgd']:.3f}")
-                                  for key, _, _, f in rows) + f"; KDE {kde_s:.2f} s, {kde_gib:.2f} GiB")
-    failed = [key for key, _, _, f in rows if f.get("sgd") is None]
+    print("s/epoch: " + ", ".join(f"{key} " + ("failed" if log else f"{sec:.3f}") for key, _, _, sec, log in rows)
+          + f"; KDE {kde_s:.2f} s, {kde_gib:.2f} GiB")
     result = {"device": name, "torch": torch.__version__, "epochs": args.epochs, "rho": args.rho,
-              "runs": {key: {"batch": args.batch[b], "seconds_per_epoch": f.get("sgd"), "log": f.get("error")}
-                       for key, _, b, f in rows},
+              "runs": {key: {"batch": batch, "seconds_per_epoch": sec, "log": log} for key, _, batch, sec, log in rows},
               "kde": {"n": args.kde_size[0], "dim": args.kde_size[1], "seconds": kde_s, "peak_gib": kde_gib}}
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)
-    sys.exit(1 if failed else 0)
+    sys.exit(1 if any(log for *_, log in rows) else 0)
 
 
 if __name__ == "__main__":
