@@ -318,7 +318,7 @@ def test_table_1a_block_has_exp_step_and_gap_columns(tmp_path):
     assert "| simsiam | — | 80.50 ± 0.71 (2 seeds) | — | 84.50 (1 seed) | — |" in rho1
 
 
-# ----- paper2-fig1: paper 2 Fig. 1(a), SL vs SSL at equal n --------------------------------------------
+# ----- paper2-fig1: paper 2 Fig. 2(a,c), SL vs SSL at equal n -----------------------------------------
 
 def test_fig1_dry_run_parses_and_every_cell_has_its_balanced_partner():
     p = reproduce("paper2-fig1", "--dry-run", SEEDS="0 1", RUNS="F", SCALE="0.5")
@@ -354,8 +354,9 @@ def test_fig1_dry_run_parses_and_every_cell_has_its_balanced_partner():
     moco = pre["F/pretrain/moco/r0.1-q1-bal/s0"][2]
     assert (moco.epochs, moco.subsample, moco.rho) == (100, 1.0, 0.1)
     assert evals["F/ood/simsiam/r0.1-q0.125-bal/s0"].target == "stl10" and evals["F/id/moco/r0.1-q1-imb/s1"].epochs == 50
-    other = reproduce("paper2-fig1", "--dry-run", SET="imagenet_lt")             # refused before the first job
-    assert other.returncode == 2 and other.stdout == "" and "paper2-fig1 is Fig. 1(a), CIFAR-10" in other.stderr
+    other = reproduce("paper2-fig1", "--dry-run", SET="cifar100")                # refused before the first job
+    assert other.returncode == 2 and other.stdout == "" and other.stderr.count("\n") == 1
+    assert "paper2-fig1 runs with SET=cifar10 or imagenet_lt" in other.stderr
     bad = reproduce("paper2-fig1", "--dry-run", METHODS="sl byol")
     assert bad.returncode == 2 and bad.stderr.strip() == "reproduce.sh: unknown method 'byol' in METHODS; methods: sl simsiam moco"
 
@@ -373,7 +374,7 @@ def test_fig1_tiny_end_to_end_prints_the_table(tmp_path):
     runs = tmp_path / "runs"
     ck = json.loads((runs / "pretrain/sl/r0.5-q1-bal/s0/final.json").read_text())
     assert ck["epochs"] == 1 and ck["class_counts"] == [15, 14, 14, 14]        # [20, 15, 12, 10] = 57, balanced
-    table = p.stdout[p.stdout.index("Paper 2 Fig. 1(a)"):]
+    table = p.stdout[p.stdout.index("Paper 2 Fig. 2(a,c)"):]
     assert "Pre-training epochs at full size (the subsampled variants train as many steps): SL 1, MoCo v2 1 " in table
     for ev in ("linear:folder", "probe:ood"):
         assert f"({ev})" in table
