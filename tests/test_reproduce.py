@@ -459,7 +459,8 @@ def test_appendix_rows_run_only_when_named_and_chain():
 
 IMG = dict(SET="imagenet_lt", LT_ROOT="/img", LT_LISTS="/lists", IMAGENET_TRAIN="/full.txt", CUB_ROOT="/cub",
            CARS_ROOT="/cars", PETS_ROOT="/pets", AIRCRAFT_ROOT="/air")
-TARGETS = {"cub": ("folder", "/cub"), "cars": ("cars", "/cars"), "aircraft": ("aircraft", "/air"), "pets": ("pets", "/pets")}
+TARGETS = {"cub": ("folder", "/cub"), "cars": ("cars", "/cars"), "aircraft": ("aircraft", "/air"),
+           "pets": ("pets", "/pets")}
 
 
 def _imagenet_dry_run(*targets, **env):
@@ -539,8 +540,9 @@ def test_imagenet_table1b_dry_run_shares_the_fig1_runs_and_trains_rwsam_from_the
     lists, runs = _imagenet_dry_run("paper2-table1b", SEEDS="0")
     assert flag(lists, "--out-dir") == "I/lists"
     pre = {o.split("/")[2] + "/" + o.split("/")[3]: v for o, v in runs.items() if o.startswith("I/pretrain/")}
-    assert set(pre) == {"moco/r0.004-q1-imb", "moco+sam/r0.004-q1-imb", "moco/r0.004-q1-bal", "moco+rwsam/r0.004-q1-imb",
-                        "simsiam/r0.004-q1-imb", "simsiam/r0.004-q1-bal", "simsiam+rwsam/r0.004-q1-imb"}
+    assert set(pre) == {"moco/r0.004-q1-imb", "moco+sam/r0.004-q1-imb", "moco/r0.004-q1-bal",
+                        "moco+rwsam/r0.004-q1-imb", "simsiam/r0.004-q1-imb", "simsiam/r0.004-q1-bal",
+                        "simsiam+rwsam/r0.004-q1-imb"}
     for name, (stage, script, argv, a, _) in pre.items():
         assert a.train_list == ("I/lists/bal-r0.004.txt" if name.endswith("bal") else "I/lists/r0.004.txt")
         assert a.epochs == 300 and a.subsample == 1 and a.opt == ("sam" if "+sam" in name else "rwsam" if "rwsam" in
@@ -587,8 +589,8 @@ def test_imagenet_paths_are_checked_and_a_bad_list_is_one_line(tmp_path):
         "or folder (bash reproduce.sh --help says what each holds)\n")
     (tmp_path / "lists" / "ImageNet_LT_test.txt").write_text("val/n0/b.JPEG 0\n")
     p = reproduce("paper2-table1b", **{**env, "CUB_ROOT": str(tmp_path / "cub")})
-    assert p.returncode == 2 and p.stderr == (f"reproduce.sh: DATA: image list '{tmp_path}/lists/ImageNet_LT_train.txt' "
-                                              "does not exist\n"), p.stderr
+    assert p.returncode == 2 and p.stderr == (
+        f"reproduce.sh: DATA: image list '{tmp_path}/lists/ImageNet_LT_train.txt' does not exist\n"), p.stderr
     assert not (tmp_path / "runs" / "pretrain").exists()
     p = reproduce("ce", SET="imagenet_lt", GPU="-1", LT_ROOT=str(tmp_path / "no-img"))      # Tables 3-4 too
     assert p.returncode == 2 and p.stderr.startswith(f"reproduce.sh: DATA: no folder '{tmp_path}/no-img'")
@@ -618,7 +620,8 @@ def test_imagenet_tables_put_each_number_in_its_cell_beside_the_papers(tmp_path)
     assert "| SL | 0.004 | 14K | 26.3 | not run | 24.9 | not run | 5.3 | not run |" in id_part.splitlines()
     assert "SimSiam" not in id_part.split("### ID")[1]
     assert "| SL | 0.0025 | 40K | – | not run | 65.9 | 75.00 (1 seed) | – | not run |" in ood_part.splitlines()
-    assert "| MoCo v2 | 0.004 | 116K | 80.3 | 77.00 (1 seed) | 80.2 | not run | 0.1 | not run |" in ood_part.splitlines()
+    assert "| MoCo v2 | 0.004 | 116K | 80.3 | 77.00 (1 seed) | 80.2 | not run | 0.1 | not run |" in \
+        ood_part.splitlines()
     assert "| SimSiam | 0.0025 | 10K | – | not run | 76.0 | not run | – | not run |" in ood_part.splitlines()
     assert "Table 1(b)" not in p.stdout
     p = reproduce("paper2-table1b", "table", SET="imagenet_lt", RUNS=str(tmp_path))
