@@ -6,7 +6,8 @@
 #   bash reproduce.sh ce ldam-drw      # only these rows (and the runs they need)
 #   bash reproduce.sh --dry-run        # print the commands, stage by stage, and run nothing
 #   bash reproduce.sh table            # the Markdown table of the runs finished so far
-#   bash reproduce.sh paper2-fig1 [table]    # paper 2 Fig. 1(a): SL vs SSL at equal n (its table: A(n,1), A(n,r), Δ)
+#   bash reproduce.sh paper2-fig1 [table]    # paper 2 Fig. 2(a,c): SL vs SSL at equal n (its table: A(n,1), A(n,r), Δ)
+#   SET=imagenet_lt bash reproduce.sh paper2-fig1 | paper2-table1b [table]   # paper 2 on ImageNet, settings below
 #   bash reproduce.sh cv | cv-table          # paper 2's cross-validation of rwSAM's h, α, ρ | its kNN table
 #   bash reproduce.sh paper2-semi [table]    # paper 2 §3.2 (Fig. 4): semi-synthetic CIFAR-10, SSL vs SL, rare probe
 #   SET=cifar100 RHO=0.02 bash reproduce.sh                         # Table 2, CIFAR-100-LT, ρ = 50 column
@@ -19,19 +20,29 @@
 #   +st rows. imagenet_lt: ce ce-balanced crt, each also +ssp. inat: those and ldam-drw, ldam-drw+ssp.
 # Settings, from the environment (default):
 #   SET cifar10, cifar100 (Table 2), svhn (Table 1(b)), imagenet_lt (Table 3), inat (Table 4)   RHO tail/head ratio
-#       (0.01, the papers' ρ = 100; 0.02, 0.1: ρ = 50, 10)    SEEDS (0 1 2)    JOBS runs at once (6)    PYTHON (python)
+#       (0.01, the papers' ρ = 100; 0.02, 0.1: ρ = 50, 10)    SEEDS (0 1 2)    JOBS runs at once (6; LT sets: 1)
 #   DATA data flags (cifar10: --dataset folder --data-root .data/cifar10_jpg, lossless "--dataset cifar10 --download";
 #       cifar100, svhn: --dataset SET --data-root ./data --download; Tables 3-4: --dataset SET --data-root LT_ROOT)
 #   LT_ROOT, LT_LISTS Tables 3-4: images, Kang et al.'s lists (ImageNet_LT_{train,val,test}.txt, iNaturalist18_{train,
-#       val}.txt)    ARCH resnet50 or resnet10    NPROC GPUs per run, by torchrun (1; then JOBS defaults to 1)
+#       val}.txt)    ARCH resnet50 or resnet10    NPROC GPUs per run, by torchrun (1)    PYTHON (python)
 #   POOL_ROOT CINIC-10, D_U of the CIFAR-10 +st / fig rows (else CIFAR-10's leftovers: "not the paper's pool")
 #   C100_ROOT fig2/fig3's cifar-100-python (./data)    GPU index, -1: the CPU (0)    RUNS (runs/repro-<RHO>; other SETs
 #       runs/repro-<SET>-<RHO or ARCH>)    ARGS, ARGS_<script> flags appended to every command, to one script's
 #   cv: CV_H, CV_ALPHA, CV_RHO values tried one at a time (around h median, α 1.2, ρ 5); CV_FRAC validation split (0.1)
 #   paper2-fig1 (RUNS runs/paper2-fig1): RHOS (0.1 0.01), SIZES (1 0.75 0.5 0.25 0.125), METHODS (sl simsiam moco),
 #       SCALE × every epoch budget (1), OOD eval_ood.py's target flags (--target stl10 --data-root ./data)
-# RHO, GPU and DATA are checked first (one line, exit 2). Runs go to RUNS/<name>/s<seed>/: one with a final.json is
-# skipped, one with a last.pt continued with --resume; a failed run is reported with its log's last line.
+#   SET=imagenet_lt paper2-fig1 (Table 2, Figs. 1, 2(b,d), 6; SimSiam: OOD only, as the paper) and paper2-table1b
+#       (Table 1(b)) share RUNS (runs/paper2-imagenet); RHOS (0.004 0.0025), SIZES, METHODS (sl moco simsiam), SCALE as
+#       above. The lists (datasets_lt.py, once, into RUNS/lists) come from IMAGENET_TRAIN (every ImageNet train image:
+#       LT_ROOT's paths, ImageNet-LT's labels) and LT_LISTS/ImageNet_LT_train.txt (r 0.004 itself); the ID probe tests
+#       on IMAGENET_VAL (LT_LISTS/ImageNet_LT_test.txt: ImageNet's val set). eval_ood.py fine-tunes on CUB_ROOT (train/,
+#       test/ class folders), CARS_ROOT (holds torchvision's stanford_cars/, which no longer downloads: get it by hand),
+#       PETS_ROOT, AIRCRAFT_ROOT (eval_ood.py --target pets / aircraft --download fills them). What moves a number: SL
+#       trains 90/q epochs on a size-q list (the paper: cross-validated), SSL 300/q (equal steps); probe batch 256 at
+#       lr 30 (App. A.1: 4096); rwSAM: a fresh model on the plain run's features; a seed: pre-training + evaluation.
+# RHO, GPU, DATA and the ImageNet settings are checked first (one line, exit 2). Runs go to RUNS/<name>/s<seed>/: one
+# with a final.json is skipped, one with a last.pt continued with --resume; a failed run is reported with its log's
+# last line.
 set -euo pipefail
 cd "$(dirname "$0")"
 exec "${PYTHON:-python}" - "${0##*/}" "$@" <<'EOF'
@@ -57,9 +68,13 @@ if NPROC != "1" and SET not in LTS:
 DATA = env("DATA", "--dataset folder --data-root .data/cifar10_jpg" if SET == "cifar10" else
            f"--dataset {SET} --data-root {LT_ROOT}" if SET in LTS else f"--dataset {SET} --data-root ./data --download")
 SEEDS, PYTHON, ARGS = env("SEEDS", "0 1 2").split(), env("PYTHON", "python"), env("ARGS").split()
-JOBS = env("JOBS", "6" if NPROC == "1" else "1")    # ResNet-32 is launch-bound: 4 runs side by side on an H200 gave ~3x
+JOBS = env("JOBS", "1" if SET in LTS else "6")  # ResNet-32 is launch-bound: 4 runs side by side on an H200 gave ~3x
 RUNS = env("RUNS", f"runs/repro-{RHO}" if SET == "cifar10" else f"runs/repro-{SET}-{ARCH if SET in LTS else RHO}")
-FIG1_RUNS, METHODS = env("RUNS_FIG1", env("RUNS", "runs/paper2-fig1")), env("METHODS", "sl simsiam moco").split()
+IMG = SET == "imagenet_lt"                                    # paper2-fig1 / paper2-table1b: paper 2 on ImageNet
+FIG1_RUNS = env("RUNS_FIG1", env("RUNS", "runs/paper2-imagenet" if IMG else "runs/paper2-fig1"))
+METHODS = env("METHODS", "sl moco simsiam" if IMG else "sl simsiam moco").split()
+RHOS, SIZES = env("RHOS", "0.004 0.0025" if IMG else "0.1 0.01").split(), env("SIZES", "1 0.75 0.5 0.25 0.125").split()
+SIZE_ALL, OOD_T, SCALE = "1 0.75 0.5 0.25 0.125".split(), ("cub", "cars", "aircraft", "pets"), env("SCALE", "1")
 LISTS = env("LT_LISTS", LT_ROOT)
 TRAIN, VAL, TEST = (f"{LISTS}/ImageNet_LT_{s}.txt" for s in ("train", "val", "test")) if SET == "imagenet_lt" else \
     (f"{LISTS}/iNaturalist18_train.txt", "", f"{LISTS}/iNaturalist18_val.txt")
@@ -155,11 +170,11 @@ BY = {e.name: e for e in ROWS}
 EXTRA = [e.name for e in ROWS if SET in e.paper and e.name.startswith(("e3-", "f3-"))]       # run only when named
 ALL = [e.name for e in ROWS if SET in e.paper and e.name not in EXTRA and (RHO == "0.02" or e.name[:3] != "fig")]
 
-DRY, TABLE, FIG1, CV, SEMI, picked = 0, 0, 0, 0, 0, []
+DRY, TABLE, FIG1, T1B, CV, SEMI, picked = 0, 0, 0, 0, 0, 0, []
 for a in sys.argv[2:]:
-    if a in ("--dry-run", "table", "cv-table", "paper2-fig1", "cv", "paper2-semi"):
-        DRY, FIG1, CV = DRY or a == "--dry-run", FIG1 or a == "paper2-fig1", CV or a == "cv"
-        SEMI, TABLE = SEMI or a == "paper2-semi", {"table": 1, "cv-table": 2}.get(a, TABLE)
+    if a in ("--dry-run", "table", "cv-table", "paper2-fig1", "paper2-table1b", "cv", "paper2-semi"):
+        DRY, FIG1, T1B = DRY or a == "--dry-run", FIG1 or a == "paper2-fig1", T1B or a == "paper2-table1b"
+        CV, SEMI, TABLE = CV or a == "cv", SEMI or a == "paper2-semi", {"table": 1, "cv-table": 2}.get(a, TABLE)
     elif a in ("-h", "--help"):
         print(re.sub("(?m)^# ?", "", open(sys.argv[1]).read().split("\nset -euo")[0].split("\n", 1)[1]))
         sys.exit(0)
@@ -170,7 +185,15 @@ for a in sys.argv[2:]:
         picked += [r for r in EXTRA if r.startswith(a + "-")] if a in ("e3", "f3") else [a]
     else:
         die(f"unknown row '{a}'; rows: {' '.join(ALL)}")
-picked = picked or ([] if CV or SEMI else ALL)
+picked = picked or ([] if CV or SEMI or T1B else ALL)
+if FIG1 and SET not in ("cifar10", "imagenet_lt") or T1B and not IMG:
+    die(f"paper2-fig1 runs with SET=cifar10 or imagenet_lt, paper2-table1b with SET=imagenet_lt; not SET={SET}")
+if FIG1 and (bad := [m for m in METHODS if m not in ("sl", "simsiam", "moco")]):
+    die(f"unknown method '{bad[0]}' in METHODS; methods: sl simsiam moco")
+if IMG and FIG1 and (bad := [x for x in RHOS if x not in ("0.004", "0.0025")] + list(set(SIZES) - set(SIZE_ALL))):
+    die(f"'{bad[0]}' in RHOS or SIZES: paper 2's ImageNet lists are r 0.004, 0.0025 and sizes {' '.join(SIZE_ALL)}")
+if (FIG1 or T1B) and not num(SCALE) > 0:
+    die(f"SCALE must be a number > 0, got '{SCALE}'")
 SEMI_RUNS, SEMI_PAPER = env("RUNS", "runs/paper2-semi"), {"simsiam": 70.1, "sl": 44.3, "sl-rare": 36.5}
 
 finals = lambda folder, runs=RUNS: [json.load(open(p))
@@ -226,7 +249,6 @@ def table():
 
 def fig1_table():
     import eval_linear as E
-    names = {"sl": "SL", "simsiam": "SimSiam", "moco": "MoCo v2"}
     method = {"ldam_drw[he]:ce-none": "sl", "simsiam_rwsam+sgd": "simsiam", "moco_ssp[paper2]+sgd": "moco"}
     paths = sorted(p for d in ("id", "ood")
                    for p in glob.glob(os.path.join(FIG1_RUNS, d, "*", "*", "s*", "final.json")))
@@ -236,22 +258,72 @@ def fig1_table():
     for key, why in unpaired:
         print(f"note: eval={key[0]} method={key[2]} n={key[5]}: {why}", file=sys.stderr)
     cell = {(x["eval"], method.get(x["method"]), x["r"], x["n"]): x for x in rows}
-    print(f"Paper 2 Fig. 1(a) on CIFAR-10, runs in {FIG1_RUNS}. A: last-epoch test top-1 % of the probe, mean±sample "
+    print(f"Paper 2 Fig. 2(a,c) on CIFAR-10, runs in {FIG1_RUNS}. A: last-epoch test top-1 % of the probe, mean±sample "
           "std over runs (a run: pre-training seed + its probe; the paper's std varies the probe only). Δ = (A(n,1) − "
           "A(n,r)) / A(n,1) in % (Eq. (1)), ± the sample std of the per-seed Δ. n and r from the pre-training class "
           "counts. The paper's claim: Δ^SSL < Δ^SL at every n and r, in-domain and out-of-domain. Pre-training epochs "
           "at full size (the subsampled variants train as many steps): " + ", ".join(
-              f"{names[m]} {trained_epochs(os.path.join('pretrain', m, '*'), FIG1_RUNS)}" for m in METHODS)
+              f"{NAMES[m]} {trained_epochs(os.path.join('pretrain', m, '*'), FIG1_RUNS)}" for m in METHODS)
           + " (SimSiam in `reproduce.sh table`'s Table 1(a): 1600).")
     pm = lambda x, key, scale=1: E.pm(x[key], x[key + "_std"], scale)
     cells = lambda x: ["—"] * 3 if x is None else [pm(x, "A_balanced"), pm(x, "A_imbalanced"), pm(x, "delta", 100)]
     for ev in sorted({k[0] for k in cell}):
         title = "ID: linear probe on the full training set" if ev.startswith("linear:") else f"OOD: {ev} linear probe"
         print(f"\n### {title} ({ev})\n\n| r | n | " + " | ".join(
-            f"{names[m]} A(n,1) | {names[m]} A(n,r) | Δ^{names[m]} %" for m in METHODS) + " |")
+            f"{NAMES[m]} A(n,1) | {NAMES[m]} A(n,r) | Δ^{NAMES[m]} %" for m in METHODS) + " |")
         print("|---|---|" + "---|---|---|" * len(METHODS))
         for r, n in sorted({(k[2], k[3]) for k in cell if k[0] == ev}, key=lambda t: (-t[0], -t[1])):
             print(f"| {r:.4g} | {n} | " + " | ".join(c for m in METHODS for c in cells(cell.get((ev, m, r, n)))) + " |")
+
+# Paper 2 Table 2 (Figs. 2(b,d), 6(a) as numbers), top-1 %: balanced at n 116K 87K 58K 29K 14K, r 0.004 at the same n,
+# r 0.0025 at 80K 60K 40K 20K 10K (no balanced column there); Table 1(b): CUB, Cars, Aircraft, Pets, mean at r 0.004
+NAMES = {"sl": "SL", "simsiam": "SimSiam", "moco": "MoCo v2"}
+T2 = {("moco", "id"): "50.4 43.5 40.9 37.0 30.8 49.5 43.2 39.5 36.6 30.5 40.6 38.8 35.5 31.9 27.2",
+      ("moco", "ood"): "80.3 79.8 79.7 77.4 77.0 80.2 80.1 79.5 77.8 77.3 79.2 78.8 77.7 75.6 74.4",
+      ("sl", "id"): "54.3 51.6 46.1 40.5 26.3 52.9 49.6 44.0 37.3 24.9 46.1 42.0 36.3 27.5 20.3",
+      ("sl", "ood"): "76.6 74.7 71.9 67.4 59.1 75.5 73.3 70.4 65.8 57.8 71.8 69.1 65.9 60.3 54.3",
+      ("simsiam", "ood"): "80.7 80.4 79.9 78.7 77.2 80.6 79.9 79.6 78.8 76.9 79.8 79.3 78.8 77.5 76.0"}
+T1B_ROWS = {"MoCo v2": ("moco", "imb", "69.9±0.7 88.4±0.4 82.9±0.6 80.1±0.6 80.3"),
+            "MoCo v2+SAM": ("moco+sam", "imb", "69.9±0.5 88.8±0.5 83.4±0.4 81.5±0.8 80.9"),
+            "MoCo v2, balanced": ("moco", "bal", "69.8±0.5 88.6±0.4 82.7±0.5 80.0±0.4 80.2"),
+            "MoCo v2+rwSAM": ("moco+rwsam", "imb", "70.3±0.7 88.7±0.3 84.9±0.6 81.7±0.4 81.4"),
+            "SimSiam": ("simsiam", "imb", "70.0±0.3 87.0±0.6 81.5±0.7 83.8±0.5 80.6"),
+            "SimSiam, balanced": ("simsiam", "bal", "70.5±0.8 87.9±0.7 81.8±0.7 82.7±0.4 80.7"),
+            "SimSiam+rwSAM": ("simsiam+rwsam", "imb", "70.7±0.8 88.4±0.6 82.6±0.6 84.0±0.4 81.4")}
+
+def imagenet_table():
+    top1 = lambda folder: {p.split(os.sep)[-2]: json.load(open(p))["top1"]
+                           for p in glob.glob(os.path.join(FIG1_RUNS, folder, "s*", "final.json"))}
+    def acc(ev, c):     # {seed: top-1 %}: the ID probe, or the mean of the seed's four fine-tunings (App. A.1)
+        per = [top1(f"id/{c}")] if ev == "id" else [top1(f"ood/{t}/{c}") for t in OOD_T]
+        return {s: statistics.mean(d[s] for d in per) for s in per[0] if all(s in d for d in per)}
+    ms = lambda d: mean_std(list(d.values()))
+    if FIG1:
+        print(f"Paper 2 on ImageNet, runs in {FIG1_RUNS}: last-epoch test top-1 %, mean ± sample std over seeds (a "
+              "seed: pre-training + evaluation; the paper's std: evaluation only); Δ = (A(n,1) − A(n,r)) / A(n,1) % "
+              "(Eq. (1)) of each seed. Paper: Table 2, Δ from its two numbers (Fig. 1 is a plot); –: no number there.")
+    for ev, title in (("id", "ID: linear probe, ImageNet train → val (Table 2, Fig. 2(b); Δ: Fig. 1(a))"),
+                      ("ood", "OOD: mean fine-tuning top-1 on CUB, Cars, Aircraft, Pets (Table 2, Fig. 2(d); Δ: "
+                              "Fig. 1(b); SimSiam: Fig. 6)")) if FIG1 else ():
+        print(f"\n### {title}\n\n| method | r | n | A(n,1) paper | A(n,1) ours | A(n,r) paper | A(n,r) ours | "
+              "Δ % paper | Δ % ours |\n" + "|---" * 9 + "|")
+        for m, r, q in ((m, r, q) for m in METHODS if (m, ev) in T2 for r in RHOS for q in SIZES):
+            i, p, bal, imb = SIZE_ALL.index(q), T2[m, ev].split(), acc(ev, f"{m}/r{r}-q{q}-bal"), \
+                acc(ev, f"{m}/r{r}-q{q}-imb")
+            pb, pi = (p[i], p[5 + i]) if r == "0.004" else ("–", p[10 + i])
+            pd = f"{100 * (num(pb) - num(pi)) / num(pb):.1f}" if r == "0.004" else "–"
+            n = ("116K 87K 58K 29K 14K" if r == "0.004" else "80K 60K 40K 20K 10K").split()[i]
+            print(f"| {NAMES[m]} | {r} | {n} | {pb} | {ms(bal)} | {pi} | {ms(imb)} | {pd} | "
+                  f"{mean_std([100 * (bal[s] - imb[s]) / bal[s] for s in bal if s in imb])} |")
+    if T1B:
+        cols = "".join(f" {t} paper | {t} ours |" for t in ("CUB", "Cars", "Aircraft", "Pets", "mean"))
+        print(f"\nPaper 2 Table 1(b), runs in {FIG1_RUNS}: fine-tuning test top-1 % after pre-training on ImageNet-LT "
+              "(r 0.004; balanced: its partner of equal n), mean ± sample std over seeds; mean: over a seed's four "
+              f"targets (the paper's MoCo v2 rows swap Table 2's 80.3 balanced / 80.2)\n\n| row |{cols}\n" + "|---" * 11
+              + "|")
+        for row, (m, v, paper) in T1B_ROWS.items():
+            ours = [ms(top1(f"ood/{t}/{m}/r0.004-q1-{v}")) for t in OOD_T] + [ms(acc("ood", f"{m}/r0.004-q1-{v}"))]
+            print(f"| {row} | " + " | ".join(f"{p} | {o}" for p, o in zip(paper.split(), ours)) + " |")
 
 def semi_table():
     print(f"Paper 2 Fig. 4 (right), runs in {SEMI_RUNS}: 5-way linear probe on the rare classes (25,000 semi-synthetic "
@@ -273,7 +345,8 @@ def cv_table():
                   f"{show([x['knn_class_mean'] for x in last])} | {len(last)} |")
 
 if TABLE:
-    sys.exit(cv_table() if TABLE == 2 else fig1_table() if FIG1 else semi_table() if SEMI else table())
+    sys.exit(cv_table() if TABLE == 2 else imagenet_table() if IMG and (FIG1 or T1B) else fig1_table() if FIG1 else
+             semi_table() if SEMI else table())
 
 def data_step(name, *args):           # datasets_lt.<name>(*args); a DataError is one line and exit 2
     import datasets_lt
@@ -282,6 +355,10 @@ def data_step(name, *args):           # datasets_lt.<name>(*args); a DataError i
     except datasets_lt.DataError as e:
         die(f"DATA: {e}")
 
+NEED = {"IMAGENET_TRAIN": env("IMAGENET_TRAIN"), **{f"{t.upper()}_ROOT": env(f"{t.upper()}_ROOT") for t in OOD_T}}
+if IMG and (FIG1 or T1B) and (unset := [k for k, v in NEED.items() if not v]):
+    die(f"set {', '.join(unset)}: paper 2's ImageNet runs need the full ImageNet train list and the four fine-tuning "
+        "targets (bash reproduce.sh --help says what each holds)")
 if not DRY:     # the shared settings, checked before anything is launched
     if not (re.fullmatch(r"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?", RHO) and 0 < float(RHO) <= 1):
         die(f"RHO={RHO} must be a tail/head ratio in (0, 1] (the papers' imbalance 100 is RHO=0.01)")
@@ -293,7 +370,9 @@ if not DRY:     # the shared settings, checked before anything is launched
     if dataset == "folder" and (missing := [s for s in ("train", "test") if not os.path.isdir(os.path.join(root, s))]):
         die(f"DATA: no {' or '.join(missing)} split under '{root}' (a folder dataset needs {root}/train/<class>/* "
             f"and {root}/test/<class>/*); unpack the data there or set DATA")
-    if dataset != "folder" and "--download" not in data:
+    if dataset in LTS and not os.path.isdir(root):
+        die(f"DATA: no folder '{root}'; set LT_ROOT to the folder the image lists' paths start from")
+    if dataset not in ("folder", *LTS) and "--download" not in data:
         data_step("load_split", dataset, root, True)
     if int(GPU) >= 0:
         import torch
@@ -324,12 +403,13 @@ def launch(stages, entries, runs):
             script, *args = (w for t in e.command.split() for w in (
                 v[t[1:-1]] if isinstance(v.get(t[1:-1]), list) else [t.format(**v)]))
             launcher = [PYTHON] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", NPROC]
-                                   if NPROC != "1" and script in ("ldam_drw.py", "moco_ssp.py", "crt.py") else [])
+                                   if NPROC != "1" and script in ("ldam_drw.py", "moco_ssp.py", "crt.py",
+                                                                  "simsiam_rwsam.py") else [])
             cmd = [*launcher, script, *args, "--out", out, "--gpu", GPU, *ARGS, *env(f"ARGS_{script[:-3]}").split()]
             if DRY or os.path.isfile(f"{out}/final.json"):
                 print(" ".join(cmd) if DRY else f"done already: {out}")
                 continue
-            if os.path.isfile(f"{out}/last.pt") and script not in ("crt.py", "eval_linear.py"):
+            if os.path.isfile(f"{out}/last.pt") and script not in ("crt.py", "eval_linear.py", "eval_ood.py"):
                 cmd = [*launcher, script, "--resume", f"{out}/last.pt", "--gpu", GPU]
             settle(int(JOBS))
             if e.needs and not os.path.isfile(v["ckpt"]):
@@ -350,20 +430,44 @@ def finish(message, then=lambda: None):
     print(message)
     sys.exit(then())
 
-if FIG1:    # Paper 2 Fig. 1(a) (§2.2, App. A.1): each CIFAR-10 variant and its balanced partner of equal n, both probed
-    if SET != "cifar10":
-        die(f"paper2-fig1 is Fig. 1(a), CIFAR-10 (SET=cifar10); SET={SET} has no Fig. 1 target: for ImageNet-LT run "
-            "the cells by hand (README, paper 2)")
-    if not num(SCALE := env("SCALE", "1")) > 0:
-        die(f"SCALE must be a number > 0, got '{SCALE}'")
+epochs = lambda budget: max(1, int(budget * num(SCALE) + 0.5))
+if IMG and (FIG1 or T1B):   # Paper 2 on ImageNet (§2.2, §4.1, App. A): the lists, each pre-training, its evaluations
+    train, lists, val = NEED["IMAGENET_TRAIN"], f"{FIG1_RUNS}/lists", env("IMAGENET_VAL", TEST)
+    if not DRY and (absent := [f"{k}={v}" for k, v in {**NEED, "IMAGENET_VAL": val}.items() if not os.path.exists(v)]):
+        die(f"{', '.join(absent)}: no such file or folder (bash reproduce.sh --help says what each holds)")
+    lst = lambda r, q, v: f"{lists}/{'bal-' * (v == 'bal')}r{r}{f'-sub{q}' * (q != '1')}.txt"
+    print(f"# stage lists\n{PYTHON} datasets_lt.py --train-list {train} --lt-list {TRAIN} --out-dir {lists}" if DRY
+          else f"== the lists in {lists}")
+    if not DRY and not all(os.path.isfile(lst(r, q, v)) for r in ("0.004", "0.0025") for q in SIZE_ALL
+                           for v in ("imb", "bal")):
+        data_step("write_imagenet_variants", train, lists, 0, TRAIN)   # data seed 0: one set of lists for every method
+    ev = {"id": f"eval_linear.py --ckpt {{ckpt}} {{data}} --train-list {train} --test-list {val} --epochs "
+                f"{epochs(100)}",
+          **{t: f"eval_ood.py --ckpt {{ckpt}} --target {t.replace('cub', 'folder')} --data-root "
+                f"{NEED[t.upper() + '_ROOT']} --epochs {epochs(150)}" for t in OOD_T}}
+    moco, cells = "moco_ssp.py --recipe paper2 --opt", {}
+    ssl = {"moco": f"{moco} sgd", "moco+sam": f"{moco} sam", "moco+rwsam": f"{moco} rwsam --stage1 {{ckpt}}",
+           "simsiam": "simsiam_rwsam.py --opt sgd", "simsiam+rwsam": "simsiam_rwsam.py --opt rwsam --stage1 {ckpt}"}
+    def cell(m, r, q, v, evals, needs=""):          # method m pre-trained on one list, then its evaluations
+        c, stage, data = f"{m}/r{r}-q{q}-{v}", 1 + bool(needs), f"{{data}} --train-list {lst(r, q, v)} --seed {{s}}"
+        cells[c] = R(f"pretrain/{c}", stage, needs, f"ldam_drw.py --recipe he {data} --test-list {val} --epochs "
+                     f"{round(epochs(90) / num(q))}" if m == "sl" else f"{ssl[m]} {data} --epochs {epochs(300)}"
+                     + f" --subsample {q}" * (q != "1"))
+        for e in evals:
+            name = f"id/{c}" if e == "id" else f"ood/{e}/{c}"
+            cells[name] = R(name, stage + 1, f"pretrain/{c}", f"{ev[e]} --seed {{s}}")
+    for m, r, q, v in ((m, r, q, v) for m in METHODS for r in RHOS for q in SIZES for v in ("imb", "bal") if FIG1):
+        cell(m, r, q, v, ("id",) * (m != "simsiam") + OOD_T)
+    for m, v, _ in T1B_ROWS.values() if T1B else ():
+        cell(m, "0.004", "1", v, OOD_T, f"pretrain/{m.split('+')[0]}/r0.004-q1-imb" * ("rwsam" in m))
+    launch((1, 2, 3), list(cells.values()), FIG1_RUNS)
+    finish("== all runs finished", imagenet_table)
+
+if FIG1:    # Paper 2 Fig. 2(a,c) (§2.2, App. A.1): each CIFAR-10 variant and its balanced partner of equal n, probed
     pre = {"sl": ("ldam_drw.py --recipe he", 200), "simsiam": ("simsiam_rwsam.py --opt sgd", 800),
            "moco": ("moco_ssp.py", 200)}                       # the pre-training command and its epochs at SCALE 1
-    for m in (m for m in METHODS if m not in pre):
-        die(f"unknown method '{m}' in METHODS; methods: sl simsiam moco")
-    epochs = lambda budget: max(1, int(budget * num(SCALE) + 0.5))
     probe, cells = f"--seed {{s}} --epochs {epochs(100)}", []
-    for m, r, q, v in ((m, r, q, v) for m in METHODS for r in env("RHOS", "0.1 0.01").split()
-                       for q in env("SIZES", "1 0.75 0.5 0.25 0.125").split() for v in ("imb", "bal")):
+    for m, r, q, v in ((m, r, q, v) for m in METHODS for r in RHOS for q in SIZES for v in ("imb", "bal")):
         c = f"{m}/r{r}-q{q}-{v}"
         cells += [R(f"pretrain/{c}", 1, "", f"{pre[m][0]} {{data}} --rho {r} --seed {{s}} --epochs {epochs(pre[m][1])}"
                     + (f" --subsample {q}" if q != "1" else "") + (" --balanced" if v == "bal" else "")),

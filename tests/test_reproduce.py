@@ -3,6 +3,7 @@ import importlib
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 
@@ -318,7 +319,7 @@ def test_table_1a_block_has_exp_step_and_gap_columns(tmp_path):
     assert "| simsiam | — | 80.50 ± 0.71 (2 seeds) | — | 84.50 (1 seed) | — |" in rho1
 
 
-# ----- paper2-fig1: paper 2 Fig. 1(a), SL vs SSL at equal n --------------------------------------------
+# ----- paper2-fig1: paper 2 Fig. 2(a,c), SL vs SSL at equal n -----------------------------------------
 
 def test_fig1_dry_run_parses_and_every_cell_has_its_balanced_partner():
     p = reproduce("paper2-fig1", "--dry-run", SEEDS="0 1", RUNS="F", SCALE="0.5")
@@ -354,8 +355,9 @@ def test_fig1_dry_run_parses_and_every_cell_has_its_balanced_partner():
     moco = pre["F/pretrain/moco/r0.1-q1-bal/s0"][2]
     assert (moco.epochs, moco.subsample, moco.rho) == (100, 1.0, 0.1)
     assert evals["F/ood/simsiam/r0.1-q0.125-bal/s0"].target == "stl10" and evals["F/id/moco/r0.1-q1-imb/s1"].epochs == 50
-    other = reproduce("paper2-fig1", "--dry-run", SET="imagenet_lt")             # refused before the first job
-    assert other.returncode == 2 and other.stdout == "" and "paper2-fig1 is Fig. 1(a), CIFAR-10" in other.stderr
+    other = reproduce("paper2-fig1", "--dry-run", SET="cifar100")                # refused before the first job
+    assert other.returncode == 2 and other.stdout == "" and other.stderr.count("\n") == 1
+    assert "paper2-fig1 runs with SET=cifar10 or imagenet_lt" in other.stderr
     bad = reproduce("paper2-fig1", "--dry-run", METHODS="sl byol")
     assert bad.returncode == 2 and bad.stderr.strip() == "reproduce.sh: unknown method 'byol' in METHODS; methods: sl simsiam moco"
 
@@ -373,7 +375,7 @@ def test_fig1_tiny_end_to_end_prints_the_table(tmp_path):
     runs = tmp_path / "runs"
     ck = json.loads((runs / "pretrain/sl/r0.5-q1-bal/s0/final.json").read_text())
     assert ck["epochs"] == 1 and ck["class_counts"] == [15, 14, 14, 14]        # [20, 15, 12, 10] = 57, balanced
-    table = p.stdout[p.stdout.index("Paper 2 Fig. 1(a)"):]
+    table = p.stdout[p.stdout.index("Paper 2 Fig. 2(a,c)"):]
     assert "Pre-training epochs at full size (the subsampled variants train as many steps): SL 1, MoCo v2 1 " in table
     for ev in ("linear:folder", "probe:ood"):
         assert f"({ev})" in table
@@ -451,3 +453,182 @@ def test_appendix_rows_run_only_when_named_and_chain():
         assert runs[f"R/{row}/s0"].imb_type == runs[f"R/{row}+ssp/s0"].imb_type == "step"
         assert runs[f"R/{row}+ssp/s0"].pretrained == "R/pretrain/rotation-step/s0/last.pt"
     assert (runs["R/f3-ldam-drw/s0"].loss, runs["R/f3-ce/s0"].loss) == ("ldam", "ce")
+
+
+# ----- SET=imagenet_lt paper2-fig1 / paper2-table1b: paper 2 on ImageNet ------------------------------------------
+
+IMG = dict(SET="imagenet_lt", LT_ROOT="/img", LT_LISTS="/lists", IMAGENET_TRAIN="/full.txt", CUB_ROOT="/cub",
+           CARS_ROOT="/cars", PETS_ROOT="/pets", AIRCRAFT_ROOT="/air")
+TARGETS = {"cub": ("folder", "/cub"), "cars": ("cars", "/cars"), "aircraft": ("aircraft", "/air"),
+           "pets": ("pets", "/pets")}
+
+
+def _imagenet_dry_run(*targets, **env):
+    """(the datasets_lt.py argv, {out: (stage, script, argv, args)}) of an ImageNet dry run; every later command
+    parses with its script's parse_args and reads only checkpoints an earlier stage writes."""
+    p = reproduce(*targets, "--dry-run", **{**IMG, "RUNS": "I", **env})
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0] == "# stage lists" and lines[2] == "# stage 1"
+    python, script, *lists = shlex.split(lines[1])
+    assert python == sys.executable and script == "datasets_lt.py"
+    runs, stage = {}, 1
+    for line in lines[3:]:
+        if line.startswith("# stage"):
+            stage += 1
+            continue
+        launcher, script, argv = _split_launch(line)
+        args = importlib.import_module(script[:-3]).parse_args(argv)
+        for name in NEEDS:
+            if flag(argv, name):
+                assert runs[flag(argv, name)[:-len("/last.pt")]][0] < stage, line
+        assert flag(argv, "--out") not in runs, f"two runs write {flag(argv, '--out')}"
+        runs[flag(argv, "--out")] = (stage, script, argv, args, launcher)
+    return lists, runs
+
+
+def _split_launch(line):
+    python, *rest = shlex.split(line)
+    launcher = rest[:5] if rest[:2] == ["-m", "torch.distributed.run"] else []
+    script, *argv = rest[len(launcher):]
+    return launcher, script, argv
+
+
+def test_imagenet_fig1_dry_run_writes_the_lists_then_every_cell_with_the_papers_recipe():
+    lists, runs = _imagenet_dry_run("paper2-fig1", SEEDS="0 1")
+    assert (flag(lists, "--train-list"), flag(lists, "--lt-list"), flag(lists, "--out-dir")) == \
+        ("/full.txt", "/lists/ImageNet_LT_train.txt", "I/lists")
+    pre = {o: v for o, v in runs.items() if o.startswith("I/pretrain/")}
+    assert len(pre) == 3 * 2 * 5 * 2 * 2                             # methods × r × sizes × {imb, bal} × seeds
+    sizes = {"1": "", "0.75": "-sub0.75", "0.5": "-sub0.5", "0.25": "-sub0.25", "0.125": "-sub0.125"}
+    for out, (stage, script, argv, a, _) in pre.items():
+        m, cell, seed = out.split("/")[2:]
+        r, q, v = cell[1:].split("-q")[0], cell.split("-q")[1].rsplit("-", 1)[0], cell.rsplit("-", 1)[1]
+        assert stage == 1 and a.seed == int(seed[1:]) and a.dataset == "imagenet_lt" and a.data_root == "/img"
+        assert a.train_list == f"I/lists/{'bal-' if v == 'bal' else ''}r{r}{sizes[q]}.txt" and a.arch == "resnet50"
+        if m == "sl":       # He et al. / paper 2: CE, ResNet-50, 90 epochs at full size, the steps kept at size q
+            assert script == "ldam_drw.py" and (a.recipe, a.loss, a.rule, a.schedule) == ("he", "ce", "none", "he")
+            assert a.epochs == round(90 / float(q)) and a.test_list == "/lists/ImageNet_LT_test.txt"
+        else:               # App. A.1: lr 0.025 at batch 256, 300 epochs at full size, 300/q on the downsampled lists
+            assert (script, a.opt) == ({"moco": "moco_ssp.py", "simsiam": "simsiam_rwsam.py"}[m], "sgd")
+            assert (a.batch_size, a.lr, a.subsample) == (256, 0.025, float(q))
+            assert (a.recipe, a.epochs) == ("paper2", round(300 / float(q))) if m == "moco" else a.epochs == 300
+        if v == "imb":      # its balanced partner: the same command on the balanced list of equal n
+            b_argv = pre[out.replace("-imb/", "-bal/")][2]
+            assert [x.replace("/bal-", "/").replace("-bal/", "-imb/") for x in b_argv] == argv
+    for out, (stage, script, argv, a, _) in pre.items():
+        ckpt = out + "/last.pt"
+        ood = {o.split("/")[2]: runs[o] for o in runs if o.startswith("I/ood/") and runs[o][3].ckpt == ckpt}
+        assert set(ood) == set(TARGETS)                              # the four fine-tuning targets, every cell
+        for t, (_, e_script, _, e, _) in ood.items():
+            assert e_script == "eval_ood.py" and (e.target, e.data_root) == TARGETS[t]
+            assert (e.epochs, e.seed, e.download) == (150, a.seed, False)
+        probe = [runs[o][3] for o in runs if o.startswith("I/id/") and runs[o][3].ckpt == ckpt]
+        if out.split("/")[2] == "simsiam":
+            assert probe == []                                       # SimSiam: OOD only (Table 2, Fig. 6)
+        else:               # the ID probe: all of ImageNet's train images, its val set (= ImageNet-LT's test list)
+            assert [(e.train_list, e.test_list, e.epochs, e.lr, e.data_root) for e in probe] == \
+                [("/full.txt", "/lists/ImageNet_LT_test.txt", 100, 30.0, "/img")]
+    assert len(runs) == len(pre) + 2 * 2 * 5 * 2 * 2 * 5 + 2 * 5 * 2 * 2 * 4
+    scaled = _imagenet_dry_run("paper2-fig1", SEEDS="0", METHODS="sl", RHOS="0.0025", SIZES="0.5", SCALE="0.1",
+                               IMAGENET_VAL="/val.txt")[1]
+    assert scaled["I/pretrain/sl/r0.0025-q0.5-bal/s0"][3].epochs == 18          # round(9 / 0.5)
+    assert scaled["I/id/sl/r0.0025-q0.5-imb/s0"][3].test_list == "/val.txt" and len(scaled) == 2 * (1 + 1 + 4)
+
+
+def test_imagenet_table1b_dry_run_shares_the_fig1_runs_and_trains_rwsam_from_the_plain_run():
+    lists, runs = _imagenet_dry_run("paper2-table1b", SEEDS="0")
+    assert flag(lists, "--out-dir") == "I/lists"
+    pre = {o.split("/")[2] + "/" + o.split("/")[3]: v for o, v in runs.items() if o.startswith("I/pretrain/")}
+    assert set(pre) == {"moco/r0.004-q1-imb", "moco+sam/r0.004-q1-imb", "moco/r0.004-q1-bal",
+                        "moco+rwsam/r0.004-q1-imb", "simsiam/r0.004-q1-imb", "simsiam/r0.004-q1-bal",
+                        "simsiam+rwsam/r0.004-q1-imb"}
+    for name, (stage, script, argv, a, _) in pre.items():
+        assert a.train_list == ("I/lists/bal-r0.004.txt" if name.endswith("bal") else "I/lists/r0.004.txt")
+        assert a.epochs == 300 and a.subsample == 1 and a.opt == ("sam" if "+sam" in name else "rwsam" if "rwsam" in
+                                                                   name else "sgd")
+        if a.opt != "sgd":  # App. C.1 on ImageNet-LT: ρ 2, α 0.5 (ASAM, as the authors)
+            assert (a.sam_rho, a.alpha, a.adaptive) == (2.0, 0.5, True)
+        if a.opt == "rwsam":  # stage 2: a fresh model, the features of the plain run of the same list
+            assert a.stage1 == f"I/pretrain/{name.split('+')[0]}/r0.004-q1-imb/s0/last.pt" and stage == 2
+    assert pre["simsiam+rwsam/r0.004-q1-imb"][3].stage2_init == "scratch"
+    evals = [v for o, v in runs.items() if not o.startswith("I/pretrain/")]
+    assert len(evals) == 7 * 4 and all(s == "eval_ood.py" for _, s, _, _, _ in evals)
+    both = _imagenet_dry_run("paper2-fig1", "paper2-table1b", SEEDS="0")[1]     # one set of runs, none twice
+    fig1 = _imagenet_dry_run("paper2-fig1", SEEDS="0")[1]
+    assert set(both) == set(fig1) | set(runs) and len(set(fig1) & set(runs)) == 4 + 4 * 4
+    multi = _imagenet_dry_run("paper2-fig1", "paper2-table1b", SEEDS="0", NPROC="4")[1]
+    assert {o for o, v in multi.items() if v[4]} == {o for o in multi if o.startswith("I/pretrain/")}
+    assert all(v[4][-1] == "4" and v[1] in ("ldam_drw.py", "moco_ssp.py", "simsiam_rwsam.py")
+               for v in multi.values() if v[4])
+
+
+@pytest.mark.parametrize("target,env,msg", [
+    ("paper2-fig1", {"IMAGENET_TRAIN": ""}, "reproduce.sh: set IMAGENET_TRAIN: paper 2's ImageNet runs need"),
+    ("paper2-table1b", {"CARS_ROOT": "", "PETS_ROOT": ""}, "reproduce.sh: set CARS_ROOT, PETS_ROOT: "),
+    ("paper2-fig1", {"RHOS": "0.004 0.01"}, "reproduce.sh: '0.01' in RHOS or SIZES: paper 2's ImageNet lists are"),
+    ("paper2-fig1", {"SIZES": "1 0.3"}, "reproduce.sh: '0.3' in RHOS or SIZES"),
+    ("paper2-fig1", {"METHODS": "sl byol"}, "reproduce.sh: unknown method 'byol' in METHODS"),
+    ("paper2-table1b", {"SET": "cifar10"}, "reproduce.sh: paper2-fig1 runs with SET=cifar10 or imagenet_lt, "
+                                           "paper2-table1b with SET=imagenet_lt; not SET=cifar10")])
+def test_imagenet_settings_are_checked_first(target, env, msg):
+    p = reproduce(target, "--dry-run", **{**IMG, "RUNS": "I", **env})
+    assert p.returncode == 2 and p.stdout == "" and p.stderr.count("\n") == 1 and p.stderr.startswith(msg), p.stderr
+
+
+def test_imagenet_paths_are_checked_and_a_bad_list_is_one_line(tmp_path):
+    """Before the lists are written every path must exist; then datasets_lt's DataError is one line and exit 2."""
+    for d in ("img", "lists", "cub", "cars", "pets", "air"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "full.txt").write_text("train/n0/a.JPEG 0\n")
+    env = {k: str(tmp_path / v[1:]) for k, v in IMG.items() if k != "SET"}
+    env.update(SET="imagenet_lt", GPU="-1", RUNS=str(tmp_path / "runs"), CUB_ROOT=str(tmp_path / "no-cub"))
+    p = reproduce("paper2-fig1", **env)
+    assert p.returncode == 2 and p.stdout == "" and p.stderr == (
+        f"reproduce.sh: CUB_ROOT={tmp_path}/no-cub, IMAGENET_VAL={tmp_path}/lists/ImageNet_LT_test.txt: no such file "
+        "or folder (bash reproduce.sh --help says what each holds)\n")
+    (tmp_path / "lists" / "ImageNet_LT_test.txt").write_text("val/n0/b.JPEG 0\n")
+    p = reproduce("paper2-table1b", **{**env, "CUB_ROOT": str(tmp_path / "cub")})
+    assert p.returncode == 2 and p.stderr == (
+        f"reproduce.sh: DATA: image list '{tmp_path}/lists/ImageNet_LT_train.txt' does not exist\n"), p.stderr
+    assert not (tmp_path / "runs" / "pretrain").exists()
+    p = reproduce("ce", SET="imagenet_lt", GPU="-1", LT_ROOT=str(tmp_path / "no-img"))      # Tables 3-4 too
+    assert p.returncode == 2 and p.stderr.startswith(f"reproduce.sh: DATA: no folder '{tmp_path}/no-img'")
+
+
+def test_imagenet_tables_put_each_number_in_its_cell_beside_the_papers(tmp_path):
+    def final(folder, seed, top1):
+        d = tmp_path / folder / f"s{seed}"
+        d.mkdir(parents=True)
+        (d / "final.json").write_text(json.dumps({"top1": top1, "wall_seconds": 60}))
+    id_bal, id_imb = {0: 50.0, 1: 52.0}, {0: 49.0, 1: 50.0}
+    for s in (0, 1):
+        final("id/moco/r0.004-q1-bal", s, id_bal[s])
+        final("id/moco/r0.004-q1-imb", s, id_imb[s])
+    for t, acc in zip(("cub", "cars", "aircraft", "pets"), (60.0, 70.0, 80.0, 90.0)):
+        final(f"ood/{t}/sl/r0.0025-q0.5-imb", 0, acc)
+        final(f"ood/{t}/moco+rwsam/r0.004-q1-imb", 0, acc + 1)
+        final(f"ood/{t}/moco/r0.004-q1-bal", 0, acc + 2)
+    final("ood/cub/sl/r0.0025-q0.5-imb", 1, 10.0)                     # seed 1 has one target of four: left out
+    p = reproduce("paper2-fig1", "table", SET="imagenet_lt", RUNS=str(tmp_path))   # no ImageNet setting needed
+    assert p.returncode == 0, p.stderr
+    deltas = [100 * (id_bal[s] - id_imb[s]) / id_bal[s] for s in (0, 1)]
+    ours_delta = f"{statistics.mean(deltas):.2f} ± {statistics.stdev(deltas):.2f} (2 seeds)"
+    id_part, ood_part = p.stdout.split("### OOD")
+    assert (f"| MoCo v2 | 0.004 | 116K | 50.4 | 51.00 ± 1.41 (2 seeds) | 49.5 | 49.50 ± 0.71 (2 seeds) | "
+            f"{100 * (50.4 - 49.5) / 50.4:.1f} | {ours_delta} |") in id_part.splitlines()
+    assert "| SL | 0.004 | 14K | 26.3 | not run | 24.9 | not run | 5.3 | not run |" in id_part.splitlines()
+    assert "SimSiam" not in id_part.split("### ID")[1]
+    assert "| SL | 0.0025 | 40K | – | not run | 65.9 | 75.00 (1 seed) | – | not run |" in ood_part.splitlines()
+    assert "| MoCo v2 | 0.004 | 116K | 80.3 | 77.00 (1 seed) | 80.2 | not run | 0.1 | not run |" in \
+        ood_part.splitlines()
+    assert "| SimSiam | 0.0025 | 10K | – | not run | 76.0 | not run | – | not run |" in ood_part.splitlines()
+    assert "Table 1(b)" not in p.stdout
+    p = reproduce("paper2-table1b", "table", SET="imagenet_lt", RUNS=str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert ("| MoCo v2+rwSAM | 70.3±0.7 | 61.00 (1 seed) | 88.7±0.3 | 71.00 (1 seed) | 84.9±0.6 | 81.00 (1 seed) | "
+            "81.7±0.4 | 91.00 (1 seed) | 81.4 | 76.00 (1 seed) |") in lines
+    assert ("| MoCo v2, balanced | 69.8±0.5 | 62.00 (1 seed) | 88.6±0.4 | 72.00 (1 seed) | 82.7±0.5 | 82.00 (1 seed) | "
+            "80.0±0.4 | 92.00 (1 seed) | 80.2 | 77.00 (1 seed) |") in lines           # the Fig. 1 cell's runs
+    assert "| SimSiam, balanced | 70.5±0.8 | not run | 87.9±0.7 | not run |" in p.stdout and "### ID" not in p.stdout
