@@ -15,9 +15,9 @@
 #   SET=inat NPROC=4 LT_ROOT=INAT LT_LISTS=LISTS bash reproduce.sh  # Table 4, each run on 4 GPUs (torchrun)
 # Rows: cifar10: ce cb-ce focal cb-focal ce-drw ce-drs ldam ldam-drw, each also +ssp; ce+st, ldam-drw+st, each also
 #   -half -same -double; ce+crt; simsiam simsiam+sam simsiam-balanced simsiam+rwsam, each also -step; moco; at RHO=0.02
-#   fig2-r* fig3-u* (fig2, fig3: a whole figure); named only: e3-du1..4 (e3: App. E.3), f3-ce, f3-ldam-drw, each
-#   also +ssp (f3: App. F.3, step imbalance). cifar100: ce … ldam-drw, each also +ssp. svhn: ce, ldam-drw, their
-#   +st rows. imagenet_lt: ce ce-balanced crt, each also +ssp. inat: those and ldam-drw, ldam-drw+ssp.
+#   fig2-r* fig3-u* (fig2, fig3: a whole figure); named only: e3-du1..4 (e3: App. E.3), e4-dl0.25..0.75 (e4: E.4),
+#   f3-ce, f3-ldam-drw, each also +ssp (f3: App. F.3, step imbalance). cifar100: ce … ldam-drw, each also +ssp.
+#   svhn: ce, ldam-drw, their +st rows. imagenet_lt: ce ce-balanced crt, each also +ssp. inat: those and ldam-drw, ldam-drw+ssp.
 # Settings, from the environment (default):
 #   SET cifar10, cifar100 (Table 2), svhn (Table 1(b)), imagenet_lt (Table 3), inat (Table 4)   RHO tail/head ratio
 #       (0.01, the papers' ρ = 100; 0.02, 0.1: ρ = 50, 10)    SEEDS (0 1 2)    JOBS runs at once (6; LT sets: 1)
@@ -146,6 +146,8 @@ CIFAR = [
     *[R(f"fig3-u{u}", 2, "ce", fig(f"{1 / u:g}", 0.6), cifar10=()) for u in (1, 25, 50, 100, 200)],
     # Paper 1 App. E.3 (LDAM-DRW + D_U of 1-4x |D_L|; 5x: ldam-drw+st), F.3 (step imbalance): numbers not in the text
     *[R(f"e3-du{m}", 2, "ldam-drw", LDAM_ST % 1 + f" --unlabeled-mult {m}", cifar10=()) for m in (1, 2, 3, 4)],
+    *[R(f"e4-dl{f}", 1, "", LDAM_ST.replace(" --base {ckpt}", "") % 1 + f" --labeled-frac {f}", cifar10=())
+      for f in (0.25, 0.5, 0.75)],                   # App. E.4: D_L cut per class, the same |D_U|; 1: ldam-drw+st
     R("pretrain/rotation-step", 1, "", "rotation_ssp.py {D} --seed {s} --imb-type step"),
     *[R(f"f3-{n}{ssp}", 2 if ssp else 1, "pretrain/rotation-step" if ssp else "",
         sup(loss, rule) + " --imb-type step" + (SSP if ssp else ""), cifar10=())
@@ -167,7 +169,7 @@ LT = [
 ]
 ROWS = LT if SET in LTS else CIFAR
 BY = {e.name: e for e in ROWS}
-EXTRA = [e.name for e in ROWS if SET in e.paper and e.name.startswith(("e3-", "f3-"))]       # run only when named
+EXTRA = [e.name for e in ROWS if SET in e.paper and e.name.startswith(("e3-", "e4-", "f3-"))]       # run only when named
 ALL = [e.name for e in ROWS if SET in e.paper and e.name not in EXTRA and (RHO == "0.02" or e.name[:3] != "fig")]
 
 DRY, TABLE, FIG1, T1B, CV, SEMI, picked = 0, 0, 0, 0, 0, 0, []
@@ -181,8 +183,8 @@ for a in sys.argv[2:]:
     elif a in ("fig2", "fig3"):
         picked += [r for r in ALL if r.startswith(a + "-")] or \
             die(f"{a} is paper 1's CIFAR-10-LT ρ = 50 figure: run it with SET=cifar10 RHO=0.02")
-    elif a in ALL + EXTRA + ["e3", "f3"]:               # a row, or the rows of an appendix group
-        picked += [r for r in EXTRA if r.startswith(a + "-")] if a in ("e3", "f3") else [a]
+    elif a in ALL + EXTRA + ["e3", "e4", "f3"]:               # a row, or the rows of an appendix group
+        picked += [r for r in EXTRA if r.startswith(a + "-")] if a in ("e3", "e4", "f3") else [a]
     else:
         die(f"unknown row '{a}'; rows: {' '.join(ALL)}")
 picked = picked or ([] if CV or SEMI or T1B else ALL)

@@ -438,9 +438,10 @@ def test_semi_synthetic_dry_run_chains_and_table_sits_beside_the_paper(tmp_path)
 
 def test_appendix_rows_run_only_when_named_and_chain():
     """e3: LDAM-DRW + D_U at 1-4x |D_L| from the ldam-drw base (paper 1 App. E.3); f3: CE / LDAM-DRW on step
-    imbalance, ± rotation SSP on the same step subset (App. F.3). Neither is part of the default run."""
-    assert not any(k in reproduce("--dry-run", SEEDS="0").stdout for k in ("e3-", "f3-", "rotation-step"))
-    p = reproduce("e3", "f3", "--dry-run", SEEDS="0", RUNS="R")
+    imbalance, ± rotation SSP on the same step subset (App. F.3); e4: self-training from scratch on a quarter, half,
+    three quarters of D_L (App. E.4). None is part of the default run."""
+    assert not any(k in reproduce("--dry-run", SEEDS="0").stdout for k in ("e3-", "e4-", "f3-", "rotation-step"))
+    p = reproduce("e3", "e4", "f3", "--dry-run", SEEDS="0", RUNS="R")
     assert p.returncode == 0, p.stderr
     runs = {}
     for line in (l for l in p.stdout.splitlines() if not l.startswith("#")):
@@ -448,6 +449,9 @@ def test_appendix_rows_run_only_when_named_and_chain():
         runs[flag(argv, "--out")] = importlib.import_module(script[:-3]).parse_args(argv)
     assert [runs[f"R/e3-du{m}/s0"].unlabeled_mult for m in (1, 2, 3, 4)] == [1, 2, 3, 4]
     assert all(runs[f"R/e3-du{m}/s0"].base == "R/ldam-drw/s0/last.pt" for m in (1, 2, 3, 4))
+    assert [runs[f"R/e4-dl{f}/s0"].labeled_frac for f in (0.25, 0.5, 0.75)] == [0.25, 0.5, 0.75]
+    assert all(runs[f"R/e4-dl{f}/s0"].base is None and runs[f"R/e4-dl{f}/s0"].unlabeled_mult == 5
+               for f in (0.25, 0.5, 0.75))
     assert runs["R/pretrain/rotation-step/s0"].imb_type == "step"
     for row in ("f3-ce", "f3-ldam-drw"):
         assert runs[f"R/{row}/s0"].imb_type == runs[f"R/{row}+ssp/s0"].imb_type == "step"
